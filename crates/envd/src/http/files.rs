@@ -1,0 +1,596 @@
+//! `GET /files` (download) and `POST /files` (upload), E2B's semantics
+//! (`e2b-compat.md` §4.2–4.3).
+//!
+//! Uploads stream to disk through a blocking writer thread fed by a bounded
+//! channel; the total size is capped by `--max-upload-bytes`. A new file is
+//! created in place (so watchers see CREATE, CHMOD, WRITE on its own name);
+//! an existing file is replaced by writing a temporary sibling and renaming
+//! it over, so a failed upload never destroys what was there. Whatever
+//! fails midway (disk full, body cut, size cap) removes the partial file.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use subtle::ConstantTimeEq;
+use tower::ServiceExt;
+use wrenn_types::envd::{file_signature, FileOp, WrittenEntry};
+
+use super::error_response;
+use crate::auth;
+use crate::fs::{chown_to, make_parents, write_metadata, FsError};
+use crate::paths;
+use crate::state::Envd;
+use crate::users::User;
+
+/// Query parameters of `/files`.
+#[derive(Debug, Default)]
+struct FileQuery {
+    path: Option<String>,
+    username: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<i64>,
+}
+
+fn parse_query(raw: Option<&str>) -> Result<FileQuery, Response> {
+    let mut q = FileQuery::default();
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        match &*k {
+            "path" => q.path = Some(v.into_owned()),
+            "username" => q.username = Some(v.into_owned()),
+            "signature" => q.signature = Some(v.into_owned()),
+            "signature_expiration" => {
+                q.signature_expiration = Some(v.parse().map_err(|_| {
+                    error_response(StatusCode::BAD_REQUEST, "invalid signature_expiration")
+                })?)
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// A token header wins; otherwise a URL signature is required (only once a
+/// token is set).
+fn check_auth(state: &Envd, headers: &HeaderMap, q: &FileQuery, op: FileOp) -> Result<(), Response> {
+    let Some(token) = state.token() else { return Ok(()) };
+    let unauthorized = |m: &str| error_response(StatusCode::UNAUTHORIZED, m);
+    if let Some(presented) = auth::presented_token(headers) {
+        return if state.token_ok(Some(presented)) {
+            Ok(())
+        } else {
+            Err(unauthorized(auth::UNAUTHORIZED))
+        };
+    }
+    let Some(signature) = &q.signature else {
+        return Err(unauthorized("missing signature query parameter"));
+    };
+    if let Some(exp) = q.signature_expiration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if exp < now {
+            return Err(unauthorized("signature is already expired"));
+        }
+    }
+    let want = file_signature(
+        q.path.as_deref().unwrap_or(""),
+        op,
+        q.username.as_deref().unwrap_or(""),
+        &token,
+        q.signature_expiration,
+    );
+    if bool::from(want.as_bytes().ct_eq(signature.as_bytes())) {
+        Ok(())
+    } else {
+        Err(unauthorized("invalid signature"))
+    }
+}
+
+fn acting_user(state: &Envd, q: &FileQuery) -> Result<User, Response> {
+    let accounts = state
+        .accounts()
+        .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    state
+        .user(&accounts, q.username.as_deref())
+        .map_err(|e| error_response(StatusCode::UNAUTHORIZED, e.to_string()))
+}
+
+/// `GET /files`.
+pub async fn download(State(state): State<Arc<Envd>>, req: Request) -> Response {
+    let q = match parse_query(req.uri().query()) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_auth(&state, req.headers(), &q, FileOp::Read) {
+        return r;
+    }
+    let user = match acting_user(&state, &q) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let path = paths::resolve(q.path.as_deref().unwrap_or(""), &user.home);
+    match tokio::fs::metadata(&path).await {
+        Ok(m) if m.is_dir() => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("path '{}' is a directory", path.display()),
+            )
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                format!("path '{}' does not exist", path.display()),
+            )
+        }
+        Err(e) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot stat '{}': {e}", path.display()),
+            )
+        }
+    }
+    let encoding = match negotiate(req.headers()) {
+        Some(e) => e,
+        None => {
+            return error_response(
+                StatusCode::NOT_ACCEPTABLE,
+                "unsupported Accept-Encoding: only gzip and identity are available",
+            )
+        }
+    };
+    let mut resp = match encoding {
+        Encoding::Gzip => match tokio::fs::File::open(&path).await {
+            Ok(file) => {
+                let reader = tokio::io::BufReader::with_capacity(256 * 1024, file);
+                let gz = async_compression::tokio::bufread::GzipEncoder::new(reader);
+                let mut r = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                    gz,
+                    64 * 1024,
+                ))
+                .into_response();
+                let h = r.headers_mut();
+                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                r
+            }
+            Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        Encoding::Identity => {
+            match tower_http::services::ServeFile::new(&path).oneshot(req).await {
+                Ok(r) => r.map(Body::new),
+                Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().replace(['"', '\\', '\r', '\n'], "_"))
+        .unwrap_or_default();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    resp
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Encoding {
+    Gzip,
+    Identity,
+}
+
+/// Pick gzip when the client takes it and asked for no range or condition;
+/// identity when that is acceptable; `None` (406) otherwise.
+fn negotiate(headers: &HeaderMap) -> Option<Encoding> {
+    let Some(accept) = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Some(Encoding::Identity);
+    };
+    let mut gzip = false;
+    let mut identity: Option<bool> = None;
+    let mut star: Option<bool> = None;
+    for item in accept.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .filter_map(|v| v.trim().parse::<f32>().ok())
+            .next()
+            .unwrap_or(1.0);
+        match coding.as_str() {
+            "gzip" | "x-gzip" => gzip = q > 0.0,
+            "identity" => identity = Some(q > 0.0),
+            "*" => star = Some(q > 0.0),
+            _ => {}
+        }
+    }
+    let plain_request = !headers.contains_key(header::RANGE)
+        && !headers.contains_key(header::IF_MODIFIED_SINCE)
+        && !headers.contains_key(header::IF_NONE_MATCH)
+        && !headers.contains_key(header::IF_RANGE);
+    if (gzip || star == Some(true)) && plain_request {
+        return Some(Encoding::Gzip);
+    }
+    if identity.or(star).unwrap_or(true) {
+        return Some(Encoding::Identity);
+    }
+    None
+}
+
+/// Why an upload failed; each maps to one status.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("upload exceeds the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("failed to read request body: {0}")]
+    Body(String),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
+
+impl UploadError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            UploadError::BadRequest(_) | UploadError::Body(_) => StatusCode::BAD_REQUEST,
+            UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadError::Fs(FsError::NoSpace(_)) => StatusCode::INSUFFICIENT_STORAGE,
+            UploadError::Fs(FsError::IsDir(_))
+            | UploadError::Fs(FsError::NotDir(_))
+            | UploadError::Fs(FsError::ExistsNotDir(_)) => StatusCode::BAD_REQUEST,
+            UploadError::Fs(FsError::PermissionDenied(_)) => StatusCode::FORBIDDEN,
+            UploadError::Fs(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(err = ?self, "upload failed");
+        }
+        error_response(status, self.to_string())
+    }
+}
+
+/// A boxed stream of body bytes.
+pub type ByteStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+/// `POST /files`.
+pub async fn upload(
+    State(state): State<Arc<Envd>>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let q = match parse_query(raw.as_deref()) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_auth(&state, &headers, &q, FileOp::Write) {
+        return r;
+    }
+    let user = match acting_user(&state, &q) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    match upload_inner(&state, &q, &headers, &user, body).await {
+        Ok(entries) if entries.is_empty() => {
+            error_response(StatusCode::BAD_REQUEST, "no file part named 'file' in the upload")
+        }
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn upload_inner(
+    state: &Envd,
+    q: &FileQuery,
+    headers: &HeaderMap,
+    user: &User,
+    body: Body,
+) -> Result<Vec<WrittenEntry>, UploadError> {
+    let metadata: BTreeMap<String, String> = headers
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = k.as_str().strip_prefix("x-metadata-")?;
+            Some((key.to_string(), v.to_str().ok()?.to_string()))
+        })
+        .collect();
+    let mut stream: ByteStream = Box::pin(
+        body.into_data_stream()
+            .map_err(|e| std::io::Error::other(e.to_string())),
+    );
+    let gzipped = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+    if gzipped {
+        let reader = tokio_util::io::StreamReader::new(stream);
+        let gz = async_compression::tokio::bufread::GzipDecoder::new(reader);
+        stream = Box::pin(tokio_util::io::ReaderStream::with_capacity(gz, 64 * 1024));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut budget = state.config.max_upload_bytes;
+    let mut written = Vec::new();
+    if content_type.to_ascii_lowercase().starts_with("multipart/") {
+        let boundary = multer::parse_boundary(content_type)
+            .map_err(|e| UploadError::BadRequest(format!("invalid multipart content type: {e}")))?;
+        let mut files = MultipartFiles::new(stream, &boundary, budget);
+        let mut seen = HashSet::new();
+        while let Some((raw_dest, body)) = files.next_file().await? {
+            let path = paths::resolve(q.path.as_deref().unwrap_or(&raw_dest), &user.home);
+            if !seen.insert(path.clone()) {
+                return Err(UploadError::BadRequest(format!(
+                    "two files in the upload target '{}'",
+                    path.display()
+                )));
+            }
+            write_stream(&path, user, body, &mut budget).await?;
+            written.push(finish(&path, &metadata)?);
+        }
+    } else {
+        let raw_dest = q.path.as_deref().ok_or_else(|| {
+            UploadError::BadRequest("the path query parameter is required for raw uploads".into())
+        })?;
+        let path = paths::resolve(raw_dest, &user.home);
+        write_stream(&path, user, stream, &mut budget).await?;
+        written.push(finish(&path, &metadata)?);
+    }
+    Ok(written)
+}
+
+fn finish(path: &Path, metadata: &BTreeMap<String, String>) -> Result<WrittenEntry, UploadError> {
+    if !metadata.is_empty() || !crate::fs::read_metadata(path).is_empty() {
+        write_metadata(path, metadata)?;
+    }
+    Ok(WrittenEntry {
+        path: path.to_string_lossy().into_owned(),
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kind: "file".into(),
+        metadata: (!metadata.is_empty()).then(|| metadata.clone()),
+    })
+}
+
+/// The `file` parts of a multipart body, in order. A part's destination is
+/// its filename taken verbatim; parts with other names are skipped. At most
+/// `limit` bytes are read in all.
+pub struct MultipartFiles {
+    mp: multer::Multipart<'static>,
+    limit: u64,
+}
+
+impl MultipartFiles {
+    pub fn new<S>(stream: S, boundary: &str, limit: u64) -> Self
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
+        let constraints = multer::Constraints::new().size_limit(
+            multer::SizeLimit::new()
+                .whole_stream(limit.saturating_add(64 * 1024))
+                .per_field(limit),
+        );
+        Self {
+            mp: multer::Multipart::with_constraints(stream, boundary, constraints),
+            limit,
+        }
+    }
+
+    /// The next file part: its destination and its contents, which must be
+    /// read to the end before asking for the next part.
+    pub async fn next_file(&mut self) -> Result<Option<(String, ByteStream)>, UploadError> {
+        loop {
+            let field = match self.mp.next_field().await {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(multipart_error(e, self.limit)),
+            };
+            if field.name() != Some("file") {
+                continue;
+            }
+            let dest = field.file_name().unwrap_or("").to_string();
+            if dest.is_empty() {
+                return Err(UploadError::BadRequest(
+                    "a file part has no filename and no path was given".into(),
+                ));
+            }
+            let limit = self.limit;
+            let body: ByteStream = Box::pin(field.map_err(move |e| match multipart_error(e, limit) {
+                UploadError::TooLarge(_) => std::io::Error::new(
+                    std::io::ErrorKind::FileTooLarge,
+                    format!("upload exceeds the limit of {limit} bytes"),
+                ),
+                other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
+            }));
+            return Ok(Some((dest, body)));
+        }
+    }
+}
+
+fn multipart_error(e: multer::Error, limit: u64) -> UploadError {
+    match e {
+        multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
+            UploadError::TooLarge(limit)
+        }
+        multer::Error::StreamReadFailed(e) => UploadError::Body(e.to_string()),
+        other => UploadError::BadRequest(format!("malformed multipart body: {other}")),
+    }
+}
+
+/// Stream `body` into `path` as `user`, charging `budget`.
+async fn write_stream<S>(
+    path: &Path,
+    user: &User,
+    mut body: S,
+    budget: &mut u64,
+) -> Result<(), UploadError>
+where
+    S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let target = path.to_path_buf();
+    let owner = user.clone();
+    let writer = tokio::task::spawn_blocking(move || write_file(&target, &owner, rx));
+    let mut failure = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(chunk) => {
+                let len = chunk.len() as u64;
+                if len > *budget {
+                    failure = Some(UploadError::TooLarge(*budget));
+                    break;
+                }
+                *budget -= len;
+                if tx.send(chunk).await.is_err() {
+                    break; // the writer failed; its error is below
+                }
+            }
+            Err(e) => {
+                failure = Some(body_error(e, *budget));
+                break;
+            }
+        }
+    }
+    let done = failure.is_none();
+    drop(tx);
+    let result = writer
+        .await
+        .map_err(|e| UploadError::Fs(FsError::from_io("write", path, std::io::Error::other(e))))?;
+    match (result, failure) {
+        (Err(e), _) => Err(e.into()),
+        (Ok(staged), Some(f)) => {
+            let _ = std::fs::remove_file(&staged);
+            Err(f)
+        }
+        (Ok(staged), None) if done => {
+            if staged != path {
+                commit_replacement(&staged, path, user)?;
+            }
+            Ok(())
+        }
+        (Ok(staged), None) => {
+            let _ = std::fs::remove_file(&staged);
+            Err(UploadError::Body("upload ended early".into()))
+        }
+    }
+}
+
+fn body_error(e: std::io::Error, limit: u64) -> UploadError {
+    let text = e.to_string();
+    if e.kind() == std::io::ErrorKind::FileTooLarge {
+        UploadError::TooLarge(limit)
+    } else if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::UnexpectedEof {
+        UploadError::BadRequest(format!("invalid request body: {text}"))
+    } else {
+        UploadError::Body(text)
+    }
+}
+
+/// Write chunks from `rx` into a new file at `path`, or into a temporary
+/// sibling when `path` exists. Returns the file written. Removes it on error.
+fn write_file(
+    path: &Path,
+    user: &User,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> Result<PathBuf, FsError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => return Err(FsError::IsDir(path.to_path_buf())),
+        _ => {}
+    }
+    make_parents(path, user)?;
+    let exists = std::fs::symlink_metadata(path).is_ok();
+    let staged = if exists { staging_path(path) } else { path.to_path_buf() };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&staged)
+        .map_err(|e| FsError::from_io("create", &staged, e))?;
+    let result = (|| {
+        // The umask may have narrowed the mode; new files are 0644.
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| FsError::from_io("chmod", &staged, e))?;
+        chown_to(&staged, user)?;
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write_all(&chunk)
+                .map_err(|e| FsError::from_io("write", &staged, e))?;
+        }
+        file.flush().map_err(|e| FsError::from_io("write", &staged, e))
+    })();
+    if let Err(e) = result {
+        drop(file);
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    Ok(staged)
+}
+
+fn staging_path(path: &Path) -> PathBuf {
+    let mut raw = [0u8; 6];
+    let _ = getrandom::fill(&mut raw);
+    let suffix: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.wrenn-upload-{suffix}"))
+}
+
+/// Move a staged replacement over `path`, keeping the old file's mode.
+fn commit_replacement(staged: &Path, path: &Path, user: &User) -> Result<(), FsError> {
+    let result = (|| {
+        if let Ok(old) = std::fs::metadata(path) {
+            std::fs::set_permissions(staged, old.permissions())
+                .map_err(|e| FsError::from_io("chmod", staged, e))?;
+        }
+        chown_to(staged, user)?;
+        std::fs::rename(staged, path).map_err(|e| FsError::from_io("rename", path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(staged);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn negotiates_like_envd() {
+        assert_eq!(negotiate(&HeaderMap::new()), Some(Encoding::Identity));
+        assert_eq!(negotiate(&accept("gzip, deflate")), Some(Encoding::Gzip));
+        assert_eq!(negotiate(&accept("identity")), Some(Encoding::Identity));
+        assert_eq!(negotiate(&accept("br")), Some(Encoding::Identity));
+        assert_eq!(negotiate(&accept("br, identity;q=0")), None);
+        assert_eq!(negotiate(&accept("gzip;q=0, *;q=0")), None);
+        let mut ranged = accept("gzip");
+        ranged.insert(header::RANGE, "bytes=0-1".parse().unwrap());
+        assert_eq!(negotiate(&ranged), Some(Encoding::Identity));
+    }
+}

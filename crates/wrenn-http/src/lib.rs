@@ -1,0 +1,17 @@
+//! HTTP plumbing shared by every Wrenn server and client.
+//!
+//! Servers: [`serve`] runs an axum router on a listener with the timeouts
+//! DESIGN.md requires of every hop (read-header 10 s, idle 620 s),
+//! `TCP_NODELAY`, HTTP/1.1 and h2c on one port, WebSocket upgrades, and a
+//! graceful shutdown with a deadline. Every connection is a task owned by the
+//! accept loop's `JoinSet`; nothing is detached.
+//!
+//! Clients: [`client`] builds a hyper client with its **own** connection pool
+//! (never a process-wide default), `TCP_NODELAY` on, pinned to the HTTP
+//! version a traffic class needs.
+
+mod client;
+mod server;
+
+pub use client::{client, ClientBody, HttpClient, HttpVersion};
+pub use server::{serve, ServerConfig};

@@ -1,0 +1,7 @@
+//! Types shared by Wrenn's components.
+//!
+//! Only plain data lives here (no I/O, no async): the JSON bodies of envd's
+//! HTTP endpoints, the signed-URL scheme both envd and its clients compute,
+//! and protocol constants. Each component maps these to its own errors.
+
+pub mod envd;
