@@ -77,8 +77,14 @@ mod tests {
 
     #[test]
     fn parses_the_sdk_basic_user() {
-        assert_eq!(basic_user(&headers("Basic cm9vdDo=")).unwrap().as_deref(), Some("root"));
-        assert_eq!(basic_user(&headers("Basic dXNlcjo=")).unwrap().as_deref(), Some("user"));
+        assert_eq!(
+            basic_user(&headers("Basic cm9vdDo=")).unwrap().as_deref(),
+            Some("root")
+        );
+        assert_eq!(
+            basic_user(&headers("Basic dXNlcjo=")).unwrap().as_deref(),
+            Some("user")
+        );
         assert_eq!(basic_user(&HeaderMap::new()).unwrap(), None);
         assert!(basic_user(&headers("Bearer x")).is_err());
         assert!(basic_user(&headers("Basic !!!")).is_err());

@@ -47,8 +47,12 @@ pub fn parse_proc_net_tcp(table: &str, v6: bool) -> BTreeSet<LoopbackListener> {
         if state != LISTEN {
             continue;
         }
-        let Some((addr, port)) = local.split_once(':') else { continue };
-        let Ok(port) = u16::from_str_radix(port, 16) else { continue };
+        let Some((addr, port)) = local.split_once(':') else {
+            continue;
+        };
+        let Ok(port) = u16::from_str_radix(port, 16) else {
+            continue;
+        };
         let loopback = if v6 {
             addr == V6_LOOPBACK || addr == "0000000000000000FFFF00000100007F"
         } else {
@@ -153,7 +157,10 @@ impl Forwarder {
     /// Drop every forward and stop scanning.
     pub fn pause(&self) {
         self.paused.store(true, Ordering::Relaxed);
-        self.forwards.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Scan again.
@@ -170,7 +177,11 @@ impl Forwarder {
     /// Stop for good.
     pub async fn stop(&self) {
         self.pause();
-        let task = self.scanner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let task = self
+            .scanner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(t) = task {
             t.abort();
             let _ = t.await;
@@ -241,12 +252,18 @@ mod tests {
         let found = parse_proc_net_tcp(v4, false);
         assert_eq!(
             found.into_iter().collect::<Vec<_>>(),
-            vec![LoopbackListener { port: 8080, v6: false }]
+            vec![LoopbackListener {
+                port: 8080,
+                v6: false
+            }]
         );
         let v6 = "header\n   0: 00000000000000000000000001000000:0BB8 00000000000000000000000000000000:0000 0A 0 0 0 0 0 0\n";
         assert_eq!(
             parse_proc_net_tcp(v6, true).into_iter().next(),
-            Some(LoopbackListener { port: 3000, v6: true })
+            Some(LoopbackListener {
+                port: 3000,
+                v6: true
+            })
         );
         assert!(parse_proc_net_tcp("garbage\nmore garbage", false).is_empty());
     }

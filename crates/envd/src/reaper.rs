@@ -67,8 +67,8 @@ impl Reaper {
                 reap_all(&lock);
                 // A periodic pass as well: signals coalesce, and a child may
                 // exit between a pass and the next `recv`.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sigchld.recv())
-                    .await;
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), sigchld.recv()).await;
             }
         });
         Ok(Self {

@@ -71,7 +71,9 @@ impl Envd {
             None => {
                 // SAFETY: geteuid has no preconditions.
                 let euid = unsafe { libc::geteuid() };
-                accounts.by_uid(euid).map_or_else(|| "root".into(), |u| u.name.clone())
+                accounts
+                    .by_uid(euid)
+                    .map_or_else(|| "root".into(), |u| u.name.clone())
             }
         };
         let mut env = BTreeMap::new();

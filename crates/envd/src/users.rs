@@ -58,7 +58,9 @@ impl Accounts {
             if f.len() < 4 || line.starts_with('#') {
                 continue;
             }
-            let Ok(gid) = f[2].parse::<u32>() else { continue };
+            let Ok(gid) = f[2].parse::<u32>() else {
+                continue;
+            };
             group_names.entry(gid).or_insert_with(|| f[0].to_string());
             for m in f[3].split(',').filter(|m| !m.is_empty()) {
                 members.entry(m).or_default().push(gid);

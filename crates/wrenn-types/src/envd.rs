@@ -130,7 +130,10 @@ mod tests {
         let sig = file_signature("a.txt", FileOp::Read, "", "tok", None);
         assert_eq!(sig, "v1_gDv73H8R9a10OdCSX0/JNMqMYLPpmCQAYJY+U68oQjM");
         assert_ne!(sig, file_signature("a.txt", FileOp::Write, "", "tok", None));
-        assert_ne!(sig, file_signature("a.txt", FileOp::Read, "", "tok", Some(1)));
+        assert_ne!(
+            sig,
+            file_signature("a.txt", FileOp::Read, "", "tok", Some(1))
+        );
     }
 
     #[test]

@@ -130,8 +130,14 @@ mod tests {
         assert_eq!(permissions_string(libc::S_IFBLK | 0o660), "Drw-rw----");
         assert_eq!(permissions_string(libc::S_IFIFO | 0o600), "prw-------");
         assert_eq!(permissions_string(libc::S_IFSOCK | 0o777), "Srwxrwxrwx");
-        assert_eq!(permissions_string(libc::S_IFDIR | libc::S_ISVTX | 0o777), "dtrwxrwxrwx");
-        assert_eq!(permissions_string(libc::S_IFREG | libc::S_ISUID | 0o755), "urwxr-xr-x");
+        assert_eq!(
+            permissions_string(libc::S_IFDIR | libc::S_ISVTX | 0o777),
+            "dtrwxrwxrwx"
+        );
+        assert_eq!(
+            permissions_string(libc::S_IFREG | libc::S_ISUID | 0o755),
+            "urwxr-xr-x"
+        );
     }
 
     #[test]
@@ -154,7 +160,10 @@ mod tests {
 
         let d = entry_info(&dangling, &accounts).unwrap();
         assert_eq!(d.kind, FileKind::Unspecified);
-        assert_eq!(d.symlink_target.as_deref(), Some(dangling.to_str().unwrap()));
+        assert_eq!(
+            d.symlink_target.as_deref(),
+            Some(dangling.to_str().unwrap())
+        );
 
         let f = entry_info(&file, &accounts).unwrap();
         assert_eq!((f.kind, f.size, f.name.as_str()), (FileKind::File, 3, "f"));

@@ -11,7 +11,9 @@ pub mod watch;
 use std::path::PathBuf;
 
 pub use entry::{entry_info, permissions_string, Entry, FileKind};
-pub use ops::{chown_to, list_dir, make_dir, make_parents, move_path, read_metadata, remove, write_metadata};
+pub use ops::{
+    chown_to, list_dir, make_dir, make_parents, move_path, read_metadata, remove, write_metadata,
+};
 
 /// Errors of filesystem operations; each maps to one wire code.
 #[derive(Debug, thiserror::Error)]

@@ -60,7 +60,12 @@ pub fn make_dir(path: &Path, user: &User, accounts: &Accounts) -> Result<Entry, 
 }
 
 /// `Move`: rename `from` to `to`, creating `to`'s parents.
-pub fn move_path(from: &Path, to: &Path, user: &User, accounts: &Accounts) -> Result<Entry, FsError> {
+pub fn move_path(
+    from: &Path,
+    to: &Path,
+    user: &User,
+    accounts: &Accounts,
+) -> Result<Entry, FsError> {
     std::fs::symlink_metadata(from).map_err(|e| FsError::from_io("stat", from, e))?;
     make_parents(to, user)?;
     std::fs::rename(from, to).map_err(|e| FsError::from_io("rename", from, e))?;
@@ -107,7 +112,9 @@ fn walk(dir: &Path, levels: u32, accounts: &Accounts, out: &mut Vec<Entry>) -> R
         .collect();
     names.sort();
     for path in names {
-        let Ok(entry) = entry_info(&path, accounts) else { continue };
+        let Ok(entry) = entry_info(&path, accounts) else {
+            continue;
+        };
         let descend = levels > 1 && !entry.is_symlink && entry.kind == super::FileKind::Dir;
         out.push(entry);
         if descend {
@@ -134,17 +141,31 @@ pub fn read_metadata(path: &Path) -> BTreeMap<String, String> {
         return out;
     }
     for name in names[..n as usize].split(|b| *b == 0) {
-        let Ok(name) = std::str::from_utf8(name) else { continue };
-        let Some(key) = name.strip_prefix(XATTR_PREFIX) else { continue };
-        let Ok(cname) = CString::new(name) else { continue };
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        let Some(key) = name.strip_prefix(XATTR_PREFIX) else {
+            continue;
+        };
+        let Ok(cname) = CString::new(name) else {
+            continue;
+        };
         let mut value = vec![0u8; 64 * 1024];
         // SAFETY: valid C strings and buffer of the given length.
         let len = unsafe {
-            libc::lgetxattr(c.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len())
+            libc::lgetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
         };
         if len >= 0 {
             value.truncate(len as usize);
-            out.insert(key.to_string(), String::from_utf8_lossy(&value).into_owned());
+            out.insert(
+                key.to_string(),
+                String::from_utf8_lossy(&value).into_owned(),
+            );
         }
     }
     out
@@ -164,10 +185,20 @@ pub fn write_metadata(path: &Path, metadata: &BTreeMap<String, String>) -> Resul
             .map_err(|_| FsError::NotFound(path.to_path_buf()))?;
         // SAFETY: valid C strings and a value slice of the given length.
         let rc = unsafe {
-            libc::lsetxattr(c.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+            libc::lsetxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
         };
         if rc < 0 {
-            return Err(FsError::from_io("set metadata", path, std::io::Error::last_os_error()));
+            return Err(FsError::from_io(
+                "set metadata",
+                path,
+                std::io::Error::last_os_error(),
+            ));
         }
     }
     Ok(())

@@ -119,8 +119,14 @@ pub fn start(
     let inotify = Inotify::init().map_err(WatchError::Inotify)?;
     let mut dirs = HashMap::new();
     let mut watches = inotify.watches();
-    add_tree(&mut watches, &mut dirs, &spec.root, Path::new(""), spec.recursive)
-        .map_err(WatchError::Inotify)?;
+    add_tree(
+        &mut watches,
+        &mut dirs,
+        &spec.root,
+        Path::new(""),
+        spec.recursive,
+    )
+    .map_err(WatchError::Inotify)?;
     let stream = inotify
         .into_event_stream(vec![0u8; 64 * 1024])
         .map_err(WatchError::Inotify)?;
@@ -133,7 +139,9 @@ pub fn start(
                 dirs.remove(&ev.wd);
                 continue;
             }
-            let Some(rel_dir) = dirs.get(&ev.wd).cloned() else { continue };
+            let Some(rel_dir) = dirs.get(&ev.wd).cloned() else {
+                continue;
+            };
             let rel = match &ev.name {
                 Some(n) => rel_dir.join(n),
                 None if rel_dir.as_os_str().is_empty() => PathBuf::new(),
@@ -146,9 +154,14 @@ pub fn start(
             {
                 let _ = add_tree(&mut watches, &mut dirs, &spec.root.join(&rel), &rel, true);
             }
-            let Some(kind) = map_kind(ev.mask) else { continue };
+            let Some(kind) = map_kind(ev.mask) else {
+                continue;
+            };
             let entry = (spec.include_entry
-                && matches!(kind, EventKind::Create | EventKind::Write | EventKind::Chmod))
+                && matches!(
+                    kind,
+                    EventKind::Create | EventKind::Write | EventKind::Chmod
+                ))
             .then(|| entry_info(&spec.root.join(&rel), &accounts).ok())
             .flatten();
             let event = FsEvent {
@@ -257,7 +270,10 @@ impl Watchers {
         let mut raw = [0u8; 8];
         getrandom::fill(&mut raw)
             .map_err(|e| WatchError::Inotify(std::io::Error::other(e.to_string())))?;
-        let id = format!("w{}", raw.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let id = format!(
+            "w{}",
+            raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
         self.lock().insert(
             id.clone(),
             Polled {

@@ -61,8 +61,15 @@ fn parse_query(raw: Option<&str>) -> Result<FileQuery, Response> {
 
 /// A token header wins; otherwise a URL signature is required (only once a
 /// token is set).
-fn check_auth(state: &Envd, headers: &HeaderMap, q: &FileQuery, op: FileOp) -> Result<(), Response> {
-    let Some(token) = state.token() else { return Ok(()) };
+fn check_auth(
+    state: &Envd,
+    headers: &HeaderMap,
+    q: &FileQuery,
+    op: FileOp,
+) -> Result<(), Response> {
+    let Some(token) = state.token() else {
+        return Ok(());
+    };
     let unauthorized = |m: &str| error_response(StatusCode::UNAUTHORIZED, m);
     if let Some(presented) = auth::presented_token(headers) {
         return if state.token_ok(Some(presented)) {
@@ -154,11 +161,9 @@ pub async fn download(State(state): State<Arc<Envd>>, req: Request) -> Response 
             Ok(file) => {
                 let reader = tokio::io::BufReader::with_capacity(256 * 1024, file);
                 let gz = async_compression::tokio::bufread::GzipEncoder::new(reader);
-                let mut r = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-                    gz,
-                    64 * 1024,
-                ))
-                .into_response();
+                let mut r =
+                    Body::from_stream(tokio_util::io::ReaderStream::with_capacity(gz, 64 * 1024))
+                        .into_response();
                 let h = r.headers_mut();
                 h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
                 h.insert(
@@ -170,7 +175,10 @@ pub async fn download(State(state): State<Arc<Envd>>, req: Request) -> Response 
             Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
         Encoding::Identity => {
-            match tower_http::services::ServeFile::new(&path).oneshot(req).await {
+            match tower_http::services::ServeFile::new(&path)
+                .oneshot(req)
+                .await
+            {
                 Ok(r) => r.map(Body::new),
                 Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
@@ -288,9 +296,10 @@ pub async fn upload(
         Err(r) => return r,
     };
     match upload_inner(&state, &q, &headers, &user, body).await {
-        Ok(entries) if entries.is_empty() => {
-            error_response(StatusCode::BAD_REQUEST, "no file part named 'file' in the upload")
-        }
+        Ok(entries) if entries.is_empty() => error_response(
+            StatusCode::BAD_REQUEST,
+            "no file part named 'file' in the upload",
+        ),
         Ok(entries) => Json(entries).into_response(),
         Err(e) => e.into_response(),
     }
@@ -414,13 +423,16 @@ impl MultipartFiles {
                 ));
             }
             let limit = self.limit;
-            let body: ByteStream = Box::pin(field.map_err(move |e| match multipart_error(e, limit) {
-                UploadError::TooLarge(_) => std::io::Error::new(
-                    std::io::ErrorKind::FileTooLarge,
-                    format!("upload exceeds the limit of {limit} bytes"),
-                ),
-                other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
-            }));
+            let body: ByteStream =
+                Box::pin(field.map_err(move |e| match multipart_error(e, limit) {
+                    UploadError::TooLarge(_) => std::io::Error::new(
+                        std::io::ErrorKind::FileTooLarge,
+                        format!("upload exceeds the limit of {limit} bytes"),
+                    ),
+                    other => {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string())
+                    }
+                }));
             return Ok(Some((dest, body)));
         }
     }
@@ -498,7 +510,9 @@ fn body_error(e: std::io::Error, limit: u64) -> UploadError {
     let text = e.to_string();
     if e.kind() == std::io::ErrorKind::FileTooLarge {
         UploadError::TooLarge(limit)
-    } else if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::UnexpectedEof {
+    } else if e.kind() == std::io::ErrorKind::InvalidData
+        || e.kind() == std::io::ErrorKind::UnexpectedEof
+    {
         UploadError::BadRequest(format!("invalid request body: {text}"))
     } else {
         UploadError::Body(text)
@@ -518,7 +532,11 @@ fn write_file(
     }
     make_parents(path, user)?;
     let exists = std::fs::symlink_metadata(path).is_ok();
-    let staged = if exists { staging_path(path) } else { path.to_path_buf() };
+    let staged = if exists {
+        staging_path(path)
+    } else {
+        path.to_path_buf()
+    };
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -534,7 +552,8 @@ fn write_file(
             file.write_all(&chunk)
                 .map_err(|e| FsError::from_io("write", &staged, e))?;
         }
-        file.flush().map_err(|e| FsError::from_io("write", &staged, e))
+        file.flush()
+            .map_err(|e| FsError::from_io("write", &staged, e))
     })();
     if let Err(e) = result {
         drop(file);

@@ -80,7 +80,9 @@ async fn init(State(state): State<Arc<Envd>>, req: axum::extract::Request) -> Re
     } else {
         match serde_json::from_slice(&bytes) {
             Ok(b) => b,
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, format!("invalid init body: {e}")),
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, format!("invalid init body: {e}"))
+            }
         }
     };
     match state.apply_init(body) {

@@ -20,10 +20,10 @@ mod spawn;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 
-use tokio::io::unix::AsyncFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -278,12 +278,14 @@ impl Process {
     /// Write input bytes.
     pub async fn write_input(&self, kind: InputKind, data: &[u8]) -> Result<(), ProcessError> {
         match (kind, &self.pty_master) {
-            (InputKind::Pty, Some(master)) => spawn::write_pty(master, data)
-                .await
-                .map_err(|source| ProcessError::Input {
-                    pid: self.pid,
-                    source,
-                }),
+            (InputKind::Pty, Some(master)) => {
+                spawn::write_pty(master, data)
+                    .await
+                    .map_err(|source| ProcessError::Input {
+                        pid: self.pid,
+                        source,
+                    })
+            }
             (InputKind::Pty, None) => Err(ProcessError::NotPty),
             (InputKind::Stdin, Some(_)) => Err(ProcessError::PtyInputOnPipe),
             (InputKind::Stdin, None) => {

@@ -150,7 +150,10 @@ async fn fan_out(process: &Process, event: Event) {
 async fn deliver(subscribers: &[mpsc::Sender<Event>], event: Event) -> Vec<mpsc::Sender<Event>> {
     let mut dropped = Vec::new();
     for s in subscribers {
-        if s.send_timeout(event.clone(), SLOW_READER_GRACE).await.is_err() {
+        if s.send_timeout(event.clone(), SLOW_READER_GRACE)
+            .await
+            .is_err()
+        {
             dropped.push(s.clone());
         }
     }

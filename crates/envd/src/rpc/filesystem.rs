@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use buffa::MessageField;
-use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
+use connectrpc::{
+    ConnectError, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream,
+};
 use tokio::sync::mpsc;
 use wrenn_proto::filesystem as pb;
 use wrenn_proto::filesystem::__buffa::oneof as pb_oneof;

@@ -52,14 +52,22 @@ fn selector(sel: Option<&pb::ProcessSelector>) -> Result<Selector, ConnectError>
     match sel.and_then(|s| s.selector.as_ref()) {
         Some(pb_oneof::process_selector::Selector::Pid(pid)) => Ok(Selector::Pid(*pid)),
         Some(pb_oneof::process_selector::Selector::Tag(tag)) => Ok(Selector::Tag(tag.clone())),
-        None => Err(ConnectError::invalid_argument("a process selector (pid or tag) is required")),
+        None => Err(ConnectError::invalid_argument(
+            "a process selector (pid or tag) is required",
+        )),
     }
 }
 
 fn pty_size(pty: Option<&pb::PTY>) -> Option<PtySize> {
     pty.map(|p| {
         let size = p.size.as_option();
-        let clamp = |v: u32, default: u16| if v == 0 { default } else { v.min(u16::MAX as u32) as u16 };
+        let clamp = |v: u32, default: u16| {
+            if v == 0 {
+                default
+            } else {
+                v.min(u16::MAX as u32) as u16
+            }
+        };
         PtySize {
             cols: clamp(size.map_or(0, |s| s.cols), 80),
             rows: clamp(size.map_or(0, |s| s.rows), 24),
@@ -245,8 +253,11 @@ impl pb::Process for ProcessRpc {
         if config.cmd.is_empty() {
             return Err(ConnectError::invalid_argument("process.cmd is required"));
         }
-        let envs: BTreeMap<String, String> =
-            config.envs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let envs: BTreeMap<String, String> = config
+            .envs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let cwd = match config.cwd.as_deref().filter(|c| !c.is_empty()) {
             Some(c) => paths::resolve(c, &user.home),
             None => self.state.default_cwd(&user),
@@ -309,7 +320,11 @@ impl pb::Process for ProcessRpc {
         use pb_oneof::stream_input_request::Event as E;
         let first = match requests.next().await {
             Some(item) => item?.to_owned_message(),
-            None => return Err(ConnectError::invalid_argument("the stream carried no start event")),
+            None => {
+                return Err(ConnectError::invalid_argument(
+                    "the stream carried no start event",
+                ))
+            }
         };
         let Some(E::Start(start)) = first.event else {
             return Err(ConnectError::invalid_argument(
@@ -399,8 +414,5 @@ async fn write_input(
         Some(Input::Pty(d)) => (InputKind::Pty, d),
         None => return Ok(()),
     };
-    process
-        .write_input(kind, data)
-        .await
-        .map_err(process_error)
+    process.write_input(kind, data).await.map_err(process_error)
 }
