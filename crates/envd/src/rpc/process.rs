@@ -126,8 +126,10 @@ struct EventStream {
 }
 
 /// Turn a subscription into an RPC stream: events as they come, a keepalive
-/// after every `keepalive` of silence, ending after `End`. `deadline` ends
-/// the stream (not the process) with `deadline_exceeded`.
+/// after every `keepalive` of silence, ending after `End`. Once `deadline`
+/// passes the stream ends with `deadline_exceeded` (what connect-go does with
+/// the request context), also when the end event it raced with is the kill
+/// the deadline caused.
 fn event_stream<T: Send + 'static>(
     rx: mpsc::Receiver<Event>,
     keepalive: Duration,
@@ -146,7 +148,7 @@ fn event_stream<T: Send + 'static>(
         if s.done {
             return None;
         }
-        let deadline = async {
+        let expiry = async {
             match s.deadline.as_mut() {
                 Some(d) => d.as_mut().await,
                 None => std::future::pending().await,
@@ -155,6 +157,10 @@ fn event_stream<T: Send + 'static>(
         let item = tokio::select! {
             biased;
             ev = s.rx.recv() => match ev {
+                Some(Event::End(_)) if deadline_passed(deadline) => {
+                    s.done = true;
+                    Err(ConnectError::deadline_exceeded("deadline exceeded: the process was killed"))
+                }
                 Some(ev) => {
                     s.done = matches!(ev, Event::End(_));
                     s.keepalive.reset();
@@ -167,7 +173,7 @@ fn event_stream<T: Send + 'static>(
                     ))
                 }
             },
-            () = deadline => {
+            () = expiry => {
                 s.done = true;
                 Err(ConnectError::deadline_exceeded("stream deadline exceeded"))
             }
@@ -176,6 +182,10 @@ fn event_stream<T: Send + 'static>(
         Some((item, s))
     });
     Box::pin(stream)
+}
+
+fn deadline_passed(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| Instant::now() >= d)
 }
 
 fn start_response(event: pb::ProcessEvent) -> pb::StartResponse {
@@ -285,12 +295,11 @@ impl pb::Process for ProcessRpc {
             .start(spec)
             .await
             .map_err(process_error)?;
-        // The deadline kills the process (supervisor); the stream then ends
-        // with the real end event.
+        // The deadline also kills the process (its supervisor does that).
         Ok(Response::new(event_stream(
             rx,
             keepalive_interval(&ctx),
-            None,
+            ctx.deadline(),
             start_response,
         )))
     }
