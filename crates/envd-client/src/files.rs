@@ -7,6 +7,9 @@ use wrenn_proto::filesystem as pb;
 
 use crate::{ClientError, EnvdClient};
 
+/// A file's contents as they arrive.
+pub type FileStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
+
 /// What a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -139,19 +142,16 @@ impl EnvdClient {
     }
 
     /// Stream a file.
-    pub async fn read_file_stream(
-        &self,
-        path: &str,
-    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static, ClientError> {
+    pub async fn read_file_stream(&self, path: &str) -> Result<FileStream, ClientError> {
         let resp = self.download(path).await?;
-        Ok(
+        Ok(Box::pin(
             http_body_util::BodyStream::new(resp.into_body()).filter_map(|frame| async move {
                 match frame {
                     Ok(f) => f.into_data().ok().map(Ok),
                     Err(e) => Some(Err(ClientError::transport(e))),
                 }
             }),
-        )
+        ))
     }
 
     async fn download(

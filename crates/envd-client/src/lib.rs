@@ -27,8 +27,8 @@ use wrenn_proto::process::ProcessClient;
 use wrenn_types::envd::{InitRequest, Metrics, ACCESS_TOKEN_HEADER};
 
 pub use error::ClientError;
-pub use files::{Entry, FileKind};
-pub use process::{ExecEvent, ExecOutput, ExecRequest, ExecStream, PtyRequest, Selector};
+pub use files::{Entry, FileKind, FileStream};
+pub use process::{ExecEvent, ExecOutput, ExecRequest, ExecStream, PtySize, Selector};
 
 /// Capacity of the event channel behind every stream handle.
 pub const STREAM_BUFFER: usize = 256;
@@ -69,7 +69,9 @@ impl EnvdClient {
         if uri.scheme_str() != Some("http") || uri.host().is_none() {
             return Err(ClientError::InvalidUrl(base_url.to_string()));
         }
-        let mut config = ClientConfig::new(uri).json();
+        // Binary protobuf: SDKs speak JSON to envd, but for our own hops the
+        // binary codec is what keeps output streaming cheap (no base64).
+        let mut config = ClientConfig::new(uri);
         if let Some(t) = &token {
             config = config.with_default_header(ACCESS_TOKEN_HEADER, t.as_str());
         }

@@ -31,6 +31,22 @@ pub struct ExecRequest {
     pub stdin: bool,
     /// envd kills the process when this passes.
     pub timeout: Option<Duration>,
+    /// Run in a terminal of this size; output then arrives as
+    /// [`ExecEvent::Pty`] and input goes through [`EnvdClient::pty_input`].
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl Default for PtySize {
+    fn default() -> Self {
+        Self { cols: 80, rows: 24 }
+    }
 }
 
 impl ExecRequest {
@@ -47,35 +63,13 @@ impl ExecRequest {
     pub fn shell(script: impl Into<String>) -> Self {
         Self::new("/bin/sh", ["-c".to_string(), script.into()])
     }
-}
 
-/// A terminal to open.
-#[derive(Debug, Clone)]
-pub struct PtyRequest {
-    pub cmd: String,
-    pub args: Vec<String>,
-    pub envs: BTreeMap<String, String>,
-    pub cwd: Option<String>,
-    pub user: Option<String>,
-    pub tag: Option<String>,
-    pub cols: u16,
-    pub rows: u16,
-    pub timeout: Option<Duration>,
-}
-
-impl Default for PtyRequest {
-    fn default() -> Self {
-        Self {
-            cmd: "/bin/sh".into(),
-            args: vec!["-i".into()],
-            envs: BTreeMap::from([("TERM".into(), "xterm-256color".into())]),
-            cwd: None,
-            user: None,
-            tag: None,
-            cols: 80,
-            rows: 24,
-            timeout: None,
-        }
+    /// An interactive `/bin/sh` in an 80×24 terminal with `TERM` set.
+    pub fn terminal() -> Self {
+        let mut req = Self::new("/bin/sh", ["-i"]);
+        req.envs.insert("TERM".into(), "xterm-256color".into());
+        req.pty = Some(PtySize::default());
+        req
     }
 }
 
@@ -268,21 +262,16 @@ where
 }
 
 impl EnvdClient {
-    async fn start_stream(
-        &self,
-        req: pb::StartRequest,
-        user: Option<&str>,
-        timeout: Option<Duration>,
-    ) -> Result<ExecStream, ClientError> {
-        let stream = self
-            .process
-            .start_with_options(req, call_options(user, timeout))
-            .await?;
-        into_exec_stream(stream, |r: pb::StartResponse| r.event.into_option()).await
-    }
-
-    /// Start a process and stream its events.
+    /// Start a process and stream its events (a terminal when `req.pty` is set).
     pub async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
+        let pty = req.pty.map(|size| pb::PTY {
+            size: MessageField::some(pb::pty::Size {
+                cols: size.cols.into(),
+                rows: size.rows.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         let start = pb::StartRequest {
             process: MessageField::some(pb::ProcessConfig {
                 cmd: req.cmd,
@@ -291,12 +280,16 @@ impl EnvdClient {
                 cwd: req.cwd,
                 ..Default::default()
             }),
+            pty: pty.map_or_else(MessageField::none, MessageField::some),
             tag: req.tag,
             stdin: Some(req.stdin),
             ..Default::default()
         };
-        self.start_stream(start, req.user.as_deref(), req.timeout)
-            .await
+        let stream = self
+            .process
+            .start_with_options(start, call_options(req.user.as_deref(), req.timeout))
+            .await?;
+        into_exec_stream(stream, |r: pb::StartResponse| r.event.into_option()).await
     }
 
     /// Run a process to the end and collect its output.
@@ -304,29 +297,11 @@ impl EnvdClient {
         self.exec_stream(req).await?.collect().await
     }
 
-    /// Open a terminal. Output arrives as [`ExecEvent::Pty`].
-    pub async fn pty_start(&self, req: PtyRequest) -> Result<ExecStream, ClientError> {
-        let start = pb::StartRequest {
-            process: MessageField::some(pb::ProcessConfig {
-                cmd: req.cmd,
-                args: req.args,
-                envs: req.envs.into_iter().collect(),
-                cwd: req.cwd,
-                ..Default::default()
-            }),
-            pty: MessageField::some(pb::PTY {
-                size: MessageField::some(pb::pty::Size {
-                    cols: req.cols.into(),
-                    rows: req.rows.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            tag: req.tag,
-            ..Default::default()
-        };
-        self.start_stream(start, req.user.as_deref(), req.timeout)
-            .await
+    /// Open a terminal: [`exec_stream`](Self::exec_stream) with an 80×24 PTY
+    /// unless `req.pty` names a size.
+    pub async fn pty_start(&self, mut req: ExecRequest) -> Result<ExecStream, ClientError> {
+        req.pty.get_or_insert_with(PtySize::default);
+        self.exec_stream(req).await
     }
 
     /// Attach to a running (or just ended) process: new output only.

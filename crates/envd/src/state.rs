@@ -164,6 +164,19 @@ impl Envd {
     /// Apply `/init`. Returns false when the request was older than the last
     /// one applied and was ignored.
     pub fn apply_init(&self, req: InitRequest) -> Result<bool, InitError> {
+        // Validate everything before changing anything: a refused /init
+        // leaves no trace.
+        let accounts = self.accounts()?;
+        let user = req
+            .default_user
+            .as_deref()
+            .map(|u| accounts.user(u))
+            .transpose()?;
+        let mut metadata = Vec::new();
+        for (key, value) in req.metadata.iter().flatten() {
+            let suffix = env_suffix(key).ok_or_else(|| InitError::MetadataKey(key.clone()))?;
+            metadata.push((suffix, value.clone()));
+        }
         if let Some(ts) = req.timestamp.as_deref().and_then(parse_timestamp) {
             let mut last = self.last_init.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|l| ts < l) {
@@ -171,18 +184,7 @@ impl Envd {
             }
             *last = Some(ts);
         }
-        let accounts = self.accounts()?;
-        let user = req
-            .default_user
-            .as_deref()
-            .map(|u| accounts.user(u))
-            .transpose()?;
-        let mut meta_env = BTreeMap::new();
-        for (key, value) in req.metadata.iter().flatten() {
-            let suffix = env_suffix(key).ok_or_else(|| InitError::MetadataKey(key.clone()))?;
-            for prefix in ["WRENN_", "E2B_"] {
-                meta_env.insert(format!("{prefix}{suffix}"), value.clone());
-            }
+        for (suffix, value) in &metadata {
             self.write_run_file(&format!(".WRENN_{suffix}"), value)?;
         }
         {
@@ -194,7 +196,11 @@ impl Envd {
                 d.workdir = Some(PathBuf::from(w));
             }
             d.env.extend(req.env_vars.into_iter().flatten());
-            d.env.extend(meta_env);
+            for (suffix, value) in metadata {
+                for prefix in ["WRENN_", "E2B_"] {
+                    d.env.insert(format!("{prefix}{suffix}"), value.clone());
+                }
+            }
         }
         if let Some(token) = req.access_token {
             *self.token.write().unwrap_or_else(|p| p.into_inner()) =

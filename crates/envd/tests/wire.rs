@@ -789,3 +789,105 @@ async fn files_accept_token_or_signature() {
 
     envd.assert_healthy().await;
 }
+
+/// wrenn-api §7.1: `/init` (env vars, metadata, idempotency by timestamp,
+/// bad bodies), `/envs`, `/metrics`, `/snapshot/prepare`.
+#[tokio::test]
+async fn init_envs_metrics_and_snapshot_prepare() {
+    let (_run, run_dir) = temp_dir();
+    let mut envd = Envd::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_envd")).args([
+            "--dev",
+            "--port",
+            "0",
+            "--addr",
+            "127.0.0.1",
+            "--run-dir",
+            &run_dir,
+        ]),
+    );
+    let http = envd.http1();
+    let init = |body: Value| {
+        let http = &http;
+        async move {
+            http.post("/init", &[("content-type", JSON)], body.to_string())
+                .await
+        }
+    };
+
+    let reply = init(json!({
+        "envVars": {"FLAVOUR": "mint"},
+        "metadata": {"sandboxId": "cl-abc", "templateId": "busybox"},
+        "timestamp": "2030-01-01T00:00:00Z",
+        "someFieldFromTheFuture": true,
+    }))
+    .await;
+    reply.expect_status(StatusCode::NO_CONTENT);
+    assert!(reply.header("x-envd-version").is_some());
+    // An older /init (a reordered retry) is accepted but changes nothing.
+    init(json!({"envVars": {"STALE": "1"}, "timestamp": "1700000000"}))
+        .await
+        .expect_status(StatusCode::NO_CONTENT);
+
+    let envs = http.get("/envs", &[]).await;
+    envs.expect_status(StatusCode::OK);
+    assert_eq!(envs.header("cache-control"), Some("no-store"));
+    let envs = envs.json();
+    assert_eq!(envs["FLAVOUR"], "mint");
+    assert_eq!(envs["WRENN_SANDBOX_ID"], "cl-abc");
+    assert_eq!(envs["E2B_SANDBOX_ID"], "cl-abc");
+    assert_eq!(envs["WRENN_TEMPLATE_ID"], "busybox");
+    assert_eq!(envs["WRENN_SANDBOX"], "false", "--dev is not a capsule");
+    assert!(envs.get("STALE").is_none(), "{envs}");
+    let file = std::fs::read_to_string(Path::new(&run_dir).join(".WRENN_SANDBOX_ID")).unwrap();
+    assert_eq!(file, "cl-abc");
+
+    // Processes get the defaults.
+    let stream = http
+        .open_json_stream(
+            START,
+            &start_request("echo $FLAVOUR $WRENN_SANDBOX_ID"),
+            &[],
+        )
+        .await;
+    assert_eq!(ProcessRun::read_ok(stream).await.stdout, b"mint cl-abc\n");
+
+    // Bad bodies are 400 with envd's error JSON; nothing is applied.
+    init(Value::String("not an object".into()))
+        .await
+        .expect_http_error(StatusCode::BAD_REQUEST, None);
+    init(json!({"metadata": {"../escape": "x"}}))
+        .await
+        .expect_http_error(StatusCode::BAD_REQUEST, None);
+    init(json!({"defaultUser": "no-such-user"}))
+        .await
+        .expect_http_error(
+            StatusCode::BAD_REQUEST,
+            Some("invalid username: 'no-such-user'"),
+        );
+    assert!(!Path::new(&run_dir).join(".WRENN_..").exists());
+
+    let metrics = http.get("/metrics", &[]).await;
+    metrics.expect_status(StatusCode::OK);
+    let m = metrics.json();
+    for key in [
+        "ts",
+        "cpu_count",
+        "cpu_used_pct",
+        "mem_total",
+        "mem_used",
+        "mem_cache",
+        "mem_total_mib",
+        "mem_used_mib",
+        "disk_used",
+        "disk_total",
+    ] {
+        assert!(m[key].is_number(), "metrics.{key} missing: {m}");
+    }
+    assert!(m["mem_total_mib"].as_u64().unwrap() > 0 && m["cpu_count"].as_u64().unwrap() > 0);
+
+    http.post("/snapshot/prepare", &[], "")
+        .await
+        .expect_status(StatusCode::NO_CONTENT);
+    envd.assert_healthy().await;
+}

@@ -28,6 +28,8 @@ use crate::users::Accounts;
 pub const WATCH_BUFFER: usize = 256;
 /// Events a polling watcher keeps between two polls.
 pub const POLL_BUFFER: usize = 4096;
+/// Polling watchers alive at once (each holds an inotify instance).
+pub const MAX_POLLING_WATCHERS: usize = 256;
 
 /// What happened to a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +101,10 @@ pub enum WatchError {
     NetworkMount(PathBuf),
     #[error("watcher '{0}' not found")]
     UnknownWatcher(String),
+    #[error(
+        "too many watchers: remove one before creating another (limit {MAX_POLLING_WATCHERS})"
+    )]
+    TooMany,
     #[error("inotify")]
     Inotify(#[source] std::io::Error),
 }
@@ -254,6 +260,9 @@ impl Watchers {
 
     /// Start a polling watcher; returns its id (`w` + random hex).
     pub fn create(&self, spec: WatchSpec, accounts: Accounts) -> Result<String, WatchError> {
+        if self.lock().len() >= MAX_POLLING_WATCHERS {
+            return Err(WatchError::TooMany);
+        }
         let (watch, mut rx) = start(spec, accounts)?;
         let events = Arc::new(Mutex::new(VecDeque::new()));
         let sink = events.clone();

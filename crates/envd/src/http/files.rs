@@ -32,6 +32,9 @@ use crate::paths;
 use crate::state::Envd;
 use crate::users::User;
 
+/// Read size for downloads: large reads keep the blocking-pool hops few.
+const DOWNLOAD_CHUNK: usize = 1 << 20;
+
 /// Query parameters of `/files`.
 #[derive(Debug, Default)]
 struct FileQuery {
@@ -159,7 +162,7 @@ pub async fn download(State(state): State<Arc<Envd>>, req: Request) -> Response 
     let mut resp = match encoding {
         Encoding::Gzip => match tokio::fs::File::open(&path).await {
             Ok(file) => {
-                let reader = tokio::io::BufReader::with_capacity(256 * 1024, file);
+                let reader = tokio::io::BufReader::with_capacity(DOWNLOAD_CHUNK, file);
                 let gz = async_compression::tokio::bufread::GzipEncoder::new(reader);
                 let mut r =
                     Body::from_stream(tokio_util::io::ReaderStream::with_capacity(gz, 64 * 1024))
@@ -295,7 +298,15 @@ pub async fn upload(
         Ok(u) => u,
         Err(r) => return r,
     };
-    match upload_inner(&state, &q, &headers, &user, body).await {
+    let (stream, reader) = drained_body(body);
+    let result = upload_inner(&state, &q, &headers, &user, stream).await;
+    // Answer only once the client has sent its body (or DRAIN_LIMIT more of
+    // it, or DRAIN_TIME passed): an answer sent while it is still writing is
+    // lost to most clients as a broken pipe.
+    if tokio::time::timeout(DRAIN_TIME, reader).await.is_err() {
+        tracing::debug!("upload body not drained in time");
+    }
+    match result {
         Ok(entries) if entries.is_empty() => error_response(
             StatusCode::BAD_REQUEST,
             "no file part named 'file' in the upload",
@@ -305,12 +316,68 @@ pub async fn upload(
     }
 }
 
+/// After a failed upload, at most this much more of the body is read and
+/// discarded before answering.
+const DRAIN_LIMIT: u64 = 256 << 20;
+/// ... and for at most this long.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Read `body` on a task that forwards it through a bounded channel while
+/// the returned stream is alive, then discards up to [`DRAIN_LIMIT`] more.
+/// The handle ends when the body is over (it aborts the task when dropped).
+fn drained_body(body: Body) -> (ByteStream, DrainHandle) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let task = tokio::spawn(async move {
+        let mut body = body.into_data_stream();
+        let mut discarded = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()));
+            let failed = chunk.is_err();
+            if tx.is_closed() {
+                discarded += chunk.map_or(0, |c| c.len() as u64);
+                if discarded > DRAIN_LIMIT {
+                    return;
+                }
+            } else if tx.send(chunk).await.is_err() {
+                continue;
+            }
+            if failed {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (Box::pin(stream), DrainHandle(task))
+}
+
+/// The body reader of [`drained_body`].
+struct DrainHandle(tokio::task::JoinHandle<()>);
+
+impl std::future::Future for DrainHandle {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
+
+impl Drop for DrainHandle {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn upload_inner(
     state: &Envd,
     q: &FileQuery,
     headers: &HeaderMap,
     user: &User,
-    body: Body,
+    body: ByteStream,
 ) -> Result<Vec<WrittenEntry>, UploadError> {
     let metadata: BTreeMap<String, String> = headers
         .iter()
@@ -319,10 +386,7 @@ async fn upload_inner(
             Some((key.to_string(), v.to_str().ok()?.to_string()))
         })
         .collect();
-    let mut stream: ByteStream = Box::pin(
-        body.into_data_stream()
-            .map_err(|e| std::io::Error::other(e.to_string())),
-    );
+    let mut stream = body;
     let gzipped = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())

@@ -401,6 +401,9 @@ impl ProcessTable {
         let exit = spawned.exit;
         let deadline = spec.deadline;
         let mut inner = self.lock();
+        // Forget supervisors that finished, so the set stays as large as the
+        // number of live processes.
+        while inner.supervisors.try_join_next().is_some() {}
         inner.running.insert(process.pid, process.clone());
         inner.supervisors.spawn(async move {
             let status = supervise(&proc2, exit, outputs, deadline).await;

@@ -86,10 +86,10 @@ pub fn spawn(reaper: &Reaper, spec: &ProcessSpec) -> Result<Spawned, SpawnError>
         } else {
             cmd.stdin(Stdio::null());
         }
-        let (r, w) = pipe()?;
+        let (r, w) = output_pipe()?;
         cmd.stdout(Stdio::from(w));
         spawned_io.1 = Some(r);
-        let (r, w) = pipe()?;
+        let (r, w) = output_pipe()?;
         cmd.stderr(Stdio::from(w));
         spawned_io.2 = Some(r);
     }
@@ -159,6 +159,16 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     }
     // SAFETY: pipe2 returned two fresh descriptors we now own.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A pipe for a process's output, enlarged so a chatty process is woken (and
+/// envd reads) less often. The kernel caps the size for non-root; best effort.
+fn output_pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    const OUTPUT_PIPE_BYTES: libc::c_int = 1 << 20;
+    let (r, w) = pipe()?;
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, OUTPUT_PIPE_BYTES) };
+    Ok((r, w))
 }
 
 fn winsize(size: PtySize) -> libc::winsize {

@@ -27,6 +27,44 @@ impl FilesystemRpc {
     pub fn new(state: Arc<Envd>) -> Self {
         Self { state }
     }
+
+    /// The acting user and `raw` resolved against their home.
+    fn resolve(
+        &self,
+        ctx: &RequestContext,
+        raw: &str,
+    ) -> Result<
+        (
+            crate::users::Accounts,
+            crate::users::User,
+            std::path::PathBuf,
+        ),
+        ConnectError,
+    > {
+        let (accounts, user) = rpc_user(&self.state, ctx)?;
+        let path = paths::resolve(raw, &user.home);
+        Ok((accounts, user, path))
+    }
+
+    fn watch_spec(
+        &self,
+        ctx: &RequestContext,
+        path: &str,
+        recursive: bool,
+        include_entry: bool,
+        allow_network_mounts: bool,
+    ) -> Result<(WatchSpec, crate::users::Accounts), ConnectError> {
+        let (accounts, _, root) = self.resolve(ctx, path)?;
+        Ok((
+            WatchSpec {
+                root,
+                recursive,
+                include_entry,
+                allow_network_mounts,
+            },
+            accounts,
+        ))
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -43,6 +81,7 @@ fn watch_error(e: WatchError) -> ConnectError {
         WatchError::Fs(f) => fs_error(f),
         WatchError::NetworkMount(_) => ConnectError::invalid_argument(e.to_string()),
         WatchError::UnknownWatcher(_) => ConnectError::not_found(e.to_string()),
+        WatchError::TooMany => ConnectError::resource_exhausted(e.to_string()),
         WatchError::Inotify(_) => internal("watch", format!("{e:#}")),
     }
 }
@@ -70,36 +109,13 @@ fn watch_response(event: pb_oneof::watch_dir_response::Event) -> pb::WatchDirRes
     }
 }
 
-impl FilesystemRpc {
-    fn watch_spec(
-        &self,
-        ctx: &RequestContext,
-        path: &str,
-        recursive: bool,
-        include_entry: bool,
-        allow_network_mounts: bool,
-    ) -> Result<(WatchSpec, crate::users::Accounts), ConnectError> {
-        let (accounts, user) = rpc_user(&self.state, ctx)?;
-        Ok((
-            WatchSpec {
-                root: paths::resolve(path, &user.home),
-                recursive,
-                include_entry,
-                allow_network_mounts,
-            },
-            accounts,
-        ))
-    }
-}
-
 impl pb::Filesystem for FilesystemRpc {
     async fn stat(
         &self,
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::StatRequest>,
     ) -> ServiceResult<pb::StatResponse> {
-        let (accounts, user) = rpc_user(&self.state, &ctx)?;
-        let path = paths::resolve(request.path, &user.home);
+        let (accounts, _, path) = self.resolve(&ctx, request.path)?;
         let entry = blocking(move || fs::entry_info(&path, &accounts)).await?;
         Response::ok(pb::StatResponse {
             entry: MessageField::some(entry_to_pb(entry)),
@@ -112,8 +128,7 @@ impl pb::Filesystem for FilesystemRpc {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::MakeDirRequest>,
     ) -> ServiceResult<pb::MakeDirResponse> {
-        let (accounts, user) = rpc_user(&self.state, &ctx)?;
-        let path = paths::resolve(request.path, &user.home);
+        let (accounts, user, path) = self.resolve(&ctx, request.path)?;
         let entry = blocking(move || fs::make_dir(&path, &user, &accounts)).await?;
         Response::ok(pb::MakeDirResponse {
             entry: MessageField::some(entry_to_pb(entry)),
@@ -126,8 +141,7 @@ impl pb::Filesystem for FilesystemRpc {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::MoveRequest>,
     ) -> ServiceResult<pb::MoveResponse> {
-        let (accounts, user) = rpc_user(&self.state, &ctx)?;
-        let from = paths::resolve(request.source, &user.home);
+        let (accounts, user, from) = self.resolve(&ctx, request.source)?;
         let to = paths::resolve(request.destination, &user.home);
         let entry = blocking(move || fs::move_path(&from, &to, &user, &accounts)).await?;
         Response::ok(pb::MoveResponse {
@@ -141,8 +155,7 @@ impl pb::Filesystem for FilesystemRpc {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::ListDirRequest>,
     ) -> ServiceResult<pb::ListDirResponse> {
-        let (accounts, user) = rpc_user(&self.state, &ctx)?;
-        let path = paths::resolve(request.path, &user.home);
+        let (accounts, _, path) = self.resolve(&ctx, request.path)?;
         let depth = request.depth;
         let entries = blocking(move || fs::list_dir(&path, depth, &accounts)).await?;
         Response::ok(pb::ListDirResponse {
@@ -156,8 +169,7 @@ impl pb::Filesystem for FilesystemRpc {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::RemoveRequest>,
     ) -> ServiceResult<pb::RemoveResponse> {
-        let (_, user) = rpc_user(&self.state, &ctx)?;
-        let path = paths::resolve(request.path, &user.home);
+        let (_, _, path) = self.resolve(&ctx, request.path)?;
         blocking(move || fs::remove(&path)).await?;
         Response::ok(pb::RemoveResponse::default())
     }

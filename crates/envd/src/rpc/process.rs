@@ -31,6 +31,17 @@ impl ProcessRpc {
     pub fn new(state: Arc<Envd>) -> Self {
         Self { state }
     }
+
+    /// The running process `sel` names.
+    fn running(
+        &self,
+        sel: Option<&pb::ProcessSelector>,
+    ) -> Result<Arc<crate::process::Process>, ConnectError> {
+        self.state
+            .processes
+            .find_running(&selector(sel)?)
+            .map_err(process_error)
+    }
 }
 
 fn process_error(e: ProcessError) -> ConnectError {
@@ -310,11 +321,7 @@ impl pb::Process for ProcessRpc {
         request: ServiceRequest<'_, pb::UpdateRequest>,
     ) -> ServiceResult<pb::UpdateResponse> {
         let req = request.to_owned_message();
-        let process = self
-            .state
-            .processes
-            .find_running(&selector(req.process.as_option())?)
-            .map_err(process_error)?;
+        let process = self.running(req.process.as_option())?;
         if let Some(size) = pty_size(req.pty.as_option()) {
             process.resize(size).map_err(process_error)?;
         }
@@ -340,11 +347,7 @@ impl pb::Process for ProcessRpc {
                 "the first StreamInput message must be a start event",
             ));
         };
-        let process = self
-            .state
-            .processes
-            .find_running(&selector(start.process.as_option())?)
-            .map_err(process_error)?;
+        let process = self.running(start.process.as_option())?;
         while let Some(item) = requests.next().await {
             match item?.to_owned_message().event {
                 Some(E::Data(data)) => write_input(&process, data.input.as_option()).await?,
@@ -363,11 +366,7 @@ impl pb::Process for ProcessRpc {
         request: ServiceRequest<'_, pb::SendInputRequest>,
     ) -> ServiceResult<pb::SendInputResponse> {
         let req = request.to_owned_message();
-        let process = self
-            .state
-            .processes
-            .find_running(&selector(req.process.as_option())?)
-            .map_err(process_error)?;
+        let process = self.running(req.process.as_option())?;
         write_input(&process, req.input.as_option()).await?;
         Response::ok(pb::SendInputResponse::default())
     }
@@ -388,11 +387,7 @@ impl pb::Process for ProcessRpc {
                 )))
             }
         };
-        let process = self
-            .state
-            .processes
-            .find_running(&selector(req.process.as_option())?)
-            .map_err(process_error)?;
+        let process = self.running(req.process.as_option())?;
         process.signal(sig).map_err(process_error)?;
         Response::ok(pb::SendSignalResponse::default())
     }
@@ -403,11 +398,7 @@ impl pb::Process for ProcessRpc {
         request: ServiceRequest<'_, pb::CloseStdinRequest>,
     ) -> ServiceResult<pb::CloseStdinResponse> {
         let req = request.to_owned_message();
-        let process = self
-            .state
-            .processes
-            .find_running(&selector(req.process.as_option())?)
-            .map_err(process_error)?;
+        let process = self.running(req.process.as_option())?;
         process.close_stdin().await.map_err(process_error)?;
         Response::ok(pb::CloseStdinResponse::default())
     }

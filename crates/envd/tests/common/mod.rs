@@ -62,8 +62,19 @@ pub struct Envd {
 impl Envd {
     /// Spawns envd and waits for its `envd listening on <addr>` line.
     pub fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_envd"))
-            .args(["--dev", "--port", "0", "--addr", "127.0.0.1"])
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_envd")).args([
+            "--dev",
+            "--port",
+            "0",
+            "--addr",
+            "127.0.0.1",
+        ]))
+    }
+
+    /// Spawns `cmd` (which must end up running envd) and waits for its
+    /// `envd listening on <addr>` line.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -121,6 +132,11 @@ impl Envd {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The pid of the spawned command.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn http(&self, transport: Transport) -> Http {

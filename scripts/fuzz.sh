@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build envd's fuzz targets with cargo-fuzz and run each one.
+#   scripts/fuzz.sh smoke        build, then 20 s per target (what CI does)
+#   scripts/fuzz.sh run SECONDS  build, then SECONDS per target
+# The toolchain here is stable only; RUSTC_BOOTSTRAP lets cargo-fuzz pass its
+# -Z flags. Sanitizers are off (none ships for stable); coverage guidance and
+# panics-as-crashes still apply.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-smoke}
+secs=${2:-20}
+[ "$mode" = smoke ] && secs=20
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
+cd crates/envd
+export RUSTC_BOOTSTRAP=1
+for target in connect_envelope multipart; do
+  echo "==> fuzz $target (${secs}s)"
+  mkdir -p "fuzz/corpus/$target"
+  cargo fuzz run -s none "$target" -- -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 \
+    2>&1 | tail -n 3
+done

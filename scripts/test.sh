@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite: format, lints, Rust tests (privileged ones included
+# when root), the unmodified e2b SDK against a real envd, fuzz targets, and a
+# smoke run of every benchmark. Installs what it needs; cleans up after itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+export CARGO_TERM_COLOR=never
+
+install_packages
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "==> static envd"
+ENVD_STATIC_BIN=$(build_static_envd | tail -n 1)
+export ENVD_STATIC_BIN
+if ldd "$ENVD_STATIC_BIN" 2>&1 | grep -q '=>'; then
+  echo "envd is not static:"; ldd "$ENVD_STATIC_BIN"; exit 1
+fi
+
+echo "==> cargo test"
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast
+
+echo "==> e2b SDK against envd"
+venv=target/sdk-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade -r tests/e2b_sdk/requirements.txt
+ENVD_BIN="$ENVD_STATIC_BIN" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2b_sdk
+
+echo "==> fuzz targets (build + short run)"
+scripts/fuzz.sh smoke
+
+echo "==> benchmarks (smoke)"
+cargo run --release -q -p wrenn-bench -- all --smoke
+
+echo "==> all tests passed"
