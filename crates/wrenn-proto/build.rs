@@ -14,12 +14,19 @@ fn main() {
     for f in FILES {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
+    println!("cargo:rerun-if-changed=build.rs");
     let fds = protox::compile(FILES, [&root]).expect("proto/ compiles");
     let set = out.join("wrenn_descriptor_set.bin");
-    std::fs::write(&set, fds.encode_to_vec()).expect("write descriptor set");
+    let bytes = fds.encode_to_vec();
+    // Rewrite only on change: the set is an input of the step below, and a
+    // fresh mtime would make every build regenerate (and recompile) it.
+    if std::fs::read(&set).ok().as_deref() != Some(&bytes[..]) {
+        std::fs::write(&set, &bytes).expect("write descriptor set");
+    }
     connectrpc_build::Config::new()
         .files(FILES)
         .descriptor_set(&set)
+        .emit_rerun_directives(false)
         .include_file("_connectrpc.rs")
         .compile()
         .expect("connectrpc-build generates code");

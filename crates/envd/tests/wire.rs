@@ -891,3 +891,18 @@ async fn init_envs_metrics_and_snapshot_prepare() {
         .expect_status(StatusCode::NO_CONTENT);
     envd.assert_healthy().await;
 }
+
+/// Found by the `connect_envelope` fuzz target: a path with a NUL byte was a
+/// 500. Paths the OS cannot take are the client's mistake: 400, both surfaces.
+#[tokio::test]
+async fn paths_with_nul_bytes_are_invalid_arguments() {
+    let mut envd = Envd::start();
+    let http = envd.http1();
+    http.unary(STAT, &json!({"path": "/tmp/a\u{0}b"}), &[])
+        .await
+        .expect_connect_error(StatusCode::BAD_REQUEST, "invalid_argument");
+    http.get("/files?path=%2Ftmp%2Fa%00b", &[])
+        .await
+        .expect_http_error(StatusCode::BAD_REQUEST, None);
+    envd.assert_healthy().await;
+}

@@ -32,6 +32,8 @@ pub enum FsError {
     NoSpace(PathBuf),
     #[error("permission denied: '{}'", .0.display())]
     PermissionDenied(PathBuf),
+    #[error("invalid path '{}': {reason}", path.display())]
+    InvalidPath { path: PathBuf, reason: String },
     #[error("{op} '{}'", path.display())]
     Io {
         op: &'static str,
@@ -45,7 +47,20 @@ impl FsError {
     /// Classify an I/O error on `path`.
     pub fn from_io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
+        if source.kind() == std::io::ErrorKind::InvalidInput {
+            // std refuses paths with NUL bytes before any syscall.
+            return FsError::InvalidPath {
+                path,
+                reason: source.to_string(),
+            };
+        }
         match source.raw_os_error() {
+            Some(libc::ENAMETOOLONG) | Some(libc::ELOOP) | Some(libc::EINVAL) => {
+                FsError::InvalidPath {
+                    path,
+                    reason: source.to_string(),
+                }
+            }
             Some(libc::ENOENT) => FsError::NotFound(path),
             Some(libc::ENOTDIR) => FsError::NotDir(path),
             Some(libc::EISDIR) => FsError::IsDir(path),

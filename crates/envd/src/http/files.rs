@@ -137,17 +137,14 @@ pub async fn download(State(state): State<Arc<Envd>>, req: Request) -> Response 
             )
         }
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return error_response(
-                StatusCode::NOT_FOUND,
-                format!("path '{}' does not exist", path.display()),
-            )
-        }
         Err(e) => {
-            return error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot stat '{}': {e}", path.display()),
-            )
+            return match FsError::from_io("stat", &path, e) {
+                FsError::NotFound(_) | FsError::NotDir(_) => error_response(
+                    StatusCode::NOT_FOUND,
+                    format!("path '{}' does not exist", path.display()),
+                ),
+                other => UploadError::Fs(other).into_response(),
+            }
         }
     }
     let encoding = match negotiate(req.headers()) {
@@ -245,7 +242,7 @@ fn negotiate(headers: &HeaderMap) -> Option<Encoding> {
     None
 }
 
-/// Why an upload failed; each maps to one status.
+/// Why a transfer failed; each maps to one status.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
     #[error("{0}")]
@@ -266,12 +263,13 @@ impl UploadError {
             UploadError::Fs(FsError::NoSpace(_)) => StatusCode::INSUFFICIENT_STORAGE,
             UploadError::Fs(FsError::IsDir(_))
             | UploadError::Fs(FsError::NotDir(_))
-            | UploadError::Fs(FsError::ExistsNotDir(_)) => StatusCode::BAD_REQUEST,
+            | UploadError::Fs(FsError::ExistsNotDir(_))
+            | UploadError::Fs(FsError::InvalidPath { .. }) => StatusCode::BAD_REQUEST,
             UploadError::Fs(FsError::PermissionDenied(_)) => StatusCode::FORBIDDEN,
             UploadError::Fs(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(err = ?self, "upload failed");
+            tracing::error!(err = ?self, "file transfer failed");
         }
         error_response(status, self.to_string())
     }

@@ -63,9 +63,10 @@ fn fs_error(e: FsError) -> ConnectError {
     let msg = e.to_string();
     match e {
         FsError::NotFound(_) => ConnectError::not_found(msg),
-        FsError::NotDir(_) | FsError::IsDir(_) | FsError::ExistsNotDir(_) => {
-            ConnectError::invalid_argument(msg)
-        }
+        FsError::NotDir(_)
+        | FsError::IsDir(_)
+        | FsError::ExistsNotDir(_)
+        | FsError::InvalidPath { .. } => ConnectError::invalid_argument(msg),
         FsError::AlreadyExists(_) => ConnectError::already_exists(msg),
         FsError::NoSpace(_) => ConnectError::resource_exhausted(msg),
         FsError::PermissionDenied(_) => ConnectError::permission_denied(msg),
