@@ -142,10 +142,10 @@ impl Forwarder {
                 let mut map = forwards.lock().unwrap_or_else(|p| p.into_inner());
                 map.retain(|l, _| found.contains(l));
                 for l in found {
-                    if !map.contains_key(&l) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(l) {
                         if let Some(f) = forward(l, &addrs) {
                             tracing::info!(port = l.port, "forwarding localhost listener");
-                            map.insert(l, f);
+                            slot.insert(f);
                         }
                     }
                 }

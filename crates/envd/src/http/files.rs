@@ -44,7 +44,7 @@ struct FileQuery {
     signature_expiration: Option<i64>,
 }
 
-fn parse_query(raw: Option<&str>) -> Result<FileQuery, Response> {
+fn parse_query(raw: Option<&str>) -> Result<FileQuery, FileError> {
     let mut q = FileQuery::default();
     for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         match &*k {
@@ -52,9 +52,10 @@ fn parse_query(raw: Option<&str>) -> Result<FileQuery, Response> {
             "username" => q.username = Some(v.into_owned()),
             "signature" => q.signature = Some(v.into_owned()),
             "signature_expiration" => {
-                q.signature_expiration = Some(v.parse().map_err(|_| {
-                    error_response(StatusCode::BAD_REQUEST, "invalid signature_expiration")
-                })?)
+                q.signature_expiration =
+                    Some(v.parse().map_err(|_| {
+                        FileError::BadRequest("invalid signature_expiration".into())
+                    })?)
             }
             _ => {}
         }
@@ -69,11 +70,11 @@ fn check_auth(
     headers: &HeaderMap,
     q: &FileQuery,
     op: FileOp,
-) -> Result<(), Response> {
+) -> Result<(), FileError> {
     let Some(token) = state.token() else {
         return Ok(());
     };
-    let unauthorized = |m: &str| error_response(StatusCode::UNAUTHORIZED, m);
+    let unauthorized = |m: &str| FileError::Unauthorized(m.to_string());
     if let Some(presented) = auth::presented_token(headers) {
         return if state.token_ok(Some(presented)) {
             Ok(())
@@ -106,83 +107,70 @@ fn check_auth(
     }
 }
 
-fn acting_user(state: &Envd, q: &FileQuery) -> Result<User, Response> {
+/// Parse the query, check auth for `op`, and resolve the acting user.
+fn authorize(
+    state: &Envd,
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    op: FileOp,
+) -> Result<(FileQuery, User), FileError> {
+    let q = parse_query(raw_query)?;
+    check_auth(state, headers, &q, op)?;
     let accounts = state
         .accounts()
-        .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    state
+        .map_err(|e| FileError::Internal(e.to_string()))?;
+    let user = state
         .user(&accounts, q.username.as_deref())
-        .map_err(|e| error_response(StatusCode::UNAUTHORIZED, e.to_string()))
+        .map_err(|e| FileError::Unauthorized(e.to_string()))?;
+    Ok((q, user))
 }
 
 /// `GET /files`.
 pub async fn download(State(state): State<Arc<Envd>>, req: Request) -> Response {
-    let q = match parse_query(req.uri().query()) {
-        Ok(q) => q,
-        Err(r) => return r,
-    };
-    if let Err(r) = check_auth(&state, req.headers(), &q, FileOp::Read) {
-        return r;
-    }
-    let user = match acting_user(&state, &q) {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
+    download_inner(&state, req)
+        .await
+        .unwrap_or_else(FileError::into_response)
+}
+
+async fn download_inner(state: &Envd, req: Request) -> Result<Response, FileError> {
+    let (q, user) = authorize(state, req.headers(), req.uri().query(), FileOp::Read)?;
     let path = paths::resolve(q.path.as_deref().unwrap_or(""), &user.home);
     match tokio::fs::metadata(&path).await {
-        Ok(m) if m.is_dir() => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!("path '{}' is a directory", path.display()),
-            )
-        }
+        Ok(m) if m.is_dir() => return Err(FsError::IsDir(path).into()),
         Ok(_) => {}
         Err(e) => {
-            return match FsError::from_io("stat", &path, e) {
-                FsError::NotFound(_) | FsError::NotDir(_) => error_response(
-                    StatusCode::NOT_FOUND,
-                    format!("path '{}' does not exist", path.display()),
-                ),
-                other => UploadError::Fs(other).into_response(),
-            }
+            return Err(match FsError::from_io("stat", &path, e) {
+                FsError::NotDir(_) => FileError::Missing(path),
+                FsError::NotFound(_) => FileError::Missing(path),
+                other => other.into(),
+            })
         }
     }
-    let encoding = match negotiate(req.headers()) {
-        Some(e) => e,
-        None => {
-            return error_response(
-                StatusCode::NOT_ACCEPTABLE,
-                "unsupported Accept-Encoding: only gzip and identity are available",
-            )
-        }
-    };
+    let encoding = negotiate(req.headers()).ok_or(FileError::NotAcceptable)?;
     let mut resp = match encoding {
-        Encoding::Gzip => match tokio::fs::File::open(&path).await {
-            Ok(file) => {
-                let reader = tokio::io::BufReader::with_capacity(DOWNLOAD_CHUNK, file);
-                let gz = async_compression::tokio::bufread::GzipEncoder::new(reader);
-                let mut r =
-                    Body::from_stream(tokio_util::io::ReaderStream::with_capacity(gz, 64 * 1024))
-                        .into_response();
-                let h = r.headers_mut();
-                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                h.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                r
-            }
-            Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
-        Encoding::Identity => {
-            match tower_http::services::ServeFile::new(&path)
-                .oneshot(req)
+        Encoding::Gzip => {
+            let file = tokio::fs::File::open(&path)
                 .await
-            {
-                Ok(r) => r.map(Body::new),
-                Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            }
+                .map_err(|e| FsError::from_io("open", &path, e))?;
+            let reader = tokio::io::BufReader::with_capacity(DOWNLOAD_CHUNK, file);
+            let gz = async_compression::tokio::bufread::GzipEncoder::new(reader);
+            let mut r =
+                Body::from_stream(tokio_util::io::ReaderStream::with_capacity(gz, 64 * 1024))
+                    .into_response();
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            r
         }
+        Encoding::Identity => tower_http::services::ServeFile::new(&path)
+            .with_buf_chunk_size(DOWNLOAD_CHUNK)
+            .oneshot(req)
+            .await
+            .map_err(|e| FileError::Internal(e.to_string()))?
+            .map(Body::new),
     };
     let name = path
         .file_name()
@@ -193,7 +181,7 @@ pub async fn download(State(state): State<Arc<Envd>>, req: Request) -> Response 
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-    resp
+    Ok(resp)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -242,31 +230,43 @@ fn negotiate(headers: &HeaderMap) -> Option<Encoding> {
     None
 }
 
-/// Why a transfer failed; each maps to one status.
+/// Why a transfer failed; each maps to one status, here and only here.
 #[derive(Debug, thiserror::Error)]
-pub enum UploadError {
+pub enum FileError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("path '{}' does not exist", .0.display())]
+    Missing(PathBuf),
+    #[error("unsupported Accept-Encoding: only gzip and identity are available")]
+    NotAcceptable,
     #[error("upload exceeds the limit of {0} bytes")]
     TooLarge(u64),
     #[error("failed to read request body: {0}")]
     Body(String),
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error("{0}")]
+    Internal(String),
 }
 
-impl UploadError {
+impl FileError {
     fn into_response(self) -> Response {
         let status = match &self {
-            UploadError::BadRequest(_) | UploadError::Body(_) => StatusCode::BAD_REQUEST,
-            UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            UploadError::Fs(FsError::NoSpace(_)) => StatusCode::INSUFFICIENT_STORAGE,
-            UploadError::Fs(FsError::IsDir(_))
-            | UploadError::Fs(FsError::NotDir(_))
-            | UploadError::Fs(FsError::ExistsNotDir(_))
-            | UploadError::Fs(FsError::InvalidPath { .. }) => StatusCode::BAD_REQUEST,
-            UploadError::Fs(FsError::PermissionDenied(_)) => StatusCode::FORBIDDEN,
-            UploadError::Fs(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FileError::BadRequest(_) | FileError::Body(_) => StatusCode::BAD_REQUEST,
+            FileError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            FileError::Missing(_) => StatusCode::NOT_FOUND,
+            FileError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
+            FileError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            FileError::Fs(FsError::NoSpace(_)) => StatusCode::INSUFFICIENT_STORAGE,
+            FileError::Fs(FsError::NotFound(_)) => StatusCode::NOT_FOUND,
+            FileError::Fs(FsError::IsDir(_))
+            | FileError::Fs(FsError::NotDir(_))
+            | FileError::Fs(FsError::ExistsNotDir(_))
+            | FileError::Fs(FsError::InvalidPath { .. }) => StatusCode::BAD_REQUEST,
+            FileError::Fs(FsError::PermissionDenied(_)) => StatusCode::FORBIDDEN,
+            FileError::Fs(_) | FileError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(err = ?self, "file transfer failed");
@@ -285,16 +285,10 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let q = match parse_query(raw.as_deref()) {
-        Ok(q) => q,
-        Err(r) => return r,
-    };
-    if let Err(r) = check_auth(&state, &headers, &q, FileOp::Write) {
-        return r;
-    }
-    let user = match acting_user(&state, &q) {
-        Ok(u) => u,
-        Err(r) => return r,
+    // Refused callers are answered at once; their body is not read.
+    let (q, user) = match authorize(&state, &headers, raw.as_deref(), FileOp::Write) {
+        Ok(ok) => ok,
+        Err(e) => return e.into_response(),
     };
     let (stream, reader) = drained_body(body);
     let result = upload_inner(&state, &q, &headers, &user, stream).await;
@@ -305,10 +299,9 @@ pub async fn upload(
         tracing::debug!("upload body not drained in time");
     }
     match result {
-        Ok(entries) if entries.is_empty() => error_response(
-            StatusCode::BAD_REQUEST,
-            "no file part named 'file' in the upload",
-        ),
+        Ok(entries) if entries.is_empty() => {
+            FileError::BadRequest("no file part named 'file' in the upload".into()).into_response()
+        }
         Ok(entries) => Json(entries).into_response(),
         Err(e) => e.into_response(),
     }
@@ -376,7 +369,7 @@ async fn upload_inner(
     headers: &HeaderMap,
     user: &User,
     body: ByteStream,
-) -> Result<Vec<WrittenEntry>, UploadError> {
+) -> Result<Vec<WrittenEntry>, FileError> {
     let metadata: BTreeMap<String, String> = headers
         .iter()
         .filter_map(|(k, v)| {
@@ -402,13 +395,13 @@ async fn upload_inner(
     let mut written = Vec::new();
     if content_type.to_ascii_lowercase().starts_with("multipart/") {
         let boundary = multer::parse_boundary(content_type)
-            .map_err(|e| UploadError::BadRequest(format!("invalid multipart content type: {e}")))?;
+            .map_err(|e| FileError::BadRequest(format!("invalid multipart content type: {e}")))?;
         let mut files = MultipartFiles::new(stream, &boundary, budget);
         let mut seen = HashSet::new();
         while let Some((raw_dest, body)) = files.next_file().await? {
             let path = paths::resolve(q.path.as_deref().unwrap_or(&raw_dest), &user.home);
             if !seen.insert(path.clone()) {
-                return Err(UploadError::BadRequest(format!(
+                return Err(FileError::BadRequest(format!(
                     "two files in the upload target '{}'",
                     path.display()
                 )));
@@ -418,7 +411,7 @@ async fn upload_inner(
         }
     } else {
         let raw_dest = q.path.as_deref().ok_or_else(|| {
-            UploadError::BadRequest("the path query parameter is required for raw uploads".into())
+            FileError::BadRequest("the path query parameter is required for raw uploads".into())
         })?;
         let path = paths::resolve(raw_dest, &user.home);
         write_stream(&path, user, stream, &mut budget).await?;
@@ -427,7 +420,7 @@ async fn upload_inner(
     Ok(written)
 }
 
-fn finish(path: &Path, metadata: &BTreeMap<String, String>) -> Result<WrittenEntry, UploadError> {
+fn finish(path: &Path, metadata: &BTreeMap<String, String>) -> Result<WrittenEntry, FileError> {
     if !metadata.is_empty() || !crate::fs::read_metadata(path).is_empty() {
         write_metadata(path, metadata)?;
     }
@@ -468,7 +461,7 @@ impl MultipartFiles {
 
     /// The next file part: its destination and its contents, which must be
     /// read to the end before asking for the next part.
-    pub async fn next_file(&mut self) -> Result<Option<(String, ByteStream)>, UploadError> {
+    pub async fn next_file(&mut self) -> Result<Option<(String, ByteStream)>, FileError> {
         loop {
             let field = match self.mp.next_field().await {
                 Ok(Some(f)) => f,
@@ -480,14 +473,14 @@ impl MultipartFiles {
             }
             let dest = field.file_name().unwrap_or("").to_string();
             if dest.is_empty() {
-                return Err(UploadError::BadRequest(
+                return Err(FileError::BadRequest(
                     "a file part has no filename and no path was given".into(),
                 ));
             }
             let limit = self.limit;
             let body: ByteStream =
                 Box::pin(field.map_err(move |e| match multipart_error(e, limit) {
-                    UploadError::TooLarge(_) => std::io::Error::new(
+                    FileError::TooLarge(_) => std::io::Error::new(
                         std::io::ErrorKind::FileTooLarge,
                         format!("upload exceeds the limit of {limit} bytes"),
                     ),
@@ -500,13 +493,13 @@ impl MultipartFiles {
     }
 }
 
-fn multipart_error(e: multer::Error, limit: u64) -> UploadError {
+fn multipart_error(e: multer::Error, limit: u64) -> FileError {
     match e {
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
-            UploadError::TooLarge(limit)
+            FileError::TooLarge(limit)
         }
-        multer::Error::StreamReadFailed(e) => UploadError::Body(e.to_string()),
-        other => UploadError::BadRequest(format!("malformed multipart body: {other}")),
+        multer::Error::StreamReadFailed(e) => FileError::Body(e.to_string()),
+        other => FileError::BadRequest(format!("malformed multipart body: {other}")),
     }
 }
 
@@ -516,7 +509,7 @@ async fn write_stream<S>(
     user: &User,
     mut body: S,
     budget: &mut u64,
-) -> Result<(), UploadError>
+) -> Result<(), FileError>
 where
     S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
 {
@@ -530,7 +523,7 @@ where
             Ok(chunk) => {
                 let len = chunk.len() as u64;
                 if len > *budget {
-                    failure = Some(UploadError::TooLarge(*budget));
+                    failure = Some(FileError::TooLarge(*budget));
                     break;
                 }
                 *budget -= len;
@@ -548,7 +541,7 @@ where
     drop(tx);
     let result = writer
         .await
-        .map_err(|e| UploadError::Fs(FsError::from_io("write", path, std::io::Error::other(e))))?;
+        .map_err(|e| FileError::Fs(FsError::from_io("write", path, std::io::Error::other(e))))?;
     match (result, failure) {
         (Err(e), _) => Err(e.into()),
         (Ok(staged), Some(f)) => {
@@ -563,21 +556,21 @@ where
         }
         (Ok(staged), None) => {
             let _ = std::fs::remove_file(&staged);
-            Err(UploadError::Body("upload ended early".into()))
+            Err(FileError::Body("upload ended early".into()))
         }
     }
 }
 
-fn body_error(e: std::io::Error, limit: u64) -> UploadError {
+fn body_error(e: std::io::Error, limit: u64) -> FileError {
     let text = e.to_string();
     if e.kind() == std::io::ErrorKind::FileTooLarge {
-        UploadError::TooLarge(limit)
+        FileError::TooLarge(limit)
     } else if e.kind() == std::io::ErrorKind::InvalidData
         || e.kind() == std::io::ErrorKind::UnexpectedEof
     {
-        UploadError::BadRequest(format!("invalid request body: {text}"))
+        FileError::BadRequest(format!("invalid request body: {text}"))
     } else {
-        UploadError::Body(text)
+        FileError::Body(text)
     }
 }
 

@@ -16,7 +16,7 @@ use wrenn_types::envd::{Health, HttpError, InitRequest, ENVD_PROTOCOL_VERSION};
 use crate::auth;
 use crate::state::{Envd, InitError};
 
-pub use files::{ByteStream, MultipartFiles, UploadError};
+pub use files::{ByteStream, FileError, MultipartFiles};
 
 /// Build the whole envd service: HTTP routes, then Connect RPC as fallback.
 pub fn router(state: Arc<Envd>) -> Router {
