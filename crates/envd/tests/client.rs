@@ -368,3 +368,21 @@ async fn access_token_is_sent_on_every_call() {
     );
     authed.read_file("/etc/hostname").await.unwrap();
 }
+
+/// A process that writes and exits at once must not lose its output (the
+/// pumps once missed data the reactor had not reported readable yet).
+#[tokio::test]
+async fn fast_exits_never_lose_output() {
+    let envd = Envd::start();
+    let c = client(&envd);
+    for i in 0..150 {
+        let out = within(
+            "exec",
+            LIMIT,
+            c.exec(ExecRequest::new("/bin/echo", [format!("n{i}")])),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.stdout, format!("n{i}\n").as_bytes(), "run {i}");
+    }
+}

@@ -316,7 +316,7 @@ fn localhost_listeners_are_forwarded_to_the_external_address() {
             "--port-forward",
             "on",
             "--port",
-            "0",
+            "49983",
             "--addr",
             "127.0.0.1",
         ])
@@ -325,6 +325,25 @@ fn localhost_listeners_are_forwarded_to_the_external_address() {
         .unwrap(),
     );
     let url = "http://10.233.7.1:8123/";
+    let envd_post = |path: &str| {
+        let url = format!("http://127.0.0.1:49983{path}");
+        ns.command(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "2",
+            "-X",
+            "POST",
+            "-o",
+            "/dev/null",
+            &url,
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+    };
+    wait_for("envd to listen", Duration::from_secs(10), || {
+        envd_post("/init")
+    });
     assert!(!curl_ok(&ns, url), "nothing listens yet");
     let server = KillOnDrop(
         ns.command(&[
@@ -343,6 +362,19 @@ fn localhost_listeners_are_forwarded_to_the_external_address() {
     wait_for("the forward to come up", Duration::from_secs(10), || {
         curl_ok(&ns, url)
     });
+    // Before a snapshot the forwarder stops; the next /init brings it back.
+    assert!(envd_post("/snapshot/prepare"));
+    wait_for(
+        "forwarding to stop at /snapshot/prepare",
+        Duration::from_secs(2),
+        || !curl_ok(&ns, url),
+    );
+    assert!(envd_post("/init"));
+    wait_for(
+        "the forward to come back after /init",
+        Duration::from_secs(10),
+        || curl_ok(&ns, url),
+    );
     drop(server);
     wait_for("the forward to go away", Duration::from_secs(10), || {
         !curl_ok(&ns, url)

@@ -5,7 +5,7 @@
 //! pipe or terminal and stops, even if a background grandchild still holds the
 //! write end: output after the exit belongs to nobody.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -84,14 +84,17 @@ async fn pump_pipe(
         tokio::select! {
             biased;
             _ = exited.changed() => {
-                loop {
-                    buf.clear();
-                    buf.reserve(PIPE_CHUNK);
-                    match rx.try_read_buf(&mut buf) {
-                        Ok(n) if n > 0 => fan_out(&process, event(buf.split().freeze())).await,
-                        _ => return,
+                // Read the fd directly: tokio's `try_read` answers WouldBlock
+                // until the reactor has seen readiness, which a process that
+                // wrote and exited at once may not have produced yet.
+                let mut chunk = vec![0u8; PIPE_CHUNK];
+                while let Ok(n) = read_now(rx.as_raw_fd(), &mut chunk) {
+                    if n == 0 {
+                        break;
                     }
+                    fan_out(&process, event(Bytes::copy_from_slice(&chunk[..n]))).await;
                 }
+                return;
             }
             read = rx.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => return,
@@ -132,6 +135,16 @@ async fn pump_pty(
             }
         }
     }
+}
+
+/// One non-blocking `read` of what the pipe holds now (`WouldBlock` when empty).
+fn read_now(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: reading into a valid buffer from a descriptor the caller owns.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// Deliver `event` to every subscriber, dropping those that are gone or that
