@@ -7,7 +7,7 @@ import pytest
 
 from e2b import CommandExitException, PtySize, Sandbox
 
-from e2bsdk_support import UNKNOWN_PID, PtyReader, stty_size_line
+from e2bsdk_support import UNKNOWN_PID, PtyReader, pgrep, stty_size_line, wait_until
 
 
 def test_pty_size_input_and_resize(sandbox: Sandbox):
@@ -83,7 +83,9 @@ def test_pty_binary_input_ctrl_c_interrupts(sandbox: Sandbox):
     terminal = sandbox.pty.create(PtySize(rows=24, cols=80), timeout=60)
     reader = PtyReader(terminal)
     try:
-        sandbox.pty.send_stdin(terminal.pid, b"sleep 30\n")
+        sandbox.pty.send_stdin(terminal.pid, b"sleep 31.5\n")
+        # ^C must reach `sleep`, not the shell still starting up: wait for it.
+        wait_until(lambda: pgrep(sandbox, "sleep 31[.]5"), "sleep to start")
         sandbox.pty.send_stdin(terminal.pid, b"\x03")  # ^C through the line discipline
         sandbox.pty.send_stdin(terminal.pid, b"echo after-$((1+1))\n")
         reader.expect(b"after-2", timeout=10)

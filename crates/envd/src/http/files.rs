@@ -285,13 +285,14 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    // Refused callers are answered at once; their body is not read.
-    let (q, user) = match authorize(&state, &headers, raw.as_deref(), FileOp::Write) {
-        Ok(ok) => ok,
-        Err(e) => return e.into_response(),
-    };
     let (stream, reader) = drained_body(body);
-    let result = upload_inner(&state, &q, &headers, &user, stream).await;
+    let result = match authorize(&state, &headers, raw.as_deref(), FileOp::Write) {
+        Ok((q, user)) => upload_inner(&state, &q, &headers, &user, stream).await,
+        Err(e) => {
+            drop(stream); // the reader now discards the body
+            Err(e)
+        }
+    };
     // Answer only once the client has sent its body (or DRAIN_LIMIT more of
     // it, or DRAIN_TIME passed): an answer sent while it is still writing is
     // lost to most clients as a broken pipe.
@@ -599,9 +600,18 @@ fn write_file(
         .open(&staged)
         .map_err(|e| FsError::from_io("create", &staged, e))?;
     let result = (|| {
-        // The umask may have narrowed the mode; new files are 0644.
-        file.set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| FsError::from_io("chmod", &staged, e))?;
+        // A umask wider than 022 may have narrowed the mode; new files are
+        // 0644. Only chmod when needed: each chmod is one more event for
+        // watchers, who expect exactly CREATE, CHMOD (the chown), WRITE.
+        let mode = file
+            .metadata()
+            .map_err(|e| FsError::from_io("stat", &staged, e))?
+            .permissions()
+            .mode();
+        if mode & 0o777 != 0o644 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| FsError::from_io("chmod", &staged, e))?;
+        }
         chown_to(&staged, user)?;
         while let Some(chunk) = rx.blocking_recv() {
             file.write_all(&chunk)
