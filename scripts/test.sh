@@ -36,6 +36,6 @@ echo "==> fuzz targets (build + short run)"
 scripts/fuzz.sh smoke
 
 echo "==> benchmarks (smoke)"
-cargo run --release -q -p wrenn-bench -- all --smoke
+cargo run --release -q -p wrenn-bench -- all --smoke --envd "$ENVD_STATIC_BIN"
 
 echo "==> all tests passed"
