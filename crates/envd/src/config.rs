@@ -12,9 +12,10 @@ pub struct Config {
     /// Port for RPC and HTTP.
     #[arg(long, default_value_t = wrenn_types::envd::ENVD_PORT)]
     pub port: u16,
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub addr: IpAddr,
+    /// Address to listen on [default: 0.0.0.0 in a capsule, 127.0.0.1 with
+    /// `--dev`, where envd runs unauthenticated on a host].
+    #[arg(long)]
+    pub addr: Option<IpAddr>,
     /// Run as an ordinary process on a host: no mounts, no init duties, no
     /// port forwarding unless `--port-forward on`.
     #[arg(long)]
@@ -67,6 +68,15 @@ impl Config {
             return Err(ConfigError::EmptyCmd);
         }
         Ok(self)
+    }
+
+    /// The address to listen on.
+    pub fn listen_addr(&self) -> IpAddr {
+        self.addr.unwrap_or(if self.dev {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        })
     }
 
     /// Whether the localhost port forwarder runs.

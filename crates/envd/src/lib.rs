@@ -47,7 +47,7 @@ pub fn main(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind((config.addr, config.port)).await?;
+        let listener = TcpListener::bind((config.listen_addr(), config.port)).await?;
         let addr = listener.local_addr()?;
         // Tests and the agent read this line to learn the port.
         println!("envd listening on {addr}");

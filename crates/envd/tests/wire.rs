@@ -906,3 +906,52 @@ async fn paths_with_nul_bytes_are_invalid_arguments() {
         .expect_http_error(StatusCode::BAD_REQUEST, None);
     envd.assert_healthy().await;
 }
+
+/// The multipart parser buffers whatever precedes a boundary: that part of a
+/// body is bounded (4 MiB) apart from the upload size, and answered with 400.
+#[tokio::test]
+async fn multipart_framing_is_bounded() {
+    let mut envd = Envd::start();
+    let http = envd.http1();
+    let (_dir, dir) = temp_dir();
+    let junk = vec![b'x'; 6 << 20]; // no boundary anywhere
+    let reply = http
+        .post(
+            &format!("/files?path={}", query_escape(&format!("{dir}/f"))),
+            &[("content-type", "multipart/form-data; boundary=zz")],
+            junk,
+        )
+        .await;
+    reply.expect_http_error(StatusCode::BAD_REQUEST, None);
+    assert!(reply.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("multipart"));
+    assert!(!Path::new(&dir).join("f").exists());
+    envd.assert_healthy().await;
+}
+
+/// Uploading to a symlink writes its target and keeps the link.
+#[tokio::test]
+async fn uploads_write_through_symlinks() {
+    let mut envd = Envd::start();
+    let http = envd.http1();
+    let (_dir, dir) = temp_dir();
+    let target = Path::new(&dir).join("real.txt");
+    std::fs::write(&target, b"old").unwrap();
+    let link = Path::new(&dir).join("link.txt");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    http.post(
+        &format!("/files?path={}", query_escape(link.to_str().unwrap())),
+        &[("content-type", "application/octet-stream")],
+        "new",
+    )
+    .await
+    .expect_status(StatusCode::OK);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"new");
+    envd.assert_healthy().await;
+}

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -442,7 +443,15 @@ fn finish(path: &Path, metadata: &BTreeMap<String, String>) -> Result<WrittenEnt
 pub struct MultipartFiles {
     mp: multer::Multipart<'static>,
     limit: u64,
+    /// Bytes handed out as file contents; see [`MULTIPART_OVERHEAD`].
+    yielded: Arc<AtomicU64>,
 }
+
+/// Most bytes of a multipart body that may be anything but file contents
+/// (preamble, part headers, skipped parts, boundaries). The parser buffers
+/// such bytes while it looks for a boundary, so they must be bounded apart
+/// from the upload size.
+pub const MULTIPART_OVERHEAD: u64 = 4 << 20;
 
 impl MultipartFiles {
     pub fn new<S>(stream: S, boundary: &str, limit: u64) -> Self
@@ -451,12 +460,28 @@ impl MultipartFiles {
     {
         let constraints = multer::Constraints::new().size_limit(
             multer::SizeLimit::new()
-                .whole_stream(limit.saturating_add(64 * 1024))
+                .whole_stream(limit.saturating_add(MULTIPART_OVERHEAD))
                 .per_field(limit),
         );
+        let yielded = Arc::new(AtomicU64::new(0));
+        let seen = yielded.clone();
+        let mut read = 0u64;
+        let counted = stream.map(move |chunk| {
+            if let Ok(b) = &chunk {
+                read += b.len() as u64;
+                if read.saturating_sub(seen.load(Ordering::Relaxed)) > MULTIPART_OVERHEAD {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("more than {MULTIPART_OVERHEAD} bytes of multipart framing"),
+                    ));
+                }
+            }
+            chunk
+        });
         Self {
-            mp: multer::Multipart::with_constraints(stream, boundary, constraints),
+            mp: multer::Multipart::with_constraints(counted, boundary, constraints),
             limit,
+            yielded,
         }
     }
 
@@ -479,8 +504,14 @@ impl MultipartFiles {
                 ));
             }
             let limit = self.limit;
+            let yielded = self.yielded.clone();
+            let counted = field.inspect(move |chunk| {
+                if let Ok(b) = chunk {
+                    yielded.fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
+            });
             let body: ByteStream =
-                Box::pin(field.map_err(move |e| match multipart_error(e, limit) {
+                Box::pin(counted.map_err(move |e| match multipart_error(e, limit) {
                     FileError::TooLarge(_) => std::io::Error::new(
                         std::io::ErrorKind::FileTooLarge,
                         format!("upload exceeds the limit of {limit} bytes"),
@@ -499,7 +530,12 @@ fn multipart_error(e: multer::Error, limit: u64) -> FileError {
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
             FileError::TooLarge(limit)
         }
-        multer::Error::StreamReadFailed(e) => FileError::Body(e.to_string()),
+        multer::Error::StreamReadFailed(e) => match e.downcast_ref::<std::io::Error>() {
+            Some(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                FileError::BadRequest(format!("malformed multipart body: {io}"))
+            }
+            _ => FileError::Body(e.to_string()),
+        },
         other => FileError::BadRequest(format!("malformed multipart body: {other}")),
     }
 }
@@ -515,6 +551,16 @@ where
     S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    // Writing to a symlink writes its target (as E2B's envd does), so the
+    // link survives the upload.
+    let resolved;
+    let path = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            resolved.as_path()
+        }
+        _ => path,
+    };
     let target = path.to_path_buf();
     let owner = user.clone();
     let writer = tokio::task::spawn_blocking(move || write_file(&target, &owner, rx));
@@ -587,18 +633,27 @@ fn write_file(
         _ => {}
     }
     make_parents(path, user)?;
-    let exists = std::fs::symlink_metadata(path).is_ok();
-    let staged = if exists {
-        staging_path(path)
-    } else {
-        path.to_path_buf()
+    let open_new = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(p)
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&staged)
-        .map_err(|e| FsError::from_io("create", &staged, e))?;
+    // A new file is written in place; when the path exists (or appears
+    // meanwhile: a concurrent upload), a staged sibling replaces it.
+    let fresh = match std::fs::symlink_metadata(path) {
+        Err(_) => open_new(path).ok(),
+        Ok(_) => None,
+    };
+    let (staged, mut file) = match fresh {
+        Some(f) => (path.to_path_buf(), f),
+        None => {
+            let staged = staging_path(path);
+            let f = open_new(&staged).map_err(|e| FsError::from_io("create", &staged, e))?;
+            (staged, f)
+        }
+    };
     let result = (|| {
         // A umask wider than 022 may have narrowed the mode; new files are
         // 0644. Only chmod when needed: each chmod is one more event for

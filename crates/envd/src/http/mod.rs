@@ -33,7 +33,9 @@ pub fn router(state: Arc<Envd>) -> Router {
             state.clone(),
             auth::require_token,
         ))
-        .layer(tower_http::cors::CorsLayer::very_permissive())
+        // Any origin, but never with credentials: browsers may call envd (E2B's
+        // envd allows this) without a page being able to ride a user's cookies.
+        .layer(tower_http::cors::CorsLayer::permissive())
         .with_state(state)
 }
 

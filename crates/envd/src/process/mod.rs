@@ -360,6 +360,22 @@ impl ProcessTable {
         if spec.tag.as_deref() == Some(RESERVED_TAG) {
             return Err(ProcessError::ReservedTag(RESERVED_TAG.into()));
         }
+        // Spawn and register on a task of its own: if the caller goes away
+        // (client reset, deadline) mid-spawn, the child still lands in the
+        // table with a supervisor instead of running unknown to envd.
+        let table = self.clone();
+        tokio::spawn(async move { table.start_owned(spec).await })
+            .await
+            .map_err(|e| SpawnError::Io {
+                step: "spawn task",
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    async fn start_owned(
+        self: Arc<Self>,
+        spec: ProcessSpec,
+    ) -> Result<(Arc<Process>, mpsc::Receiver<Event>), ProcessError> {
         let reaper = self.reaper.clone();
         let spawn_spec = spec.clone();
         let spawned = tokio::task::spawn_blocking(move || spawn::spawn(&reaper, &spawn_spec))
@@ -368,21 +384,26 @@ impl ProcessTable {
                 step: "spawn task",
                 source: std::io::Error::other(e),
             })??;
+        let pid = spawned.pid;
+        let kill_on_error = |e: SpawnError| {
+            // SAFETY: signalling the group of the child we just started.
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            e
+        };
         let io_err = |step| move |source| SpawnError::Io { step, source };
         let pty_master = match spawned.pty_master {
             // SAFETY: we own the master fd exclusively; nothing else closes it
             // while the AsyncFd holds it.
-            Some(fd) => Some(Arc::new(
-                unsafe { AsyncFd::register(fd) }
-                    .map_err(|e| io_err("watch pty")(std::io::Error::from(e)))?,
-            )),
+            Some(fd) => Some(Arc::new(unsafe { AsyncFd::register(fd) }.map_err(|e| {
+                kill_on_error(io_err("watch pty")(std::io::Error::from(e)))
+            })?)),
             None => None,
         };
         let stdin = spawned
             .stdin
             .map(tokio::net::unix::pipe::Sender::from_owned_fd)
             .transpose()
-            .map_err(io_err("watch stdin"))?;
+            .map_err(|e| kill_on_error(io_err("watch stdin")(e)))?;
         let process = Arc::new(Process {
             pid: spawned.pid,
             tag: spec.tag.clone(),
@@ -407,6 +428,9 @@ impl ProcessTable {
         inner.running.insert(process.pid, process.clone());
         inner.supervisors.spawn(async move {
             let status = supervise(&proc2, exit, outputs, deadline).await;
+            // Nobody can write to an ended process: close its stdin now
+            // rather than when the retained entry expires.
+            proc2.input.lock().await.take();
             let end = EndInfo::from_status(status);
             output::publish_end(&proc2, end).await;
             table.retire(&proc2);

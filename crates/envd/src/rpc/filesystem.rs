@@ -186,7 +186,11 @@ impl pb::Filesystem for FilesystemRpc {
             request.include_entry,
             request.allow_network_mounts,
         )?;
-        let (watch, rx) = watch::start(spec, accounts).map_err(watch_error)?;
+        // Adding watches walks the tree: off the async workers.
+        let (watch, rx) = tokio::task::spawn_blocking(move || watch::start(spec, accounts))
+            .await
+            .map_err(|e| internal("watch task", e))?
+            .map_err(watch_error)?;
         Ok(Response::new(watch_stream(
             watch,
             rx,
@@ -206,10 +210,10 @@ impl pb::Filesystem for FilesystemRpc {
             request.include_entry,
             request.allow_network_mounts,
         )?;
-        let id = self
-            .state
-            .watchers
-            .create(spec, accounts)
+        let state = self.state.clone();
+        let id = tokio::task::spawn_blocking(move || state.watchers.create(spec, accounts))
+            .await
+            .map_err(|e| internal("watch task", e))?
             .map_err(watch_error)?;
         Response::ok(pb::CreateWatcherResponse {
             watcher_id: id,
