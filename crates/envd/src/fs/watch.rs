@@ -50,6 +50,12 @@ pub struct FsEvent {
     pub entry: Option<Entry>,
 }
 
+/// An event, or the error that ended the watch (always the last item).
+pub type WatchItem = Result<FsEvent, String>;
+
+/// A polling watcher not drained for this long is removed.
+pub const POLLING_WATCHER_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// What to watch.
 #[derive(Debug, Clone)]
 pub struct WatchSpec {
@@ -107,13 +113,15 @@ pub enum WatchError {
     TooMany,
     #[error("inotify")]
     Inotify(#[source] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Start watching; events arrive on the returned receiver.
 pub fn start(
     spec: WatchSpec,
     accounts: Accounts,
-) -> Result<(Watch, mpsc::Receiver<FsEvent>), WatchError> {
+) -> Result<(Watch, mpsc::Receiver<WatchItem>), WatchError> {
     let meta =
         std::fs::metadata(&spec.root).map_err(|e| FsError::from_io("stat", &spec.root, e))?;
     if !meta.is_dir() {
@@ -140,7 +148,23 @@ pub fn start(
     let task = tokio::spawn(async move {
         let mut stream = stream;
         let mut watches = stream.watches();
-        while let Some(Ok(ev)) = stream.next().await {
+        while let Some(ev) = stream.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("reading the watch failed: {e}"))).await;
+                    return;
+                }
+            };
+            if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                let _ = tx
+                    .send(Err(
+                        "too many events: the kernel's queue overflowed and events were lost"
+                            .into(),
+                    ))
+                    .await;
+                return;
+            }
             if ev.mask.contains(EventMask::IGNORED) {
                 dirs.remove(&ev.wd);
                 continue;
@@ -175,7 +199,7 @@ pub fn start(
                 kind,
                 entry,
             };
-            if tx.send(event).await.is_err() {
+            if tx.send(Ok(event)).await.is_err() {
                 return;
             }
         }
@@ -231,14 +255,22 @@ fn add_tree(
 
 struct Polled {
     _watch: Watch,
-    events: Arc<Mutex<VecDeque<FsEvent>>>,
+    events: Arc<Mutex<Buffered>>,
     collector: JoinHandle<()>,
+    drained_at: std::time::Instant,
 }
 
 impl Drop for Polled {
     fn drop(&mut self) {
         self.collector.abort();
     }
+}
+
+/// A polling watcher's buffer.
+#[derive(Default)]
+struct Buffered {
+    events: VecDeque<FsEvent>,
+    error: Option<String>,
 }
 
 /// Polling watchers by id.
@@ -260,20 +292,29 @@ impl Watchers {
 
     /// Start a polling watcher; returns its id (`w` + random hex).
     pub fn create(&self, spec: WatchSpec, accounts: Accounts) -> Result<String, WatchError> {
-        if self.lock().len() >= MAX_POLLING_WATCHERS {
-            return Err(WatchError::TooMany);
+        {
+            let mut map = self.lock();
+            Self::expire(&mut map);
+            if map.len() >= MAX_POLLING_WATCHERS {
+                return Err(WatchError::TooMany);
+            }
         }
         let (watch, mut rx) = start(spec, accounts)?;
-        let events = Arc::new(Mutex::new(VecDeque::new()));
+        let events = Arc::new(Mutex::new(Buffered::default()));
         let sink = events.clone();
         let collector = tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                let mut q = sink.lock().unwrap_or_else(|p| p.into_inner());
-                if q.len() == POLL_BUFFER {
-                    q.pop_front();
-                    tracing::warn!("polling watcher full; dropped its oldest event");
+            while let Some(item) = rx.recv().await {
+                let mut b = sink.lock().unwrap_or_else(|p| p.into_inner());
+                match item {
+                    Ok(ev) => {
+                        if b.events.len() == POLL_BUFFER {
+                            b.events.pop_front();
+                            tracing::warn!("polling watcher full; dropped its oldest event");
+                        }
+                        b.events.push_back(ev);
+                    }
+                    Err(e) => b.error = Some(e),
                 }
-                q.push_back(ev);
             }
         });
         let mut raw = [0u8; 8];
@@ -289,19 +330,33 @@ impl Watchers {
                 _watch: watch,
                 events,
                 collector,
+                drained_at: std::time::Instant::now(),
             },
         );
         Ok(id)
     }
 
-    /// Take the events buffered since the last call.
+    /// Take the events buffered since the last call, or the error that
+    /// ended the watcher (once; the watcher is then gone).
     pub fn drain(&self, id: &str) -> Result<Vec<FsEvent>, WatchError> {
-        let map = self.lock();
+        let mut map = self.lock();
         let polled = map
-            .get(id)
+            .get_mut(id)
             .ok_or_else(|| WatchError::UnknownWatcher(id.to_string()))?;
-        let mut q = polled.events.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(q.drain(..).collect())
+        polled.drained_at = std::time::Instant::now();
+        let mut b = polled.events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = b.error.take() {
+            drop(b);
+            map.remove(id);
+            return Err(WatchError::Failed(e));
+        }
+        Ok(b.events.drain(..).collect())
+    }
+
+    /// Forget watchers nobody drained for [`POLLING_WATCHER_TTL`] (their
+    /// client is most likely gone without removing them).
+    fn expire(map: &mut HashMap<String, Polled>) {
+        map.retain(|_, p| p.drained_at.elapsed() < POLLING_WATCHER_TTL);
     }
 
     /// Stop a watcher.

@@ -13,7 +13,7 @@ use wrenn_proto::filesystem as pb;
 use wrenn_proto::filesystem::__buffa::oneof as pb_oneof;
 
 use super::{entry_to_pb, fs_error, internal, keepalive_interval, rpc_user};
-use crate::fs::watch::{self, EventKind, FsEvent, WatchError, WatchSpec};
+use crate::fs::watch::{self, EventKind, FsEvent, WatchError, WatchItem, WatchSpec};
 use crate::fs::{self, FsError};
 use crate::paths;
 use crate::state::Envd;
@@ -83,6 +83,7 @@ fn watch_error(e: WatchError) -> ConnectError {
         WatchError::UnknownWatcher(_) => ConnectError::not_found(e.to_string()),
         WatchError::TooMany => ConnectError::resource_exhausted(e.to_string()),
         WatchError::Inotify(_) => internal("watch", format!("{e:#}")),
+        WatchError::Failed(m) => ConnectError::internal(m),
     }
 }
 
@@ -252,15 +253,16 @@ impl pb::Filesystem for FilesystemRpc {
 
 struct WatchState {
     _watch: watch::Watch,
-    rx: mpsc::Receiver<FsEvent>,
+    rx: mpsc::Receiver<WatchItem>,
     keepalive: tokio::time::Interval,
     started: bool,
+    done: bool,
 }
 
 /// `start{}` first, then events, with keepalives after `keepalive` of silence.
 fn watch_stream(
     watch: watch::Watch,
-    rx: mpsc::Receiver<FsEvent>,
+    rx: mpsc::Receiver<WatchItem>,
     keepalive: Duration,
 ) -> ServiceStream<pb::WatchDirResponse> {
     use pb_oneof::watch_dir_response::Event as E;
@@ -271,21 +273,30 @@ fn watch_stream(
         rx,
         keepalive: interval,
         started: false,
+        done: false,
     };
     Box::pin(futures::stream::unfold(state, |mut s| async move {
         if !s.started {
             s.started = true;
             return Some((Ok(watch_response(E::Start(Box::default()))), s));
         }
+        if s.done {
+            return None;
+        }
         let item = tokio::select! {
             biased;
-            ev = s.rx.recv() => {
-                let ev = ev?;
-                s.keepalive.reset();
-                watch_response(E::Filesystem(Box::new(event_to_pb(ev))))
-            }
-            _ = s.keepalive.tick() => watch_response(E::Keepalive(Box::default())),
+            ev = s.rx.recv() => match ev? {
+                Ok(ev) => {
+                    s.keepalive.reset();
+                    Ok(watch_response(E::Filesystem(Box::new(event_to_pb(ev)))))
+                }
+                Err(failure) => {
+                    s.done = true;
+                    Err(ConnectError::internal(failure))
+                }
+            },
+            _ = s.keepalive.tick() => Ok(watch_response(E::Keepalive(Box::default()))),
         };
-        Some((Ok(item), s))
+        Some((item, s))
     }))
 }
