@@ -98,6 +98,23 @@ pub fn prepare_rootfs() {
     }
 }
 
+/// Raise the soft open-files limit to the hard one: every process, pipe,
+/// PTY, watch and connection costs envd descriptors, and PID 1 starts with
+/// the kernel's default soft limit of 1024.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT. As PID 1, SIGTERM is first passed on to
 /// every other process in the capsule.
 pub async fn shutdown_signal(pid1: bool) {

@@ -42,6 +42,7 @@ pub fn main(config: Config) -> anyhow::Result<()> {
     if pid1 {
         init::prepare_rootfs();
     }
+    init::raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

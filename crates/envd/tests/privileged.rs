@@ -118,6 +118,22 @@ async fn envd_is_init_of_a_bare_busybox_rootfs() {
         "{text}"
     );
 
+    // envd raised its soft open-files limit to the hard one.
+    let limits = c
+        .exec(ExecRequest::shell("cat /proc/1/limits"))
+        .await
+        .unwrap();
+    let limits = String::from_utf8_lossy(&limits.stdout).into_owned();
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("limits list open files")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(nofile[0], nofile[1], "{limits}");
+
     // Orphans are reaped: a grandchild outlives its parent and is adopted by envd.
     c.exec(ExecRequest::shell("(sleep 0.3 &) ; true"))
         .await
