@@ -218,6 +218,21 @@ async fn pty_round_trip_resize_and_kill() {
         matches!(end, Some(Ok(ExecEvent::End { exit_code: -1, .. }))),
         "{end:?}"
     );
+    // The ended terminal's master is closed at once, not when the process
+    // leaves the retained list.
+    let ptmx_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", envd.pid()))
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.ends_with("ptmx")))
+            .count()
+    };
+    within("the pty master to close", LIMIT, async {
+        while ptmx_fds() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     // Input to a pipe process through the PTY channel is refused.
     let s = c.exec_stream(ExecRequest::shell("sleep 5")).await.unwrap();
     let err = c.pty_input(Selector::Pid(s.pid), b"x").await.unwrap_err();

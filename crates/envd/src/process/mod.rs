@@ -211,7 +211,9 @@ pub struct Process {
     pub config: RequestedConfig,
     shared: Mutex<Shared>,
     input: tokio::sync::Mutex<Option<spawn::Input>>,
-    pty_master: Option<Arc<AsyncFd<OwnedFd>>>,
+    pty: bool,
+    /// Dropped when the process ends, so its terminal closes at once.
+    pty_master: Mutex<Option<Arc<AsyncFd<OwnedFd>>>>,
 }
 
 impl std::fmt::Debug for Process {
@@ -275,20 +277,33 @@ impl Process {
         })
     }
 
+    /// The PTY master while the process runs.
+    fn master(&self) -> Result<Arc<AsyncFd<OwnedFd>>, ProcessError> {
+        if !self.pty {
+            return Err(ProcessError::NotPty);
+        }
+        self.pty_master
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(ProcessError::NotFound(Selector::Pid(self.pid)))
+    }
+
     /// Write input bytes.
     pub async fn write_input(&self, kind: InputKind, data: &[u8]) -> Result<(), ProcessError> {
-        match (kind, &self.pty_master) {
-            (InputKind::Pty, Some(master)) => {
-                spawn::write_pty(master, data)
+        match (kind, self.pty) {
+            (InputKind::Pty, true) => {
+                let master = self.master()?;
+                spawn::write_pty(&master, data)
                     .await
                     .map_err(|source| ProcessError::Input {
                         pid: self.pid,
                         source,
                     })
             }
-            (InputKind::Pty, None) => Err(ProcessError::NotPty),
-            (InputKind::Stdin, Some(_)) => Err(ProcessError::PtyInputOnPipe),
-            (InputKind::Stdin, None) => {
+            (InputKind::Pty, false) => Err(ProcessError::NotPty),
+            (InputKind::Stdin, true) => Err(ProcessError::PtyInputOnPipe),
+            (InputKind::Stdin, false) => {
                 let mut input = self.input.lock().await;
                 let pipe = input.as_mut().ok_or(ProcessError::StdinClosed)?;
                 tokio::io::AsyncWriteExt::write_all(pipe, data)
@@ -303,7 +318,7 @@ impl Process {
 
     /// Close stdin. Closing a closed stdin is fine; a PTY has none.
     pub async fn close_stdin(&self) -> Result<(), ProcessError> {
-        if self.pty_master.is_some() {
+        if self.pty {
             return Err(ProcessError::NotPty);
         }
         self.input.lock().await.take();
@@ -312,8 +327,8 @@ impl Process {
 
     /// Resize the terminal.
     pub fn resize(&self, size: PtySize) -> Result<(), ProcessError> {
-        let master = self.pty_master.as_ref().ok_or(ProcessError::NotPty)?;
-        spawn::set_winsize(master, size).map_err(|source| ProcessError::Resize {
+        let master = self.master()?;
+        spawn::set_winsize(&master, size).map_err(|source| ProcessError::Resize {
             pid: self.pid,
             source,
         })
@@ -413,7 +428,8 @@ impl ProcessTable {
                 end: None,
             }),
             input: tokio::sync::Mutex::new(stdin),
-            pty_master: pty_master.clone(),
+            pty: pty_master.is_some(),
+            pty_master: Mutex::new(pty_master.clone()),
         });
         let rx = process.subscribe();
         let outputs = output::start_pumps(&process, spawned.stdout, spawned.stderr, pty_master);
@@ -431,6 +447,11 @@ impl ProcessTable {
             // Nobody can write to an ended process: close its stdin now
             // rather than when the retained entry expires.
             proc2.input.lock().await.take();
+            proc2
+                .pty_master
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
             let end = EndInfo::from_status(status);
             output::publish_end(&proc2, end).await;
             table.retire(&proc2);
