@@ -158,13 +158,10 @@ impl EnvdClient {
         &self,
         path: &str,
     ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
-        let req = self
-            .request(
-                http::Method::GET,
-                &format!("/files?path={}", query_path(path)),
-            )
-            .body(empty())
-            .map_err(ClientError::request)?;
+        let req = self.bodyless(
+            http::Method::GET,
+            &format!("/files?path={}", query_path(path)),
+        )?;
         self.send(req).await
     }
 
@@ -208,11 +205,7 @@ impl EnvdClient {
                 ..Default::default()
             })
             .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e) if e.code == connectrpc::ErrorCode::AlreadyExists => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        crate::false_on(res, connectrpc::ErrorCode::AlreadyExists)
     }
 
     /// Remove a path recursively; a missing path is fine.

@@ -30,6 +30,19 @@ pub use error::ClientError;
 pub use files::{Entry, FileKind, FileStream};
 pub use process::{ExecEvent, ExecOutput, ExecRequest, ExecStream, PtySize, Selector};
 
+/// `Ok(true)` on success, `Ok(false)` when envd answered `absent` (already
+/// there, not there): the SDK-style boolean answers of make_dir and kill.
+pub(crate) fn false_on<T>(
+    res: Result<T, connectrpc::ConnectError>,
+    absent: connectrpc::ErrorCode,
+) -> Result<bool, ClientError> {
+    match res {
+        Ok(_) => Ok(true),
+        Err(e) if e.code == absent => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Capacity of the event channel behind every stream handle.
 pub const STREAM_BUFFER: usize = 256;
 
@@ -102,6 +115,17 @@ impl EnvdClient {
         b
     }
 
+    /// A request without a body.
+    fn bodyless(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+    ) -> Result<http::Request<wrenn_http::ClientBody>, ClientError> {
+        self.request(method, path_and_query)
+            .body(files::empty())
+            .map_err(ClientError::request)
+    }
+
     async fn send(
         &self,
         req: http::Request<wrenn_http::ClientBody>,
@@ -121,10 +145,7 @@ impl EnvdClient {
     pub async fn wait_healthy(&self, timeout: Duration) -> Result<(), ClientError> {
         let until = Instant::now() + timeout;
         loop {
-            let req = self
-                .request(http::Method::GET, "/health")
-                .body(files::empty())
-                .map_err(ClientError::request)?;
+            let req = self.bodyless(http::Method::GET, "/health")?;
             let last = match tokio::time::timeout(Duration::from_secs(2), self.send(req)).await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => e.to_string(),
@@ -164,19 +185,13 @@ impl EnvdClient {
 
     /// `POST /snapshot/prepare`: quiesce envd's background work.
     pub async fn prepare_snapshot(&self) -> Result<(), ClientError> {
-        let req = self
-            .request(http::Method::POST, "/snapshot/prepare")
-            .body(files::empty())
-            .map_err(ClientError::request)?;
+        let req = self.bodyless(http::Method::POST, "/snapshot/prepare")?;
         self.send(req).await.map(drop)
     }
 
     /// `GET /metrics`.
     pub async fn metrics(&self) -> Result<Metrics, ClientError> {
-        let req = self
-            .request(http::Method::GET, "/metrics")
-            .body(files::empty())
-            .map_err(ClientError::request)?;
+        let req = self.bodyless(http::Method::GET, "/metrics")?;
         let resp = self.send(req).await?;
         let body = files::collect(resp).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))

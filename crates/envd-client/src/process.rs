@@ -404,11 +404,7 @@ impl EnvdClient {
                 ..Default::default()
             })
             .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e) if e.code == connectrpc::ErrorCode::NotFound => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        crate::false_on(res, connectrpc::ErrorCode::NotFound)
     }
 
     /// Running processes: pid, tag, command.
