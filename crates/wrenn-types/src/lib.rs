@@ -5,3 +5,4 @@
 //! and protocol constants. Each component maps these to its own errors.
 
 pub mod envd;
+pub mod ids;

@@ -1,0 +1,1156 @@
+//! The capsule manager: every capsule on this host, and every operation on
+//! them (the one internal command API the RPC and the proxy call).
+//!
+//! Concurrency protocol:
+//! - `capsules` (a std `RwLock`, never held across an await) maps IDs to
+//!   `Arc<Capsule>`; an entry exists from the moment a create is accepted
+//!   until its teardown is done, so IDs cannot be reused mid-flight.
+//! - Each capsule's lifecycle operations (create, pause, resume,
+//!   hibernate, snapshot, destroy) take its `op` lock, then ask
+//!   [`crate::state::transition`] whether they are legal *now*. Races
+//!   between them are thereby decided in one place, in arrival order.
+//! - Data operations (exec, files, PTY) only check that the capsule is
+//!   running when they start; they never hold `op`, so a long stream does
+//!   not block a pause or destroy (which cut it off).
+//! - Setup and teardown steps touch the kernel and run runtime CLIs: they
+//!   run on blocking threads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use envd_client::EnvdClient;
+use wrenn_types::envd::InitRequest;
+use wrenn_types::ids::{CapsuleId, TemplateName};
+
+use crate::cgroup::{Cgroups, Usage};
+use crate::config::{AgentConfig, ConfigError};
+use crate::error::AgentError;
+use crate::network::{self, Firewall, Pool, Slot};
+use crate::record::{CapsuleDir, CapsuleRecord, OnTimeout, Undo, RECORD_FILE};
+use crate::rootfs::{self, Overlay};
+use crate::runtime::spec::{self, BundleParams};
+use crate::runtime::{criu_works, ContainerStatus, OciRuntime, Runtime};
+use crate::state::{transition, CapsuleState, Op};
+use crate::template::{self, RuntimeChoice, TemplateMeta, TemplateStore};
+
+const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const HOSTNAME: &str = "capsule";
+
+/// What a caller asks for when creating a capsule.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub id: CapsuleId,
+    pub template: TemplateName,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub timeout_sec: u64,
+    pub on_timeout: OnTimeout,
+    pub internet: bool,
+    pub env: BTreeMap<String, String>,
+    pub default_user: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub access_token: Option<String>,
+    pub pids_limit: Option<i64>,
+}
+
+impl CreateRequest {
+    /// A request with wrenn's defaults (1 vCPU, 512 MiB, no timeout, internet on).
+    pub fn new(id: CapsuleId, template: TemplateName) -> Self {
+        CreateRequest {
+            id,
+            template,
+            vcpus: 1,
+            memory_mb: 512,
+            timeout_sec: 0,
+            on_timeout: OnTimeout::Pause,
+            internet: true,
+            env: BTreeMap::new(),
+            default_user: None,
+            metadata: BTreeMap::new(),
+            access_token: None,
+            pids_limit: None,
+        }
+    }
+}
+
+/// A capsule as callers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapsuleInfo {
+    pub id: CapsuleId,
+    pub template: TemplateName,
+    pub state: CapsuleState,
+    pub memory_kept: bool,
+    pub error: Option<String>,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub timeout_sec: u64,
+    pub internet: bool,
+    pub ip: Option<Ipv4Addr>,
+    pub runtime: String,
+    pub created_at: u64,
+    pub last_active_at: u64,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Counters of one capsule, read when asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapsuleMetrics {
+    pub at_ms: u64,
+    pub usage: Usage,
+    pub disk_bytes: u64,
+}
+
+/// One capsule on this host.
+#[derive(Debug)]
+pub struct Capsule {
+    pub id: CapsuleId,
+    dir: CapsuleDir,
+    rec: Mutex<CapsuleRecord>,
+    op: Arc<tokio::sync::Mutex<()>>,
+    envd: OnceLock<EnvdClient>,
+    runtime: Arc<dyn Runtime>,
+}
+
+impl Capsule {
+    fn state(&self) -> CapsuleState {
+        self.rec.lock().unwrap().state
+    }
+
+    fn record(&self) -> CapsuleRecord {
+        self.rec.lock().unwrap().clone()
+    }
+
+    /// Change the record and persist it.
+    fn update(&self, f: impl FnOnce(&mut CapsuleRecord)) -> Result<(), AgentError> {
+        let mut rec = self.rec.lock().unwrap();
+        f(&mut rec);
+        rec.save(&self.dir)
+    }
+
+    /// Register a teardown step *before* doing the step it undoes (undo
+    /// steps tolerate work that was never done, not work left half-done).
+    fn push_undo(&self, u: Undo) -> Result<(), AgentError> {
+        self.update(|r| r.undo.push(u))
+    }
+
+    /// The capsule's envd client (set once its address is known).
+    pub fn envd(&self) -> &EnvdClient {
+        self.envd
+            .get()
+            .expect("envd client is set before the capsule runs")
+    }
+
+    fn slot(&self) -> Option<Slot> {
+        self.rec.lock().unwrap().slot.clone()
+    }
+
+    fn touch(&self) {
+        self.rec.lock().unwrap().last_active_at = now_ms();
+    }
+}
+
+/// The manager.
+#[derive(Debug)]
+pub struct Agent {
+    cfg: AgentConfig,
+    templates: TemplateStore,
+    pool: Pool,
+    firewall: Firewall,
+    cgroups: Cgroups,
+    criu: bool,
+    capsules_dir: PathBuf,
+    runtimes: Mutex<HashMap<RuntimeChoice, Arc<dyn Runtime>>>,
+    capsules: RwLock<HashMap<CapsuleId, Arc<Capsule>>>,
+    auto_paused: Mutex<Vec<CapsuleId>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task does not panic")
+}
+
+impl Agent {
+    /// Validate the configuration, prepare the host (forwarding, firewall,
+    /// the `busybox` template), re-adopt the capsules of a previous run and
+    /// sweep what crashed runs left behind.
+    pub async fn open(cfg: AgentConfig) -> Result<Arc<Agent>, OpenError> {
+        cfg.validate()?;
+        blocking(move || Agent::open_blocking(cfg)).await
+    }
+
+    fn open_blocking(cfg: AgentConfig) -> Result<Arc<Agent>, OpenError> {
+        let templates = TemplateStore::open(cfg.data_dir.join("templates"))?;
+        templates.sweep();
+        let capsules_dir = cfg.data_dir.join("capsules");
+        std::fs::create_dir_all(&capsules_dir).map_err(AgentError::io("create", &capsules_dir))?;
+        template::build_busybox(&templates, &cfg.busybox_bin)?;
+        network::enable_forwarding().map_err(AgentError::io(
+            "enable",
+            "/proc/sys/net/ipv4/ip_forward".as_ref(),
+        ))?;
+        let cgroups = Cgroups::host();
+        let agent = Arc::new(Agent {
+            pool: Pool::new(cfg.network.pool),
+            firewall: Firewall::new(&cfg.instance, cfg.network.pool),
+            criu: criu_works(),
+            templates,
+            cgroups,
+            capsules_dir,
+            runtimes: Mutex::new(HashMap::new()),
+            capsules: RwLock::new(HashMap::new()),
+            auto_paused: Mutex::new(Vec::new()),
+            cfg,
+        });
+        agent.adopt()?;
+        Ok(agent)
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    pub fn templates(&self) -> &TemplateStore {
+        &self.templates
+    }
+
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.cgroups
+    }
+
+    /// The cgroup path a capsule's limits live under.
+    pub fn cgroup_path(&self, id: &CapsuleId) -> String {
+        format!("/{}/{}", self.cfg.instance, id)
+    }
+
+    pub fn capsule_dir(&self, id: &CapsuleId) -> PathBuf {
+        self.capsules_dir.join(id.as_str())
+    }
+
+    /// Whether hibernation keeps memory on this host.
+    pub fn can_checkpoint(&self) -> bool {
+        self.criu
+    }
+
+    fn runtime_for(&self, choice: &RuntimeChoice) -> Result<Arc<dyn Runtime>, AgentError> {
+        let mut map = self.runtimes.lock().unwrap();
+        if let Some(rt) = map.get(choice) {
+            return Ok(rt.clone());
+        }
+        let rt = OciRuntime::new(
+            &choice.binary,
+            choice.args.clone(),
+            &self.cfg.state_root,
+            self.cgroups.mode,
+        )
+        .with_criu(self.criu);
+        if !rt.installed() {
+            return Err(crate::runtime::RuntimeError::Missing {
+                binary: choice.binary.clone(),
+            }
+            .into());
+        }
+        let rt: Arc<dyn Runtime> = Arc::new(rt);
+        map.insert(choice.clone(), rt.clone());
+        Ok(rt)
+    }
+
+    fn get(&self, id: &CapsuleId) -> Result<Arc<Capsule>, AgentError> {
+        self.capsules
+            .read()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(id.clone()))
+    }
+
+    fn info(&self, c: &Capsule) -> CapsuleInfo {
+        let r = c.rec.lock().unwrap();
+        let mut metadata = r.metadata.clone();
+        metadata.insert("agent_version".into(), env!("CARGO_PKG_VERSION").into());
+        metadata.insert("runtime".into(), c.runtime.name().into());
+        CapsuleInfo {
+            id: r.id.clone(),
+            template: r.template.clone(),
+            state: r.state,
+            memory_kept: r.memory_kept,
+            error: r.error.clone(),
+            vcpus: r.vcpus,
+            memory_mb: r.memory_mb,
+            timeout_sec: r.timeout_sec,
+            internet: r.internet,
+            ip: r.slot.as_ref().map(|s| s.capsule_ip),
+            runtime: c.runtime.name().to_owned(),
+            created_at: r.created_at,
+            last_active_at: r.last_active_at,
+            metadata,
+        }
+    }
+
+    pub fn list(&self) -> Vec<CapsuleInfo> {
+        let caps: Vec<_> = self.capsules.read().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = caps.iter().map(|c| self.info(c)).collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    pub fn info_of(&self, id: &CapsuleId) -> Result<CapsuleInfo, AgentError> {
+        Ok(self.info(&*self.get(id)?))
+    }
+
+    /// Capsules the reaper paused since the last call (drained).
+    pub fn take_auto_paused(&self) -> Vec<CapsuleId> {
+        std::mem::take(&mut self.auto_paused.lock().unwrap())
+    }
+
+    // ---- create -------------------------------------------------------
+
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<CapsuleInfo, AgentError> {
+        validate(&req)?;
+        let meta = self.templates.get(&req.template)?;
+        let choice = meta
+            .runtime
+            .clone()
+            .unwrap_or_else(|| self.cfg.runtime.clone());
+        let runtime = self.runtime_for(&choice)?;
+        let now = now_ms();
+        let mut env: BTreeMap<_, _> = meta.env.clone();
+        env.extend(req.env.clone());
+        let rec = CapsuleRecord {
+            id: req.id.clone(),
+            template: req.template.clone(),
+            state: CapsuleState::Pending,
+            memory_kept: true,
+            error: None,
+            vcpus: req.vcpus,
+            memory_mb: req.memory_mb,
+            pids_limit: req.pids_limit.unwrap_or(self.cfg.default_pids),
+            timeout_sec: req.timeout_sec,
+            on_timeout: req.on_timeout,
+            internet: req.internet,
+            env,
+            default_user: req
+                .default_user
+                .clone()
+                .or_else(|| meta.default_user.clone()),
+            metadata: req.metadata.clone(),
+            access_token: req.access_token.clone(),
+            runtime: choice,
+            start_cmd: meta.start_cmd.clone(),
+            slot: None,
+            created_at: now,
+            last_active_at: now,
+            undo: Vec::new(),
+        };
+        let capsule = Arc::new(Capsule {
+            id: req.id.clone(),
+            dir: CapsuleDir(self.capsule_dir(&req.id)),
+            rec: Mutex::new(rec),
+            op: Arc::new(tokio::sync::Mutex::new(())),
+            envd: OnceLock::new(),
+            runtime,
+        });
+        {
+            let mut map = self.capsules.write().unwrap();
+            if map.contains_key(&req.id) {
+                return Err(AgentError::AlreadyExists(req.id));
+            }
+            map.insert(req.id.clone(), capsule.clone());
+        }
+        let _op = capsule.op.lock().await;
+        let result = self.boot(&capsule, &meta).await;
+        match result {
+            Ok(()) => {
+                capsule.update(|r| {
+                    r.state = transition(CapsuleState::Pending, Op::Start).expect("pending starts");
+                    r.last_active_at = now_ms();
+                })?;
+                tracing::info!(capsule_id = %req.id, template = %req.template, "capsule running");
+                Ok(self.info(&capsule))
+            }
+            Err(e) => {
+                tracing::warn!(capsule_id = %req.id, error = %e, "create failed; tearing down");
+                self.teardown(&capsule).await;
+                self.capsules.write().unwrap().remove(&req.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Every setup step of a new capsule, each registering its undo first.
+    async fn boot(
+        self: &Arc<Self>,
+        c: &Arc<Capsule>,
+        meta: &TemplateMeta,
+    ) -> Result<(), AgentError> {
+        let (agent, cap, meta) = (self.clone(), c.clone(), meta.clone());
+        blocking(move || agent.setup(&cap, &meta)).await?;
+        self.start_envd(c).await
+    }
+
+    fn setup(&self, c: &Capsule, meta: &TemplateMeta) -> Result<(), AgentError> {
+        let dir = &c.dir;
+        if dir.0.exists() {
+            return Err(AgentError::AlreadyExists(c.id.clone()));
+        }
+        std::fs::create_dir_all(&dir.0).map_err(AgentError::io("create", &dir.0))?;
+        c.update(|r| {
+            r.undo.push(Undo::RemoveDir);
+            r.state = CapsuleState::Starting;
+        })?;
+
+        let index = self.pool.allocate()?;
+        c.update(|r| {
+            r.slot = Some(Slot::new(&self.cfg.instance, index, &self.cfg.network.pool));
+            r.undo.push(Undo::ReleaseSlot);
+        })?;
+        let slot = c.slot().expect("just set");
+        let _ = c.envd.set(self.envd_client(c, &slot)?);
+
+        c.push_undo(Undo::DestroyNetwork)?;
+        network::create(&self.cfg.network, &slot)?;
+        c.push_undo(Undo::FirewallRules)?;
+        self.firewall.add(&slot, c.record().internet)?;
+
+        self.write_etc(c, &slot)?;
+        let lowers = self.templates.lower_dirs(meta)?;
+        c.push_undo(Undo::UnmountRootfs)?;
+        self.overlay(dir, lowers).mount()?;
+        self.write_bundle(c, &slot)?;
+        c.push_undo(Undo::DeleteContainer)?;
+        self.start_container(c)
+    }
+
+    fn envd_client(&self, c: &Capsule, slot: &Slot) -> Result<EnvdClient, AgentError> {
+        let url = format!(
+            "http://{}:{}",
+            slot.capsule_ip,
+            wrenn_types::envd::ENVD_PORT
+        );
+        let token = c.rec.lock().unwrap().access_token.clone();
+        let client = match token {
+            Some(t) => EnvdClient::with_access_token(&url, &t),
+            None => EnvdClient::new(&url),
+        };
+        client.map_err(|source| AgentError::Envd {
+            id: c.id.clone(),
+            what: "client",
+            source,
+        })
+    }
+
+    fn overlay(&self, dir: &CapsuleDir, lowers: Vec<PathBuf>) -> Overlay {
+        Overlay {
+            lowers,
+            upper: dir.upper(),
+            work: dir.work(),
+            merged: dir.rootfs(),
+        }
+    }
+
+    fn write_etc(&self, c: &Capsule, slot: &Slot) -> Result<(), AgentError> {
+        let etc = c.dir.etc();
+        std::fs::create_dir_all(&etc).map_err(AgentError::io("create", &etc))?;
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{HOSTNAME}\n",
+            slot.capsule_ip
+        );
+        let files = [
+            (
+                "resolv.conf",
+                network::resolv_conf(&self.cfg.network.nameservers),
+            ),
+            ("hosts", hosts),
+            ("hostname", format!("{HOSTNAME}\n")),
+        ];
+        for (name, text) in files {
+            let p = etc.join(name);
+            std::fs::write(&p, text).map_err(AgentError::io("write", &p))?;
+        }
+        Ok(())
+    }
+
+    fn write_bundle(&self, c: &Capsule, slot: &Slot) -> Result<(), AgentError> {
+        let r = c.record();
+        let spec = spec::build(&BundleParams {
+            hostname: HOSTNAME.into(),
+            rootfs: c.dir.rootfs(),
+            envd: self.cfg.envd_bin.clone(),
+            etc_dir: c.dir.etc(),
+            netns: slot.netns_path(),
+            cgroups_path: self.cgroup_path(&c.id),
+            vcpus: r.vcpus,
+            memory_mb: r.memory_mb,
+            pids: r.pids_limit,
+            env: vec![PATH_ENV.into(), "HOME=/root".into()],
+            default_user: r.default_user.clone(),
+            start_cmd: r.start_cmd.clone(),
+            allow_setuid: self
+                .templates
+                .get(&r.template)
+                .map(|m| m.allow_setuid)
+                .unwrap_or(false),
+            nofile: nofile_limit(),
+        })?;
+        let path = c.dir.bundle().join("config.json");
+        spec.save(&path).map_err(|e| AgentError::Io {
+            what: "write",
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    fn start_container(&self, c: &Capsule) -> Result<(), AgentError> {
+        c.runtime.create(&c.id, &c.dir.bundle(), &c.dir.log())?;
+        c.runtime.start(&c.id)?;
+        Ok(())
+    }
+
+    /// Wait for envd and hand it the capsule's settings.
+    async fn start_envd(&self, c: &Capsule) -> Result<(), AgentError> {
+        let envd = c.envd();
+        envd.wait_healthy(self.cfg.envd_ready_timeout)
+            .await
+            .map_err(|source| AgentError::Envd {
+                id: c.id.clone(),
+                what: "did not start",
+                source,
+            })?;
+        let r = c.record();
+        let mut metadata = r.metadata.clone();
+        metadata.insert("sandboxId".into(), r.id.to_string());
+        metadata.insert("templateId".into(), r.template.to_string());
+        let body = InitRequest {
+            access_token: r.access_token.clone(),
+            env_vars: Some(r.env.clone()),
+            default_user: r.default_user.clone(),
+            default_workdir: None,
+            metadata: Some(metadata),
+            timestamp: Some((now_ms() / 1000).to_string()),
+        };
+        envd.init(body).await.map_err(|source| AgentError::Envd {
+            id: c.id.clone(),
+            what: "refused /init",
+            source,
+        })
+    }
+
+    // ---- teardown -----------------------------------------------------
+
+    /// Run the capsule's cleanup stack, top first, each step exactly once.
+    /// Failures are logged and the rest still runs; they are returned.
+    async fn teardown(self: &Arc<Self>, c: &Arc<Capsule>) -> Vec<String> {
+        let (agent, cap) = (self.clone(), c.clone());
+        blocking(move || {
+            let mut errors = Vec::new();
+            loop {
+                let (step, rec) = {
+                    let mut r = cap.rec.lock().unwrap();
+                    let Some(step) = r.undo.pop() else { break };
+                    (step, r.clone())
+                };
+                if let Err(e) = agent.undo(&cap, step, &rec) {
+                    tracing::warn!(capsule_id = %cap.id, ?step, error = %e, "teardown step failed");
+                    errors.push(format!("{step:?}: {e}"));
+                }
+                if step != Undo::RemoveDir && cap.dir.0.exists() {
+                    let _ = rec_save_after_pop(&cap);
+                }
+            }
+            errors
+        })
+        .await
+    }
+
+    fn undo(&self, c: &Capsule, step: Undo, rec: &CapsuleRecord) -> Result<(), AgentError> {
+        match step {
+            Undo::DeleteContainer => {
+                if let Ok(Some(s)) = c.runtime.state(&c.id) {
+                    if s.status == ContainerStatus::Paused {
+                        // Frozen processes cannot die: thaw, then kill.
+                        let _ = c.runtime.resume(&c.id);
+                    }
+                }
+                c.runtime.delete(&c.id)?;
+            }
+            Undo::UnmountRootfs => rootfs::unmount_if_mounted(&c.dir.rootfs())?,
+            Undo::FirewallRules => {
+                if let Some(slot) = &rec.slot {
+                    self.firewall.remove(slot, rec.internet)?;
+                }
+            }
+            Undo::DestroyNetwork => {
+                if let Some(slot) = &rec.slot {
+                    network::destroy(slot)?;
+                }
+            }
+            Undo::ReleaseSlot => {
+                if let Some(slot) = &rec.slot {
+                    self.pool.release(slot.index);
+                }
+            }
+            Undo::RemoveDir => {
+                let mounts = rootfs::mounts_under(&c.dir.0);
+                if !mounts.is_empty() {
+                    return Err(AgentError::Invalid(format!(
+                        "refusing to delete {} while {} is mounted",
+                        c.dir.0.display(),
+                        mounts[0].display()
+                    )));
+                }
+                match std::fs::remove_dir_all(&c.dir.0) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(AgentError::io("remove", &c.dir.0)(e))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- lifecycle ----------------------------------------------------
+
+    /// Lock the capsule's lifecycle and check that `op` is legal now.
+    async fn begin(
+        &self,
+        id: &CapsuleId,
+        op: Op,
+    ) -> Result<(Arc<Capsule>, tokio::sync::OwnedMutexGuard<()>, CapsuleState), AgentError> {
+        let c = self.get(id)?;
+        let g = c_op_lock(&c).await;
+        let from = c.state();
+        transition(from, op).map_err(|i| AgentError::illegal(id, i))?;
+        Ok((c, g, from))
+    }
+
+    pub async fn destroy(self: &Arc<Self>, id: &CapsuleId) -> Result<(), AgentError> {
+        let c = self.get(id)?;
+        let _g = c_op_lock(&c).await;
+        if !self.capsules.read().unwrap().contains_key(id) {
+            // Another destroy finished while we waited.
+            return Ok(());
+        }
+        c.update(|r| r.state = CapsuleState::Stopped)?;
+        let errors = self.teardown(&c).await;
+        self.capsules.write().unwrap().remove(id);
+        if errors.is_empty() {
+            tracing::info!(capsule_id = %id, "capsule destroyed");
+        } else {
+            tracing::warn!(capsule_id = %id, ?errors, "capsule destroyed with teardown errors");
+        }
+        Ok(())
+    }
+
+    pub async fn pause(self: &Arc<Self>, id: &CapsuleId) -> Result<CapsuleInfo, AgentError> {
+        let (c, _g, _) = self.begin(id, Op::Pause).await?;
+        let rt = c.clone();
+        blocking(move || rt.runtime.pause(&rt.id)).await?;
+        c.update(|r| r.state = CapsuleState::Paused)?;
+        Ok(self.info(&c))
+    }
+
+    pub async fn resume(self: &Arc<Self>, id: &CapsuleId) -> Result<CapsuleInfo, AgentError> {
+        let (c, _g, from) = self.begin(id, Op::Resume).await?;
+        if from == CapsuleState::Paused {
+            let rt = c.clone();
+            blocking(move || rt.runtime.resume(&rt.id)).await?;
+        } else {
+            // From hibernation: restore the checkpoint, or boot afresh.
+            let (agent, cap) = (self.clone(), c.clone());
+            let kept = c.record().memory_kept;
+            blocking(move || {
+                cap.runtime.delete(&cap.id)?;
+                if kept {
+                    let images = cap.dir.checkpoint();
+                    cap.runtime
+                        .restore(&cap.id, &cap.dir.bundle(), &images, &cap.dir.log())?;
+                    Ok(())
+                } else {
+                    agent.start_container(&cap)
+                }
+            })
+            .await?;
+            if !kept {
+                self.start_envd(&c).await?;
+            }
+        }
+        c.update(|r| {
+            r.state = CapsuleState::Running;
+            r.last_active_at = now_ms();
+        })?;
+        Ok(self.info(&c))
+    }
+
+    /// Stop the capsule's processes, keeping its filesystem (and its memory
+    /// too where CRIU works: `memory_kept` says which happened).
+    pub async fn hibernate(self: &Arc<Self>, id: &CapsuleId) -> Result<CapsuleInfo, AgentError> {
+        let (c, _g, from) = self.begin(id, Op::Hibernate).await?;
+        let cap = c.clone();
+        let kept = blocking(move || -> Result<bool, AgentError> {
+            if from == CapsuleState::Paused {
+                cap.runtime.resume(&cap.id)?;
+            }
+            if cap.runtime.can_checkpoint() {
+                let images = cap.dir.checkpoint();
+                let _ = std::fs::remove_dir_all(&images);
+                std::fs::create_dir_all(&images).map_err(AgentError::io("create", &images))?;
+                cap.runtime.checkpoint(&cap.id, &images)?;
+                Ok(true)
+            } else {
+                cap.runtime.delete(&cap.id)?;
+                Ok(false)
+            }
+        })
+        .await?;
+        c.update(|r| {
+            r.state = CapsuleState::Hibernated;
+            r.memory_kept = kept;
+        })?;
+        Ok(self.info(&c))
+    }
+
+    /// Reset the inactivity timer (optionally to a new timeout).
+    pub fn ping(
+        &self,
+        id: &CapsuleId,
+        timeout_sec: Option<u64>,
+    ) -> Result<CapsuleInfo, AgentError> {
+        let c = self.running(id)?;
+        c.update(|r| {
+            r.last_active_at = now_ms();
+            if let Some(t) = timeout_sec {
+                r.timeout_sec = t;
+            }
+        })?;
+        Ok(self.info(&c))
+    }
+
+    /// A running capsule, for a data operation (exec, files, PTY); counts
+    /// as activity for the inactivity timeout.
+    pub fn running(&self, id: &CapsuleId) -> Result<Arc<Capsule>, AgentError> {
+        let c = self.get(id)?;
+        transition(c.state(), Op::Use).map_err(|i| AgentError::illegal(id, i))?;
+        c.touch();
+        Ok(c)
+    }
+
+    /// Where the proxy reaches `port` of a running capsule (not activity).
+    pub fn proxy_target(&self, id: &CapsuleId, port: u16) -> Result<SocketAddr, AgentError> {
+        let c = self.get(id)?;
+        transition(c.state(), Op::Use).map_err(|i| AgentError::illegal(id, i))?;
+        let ip = c.slot().ok_or_else(|| {
+            AgentError::illegal(
+                id,
+                crate::state::Illegal {
+                    op: Op::Use,
+                    state: c.state(),
+                },
+            )
+        })?;
+        Ok(SocketAddr::from((ip.capsule_ip, port)))
+    }
+
+    /// Turn internet access on or off.
+    pub async fn set_internet(&self, id: &CapsuleId, on: bool) -> Result<(), AgentError> {
+        let c = self.get(id)?;
+        let _g = c_op_lock(&c).await;
+        let r = c.record();
+        let Some(slot) = r.slot.clone() else {
+            return Err(AgentError::illegal(
+                id,
+                crate::state::Illegal {
+                    op: Op::Use,
+                    state: r.state,
+                },
+            ));
+        };
+        if r.internet != on {
+            let fw = self.firewall.clone();
+            blocking(move || fw.set_internet(&slot, on)).await?;
+            c.update(|r| r.internet = on)?;
+        }
+        Ok(())
+    }
+
+    pub async fn metrics(&self, id: &CapsuleId) -> Result<CapsuleMetrics, AgentError> {
+        let c = self.get(id)?;
+        let cg = self.cgroups.clone();
+        let path = self.cgroup_path(id);
+        let upper = c.dir.upper();
+        let (usage, disk) = blocking(move || {
+            (
+                cg.usage(&path).unwrap_or_default(),
+                template::dir_size(&upper),
+            )
+        })
+        .await;
+        Ok(CapsuleMetrics {
+            at_ms: now_ms(),
+            usage,
+            disk_bytes: disk,
+        })
+    }
+
+    // ---- snapshot -----------------------------------------------------
+
+    /// Turn a capsule into a template: its upper dir becomes a new layer on
+    /// top of its template's. The capsule is frozen for the copy and stays
+    /// paused afterwards (as wrenn's agent leaves it).
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        id: &CapsuleId,
+        name: TemplateName,
+    ) -> Result<TemplateMeta, AgentError> {
+        let (c, _g, from) = self.begin(id, Op::Snapshot).await?;
+        let base = self.templates.get(&c.record().template)?;
+        let store = self.templates.clone();
+        let cap = c.clone();
+        let meta = blocking(move || -> Result<TemplateMeta, AgentError> {
+            if from == CapsuleState::Running {
+                cap.runtime.pause(&cap.id)?;
+            }
+            let staged = store.stage(&name)?;
+            let upper = cap.dir.upper();
+            crate::cmd::run(
+                "cp",
+                [
+                    std::ffi::OsStr::new("-a"),
+                    format!("{}/.", upper.display()).as_ref(),
+                    staged.layer.as_os_str(),
+                ],
+                None,
+            )
+            .map_err(|e| AgentError::Invalid(format!("copy capsule filesystem: {e}")))?;
+            let r = cap.record();
+            let mut layers = vec![name.clone()];
+            layers.extend(base.layers.iter().cloned());
+            let meta = TemplateMeta {
+                name: name.clone(),
+                layers,
+                default_user: r.default_user.clone(),
+                start_cmd: r.start_cmd.clone(),
+                env: r.env.clone(),
+                runtime: base.runtime.clone(),
+                allow_setuid: base.allow_setuid,
+                created_at: template::now_secs(),
+                size_bytes: 0,
+            };
+            Ok(store.commit(staged, meta)?)
+        })
+        .await?;
+        c.update(|r| r.state = CapsuleState::Paused)?;
+        Ok(meta)
+    }
+
+    // ---- timeouts -----------------------------------------------------
+
+    /// Pause (or destroy) running capsules idle past their timeout.
+    pub async fn reap_expired(self: &Arc<Self>) {
+        let now = now_ms();
+        let expired: Vec<(CapsuleId, OnTimeout)> = self
+            .capsules
+            .read()
+            .unwrap()
+            .values()
+            .filter_map(|c| {
+                let r = c.rec.lock().unwrap();
+                let due = r.state == CapsuleState::Running
+                    && r.timeout_sec > 0
+                    && now.saturating_sub(r.last_active_at) >= r.timeout_sec * 1000;
+                due.then(|| (r.id.clone(), r.on_timeout))
+            })
+            .collect();
+        for (id, action) in expired {
+            let result = match action {
+                OnTimeout::Pause => self.pause(&id).await.map(|_| ()),
+                OnTimeout::Destroy => self.destroy(&id).await,
+            };
+            match result {
+                Ok(()) if action == OnTimeout::Pause => {
+                    tracing::info!(capsule_id = %id, "paused after its inactivity timeout");
+                    self.auto_paused.lock().unwrap().push(id);
+                }
+                Ok(()) => {
+                    tracing::info!(capsule_id = %id, "destroyed after its inactivity timeout")
+                }
+                // Someone else changed it meanwhile: nothing to do.
+                Err(AgentError::IllegalState { .. } | AgentError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(capsule_id = %id, error = %e, "timeout action failed; destroying");
+                    let _ = self.destroy(&id).await;
+                }
+            }
+        }
+    }
+
+    /// Run [`Agent::reap_expired`] every `reaper_interval` until shutdown.
+    pub async fn run_reaper(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(self.cfg.reaper_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick.tick() => self.reap_expired().await,
+            }
+        }
+    }
+
+    // ---- restart ------------------------------------------------------
+
+    /// Re-adopt the capsules of a previous run from their records, ask the
+    /// runtime what became of each, and sweep leftovers nobody owns.
+    fn adopt(self: &Arc<Self>) -> Result<(), OpenError> {
+        let mut adopted = Vec::new();
+        let rd = std::fs::read_dir(&self.capsules_dir)
+            .map_err(AgentError::io("read", &self.capsules_dir))?;
+        for entry in rd.flatten() {
+            let path = entry.path();
+            let Ok(id) = entry.file_name().to_string_lossy().parse::<CapsuleId>() else {
+                continue;
+            };
+            match CapsuleRecord::load(&path.join(RECORD_FILE)) {
+                Ok(rec) if rec.id == id => adopted.push(rec),
+                other => {
+                    let why = other
+                        .err()
+                        .unwrap_or_else(|| "record names another capsule".into());
+                    tracing::warn!(capsule_id = %id, %why, "sweeping a capsule directory without a usable record");
+                    self.sweep_dir(&id, &path);
+                }
+            }
+        }
+        for mut rec in adopted {
+            let runtime = match self.runtime_for(&rec.runtime) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    rec.error = Some(format!("cannot adopt: {e}"));
+                    rec.state = CapsuleState::Error;
+                    Arc::new(OciRuntime::new(
+                        &rec.runtime.binary,
+                        rec.runtime.args.clone(),
+                        &self.cfg.state_root,
+                        self.cgroups.mode,
+                    ))
+                }
+            };
+            if let Some(slot) = &rec.slot {
+                self.pool.claim(slot.index);
+            }
+            let container = runtime.state(&rec.id).ok().flatten().map(|s| s.status);
+            let (state, error) = reconcile(rec.state, container);
+            if state != rec.state {
+                tracing::warn!(capsule_id = %rec.id, was = %rec.state, now = %state, "capsule changed while the agent was down");
+            }
+            rec.state = state;
+            if error.is_some() {
+                rec.error = error;
+            }
+            let c = Arc::new(Capsule {
+                id: rec.id.clone(),
+                dir: CapsuleDir(self.capsule_dir(&rec.id)),
+                rec: Mutex::new(rec.clone()),
+                op: Arc::new(tokio::sync::Mutex::new(())),
+                envd: OnceLock::new(),
+                runtime,
+            });
+            if let Some(slot) = &rec.slot {
+                let _ = c.envd.set(self.envd_client(&c, slot)?);
+            }
+            rec.save(&c.dir)?;
+            self.capsules.write().unwrap().insert(rec.id.clone(), c);
+        }
+        let caps: Vec<_> = self.capsules.read().unwrap().values().cloned().collect();
+        let recs: Vec<CapsuleRecord> = caps.iter().map(|c| c.record()).collect();
+        self.firewall.install(
+            recs.iter()
+                .filter_map(|r| r.slot.as_ref().map(|s| (s, r.internet))),
+        )?;
+        let owned: std::collections::HashSet<u32> = recs
+            .iter()
+            .filter_map(|r| r.slot.as_ref().map(|s| s.index))
+            .collect();
+        let pool = self.cfg.network.pool;
+        for (index, _) in network::list_netns(&self.cfg.instance)
+            .into_iter()
+            .chain(network::list_links(&self.cfg.instance))
+        {
+            if !owned.contains(&index) {
+                tracing::warn!(index, "sweeping a network slot no capsule owns");
+                let _ = network::destroy(&Slot::new(&self.cfg.instance, index, &pool));
+            }
+        }
+        Ok(())
+    }
+
+    /// Best-effort removal of a capsule directory that has no record.
+    fn sweep_dir(&self, id: &CapsuleId, dir: &std::path::Path) {
+        let rt = OciRuntime::new(
+            &self.cfg.runtime.binary,
+            self.cfg.runtime.args.clone(),
+            &self.cfg.state_root,
+            self.cgroups.mode,
+        );
+        let _ = rt.delete(id);
+        for m in rootfs::mounts_under(dir).iter().rev() {
+            let _ = rootfs::unmount_if_mounted(m);
+        }
+        if rootfs::mounts_under(dir).is_empty() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Destroy every capsule (tests, `Terminate`).
+    pub async fn destroy_all(self: &Arc<Self>) {
+        let ids: Vec<_> = self.capsules.read().unwrap().keys().cloned().collect();
+        for id in ids {
+            let _ = self.destroy(&id).await;
+        }
+    }
+
+    /// Remove the agent's firewall table (after `destroy_all`).
+    pub fn uninstall_firewall(&self) -> Result<(), AgentError> {
+        Ok(self.firewall.uninstall()?)
+    }
+}
+
+async fn c_op_lock(c: &Capsule) -> tokio::sync::OwnedMutexGuard<()> {
+    c.op.clone().lock_owned().await
+}
+
+/// The agent's own hard open-files limit, capped at 2^20.
+fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(1 << 20)
+        .min(1 << 20)
+}
+
+fn rec_save_after_pop(c: &Capsule) -> Result<(), AgentError> {
+    let r = c.rec.lock().unwrap();
+    r.save(&c.dir)
+}
+
+/// What an adopted capsule is now, given its record and its container.
+fn reconcile(
+    recorded: CapsuleState,
+    container: Option<ContainerStatus>,
+) -> (CapsuleState, Option<String>) {
+    use CapsuleState as S;
+    use ContainerStatus as C;
+    match (recorded, container) {
+        (S::Running, Some(C::Running)) => (S::Running, None),
+        (S::Paused, Some(C::Paused)) => (S::Paused, None),
+        // A pause or resume that the agent did not get to record.
+        (S::Running, Some(C::Paused)) => (S::Paused, None),
+        (S::Paused, Some(C::Running)) => (S::Running, None),
+        (S::Hibernated, None | Some(C::Stopped)) => (S::Hibernated, None),
+        (S::Stopped, _) => (S::Stopped, None),
+        (S::Error, _) => (S::Error, None),
+        (S::Pending | S::Starting, _) => (
+            S::Error,
+            Some("the agent stopped while the capsule was being created".into()),
+        ),
+        (_, None) => (
+            S::Error,
+            Some("the container disappeared while the agent was not running".into()),
+        ),
+        (_, Some(s)) => (
+            S::Error,
+            Some(format!("the container is {s:?} while the capsule was {recorded}").to_lowercase()),
+        ),
+    }
+}
+
+fn validate(req: &CreateRequest) -> Result<(), AgentError> {
+    if req.vcpus == 0 || req.vcpus > 64 {
+        return Err(AgentError::Invalid(format!(
+            "vcpus must be 1-64, not {}",
+            req.vcpus
+        )));
+    }
+    if req.memory_mb < 32 || req.memory_mb > 1 << 20 {
+        return Err(AgentError::Invalid(format!(
+            "memory_mb must be 32-1048576, not {}",
+            req.memory_mb
+        )));
+    }
+    if let Some(p) = req.pids_limit {
+        if p < 8 {
+            return Err(AgentError::Invalid(format!(
+                "pids_limit must be at least 8, not {p}"
+            )));
+        }
+    }
+    for k in req.env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(AgentError::Invalid(format!(
+                "invalid environment variable name {k:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+impl From<template::TemplateError> for OpenError {
+    fn from(e: template::TemplateError) -> Self {
+        OpenError::Agent(e.into())
+    }
+}
+
+impl From<network::NetError> for OpenError {
+    fn from(e: network::NetError) -> Self {
+        OpenError::Agent(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciling_adopted_capsules() {
+        use CapsuleState as S;
+        use ContainerStatus as C;
+        assert_eq!(reconcile(S::Running, Some(C::Running)), (S::Running, None));
+        assert_eq!(reconcile(S::Running, Some(C::Paused)), (S::Paused, None));
+        assert_eq!(reconcile(S::Hibernated, None), (S::Hibernated, None));
+        assert_eq!(reconcile(S::Running, None).0, S::Error);
+        assert_eq!(reconcile(S::Running, Some(C::Stopped)).0, S::Error);
+        assert_eq!(reconcile(S::Starting, Some(C::Running)).0, S::Error);
+    }
+
+    #[test]
+    fn requests_are_validated() {
+        let mut r = CreateRequest::new(CapsuleId::random(), "busybox".parse().unwrap());
+        assert!(validate(&r).is_ok());
+        r.vcpus = 0;
+        assert!(matches!(validate(&r), Err(AgentError::Invalid(_))));
+        r.vcpus = 1;
+        r.memory_mb = 1;
+        assert!(validate(&r).is_err());
+        r.memory_mb = 64;
+        r.env.insert("A=B".into(), "x".into());
+        assert!(validate(&r).is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! The agent's configuration: typed, validated once at start.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::network::NetworkConfig;
+use crate::template::RuntimeChoice;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Templates, capsules and their records live here.
+    pub data_dir: PathBuf,
+    /// Prefix of the names this agent gives host objects (netns, veth, nft
+    /// table, cgroup parent, runtime state); lets test agents coexist.
+    pub instance: String,
+    /// The static envd binary bind-mounted into every capsule.
+    pub envd_bin: PathBuf,
+    /// The static busybox the `busybox` template is built from.
+    pub busybox_bin: PathBuf,
+    /// Default OCI runtime (templates may name another).
+    pub runtime: RuntimeChoice,
+    /// Root of the runtimes' state directories.
+    pub state_root: PathBuf,
+    pub network: NetworkConfig,
+    /// How often expired capsules are looked for.
+    pub reaper_interval: Duration,
+    /// How long a new capsule's envd has to answer.
+    pub envd_ready_timeout: Duration,
+    /// Process limit per capsule unless the request says otherwise.
+    pub default_pids: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid agent configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl AgentConfig {
+    /// Defaults for everything but the paths.
+    pub fn new(data_dir: PathBuf, envd_bin: PathBuf) -> Self {
+        let instance = "wrenn".to_owned();
+        AgentConfig {
+            data_dir,
+            envd_bin,
+            busybox_bin: PathBuf::from("/bin/busybox"),
+            runtime: RuntimeChoice {
+                binary: "runc".into(),
+                args: Vec::new(),
+            },
+            state_root: PathBuf::from("/run").join(&instance),
+            network: NetworkConfig {
+                instance: instance.clone(),
+                pool: "10.88.0.0/16".parse().expect("valid"),
+                egress_rate: 200_000_000,
+                egress_burst: 100_000_000,
+                nameservers: crate::network::host_nameservers(),
+            },
+            instance,
+            reaper_interval: Duration::from_secs(1),
+            envd_ready_timeout: Duration::from_secs(10),
+            default_pids: 4096,
+        }
+    }
+
+    /// Rename every host object this agent makes.
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        self.instance = instance.to_owned();
+        self.network.instance = instance.to_owned();
+        self.state_root = PathBuf::from("/run").join(instance);
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let i = &self.instance;
+        if i.is_empty()
+            || i.len() > 8
+            || !i
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(ConfigError(format!(
+                "instance {i:?} must be 1-8 characters of [a-z0-9]"
+            )));
+        }
+        if self.network.pool.prefix_len() > 29 {
+            return Err(ConfigError(format!(
+                "pool {} is too small: each capsule needs a /30",
+                self.network.pool
+            )));
+        }
+        if !self.envd_bin.is_file() {
+            return Err(ConfigError(format!(
+                "envd binary {} does not exist",
+                self.envd_bin.display()
+            )));
+        }
+        if self.network.egress_rate == 0 || self.network.egress_burst == 0 {
+            return Err(ConfigError("egress rate and burst must be positive".into()));
+        }
+        Ok(())
+    }
+}

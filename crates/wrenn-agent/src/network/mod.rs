@@ -1,0 +1,262 @@
+//! Capsule networking: one network namespace per capsule, a veth pair into
+//! it, an address pair from the pool, egress shaping and the nftables
+//! rules that keep capsules away from the host, each other and link-local
+//! addresses.
+//!
+//! Names derive from the agent's instance name and the capsule's slot
+//! (`{instance}-{slot}` for both the netns and the host-side veth, which
+//! stays under the kernel's 15-byte limit), so resources left behind by a
+//! crash can be recognised and swept. Everything here is synchronous and
+//! shells out to iproute2 and nftables; callers run it on blocking threads.
+
+mod nft;
+mod pool;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cmd::{self, CmdError};
+
+pub use nft::Firewall;
+pub use pool::{Pool, PoolError};
+
+/// Per-agent network settings.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    /// Prefix of every name the agent creates (netns, veth, nft table).
+    pub instance: String,
+    /// Address pool; each capsule takes a /30.
+    pub pool: ipnet::Ipv4Net,
+    /// Sustained egress rate per capsule, bytes per second.
+    pub egress_rate: u64,
+    /// Egress burst per capsule, bytes.
+    pub egress_burst: u64,
+    /// Nameservers written into capsules' `/etc/resolv.conf`.
+    pub nameservers: Vec<std::net::IpAddr>,
+}
+
+/// One capsule's network, as persisted in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    pub index: u32,
+    pub netns: String,
+    pub veth: String,
+    pub host_ip: Ipv4Addr,
+    pub capsule_ip: Ipv4Addr,
+}
+
+impl Slot {
+    pub fn new(instance: &str, index: u32, pool: &ipnet::Ipv4Net) -> Self {
+        let base = u32::from(pool.network()) + index * 4;
+        let name = format!("{instance}-{index}");
+        Slot {
+            index,
+            netns: name.clone(),
+            veth: name,
+            host_ip: Ipv4Addr::from(base + 1),
+            capsule_ip: Ipv4Addr::from(base + 2),
+        }
+    }
+
+    /// Where iproute2 keeps the named namespace (handed to the runtime).
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+}
+
+/// Failure of one network step.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{step} for {name}")]
+    Step {
+        step: &'static str,
+        name: String,
+        #[source]
+        source: CmdError,
+    },
+}
+
+fn step<'a>(step: &'static str, name: &'a str) -> impl FnOnce(CmdError) -> NetError + 'a {
+    move |source| NetError::Step {
+        step,
+        name: name.to_owned(),
+        source,
+    }
+}
+
+/// Create the namespace and the veth pair, address both ends, route the
+/// capsule through the host end and shape its egress.
+pub fn create(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
+    let plen = 30;
+    cmd::run("ip", ["netns", "add", &slot.netns], None)
+        .map_err(step("create netns", &slot.netns))?;
+    let host = format!(
+        "link add {veth} txqueuelen 5000 type veth peer name eth0 netns {ns}\n\
+         addr add {hip}/{plen} dev {veth}\n\
+         link set {veth} up\n",
+        veth = slot.veth,
+        ns = slot.netns,
+        hip = slot.host_ip,
+    );
+    cmd::run("ip", ["-batch", "-"], Some(host.as_bytes()))
+        .map_err(step("create veth", &slot.veth))?;
+    let inside = format!(
+        "link set lo up\n\
+         link set eth0 txqueuelen 5000\n\
+         addr add {cip}/{plen} dev eth0\n\
+         link set eth0 up\n\
+         route add default via {hip}\n",
+        cip = slot.capsule_ip,
+        hip = slot.host_ip,
+    );
+    cmd::run(
+        "ip",
+        ["-n", &slot.netns, "-batch", "-"],
+        Some(inside.as_bytes()),
+    )
+    .map_err(step("configure eth0", &slot.netns))?;
+    // Shape the capsule's egress with a token bucket on eth0. The agent
+    // sets it from outside; without CAP_NET_ADMIN the workload cannot
+    // change it. (Policing on the host end would need act_police, which
+    // kernels built without CONFIG_NET_ACT_POLICE lack; tbf is everywhere.)
+    let shape = format!(
+        "qdisc replace dev eth0 root tbf rate {rate}bit burst {burst} latency 100ms\n",
+        rate = cfg.egress_rate * 8,
+        burst = cfg.egress_burst,
+    );
+    cmd::run(
+        "tc",
+        ["-n", &slot.netns, "-batch", "-"],
+        Some(shape.as_bytes()),
+    )
+    .map_err(step("shape egress", &slot.netns))?;
+    Ok(())
+}
+
+/// Delete the namespace (which takes eth0 and so its veth peer with it),
+/// then the host end in case the namespace was already gone. Missing
+/// pieces are not errors: teardown must be repeatable.
+pub fn destroy(slot: &Slot) -> Result<(), NetError> {
+    if slot.netns_path().exists() {
+        cmd::run("ip", ["netns", "delete", &slot.netns], None)
+            .map_err(step("delete netns", &slot.netns))?;
+    }
+    if link_exists(&slot.veth) {
+        cmd::run("ip", ["link", "delete", &slot.veth], None)
+            .map_err(step("delete veth", &slot.veth))?;
+    }
+    Ok(())
+}
+
+fn link_exists(name: &str) -> bool {
+    PathBuf::from("/sys/class/net").join(name).exists()
+}
+
+/// Namespaces named like this instance's slots (for sweeping leftovers).
+pub fn list_netns(instance: &str) -> Vec<(u32, String)> {
+    let prefix = format!("{instance}-");
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| Some((n.strip_prefix(&prefix)?.parse().ok()?, n.clone())))
+        .collect()
+}
+
+/// Host-side links named like this instance's slots.
+pub fn list_links(instance: &str) -> Vec<(u32, String)> {
+    let prefix = format!("{instance}-");
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| Some((n.strip_prefix(&prefix)?.parse().ok()?, n.clone())))
+        .collect()
+}
+
+/// The nameservers a capsule should use: the host's, except that a
+/// loopback resolver (systemd-resolved's 127.0.0.53, a local dnsmasq) is
+/// replaced by what it forwards to, since a capsule cannot reach the
+/// host's loopback.
+pub fn host_nameservers() -> Vec<std::net::IpAddr> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| parse_resolv(&s))
+            .unwrap_or_default()
+    };
+    let mut ns = read("/etc/resolv.conf");
+    if ns.is_empty() || ns.iter().any(|a| a.is_loopback()) {
+        let upstream = read("/run/systemd/resolve/resolv.conf");
+        let upstream: Vec<_> = upstream.into_iter().filter(|a| !a.is_loopback()).collect();
+        ns.retain(|a| !a.is_loopback());
+        for a in upstream {
+            if !ns.contains(&a) {
+                ns.push(a);
+            }
+        }
+    }
+    ns
+}
+
+fn parse_resolv(text: &str) -> Vec<std::net::IpAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| {
+            rest.split_whitespace()
+                .next()?
+                .split('%')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The `/etc/resolv.conf` a capsule gets.
+pub fn resolv_conf(nameservers: &[std::net::IpAddr]) -> String {
+    let mut s = String::from("# written by wrenn-agent\n");
+    for n in nameservers {
+        s.push_str(&format!("nameserver {n}\n"));
+    }
+    s
+}
+
+/// IP forwarding must be on for capsules to reach anything past the host.
+pub fn enable_forwarding() -> std::io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_slash_30s_inside_the_pool() {
+        let pool: ipnet::Ipv4Net = "10.88.0.0/16".parse().unwrap();
+        let s = Slot::new("wrenn", 0, &pool);
+        assert_eq!(
+            (s.host_ip, s.capsule_ip),
+            ("10.88.0.1".parse().unwrap(), "10.88.0.2".parse().unwrap())
+        );
+        let s = Slot::new("wrenn", 16383, &pool);
+        assert_eq!(s.capsule_ip, "10.88.255.254".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(s.veth, "wrenn-16383");
+        assert!(s.veth.len() <= 15);
+    }
+
+    #[test]
+    fn loopback_resolvers_are_skipped() {
+        let ns = parse_resolv("# c\nnameserver 127.0.0.53\nnameserver  1.1.1.1 \nnameserver fe80::1%eth0\noptions edns0\n");
+        assert_eq!(ns.len(), 3);
+        assert!(ns[0].is_loopback());
+        assert_eq!(ns[1], "1.1.1.1".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(
+            resolv_conf(&ns[1..2]),
+            "# written by wrenn-agent\nnameserver 1.1.1.1\n"
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! Harness for the agent's privileged tests: a real agent (real runc,
+//! namespaces, nftables, overlayfs) with its own instance name, address
+//! pool and data directory, so tests run side by side. Dropping a
+//! [`TestAgent`] destroys its capsules and removes its firewall table,
+//! runtime state and cgroup parents, also when the test panicked.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envd_client::ExecRequest;
+use wrenn_agent::{Agent, AgentConfig, CreateRequest};
+use wrenn_types::ids::CapsuleId;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The static envd (`scripts/test.sh` builds it and sets `ENVD_STATIC_BIN`).
+pub fn static_envd() -> PathBuf {
+    let path = std::env::var_os("ENVD_STATIC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../target/x86_64-unknown-linux-gnu/release/envd"
+            ))
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: scripts/test.sh builds the static envd (ENVD_STATIC_BIN)",
+        path.display()
+    );
+    path
+}
+
+pub struct TestAgent {
+    pub agent: Arc<Agent>,
+    pub data: tempfile::TempDir,
+    pub cfg: AgentConfig,
+}
+
+/// A fresh configuration: unique instance, pool and data directory.
+pub fn test_config(data: &Path) -> AgentConfig {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the agent's tests need root (CI runs them as root)"
+    );
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let pid = std::process::id();
+    let instance = format!("t{:x}{:x}", pid & 0xfff, n);
+    let mut cfg = AgentConfig::new(data.to_owned(), static_envd())
+        .with_instance(&instance[..instance.len().min(8)]);
+    cfg.network.pool = format!("10.{}.{}.0/24", 100 + n % 100, pid % 256)
+        .parse()
+        .unwrap();
+    cfg.reaper_interval = Duration::from_millis(200);
+    cfg
+}
+
+impl TestAgent {
+    pub async fn start() -> TestAgent {
+        let data = tempfile::Builder::new()
+            .prefix("wrenn-agent-test")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let cfg = test_config(data.path());
+        let agent = Agent::open(cfg.clone()).await.expect("agent opens");
+        TestAgent { agent, data, cfg }
+    }
+
+    pub fn busybox(&self) -> CreateRequest {
+        let mut r = CreateRequest::new(CapsuleId::random(), "busybox".parse().unwrap());
+        r.memory_mb = 128;
+        r
+    }
+
+    /// Create a busybox capsule with defaults.
+    pub async fn capsule(&self) -> CapsuleId {
+        let req = self.busybox();
+        let id = req.id.clone();
+        self.agent.create(req).await.expect("create");
+        id
+    }
+
+    /// Run a shell script in a capsule; (exit code, stdout+stderr).
+    pub async fn sh(&self, id: &CapsuleId, script: &str) -> (i32, String) {
+        let c = self.agent.running(id).expect("capsule is running");
+        let mut req = ExecRequest::shell(script);
+        req.timeout = Some(Duration::from_secs(30));
+        let out = c.envd().exec(req).await.expect("exec");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.exit_code, text)
+    }
+
+    /// Host objects this agent could have left behind.
+    pub fn leftovers(&self) -> Vec<String> {
+        leftovers(&self.cfg, self.data.path())
+    }
+}
+
+pub fn leftovers(cfg: &AgentConfig, data: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    let inst = &cfg.instance;
+    for (_, n) in wrenn_agent::network::list_netns(inst) {
+        v.push(format!("netns {n}"));
+    }
+    for (_, n) in wrenn_agent::network::list_links(inst) {
+        v.push(format!("link {n}"));
+    }
+    for m in wrenn_agent::rootfs::mounts_under(data) {
+        v.push(format!("mount {}", m.display()));
+    }
+    let cg = wrenn_agent::cgroup::Cgroups::host();
+    for ctl in ["memory", "pids", "cpu", "freezer", ""] {
+        let dir = cg.root.join(ctl).join(inst);
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten().filter(|e| e.path().is_dir()) {
+                v.push(format!("cgroup {}", e.path().display()));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(data.join("capsules")) {
+        for e in rd.flatten() {
+            v.push(format!("dir {}", e.path().display()));
+        }
+    }
+    let rules = std::process::Command::new("nft")
+        .args(["list", "table", "inet", inst])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&rules.stdout);
+    if text.contains("elements") {
+        v.push(format!("nft elements: {text}"));
+    }
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    for l in String::from_utf8_lossy(&ps.stdout).lines() {
+        if l.contains(&format!("--root=/run/{inst}")) || l.contains(&data.display().to_string()) {
+            v.push(format!("process {l}"));
+        }
+    }
+    v
+}
+
+/// Remove everything an instance may own on the host.
+pub fn scrub(cfg: &AgentConfig) {
+    let inst = &cfg.instance;
+    let _ = std::process::Command::new("nft")
+        .args(["delete", "table", "inet", inst])
+        .output();
+    let cg = wrenn_agent::cgroup::Cgroups::host();
+    for ctl in [
+        "memory",
+        "pids",
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "freezer",
+        "devices",
+        "blkio",
+        "systemd",
+        "net_cls",
+        "perf_event",
+        "hugetlb",
+        "",
+    ] {
+        let _ = std::fs::remove_dir(cg.root.join(ctl).join(inst));
+    }
+    let _ = std::fs::remove_dir_all(&cfg.state_root);
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        let agent = self.agent.clone();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(agent.destroy_all())
+        });
+        scrub(&self.cfg);
+    }
+}
+
+/// Poll `f` until it is true or `secs` pass.
+pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < until {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
