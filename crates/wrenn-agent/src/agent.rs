@@ -212,6 +212,8 @@ impl Agent {
             auto_paused: Mutex::new(Vec::new()),
             cfg,
         });
+        // Fail fast when the default runtime is not installed.
+        agent.runtime_for(&agent.cfg.runtime.clone())?;
         agent.adopt()?;
         Ok(agent)
     }

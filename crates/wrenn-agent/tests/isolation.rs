@@ -1,0 +1,276 @@
+//! What a capsule can and cannot reach or do, probed from inside real
+//! capsules: host services, other capsules, link-local/metadata addresses,
+//! privileged operations; NAT egress to a netns that plays "internet",
+//! switched off and on.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::TestAgent;
+
+fn sh(script: &str) -> std::process::Output {
+    Command::new("sh").args(["-c", script]).output().unwrap()
+}
+
+/// A netns at 198.18.N.2 (and link-local 169.254.99.1, routed there by a
+/// host /32) running an HTTP server on port 9000. Removed on drop.
+struct Internet {
+    ns: String,
+    veth: String,
+    ip: String,
+    server: std::process::Child,
+}
+
+impl Internet {
+    fn start(tag: &str, n: u8) -> Internet {
+        let ns = format!("wt-inet-{tag}");
+        let veth = format!("wti{tag}");
+        let ip = format!("198.18.{n}.2");
+        let script = format!(
+            "set -e; ip netns add {ns}; ip link add {veth} type veth peer name eth0 netns {ns}; \
+             ip addr add 198.18.{n}.1/24 dev {veth}; ip link set {veth} up; \
+             ip -n {ns} link set lo up; ip -n {ns} addr add {ip}/24 dev eth0; ip -n {ns} link set eth0 up; \
+             ip -n {ns} addr add 169.254.99.1/32 dev lo; ip -n {ns} route add default via 198.18.{n}.1; \
+             ip route add 169.254.99.1/32 via {ip}"
+        );
+        let out = sh(&script);
+        let mut me = Internet {
+            ns: ns.clone(),
+            veth,
+            ip,
+            server: Command::new("true").spawn().unwrap(),
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dir = tempfile::tempdir().unwrap().keep();
+        std::fs::write(dir.join("index.html"), "hello from the internet\n").unwrap();
+        me.server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "python3",
+                "-m",
+                "http.server",
+                "9000",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+            ])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // the host itself reaches both addresses (the controls)
+        for _ in 0..100 {
+            if sh(&format!("curl -sf -m 1 http://{}:9000/ >/dev/null", me.ip))
+                .status
+                .success()
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(
+            sh(&format!("curl -sf -m 2 http://{}:9000/", me.ip))
+                .status
+                .success(),
+            "control: host reaches the internet netns"
+        );
+        assert!(
+            sh("curl -sf -m 2 http://169.254.99.1:9000/")
+                .status
+                .success(),
+            "control: host reaches the link-local address"
+        );
+        me
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = sh(&format!(
+            "ip route del 169.254.99.1/32; ip netns del {}; ip link del {} 2>/dev/null",
+            self.ns, self.veth
+        ));
+    }
+}
+
+/// Count connections accepted on a host listener.
+async fn listener(addr: &str) -> (u16, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let n = Arc::new(AtomicUsize::new(0));
+    let counter = n.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = l.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (port, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capsules_reach_the_internet_and_nothing_else() {
+    let t = TestAgent::start().await;
+    let a = &t.agent;
+    let net = Internet::start(&t.cfg.instance[1..], (std::process::id() % 200) as u8 + 20);
+    let me = t.capsule().await;
+    let other = t.capsule().await;
+    let my_ip = a.info_of(&me).unwrap().ip.unwrap();
+    let other_ip = a.info_of(&other).unwrap().ip.unwrap();
+    let host_ip = std::net::Ipv4Addr::from(u32::from(my_ip) - 1);
+
+    // NAT egress works, DNS through the host's resolver too
+    let (code, out) = t
+        .sh(
+            &me,
+            &format!(
+                "timeout 5 wget -q -O - http://{}:9000/ 2>&1; echo rc=$?",
+                net.ip
+            ),
+        )
+        .await;
+    assert_eq!((code, out.as_str()), (0, "hello from the internet\nrc=0\n"));
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    if sh("getent hosts deb.debian.org").status.success() && !resolv.contains("127.0.0.") {
+        let (code, out) = t.sh(&me, "nslookup deb.debian.org").await;
+        assert_eq!(code, 0, "DNS in a capsule: {out}");
+    }
+
+    // link-local (metadata) addresses are not reachable, though the host reaches them
+    let (code, _) = t
+        .sh(&me, "timeout 5 wget -q -O - http://169.254.99.1:9000/")
+        .await;
+    assert_ne!(code, 0, "link-local address reached from a capsule");
+    if sh("curl -s -m 2 -o /dev/null http://169.254.169.254/")
+        .status
+        .success()
+    {
+        let (code, _) = t
+            .sh(&me, "timeout 5 wget -q -O - http://169.254.169.254/")
+            .await;
+        assert_ne!(code, 0, "metadata address reached from a capsule");
+    }
+
+    // host services: on the host end of the veth and on the host's loopback
+    let (port, accepted) = listener("0.0.0.0:0").await;
+    let (code, _) = t
+        .sh(&me, &format!("echo x | nc -w 2 {host_ip} {port}"))
+        .await;
+    assert_ne!(code, 0);
+    let (lport, laccepted) = listener("127.0.0.1:0").await;
+    let (code, _) = t
+        .sh(&me, &format!("echo x | nc -w 2 127.0.0.1 {lport}"))
+        .await;
+    assert_ne!(code, 0);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "control: the host listener works"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "only the host's own control connection"
+    );
+    assert_eq!(laccepted.load(Ordering::SeqCst), 0);
+
+    // another capsule: the host reaches its envd, a neighbour does not
+    assert!(
+        std::net::TcpStream::connect((other_ip, 49983)).is_ok(),
+        "control: host reaches the other capsule"
+    );
+    let (code, _) = t
+        .sh(
+            &me,
+            &format!("timeout 5 wget -q -O - http://{other_ip}:49983/health"),
+        )
+        .await;
+    assert_ne!(code, 0, "capsule reached its neighbour");
+
+    // internet off blocks egress; on again restores it
+    a.set_internet(&me, false).await.unwrap();
+    let (code, _) = t
+        .sh(
+            &me,
+            &format!("timeout 5 wget -q -O - http://{}:9000/", net.ip),
+        )
+        .await;
+    assert_ne!(code, 0, "internet off still reaches out");
+    a.set_internet(&me, true).await.unwrap();
+    let (code, _) = t
+        .sh(
+            &me,
+            &format!("timeout 5 wget -q -O - http://{}:9000/", net.ip),
+        )
+        .await;
+    assert_eq!(code, 0);
+
+    // a capsule created without internet
+    let mut req = t.busybox();
+    req.internet = false;
+    let offline = req.id.clone();
+    a.create(req).await.unwrap();
+    let (code, _) = t
+        .sh(
+            &offline,
+            &format!("timeout 5 wget -q -O - http://{}:9000/", net.ip),
+        )
+        .await;
+    assert_ne!(code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capsules_cannot_touch_the_host_kernel() {
+    let t = TestAgent::start().await;
+    let id = t.capsule().await;
+    let probes = [
+        ("mount", "mount -t tmpfs x /mnt"),
+        ("remount proc", "mount -o remount,rw /proc/sys"),
+        ("load a module", "echo junk > /tmp/m.ko && insmod /tmp/m.ko"),
+        ("write /proc/sys", "echo 0 > /proc/sys/net/ipv4/ip_forward"),
+        ("write /proc/sys/kernel", "echo evil > /proc/sys/kernel/hostname"),
+        ("user namespace", "unshare -U -r true"),
+        ("net namespace", "unshare -n true"),
+        ("change the network", "ip link set eth0 down"),
+        ("enter host namespaces", "nsenter -t 1 -m -n true && test \"$(readlink /proc/1/ns/mnt)\" != \"$(readlink /proc/self/ns/mnt)\""),
+        ("read kcore", "head -c 1 /proc/kcore"),
+        ("make a device", "mknod /tmp/sda b 8 0 && head -c 1 /tmp/sda"),
+        ("set the clock", "date -s '2000-01-01 00:00:00' >/dev/null 2>&1; test \"$(date +%Y)\" = 2000"),
+    ];
+    for (what, script) in probes {
+        let (code, out) = t.sh(&id, script).await;
+        assert_ne!(code, 0, "a capsule could {what}: {out}");
+    }
+    let (_, out) = t.sh(&id, "insmod /tmp/m.ko 2>&1; true").await;
+    assert!(
+        out.contains("not permitted") || out.contains("Operation"),
+        "module load refused by policy, not parsing: {out}"
+    );
+    // only its own processes are visible
+    let (_, out) = t.sh(&id, "ls /proc | grep -c '^[0-9]'").await;
+    let n: u32 = out.trim().parse().unwrap();
+    assert!(n < 10, "{n} processes visible");
+    let (_, out) = t
+        .sh(&id, "cat /proc/*/cmdline 2>/dev/null | tr '\\0' ' '")
+        .await;
+    assert!(
+        !out.contains("cargo") && !out.contains("isolation-"),
+        "host processes visible: {out}"
+    );
+    // the host's envd binary is read-only inside
+    let (code, _) = t.sh(&id, "echo x >> /.wrenn/envd").await;
+    assert_ne!(code, 0);
+    // still healthy after all that
+    assert_eq!(t.sh(&id, "echo ok").await, (0, "ok\n".to_string()));
+}
