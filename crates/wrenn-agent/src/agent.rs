@@ -165,6 +165,19 @@ pub struct Agent {
     runtimes: Mutex<HashMap<RuntimeChoice, Arc<dyn Runtime>>>,
     capsules: RwLock<HashMap<CapsuleId, Arc<Capsule>>>,
     auto_paused: Mutex<Vec<CapsuleId>>,
+    on_destroy: Hooks,
+}
+
+/// Called with the ID of every capsule destroyed (cache eviction).
+pub type DestroyHook = Box<dyn Fn(&CapsuleId) + Send + Sync>;
+
+#[derive(Default)]
+struct Hooks(Mutex<Vec<DestroyHook>>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} hooks", self.0.lock().unwrap().len())
+    }
 }
 
 fn now_ms() -> u64 {
@@ -210,12 +223,18 @@ impl Agent {
             runtimes: Mutex::new(HashMap::new()),
             capsules: RwLock::new(HashMap::new()),
             auto_paused: Mutex::new(Vec::new()),
+            on_destroy: Hooks::default(),
             cfg,
         });
         // Fail fast when the default runtime is not installed.
         agent.runtime_for(&agent.cfg.runtime.clone())?;
         agent.adopt()?;
         Ok(agent)
+    }
+
+    /// Register a hook run after every destroy.
+    pub fn on_destroy(&self, hook: DestroyHook) {
+        self.on_destroy.0.lock().unwrap().push(hook);
     }
 
     pub fn config(&self) -> &AgentConfig {
@@ -646,6 +665,9 @@ impl Agent {
         c.update(|r| r.state = CapsuleState::Stopped)?;
         let errors = self.teardown(&c).await;
         self.capsules.write().unwrap().remove(id);
+        for hook in self.on_destroy.0.lock().unwrap().iter() {
+            hook(id);
+        }
         if errors.is_empty() {
             tracing::info!(capsule_id = %id, "capsule destroyed");
         } else {
@@ -853,6 +875,27 @@ impl Agent {
         .await?;
         c.update(|r| r.state = CapsuleState::Paused)?;
         Ok(meta)
+    }
+
+    /// Delete a template unless a capsule or another template uses it.
+    pub async fn delete_template(&self, name: &TemplateName) -> Result<(), AgentError> {
+        let users: Vec<CapsuleId> = self
+            .capsules
+            .read()
+            .unwrap()
+            .values()
+            .filter(|c| {
+                let t = c.rec.lock().unwrap().template.clone();
+                t == *name || self.templates.get(&t).is_ok_and(|m| m.layers.contains(name))
+            })
+            .map(|c| c.id.clone())
+            .collect();
+        if let Some(id) = users.first() {
+            return Err(AgentError::Invalid(format!("template {name} is used by capsule {id}")));
+        }
+        let store = self.templates.clone();
+        let name = name.clone();
+        Ok(blocking(move || store.remove(&name)).await?)
     }
 
     // ---- timeouts -----------------------------------------------------

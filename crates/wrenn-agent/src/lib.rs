@@ -9,9 +9,12 @@ pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod network;
+pub mod proxy;
 pub mod record;
+pub mod rpc;
 pub mod rootfs;
 pub mod runtime;
+pub mod server;
 pub mod state;
 pub mod template;
 

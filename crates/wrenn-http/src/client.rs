@@ -39,3 +39,84 @@ pub fn client(version: HttpVersion) -> HttpClient {
     }
     builder.build(connector)
 }
+
+/// A connector that retries refused or failed dials: `attempts` tries in
+/// all, waiting `step`, `2 × step`, … between them (linear backoff). It
+/// bridges the moment between a server starting and its port opening.
+#[derive(Debug, Clone)]
+pub struct RetryConnector {
+    inner: HttpConnector,
+    attempts: u32,
+    step: Duration,
+}
+
+impl tower::Service<http::Uri> for RetryConnector {
+    type Response = <HttpConnector as tower::Service<http::Uri>>::Response;
+    type Error = <HttpConnector as tower::Service<http::Uri>>::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Uri>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        use tower::ServiceExt;
+        let (inner, attempts, step) = (self.inner.clone(), self.attempts.max(1), self.step);
+        Box::pin(async move {
+            let mut attempt = 1;
+            loop {
+                match inner.clone().oneshot(uri.clone()).await {
+                    Ok(conn) => return Ok(conn),
+                    Err(e) if attempt >= attempts => return Err(e),
+                    Err(_) => {
+                        tokio::time::sleep(step * attempt).await;
+                        attempt += 1;
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Bodies relayed by the proxy (request bodies from a server are not `Sync`).
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A pooled HTTP/1.1 client whose dials are retried.
+pub type ProxyClient = Client<RetryConnector, ProxyBody>;
+
+/// The proxy transport: HTTP/1.1 only (HTTP/2 disabled), its own pool of
+/// at most 20 idle connections per host kept 120 s, `TCP_NODELAY`, and
+/// dials retried 3 times with 100 ms linear backoff for ports that are
+/// just coming up.
+pub fn proxy_client() -> ProxyClient {
+    let mut inner = HttpConnector::new();
+    inner.set_nodelay(true);
+    inner.set_connect_timeout(Some(Duration::from_secs(5)));
+    inner.enforce_http(true);
+    let connector = RetryConnector { inner, attempts: 3, step: Duration::from_millis(100) };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(120))
+        .pool_max_idle_per_host(20)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// Dial `addr` with the proxy's retry policy (for upgrade tunnels, which
+/// need a connection of their own).
+pub async fn dial_with_retry(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let mut attempt = 1;
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) if attempt >= 3 => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                attempt += 1;
+            }
+        }
+    }
+}

@@ -195,3 +195,58 @@ pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// The agent binary running as a separate process (for restart tests).
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl AgentProcess {
+    pub fn spawn(cfg: &AgentConfig) -> AgentProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn-agent"))
+            .args(["--listen", "127.0.0.1:0", "--instance", &cfg.instance, "--reaper-interval", "200ms"])
+            .arg("--data-dir")
+            .arg(&cfg.data_dir)
+            .arg("--envd")
+            .arg(&cfg.envd_bin)
+            .arg("--pool")
+            .arg(cfg.network.pool.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn wrenn-agent");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("wrenn-agent listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        AgentProcess { child, addr }
+    }
+
+    pub fn client(&self) -> RpcClient {
+        rpc_client(self.addr)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub type RpcClient = wrenn_proto::wrenn::agent::v1::AgentClient<connectrpc::client::HttpClient>;
+
+pub fn rpc_client(addr: std::net::SocketAddr) -> RpcClient {
+    let uri: http::Uri = format!("http://{addr}").parse().unwrap();
+    RpcClient::new(connectrpc::client::HttpClient::plaintext(), connectrpc::client::ClientConfig::new(uri))
+}

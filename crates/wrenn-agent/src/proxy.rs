@@ -1,0 +1,337 @@
+//! The port proxy: `/proxy/{capsule}/{port}/{rest}` → `http://{capsule
+//! ip}:{port}/{rest}`.
+//!
+//! - Its own HTTP/1.1 pool ([`wrenn_http::proxy_client`]), never shared;
+//!   dials are retried 3 times with linear backoff, for ports that are just
+//!   coming up (envd's forwarder scans every second).
+//! - The path after the port is forwarded byte for byte (no decoding, no
+//!   normalising: trailing slashes and `%2F` survive), with the query.
+//! - `Location` headers keep the prefix: a root-relative one gets it, an
+//!   absolute one naming the capsule's own address becomes prefix + path.
+//! - WebSocket (any `Upgrade`) requests get a connection of their own and,
+//!   after the upstream's 101, a byte tunnel. Tunnels are tasks owned by
+//!   the proxy's tracker and cancelled with it.
+//! - Routes (capsule, port → address and prefix) are cached and evicted
+//!   when the capsule is destroyed; the capsule's state is checked on
+//!   every request (a paused capsule answers 503, never 404).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wrenn_types::ids::CapsuleId;
+
+use crate::agent::Agent;
+use crate::error::{AgentError, ErrorKind};
+
+/// One cached route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub upstream: SocketAddr,
+    pub prefix: String,
+}
+
+#[derive(Debug)]
+pub struct PortProxy {
+    agent: Arc<Agent>,
+    client: wrenn_http::ProxyClient,
+    routes: Mutex<HashMap<(CapsuleId, u16), Route>>,
+    tunnels: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// A parsed `/proxy/{capsule}/{port}{rest}` path.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub id: &'a str,
+    pub port: &'a str,
+    /// Starts with `/` (an empty rest becomes `/`); still percent-encoded.
+    pub rest: &'a str,
+}
+
+/// Split a raw request path; `None` when it is not a proxy path.
+pub fn parse_target(path: &str) -> Option<Target<'_>> {
+    let tail = path.strip_prefix("/proxy/")?;
+    let (id, tail) = tail.split_once('/').unwrap_or((tail, ""));
+    let (port, rest) = match tail.find('/') {
+        Some(i) => (&tail[..i], &tail[i..]),
+        None => (tail, "/"),
+    };
+    if id.is_empty() || port.is_empty() {
+        return None;
+    }
+    Some(Target { id, port, rest })
+}
+
+fn plain(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], msg.into()).into_response()
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Rewrite a `Location` so that the client stays behind the prefix.
+pub fn rewrite_location(location: &str, route: &Route) -> Option<String> {
+    if location.starts_with('/') && !location.starts_with("//") {
+        return Some(format!("{}{}", route.prefix, location));
+    }
+    let rest = location.strip_prefix("http://").or_else(|| location.strip_prefix("https://"))?;
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let port = route.upstream.port();
+    let ours = [
+        route.upstream.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+    ];
+    if ours.iter().any(|a| a.eq_ignore_ascii_case(authority)) {
+        let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
+        return Some(format!("{}{}", route.prefix, path));
+    }
+    None
+}
+
+impl PortProxy {
+    pub fn new(agent: Arc<Agent>) -> Arc<PortProxy> {
+        Arc::new(PortProxy {
+            agent,
+            client: wrenn_http::proxy_client(),
+            routes: Mutex::new(HashMap::new()),
+            tunnels: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Forget every route of a destroyed capsule.
+    pub fn evict(&self, id: &CapsuleId) {
+        self.routes.lock().unwrap().retain(|(c, _), _| c != id);
+    }
+
+    pub fn cached_routes(&self) -> usize {
+        self.routes.lock().unwrap().len()
+    }
+
+    /// Close every tunnel and wait for them (shutdown).
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tunnels.close();
+        self.tunnels.wait().await;
+    }
+
+    fn route(&self, id: &CapsuleId, port: u16) -> Result<Route, AgentError> {
+        // The state check runs every time; only the address is cached.
+        let upstream = self.agent.proxy_target(id, port)?;
+        let mut routes = self.routes.lock().unwrap();
+        let route = routes
+            .entry((id.clone(), port))
+            .or_insert_with(|| Route { upstream, prefix: format!("/proxy/{id}/{port}") });
+        Ok(route.clone())
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request) -> Response {
+        let path = req.uri().path().to_owned();
+        let Some(t) = parse_target(&path) else {
+            return plain(StatusCode::NOT_FOUND, "not a proxy path");
+        };
+        let Ok(id) = t.id.parse::<CapsuleId>() else {
+            return plain(StatusCode::BAD_REQUEST, format!("invalid capsule ID {:?}", t.id));
+        };
+        let port = match t.port.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return plain(StatusCode::BAD_REQUEST, format!("invalid port {:?}", t.port)),
+        };
+        let route = match self.route(&id, port) {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::NotFound => return plain(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e) => return plain(StatusCode::SERVICE_UNAVAILABLE, format!("capsule is not available: {e}")),
+        };
+        let path_and_query = match req.uri().query() {
+            Some(q) => format!("{}?{q}", t.rest),
+            None => t.rest.to_owned(),
+        };
+        if is_upgrade(req.headers()) {
+            return self.tunnel(req, route, &path_and_query).await;
+        }
+        self.forward(req, route, &path_and_query).await
+    }
+
+    async fn forward(&self, req: Request, route: Route, path_and_query: &str) -> Response {
+        let (mut parts, body) = req.into_parts();
+        let Ok(uri) = format!("http://{}{}", route.upstream, path_and_query).parse::<Uri>() else {
+            return plain(StatusCode::BAD_REQUEST, "unparsable path");
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove("x-api-key");
+        add_forwarded(&mut parts.headers);
+        let body = body.map_err(std::io::Error::other).boxed_unsync();
+        let upstream = http::Request::from_parts(parts, body);
+        match self.client.request(upstream).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                fix_location(&mut parts.headers, &route);
+                Response::from_parts(parts, Body::new(body))
+            }
+            Err(e) => plain(StatusCode::BAD_GATEWAY, format!("proxy error: {}", error_chain(&e))),
+        }
+    }
+
+    async fn tunnel(self: &Arc<Self>, mut req: Request, route: Route, path_and_query: &str) -> Response {
+        let stream = match wrenn_http::dial_with_retry(route.upstream).await {
+            Ok(s) => s,
+            Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
+        };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(x) => x,
+            Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
+        };
+        let stop = self.stop.clone();
+        self.tunnels.spawn(async move {
+            tokio::select! {
+                _ = conn.with_upgrades() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        let mut up = http::Request::builder().method(req.method().clone()).uri(path_and_query);
+        for (k, v) in req.headers() {
+            if k != "x-api-key" {
+                up = up.header(k, v);
+            }
+        }
+        let up = match up.body(http_body_util::Empty::<bytes::Bytes>::new()) {
+            Ok(r) => r,
+            Err(e) => return plain(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        let resp = match sender.send_request(up).await {
+            Ok(r) => r,
+            Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = resp.into_parts();
+            fix_location(&mut parts.headers, &route);
+            return Response::from_parts(parts, Body::new(body));
+        }
+        let (parts, _) = http::Response::from_parts(resp.into_parts().0, ()).into_parts();
+        let mut upstream_resp = http::Response::from_parts(parts.clone(), ());
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+        let stop = self.stop.clone();
+        self.tunnels.spawn(async move {
+            let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
+                return;
+            };
+            let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        Response::from_parts(parts, Body::empty())
+    }
+}
+
+fn add_forwarded(h: &mut HeaderMap) {
+    if let Some(host) = h.get(header::HOST).cloned() {
+        h.entry("x-forwarded-host").or_insert(host);
+    }
+    h.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
+}
+
+fn fix_location(h: &mut HeaderMap, route: &Route) {
+    let new = h
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| rewrite_location(l, route))
+        .and_then(|l| HeaderValue::from_str(&l).ok());
+    if let Some(v) = new {
+        h.insert(header::LOCATION, v);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// The axum handler (state: the proxy).
+pub async fn handler(State(proxy): State<Arc<PortProxy>>, req: Request) -> Response {
+    proxy.handle(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_keep_the_raw_rest() {
+        let t = parse_target("/proxy/cl-x/8080/a%2Fb/c/").unwrap();
+        assert_eq!(t, Target { id: "cl-x", port: "8080", rest: "/a%2Fb/c/" });
+        assert_eq!(parse_target("/proxy/cl-x/80").unwrap().rest, "/");
+        assert_eq!(parse_target("/proxy/cl-x/80/").unwrap().rest, "/");
+        assert_eq!(parse_target("/proxy/cl-x//x").map(|t| t.port), None);
+        assert_eq!(parse_target("/proxy/"), None);
+        assert_eq!(parse_target("/other/x/1"), None);
+    }
+
+    #[test]
+    fn locations_keep_the_prefix() {
+        let r = Route { upstream: "10.88.0.2:8000".parse().unwrap(), prefix: "/proxy/cl-a/8000".into() };
+        assert_eq!(rewrite_location("/docs/", &r).unwrap(), "/proxy/cl-a/8000/docs/");
+        assert_eq!(rewrite_location("http://10.88.0.2:8000/x?y=1", &r).unwrap(), "/proxy/cl-a/8000/x?y=1");
+        assert_eq!(rewrite_location("http://localhost:8000", &r).unwrap(), "/proxy/cl-a/8000/");
+        assert_eq!(rewrite_location("https://example.com/x", &r), None);
+        assert_eq!(rewrite_location("//evil.example/x", &r), None);
+        assert_eq!(rewrite_location("relative/x", &r), None);
+    }
+}

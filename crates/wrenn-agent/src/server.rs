@@ -1,0 +1,46 @@
+//! The agent's one listener: the Connect RPC (`/wrenn.agent.v1.Agent/…`),
+//! the port proxy (`/proxy/{capsule}/{port}/…`) and `/health`, on h1 and
+//! h2c. The control plane reaches RPC and proxy through separate pools.
+//!
+//! [`run`] owns the reaper task and the proxy's tunnels; when `shutdown`
+//! resolves it stops accepting, drains connections, stops the reaper and
+//! closes tunnels. Capsules are left running: containers outlive the agent
+//! and the next one re-adopts them.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::routing::{any, get};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Agent;
+use crate::proxy::{self, PortProxy};
+use crate::rpc;
+
+async fn health() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn run(agent: Arc<Agent>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let proxy = PortProxy::new(agent.clone());
+    let weak = Arc::downgrade(&proxy);
+    agent.on_destroy(Box::new(move |id| {
+        if let Some(p) = weak.upgrade() {
+            p.evict(id);
+        }
+    }));
+    let stop = CancellationToken::new();
+    let reaper = tokio::spawn(agent.clone().run_reaper(stop.clone().cancelled_owned()));
+    let router = axum::Router::new()
+        .route("/proxy/{*rest}", any(proxy::handler))
+        .with_state(proxy.clone())
+        .route("/health", get(health))
+        .fallback_service(rpc::router(agent).into_axum_service());
+    let served = wrenn_http::serve(listener, router, wrenn_http::ServerConfig::default(), shutdown).await;
+    stop.cancel();
+    let _ = reaper.await;
+    proxy.shutdown().await;
+    served
+}
