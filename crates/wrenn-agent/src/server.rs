@@ -22,25 +22,49 @@ async fn health() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
-/// Serve until `shutdown` resolves.
+/// The agent's HTTP surface, before it is served.
+#[derive(Debug)]
+pub struct AgentServer {
+    agent: Arc<Agent>,
+    proxy: Arc<PortProxy>,
+}
+
+impl AgentServer {
+    /// Build the proxy and hook its route eviction to capsule destruction.
+    pub fn new(agent: Arc<Agent>) -> AgentServer {
+        let proxy = PortProxy::new(agent.clone());
+        let weak = Arc::downgrade(&proxy);
+        agent.on_destroy(Box::new(move |id| {
+            if let Some(p) = weak.upgrade() {
+                p.evict(id);
+            }
+        }));
+        AgentServer { agent, proxy }
+    }
+
+    pub fn proxy(&self) -> &Arc<PortProxy> {
+        &self.proxy
+    }
+
+    /// Serve until `shutdown` resolves.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let AgentServer { agent, proxy } = self;
+        let stop = CancellationToken::new();
+        let reaper = tokio::spawn(agent.clone().run_reaper(stop.clone().cancelled_owned()));
+        let router = axum::Router::new()
+            .route("/proxy/{*rest}", any(proxy::handler))
+            .with_state(proxy.clone())
+            .route("/health", get(health))
+            .fallback_service(rpc::router(agent).into_axum_service());
+        let served = wrenn_http::serve(listener, router, wrenn_http::ServerConfig::default(), shutdown).await;
+        stop.cancel();
+        let _ = reaper.await;
+        proxy.shutdown().await;
+        served
+    }
+}
+
+/// Serve `agent` on `listener` until `shutdown` resolves.
 pub async fn run(agent: Arc<Agent>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-    let proxy = PortProxy::new(agent.clone());
-    let weak = Arc::downgrade(&proxy);
-    agent.on_destroy(Box::new(move |id| {
-        if let Some(p) = weak.upgrade() {
-            p.evict(id);
-        }
-    }));
-    let stop = CancellationToken::new();
-    let reaper = tokio::spawn(agent.clone().run_reaper(stop.clone().cancelled_owned()));
-    let router = axum::Router::new()
-        .route("/proxy/{*rest}", any(proxy::handler))
-        .with_state(proxy.clone())
-        .route("/health", get(health))
-        .fallback_service(rpc::router(agent).into_axum_service());
-    let served = wrenn_http::serve(listener, router, wrenn_http::ServerConfig::default(), shutdown).await;
-    stop.cancel();
-    let _ = reaper.await;
-    proxy.shutdown().await;
-    served
+    AgentServer::new(agent).run(listener, shutdown).await
 }

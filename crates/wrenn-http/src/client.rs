@@ -84,16 +84,22 @@ pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::
 /// A pooled HTTP/1.1 client whose dials are retried.
 pub type ProxyClient = Client<RetryConnector, ProxyBody>;
 
+/// Dial attempts of the proxy transport, and the backoff step between them
+/// (waits of 1×, 2× the step): a port that opens within 1.5 s of the
+/// first dial is reached. (wrenn waits 100 and 200 ms; a server that takes
+/// a second to bind, or envd's forwarder scanning once a second, needs more.)
+pub const PROXY_DIAL_ATTEMPTS: u32 = 3;
+pub const PROXY_DIAL_STEP: Duration = Duration::from_millis(500);
+
 /// The proxy transport: HTTP/1.1 only (HTTP/2 disabled), its own pool of
 /// at most 20 idle connections per host kept 120 s, `TCP_NODELAY`, and
-/// dials retried 3 times with 100 ms linear backoff for ports that are
-/// just coming up.
+/// dials retried with linear backoff for ports that are just coming up.
 pub fn proxy_client() -> ProxyClient {
     let mut inner = HttpConnector::new();
     inner.set_nodelay(true);
     inner.set_connect_timeout(Some(Duration::from_secs(5)));
     inner.enforce_http(true);
-    let connector = RetryConnector { inner, attempts: 3, step: Duration::from_millis(100) };
+    let connector = RetryConnector { inner, attempts: PROXY_DIAL_ATTEMPTS, step: PROXY_DIAL_STEP };
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(120))
         .pool_max_idle_per_host(20)
@@ -112,9 +118,9 @@ pub async fn dial_with_retry(addr: std::net::SocketAddr) -> std::io::Result<toki
                 s.set_nodelay(true)?;
                 return Ok(s);
             }
-            Err(e) if attempt >= 3 => return Err(e),
+            Err(e) if attempt >= PROXY_DIAL_ATTEMPTS => return Err(e),
             Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                tokio::time::sleep(PROXY_DIAL_STEP * attempt).await;
                 attempt += 1;
             }
         }

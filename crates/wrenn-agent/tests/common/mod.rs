@@ -250,3 +250,57 @@ pub fn rpc_client(addr: std::net::SocketAddr) -> RpcClient {
     let uri: http::Uri = format!("http://{addr}").parse().unwrap();
     RpcClient::new(connectrpc::client::HttpClient::plaintext(), connectrpc::client::ClientConfig::new(uri))
 }
+
+/// Where expensive fixtures (the debootstrap `minimal` template) are built
+/// once per checkout and shared by every test and test binary.
+pub fn fixtures_dir() -> PathBuf {
+    std::env::var_os("WRENN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/wrenn-fixtures")))
+}
+
+/// Build (once, under a file lock) the shared `minimal` template and link
+/// it into `templates`.
+pub fn link_minimal(templates: &Path) {
+    let fixtures = fixtures_dir();
+    std::fs::create_dir_all(&fixtures).unwrap();
+    let lock = std::fs::File::create(fixtures.join(".lock")).unwrap();
+    lock.lock().unwrap();
+    let store = wrenn_agent::template::TemplateStore::open(fixtures.join("templates")).unwrap();
+    let started = std::time::Instant::now();
+    let mirror = wrenn_agent::template::host_mirror();
+    let mut last = 0;
+    wrenn_agent::template::build_minimal(&store, &mirror, &mut |p| {
+        if p.steps / 100 != last {
+            last = p.steps / 100;
+            eprintln!("minimal: {} steps ({} {})", p.steps, p.phase, p.detail);
+        }
+    })
+    .expect("build the minimal template (debootstrap)");
+    if started.elapsed() > Duration::from_secs(5) {
+        eprintln!("minimal template built in {:?}", started.elapsed());
+    }
+    drop(lock);
+    let link = templates.join("minimal");
+    if link.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink(fixtures.join("templates/minimal"), link).unwrap();
+    }
+}
+
+impl TestAgent {
+    /// An agent whose store also holds the shared `minimal` template.
+    pub async fn start_with_minimal() -> TestAgent {
+        let t = TestAgent::start().await;
+        let templates = t.agent.templates().dir().to_owned();
+        tokio::task::spawn_blocking(move || link_minimal(&templates)).await.unwrap();
+        t
+    }
+
+    /// Start a background process in a capsule (runs on after we stop reading).
+    pub async fn spawn(&self, id: &CapsuleId, tag: &str, script: &str) {
+        let c = self.agent.running(id).unwrap();
+        let mut req = ExecRequest::shell(script);
+        req.tag = Some(tag.into());
+        drop(c.envd().exec_stream(req).await.expect("start background process"));
+    }
+}

@@ -1,0 +1,191 @@
+//! The port proxy against real servers in a `minimal` (Debian) capsule:
+//! python's http.server (redirects keep the prefix, listings link right),
+//! a WebSocket echo server, a server that binds a second after the first
+//! request, one bound to 127.0.0.1 only (reached through envd's
+//! forwarder); paused capsules answer 503, destroyed ones 404 with their
+//! routes evicted.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::TestAgent;
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use wrenn_agent::proxy::PortProxy;
+use wrenn_agent::server::AgentServer;
+use wrenn_types::ids::CapsuleId;
+
+const WS_ECHO: &str = r#"
+import base64, hashlib, socket, struct, threading
+def handle(c):
+    req = b''
+    while b'\r\n\r\n' not in req:
+        d = c.recv(4096)
+        if not d:
+            return
+        req += d
+    key = [l.split(b':', 1)[1].strip() for l in req.split(b'\r\n') if l.lower().startswith(b'sec-websocket-key:')][0]
+    acc = base64.b64encode(hashlib.sha1(key + b'258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest())
+    c.sendall(b'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ' + acc + b'\r\n\r\n')
+    f = c.makefile('rb')
+    while True:
+        h = f.read(2)
+        if len(h) < 2:
+            return
+        op, n = h[0] & 0x0f, h[1] & 0x7f
+        if n == 126:
+            n = struct.unpack('>H', f.read(2))[0]
+        mask = f.read(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(f.read(n)))
+        if op == 8:
+            c.sendall(b'\x88\x00')
+            return
+        head = bytes([0x80 | op]) + (bytes([n]) if n < 126 else b'\x7e' + struct.pack('>H', n))
+        c.sendall(head + data)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 8765))
+s.listen()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+struct Served {
+    t: TestAgent,
+    addr: SocketAddr,
+    proxy: Arc<PortProxy>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Served {
+    async fn start() -> Served {
+        let t = TestAgent::start_with_minimal().await;
+        let server = AgentServer::new(t.agent.clone());
+        let proxy = server.proxy().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(server.run(listener, async move {
+            let _ = rx.await;
+        }));
+        Served { t, addr, proxy, stop: Some(tx), task: Some(task) }
+    }
+
+    async fn minimal(&self) -> CapsuleId {
+        let mut req = self.t.busybox();
+        req.template = "minimal".parse().unwrap();
+        req.memory_mb = 256;
+        let id = req.id.clone();
+        self.t.agent.create(req).await.expect("create a minimal capsule");
+        id
+    }
+
+    async fn get(&self, path: &str) -> (u16, http::HeaderMap, String) {
+        let client = wrenn_http::client(wrenn_http::HttpVersion::Http1);
+        let req = http::Request::get(format!("http://{}{path}", self.addr))
+            .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req)).await.expect("no hang").unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_port_proxy_end_to_end() {
+    let s = Served::start().await;
+    let id = s.minimal().await;
+    let envd = s.t.agent.running(&id).unwrap();
+    envd.envd().make_dir("/srv/docs").await.unwrap();
+    envd.envd().write_file("/srv/docs/a.txt", Bytes::from_static(b"file a\n")).await.unwrap();
+    envd.envd().write_file("/srv/ws.py", Bytes::from_static(WS_ECHO.as_bytes())).await.unwrap();
+
+    // python's http.server, asked at once: the retries cover its start-up
+    s.t.spawn(&id, "web", "cd /srv && exec python3 -m http.server 8000").await;
+    let base = format!("/proxy/{id}/8000");
+    let (status, headers, _) = s.get(&format!("{base}/docs")).await;
+    assert_eq!(status, 301);
+    assert_eq!(headers["location"], format!("{base}/docs/").as_str(), "redirect keeps the prefix");
+    let (status, _, body) = s.get(&format!("{base}/docs/")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("href=\"a.txt\""), "{body}");
+    let (status, _, body) = s.get(&format!("{base}/docs/a.txt?download=1")).await;
+    assert_eq!((status, body.as_str()), (200, "file a\n"));
+    let (status, _, _) = s.get(&format!("{base}/docs/missing.txt")).await;
+    assert_eq!(status, 404);
+
+    // a server that starts listening a second after the request
+    s.t.spawn(&id, "late", "sleep 1; cd /srv && exec python3 -m http.server 8001").await;
+    let (status, _, body) = s.get(&format!("/proxy/{id}/8001/docs/a.txt")).await;
+    assert_eq!((status, body.as_str()), (200, "file a\n"), "reached thanks to the dial retries");
+
+    // bound to 127.0.0.1 only: reached through envd's port forwarder
+    s.t.spawn(&id, "local", "cd /srv && exec python3 -m http.server 8002 --bind 127.0.0.1").await;
+    let mut last = (0, String::new());
+    for _ in 0..20 {
+        let (status, _, body) = s.get(&format!("/proxy/{id}/8002/docs/a.txt")).await;
+        last = (status, body);
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(last, (200, "file a\n".to_string()));
+
+    // nothing listens: 502 after the retries, never 404
+    let (status, _, body) = s.get(&format!("/proxy/{id}/9999/")).await;
+    assert_eq!(status, 502, "{body}");
+
+    // WebSocket echo through the tunnel
+    s.t.spawn(&id, "ws", "exec python3 /srv/ws.py").await;
+    let url = format!("ws://{}/proxy/{id}/8765/echo", s.addr);
+    let mut ws = None;
+    for _ in 0..40 {
+        if let Ok((conn, _)) = tokio_tungstenite::connect_async(&url).await {
+            ws = Some(conn);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut ws = ws.expect("websocket through the proxy");
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::Text("hello capsule".into())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, Message::Text("hello capsule".into()));
+    ws.send(Message::Binary(vec![0u8, 255, 7].into())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, Message::Binary(vec![0u8, 255, 7].into()));
+    ws.close(None).await.unwrap();
+
+    // bad requests
+    assert_eq!(s.get("/proxy/not-an-id/80/").await.0, 400);
+    assert_eq!(s.get(&format!("/proxy/{id}/0/")).await.0, 400);
+    assert_eq!(s.get(&format!("/proxy/{id}/99999/")).await.0, 400);
+    assert_eq!(s.get(&format!("/proxy/{}/80/", CapsuleId::random())).await.0, 404);
+
+    // paused: 503; resumed: served again
+    assert!(s.proxy.cached_routes() >= 4);
+    s.t.agent.pause(&id).await.unwrap();
+    assert_eq!(s.get(&format!("{base}/docs/a.txt")).await.0, 503);
+    s.t.agent.resume(&id).await.unwrap();
+    assert_eq!(s.get(&format!("{base}/docs/a.txt")).await.0, 200);
+
+    // destroyed: routes evicted, 404
+    s.t.agent.destroy(&id).await.unwrap();
+    assert_eq!(s.proxy.cached_routes(), 0);
+    assert_eq!(s.get(&format!("{base}/docs/a.txt")).await.0, 404);
+    s.shutdown().await;
+}
