@@ -24,6 +24,9 @@ pub struct OciRuntime {
     /// Run the CLI in a private mount namespace without
     /// `/sys/fs/cgroup/unified`: crun refuses hybrid cgroup hosts otherwise.
     hide_unified: bool,
+    /// Run `create` inside the capsule's network namespace: gVisor's
+    /// runsc sets its netstack up from the namespace it starts in.
+    enter_netns: bool,
     criu: bool,
 }
 
@@ -40,6 +43,7 @@ impl OciRuntime {
             args,
             root: state_root.join(base),
             hide_unified: base == "crun" && cgroups == CgroupMode::Hybrid,
+            enter_netns: base == "runsc",
             criu: false,
         }
     }
@@ -62,7 +66,15 @@ impl OciRuntime {
     }
 
     fn command(&self, log: Option<&Path>) -> Command {
-        let mut c = if self.hide_unified {
+        self.command_in(log, None)
+    }
+
+    fn command_in(&self, log: Option<&Path>, netns: Option<&Path>) -> Command {
+        let mut c = if let Some(ns) = netns {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display())).arg("--").arg(&self.binary);
+            c
+        } else if self.hide_unified {
             let mut c = Command::new("unshare");
             c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
                 .arg("umount /sys/fs/cgroup/unified 2>/dev/null; exec \"$0\" \"$@\"")
@@ -149,7 +161,8 @@ impl OciRuntime {
             path: stdio.to_owned(),
             source,
         })?;
-        let mut c = self.command(Some(&log));
+        let netns = if self.enter_netns { bundle_netns(bundle) } else { None };
+        let mut c = self.command_in(Some(&log), netns.as_deref());
         c.arg(op)
             .args(extra)
             .arg(format!("--bundle={}", bundle.display()))
@@ -182,6 +195,19 @@ impl OciRuntime {
             message: last_error(&text),
         })
     }
+}
+
+/// The network namespace path a bundle's config names.
+fn bundle_netns(bundle: &Path) -> Option<PathBuf> {
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok()?;
+    let linux = spec.linux().as_ref()?;
+    linux
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .clone()
 }
 
 /// The message of the last JSON log line at error level, else the last line.
