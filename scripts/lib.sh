@@ -13,6 +13,10 @@ install_packages() {
     iproute2 util-linux             # ip netns, unshare: privileged tests
     python3-venv                    # the SDK test venv
     curl ca-certificates
+    runc crun                       # OCI runtimes the agent drives
+    nftables                        # the agent's capsule firewall
+    debootstrap                     # the `minimal` (Debian) template
+    python3                         # a stand-in "internet" server in tests
   )
   local missing=()
   for p in "${pkgs[@]}"; do

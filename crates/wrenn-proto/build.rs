@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const FILES: &[&str] = &["envd/process.proto", "envd/filesystem.proto", "agent/agent.proto"];
+const FILES: &[&str] = &[
+    "envd/process.proto",
+    "envd/filesystem.proto",
+    "agent/agent.proto",
+];
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");

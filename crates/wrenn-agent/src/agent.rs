@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use envd_client::EnvdClient;
@@ -107,10 +107,12 @@ pub struct CapsuleMetrics {
 #[derive(Debug)]
 pub struct Capsule {
     pub id: CapsuleId,
+    /// Directory, container and cgroup name (see [`CapsuleRecord::container`]).
+    container: CapsuleId,
     dir: CapsuleDir,
     rec: Mutex<CapsuleRecord>,
     op: Arc<tokio::sync::Mutex<()>>,
-    envd: OnceLock<EnvdClient>,
+    envd: RwLock<Option<Arc<EnvdClient>>>,
     runtime: Arc<dyn Runtime>,
 }
 
@@ -137,10 +139,16 @@ impl Capsule {
     }
 
     /// The capsule's envd client (set once its address is known).
-    pub fn envd(&self) -> &EnvdClient {
+    pub fn envd(&self) -> Arc<EnvdClient> {
         self.envd
-            .get()
+            .read()
+            .unwrap()
+            .clone()
             .expect("envd client is set before the capsule runs")
+    }
+
+    fn set_envd(&self, client: EnvdClient) {
+        *self.envd.write().unwrap() = Some(Arc::new(client));
     }
 
     fn slot(&self) -> Option<Slot> {
@@ -166,6 +174,10 @@ pub struct Agent {
     capsules: RwLock<HashMap<CapsuleId, Arc<Capsule>>>,
     auto_paused: Mutex<Vec<CapsuleId>>,
     on_destroy: Hooks,
+    /// Ready capsules per template, not yet anyone's (not in `capsules`).
+    warm: Mutex<HashMap<TemplateName, Vec<Arc<Capsule>>>>,
+    /// Poked when a warm capsule is taken.
+    warm_wanted: tokio::sync::Notify,
 }
 
 /// Called with the ID of every capsule destroyed (cache eviction).
@@ -224,6 +236,8 @@ impl Agent {
             capsules: RwLock::new(HashMap::new()),
             auto_paused: Mutex::new(Vec::new()),
             on_destroy: Hooks::default(),
+            warm: Mutex::new(HashMap::new()),
+            warm_wanted: tokio::sync::Notify::new(),
             cfg,
         });
         // Fail fast when the default runtime is not installed.
@@ -339,48 +353,13 @@ impl Agent {
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<CapsuleInfo, AgentError> {
         validate(&req)?;
         let meta = self.templates.get(&req.template)?;
-        let choice = meta
-            .runtime
-            .clone()
-            .unwrap_or_else(|| self.cfg.runtime.clone());
-        let runtime = self.runtime_for(&choice)?;
-        let now = now_ms();
-        let mut env: BTreeMap<_, _> = meta.env.clone();
-        env.extend(req.env.clone());
-        let rec = CapsuleRecord {
-            id: req.id.clone(),
-            template: req.template.clone(),
-            state: CapsuleState::Pending,
-            memory_kept: true,
-            error: None,
-            vcpus: req.vcpus,
-            memory_mb: req.memory_mb,
-            pids_limit: req.pids_limit.unwrap_or(self.cfg.default_pids),
-            timeout_sec: req.timeout_sec,
-            on_timeout: req.on_timeout,
-            internet: req.internet,
-            env,
-            default_user: req
-                .default_user
-                .clone()
-                .or_else(|| meta.default_user.clone()),
-            metadata: req.metadata.clone(),
-            access_token: req.access_token.clone(),
-            runtime: choice,
-            start_cmd: meta.start_cmd.clone(),
-            slot: None,
-            created_at: now,
-            last_active_at: now,
-            undo: Vec::new(),
-        };
-        let capsule = Arc::new(Capsule {
-            id: req.id.clone(),
-            dir: CapsuleDir(self.capsule_dir(&req.id)),
-            rec: Mutex::new(rec),
-            op: Arc::new(tokio::sync::Mutex::new(())),
-            envd: OnceLock::new(),
-            runtime,
-        });
+        if self.capsules.read().unwrap().contains_key(&req.id) {
+            return Err(AgentError::AlreadyExists(req.id));
+        }
+        if let Some(warm) = self.take_warm(&req) {
+            return self.claim(warm, req, &meta).await;
+        }
+        let capsule = self.new_capsule(&req, &meta, req.id.clone())?;
         {
             let mut map = self.capsules.write().unwrap();
             if map.contains_key(&req.id) {
@@ -388,24 +367,229 @@ impl Agent {
             }
             map.insert(req.id.clone(), capsule.clone());
         }
+        let result = self.start_new(&capsule, &meta).await;
+        if result.is_err() {
+            self.capsules.write().unwrap().remove(&req.id);
+        }
+        result?;
+        tracing::info!(capsule_id = %req.id, template = %req.template, "capsule running");
+        Ok(self.info(&capsule))
+    }
+
+    /// A capsule object for `req`, not yet set up, known to the host as
+    /// `container`.
+    fn new_capsule(
+        &self,
+        req: &CreateRequest,
+        meta: &TemplateMeta,
+        container: CapsuleId,
+    ) -> Result<Arc<Capsule>, AgentError> {
+        let choice = meta
+            .runtime
+            .clone()
+            .unwrap_or_else(|| self.cfg.runtime.clone());
+        let runtime = self.runtime_for(&choice)?;
+        let mut rec = CapsuleRecord {
+            id: req.id.clone(),
+            container: container.clone(),
+            warm: false,
+            template: req.template.clone(),
+            state: CapsuleState::Pending,
+            memory_kept: true,
+            error: None,
+            vcpus: req.vcpus,
+            memory_mb: req.memory_mb,
+            pids_limit: req.pids_limit.unwrap_or(self.cfg.default_pids),
+            timeout_sec: 0,
+            on_timeout: OnTimeout::Pause,
+            internet: req.internet,
+            env: BTreeMap::new(),
+            default_user: None,
+            metadata: BTreeMap::new(),
+            access_token: None,
+            runtime: choice,
+            start_cmd: meta.start_cmd.clone(),
+            slot: None,
+            created_at: 0,
+            last_active_at: 0,
+            undo: Vec::new(),
+        };
+        apply_request(&mut rec, req, meta);
+        Ok(Arc::new(Capsule {
+            id: req.id.clone(),
+            dir: CapsuleDir(self.capsule_dir(&container)),
+            container,
+            rec: Mutex::new(rec),
+            op: Arc::new(tokio::sync::Mutex::new(())),
+            envd: RwLock::new(None),
+            runtime,
+        }))
+    }
+
+    /// Boot a new capsule; on failure, undo every step taken.
+    async fn start_new(
+        self: &Arc<Self>,
+        capsule: &Arc<Capsule>,
+        meta: &TemplateMeta,
+    ) -> Result<(), AgentError> {
         let _op = capsule.op.lock().await;
-        let result = self.boot(&capsule, &meta).await;
-        match result {
-            Ok(()) => {
-                capsule.update(|r| {
-                    r.state = transition(CapsuleState::Pending, Op::Start).expect("pending starts");
-                    r.last_active_at = now_ms();
-                })?;
-                tracing::info!(capsule_id = %req.id, template = %req.template, "capsule running");
-                Ok(self.info(&capsule))
+        let result = match self.boot(capsule, meta).await {
+            Ok(()) => capsule.update(|r| {
+                r.state = transition(CapsuleState::Pending, Op::Start).expect("pending starts");
+                r.last_active_at = now_ms();
+            }),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(capsule_id = %capsule.id, error = %e, "create failed; tearing down");
+            self.teardown(capsule).await;
+        }
+        result
+    }
+
+    // ---- warm pools ---------------------------------------------------
+
+    /// A ready capsule from the warm pool of `req`'s template, if the
+    /// request has the pool's shape.
+    fn take_warm(&self, req: &CreateRequest) -> Option<Arc<Capsule>> {
+        let spec = self
+            .cfg
+            .warm_pools
+            .iter()
+            .find(|w| w.template == req.template)?;
+        let shape_fits = req.vcpus == spec.vcpus
+            && req.memory_mb == spec.memory_mb
+            && req.pids_limit.is_none_or(|p| p == self.cfg.default_pids);
+        if !shape_fits {
+            return None;
+        }
+        let taken = self.warm.lock().unwrap().get_mut(&req.template)?.pop();
+        self.warm_wanted.notify_one();
+        taken
+    }
+
+    /// Give a warm capsule its identity and settings: a new record under
+    /// the requested ID, internet as asked, and a fresh `/init`.
+    async fn claim(
+        self: &Arc<Self>,
+        warm: Arc<Capsule>,
+        req: CreateRequest,
+        meta: &TemplateMeta,
+    ) -> Result<CapsuleInfo, AgentError> {
+        let mut rec = warm.record();
+        apply_request(&mut rec, &req, meta);
+        rec.warm = false;
+        let c = Arc::new(Capsule {
+            id: req.id.clone(),
+            container: warm.container.clone(),
+            dir: warm.dir.clone(),
+            rec: Mutex::new(rec),
+            op: Arc::new(tokio::sync::Mutex::new(())),
+            envd: RwLock::new(warm.envd.read().unwrap().clone()),
+            runtime: warm.runtime.clone(),
+        });
+        let taken = {
+            let mut map = self.capsules.write().unwrap();
+            let taken = map.contains_key(&req.id);
+            if !taken {
+                map.insert(req.id.clone(), c.clone());
             }
-            Err(e) => {
-                tracing::warn!(capsule_id = %req.id, error = %e, "create failed; tearing down");
-                self.teardown(&capsule).await;
-                self.capsules.write().unwrap().remove(&req.id);
-                Err(e)
+            taken
+        };
+        if taken {
+            let agent = self.clone();
+            blocking(move || agent.teardown_blocking(&warm)).await;
+            return Err(AgentError::AlreadyExists(req.id));
+        }
+        let result = self.finish_claim(&c).await;
+        if let Err(e) = result {
+            tracing::warn!(capsule_id = %req.id, error = %e, "claiming a warm capsule failed; tearing down");
+            self.teardown(&c).await;
+            self.capsules.write().unwrap().remove(&req.id);
+            return Err(e);
+        }
+        tracing::info!(capsule_id = %req.id, container = %c.container, "capsule running (from the warm pool)");
+        Ok(self.info(&c))
+    }
+
+    async fn finish_claim(self: &Arc<Self>, c: &Arc<Capsule>) -> Result<(), AgentError> {
+        let _op = c.op.lock().await;
+        c.update(|_| {})?;
+        let r = c.record();
+        if !r.internet {
+            let (fw, slot) = (
+                self.firewall.clone(),
+                r.slot.clone().expect("warm capsules have a slot"),
+            );
+            blocking(move || fw.set_internet(&slot, false)).await?;
+        }
+        self.start_envd(c).await?;
+        if let (Some(_), Some(slot)) = (&r.access_token, &r.slot) {
+            // /init set the token; from now on every call must carry it.
+            c.set_envd(self.envd_client(c, slot)?);
+        }
+        Ok(())
+    }
+
+    /// Top up every warm pool to its size.
+    pub async fn fill_warm_pools(self: &Arc<Self>) {
+        for spec in self.cfg.warm_pools.clone() {
+            loop {
+                let have = self
+                    .warm
+                    .lock()
+                    .unwrap()
+                    .get(&spec.template)
+                    .map_or(0, Vec::len);
+                if have >= spec.size {
+                    break;
+                }
+                let id = CapsuleId::random();
+                let mut req = CreateRequest::new(id.clone(), spec.template.clone());
+                req.vcpus = spec.vcpus;
+                req.memory_mb = spec.memory_mb;
+                let made = async {
+                    let meta = self.templates.get(&spec.template)?;
+                    let c = self.new_capsule(&req, &meta, id)?;
+                    c.rec.lock().unwrap().warm = true;
+                    self.start_new(&c, &meta).await.map(|()| c)
+                };
+                match made.await {
+                    Ok(c) => self
+                        .warm
+                        .lock()
+                        .unwrap()
+                        .entry(spec.template.clone())
+                        .or_default()
+                        .push(c),
+                    Err(e) => {
+                        tracing::warn!(template = %spec.template, error = %e, "cannot fill the warm pool");
+                        break;
+                    }
+                }
             }
         }
+    }
+
+    /// Keep the warm pools full until shutdown (refills after each claim).
+    pub async fn run_warm_pools(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = self.fill_warm_pools() => {}
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = self.warm_wanted.notified() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            }
+        }
+    }
+
+    /// Ready capsules waiting in the pool of `template`.
+    pub fn warm_count(&self, template: &TemplateName) -> usize {
+        self.warm.lock().unwrap().get(template).map_or(0, Vec::len)
     }
 
     /// Every setup step of a new capsule, each registering its undo first.
@@ -436,7 +620,7 @@ impl Agent {
             r.undo.push(Undo::ReleaseSlot);
         })?;
         let slot = c.slot().expect("just set");
-        let _ = c.envd.set(self.envd_client(c, &slot)?);
+        c.set_envd(self.envd_client(c, &slot)?);
 
         c.push_undo(Undo::DestroyNetwork)?;
         network::create(&self.cfg.network, &slot)?;
@@ -509,7 +693,7 @@ impl Agent {
             envd: self.cfg.envd_bin.clone(),
             etc_dir: c.dir.etc(),
             netns: slot.netns_path(),
-            cgroups_path: self.cgroup_path(&c.id),
+            cgroups_path: self.cgroup_path(&c.container),
             vcpus: r.vcpus,
             memory_mb: r.memory_mb,
             pids: r.pids_limit,
@@ -532,8 +716,9 @@ impl Agent {
     }
 
     fn start_container(&self, c: &Capsule) -> Result<(), AgentError> {
-        c.runtime.create(&c.id, &c.dir.bundle(), &c.dir.log())?;
-        c.runtime.start(&c.id)?;
+        c.runtime
+            .create(&c.container, &c.dir.bundle(), &c.dir.log())?;
+        c.runtime.start(&c.container)?;
         Ok(())
     }
 
@@ -572,37 +757,38 @@ impl Agent {
     /// Failures are logged and the rest still runs; they are returned.
     async fn teardown(self: &Arc<Self>, c: &Arc<Capsule>) -> Vec<String> {
         let (agent, cap) = (self.clone(), c.clone());
-        blocking(move || {
-            let mut errors = Vec::new();
-            loop {
-                let (step, rec) = {
-                    let mut r = cap.rec.lock().unwrap();
-                    let Some(step) = r.undo.pop() else { break };
-                    (step, r.clone())
-                };
-                if let Err(e) = agent.undo(&cap, step, &rec) {
-                    tracing::warn!(capsule_id = %cap.id, ?step, error = %e, "teardown step failed");
-                    errors.push(format!("{step:?}: {e}"));
-                }
-                if step != Undo::RemoveDir && cap.dir.0.exists() {
-                    let _ = rec_save_after_pop(&cap);
-                }
+        blocking(move || agent.teardown_blocking(&cap)).await
+    }
+
+    fn teardown_blocking(&self, cap: &Capsule) -> Vec<String> {
+        let mut errors = Vec::new();
+        loop {
+            let (step, rec) = {
+                let mut r = cap.rec.lock().unwrap();
+                let Some(step) = r.undo.pop() else { break };
+                (step, r.clone())
+            };
+            if let Err(e) = self.undo(cap, step, &rec) {
+                tracing::warn!(capsule_id = %cap.id, ?step, error = %e, "teardown step failed");
+                errors.push(format!("{step:?}: {e}"));
             }
-            errors
-        })
-        .await
+            if step != Undo::RemoveDir && cap.dir.0.exists() {
+                let _ = rec_save_after_pop(cap);
+            }
+        }
+        errors
     }
 
     fn undo(&self, c: &Capsule, step: Undo, rec: &CapsuleRecord) -> Result<(), AgentError> {
         match step {
             Undo::DeleteContainer => {
-                if let Ok(Some(s)) = c.runtime.state(&c.id) {
+                if let Ok(Some(s)) = c.runtime.state(&c.container) {
                     if s.status == ContainerStatus::Paused {
                         // Frozen processes cannot die: thaw, then kill.
-                        let _ = c.runtime.resume(&c.id);
+                        let _ = c.runtime.resume(&c.container);
                     }
                 }
-                c.runtime.delete(&c.id)?;
+                c.runtime.delete(&c.container)?;
             }
             Undo::UnmountRootfs => rootfs::unmount_if_mounted(&c.dir.rootfs())?,
             Undo::FirewallRules => {
@@ -679,7 +865,7 @@ impl Agent {
     pub async fn pause(self: &Arc<Self>, id: &CapsuleId) -> Result<CapsuleInfo, AgentError> {
         let (c, _g, _) = self.begin(id, Op::Pause).await?;
         let rt = c.clone();
-        blocking(move || rt.runtime.pause(&rt.id)).await?;
+        blocking(move || rt.runtime.pause(&rt.container)).await?;
         c.update(|r| r.state = CapsuleState::Paused)?;
         Ok(self.info(&c))
     }
@@ -688,17 +874,21 @@ impl Agent {
         let (c, _g, from) = self.begin(id, Op::Resume).await?;
         if from == CapsuleState::Paused {
             let rt = c.clone();
-            blocking(move || rt.runtime.resume(&rt.id)).await?;
+            blocking(move || rt.runtime.resume(&rt.container)).await?;
         } else {
             // From hibernation: restore the checkpoint, or boot afresh.
             let (agent, cap) = (self.clone(), c.clone());
             let kept = c.record().memory_kept;
             blocking(move || {
-                cap.runtime.delete(&cap.id)?;
+                cap.runtime.delete(&cap.container)?;
                 if kept {
                     let images = cap.dir.checkpoint();
-                    cap.runtime
-                        .restore(&cap.id, &cap.dir.bundle(), &images, &cap.dir.log())?;
+                    cap.runtime.restore(
+                        &cap.container,
+                        &cap.dir.bundle(),
+                        &images,
+                        &cap.dir.log(),
+                    )?;
                     Ok(())
                 } else {
                     agent.start_container(&cap)
@@ -723,16 +913,16 @@ impl Agent {
         let cap = c.clone();
         let kept = blocking(move || -> Result<bool, AgentError> {
             if from == CapsuleState::Paused {
-                cap.runtime.resume(&cap.id)?;
+                cap.runtime.resume(&cap.container)?;
             }
             if cap.runtime.can_checkpoint() {
                 let images = cap.dir.checkpoint();
                 let _ = std::fs::remove_dir_all(&images);
                 std::fs::create_dir_all(&images).map_err(AgentError::io("create", &images))?;
-                cap.runtime.checkpoint(&cap.id, &images)?;
+                cap.runtime.checkpoint(&cap.container, &images)?;
                 Ok(true)
             } else {
-                cap.runtime.delete(&cap.id)?;
+                cap.runtime.delete(&cap.container)?;
                 Ok(false)
             }
         })
@@ -810,7 +1000,7 @@ impl Agent {
     pub async fn metrics(&self, id: &CapsuleId) -> Result<CapsuleMetrics, AgentError> {
         let c = self.get(id)?;
         let cg = self.cgroups.clone();
-        let path = self.cgroup_path(id);
+        let path = self.cgroup_path(&c.container);
         let upper = c.dir.upper();
         let (usage, disk) = blocking(move || {
             (
@@ -842,7 +1032,7 @@ impl Agent {
         let cap = c.clone();
         let meta = blocking(move || -> Result<TemplateMeta, AgentError> {
             if from == CapsuleState::Running {
-                cap.runtime.pause(&cap.id)?;
+                cap.runtime.pause(&cap.container)?;
             }
             let staged = store.stage(&name)?;
             let upper = cap.dir.upper();
@@ -886,12 +1076,18 @@ impl Agent {
             .values()
             .filter(|c| {
                 let t = c.rec.lock().unwrap().template.clone();
-                t == *name || self.templates.get(&t).is_ok_and(|m| m.layers.contains(name))
+                t == *name
+                    || self
+                        .templates
+                        .get(&t)
+                        .is_ok_and(|m| m.layers.contains(name))
             })
             .map(|c| c.id.clone())
             .collect();
         if let Some(id) = users.first() {
-            return Err(AgentError::Invalid(format!("template {name} is used by capsule {id}")));
+            return Err(AgentError::Invalid(format!(
+                "template {name} is used by capsule {id}"
+            )));
         }
         let store = self.templates.clone();
         let name = name.clone();
@@ -966,7 +1162,7 @@ impl Agent {
                 continue;
             };
             match CapsuleRecord::load(&path.join(RECORD_FILE)) {
-                Ok(rec) if rec.id == id => adopted.push(rec),
+                Ok(rec) if rec.container == id => adopted.push(rec),
                 other => {
                     let why = other
                         .err()
@@ -993,7 +1189,11 @@ impl Agent {
             if let Some(slot) = &rec.slot {
                 self.pool.claim(slot.index);
             }
-            let container = runtime.state(&rec.id).ok().flatten().map(|s| s.status);
+            let container = runtime
+                .state(&rec.container)
+                .ok()
+                .flatten()
+                .map(|s| s.status);
             let (state, error) = reconcile(rec.state, container);
             if state != rec.state {
                 tracing::warn!(capsule_id = %rec.id, was = %rec.state, now = %state, "capsule changed while the agent was down");
@@ -1004,14 +1204,23 @@ impl Agent {
             }
             let c = Arc::new(Capsule {
                 id: rec.id.clone(),
-                dir: CapsuleDir(self.capsule_dir(&rec.id)),
+                container: rec.container.clone(),
+                dir: CapsuleDir(self.capsule_dir(&rec.container)),
                 rec: Mutex::new(rec.clone()),
                 op: Arc::new(tokio::sync::Mutex::new(())),
-                envd: OnceLock::new(),
+                envd: RwLock::new(None),
                 runtime,
             });
             if let Some(slot) = &rec.slot {
-                let _ = c.envd.set(self.envd_client(&c, slot)?);
+                c.set_envd(self.envd_client(&c, slot)?);
+            }
+            if rec.warm {
+                // A warm capsule of the previous run: nobody's; drop it.
+                let errors = self.teardown_blocking(&c);
+                if !errors.is_empty() {
+                    tracing::warn!(container = %rec.container, ?errors, "removing a leftover warm capsule");
+                }
+                continue;
             }
             rec.save(&c.dir)?;
             self.capsules.write().unwrap().insert(rec.id.clone(), c);
@@ -1061,6 +1270,16 @@ impl Agent {
         let ids: Vec<_> = self.capsules.read().unwrap().keys().cloned().collect();
         for id in ids {
             let _ = self.destroy(&id).await;
+        }
+        let warm: Vec<_> = self
+            .warm
+            .lock()
+            .unwrap()
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
+        for c in warm {
+            self.teardown(&c).await;
         }
     }
 
@@ -1116,6 +1335,27 @@ fn reconcile(
             Some(format!("the container is {s:?} while the capsule was {recorded}").to_lowercase()),
         ),
     }
+}
+
+/// Copy a request's per-capsule settings into a record (a new one, or a
+/// warm capsule's being claimed).
+fn apply_request(rec: &mut CapsuleRecord, req: &CreateRequest, meta: &TemplateMeta) {
+    let now = now_ms();
+    rec.id = req.id.clone();
+    rec.template = req.template.clone();
+    rec.timeout_sec = req.timeout_sec;
+    rec.on_timeout = req.on_timeout;
+    rec.internet = req.internet;
+    rec.env = meta.env.clone();
+    rec.env.extend(req.env.clone());
+    rec.default_user = req
+        .default_user
+        .clone()
+        .or_else(|| meta.default_user.clone());
+    rec.metadata = req.metadata.clone();
+    rec.access_token = req.access_token.clone();
+    rec.created_at = now;
+    rec.last_active_at = now;
 }
 
 fn validate(req: &CreateRequest) -> Result<(), AgentError> {

@@ -28,6 +28,37 @@ pub struct AgentConfig {
     pub envd_ready_timeout: Duration,
     /// Process limit per capsule unless the request says otherwise.
     pub default_pids: i64,
+    /// Pre-created capsules kept ready per template.
+    pub warm_pools: Vec<WarmPool>,
+}
+
+/// A warm pool: `size` capsules of `template` with this shape, booted in
+/// advance; a create request with the same template and shape takes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmPool {
+    pub template: wrenn_types::ids::TemplateName,
+    pub size: usize,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+}
+
+impl std::str::FromStr for WarmPool {
+    type Err = String;
+
+    /// `TEMPLATE=SIZE` (1 vCPU, 512 MiB, as requests default to).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (t, n) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected TEMPLATE=SIZE"))?;
+        Ok(WarmPool {
+            template: t
+                .parse()
+                .map_err(|e: wrenn_types::ids::InvalidId| e.to_string())?,
+            size: n.parse().map_err(|_| format!("{n:?} is not a pool size"))?,
+            vcpus: 1,
+            memory_mb: 512,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +89,7 @@ impl AgentConfig {
             reaper_interval: Duration::from_secs(1),
             envd_ready_timeout: Duration::from_secs(10),
             default_pids: 4096,
+            warm_pools: Vec::new(),
         }
     }
 

@@ -19,7 +19,11 @@ struct Args {
     #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
     data_dir: PathBuf,
     /// The static envd binary bind-mounted into capsules.
-    #[arg(long, env = "WRENN_ENVD_BIN", default_value = "/usr/local/lib/wrenn/envd")]
+    #[arg(
+        long,
+        env = "WRENN_ENVD_BIN",
+        default_value = "/usr/local/lib/wrenn/envd"
+    )]
     envd: PathBuf,
     /// OCI runtime binary (runc, crun, runsc, youki…).
     #[arg(long, env = "WRENN_RUNTIME", default_value = "runc")]
@@ -36,6 +40,9 @@ struct Args {
     /// Static busybox the `busybox` template is built from.
     #[arg(long, default_value = "/bin/busybox")]
     busybox: PathBuf,
+    /// Keep SIZE capsules of TEMPLATE booted in advance (repeatable), e.g. `busybox=4`.
+    #[arg(long = "warm", value_name = "TEMPLATE=SIZE")]
+    warm: Vec<wrenn_agent::config::WarmPool>,
     /// How often expired capsules are looked for.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     reaper_interval: Duration,
@@ -51,10 +58,14 @@ async fn main() {
         .init();
     let args = Args::parse();
     let mut cfg = AgentConfig::new(args.data_dir, args.envd).with_instance(&args.instance);
-    cfg.runtime = RuntimeChoice { binary: args.runtime, args: args.runtime_args };
+    cfg.runtime = RuntimeChoice {
+        binary: args.runtime,
+        args: args.runtime_args,
+    };
     cfg.network.pool = args.pool;
     cfg.busybox_bin = args.busybox;
     cfg.reaper_interval = args.reaper_interval;
+    cfg.warm_pools = args.warm;
     let agent = match Agent::open(cfg).await {
         Ok(a) => a,
         Err(e) => {

@@ -73,7 +73,12 @@ pub fn parse_target(path: &str) -> Option<Target<'_>> {
 }
 
 fn plain(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], msg.into()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg.into(),
+    )
+        .into_response()
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -108,7 +113,10 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         && h.get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 /// Rewrite a `Location` so that the client stays behind the prefix.
@@ -116,7 +124,9 @@ pub fn rewrite_location(location: &str, route: &Route) -> Option<String> {
     if location.starts_with('/') && !location.starts_with("//") {
         return Some(format!("{}{}", route.prefix, location));
     }
-    let rest = location.strip_prefix("http://").or_else(|| location.strip_prefix("https://"))?;
+    let rest = location
+        .strip_prefix("http://")
+        .or_else(|| location.strip_prefix("https://"))?;
     let (authority, path) = match rest.find(['/', '?', '#']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -128,7 +138,11 @@ pub fn rewrite_location(location: &str, route: &Route) -> Option<String> {
         format!("127.0.0.1:{port}"),
     ];
     if ours.iter().any(|a| a.eq_ignore_ascii_case(authority)) {
-        let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
+        let path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
         return Some(format!("{}{}", route.prefix, path));
     }
     None
@@ -165,9 +179,10 @@ impl PortProxy {
         // The state check runs every time; only the address is cached.
         let upstream = self.agent.proxy_target(id, port)?;
         let mut routes = self.routes.lock().unwrap();
-        let route = routes
-            .entry((id.clone(), port))
-            .or_insert_with(|| Route { upstream, prefix: format!("/proxy/{id}/{port}") });
+        let route = routes.entry((id.clone(), port)).or_insert_with(|| Route {
+            upstream,
+            prefix: format!("/proxy/{id}/{port}"),
+        });
         Ok(route.clone())
     }
 
@@ -177,16 +192,31 @@ impl PortProxy {
             return plain(StatusCode::NOT_FOUND, "not a proxy path");
         };
         let Ok(id) = t.id.parse::<CapsuleId>() else {
-            return plain(StatusCode::BAD_REQUEST, format!("invalid capsule ID {:?}", t.id));
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("invalid capsule ID {:?}", t.id),
+            );
         };
         let port = match t.port.parse::<u16>() {
             Ok(p) if p > 0 => p,
-            _ => return plain(StatusCode::BAD_REQUEST, format!("invalid port {:?}", t.port)),
+            _ => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid port {:?}", t.port),
+                )
+            }
         };
         let route = match self.route(&id, port) {
             Ok(r) => r,
-            Err(e) if e.kind() == ErrorKind::NotFound => return plain(StatusCode::NOT_FOUND, e.to_string()),
-            Err(e) => return plain(StatusCode::SERVICE_UNAVAILABLE, format!("capsule is not available: {e}")),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return plain(StatusCode::NOT_FOUND, e.to_string())
+            }
+            Err(e) => {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("capsule is not available: {e}"),
+                )
+            }
         };
         let path_and_query = match req.uri().query() {
             Some(q) => format!("{}?{q}", t.rest),
@@ -217,19 +247,28 @@ impl PortProxy {
                 fix_location(&mut parts.headers, &route);
                 Response::from_parts(parts, Body::new(body))
             }
-            Err(e) => plain(StatusCode::BAD_GATEWAY, format!("proxy error: {}", error_chain(&e))),
+            Err(e) => plain(
+                StatusCode::BAD_GATEWAY,
+                format!("proxy error: {}", error_chain(&e)),
+            ),
         }
     }
 
-    async fn tunnel(self: &Arc<Self>, mut req: Request, route: Route, path_and_query: &str) -> Response {
+    async fn tunnel(
+        self: &Arc<Self>,
+        mut req: Request,
+        route: Route,
+        path_and_query: &str,
+    ) -> Response {
         let stream = match wrenn_http::dial_with_retry(route.upstream).await {
             Ok(s) => s,
             Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
         };
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-            Ok(x) => x,
-            Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
-        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(x) => x,
+                Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
+            };
         let stop = self.stop.clone();
         self.tunnels.spawn(async move {
             tokio::select! {
@@ -237,7 +276,9 @@ impl PortProxy {
                 _ = stop.cancelled() => {}
             }
         });
-        let mut up = http::Request::builder().method(req.method().clone()).uri(path_and_query);
+        let mut up = http::Request::builder()
+            .method(req.method().clone())
+            .uri(path_and_query);
         for (k, v) in req.headers() {
             if k != "x-api-key" {
                 up = up.header(k, v);
@@ -279,7 +320,8 @@ fn add_forwarded(h: &mut HeaderMap) {
     if let Some(host) = h.get(header::HOST).cloned() {
         h.entry("x-forwarded-host").or_insert(host);
     }
-    h.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
+    h.entry("x-forwarded-proto")
+        .or_insert(HeaderValue::from_static("http"));
 }
 
 fn fix_location(h: &mut HeaderMap, route: &Route) {
@@ -316,7 +358,14 @@ mod tests {
     #[test]
     fn targets_keep_the_raw_rest() {
         let t = parse_target("/proxy/cl-x/8080/a%2Fb/c/").unwrap();
-        assert_eq!(t, Target { id: "cl-x", port: "8080", rest: "/a%2Fb/c/" });
+        assert_eq!(
+            t,
+            Target {
+                id: "cl-x",
+                port: "8080",
+                rest: "/a%2Fb/c/"
+            }
+        );
         assert_eq!(parse_target("/proxy/cl-x/80").unwrap().rest, "/");
         assert_eq!(parse_target("/proxy/cl-x/80/").unwrap().rest, "/");
         assert_eq!(parse_target("/proxy/cl-x//x").map(|t| t.port), None);
@@ -326,10 +375,22 @@ mod tests {
 
     #[test]
     fn locations_keep_the_prefix() {
-        let r = Route { upstream: "10.88.0.2:8000".parse().unwrap(), prefix: "/proxy/cl-a/8000".into() };
-        assert_eq!(rewrite_location("/docs/", &r).unwrap(), "/proxy/cl-a/8000/docs/");
-        assert_eq!(rewrite_location("http://10.88.0.2:8000/x?y=1", &r).unwrap(), "/proxy/cl-a/8000/x?y=1");
-        assert_eq!(rewrite_location("http://localhost:8000", &r).unwrap(), "/proxy/cl-a/8000/");
+        let r = Route {
+            upstream: "10.88.0.2:8000".parse().unwrap(),
+            prefix: "/proxy/cl-a/8000".into(),
+        };
+        assert_eq!(
+            rewrite_location("/docs/", &r).unwrap(),
+            "/proxy/cl-a/8000/docs/"
+        );
+        assert_eq!(
+            rewrite_location("http://10.88.0.2:8000/x?y=1", &r).unwrap(),
+            "/proxy/cl-a/8000/x?y=1"
+        );
+        assert_eq!(
+            rewrite_location("http://localhost:8000", &r).unwrap(),
+            "/proxy/cl-a/8000/"
+        );
         assert_eq!(rewrite_location("https://example.com/x", &r), None);
         assert_eq!(rewrite_location("//evil.example/x", &r), None);
         assert_eq!(rewrite_location("relative/x", &r), None);

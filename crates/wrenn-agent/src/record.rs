@@ -48,7 +48,15 @@ pub enum OnTimeout {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CapsuleRecord {
+    /// The public ID callers use.
     pub id: CapsuleId,
+    /// The ID the host knows the capsule by: its directory, container and
+    /// cgroup. The same as `id`, except for capsules taken from a warm
+    /// pool, which were created before anyone asked for them.
+    pub container: CapsuleId,
+    /// Still waiting in a warm pool (never listed; torn down on restart).
+    #[serde(default)]
+    pub warm: bool,
     pub template: TemplateName,
     pub state: CapsuleState,
     /// False once a hibernation dropped the processes (no CRIU).

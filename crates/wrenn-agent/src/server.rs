@@ -2,7 +2,7 @@
 //! the port proxy (`/proxy/{capsule}/{port}/…`) and `/health`, on h1 and
 //! h2c. The control plane reaches RPC and proxy through separate pools.
 //!
-//! [`run`] owns the reaper task and the proxy's tunnels; when `shutdown`
+//! [`run`] owns the reaper and warm-pool tasks and the proxy's tunnels; when `shutdown`
 //! resolves it stops accepting, drains connections, stops the reaper and
 //! closes tunnels. Capsules are left running: containers outlive the agent
 //! and the next one re-adopts them.
@@ -47,24 +47,40 @@ impl AgentServer {
     }
 
     /// Serve until `shutdown` resolves.
-    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let AgentServer { agent, proxy } = self;
         let stop = CancellationToken::new();
         let reaper = tokio::spawn(agent.clone().run_reaper(stop.clone().cancelled_owned()));
+        let warm = tokio::spawn(agent.clone().run_warm_pools(stop.clone().cancelled_owned()));
         let router = axum::Router::new()
             .route("/proxy/{*rest}", any(proxy::handler))
             .with_state(proxy.clone())
             .route("/health", get(health))
             .fallback_service(rpc::router(agent).into_axum_service());
-        let served = wrenn_http::serve(listener, router, wrenn_http::ServerConfig::default(), shutdown).await;
+        let served = wrenn_http::serve(
+            listener,
+            router,
+            wrenn_http::ServerConfig::default(),
+            shutdown,
+        )
+        .await;
         stop.cancel();
         let _ = reaper.await;
+        let _ = warm.await;
         proxy.shutdown().await;
         served
     }
 }
 
 /// Serve `agent` on `listener` until `shutdown` resolves.
-pub async fn run(agent: Arc<Agent>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+pub async fn run(
+    agent: Arc<Agent>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     AgentServer::new(agent).run(listener, shutdown).await
 }

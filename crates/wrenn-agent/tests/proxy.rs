@@ -74,7 +74,13 @@ impl Served {
         let task = tokio::spawn(server.run(listener, async move {
             let _ = rx.await;
         }));
-        Served { t, addr, proxy, stop: Some(tx), task: Some(task) }
+        Served {
+            t,
+            addr,
+            proxy,
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     async fn minimal(&self) -> CapsuleId {
@@ -82,16 +88,27 @@ impl Served {
         req.template = "minimal".parse().unwrap();
         req.memory_mb = 256;
         let id = req.id.clone();
-        self.t.agent.create(req).await.expect("create a minimal capsule");
+        self.t
+            .agent
+            .create(req)
+            .await
+            .expect("create a minimal capsule");
         id
     }
 
     async fn get(&self, path: &str) -> (u16, http::HeaderMap, String) {
         let client = wrenn_http::client(wrenn_http::HttpVersion::Http1);
         let req = http::Request::get(format!("http://{}{path}", self.addr))
-            .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
+            .body(
+                Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
             .unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req)).await.expect("no hang").unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+            .await
+            .expect("no hang")
+            .unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -110,15 +127,26 @@ async fn the_port_proxy_end_to_end() {
     let id = s.minimal().await;
     let envd = s.t.agent.running(&id).unwrap();
     envd.envd().make_dir("/srv/docs").await.unwrap();
-    envd.envd().write_file("/srv/docs/a.txt", Bytes::from_static(b"file a\n")).await.unwrap();
-    envd.envd().write_file("/srv/ws.py", Bytes::from_static(WS_ECHO.as_bytes())).await.unwrap();
+    envd.envd()
+        .write_file("/srv/docs/a.txt", Bytes::from_static(b"file a\n"))
+        .await
+        .unwrap();
+    envd.envd()
+        .write_file("/srv/ws.py", Bytes::from_static(WS_ECHO.as_bytes()))
+        .await
+        .unwrap();
 
     // python's http.server, asked at once: the retries cover its start-up
-    s.t.spawn(&id, "web", "cd /srv && exec python3 -m http.server 8000").await;
+    s.t.spawn(&id, "web", "cd /srv && exec python3 -m http.server 8000")
+        .await;
     let base = format!("/proxy/{id}/8000");
     let (status, headers, _) = s.get(&format!("{base}/docs")).await;
     assert_eq!(status, 301);
-    assert_eq!(headers["location"], format!("{base}/docs/").as_str(), "redirect keeps the prefix");
+    assert_eq!(
+        headers["location"],
+        format!("{base}/docs/").as_str(),
+        "redirect keeps the prefix"
+    );
     let (status, _, body) = s.get(&format!("{base}/docs/")).await;
     assert_eq!(status, 200);
     assert!(body.contains("href=\"a.txt\""), "{body}");
@@ -128,12 +156,26 @@ async fn the_port_proxy_end_to_end() {
     assert_eq!(status, 404);
 
     // a server that starts listening a second after the request
-    s.t.spawn(&id, "late", "sleep 1; cd /srv && exec python3 -m http.server 8001").await;
+    s.t.spawn(
+        &id,
+        "late",
+        "sleep 1; cd /srv && exec python3 -m http.server 8001",
+    )
+    .await;
     let (status, _, body) = s.get(&format!("/proxy/{id}/8001/docs/a.txt")).await;
-    assert_eq!((status, body.as_str()), (200, "file a\n"), "reached thanks to the dial retries");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "file a\n"),
+        "reached thanks to the dial retries"
+    );
 
     // bound to 127.0.0.1 only: reached through envd's port forwarder
-    s.t.spawn(&id, "local", "cd /srv && exec python3 -m http.server 8002 --bind 127.0.0.1").await;
+    s.t.spawn(
+        &id,
+        "local",
+        "cd /srv && exec python3 -m http.server 8002 --bind 127.0.0.1",
+    )
+    .await;
     let mut last = (0, String::new());
     for _ in 0..20 {
         let (status, _, body) = s.get(&format!("/proxy/{id}/8002/docs/a.txt")).await;
@@ -162,11 +204,23 @@ async fn the_port_proxy_end_to_end() {
     }
     let mut ws = ws.expect("websocket through the proxy");
     use tokio_tungstenite::tungstenite::Message;
-    ws.send(Message::Text("hello capsule".into())).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    ws.send(Message::Text("hello capsule".into()))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(got, Message::Text("hello capsule".into()));
-    ws.send(Message::Binary(vec![0u8, 255, 7].into())).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    ws.send(Message::Binary(vec![0u8, 255, 7].into()))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(got, Message::Binary(vec![0u8, 255, 7].into()));
     ws.close(None).await.unwrap();
 
@@ -174,7 +228,12 @@ async fn the_port_proxy_end_to_end() {
     assert_eq!(s.get("/proxy/not-an-id/80/").await.0, 400);
     assert_eq!(s.get(&format!("/proxy/{id}/0/")).await.0, 400);
     assert_eq!(s.get(&format!("/proxy/{id}/99999/")).await.0, 400);
-    assert_eq!(s.get(&format!("/proxy/{}/80/", CapsuleId::random())).await.0, 404);
+    assert_eq!(
+        s.get(&format!("/proxy/{}/80/", CapsuleId::random()))
+            .await
+            .0,
+        404
+    );
 
     // paused: 503; resumed: served again
     assert!(s.proxy.cached_routes() >= 4);

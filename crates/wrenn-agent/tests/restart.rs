@@ -25,7 +25,10 @@ async fn exec(c: &RpcClient, id: &str, script: &str) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_readopts_its_capsules() {
-    let data = tempfile::Builder::new().prefix("wrenn-restart").tempdir_in("/var/tmp").unwrap();
+    let data = tempfile::Builder::new()
+        .prefix("wrenn-restart")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let cfg = common::test_config(data.path());
     let guard = Scrub(cfg.clone());
     let mut first = AgentProcess::spawn(&cfg);
@@ -44,22 +47,43 @@ async fn a_killed_agent_readopts_its_capsules() {
             .unwrap()
             .into_owned();
         assert_eq!(created.state, "running");
-        c.write_file(pb::WriteFileRequest { id: id.clone(), path: "/root/marker".into(), content: format!("capsule {i}").into_bytes(), ..Default::default() })
-            .await
-            .unwrap();
-        c.start_background(pb::ExecRequest { id: id.clone(), cmd: "sleep".into(), args: vec!["1000".into()], tag: "keeper".into(), ..Default::default() })
-            .await
-            .unwrap();
+        c.write_file(pb::WriteFileRequest {
+            id: id.clone(),
+            path: "/root/marker".into(),
+            content: format!("capsule {i}").into_bytes(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.start_background(pb::ExecRequest {
+            id: id.clone(),
+            cmd: "sleep".into(),
+            args: vec!["1000".into()],
+            tag: "keeper".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         ids.push(id);
     }
 
     first.kill9();
     // While the agent is down, one container dies.
     let root = format!("--root={}/runc", cfg.state_root.display());
-    let out = std::process::Command::new("runc").args([&root, "kill", &ids[0], "KILL"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("runc")
+        .args([&root, "kill", &ids[0], "KILL"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for _ in 0..100 {
-        let s = std::process::Command::new("runc").args([&root, "state", &ids[0]]).output().unwrap();
+        let s = std::process::Command::new("runc")
+            .args([&root, "state", &ids[0]])
+            .output()
+            .unwrap();
         if String::from_utf8_lossy(&s.stdout).contains("\"stopped\"") {
             break;
         }
@@ -68,25 +92,68 @@ async fn a_killed_agent_readopts_its_capsules() {
 
     let second = AgentProcess::spawn(&cfg);
     let c = second.client();
-    let list = c.list_capsules(pb::ListCapsulesRequest::default()).await.unwrap().into_owned();
+    let list = c
+        .list_capsules(pb::ListCapsulesRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
     assert_eq!(list.capsules.len(), 10, "every capsule is known again");
-    let dead = c.get_capsule(pb::CapsuleRef { id: ids[0].clone(), ..Default::default() }).await.unwrap().into_owned();
+    let dead = c
+        .get_capsule(pb::CapsuleRef {
+            id: ids[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
     assert_eq!(dead.state, "error");
     assert!(dead.error.contains("container"), "{}", dead.error);
-    let err = c.exec(pb::ExecRequest { id: ids[0].clone(), cmd: "true".into(), ..Default::default() }).await.unwrap_err();
+    let err = c
+        .exec(pb::ExecRequest {
+            id: ids[0].clone(),
+            cmd: "true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::FailedPrecondition);
 
     for (i, id) in ids.iter().enumerate().skip(1) {
         let (code, out) = exec(&c, id, "cat /root/marker").await;
         assert_eq!((code, out), (0, format!("capsule {i}")));
-        let procs = c.list_processes(pb::CapsuleRef { id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
-        assert!(procs.processes.iter().any(|p| p.tag == "keeper"), "processes outlived the agent");
+        let procs = c
+            .list_processes(pb::CapsuleRef {
+                id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_owned();
+        assert!(
+            procs.processes.iter().any(|p| p.tag == "keeper"),
+            "processes outlived the agent"
+        );
     }
     // Re-adopted capsules still follow the state machine and tear down fully.
-    c.pause_capsule(pb::CapsuleRef { id: ids[1].clone(), ..Default::default() }).await.unwrap();
-    c.resume_capsule(pb::CapsuleRef { id: ids[1].clone(), ..Default::default() }).await.unwrap();
+    c.pause_capsule(pb::CapsuleRef {
+        id: ids[1].clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.resume_capsule(pb::CapsuleRef {
+        id: ids[1].clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     for id in &ids {
-        c.destroy_capsule(pb::CapsuleRef { id: id.clone(), ..Default::default() }).await.unwrap();
+        c.destroy_capsule(pb::CapsuleRef {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     drop(second);
     let left = common::leftovers(&cfg, data.path());
@@ -101,9 +168,14 @@ impl Drop for Scrub {
     fn drop(&mut self) {
         // Capsules a failed run left: delete containers, unmount, remove netns.
         let root = format!("--root={}/runc", self.0.state_root.display());
-        if let Ok(out) = std::process::Command::new("runc").args([&root, "list", "-q"]).output() {
+        if let Ok(out) = std::process::Command::new("runc")
+            .args([&root, "list", "-q"])
+            .output()
+        {
             for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = std::process::Command::new("runc").args([&root, "delete", "--force", id]).output();
+                let _ = std::process::Command::new("runc")
+                    .args([&root, "delete", "--force", id])
+                    .output();
             }
         }
         for m in wrenn_agent::rootfs::mounts_under(&self.0.data_dir) {

@@ -53,9 +53,14 @@ pub struct RetryConnector {
 impl tower::Service<http::Uri> for RetryConnector {
     type Response = <HttpConnector as tower::Service<http::Uri>>::Response;
     type Error = <HttpConnector as tower::Service<http::Uri>>::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         tower::Service::<http::Uri>::poll_ready(&mut self.inner, cx)
     }
 
@@ -99,7 +104,11 @@ pub fn proxy_client() -> ProxyClient {
     inner.set_nodelay(true);
     inner.set_connect_timeout(Some(Duration::from_secs(5)));
     inner.enforce_http(true);
-    let connector = RetryConnector { inner, attempts: PROXY_DIAL_ATTEMPTS, step: PROXY_DIAL_STEP };
+    let connector = RetryConnector {
+        inner,
+        attempts: PROXY_DIAL_ATTEMPTS,
+        step: PROXY_DIAL_STEP,
+    };
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(120))
         .pool_max_idle_per_host(20)

@@ -13,5 +13,8 @@
 mod client;
 mod server;
 
-pub use client::{client, dial_with_retry, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP, proxy_client, ClientBody, HttpClient, HttpVersion, ProxyBody, ProxyClient, RetryConnector};
+pub use client::{
+    client, dial_with_retry, proxy_client, ClientBody, HttpClient, HttpVersion, ProxyBody,
+    ProxyClient, RetryConnector, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP,
+};
 pub use server::{serve, ServerConfig};

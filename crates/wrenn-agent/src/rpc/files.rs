@@ -71,10 +71,20 @@ impl AgentRpc {
         Response::ok(pb::Empty::default())
     }
 
-    pub(super) async fn do_read_file(&self, r: pb::PathRequest) -> ServiceResult<pb::ReadFileResponse> {
+    pub(super) async fn do_read_file(
+        &self,
+        r: pb::PathRequest,
+    ) -> ServiceResult<pb::ReadFileResponse> {
         let c = self.running(&r.id)?;
-        let data = c.envd().read_file(path(&r.path)?).await.map_err(|e| envd_error(&c.id, e))?;
-        Response::ok(pb::ReadFileResponse { content: data.to_vec(), ..Default::default() })
+        let data = c
+            .envd()
+            .read_file(path(&r.path)?)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
+        Response::ok(pb::ReadFileResponse {
+            content: data.to_vec(),
+            ..Default::default()
+        })
     }
 
     pub(super) async fn do_write_file_stream(
@@ -84,10 +94,16 @@ impl AgentRpc {
         use pb_oneof::write_file_stream_request::Msg;
         let first = match requests.next().await {
             Some(m) => m?.to_owned_message(),
-            None => return Err(ConnectError::invalid_argument("the stream carried no meta message")),
+            None => {
+                return Err(ConnectError::invalid_argument(
+                    "the stream carried no meta message",
+                ))
+            }
         };
         let Some(Msg::Meta(meta)) = first.msg else {
-            return Err(ConnectError::invalid_argument("the first message must be meta {id, path}"));
+            return Err(ConnectError::invalid_argument(
+                "the first message must be meta {id, path}",
+            ));
         };
         let c = self.running(&meta.id)?;
         let target = path(&meta.path)?.to_owned();
@@ -116,43 +132,74 @@ impl AgentRpc {
             }
             Ok(())
         };
-        let upload = c.envd().write_file_stream(&target, ChannelBody(rx));
+        let envd = c.envd();
+        let upload = envd.write_file_stream(&target, ChannelBody(rx));
         let (pumped, uploaded) = tokio::join!(pump, upload);
         pumped?;
         uploaded.map_err(|e| envd_error(&c.id, e))?;
         Response::ok(pb::Empty::default())
     }
 
-    pub(super) async fn do_read_file_stream(&self, r: pb::PathRequest) -> ServiceResult<ServiceStream<pb::FileChunk>> {
+    pub(super) async fn do_read_file_stream(
+        &self,
+        r: pb::PathRequest,
+    ) -> ServiceResult<ServiceStream<pb::FileChunk>> {
         let c = self.running(&r.id)?;
         let id = c.id.clone();
-        let stream = c.envd().read_file_stream(path(&r.path)?).await.map_err(|e| envd_error(&c.id, e))?;
+        let stream = c
+            .envd()
+            .read_file_stream(path(&r.path)?)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Ok(Response::new(Box::pin(stream.map(move |chunk| {
             chunk
-                .map(|data| pb::FileChunk { data: data.to_vec(), ..Default::default() })
+                .map(|data| pb::FileChunk {
+                    data: data.to_vec(),
+                    ..Default::default()
+                })
                 .map_err(|e| envd_error(&id, e))
         }))))
     }
 
-    pub(super) async fn do_list_dir(&self, r: pb::PathRequest) -> ServiceResult<pb::ListDirResponse> {
+    pub(super) async fn do_list_dir(
+        &self,
+        r: pb::PathRequest,
+    ) -> ServiceResult<pb::ListDirResponse> {
         let c = self.running(&r.id)?;
         let depth = r.depth.clamp(1, MAX_DEPTH);
-        let entries = c.envd().list_dir(path(&r.path)?, depth).await.map_err(|e| envd_error(&c.id, e))?;
+        let entries = c
+            .envd()
+            .list_dir(path(&r.path)?, depth)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Response::ok(pb::ListDirResponse {
             entries: entries.into_iter().map(entry_to_pb).collect(),
             ..Default::default()
         })
     }
 
-    pub(super) async fn do_make_dir(&self, r: pb::PathRequest) -> ServiceResult<pb::MakeDirResponse> {
+    pub(super) async fn do_make_dir(
+        &self,
+        r: pb::PathRequest,
+    ) -> ServiceResult<pb::MakeDirResponse> {
         let c = self.running(&r.id)?;
-        let created = c.envd().make_dir(path(&r.path)?).await.map_err(|e| envd_error(&c.id, e))?;
-        Response::ok(pb::MakeDirResponse { created, ..Default::default() })
+        let created = c
+            .envd()
+            .make_dir(path(&r.path)?)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
+        Response::ok(pb::MakeDirResponse {
+            created,
+            ..Default::default()
+        })
     }
 
     pub(super) async fn do_remove_path(&self, r: pb::PathRequest) -> ServiceResult<pb::Empty> {
         let c = self.running(&r.id)?;
-        c.envd().remove(path(&r.path)?).await.map_err(|e| envd_error(&c.id, e))?;
+        c.envd()
+            .remove(path(&r.path)?)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Response::ok(pb::Empty::default())
     }
 }

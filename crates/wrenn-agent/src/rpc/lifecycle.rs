@@ -41,7 +41,8 @@ fn template_to_pb(t: TemplateMeta) -> pb::Template {
 }
 
 fn template_name(s: &str) -> Result<TemplateName, ConnectError> {
-    s.parse().map_err(|e: wrenn_types::ids::InvalidId| ConnectError::invalid_argument(e.to_string()))
+    s.parse()
+        .map_err(|e: wrenn_types::ids::InvalidId| ConnectError::invalid_argument(e.to_string()))
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -63,7 +64,11 @@ impl pb::Agent for AgentRpc {
             req.memory_mb = r.memory_mb;
         }
         req.timeout_sec = r.timeout_sec;
-        req.on_timeout = if r.destroy_on_timeout { OnTimeout::Destroy } else { OnTimeout::Pause };
+        req.on_timeout = if r.destroy_on_timeout {
+            OnTimeout::Destroy
+        } else {
+            OnTimeout::Pause
+        };
         req.internet = !r.no_internet;
         req.env = r.env.into_iter().collect();
         req.default_user = non_empty(r.default_user);
@@ -100,7 +105,12 @@ impl pb::Agent for AgentRpc {
     ) -> ServiceResult<pb::ListCapsulesResponse> {
         Response::ok(pb::ListCapsulesResponse {
             capsules: self.agent.list().into_iter().map(capsule_to_pb).collect(),
-            auto_paused_ids: self.agent.take_auto_paused().into_iter().map(String::from).collect(),
+            auto_paused_ids: self
+                .agent
+                .take_auto_paused()
+                .into_iter()
+                .map(String::from)
+                .collect(),
             ..Default::default()
         })
     }
@@ -111,7 +121,9 @@ impl pb::Agent for AgentRpc {
         request: ServiceRequest<'_, pb::CapsuleRef>,
     ) -> ServiceResult<pb::Capsule> {
         let id = capsule_id(&request.to_owned_message().id)?;
-        Response::ok(capsule_to_pb(self.agent.pause(&id).await.map_err(agent_error)?))
+        Response::ok(capsule_to_pb(
+            self.agent.pause(&id).await.map_err(agent_error)?,
+        ))
     }
 
     async fn resume_capsule(
@@ -120,7 +132,9 @@ impl pb::Agent for AgentRpc {
         request: ServiceRequest<'_, pb::CapsuleRef>,
     ) -> ServiceResult<pb::Capsule> {
         let id = capsule_id(&request.to_owned_message().id)?;
-        Response::ok(capsule_to_pb(self.agent.resume(&id).await.map_err(agent_error)?))
+        Response::ok(capsule_to_pb(
+            self.agent.resume(&id).await.map_err(agent_error)?,
+        ))
     }
 
     async fn hibernate_capsule(
@@ -129,7 +143,9 @@ impl pb::Agent for AgentRpc {
         request: ServiceRequest<'_, pb::CapsuleRef>,
     ) -> ServiceResult<pb::Capsule> {
         let id = capsule_id(&request.to_owned_message().id)?;
-        Response::ok(capsule_to_pb(self.agent.hibernate(&id).await.map_err(agent_error)?))
+        Response::ok(capsule_to_pb(
+            self.agent.hibernate(&id).await.map_err(agent_error)?,
+        ))
     }
 
     async fn ping_capsule(
@@ -139,7 +155,9 @@ impl pb::Agent for AgentRpc {
     ) -> ServiceResult<pb::Capsule> {
         let r = request.to_owned_message();
         let id = capsule_id(&r.id)?;
-        Response::ok(capsule_to_pb(self.agent.ping(&id, r.timeout_sec).map_err(agent_error)?))
+        Response::ok(capsule_to_pb(
+            self.agent.ping(&id, r.timeout_sec).map_err(agent_error)?,
+        ))
     }
 
     async fn set_internet(
@@ -149,7 +167,10 @@ impl pb::Agent for AgentRpc {
     ) -> ServiceResult<pb::Capsule> {
         let r = request.to_owned_message();
         let id = capsule_id(&r.id)?;
-        self.agent.set_internet(&id, r.enabled).await.map_err(agent_error)?;
+        self.agent
+            .set_internet(&id, r.enabled)
+            .await
+            .map_err(agent_error)?;
         Response::ok(capsule_to_pb(self.agent.info_of(&id).map_err(agent_error)?))
     }
 
@@ -323,7 +344,9 @@ impl pb::Agent for AgentRpc {
         let r = request.to_owned_message();
         let id = capsule_id(&r.id)?;
         let name = template_name(&r.name)?;
-        Response::ok(template_to_pb(self.agent.snapshot(&id, name).await.map_err(agent_error)?))
+        Response::ok(template_to_pb(
+            self.agent.snapshot(&id, name).await.map_err(agent_error)?,
+        ))
     }
 
     async fn list_templates(
@@ -332,7 +355,13 @@ impl pb::Agent for AgentRpc {
         _request: ServiceRequest<'_, pb::Empty>,
     ) -> ServiceResult<pb::ListTemplatesResponse> {
         Response::ok(pb::ListTemplatesResponse {
-            templates: self.agent.templates().list().into_iter().map(template_to_pb).collect(),
+            templates: self
+                .agent
+                .templates()
+                .list()
+                .into_iter()
+                .map(template_to_pb)
+                .collect(),
             ..Default::default()
         })
     }

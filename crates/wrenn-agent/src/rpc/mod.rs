@@ -42,7 +42,8 @@ impl AgentRpc {
 }
 
 fn capsule_id(s: &str) -> Result<CapsuleId, ConnectError> {
-    s.parse().map_err(|e: wrenn_types::ids::InvalidId| ConnectError::invalid_argument(e.to_string()))
+    s.parse()
+        .map_err(|e: wrenn_types::ids::InvalidId| ConnectError::invalid_argument(e.to_string()))
 }
 
 /// Domain error → Connect error. Internal causes are logged in full; the

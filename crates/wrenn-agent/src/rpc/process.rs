@@ -34,7 +34,9 @@ fn selector(pid: Option<u32>, tag: Option<String>) -> Result<Selector, ConnectEr
     match (pid, tag) {
         (Some(p), _) => Ok(Selector::Pid(p)),
         (None, Some(t)) if !t.is_empty() => Ok(Selector::Tag(t)),
-        _ => Err(ConnectError::invalid_argument("a process pid or tag is required")),
+        _ => Err(ConnectError::invalid_argument(
+            "a process pid or tag is required",
+        )),
     }
 }
 
@@ -56,19 +58,31 @@ fn event_to_pb(ev: ExecEvent, tag: &str) -> pb::ProcessEvent {
         ExecEvent::Stdout(b) => E::Stdout(b.to_vec()),
         ExecEvent::Stderr(b) => E::Stderr(b.to_vec()),
         ExecEvent::Pty(b) => E::Pty(b.to_vec()),
-        ExecEvent::End { exit_code, status, error, .. } => E::Ended(Box::new(pb::ProcessEnded {
+        ExecEvent::End {
+            exit_code,
+            status,
+            error,
+            ..
+        } => E::Ended(Box::new(pb::ProcessEnded {
             exit_code,
             status,
             error: error.unwrap_or_default(),
             ..Default::default()
         })),
     };
-    pb::ProcessEvent { event: Some(event), ..Default::default() }
+    pb::ProcessEvent {
+        event: Some(event),
+        ..Default::default()
+    }
 }
 
 /// Relay an envd stream, led by its start event (envd-client consumed it
 /// to learn the pid).
-fn relay(stream: ExecStream, id: wrenn_types::ids::CapsuleId, tag: String) -> ServiceStream<pb::ProcessEvent> {
+fn relay(
+    stream: ExecStream,
+    id: wrenn_types::ids::CapsuleId,
+    tag: String,
+) -> ServiceStream<pb::ProcessEvent> {
     let first = event_to_pb(ExecEvent::Start { pid: stream.pid }, &tag);
     let rest = futures::stream::unfold((stream, id, tag), |(mut s, id, tag)| async move {
         let item = match s.next().await? {
@@ -81,11 +95,17 @@ fn relay(stream: ExecStream, id: wrenn_types::ids::CapsuleId, tag: String) -> Se
 }
 
 impl AgentRpc {
-    pub(super) async fn do_exec(&self, ctx: RequestContext, r: pb::ExecRequest) -> ServiceResult<pb::ExecResponse> {
+    pub(super) async fn do_exec(
+        &self,
+        ctx: RequestContext,
+        r: pb::ExecRequest,
+    ) -> ServiceResult<pb::ExecResponse> {
         let c = self.running(&r.id)?;
         let mut req = exec_request(&r)?;
         if req.timeout.is_none() {
-            req.timeout = Some(ctx.deadline().map_or(EXEC_DEFAULT_TIMEOUT, |d| d.saturating_duration_since(std::time::Instant::now())));
+            req.timeout = Some(ctx.deadline().map_or(EXEC_DEFAULT_TIMEOUT, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+            }));
         }
         let out = c.envd().exec(req).await.map_err(|e| envd_error(&c.id, e))?;
         Response::ok(pb::ExecResponse {
@@ -96,36 +116,69 @@ impl AgentRpc {
         })
     }
 
-    pub(super) async fn do_exec_stream(&self, r: pb::ExecRequest) -> ServiceResult<ServiceStream<pb::ProcessEvent>> {
+    pub(super) async fn do_exec_stream(
+        &self,
+        r: pb::ExecRequest,
+    ) -> ServiceResult<ServiceStream<pb::ProcessEvent>> {
         let c = self.running(&r.id)?;
-        let stream = c.envd().exec_stream(exec_request(&r)?).await.map_err(|e| envd_error(&c.id, e))?;
+        let stream = c
+            .envd()
+            .exec_stream(exec_request(&r)?)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Ok(Response::new(relay(stream, c.id.clone(), r.tag)))
     }
 
-    pub(super) async fn do_start_background(&self, r: pb::ExecRequest) -> ServiceResult<pb::ProcessStarted> {
+    pub(super) async fn do_start_background(
+        &self,
+        r: pb::ExecRequest,
+    ) -> ServiceResult<pb::ProcessStarted> {
         let c = self.running(&r.id)?;
         let mut req = exec_request(&r)?;
         let tag = req.tag.get_or_insert_with(random_tag).clone();
-        let stream = c.envd().exec_stream(req).await.map_err(|e| envd_error(&c.id, e))?;
+        let stream = c
+            .envd()
+            .exec_stream(req)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         // Dropping the stream stops reading; the process runs on (tagged).
         let pid = stream.pid;
         drop(stream);
-        Response::ok(pb::ProcessStarted { pid, tag, ..Default::default() })
+        Response::ok(pb::ProcessStarted {
+            pid,
+            tag,
+            ..Default::default()
+        })
     }
 
-    pub(super) async fn do_list_processes(&self, r: pb::CapsuleRef) -> ServiceResult<pb::ListProcessesResponse> {
+    pub(super) async fn do_list_processes(
+        &self,
+        r: pb::CapsuleRef,
+    ) -> ServiceResult<pb::ListProcessesResponse> {
         let c = self.running(&r.id)?;
-        let list = c.envd().list_processes().await.map_err(|e| envd_error(&c.id, e))?;
+        let list = c
+            .envd()
+            .list_processes()
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Response::ok(pb::ListProcessesResponse {
             processes: list
                 .into_iter()
-                .map(|(pid, tag, cmd)| pb::ProcessInfo { pid, tag: tag.unwrap_or_default(), cmd, ..Default::default() })
+                .map(|(pid, tag, cmd)| pb::ProcessInfo {
+                    pid,
+                    tag: tag.unwrap_or_default(),
+                    cmd,
+                    ..Default::default()
+                })
                 .collect(),
             ..Default::default()
         })
     }
 
-    pub(super) async fn do_kill_process(&self, r: pb::KillProcessRequest) -> ServiceResult<pb::Empty> {
+    pub(super) async fn do_kill_process(
+        &self,
+        r: pb::KillProcessRequest,
+    ) -> ServiceResult<pb::Empty> {
         use pb_oneof::kill_process_request::Selector as S;
         let c = self.running(&r.id)?;
         let sel = match r.selector {
@@ -136,7 +189,11 @@ impl AgentRpc {
         let found = match r.signal.as_str() {
             "" | "SIGKILL" | "KILL" | "9" => c.envd().kill(sel).await,
             "SIGTERM" | "TERM" | "15" => c.envd().terminate(sel).await,
-            other => return Err(ConnectError::invalid_argument(format!("signal {other:?}: only SIGKILL and SIGTERM are supported"))),
+            other => {
+                return Err(ConnectError::invalid_argument(format!(
+                    "signal {other:?}: only SIGKILL and SIGTERM are supported"
+                )))
+            }
         }
         .map_err(|e| envd_error(&c.id, e))?;
         if !found {
@@ -145,7 +202,10 @@ impl AgentRpc {
         Response::ok(pb::Empty::default())
     }
 
-    pub(super) async fn do_connect_process(&self, r: pb::ProcessRef) -> ServiceResult<ServiceStream<pb::ProcessEvent>> {
+    pub(super) async fn do_connect_process(
+        &self,
+        r: pb::ProcessRef,
+    ) -> ServiceResult<ServiceStream<pb::ProcessEvent>> {
         use pb_oneof::process_ref::Selector as S;
         let c = self.running(&r.id)?;
         let (sel, tag) = match r.selector {
@@ -153,7 +213,11 @@ impl AgentRpc {
             Some(S::Tag(t)) => (selector(None, Some(t.clone()))?, t),
             None => (selector(None, None)?, String::new()),
         };
-        let stream = c.envd().attach(sel).await.map_err(|e| envd_error(&c.id, e))?;
+        let stream = c
+            .envd()
+            .attach(sel)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Ok(Response::new(relay(stream, c.id.clone(), tag)))
     }
 
@@ -167,25 +231,46 @@ impl AgentRpc {
         };
         let envd = c.envd();
         if !r.data.is_empty() {
-            envd.stdin_write(sel.clone(), &r.data).await.map_err(|e| envd_error(&c.id, e))?;
+            envd.stdin_write(sel.clone(), &r.data)
+                .await
+                .map_err(|e| envd_error(&c.id, e))?;
         }
         if r.close {
-            envd.close_stdin(sel).await.map_err(|e| envd_error(&c.id, e))?;
+            envd.close_stdin(sel)
+                .await
+                .map_err(|e| envd_error(&c.id, e))?;
         }
         Response::ok(pb::Empty::default())
     }
 
-    pub(super) async fn do_pty_attach(&self, r: pb::PtyAttachRequest) -> ServiceResult<ServiceStream<pb::ProcessEvent>> {
+    pub(super) async fn do_pty_attach(
+        &self,
+        r: pb::PtyAttachRequest,
+    ) -> ServiceResult<ServiceStream<pb::ProcessEvent>> {
         let c = self.running(&r.id)?;
         let envd = c.envd();
         if r.cmd.is_empty() {
-            let stream = envd.attach(tag(&r.tag)?).await.map_err(|e| envd_error(&c.id, e))?;
+            let stream = envd
+                .attach(tag(&r.tag)?)
+                .await
+                .map_err(|e| envd_error(&c.id, e))?;
             return Ok(Response::new(relay(stream, c.id.clone(), r.tag)));
         }
-        let t = if r.tag.is_empty() { random_pty_tag() } else { r.tag.clone() };
-        let clamp = |v: u32, d: u16| if v == 0 { d } else { v.min(u16::MAX.into()) as u16 };
+        let t = if r.tag.is_empty() {
+            random_pty_tag()
+        } else {
+            r.tag.clone()
+        };
+        let clamp = |v: u32, d: u16| {
+            if v == 0 {
+                d
+            } else {
+                v.min(u16::MAX.into()) as u16
+            }
+        };
         let mut envs: std::collections::BTreeMap<String, String> = r.envs.into_iter().collect();
-        envs.entry("TERM".into()).or_insert_with(|| "xterm-256color".into());
+        envs.entry("TERM".into())
+            .or_insert_with(|| "xterm-256color".into());
         let req = ExecRequest {
             cmd: r.cmd,
             args: r.args,
@@ -195,22 +280,33 @@ impl AgentRpc {
             tag: Some(t.clone()),
             stdin: false,
             timeout: None,
-            pty: Some(PtySize { cols: clamp(r.cols, 80), rows: clamp(r.rows, 24) }),
+            pty: Some(PtySize {
+                cols: clamp(r.cols, 80),
+                rows: clamp(r.rows, 24),
+            }),
         };
-        let stream = envd.pty_start(req).await.map_err(|e| envd_error(&c.id, e))?;
+        let stream = envd
+            .pty_start(req)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Ok(Response::new(relay(stream, c.id.clone(), t)))
     }
 
     pub(super) async fn do_pty_input(&self, r: pb::PtyInputRequest) -> ServiceResult<pb::Empty> {
         let c = self.running(&r.id)?;
-        c.envd().pty_input(tag(&r.tag)?, &r.data).await.map_err(|e| envd_error(&c.id, e))?;
+        c.envd()
+            .pty_input(tag(&r.tag)?, &r.data)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Response::ok(pb::Empty::default())
     }
 
     pub(super) async fn do_pty_resize(&self, r: pb::PtyResizeRequest) -> ServiceResult<pb::Empty> {
         let c = self.running(&r.id)?;
         if r.cols == 0 || r.rows == 0 || r.cols > 65535 || r.rows > 65535 {
-            return Err(ConnectError::invalid_argument("cols and rows must be 1-65535"));
+            return Err(ConnectError::invalid_argument(
+                "cols and rows must be 1-65535",
+            ));
         }
         c.envd()
             .pty_resize(tag(&r.tag)?, r.cols as u16, r.rows as u16)
@@ -221,7 +317,10 @@ impl AgentRpc {
 
     pub(super) async fn do_pty_kill(&self, r: pb::PtyRef) -> ServiceResult<pb::Empty> {
         let c = self.running(&r.id)?;
-        c.envd().kill(tag(&r.tag)?).await.map_err(|e| envd_error(&c.id, e))?;
+        c.envd()
+            .kill(tag(&r.tag)?)
+            .await
+            .map_err(|e| envd_error(&c.id, e))?;
         Response::ok(pb::Empty::default())
     }
 }

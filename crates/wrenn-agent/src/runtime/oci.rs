@@ -25,7 +25,9 @@ pub struct OciRuntime {
     /// `/sys/fs/cgroup/unified`: crun refuses hybrid cgroup hosts otherwise.
     hide_unified: bool,
     /// Run `create` inside the capsule's network namespace: gVisor's
-    /// runsc sets its netstack up from the namespace it starts in.
+    /// runsc sets its netstack up from the namespace it starts in. (Gets
+    /// runsc past its root-namespace check; its sandbox still dies at boot
+    /// here, so runsc is not a supported runtime yet.)
     enter_netns: bool,
     criu: bool,
 }
@@ -72,7 +74,9 @@ impl OciRuntime {
     fn command_in(&self, log: Option<&Path>, netns: Option<&Path>) -> Command {
         let mut c = if let Some(ns) = netns {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", ns.display())).arg("--").arg(&self.binary);
+            c.arg(format!("--net={}", ns.display()))
+                .arg("--")
+                .arg(&self.binary);
             c
         } else if self.hide_unified {
             let mut c = Command::new("unshare");
@@ -161,7 +165,11 @@ impl OciRuntime {
             path: stdio.to_owned(),
             source,
         })?;
-        let netns = if self.enter_netns { bundle_netns(bundle) } else { None };
+        let netns = if self.enter_netns {
+            bundle_netns(bundle)
+        } else {
+            None
+        };
         let mut c = self.command_in(Some(&log), netns.as_deref());
         c.arg(op)
             .args(extra)

@@ -206,7 +206,14 @@ impl AgentProcess {
     pub fn spawn(cfg: &AgentConfig) -> AgentProcess {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn-agent"))
-            .args(["--listen", "127.0.0.1:0", "--instance", &cfg.instance, "--reaper-interval", "200ms"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--instance",
+                &cfg.instance,
+                "--reaper-interval",
+                "200ms",
+            ])
             .arg("--data-dir")
             .arg(&cfg.data_dir)
             .arg("--envd")
@@ -218,7 +225,9 @@ impl AgentProcess {
             .spawn()
             .expect("spawn wrenn-agent");
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let addr = line
             .trim()
             .strip_prefix("wrenn-agent listening on ")
@@ -248,7 +257,10 @@ pub type RpcClient = wrenn_proto::wrenn::agent::v1::AgentClient<connectrpc::clie
 
 pub fn rpc_client(addr: std::net::SocketAddr) -> RpcClient {
     let uri: http::Uri = format!("http://{addr}").parse().unwrap();
-    RpcClient::new(connectrpc::client::HttpClient::plaintext(), connectrpc::client::ClientConfig::new(uri))
+    RpcClient::new(
+        connectrpc::client::HttpClient::plaintext(),
+        connectrpc::client::ClientConfig::new(uri),
+    )
 }
 
 /// Where expensive fixtures (the debootstrap `minimal` template) are built
@@ -256,7 +268,12 @@ pub fn rpc_client(addr: std::net::SocketAddr) -> RpcClient {
 pub fn fixtures_dir() -> PathBuf {
     std::env::var_os("WRENN_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/wrenn-fixtures")))
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../target/wrenn-fixtures"
+            ))
+        })
 }
 
 /// Build (once, under a file lock) the shared `minimal` template and link
@@ -292,7 +309,9 @@ impl TestAgent {
     pub async fn start_with_minimal() -> TestAgent {
         let t = TestAgent::start().await;
         let templates = t.agent.templates().dir().to_owned();
-        tokio::task::spawn_blocking(move || link_minimal(&templates)).await.unwrap();
+        tokio::task::spawn_blocking(move || link_minimal(&templates))
+            .await
+            .unwrap();
         t
     }
 
@@ -301,6 +320,11 @@ impl TestAgent {
         let c = self.agent.running(id).unwrap();
         let mut req = ExecRequest::shell(script);
         req.tag = Some(tag.into());
-        drop(c.envd().exec_stream(req).await.expect("start background process"));
+        drop(
+            c.envd()
+                .exec_stream(req)
+                .await
+                .expect("start background process"),
+        );
     }
 }

@@ -1,0 +1,76 @@
+//! Warm pools: capsules booted in advance are handed out under the
+//! requested ID with the request's settings, refilled, and dropped when a
+//! restarted agent finds them unclaimed.
+
+mod common;
+
+use common::TestAgent;
+use wrenn_agent::config::WarmPool;
+use wrenn_agent::{Agent, CreateRequest};
+use wrenn_types::ids::CapsuleId;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_capsules_are_claimed_and_refilled() {
+    let data = tempfile::Builder::new()
+        .prefix("wrenn-warm")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut cfg = common::test_config(data.path());
+    let busybox = "busybox".parse().unwrap();
+    cfg.warm_pools = vec![WarmPool {
+        template: "busybox".parse().unwrap(),
+        size: 2,
+        vcpus: 1,
+        memory_mb: 256,
+    }];
+    let agent = Agent::open(cfg.clone()).await.unwrap();
+    let t = TestAgent {
+        agent: agent.clone(),
+        data,
+        cfg: cfg.clone(),
+    };
+    agent.fill_warm_pools().await;
+    assert_eq!(agent.warm_count(&busybox), 2);
+    assert!(agent.list().is_empty(), "warm capsules are nobody's");
+
+    let mut req = CreateRequest::new(CapsuleId::random(), busybox.clone());
+    req.memory_mb = 256;
+    req.env.insert("GREETING".into(), "hi".into());
+    req.internet = false;
+    req.timeout_sec = 300;
+    let id = req.id.clone();
+    let info = agent.create(req).await.unwrap();
+    assert_eq!(info.id, id);
+    assert_eq!(info.timeout_sec, 300);
+    assert!(!info.internet);
+    assert_eq!(agent.warm_count(&busybox), 1, "taken from the pool");
+    let (code, out) = t.sh(&id, "echo $GREETING $WRENN_SANDBOX_ID").await;
+    assert_eq!((code, out), (0, format!("hi {id}\n")));
+    assert_eq!(agent.list().len(), 1);
+
+    // a request of another shape boots a capsule of its own
+    let mut other = t.busybox();
+    other.memory_mb = 64;
+    agent.create(other).await.unwrap();
+    assert_eq!(agent.warm_count(&busybox), 1);
+
+    agent.fill_warm_pools().await;
+    assert_eq!(agent.warm_count(&busybox), 2, "refilled");
+
+    // A new agent on the same data dir drops the unclaimed warm capsules
+    // and keeps the claimed one.
+    let mut cfg2 = cfg.clone();
+    cfg2.warm_pools.clear();
+    let again = Agent::open(cfg2).await.unwrap();
+    assert_eq!(again.list().len(), 2);
+    assert_eq!(again.warm_count(&busybox), 0);
+    let dirs = std::fs::read_dir(t.data.path().join("capsules"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 2, "the warm capsules' directories are gone");
+    again.destroy_all().await;
+    drop(again);
+    drop(t);
+    let left = common::leftovers(&cfg, std::path::Path::new("/nonexistent"));
+    assert!(left.is_empty(), "{left:#?}");
+}
