@@ -534,38 +534,49 @@ impl Agent {
     /// Top up every warm pool to its size.
     pub async fn fill_warm_pools(self: &Arc<Self>) {
         for spec in self.cfg.warm_pools.clone() {
-            loop {
-                let have = self
+            self.fill_warm_pool(&spec, spec.size).await;
+        }
+    }
+
+    /// Top the pool of `template` up to `size` (benchmarks, tests).
+    pub async fn fill_warm_pools_to(self: &Arc<Self>, template: &TemplateName, size: usize) {
+        if let Some(spec) = self
+            .cfg
+            .warm_pools
+            .iter()
+            .find(|w| w.template == *template)
+            .cloned()
+        {
+            self.fill_warm_pool(&spec, size).await;
+        }
+    }
+
+    async fn fill_warm_pool(self: &Arc<Self>, spec: &crate::config::WarmPool, size: usize) {
+        loop {
+            if self.warm_count(&spec.template) >= size {
+                return;
+            }
+            let id = CapsuleId::random();
+            let mut req = CreateRequest::new(id.clone(), spec.template.clone());
+            req.vcpus = spec.vcpus;
+            req.memory_mb = spec.memory_mb;
+            let made = async {
+                let meta = self.templates.get(&spec.template)?;
+                let c = self.new_capsule(&req, &meta, id)?;
+                c.rec.lock().unwrap().warm = true;
+                self.start_new(&c, &meta).await.map(|()| c)
+            };
+            match made.await {
+                Ok(c) => self
                     .warm
                     .lock()
                     .unwrap()
-                    .get(&spec.template)
-                    .map_or(0, Vec::len);
-                if have >= spec.size {
-                    break;
-                }
-                let id = CapsuleId::random();
-                let mut req = CreateRequest::new(id.clone(), spec.template.clone());
-                req.vcpus = spec.vcpus;
-                req.memory_mb = spec.memory_mb;
-                let made = async {
-                    let meta = self.templates.get(&spec.template)?;
-                    let c = self.new_capsule(&req, &meta, id)?;
-                    c.rec.lock().unwrap().warm = true;
-                    self.start_new(&c, &meta).await.map(|()| c)
-                };
-                match made.await {
-                    Ok(c) => self
-                        .warm
-                        .lock()
-                        .unwrap()
-                        .entry(spec.template.clone())
-                        .or_default()
-                        .push(c),
-                    Err(e) => {
-                        tracing::warn!(template = %spec.template, error = %e, "cannot fill the warm pool");
-                        break;
-                    }
+                    .entry(spec.template.clone())
+                    .or_default()
+                    .push(c),
+                Err(e) => {
+                    tracing::warn!(template = %spec.template, error = %e, "cannot fill the warm pool");
+                    return;
                 }
             }
         }
@@ -622,18 +633,29 @@ impl Agent {
         let slot = c.slot().expect("just set");
         c.set_envd(self.envd_client(c, &slot)?);
 
+        let t0 = std::time::Instant::now();
         c.push_undo(Undo::DestroyNetwork)?;
         network::create(&self.cfg.network, &slot)?;
         c.push_undo(Undo::FirewallRules)?;
         self.firewall.add(&slot, c.record().internet)?;
+        let t_net = t0.elapsed();
 
         self.write_etc(c, &slot)?;
         let lowers = self.templates.lower_dirs(meta)?;
         c.push_undo(Undo::UnmountRootfs)?;
         self.overlay(dir, lowers).mount()?;
         self.write_bundle(c, &slot)?;
+        let t_fs = t0.elapsed();
         c.push_undo(Undo::DeleteContainer)?;
-        self.start_container(c)
+        self.start_container(c)?;
+        tracing::debug!(
+            capsule_id = %c.id,
+            network_ms = t_net.as_millis() as u64,
+            rootfs_ms = (t_fs - t_net).as_millis() as u64,
+            container_ms = (t0.elapsed() - t_fs).as_millis() as u64,
+            "capsule set up"
+        );
+        Ok(())
     }
 
     fn envd_client(&self, c: &Capsule, slot: &Slot) -> Result<EnvdClient, AgentError> {

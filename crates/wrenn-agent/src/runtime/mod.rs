@@ -59,6 +59,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &str;
     fn create(&self, id: &CapsuleId, bundle: &Path, stdio: &Path) -> Result<(), RuntimeError>;
     fn start(&self, id: &CapsuleId) -> Result<(), RuntimeError>;
+    /// `create` and `start` in one step (one runtime invocation where the
+    /// runtime can: `run --detach`).
+    fn run(&self, id: &CapsuleId, bundle: &Path, stdio: &Path) -> Result<(), RuntimeError> {
+        self.create(id, bundle, stdio)?;
+        self.start(id)
+    }
     /// `None` when the runtime has no such container.
     fn state(&self, id: &CapsuleId) -> Result<Option<ContainerState>, RuntimeError>;
     fn pause(&self, id: &CapsuleId) -> Result<(), RuntimeError>;

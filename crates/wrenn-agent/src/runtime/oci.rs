@@ -96,7 +96,7 @@ impl OciRuntime {
         c
     }
 
-    fn run(
+    fn cli(
         &self,
         op: &'static str,
         id: &CapsuleId,
@@ -254,7 +254,11 @@ impl Runtime for OciRuntime {
     }
 
     fn start(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
-        self.run("start", id, &[]).map(|_| ())
+        self.cli("start", id, &[]).map(|_| ())
+    }
+
+    fn run(&self, id: &CapsuleId, bundle: &Path, stdio: &Path) -> Result<(), RuntimeError> {
+        self.detached("run", id, bundle, stdio, &["--detach"])
     }
 
     fn state(&self, id: &CapsuleId) -> Result<Option<ContainerState>, RuntimeError> {
@@ -263,7 +267,7 @@ impl Runtime for OciRuntime {
             status: String,
             pid: Option<i32>,
         }
-        let out = match self.run("state", id, &[]) {
+        let out = match self.cli("state", id, &[]) {
             Ok(out) => out,
             Err(e) if not_found(&e) => return Ok(None),
             Err(e) => return Err(e),
@@ -288,19 +292,19 @@ impl Runtime for OciRuntime {
     }
 
     fn pause(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
-        self.run("pause", id, &[]).map(|_| ())
+        self.cli("pause", id, &[]).map(|_| ())
     }
 
     fn resume(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
-        self.run("resume", id, &[]).map(|_| ())
+        self.cli("resume", id, &[]).map(|_| ())
     }
 
     fn kill(&self, id: &CapsuleId, signal: &str) -> Result<(), RuntimeError> {
-        self.run("kill", id, &[signal]).map(|_| ())
+        self.cli("kill", id, &[signal]).map(|_| ())
     }
 
     fn delete(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
-        match self.run("delete", id, &["--force"]) {
+        match self.cli("delete", id, &["--force"]) {
             Err(e) if not_found(&e) => Ok(()),
             other => other.map(|_| ()),
         }
@@ -315,7 +319,7 @@ impl Runtime for OciRuntime {
             return Err(RuntimeError::NoCheckpoint);
         }
         let dir = format!("--image-path={}", images.display());
-        self.run("checkpoint", id, &[&dir]).map(|_| ())
+        self.cli("checkpoint", id, &[&dir]).map(|_| ())
     }
 
     fn restore(

@@ -1,0 +1,387 @@
+//! Capsule benchmarks of the agent on real runc, each against a baseline
+//! measured in the same run (ratios, not absolute numbers, are what holds
+//! on a shared, noisy machine):
+//!
+//! - `cold`: create → first exec of `true` in a busybox capsule, vs raw
+//!   `runc run` of `/bin/true` on the same rootfs (the template's layer),
+//!   interleaved. Goal p50 ≤ 1.5×.
+//! - `warm`: the same create → first exec served from a warm pool. Goal
+//!   p50 ≤ 0.25× cold.
+//! - `concurrent`: N creates at once. Goal p95 ≤ 3× the serial create p50.
+//! - `pause`: pause and resume p50.
+//! - `idle`: memory per idle capsule (what its cgroup is charged: envd and
+//!   the kernel objects it owns; the agent's RSS; the host's
+//!   MemAvailable), and how many idle capsules would fit.
+//!
+//! Root only. `cargo bench -p wrenn-agent --bench capsules [-- --smoke]`;
+//! the static envd comes from `ENVD_STATIC_BIN` (scripts/lib.sh builds it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use envd_client::ExecRequest;
+use wrenn_agent::config::WarmPool;
+use wrenn_agent::{Agent, AgentConfig, CreateRequest};
+use wrenn_types::ids::CapsuleId;
+
+struct Opts {
+    iterations: usize,
+    concurrent: usize,
+    idle: usize,
+    pauses: usize,
+}
+
+fn opts() -> Opts {
+    let args: Vec<String> = std::env::args().collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let num = |name: &str, full: usize, small: usize| -> usize {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if smoke { small } else { full })
+    };
+    Opts {
+        iterations: num("--iterations", 30, 2),
+        concurrent: num("--concurrent", 50, 3),
+        idle: num("--idle", 20, 2),
+        pauses: num("--pauses", 30, 2),
+    }
+}
+
+fn pct(v: &[Duration], p: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s[((s.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn line(name: &str, v: &[Duration]) {
+    println!(
+        "{name:<34} n={:<4} p50={:>8.1} ms  p95={:>8.1} ms  min={:>8.1} ms",
+        v.len(),
+        ms(pct(v, 0.5)),
+        ms(pct(v, 0.95)),
+        ms(pct(v, 0.0))
+    );
+}
+
+fn request(template: &str) -> CreateRequest {
+    let mut r = CreateRequest::new(CapsuleId::random(), template.parse().expect("valid"));
+    r.memory_mb = 128;
+    r
+}
+
+async fn first_exec(agent: &Agent, id: &CapsuleId) -> Result<()> {
+    let c = agent.running(id)?;
+    let out = c
+        .envd()
+        .exec(ExecRequest::new("true", Vec::<String>::new()))
+        .await?;
+    if out.exit_code != 0 {
+        bail!("true exited {}", out.exit_code);
+    }
+    Ok(())
+}
+
+/// A runc bundle whose root is the busybox template's layer, read-only.
+fn raw_bundle(dir: &Path, layer: &Path) -> Result<PathBuf> {
+    let bundle = dir.join("raw-bundle");
+    std::fs::create_dir_all(&bundle)?;
+    let out = Command::new("runc")
+        .arg("spec")
+        .current_dir(&bundle)
+        .output()?;
+    if !out.status.success() {
+        bail!("runc spec: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let path = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!(["/bin/true"]);
+    spec["root"] = serde_json::json!({ "path": layer, "readonly": true });
+    spec["linux"]["cgroupsPath"] = "/wbench-raw/run".into();
+    std::fs::write(&path, serde_json::to_vec(&spec)?)?;
+    Ok(bundle)
+}
+
+fn raw_run(bundle: &Path, root: &Path, n: usize) -> Result<Duration> {
+    let started = Instant::now();
+    let st = Command::new("runc")
+        .arg(format!("--root={}", root.display()))
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(format!("raw-{n}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()?;
+    let took = started.elapsed();
+    if !st.success() {
+        bail!("runc run failed: {st}");
+    }
+    Ok(took)
+}
+
+fn mem_available_kb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .map(|l| l.to_owned())
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.to_owned())
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+struct Cleanup {
+    agent: Arc<Agent>,
+    cfg: AgentConfig,
+    rt: tokio::runtime::Handle,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let agent = self.agent.clone();
+        let _ = std::thread::scope(|s| s.spawn(|| self.rt.block_on(agent.destroy_all())).join());
+        let _ = self.agent.uninstall_firewall();
+        for ctl in [
+            "memory",
+            "pids",
+            "cpu",
+            "cpuacct",
+            "cpuset",
+            "freezer",
+            "devices",
+            "blkio",
+            "systemd",
+            "net_cls",
+            "perf_event",
+            "hugetlb",
+            "",
+        ] {
+            let base = Path::new("/sys/fs/cgroup").join(ctl);
+            let _ = std::fs::remove_dir(base.join("wbench-raw/run"));
+            let _ = std::fs::remove_dir(base.join("wbench-raw"));
+            let _ = std::fs::remove_dir(base.join(&self.cfg.instance));
+        }
+        let _ = std::fs::remove_dir_all(&self.cfg.state_root);
+    }
+}
+
+fn main() -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("the capsule benchmarks need root (runc, namespaces, nftables)");
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let o = opts();
+    let envd = std::env::var_os("ENVD_STATIC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../target/x86_64-unknown-linux-gnu/release/envd"
+            ))
+        });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let data = tempfile::Builder::new()
+        .prefix("wrenn-bench")
+        .tempdir_in("/var/tmp")?;
+    let mut cfg = AgentConfig::new(data.path().to_owned(), envd).with_instance("wbench");
+    cfg.network.pool = "10.233.0.0/16".parse().expect("valid");
+    cfg.warm_pools = vec![WarmPool {
+        template: "busybox".parse().expect("valid"),
+        size: 0,
+        vcpus: 1,
+        memory_mb: 128,
+    }];
+    let agent = rt
+        .block_on(Agent::open(cfg.clone()))
+        .context("open the agent")?;
+    let _cleanup = Cleanup {
+        agent: agent.clone(),
+        cfg: cfg.clone(),
+        rt: rt.handle().clone(),
+    };
+    let layer = agent
+        .templates()
+        .layer_dir(&"busybox".parse().expect("valid"));
+    let bundle = raw_bundle(data.path(), &layer)?;
+    let raw_root = data.path().join("raw-state");
+    let mut json = Vec::new();
+
+    rt.block_on(async {
+        // cold vs raw runc, interleaved (one of each untimed first)
+        let (mut raw, mut cold, mut create_only) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..=o.iterations {
+            let r = raw_run(&bundle, &raw_root, i)?;
+            let req = request("busybox");
+            let id = req.id.clone();
+            let started = Instant::now();
+            agent.create(req).await?;
+            let created = started.elapsed();
+            first_exec(&agent, &id).await?;
+            let total = started.elapsed();
+            agent.destroy(&id).await?;
+            if i > 0 {
+                raw.push(r);
+                cold.push(total);
+                create_only.push(created);
+            }
+        }
+        line("raw `runc run /bin/true`", &raw);
+        line("cold create → first exec", &cold);
+        line("cold create alone", &create_only);
+        let cold_ratio = ms(pct(&cold, 0.5)) / ms(pct(&raw, 0.5));
+        println!("  cold / raw runc p50 ratio: {cold_ratio:.2}× (goal ≤ 1.5×)");
+
+        // warm pool: refill untimed, then claim → first exec
+        let mut warm = Vec::new();
+        let busybox = "busybox".parse().expect("valid");
+        for _ in 0..o.iterations {
+            fill_one(&agent).await?;
+            assert_eq!(agent.warm_count(&busybox), 1);
+            let req = request("busybox");
+            let id = req.id.clone();
+            let started = Instant::now();
+            agent.create(req).await?;
+            first_exec(&agent, &id).await?;
+            warm.push(started.elapsed());
+            agent.destroy(&id).await?;
+        }
+        line("warm create → first exec", &warm);
+        let warm_ratio = ms(pct(&warm, 0.5)) / ms(pct(&cold, 0.5));
+        println!("  warm / cold p50 ratio: {warm_ratio:.3}× (goal ≤ 0.25×)");
+
+        // concurrent creates vs the serial create p50
+        let started = Instant::now();
+        let handles: Vec<_> = (0..o.concurrent)
+            .map(|_| {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let req = request("busybox");
+                    let id = req.id.clone();
+                    let t = Instant::now();
+                    let r = agent.create(req).await.map(|_| t.elapsed());
+                    (id, r)
+                })
+            })
+            .collect();
+        let mut conc = Vec::new();
+        let mut ids = Vec::new();
+        for h in handles {
+            let (id, r) = h.await?;
+            conc.push(r?);
+            ids.push(id);
+        }
+        let wall = started.elapsed();
+        line(&format!("{} concurrent creates", o.concurrent), &conc);
+        let conc_ratio = ms(pct(&conc, 0.95)) / ms(pct(&create_only, 0.5));
+        println!("  concurrent p95 / serial create p50: {conc_ratio:.2}× (goal ≤ 3×); all done in {:.0} ms", ms(wall));
+        for id in &ids {
+            agent.destroy(id).await?;
+        }
+
+        // pause / resume
+        let req = request("busybox");
+        let id = req.id.clone();
+        agent.create(req).await?;
+        let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
+        for _ in 0..o.pauses {
+            let t = Instant::now();
+            agent.pause(&id).await?;
+            pauses.push(t.elapsed());
+            let t = Instant::now();
+            agent.resume(&id).await?;
+            resumes.push(t.elapsed());
+        }
+        line("pause", &pauses);
+        line("resume", &resumes);
+        agent.destroy(&id).await?;
+
+        // idle memory
+        let avail_before = mem_available_kb();
+        let rss_before = rss_kb();
+        let mut ids = Vec::new();
+        for _ in 0..o.idle {
+            let req = request("busybox");
+            ids.push(req.id.clone());
+            agent.create(req).await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut charged = 0u64;
+        for id in &ids {
+            charged += agent.metrics(id).await?.usage.memory_bytes;
+        }
+        let n = o.idle as u64;
+        let cgroup_kib = charged / 1024 / n;
+        let agent_kib = rss_kb().saturating_sub(rss_before) / n;
+        let host_kib = avail_before.saturating_sub(mem_available_kb()) / n;
+        let fit = if host_kib > 0 { avail_before / host_kib } else { 0 };
+        println!(
+            "idle capsule memory (n={n}): cgroup {cgroup_kib} KiB, agent RSS {agent_kib} KiB, host MemAvailable drop {host_kib} KiB → about {fit} idle capsules fit in {} MiB available (address pool: {} slots)",
+            avail_before / 1024,
+            1u64 << (30 - cfg.network.pool.prefix_len())
+        );
+        for id in &ids {
+            agent.destroy(id).await?;
+        }
+
+        json.push(serde_json::json!({
+            "bench": "capsules",
+            "raw_runc_p50_ms": ms(pct(&raw, 0.5)),
+            "cold_p50_ms": ms(pct(&cold, 0.5)),
+            "cold_create_p50_ms": ms(pct(&create_only, 0.5)),
+            "cold_over_raw": cold_ratio,
+            "warm_p50_ms": ms(pct(&warm, 0.5)),
+            "warm_over_cold": warm_ratio,
+            "concurrent": o.concurrent,
+            "concurrent_p95_ms": ms(pct(&conc, 0.95)),
+            "concurrent_p95_over_serial_p50": conc_ratio,
+            "pause_p50_ms": ms(pct(&pauses, 0.5)),
+            "resume_p50_ms": ms(pct(&resumes, 0.5)),
+            "idle_cgroup_kib": cgroup_kib,
+            "idle_agent_rss_kib": agent_kib,
+            "idle_host_kib": host_kib,
+            "idle_fit": fit,
+        }));
+        anyhow::Ok(())
+    })?;
+    for j in json {
+        println!("{j}");
+    }
+    Ok(())
+}
+
+/// Top the (size-1) warm pool up by hand, so refills stay out of the timing.
+async fn fill_one(agent: &Arc<Agent>) -> Result<()> {
+    agent
+        .fill_warm_pools_to(&"busybox".parse().expect("valid"), 1)
+        .await;
+    Ok(())
+}

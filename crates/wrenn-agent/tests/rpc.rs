@@ -1,0 +1,596 @@
+//! The agent RPC over the wire (Connect, binary protobuf, h2c): streams,
+//! terminals, chunked file transfer, snapshots, and the errors bad
+//! requests get.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{RpcClient, TestAgent};
+use connectrpc::ErrorCode;
+use wrenn_agent::server::AgentServer;
+use wrenn_proto::wrenn::agent::v1 as pb;
+use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_event::Event;
+use wrenn_proto::wrenn::agent::v1::__buffa::oneof::write_file_stream_request::Msg;
+use wrenn_types::ids::CapsuleId;
+
+async fn serve(t: &TestAgent) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let server = AgentServer::new(t.agent.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(l, async move {
+        let _ = rx.await;
+    }));
+    (addr, tx)
+}
+
+fn cref(id: &str) -> pb::CapsuleRef {
+    pb::CapsuleRef {
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+async fn events(
+    c: &RpcClient,
+    stream: &mut connectrpc::client::ServerStream<
+        <connectrpc::client::HttpClient as connectrpc::client::ClientTransport>::ResponseBody,
+        pb::__buffa::view::ProcessEventView<'static>,
+    >,
+    until: &str,
+) -> (Vec<Event>, String) {
+    let _ = c;
+    let mut seen = Vec::new();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while let Ok(Ok(Some(m))) =
+        tokio::time::timeout_at(deadline, stream.message::<pb::ProcessEvent>()).await
+    {
+        let ev = m.to_owned_message().event.unwrap();
+        if let Event::Stdout(b) | Event::Pty(b) = &ev {
+            text.push_str(&String::from_utf8_lossy(b));
+        }
+        let end = matches!(ev, Event::Ended(_));
+        seen.push(ev);
+        if end || (!until.is_empty() && text.contains(until)) {
+            break;
+        }
+    }
+    (seen, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_rpc_over_the_wire() {
+    let t = TestAgent::start().await;
+    let (addr, _stop) = serve(&t).await;
+    let c = common::rpc_client(addr);
+
+    // bad IDs and unknown capsules
+    let err = c.get_capsule(cref("../etc")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    assert!(
+        err.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("invalid capsule ID"),
+        "{err:?}"
+    );
+    let err = c
+        .get_capsule(cref(CapsuleId::random().as_str()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    let err = c
+        .create_capsule(pb::CreateCapsuleRequest {
+            id: CapsuleId::random().into(),
+            template: "nope/../x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    let err = c
+        .create_capsule(pb::CreateCapsuleRequest {
+            id: CapsuleId::random().into(),
+            template: "missing".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+
+    let id = CapsuleId::random().to_string();
+    let cap = c
+        .create_capsule(pb::CreateCapsuleRequest {
+            id: id.clone(),
+            template: "busybox".into(),
+            memory_mb: 128,
+            env: [("FROM_CREATE".to_string(), "yes".to_string())]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(
+        (cap.state.as_str(), cap.template.as_str(), cap.memory_mb),
+        ("running", "busybox", 128)
+    );
+    assert!(cap.metadata.get("agent_version").is_some());
+
+    // unary exec with env, cwd and a non-zero exit
+    let r = c
+        .exec(pb::ExecRequest {
+            id: id.clone(),
+            cmd: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "echo $FROM_CREATE $X; pwd; echo oops >&2; exit 3".into(),
+            ],
+            envs: [("X".to_string(), "1".to_string())].into_iter().collect(),
+            cwd: "/tmp".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(
+        (r.exit_code, r.stdout.as_slice(), r.stderr.as_slice()),
+        (3, &b"yes 1\n/tmp\n"[..], &b"oops\n"[..])
+    );
+
+    // streaming exec: started, output, ended
+    let mut s = c
+        .exec_stream(pb::ExecRequest {
+            id: id.clone(),
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), "for i in 1 2 3; do echo line$i; done".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (evs, text) = events(&c, &mut s, "").await;
+    assert!(matches!(evs.first(), Some(Event::Started(_))));
+    assert!(matches!(evs.last(), Some(Event::Ended(e)) if e.exit_code == 0));
+    assert_eq!(text, "line1\nline2\nline3\n");
+
+    // background + connect by tag + list + stdin + kill
+    let started = c
+        .start_background(pb::ExecRequest {
+            id: id.clone(),
+            cmd: "cat".into(),
+            tag: "echoer".into(),
+            stdin: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(started.tag, "echoer");
+    let mut s = c
+        .connect_process(pb::ProcessRef {
+            id: id.clone(),
+            selector: Some(pb::__buffa::oneof::process_ref::Selector::Tag(
+                "echoer".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.send_stdin(pb::StdinRequest {
+        id: id.clone(),
+        selector: Some(pb::__buffa::oneof::stdin_request::Selector::Tag(
+            "echoer".into(),
+        )),
+        data: b"ping\n".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, text) = events(&c, &mut s, "ping").await;
+    assert_eq!(text, "ping\n");
+    let list = c.list_processes(cref(&id)).await.unwrap().into_owned();
+    assert!(list
+        .processes
+        .iter()
+        .any(|p| p.tag == "echoer" && p.pid == started.pid));
+    c.kill_process(pb::KillProcessRequest {
+        id: id.clone(),
+        selector: Some(pb::__buffa::oneof::kill_process_request::Selector::Tag(
+            "echoer".into(),
+        )),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = c
+        .kill_process(pb::KillProcessRequest {
+            id: id.clone(),
+            selector: Some(pb::__buffa::oneof::kill_process_request::Selector::Pid(
+                99999,
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    let err = c
+        .kill_process(pb::KillProcessRequest {
+            id: id.clone(),
+            signal: "SIGHUP".into(),
+            selector: Some(pb::__buffa::oneof::kill_process_request::Selector::Pid(1)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+
+    // PTY: start, input, resize (seen by stty), reattach by tag, kill
+    let mut p = c
+        .pty_attach(pb::PtyAttachRequest {
+            id: id.clone(),
+            tag: "term".into(),
+            cmd: "/bin/sh".into(),
+            args: vec!["-i".into()],
+            cols: 80,
+            rows: 24,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.pty_resize(pb::PtyResizeRequest {
+        id: id.clone(),
+        tag: "term".into(),
+        cols: 132,
+        rows: 43,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.pty_input(pb::PtyInputRequest {
+        id: id.clone(),
+        tag: "term".into(),
+        data: b"stty size\n".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, text) = events(&c, &mut p, "43 132").await;
+    assert!(text.contains("43 132"), "{text}");
+    drop(p);
+    let mut again = c
+        .pty_attach(pb::PtyAttachRequest {
+            id: id.clone(),
+            tag: "term".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.pty_input(pb::PtyInputRequest {
+        id: id.clone(),
+        tag: "term".into(),
+        data: b"echo re$((1+1))\n".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, text) = events(&c, &mut again, "re2").await;
+    assert!(text.contains("re2"), "{text}");
+    c.pty_kill(pb::PtyRef {
+        id: id.clone(),
+        tag: "term".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = c
+        .pty_resize(pb::PtyResizeRequest {
+            id: id.clone(),
+            tag: "term".into(),
+            cols: 0,
+            rows: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+
+    // files: 1 MiB of varied bytes up in 64 KiB chunks, down as a stream
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut msgs = vec![pb::WriteFileStreamRequest {
+        msg: Some(Msg::Meta(Box::new(pb::FileMeta {
+            id: id.clone(),
+            path: "/data/blob.bin".into(),
+            ..Default::default()
+        }))),
+        ..Default::default()
+    }];
+    msgs.extend(data.chunks(64 << 10).map(|ch| pb::WriteFileStreamRequest {
+        msg: Some(Msg::Chunk(ch.to_vec())),
+        ..Default::default()
+    }));
+    c.write_file_stream(futures::stream::iter(msgs))
+        .await
+        .unwrap();
+    let mut rs = c
+        .read_file_stream(pb::PathRequest {
+            id: id.clone(),
+            path: "/data/blob.bin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    while let Some(m) = rs.message::<pb::FileChunk>().await.unwrap() {
+        back.extend_from_slice(&m.to_owned_message().data);
+    }
+    assert!(
+        back == data,
+        "round trip of {} bytes, got {}",
+        data.len(),
+        back.len()
+    );
+    let err = c
+        .write_file_stream(futures::stream::iter(vec![pb::WriteFileStreamRequest {
+            msg: Some(Msg::Chunk(b"x".to_vec())),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "chunk before meta");
+
+    c.write_file(pb::WriteFileRequest {
+        id: id.clone(),
+        path: "/data/small.txt".into(),
+        content: b"small".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = c
+        .read_file(pb::PathRequest {
+            id: id.clone(),
+            path: "/data/small.txt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(r.content, b"small");
+    let made = c
+        .make_dir(pb::PathRequest {
+            id: id.clone(),
+            path: "/data/sub/dir".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(made.created);
+    let list = c
+        .list_dir(pb::PathRequest {
+            id: id.clone(),
+            path: "/data".into(),
+            depth: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    let mut names: Vec<(String, String)> = list
+        .entries
+        .iter()
+        .map(|e| (e.path.clone(), e.r#type.clone()))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            ("/data/blob.bin".into(), "file".into()),
+            ("/data/small.txt".into(), "file".into()),
+            ("/data/sub".into(), "directory".into()),
+            ("/data/sub/dir".into(), "directory".into()),
+        ]
+    );
+    c.remove_path(pb::PathRequest {
+        id: id.clone(),
+        path: "/data/small.txt".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = c
+        .read_file(pb::PathRequest {
+            id: id.clone(),
+            path: "/data/small.txt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    let err = c
+        .read_file(pb::PathRequest {
+            id: id.clone(),
+            path: "".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+
+    // metrics
+    let m = c.get_metrics(cref(&id)).await.unwrap().into_owned();
+    assert!(
+        m.memory_bytes > 0 && m.pids >= 1 && m.disk_bytes >= 1 << 20,
+        "{m:?}"
+    );
+
+    // snapshot → template → a new capsule that has the file; the template is in use
+    let tpl = c
+        .create_snapshot(pb::SnapshotRequest {
+            id: id.clone(),
+            name: "with-blob".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(
+        tpl.layers,
+        vec!["with-blob".to_string(), "busybox".to_string()]
+    );
+    assert_eq!(
+        c.get_capsule(cref(&id)).await.unwrap().into_owned().state,
+        "paused"
+    );
+    let err = c
+        .exec(pb::ExecRequest {
+            id: id.clone(),
+            cmd: "true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::FailedPrecondition);
+    let child = CapsuleId::random().to_string();
+    c.create_capsule(pb::CreateCapsuleRequest {
+        id: child.clone(),
+        template: "with-blob".into(),
+        memory_mb: 128,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = c
+        .exec(pb::ExecRequest {
+            id: child.clone(),
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), "wc -c < /data/blob.bin; ls /data".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "1048576\nblob.bin\nsub\n"
+    );
+    let templates = c
+        .list_templates(pb::Empty::default())
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(templates.templates.iter().any(|t| t.name == "with-blob"));
+    let err = c
+        .delete_template(pb::TemplateRef {
+            name: "with-blob".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "in use by a capsule");
+    c.destroy_capsule(cref(&child)).await.unwrap();
+    c.delete_template(pb::TemplateRef {
+        name: "with-blob".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // lifecycle verbs over RPC
+    let r = c.resume_capsule(cref(&id)).await.unwrap().into_owned();
+    assert_eq!(r.state, "running");
+    let r = c
+        .ping_capsule(pb::PingRequest {
+            id: id.clone(),
+            timeout_sec: Some(600),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(r.timeout_sec, 600);
+    let r = c
+        .set_internet(pb::SetInternetRequest {
+            id: id.clone(),
+            enabled: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(!r.internet);
+    let r = c.hibernate_capsule(cref(&id)).await.unwrap().into_owned();
+    assert_eq!(r.state, "hibernated");
+    let err = c.pause_capsule(cref(&id)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::FailedPrecondition);
+    c.destroy_capsule(cref(&id)).await.unwrap();
+    let err = c.destroy_capsule(cref(&id)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    let left = t.leftovers();
+    assert!(left.is_empty(), "{left:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_pauses_or_destroys_idle_capsules() {
+    let t = TestAgent::start().await;
+    let (addr, _stop) = serve(&t).await;
+    let c = common::rpc_client(addr);
+    let pausing = CapsuleId::random().to_string();
+    let dying = CapsuleId::random().to_string();
+    for (id, destroy) in [(&pausing, false), (&dying, true)] {
+        c.create_capsule(pb::CreateCapsuleRequest {
+            id: id.clone(),
+            template: "busybox".into(),
+            memory_mb: 64,
+            timeout_sec: 3,
+            destroy_on_timeout: destroy,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // activity (ping) keeps them alive past their timeout
+    for _ in 0..8 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        c.ping_capsule(pb::PingRequest {
+            id: pausing.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.ping_capsule(pb::PingRequest {
+            id: dying.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let ok = common::eventually(8, || t.agent.info_of(&dying.parse().unwrap()).is_err()).await;
+    assert!(ok, "destroyed after its timeout");
+    let p = pausing.parse().unwrap();
+    assert!(
+        common::eventually(8, || t
+            .agent
+            .info_of(&p)
+            .map(|i| i.state.as_str() == "paused")
+            .unwrap_or(false))
+        .await
+    );
+    let list = c
+        .list_capsules(pb::ListCapsulesRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(list.auto_paused_ids, vec![pausing.clone()]);
+    let list = c
+        .list_capsules(pb::ListCapsulesRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(list.auto_paused_ids.is_empty(), "drained on read");
+}
