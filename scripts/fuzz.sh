@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# Build envd's fuzz targets with cargo-fuzz and run each one.
+# Build the fuzz targets (envd's and wrenn-types') with cargo-fuzz and run each one.
 #   scripts/fuzz.sh smoke        build, then 20 s per target (what CI does)
 #   scripts/fuzz.sh run SECONDS  build, then SECONDS per target
 # The toolchain here is stable only; RUSTC_BOOTSTRAP lets cargo-fuzz pass its
 # -Z flags. Sanitizers are off (none ships for stable); coverage guidance and
 # panics-as-crashes still apply. A crash leaves its input under
-# crates/envd/fuzz/artifacts/ and fails the script with the fuzzer's log.
+# crates/<crate>/fuzz/artifacts/ and fails the script with the fuzzer's log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-smoke}
 secs=${2:-20}
 [ "$mode" = smoke ] && secs=20
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
-cd crates/envd
 export RUSTC_BOOTSTRAP=1
-cargo fuzz build -s none
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-for target in connect_envelope multipart; do
-  echo "==> fuzz $target (${secs}s)"
-  mkdir -p "fuzz/corpus/$target"
-  if ! cargo fuzz run -s none "$target" -- -max_total_time="$secs" -rss_limit_mb=2048 \
-      -max_len=65536 >"$log" 2>&1; then
-    cat "$log"
-    exit 1
-  fi
-  grep -E '^Done|^#[0-9]+ +DONE' "$log" | tail -n 1
-done
+fuzz_crate() {
+  local dir=$1; shift
+  (
+    cd "$dir"
+    cargo fuzz build -s none
+    for target in "$@"; do
+      echo "==> fuzz $target (${secs}s)"
+      mkdir -p "fuzz/corpus/$target"
+      if ! cargo fuzz run -s none "$target" -- -max_total_time="$secs" -rss_limit_mb=2048 \
+          -max_len=65536 >"$log" 2>&1; then
+        cat "$log"
+        exit 1
+      fi
+      grep -E '^Done|^#[0-9]+ +DONE' "$log" | tail -n 1
+    done
+  )
+}
+fuzz_crate crates/envd connect_envelope multipart
+fuzz_crate crates/wrenn-types ids proxy_path

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: format, lints, Rust tests (privileged ones included
-# when root), the unmodified e2b SDK against a real envd, fuzz targets, and a
-# smoke run of every benchmark. Installs what it needs; cleans up after itself.
+# The whole test suite: format, lints, Rust tests (the privileged ones need
+# root: envd as PID 1, the agent on real runc, namespaces and nftables), the
+# unmodified e2b SDK against a real envd, fuzz targets, and a smoke run of
+# every benchmark. Installs what it needs; cleans up after itself. The Debian
+# `minimal` template is built once into target/wrenn-fixtures and reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -37,5 +39,6 @@ scripts/fuzz.sh smoke
 
 echo "==> benchmarks (smoke)"
 cargo run --release -q -p wrenn-bench -- all --smoke --envd "$ENVD_STATIC_BIN"
+cargo bench -q -p wrenn-agent --bench capsules -- --smoke
 
 echo "==> all tests passed"

@@ -342,7 +342,7 @@ fn main() -> Result<()> {
         let cgroup_kib = charged / 1024 / n;
         let agent_kib = rss_kb().saturating_sub(rss_before) / n;
         let host_kib = avail_before.saturating_sub(mem_available_kb()) / n;
-        let fit = if host_kib > 0 { avail_before / host_kib } else { 0 };
+        let fit = avail_before.checked_div(host_kib).unwrap_or(0);
         println!(
             "idle capsule memory (n={n}): cgroup {cgroup_kib} KiB, agent RSS {agent_kib} KiB, host MemAvailable drop {host_kib} KiB → about {fit} idle capsules fit in {} MiB available (address pool: {} slots)",
             avail_before / 1024,

@@ -672,7 +672,7 @@ impl Agent {
         client.map_err(|source| AgentError::Envd {
             id: c.id.clone(),
             what: "client",
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -752,7 +752,7 @@ impl Agent {
             .map_err(|source| AgentError::Envd {
                 id: c.id.clone(),
                 what: "did not start",
-                source,
+                source: Box::new(source),
             })?;
         let r = c.record();
         let mut metadata = r.metadata.clone();
@@ -769,7 +769,7 @@ impl Agent {
         envd.init(body).await.map_err(|source| AgentError::Envd {
             id: c.id.clone(),
             what: "refused /init",
-            source,
+            source: Box::new(source),
         })
     }
 

@@ -46,7 +46,7 @@ pub enum AgentError {
         id: CapsuleId,
         what: &'static str,
         #[source]
-        source: envd_client::ClientError,
+        source: Box<envd_client::ClientError>,
     },
     #[error("{what} {}", path.display())]
     Io {

@@ -29,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wrenn_types::ids::CapsuleId;
+use wrenn_types::proxy::{parse_target, rewrite_location};
 
 use crate::agent::Agent;
 use crate::error::{AgentError, ErrorKind};
@@ -47,29 +48,6 @@ pub struct PortProxy {
     routes: Mutex<HashMap<(CapsuleId, u16), Route>>,
     tunnels: TaskTracker,
     stop: CancellationToken,
-}
-
-/// A parsed `/proxy/{capsule}/{port}{rest}` path.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Target<'a> {
-    pub id: &'a str,
-    pub port: &'a str,
-    /// Starts with `/` (an empty rest becomes `/`); still percent-encoded.
-    pub rest: &'a str,
-}
-
-/// Split a raw request path; `None` when it is not a proxy path.
-pub fn parse_target(path: &str) -> Option<Target<'_>> {
-    let tail = path.strip_prefix("/proxy/")?;
-    let (id, tail) = tail.split_once('/').unwrap_or((tail, ""));
-    let (port, rest) = match tail.find('/') {
-        Some(i) => (&tail[..i], &tail[i..]),
-        None => (tail, "/"),
-    };
-    if id.is_empty() || port.is_empty() {
-        return None;
-    }
-    Some(Target { id, port, rest })
 }
 
 fn plain(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -117,35 +95,6 @@ fn is_upgrade(h: &HeaderMap) -> bool {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
-}
-
-/// Rewrite a `Location` so that the client stays behind the prefix.
-pub fn rewrite_location(location: &str, route: &Route) -> Option<String> {
-    if location.starts_with('/') && !location.starts_with("//") {
-        return Some(format!("{}{}", route.prefix, location));
-    }
-    let rest = location
-        .strip_prefix("http://")
-        .or_else(|| location.strip_prefix("https://"))?;
-    let (authority, path) = match rest.find(['/', '?', '#']) {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let port = route.upstream.port();
-    let ours = [
-        route.upstream.to_string(),
-        format!("localhost:{port}"),
-        format!("127.0.0.1:{port}"),
-    ];
-    if ours.iter().any(|a| a.eq_ignore_ascii_case(authority)) {
-        let path = if path.starts_with('/') {
-            path.to_owned()
-        } else {
-            format!("/{path}")
-        };
-        return Some(format!("{}{}", route.prefix, path));
-    }
-    None
 }
 
 impl PortProxy {
@@ -328,7 +277,7 @@ fn fix_location(h: &mut HeaderMap, route: &Route) {
     let new = h
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|l| rewrite_location(l, route))
+        .and_then(|l| rewrite_location(l, route.upstream, &route.prefix))
         .and_then(|l| HeaderValue::from_str(&l).ok());
     if let Some(v) = new {
         h.insert(header::LOCATION, v);
@@ -349,50 +298,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// The axum handler (state: the proxy).
 pub async fn handler(State(proxy): State<Arc<PortProxy>>, req: Request) -> Response {
     proxy.handle(req).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets_keep_the_raw_rest() {
-        let t = parse_target("/proxy/cl-x/8080/a%2Fb/c/").unwrap();
-        assert_eq!(
-            t,
-            Target {
-                id: "cl-x",
-                port: "8080",
-                rest: "/a%2Fb/c/"
-            }
-        );
-        assert_eq!(parse_target("/proxy/cl-x/80").unwrap().rest, "/");
-        assert_eq!(parse_target("/proxy/cl-x/80/").unwrap().rest, "/");
-        assert_eq!(parse_target("/proxy/cl-x//x").map(|t| t.port), None);
-        assert_eq!(parse_target("/proxy/"), None);
-        assert_eq!(parse_target("/other/x/1"), None);
-    }
-
-    #[test]
-    fn locations_keep_the_prefix() {
-        let r = Route {
-            upstream: "10.88.0.2:8000".parse().unwrap(),
-            prefix: "/proxy/cl-a/8000".into(),
-        };
-        assert_eq!(
-            rewrite_location("/docs/", &r).unwrap(),
-            "/proxy/cl-a/8000/docs/"
-        );
-        assert_eq!(
-            rewrite_location("http://10.88.0.2:8000/x?y=1", &r).unwrap(),
-            "/proxy/cl-a/8000/x?y=1"
-        );
-        assert_eq!(
-            rewrite_location("http://localhost:8000", &r).unwrap(),
-            "/proxy/cl-a/8000/"
-        );
-        assert_eq!(rewrite_location("https://example.com/x", &r), None);
-        assert_eq!(rewrite_location("//evil.example/x", &r), None);
-        assert_eq!(rewrite_location("relative/x", &r), None);
-    }
 }

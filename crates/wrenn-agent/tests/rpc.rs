@@ -118,7 +118,7 @@ async fn the_agent_rpc_over_the_wire() {
         (cap.state.as_str(), cap.template.as_str(), cap.memory_mb),
         ("running", "busybox", 128)
     );
-    assert!(cap.metadata.get("agent_version").is_some());
+    assert!(cap.metadata.contains_key("agent_version"));
 
     // unary exec with env, cwd and a non-zero exit
     let r = c

@@ -6,3 +6,4 @@
 
 pub mod envd;
 pub mod ids;
+pub mod proxy;

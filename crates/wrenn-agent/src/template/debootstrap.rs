@@ -24,10 +24,9 @@ pub struct Progress {
 
 /// The first Debian mirror the host's apt uses, else deb.debian.org.
 pub fn host_mirror() -> String {
-    let mut texts = Vec::new();
-    for p in ["/etc/apt/sources.list"] {
-        texts.extend(std::fs::read_to_string(p).ok());
-    }
+    let mut texts: Vec<String> = std::fs::read_to_string("/etc/apt/sources.list")
+        .into_iter()
+        .collect();
     if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
