@@ -15,7 +15,7 @@
 //! - Setup and teardown steps touch the kernel and run runtime CLIs: they
 //!   run on blocking threads.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -114,7 +114,12 @@ pub struct Capsule {
     op: Arc<tokio::sync::Mutex<()>>,
     envd: RwLock<Option<Arc<EnvdClient>>>,
     runtime: Arc<dyn Runtime>,
+    /// The last [`SAMPLES_KEPT`] samples of the metrics sampler.
+    samples: Mutex<VecDeque<CapsuleMetrics>>,
 }
+
+/// Samples kept per capsule (10 minutes at the default 5 s interval).
+pub const SAMPLES_KEPT: usize = 120;
 
 impl Capsule {
     fn state(&self) -> CapsuleState {
@@ -423,6 +428,7 @@ impl Agent {
             op: Arc::new(tokio::sync::Mutex::new(())),
             envd: RwLock::new(None),
             runtime,
+            samples: Mutex::new(VecDeque::new()),
         }))
     }
 
@@ -487,6 +493,7 @@ impl Agent {
             op: Arc::new(tokio::sync::Mutex::new(())),
             envd: RwLock::new(warm.envd.read().unwrap().clone()),
             runtime: warm.runtime.clone(),
+            samples: Mutex::new(VecDeque::new()),
         });
         let taken = {
             let mut map = self.capsules.write().unwrap();
@@ -1038,6 +1045,45 @@ impl Agent {
         })
     }
 
+    /// Sample every running capsule once (CPU, memory, pids, disk).
+    pub async fn sample_all(&self) {
+        let running: Vec<Arc<Capsule>> = self
+            .capsules
+            .read()
+            .unwrap()
+            .values()
+            .filter(|c| c.state() == CapsuleState::Running)
+            .cloned()
+            .collect();
+        for c in running {
+            if let Ok(m) = self.metrics(&c.id).await {
+                let mut q = c.samples.lock().unwrap();
+                if q.len() == SAMPLES_KEPT {
+                    q.pop_front();
+                }
+                q.push_back(m);
+            }
+        }
+    }
+
+    /// The sampler's history of a capsule, oldest first.
+    pub fn samples(&self, id: &CapsuleId) -> Result<Vec<CapsuleMetrics>, AgentError> {
+        Ok(self.get(id)?.samples.lock().unwrap().iter().copied().collect())
+    }
+
+    /// Run [`Agent::sample_all`] every `sample_interval` until shutdown.
+    pub async fn run_sampler(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(self.cfg.sample_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick.tick() => self.sample_all().await,
+            }
+        }
+    }
+
     // ---- snapshot -----------------------------------------------------
 
     /// Turn a capsule into a template: its upper dir becomes a new layer on
@@ -1232,6 +1278,7 @@ impl Agent {
                 op: Arc::new(tokio::sync::Mutex::new(())),
                 envd: RwLock::new(None),
                 runtime,
+                samples: Mutex::new(VecDeque::new()),
             });
             if let Some(slot) = &rec.slot {
                 c.set_envd(self.envd_client(&c, slot)?);

@@ -24,6 +24,8 @@ pub struct AgentConfig {
     pub network: NetworkConfig,
     /// How often expired capsules are looked for.
     pub reaper_interval: Duration,
+    /// How often each running capsule's usage is sampled.
+    pub sample_interval: Duration,
     /// How long a new capsule's envd has to answer.
     pub envd_ready_timeout: Duration,
     /// Process limit per capsule unless the request says otherwise.
@@ -87,6 +89,7 @@ impl AgentConfig {
             },
             instance,
             reaper_interval: Duration::from_secs(1),
+            sample_interval: Duration::from_secs(5),
             envd_ready_timeout: Duration::from_secs(10),
             default_pids: 4096,
             warm_pools: Vec::new(),

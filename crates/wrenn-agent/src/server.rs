@@ -2,7 +2,7 @@
 //! the port proxy (`/proxy/{capsule}/{port}/…`) and `/health`, on h1 and
 //! h2c. The control plane reaches RPC and proxy through separate pools.
 //!
-//! [`run`] owns the reaper and warm-pool tasks and the proxy's tunnels; when `shutdown`
+//! [`run`] owns the reaper, warm-pool and sampler tasks and the proxy's tunnels; when `shutdown`
 //! resolves it stops accepting, drains connections, stops the reaper and
 //! closes tunnels. Capsules are left running: containers outlive the agent
 //! and the next one re-adopts them.
@@ -56,6 +56,7 @@ impl AgentServer {
         let stop = CancellationToken::new();
         let reaper = tokio::spawn(agent.clone().run_reaper(stop.clone().cancelled_owned()));
         let warm = tokio::spawn(agent.clone().run_warm_pools(stop.clone().cancelled_owned()));
+        let sampler = tokio::spawn(agent.clone().run_sampler(stop.clone().cancelled_owned()));
         let router = axum::Router::new()
             .route("/proxy/{*rest}", any(proxy::handler))
             .with_state(proxy.clone())
@@ -71,6 +72,7 @@ impl AgentServer {
         stop.cancel();
         let _ = reaper.await;
         let _ = warm.await;
+        let _ = sampler.await;
         proxy.shutdown().await;
         served
     }

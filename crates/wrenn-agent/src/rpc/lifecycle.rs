@@ -181,7 +181,22 @@ impl pb::Agent for AgentRpc {
     ) -> ServiceResult<pb::Metrics> {
         let id = capsule_id(&request.to_owned_message().id)?;
         let m = self.agent.metrics(&id).await.map_err(agent_error)?;
+        let history = self
+            .agent
+            .samples(&id)
+            .map_err(agent_error)?
+            .into_iter()
+            .map(|p| pb::MetricPoint {
+                at_ms: p.at_ms as i64,
+                cpu_usec: p.usage.cpu_usec,
+                memory_bytes: p.usage.memory_bytes,
+                disk_bytes: p.disk_bytes,
+                pids: p.usage.pids,
+                ..Default::default()
+            })
+            .collect();
         Response::ok(pb::Metrics {
+            history,
             at_ms: m.at_ms as i64,
             cpu_usec: m.usage.cpu_usec,
             memory_bytes: m.usage.memory_bytes,
