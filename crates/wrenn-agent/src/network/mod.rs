@@ -144,8 +144,13 @@ pub fn destroy(slot: &Slot) -> Result<(), NetError> {
             .map_err(step("delete netns", &slot.netns))?;
     }
     if link_exists(&slot.veth) {
-        cmd::run("ip", ["link", "delete", &slot.veth], None)
-            .map_err(step("delete veth", &slot.veth))?;
+        // Deleting the netns destroys the pair asynchronously: the link may
+        // vanish between the check and the delete, which is what we wanted.
+        if let Err(e) = cmd::run("ip", ["link", "delete", &slot.veth], None) {
+            if link_exists(&slot.veth) {
+                return Err(step("delete veth", &slot.veth)(e));
+            }
+        }
     }
     Ok(())
 }
