@@ -154,7 +154,7 @@ impl EnvdClient {
             if Instant::now() >= until {
                 return Err(ClientError::NotHealthy(last));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 

@@ -181,8 +181,12 @@ pub struct Agent {
     on_destroy: Hooks,
     /// Ready capsules per template, not yet anyone's (not in `capsules`).
     warm: Mutex<HashMap<TemplateName, Vec<Arc<Capsule>>>>,
-    /// Poked when a warm capsule is taken.
-    warm_wanted: tokio::sync::Notify,
+    /// Slots whose network (netns, veth, shaping, firewall elements with
+    /// internet on) is set up and that no capsule owns yet: creation takes
+    /// one instead of building it.
+    ready_net: Mutex<Vec<u32>>,
+    /// Poked when a warm capsule or a ready slot is taken.
+    pools_wanted: tokio::sync::Notify,
 }
 
 /// Called with the ID of every capsule destroyed (cache eviction).
@@ -242,7 +246,8 @@ impl Agent {
             auto_paused: Mutex::new(Vec::new()),
             on_destroy: Hooks::default(),
             warm: Mutex::new(HashMap::new()),
-            warm_wanted: tokio::sync::Notify::new(),
+            ready_net: Mutex::new(Vec::new()),
+            pools_wanted: tokio::sync::Notify::new(),
             cfg,
         });
         // Fail fast when the default runtime is not installed.
@@ -470,7 +475,7 @@ impl Agent {
             return None;
         }
         let taken = self.warm.lock().unwrap().get_mut(&req.template)?.pop();
-        self.warm_wanted.notify_one();
+        self.pools_wanted.notify_one();
         taken
     }
 
@@ -589,17 +594,70 @@ impl Agent {
         }
     }
 
-    /// Keep the warm pools full until shutdown (refills after each claim).
+    /// Set up networks for free slots until `net_pool` are ready.
+    pub async fn fill_net_pool(self: &Arc<Self>) {
+        let agent = self.clone();
+        blocking(move || {
+            while agent.ready_net.lock().unwrap().len() < agent.cfg.net_pool {
+                let Ok(index) = agent.pool.allocate() else {
+                    return;
+                };
+                let slot = Slot::new(&agent.cfg.instance, index, &agent.cfg.network.pool);
+                let prepared = network::create(&agent.cfg.network, &slot)
+                    .and_then(|()| agent.firewall.add(&slot, true));
+                if let Err(e) = prepared {
+                    tracing::warn!(error = %e, "cannot prepare a network slot");
+                    let _ = agent.firewall.remove(&slot, true);
+                    let _ = network::destroy(&slot);
+                    agent.pool.release(index);
+                    return;
+                }
+                agent.ready_net.lock().unwrap().push(index);
+            }
+        })
+        .await
+    }
+
+    /// Tear down what the pools hold (ready networks, warm capsules): at
+    /// shutdown, since nobody owns them.
+    pub async fn drain_pools(self: &Arc<Self>) {
+        let warm: Vec<_> = self
+            .warm
+            .lock()
+            .unwrap()
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
+        for c in warm {
+            self.teardown(&c).await;
+        }
+        let agent = self.clone();
+        blocking(move || {
+            let ready: Vec<u32> = std::mem::take(&mut *agent.ready_net.lock().unwrap());
+            for index in ready {
+                let slot = Slot::new(&agent.cfg.instance, index, &agent.cfg.network.pool);
+                let _ = agent.firewall.remove(&slot, true);
+                if let Err(e) = network::destroy(&slot) {
+                    tracing::warn!(error = %e, "removing a prepared network slot");
+                }
+                agent.pool.release(index);
+            }
+        })
+        .await
+    }
+
+    /// Keep the network and warm pools full until shutdown (refilled after
+    /// each take).
     pub async fn run_warm_pools(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = self.fill_warm_pools() => {}
+                _ = async { self.fill_net_pool().await; self.fill_warm_pools().await } => {}
             }
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = self.warm_wanted.notified() => {}
+                _ = self.pools_wanted.notified() => {}
                 _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
             }
         }
@@ -632,7 +690,11 @@ impl Agent {
             r.state = CapsuleState::Starting;
         })?;
 
-        let index = self.pool.allocate()?;
+        let (index, ready) = match self.ready_net.lock().unwrap().pop() {
+            Some(i) => (i, true),
+            None => (self.pool.allocate()?, false),
+        };
+        self.pools_wanted.notify_one();
         c.update(|r| {
             r.slot = Some(Slot::new(&self.cfg.instance, index, &self.cfg.network.pool));
             r.undo.push(Undo::ReleaseSlot);
@@ -642,9 +704,17 @@ impl Agent {
 
         let t0 = std::time::Instant::now();
         c.push_undo(Undo::DestroyNetwork)?;
-        network::create(&self.cfg.network, &slot)?;
+        if !ready {
+            network::create(&self.cfg.network, &slot)?;
+        }
         c.push_undo(Undo::FirewallRules)?;
-        self.firewall.add(&slot, c.record().internet)?;
+        let internet = c.record().internet;
+        if !ready {
+            self.firewall.add(&slot, internet)?;
+        } else if !internet {
+            // Prepared slots come with internet on.
+            self.firewall.set_internet(&slot, false)?;
+        }
         let t_net = t0.elapsed();
 
         self.write_etc(c, &slot)?;
@@ -754,6 +824,7 @@ impl Agent {
     /// Wait for envd and hand it the capsule's settings.
     async fn start_envd(&self, c: &Capsule) -> Result<(), AgentError> {
         let envd = c.envd();
+        let t0 = std::time::Instant::now();
         envd.wait_healthy(self.cfg.envd_ready_timeout)
             .await
             .map_err(|source| AgentError::Envd {
@@ -761,6 +832,7 @@ impl Agent {
                 what: "did not start",
                 source: Box::new(source),
             })?;
+        let healthy = t0.elapsed();
         let r = c.record();
         let mut metadata = r.metadata.clone();
         metadata.insert("sandboxId".into(), r.id.to_string());
@@ -777,7 +849,14 @@ impl Agent {
             id: c.id.clone(),
             what: "refused /init",
             source: Box::new(source),
-        })
+        })?;
+        tracing::debug!(
+            capsule_id = %c.id,
+            healthy_ms = healthy.as_millis() as u64,
+            init_ms = (t0.elapsed() - healthy).as_millis() as u64,
+            "envd ready"
+        );
+        Ok(())
     }
 
     // ---- teardown -----------------------------------------------------
@@ -1068,7 +1147,14 @@ impl Agent {
 
     /// The sampler's history of a capsule, oldest first.
     pub fn samples(&self, id: &CapsuleId) -> Result<Vec<CapsuleMetrics>, AgentError> {
-        Ok(self.get(id)?.samples.lock().unwrap().iter().copied().collect())
+        Ok(self
+            .get(id)?
+            .samples
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect())
     }
 
     /// Run [`Agent::sample_all`] every `sample_interval` until shutdown.
@@ -1340,16 +1426,7 @@ impl Agent {
         for id in ids {
             let _ = self.destroy(&id).await;
         }
-        let warm: Vec<_> = self
-            .warm
-            .lock()
-            .unwrap()
-            .drain()
-            .flat_map(|(_, v)| v)
-            .collect();
-        for c in warm {
-            self.teardown(&c).await;
-        }
+        self.drain_pools().await;
     }
 
     /// Remove the agent's firewall table (after `destroy_all`).

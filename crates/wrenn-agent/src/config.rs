@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub default_pids: i64,
     /// Pre-created capsules kept ready per template.
     pub warm_pools: Vec<WarmPool>,
+    /// Network slots (netns, veth, shaping) kept set up ahead of creates.
+    pub net_pool: usize,
 }
 
 /// A warm pool: `size` capsules of `template` with this shape, booted in
@@ -93,6 +95,7 @@ impl AgentConfig {
             envd_ready_timeout: Duration::from_secs(10),
             default_pids: 4096,
             warm_pools: Vec::new(),
+            net_pool: 0,
         }
     }
 

@@ -43,6 +43,9 @@ struct Args {
     /// Keep SIZE capsules of TEMPLATE booted in advance (repeatable), e.g. `busybox=4`.
     #[arg(long = "warm", value_name = "TEMPLATE=SIZE")]
     warm: Vec<wrenn_agent::config::WarmPool>,
+    /// Network slots kept set up ahead of creates.
+    #[arg(long, default_value_t = 4)]
+    net_pool: usize,
     /// How often expired capsules are looked for.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     reaper_interval: Duration,
@@ -66,6 +69,7 @@ async fn main() {
     cfg.busybox_bin = args.busybox;
     cfg.reaper_interval = args.reaper_interval;
     cfg.warm_pools = args.warm;
+    cfg.net_pool = args.net_pool;
     let agent = match Agent::open(cfg).await {
         Ok(a) => a,
         Err(e) => {

@@ -61,7 +61,7 @@ impl AgentServer {
             .route("/proxy/{*rest}", any(proxy::handler))
             .with_state(proxy.clone())
             .route("/health", get(health))
-            .fallback_service(rpc::router(agent).into_axum_service());
+            .fallback_service(rpc::router(agent.clone()).into_axum_service());
         let served = wrenn_http::serve(
             listener,
             router,
@@ -73,6 +73,7 @@ impl AgentServer {
         let _ = reaper.await;
         let _ = warm.await;
         let _ = sampler.await;
+        agent.drain_pools().await;
         proxy.shutdown().await;
         served
     }

@@ -1,6 +1,7 @@
 //! `kill -9` the agent with ten capsules running, start it again: all ten
 //! are re-adopted and answer with their files and processes intact; one
-//! whose container died meanwhile is reported, not forgotten.
+//! whose container died meanwhile is reported, not forgotten. Network slots
+//! the killed agent had prepared are swept; a SIGTERM'd agent drains its own.
 
 mod common;
 
@@ -155,7 +156,8 @@ async fn a_killed_agent_readopts_its_capsules() {
         .await
         .unwrap();
     }
-    drop(second);
+    let mut second = second;
+    second.stop();
     let left = common::leftovers(&cfg, data.path());
     assert!(left.is_empty(), "{left:#?}");
     drop(guard);

@@ -74,3 +74,58 @@ async fn warm_capsules_are_claimed_and_refilled() {
     let left = common::leftovers(&cfg, std::path::Path::new("/nonexistent"));
     assert!(left.is_empty(), "{left:#?}");
 }
+
+fn internet_set(instance: &str) -> String {
+    let out = std::process::Command::new("nft")
+        .args(["list", "set", "inet", instance, "internet"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_network_slots_are_used_and_drained() {
+    let data = tempfile::Builder::new()
+        .prefix("wrenn-netpool")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut cfg = common::test_config(data.path());
+    cfg.net_pool = 2;
+    let agent = Agent::open(cfg.clone()).await.unwrap();
+    let t = TestAgent {
+        agent: agent.clone(),
+        data,
+        cfg: cfg.clone(),
+    };
+    agent.fill_net_pool().await;
+    assert_eq!(
+        wrenn_agent::network::list_netns(&cfg.instance).len(),
+        2,
+        "two slots prepared"
+    );
+
+    let mut offline = t.busybox();
+    offline.internet = false;
+    let off = offline.id.clone();
+    let info = agent.create(offline).await.unwrap();
+    let off_ip = info.ip.unwrap().to_string();
+    assert!(
+        !internet_set(&cfg.instance).contains(&off_ip),
+        "a prepared slot had its internet switched off"
+    );
+    let on = t.capsule().await;
+    let on_ip = agent.info_of(&on).unwrap().ip.unwrap().to_string();
+    assert!(internet_set(&cfg.instance).contains(&on_ip));
+    assert_eq!(t.sh(&off, "echo ok").await, (0, "ok\n".to_string()));
+    assert_eq!(
+        wrenn_agent::network::list_netns(&cfg.instance).len(),
+        2,
+        "both taken, none built inline"
+    );
+
+    agent.fill_net_pool().await;
+    assert_eq!(wrenn_agent::network::list_netns(&cfg.instance).len(), 4);
+    agent.destroy_all().await;
+    let left = t.leftovers();
+    assert!(left.is_empty(), "{left:#?}");
+}

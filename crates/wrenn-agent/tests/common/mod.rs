@@ -241,6 +241,13 @@ impl AgentProcess {
         rpc_client(self.addr)
     }
 
+    /// SIGTERM, and wait: a graceful stop (capsules stay, pools drain).
+    pub fn stop(&mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let _ = self.child.wait();
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
