@@ -166,26 +166,10 @@ impl Drop for Cleanup {
         let agent = self.agent.clone();
         let _ = std::thread::scope(|s| s.spawn(|| self.rt.block_on(agent.destroy_all())).join());
         let _ = self.agent.uninstall_firewall();
-        for ctl in [
-            "memory",
-            "pids",
-            "cpu",
-            "cpuacct",
-            "cpuset",
-            "freezer",
-            "devices",
-            "blkio",
-            "systemd",
-            "net_cls",
-            "perf_event",
-            "hugetlb",
-            "",
-        ] {
-            let base = Path::new("/sys/fs/cgroup").join(ctl);
-            let _ = std::fs::remove_dir(base.join("wbench-raw/run"));
-            let _ = std::fs::remove_dir(base.join("wbench-raw"));
-            let _ = std::fs::remove_dir(base.join(&self.cfg.instance));
-        }
+        let cg = wrenn_agent::cgroup::Cgroups::host();
+        cg.remove_parent("/wbench-raw/run");
+        cg.remove_parent("/wbench-raw");
+        cg.remove_parent(&self.cfg.instance);
         let _ = std::fs::remove_dir_all(&self.cfg.state_root);
     }
 }

@@ -1159,15 +1159,7 @@ impl Agent {
 
     /// Run [`Agent::sample_all`] every `sample_interval` until shutdown.
     pub async fn run_sampler(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        let mut tick = tokio::time::interval(self.cfg.sample_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tick.tick() => self.sample_all().await,
-            }
-        }
+        every(self.cfg.sample_interval, shutdown, || self.sample_all()).await
     }
 
     // ---- snapshot -----------------------------------------------------
@@ -1291,15 +1283,7 @@ impl Agent {
 
     /// Run [`Agent::reap_expired`] every `reaper_interval` until shutdown.
     pub async fn run_reaper(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        let mut tick = tokio::time::interval(self.cfg.reaper_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tick.tick() => self.reap_expired().await,
-            }
-        }
+        every(self.cfg.reaper_interval, shutdown, || self.reap_expired()).await
     }
 
     // ---- restart ------------------------------------------------------
@@ -1432,6 +1416,27 @@ impl Agent {
     /// Remove the agent's firewall table (after `destroy_all`).
     pub fn uninstall_firewall(&self) -> Result<(), AgentError> {
         Ok(self.firewall.uninstall()?)
+    }
+}
+
+/// Run `f` every `period` (a late tick is delayed, not bunched) until
+/// `shutdown` resolves.
+async fn every<F, Fut>(
+    period: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut f: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => f().await,
+        }
     }
 }
 

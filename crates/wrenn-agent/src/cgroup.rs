@@ -78,6 +78,24 @@ impl Cgroups {
         }
     }
 
+    /// Remove the (empty) parent cgroup `path` in every hierarchy: the
+    /// runtime removes each capsule's own cgroup, never the parent it made.
+    pub fn remove_parent(&self, path: &str) {
+        let rel = path.trim_start_matches('/');
+        match self.mode {
+            CgroupMode::V2 => {
+                let _ = std::fs::remove_dir(self.root.join(rel));
+            }
+            CgroupMode::V1 | CgroupMode::Hybrid => {
+                if let Ok(rd) = std::fs::read_dir(&self.root) {
+                    for hierarchy in rd.flatten() {
+                        let _ = std::fs::remove_dir(hierarchy.path().join(rel));
+                    }
+                }
+            }
+        }
+    }
+
     pub fn usage(&self, path: &str) -> std::io::Result<Usage> {
         let read = |c: &str, f: &str| std::fs::read_to_string(self.dir(c, path).join(f));
         let num = |s: std::io::Result<String>| -> std::io::Result<u64> {

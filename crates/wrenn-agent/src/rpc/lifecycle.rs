@@ -29,6 +29,10 @@ pub(super) fn capsule_to_pb(c: CapsuleInfo) -> pb::Capsule {
     }
 }
 
+fn capsule_reply(r: Result<CapsuleInfo, crate::error::AgentError>) -> ServiceResult<pb::Capsule> {
+    Response::ok(capsule_to_pb(r.map_err(agent_error)?))
+}
+
 fn template_to_pb(t: TemplateMeta) -> pb::Template {
     pb::Template {
         name: t.name.to_string(),
@@ -121,9 +125,7 @@ impl pb::Agent for AgentRpc {
         request: ServiceRequest<'_, pb::CapsuleRef>,
     ) -> ServiceResult<pb::Capsule> {
         let id = capsule_id(&request.to_owned_message().id)?;
-        Response::ok(capsule_to_pb(
-            self.agent.pause(&id).await.map_err(agent_error)?,
-        ))
+        capsule_reply(self.agent.pause(&id).await)
     }
 
     async fn resume_capsule(
@@ -132,9 +134,7 @@ impl pb::Agent for AgentRpc {
         request: ServiceRequest<'_, pb::CapsuleRef>,
     ) -> ServiceResult<pb::Capsule> {
         let id = capsule_id(&request.to_owned_message().id)?;
-        Response::ok(capsule_to_pb(
-            self.agent.resume(&id).await.map_err(agent_error)?,
-        ))
+        capsule_reply(self.agent.resume(&id).await)
     }
 
     async fn hibernate_capsule(
@@ -143,9 +143,7 @@ impl pb::Agent for AgentRpc {
         request: ServiceRequest<'_, pb::CapsuleRef>,
     ) -> ServiceResult<pb::Capsule> {
         let id = capsule_id(&request.to_owned_message().id)?;
-        Response::ok(capsule_to_pb(
-            self.agent.hibernate(&id).await.map_err(agent_error)?,
-        ))
+        capsule_reply(self.agent.hibernate(&id).await)
     }
 
     async fn ping_capsule(

@@ -4,7 +4,7 @@
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
-use super::{io_err, now_secs, TemplateError, TemplateMeta, TemplateStore};
+use super::{io_err, TemplateError, TemplateMeta, TemplateStore};
 use crate::cmd;
 
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
@@ -73,16 +73,6 @@ pub fn build_busybox(store: &TemplateStore, busybox: &Path) -> Result<TemplateMe
         let p = root.join(f);
         std::fs::write(&p, text).map_err(io_err("write", &p))?;
     }
-    let meta = TemplateMeta {
-        name: name.clone(),
-        layers: vec![name.clone()],
-        default_user: None,
-        start_cmd: None,
-        env: Default::default(),
-        runtime: None,
-        allow_setuid: false,
-        created_at: now_secs(),
-        size_bytes: 0,
-    };
+    let meta = TemplateMeta::base(name.clone(), false);
     store.commit(staged, meta)
 }

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use super::{io_err, now_secs, TemplateError, TemplateMeta, TemplateStore};
+use super::{io_err, TemplateError, TemplateMeta, TemplateStore};
 
 /// Packages on top of `minbase`.
 pub const MINIMAL_PACKAGES: &str = "ca-certificates,curl,sudo,python3,git,procps,iproute2";
@@ -104,17 +104,7 @@ pub fn build_minimal(
         )));
     }
     tidy(&staged.layer)?;
-    let meta = TemplateMeta {
-        name: name.clone(),
-        layers: vec![name.clone()],
-        default_user: None,
-        start_cmd: None,
-        env: Default::default(),
-        runtime: None,
-        allow_setuid: true,
-        created_at: now_secs(),
-        size_bytes: 0,
-    };
+    let meta = TemplateMeta::base(name.clone(), true);
     store.commit(staged, meta)
 }
 

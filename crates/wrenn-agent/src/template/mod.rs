@@ -52,6 +52,23 @@ pub struct TemplateMeta {
     pub size_bytes: u64,
 }
 
+impl TemplateMeta {
+    /// A base template (a single layer of its own), created now.
+    pub fn base(name: TemplateName, allow_setuid: bool) -> TemplateMeta {
+        TemplateMeta {
+            layers: vec![name.clone()],
+            name,
+            default_user: None,
+            start_cmd: None,
+            env: BTreeMap::new(),
+            runtime: None,
+            allow_setuid,
+            created_at: now_secs(),
+            size_bytes: 0,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("template {0} does not exist")]

@@ -153,24 +153,7 @@ pub fn scrub(cfg: &AgentConfig) {
     let _ = std::process::Command::new("nft")
         .args(["delete", "table", "inet", inst])
         .output();
-    let cg = wrenn_agent::cgroup::Cgroups::host();
-    for ctl in [
-        "memory",
-        "pids",
-        "cpu",
-        "cpuacct",
-        "cpuset",
-        "freezer",
-        "devices",
-        "blkio",
-        "systemd",
-        "net_cls",
-        "perf_event",
-        "hugetlb",
-        "",
-    ] {
-        let _ = std::fs::remove_dir(cg.root.join(ctl).join(inst));
-    }
+    wrenn_agent::cgroup::Cgroups::host().remove_parent(inst);
     let _ = std::fs::remove_dir_all(&cfg.state_root);
 }
 
