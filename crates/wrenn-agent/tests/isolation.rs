@@ -15,13 +15,16 @@ fn sh(script: &str) -> std::process::Output {
     Command::new("sh").args(["-c", script]).output().unwrap()
 }
 
-/// A netns at 198.18.N.2 (and link-local 169.254.99.1, routed there by a
+/// A netns at 198.18.N.2 (and link-local 169.254.99.N, routed there by a
 /// host /32) running an HTTP server on port 9000. Removed on drop.
 struct Internet {
     ns: String,
     veth: String,
     ip: String,
+    /// A link-local address routed (by a host /32) into this netns.
+    link_local: String,
     server: std::process::Child,
+    sink: std::process::Child,
 }
 
 impl Internet {
@@ -33,15 +36,20 @@ impl Internet {
             "set -e; ip netns add {ns}; ip link add {veth} type veth peer name eth0 netns {ns}; \
              ip addr add 198.18.{n}.1/24 dev {veth}; ip link set {veth} up; \
              ip -n {ns} link set lo up; ip -n {ns} addr add {ip}/24 dev eth0; ip -n {ns} link set eth0 up; \
-             ip -n {ns} addr add 169.254.99.1/32 dev lo; ip -n {ns} route add default via 198.18.{n}.1; \
-             ip route add 169.254.99.1/32 via {ip}"
+             ip -n {ns} addr add 169.254.99.{n}/32 dev lo; ip -n {ns} route add default via 198.18.{n}.1; \
+             ip route add 169.254.99.{n}/32 via {ip}"
         );
         let out = sh(&script);
+        // a sink on port 9001 that reads and discards (for the shaping test)
+        // (closes after 60 MB, so a client that never half-closes still ends)
+        let sink = "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 9001))\ns.listen()\nwhile True:\n    c, _ = s.accept()\n    n = 0\n    while n < 60000000:\n        b = c.recv(1 << 20)\n        if not b:\n            break\n        n += len(b)\n    c.close()\n";
         let mut me = Internet {
             ns: ns.clone(),
             veth,
             ip,
+            link_local: format!("169.254.99.{n}"),
             server: Command::new("true").spawn().unwrap(),
+            sink: Command::new("true").spawn().unwrap(),
         };
         assert!(
             out.status.success(),
@@ -50,6 +58,12 @@ impl Internet {
         );
         let dir = tempfile::tempdir().unwrap().keep();
         std::fs::write(dir.join("index.html"), "hello from the internet\n").unwrap();
+        me.sink = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c", sink])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         me.server = Command::new("ip")
             .args([
                 "netns",
@@ -85,7 +99,7 @@ impl Internet {
             "control: host reaches the internet netns"
         );
         assert!(
-            sh("curl -sf -m 2 http://169.254.99.1:9000/")
+            sh(&format!("curl -sf -m 2 http://{}:9000/", me.link_local))
                 .status
                 .success(),
             "control: host reaches the link-local address"
@@ -96,11 +110,13 @@ impl Internet {
 
 impl Drop for Internet {
     fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+        for child in [&mut self.server, &mut self.sink] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = sh(&format!(
-            "ip route del 169.254.99.1/32; ip netns del {}; ip link del {} 2>/dev/null",
-            self.ns, self.veth
+            "ip route del {}/32; ip netns del {}; ip link del {} 2>/dev/null",
+            self.link_local, self.ns, self.veth
         ));
     }
 }
@@ -149,7 +165,10 @@ async fn capsules_reach_the_internet_and_nothing_else() {
 
     // link-local (metadata) addresses are not reachable, though the host reaches them
     let (code, _) = t
-        .sh(&me, "timeout 5 wget -q -O - http://169.254.99.1:9000/")
+        .sh(
+            &me,
+            &format!("timeout 5 wget -q -O - http://{}:9000/", net.link_local),
+        )
         .await;
     assert_ne!(code, 0, "link-local address reached from a capsule");
     if sh("curl -s -m 2 -o /dev/null http://169.254.169.254/")
@@ -273,4 +292,32 @@ async fn capsules_cannot_touch_the_host_kernel() {
     assert_ne!(code, 0);
     // still healthy after all that
     assert_eq!(t.sh(&id, "echo ok").await, (0, "ok\n".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_is_shaped_to_the_configured_rate() {
+    // 20 MB/s with a 10 MB burst (the production numbers are 200 MB/s and
+    // 100 MB, more than busybox's nc can push): 60 MB take at least 2.5 s.
+    let t = TestAgent::start_with(|cfg| {
+        cfg.network.egress_rate = 20_000_000;
+        cfg.network.egress_burst = 10_000_000;
+    })
+    .await;
+    let net = Internet::start(&t.cfg.instance[1..], (std::process::id() % 200) as u8 + 21);
+    let id = t.capsule().await;
+    let script = format!(
+        "s=$(cut -d' ' -f1 /proc/uptime); head -c 60000000 /dev/zero | nc {} 9001; e=$(cut -d' ' -f1 /proc/uptime); awk \"BEGIN {{ print int(($e - $s) * 1000) }}\"",
+        net.ip
+    );
+    let (code, out) = t.sh(&id, &script).await;
+    assert_eq!(code, 0, "{out}");
+    let ms: u64 = out.trim().lines().last().unwrap().parse().unwrap();
+    eprintln!("60 MB of capsule egress took {ms} ms");
+    // 2.5 s at the configured rate, less what socket buffers and the
+    // qdisc hold when nc stops; unshaped, this takes a fraction of a second.
+    assert!(
+        ms >= 1800,
+        "60 MB left in {ms} ms: faster than 20 MB/s after a 10 MB burst"
+    );
+    assert!(ms < 20_000, "{ms} ms: far slower than the configured rate");
 }

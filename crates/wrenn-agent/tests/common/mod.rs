@@ -61,11 +61,17 @@ pub fn test_config(data: &Path) -> AgentConfig {
 
 impl TestAgent {
     pub async fn start() -> TestAgent {
+        TestAgent::start_with(|_| {}).await
+    }
+
+    /// An agent whose configuration `tune` adjusts first.
+    pub async fn start_with(tune: impl FnOnce(&mut AgentConfig)) -> TestAgent {
         let data = tempfile::Builder::new()
             .prefix("wrenn-agent-test")
             .tempdir_in("/var/tmp")
             .unwrap();
-        let cfg = test_config(data.path());
+        let mut cfg = test_config(data.path());
+        tune(&mut cfg);
         let agent = Agent::open(cfg.clone()).await.expect("agent opens");
         TestAgent { agent, data, cfg }
     }
