@@ -6,7 +6,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{RpcClient, TestAgent};
+use common::TestAgent;
 use connectrpc::ErrorCode;
 use wrenn_agent::server::AgentServer;
 use wrenn_proto::wrenn::agent::v1 as pb;
@@ -33,14 +33,12 @@ fn cref(id: &str) -> pb::CapsuleRef {
 }
 
 async fn events(
-    c: &RpcClient,
     stream: &mut connectrpc::client::ServerStream<
         <connectrpc::client::HttpClient as connectrpc::client::ClientTransport>::ResponseBody,
         pb::__buffa::view::ProcessEventView<'static>,
     >,
     until: &str,
 ) -> (Vec<Event>, String) {
-    let _ = c;
     let mut seen = Vec::new();
     let mut text = String::new();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -151,7 +149,7 @@ async fn the_agent_rpc_over_the_wire() {
         })
         .await
         .unwrap();
-    let (evs, text) = events(&c, &mut s, "").await;
+    let (evs, text) = events(&mut s, "").await;
     assert!(matches!(evs.first(), Some(Event::Started(_))));
     assert!(matches!(evs.last(), Some(Event::Ended(e)) if e.exit_code == 0));
     assert_eq!(text, "line1\nline2\nline3\n");
@@ -189,7 +187,7 @@ async fn the_agent_rpc_over_the_wire() {
     })
     .await
     .unwrap();
-    let (_, text) = events(&c, &mut s, "ping").await;
+    let (_, text) = events(&mut s, "ping").await;
     assert_eq!(text, "ping\n");
     let list = c.list_processes(cref(&id)).await.unwrap().into_owned();
     assert!(list
@@ -257,7 +255,7 @@ async fn the_agent_rpc_over_the_wire() {
     })
     .await
     .unwrap();
-    let (_, text) = events(&c, &mut p, "43 132").await;
+    let (_, text) = events(&mut p, "43 132").await;
     assert!(text.contains("43 132"), "{text}");
     drop(p);
     let mut again = c
@@ -276,7 +274,7 @@ async fn the_agent_rpc_over_the_wire() {
     })
     .await
     .unwrap();
-    let (_, text) = events(&c, &mut again, "re2").await;
+    let (_, text) = events(&mut again, "re2").await;
     assert!(text.contains("re2"), "{text}");
     c.pty_kill(pb::PtyRef {
         id: id.clone(),
