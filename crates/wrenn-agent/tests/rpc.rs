@@ -323,9 +323,13 @@ async fn the_agent_rpc_over_the_wire() {
         .await
         .unwrap();
     let mut back = Vec::new();
+    let mut biggest = 0;
     while let Some(m) = rs.message::<pb::FileChunk>().await.unwrap() {
-        back.extend_from_slice(&m.to_owned_message().data);
+        let data = m.to_owned_message().data;
+        biggest = biggest.max(data.len());
+        back.extend_from_slice(&data);
     }
+    assert!(biggest <= 64 << 10, "a {biggest}-byte chunk");
     assert!(
         back == data,
         "round trip of {} bytes, got {}",

@@ -16,6 +16,8 @@ use super::{envd_error, AgentRpc};
 /// Chunks held between the RPC stream and the upload to envd: a slow envd
 /// blocks the reader (back-pressure to the caller), nothing is dropped.
 const UPLOAD_BUFFER: usize = 16;
+/// Size of the messages of `ReadFileStream`.
+const CHUNK: usize = 64 << 10;
 /// Largest list depth accepted.
 const MAX_DEPTH: u32 = 16;
 
@@ -151,14 +153,23 @@ impl AgentRpc {
             .read_file_stream(path(&r.path)?)
             .await
             .map_err(|e| envd_error(&c.id, e))?;
-        Ok(Response::new(Box::pin(stream.map(move |chunk| {
-            chunk
-                .map(|data| pb::FileChunk {
-                    data: data.to_vec(),
-                    ..Default::default()
-                })
-                .map_err(|e| envd_error(&id, e))
-        }))))
+        // Re-cut whatever envd's body yields into messages of at most 64 KiB.
+        let chunks = stream.flat_map(move |chunk| {
+            let items: Vec<Result<pb::FileChunk, ConnectError>> = match chunk {
+                Ok(data) => data
+                    .chunks(CHUNK)
+                    .map(|piece| {
+                        Ok(pb::FileChunk {
+                            data: piece.to_vec(),
+                            ..Default::default()
+                        })
+                    })
+                    .collect(),
+                Err(e) => vec![Err(envd_error(&id, e))],
+            };
+            futures::stream::iter(items)
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     pub(super) async fn do_list_dir(
