@@ -513,19 +513,31 @@ impl Agent {
             blocking(move || agent.teardown_blocking(&warm)).await;
             return Err(AgentError::AlreadyExists(req.id));
         }
+        // Holding the capsule's lock through a failed claim's teardown, so a
+        // concurrent destroy cannot run the same cleanup stack alongside.
+        let op = c.op.clone().lock_owned().await;
         let result = self.finish_claim(&c).await;
         if let Err(e) = result {
             tracing::warn!(capsule_id = %req.id, error = %e, "claiming a warm capsule failed; tearing down");
             self.teardown(&c).await;
-            self.capsules.write().unwrap().remove(&req.id);
+            {
+                let mut map = self.capsules.write().unwrap();
+                if map.get(&req.id).is_some_and(|now| Arc::ptr_eq(now, &c)) {
+                    map.remove(&req.id);
+                }
+            }
+            for hook in self.on_destroy.0.lock().unwrap().iter() {
+                hook(&req.id);
+            }
             return Err(e);
         }
+        drop(op);
         tracing::info!(capsule_id = %req.id, container = %c.container, "capsule running (from the warm pool)");
         Ok(self.info(&c))
     }
 
+    /// The rest of a claim; the caller holds the capsule's lock.
     async fn finish_claim(self: &Arc<Self>, c: &Arc<Capsule>) -> Result<(), AgentError> {
-        let _op = c.op.lock().await;
         c.update(|_| {})?;
         let r = c.record();
         if !r.internet {
@@ -901,7 +913,9 @@ impl Agent {
             Undo::UnmountRootfs => rootfs::unmount_if_mounted(&c.dir.rootfs())?,
             Undo::FirewallRules => {
                 if let Some(slot) = &rec.slot {
-                    self.firewall.remove(slot, rec.internet)?;
+                    // Both elements, whatever the record says: a failed
+                    // switch-off must not leave `internet` to the next owner.
+                    self.firewall.remove(slot, true)?;
                 }
             }
             Undo::DestroyNetwork => {
@@ -913,6 +927,8 @@ impl Agent {
                 if let Some(slot) = &rec.slot {
                     self.pool.release(slot.index);
                 }
+                // A record that outlives this step must not claim the slot again.
+                c.rec.lock().unwrap().slot = None;
             }
             Undo::RemoveDir => {
                 let mounts = rootfs::mounts_under(&c.dir.0);
@@ -936,6 +952,15 @@ impl Agent {
 
     // ---- lifecycle ----------------------------------------------------
 
+    /// After waiting for a capsule's lock: is it still the capsule this ID
+    /// names (not destroyed, not replaced by a new one)?
+    fn still_current(&self, c: &Arc<Capsule>) -> Result<(), AgentError> {
+        match self.capsules.read().unwrap().get(&c.id) {
+            Some(now) if Arc::ptr_eq(now, c) => Ok(()),
+            _ => Err(AgentError::NotFound(c.id.clone())),
+        }
+    }
+
     /// Lock the capsule's lifecycle and check that `op` is legal now.
     async fn begin(
         &self,
@@ -944,6 +969,7 @@ impl Agent {
     ) -> Result<(Arc<Capsule>, tokio::sync::OwnedMutexGuard<()>, CapsuleState), AgentError> {
         let c = self.get(id)?;
         let g = c_op_lock(&c).await;
+        self.still_current(&c)?;
         let from = c.state();
         transition(from, op).map_err(|i| AgentError::illegal(id, i))?;
         Ok((c, g, from))
@@ -952,13 +978,28 @@ impl Agent {
     pub async fn destroy(self: &Arc<Self>, id: &CapsuleId) -> Result<(), AgentError> {
         let c = self.get(id)?;
         let _g = c_op_lock(&c).await;
-        if !self.capsules.read().unwrap().contains_key(id) {
-            // Another destroy finished while we waited.
+        if self.still_current(&c).is_err() {
+            // Another destroy finished while we waited (the ID may even
+            // name a new capsule by now: that one is not ours to destroy).
             return Ok(());
         }
-        c.update(|r| r.state = CapsuleState::Stopped)?;
-        let errors = self.teardown(&c).await;
-        self.capsules.write().unwrap().remove(id);
+        self.destroy_locked(&c).await;
+        Ok(())
+    }
+
+    /// Destroy `c`; the caller holds its lock and checked it is current.
+    async fn destroy_locked(self: &Arc<Self>, c: &Arc<Capsule>) {
+        let id = &c.id;
+        if let Err(e) = c.update(|r| r.state = CapsuleState::Stopped) {
+            tracing::warn!(capsule_id = %id, error = %e, "cannot record the stop; tearing down anyway");
+        }
+        let errors = self.teardown(c).await;
+        {
+            let mut map = self.capsules.write().unwrap();
+            if map.get(id).is_some_and(|now| Arc::ptr_eq(now, c)) {
+                map.remove(id);
+            }
+        }
         for hook in self.on_destroy.0.lock().unwrap().iter() {
             hook(id);
         }
@@ -967,15 +1008,19 @@ impl Agent {
         } else {
             tracing::warn!(capsule_id = %id, ?errors, "capsule destroyed with teardown errors");
         }
-        Ok(())
     }
 
     pub async fn pause(self: &Arc<Self>, id: &CapsuleId) -> Result<CapsuleInfo, AgentError> {
         let (c, _g, _) = self.begin(id, Op::Pause).await?;
+        self.pause_locked(&c).await
+    }
+
+    /// Freeze `c`; the caller holds its lock and checked the transition.
+    async fn pause_locked(&self, c: &Arc<Capsule>) -> Result<CapsuleInfo, AgentError> {
         let rt = c.clone();
         blocking(move || rt.runtime.pause(&rt.container)).await?;
         c.update(|r| r.state = CapsuleState::Paused)?;
-        Ok(self.info(&c))
+        Ok(self.info(c))
     }
 
     pub async fn resume(self: &Arc<Self>, id: &CapsuleId) -> Result<CapsuleInfo, AgentError> {
@@ -1023,16 +1068,24 @@ impl Agent {
             if from == CapsuleState::Paused {
                 cap.runtime.resume(&cap.container)?;
             }
-            if cap.runtime.can_checkpoint() {
+            let stopped = if cap.runtime.can_checkpoint() {
                 let images = cap.dir.checkpoint();
                 let _ = std::fs::remove_dir_all(&images);
-                std::fs::create_dir_all(&images).map_err(AgentError::io("create", &images))?;
-                cap.runtime.checkpoint(&cap.container, &images)?;
-                Ok(true)
+                std::fs::create_dir_all(&images)
+                    .map_err(AgentError::io("create", &images))
+                    .and_then(|()| Ok(cap.runtime.checkpoint(&cap.container, &images)?))
+                    .map(|()| true)
             } else {
-                cap.runtime.delete(&cap.container)?;
-                Ok(false)
+                cap.runtime
+                    .delete(&cap.container)
+                    .map(|()| false)
+                    .map_err(AgentError::from)
+            };
+            if stopped.is_err() && from == CapsuleState::Paused {
+                // Leave it as it was found: frozen, as its record says.
+                let _ = cap.runtime.pause(&cap.container);
             }
+            stopped
         })
         .await?;
         c.update(|r| {
@@ -1048,6 +1101,11 @@ impl Agent {
         id: &CapsuleId,
         timeout_sec: Option<u64>,
     ) -> Result<CapsuleInfo, AgentError> {
+        if timeout_sec.is_some_and(|t| t > MAX_TIMEOUT_SEC) {
+            return Err(AgentError::Invalid(format!(
+                "timeout_sec must be at most {MAX_TIMEOUT_SEC}"
+            )));
+        }
         let c = self.running(id)?;
         c.update(|r| {
             r.last_active_at = now_ms();
@@ -1087,7 +1145,20 @@ impl Agent {
     pub async fn set_internet(&self, id: &CapsuleId, on: bool) -> Result<(), AgentError> {
         let c = self.get(id)?;
         let _g = c_op_lock(&c).await;
+        self.still_current(&c)?;
         let r = c.record();
+        if matches!(
+            r.state,
+            CapsuleState::Stopped | CapsuleState::Error | CapsuleState::Pending
+        ) {
+            return Err(AgentError::illegal(
+                id,
+                crate::state::Illegal {
+                    op: Op::Use,
+                    state: r.state,
+                },
+            ));
+        }
         let Some(slot) = r.slot.clone() else {
             return Err(AgentError::illegal(
                 id,
@@ -1177,10 +1248,16 @@ impl Agent {
         let store = self.templates.clone();
         let cap = c.clone();
         let meta = blocking(move || -> Result<TemplateMeta, AgentError> {
+            // Claim the name before freezing anything.
+            let staged = store.stage(&name)?;
             if from == CapsuleState::Running {
                 cap.runtime.pause(&cap.container)?;
             }
-            let staged = store.stage(&name)?;
+            let thaw = || {
+                if from == CapsuleState::Running {
+                    let _ = cap.runtime.resume(&cap.container);
+                }
+            };
             let upper = cap.dir.upper();
             crate::cmd::run(
                 "cp",
@@ -1191,7 +1268,10 @@ impl Agent {
                 ],
                 None,
             )
-            .map_err(|e| AgentError::Invalid(format!("copy capsule filesystem: {e}")))?;
+            .map_err(|e| {
+                thaw();
+                AgentError::Invalid(format!("copy capsule filesystem: {e}"))
+            })?;
             let r = cap.record();
             let mut layers = vec![name.clone()];
             layers.extend(base.layers.iter().cloned());
@@ -1206,33 +1286,44 @@ impl Agent {
                 created_at: template::now_secs(),
                 size_bytes: 0,
             };
-            Ok(store.commit(staged, meta)?)
+            store.commit(staged, meta).map_err(|e| {
+                thaw();
+                AgentError::from(e)
+            })
         })
         .await?;
         c.update(|r| r.state = CapsuleState::Paused)?;
         Ok(meta)
     }
 
-    /// Delete a template unless a capsule or another template uses it.
+    /// Delete a template unless a capsule (warm ones included) or another
+    /// template uses it.
     pub async fn delete_template(&self, name: &TemplateName) -> Result<(), AgentError> {
-        let users: Vec<CapsuleId> = self
+        let uses = |c: &Capsule| {
+            let t = c.rec.lock().unwrap().template.clone();
+            t == *name
+                || self
+                    .templates
+                    .get(&t)
+                    .is_ok_and(|m| m.layers.contains(name))
+        };
+        let user = self
             .capsules
             .read()
             .unwrap()
             .values()
-            .filter(|c| {
-                let t = c.rec.lock().unwrap().template.clone();
-                t == *name
-                    || self
-                        .templates
-                        .get(&t)
-                        .is_ok_and(|m| m.layers.contains(name))
-            })
-            .map(|c| c.id.clone())
-            .collect();
-        if let Some(id) = users.first() {
+            .find(|c| uses(c))
+            .map(|c| format!("capsule {}", c.id));
+        let warm = self
+            .warm
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .any(|c| uses(c));
+        if let Some(who) = user.or_else(|| warm.then(|| "a warm pool".to_owned())) {
             return Err(AgentError::Invalid(format!(
-                "template {name} is used by capsule {id}"
+                "template {name} is used by {who}"
             )));
         }
         let store = self.templates.clone();
@@ -1244,39 +1335,38 @@ impl Agent {
 
     /// Pause (or destroy) running capsules idle past their timeout.
     pub async fn reap_expired(self: &Arc<Self>) {
-        let now = now_ms();
-        let expired: Vec<(CapsuleId, OnTimeout)> = self
+        let candidates: Vec<Arc<Capsule>> = self
             .capsules
             .read()
             .unwrap()
             .values()
-            .filter_map(|c| {
-                let r = c.rec.lock().unwrap();
-                let due = r.state == CapsuleState::Running
-                    && r.timeout_sec > 0
-                    && now.saturating_sub(r.last_active_at) >= r.timeout_sec * 1000;
-                due.then(|| (r.id.clone(), r.on_timeout))
-            })
+            .filter(|c| idle_past_timeout(&c.rec.lock().unwrap(), now_ms()))
+            .cloned()
             .collect();
-        for (id, action) in expired {
-            let result = match action {
-                OnTimeout::Pause => self.pause(&id).await.map(|_| ()),
-                OnTimeout::Destroy => self.destroy(&id).await,
-            };
-            match result {
-                Ok(()) if action == OnTimeout::Pause => {
-                    tracing::info!(capsule_id = %id, "paused after its inactivity timeout");
-                    self.auto_paused.lock().unwrap().push(id);
+        for c in candidates {
+            // Decide again under the capsule's lock: it may have been used,
+            // pinged, paused or destroyed since the list was made.
+            let _g = c_op_lock(&c).await;
+            let rec = c.record();
+            if self.still_current(&c).is_err() || !idle_past_timeout(&rec, now_ms()) {
+                continue;
+            }
+            let id = c.id.clone();
+            match rec.on_timeout {
+                OnTimeout::Destroy => {
+                    self.destroy_locked(&c).await;
+                    tracing::info!(capsule_id = %id, "destroyed after its inactivity timeout");
                 }
-                Ok(()) => {
-                    tracing::info!(capsule_id = %id, "destroyed after its inactivity timeout")
-                }
-                // Someone else changed it meanwhile: nothing to do.
-                Err(AgentError::IllegalState { .. } | AgentError::NotFound(_)) => {}
-                Err(e) => {
-                    tracing::warn!(capsule_id = %id, error = %e, "timeout action failed; destroying");
-                    let _ = self.destroy(&id).await;
-                }
+                OnTimeout::Pause => match self.pause_locked(&c).await {
+                    Ok(_) => {
+                        tracing::info!(capsule_id = %id, "paused after its inactivity timeout");
+                        self.auto_paused.lock().unwrap().push(id);
+                    }
+                    Err(e) => {
+                        tracing::warn!(capsule_id = %id, error = %e, "pausing an idle capsule failed; destroying it");
+                        self.destroy_locked(&c).await;
+                    }
+                },
             }
         }
     }
@@ -1457,6 +1547,13 @@ fn rec_save_after_pop(c: &Capsule) -> Result<(), AgentError> {
     r.save(&c.dir)
 }
 
+/// Running, with a timeout, and idle for longer than it.
+fn idle_past_timeout(r: &CapsuleRecord, now: u64) -> bool {
+    r.state == CapsuleState::Running
+        && r.timeout_sec > 0
+        && now.saturating_sub(r.last_active_at) >= r.timeout_sec.saturating_mul(1000)
+}
+
 /// What an adopted capsule is now, given its record and its container.
 fn reconcile(
     recorded: CapsuleState,
@@ -1509,7 +1606,15 @@ fn apply_request(rec: &mut CapsuleRecord, req: &CreateRequest, meta: &TemplateMe
     rec.last_active_at = now;
 }
 
+/// Longest inactivity timeout accepted (a year).
+pub const MAX_TIMEOUT_SEC: u64 = 366 * 24 * 3600;
+
 fn validate(req: &CreateRequest) -> Result<(), AgentError> {
+    if req.timeout_sec > MAX_TIMEOUT_SEC {
+        return Err(AgentError::Invalid(format!(
+            "timeout_sec must be at most {MAX_TIMEOUT_SEC}"
+        )));
+    }
     if req.vcpus == 0 || req.vcpus > 64 {
         return Err(AgentError::Invalid(format!(
             "vcpus must be 1-64, not {}",

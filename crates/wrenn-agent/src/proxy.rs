@@ -35,10 +35,13 @@ use crate::agent::Agent;
 use crate::error::{AgentError, ErrorKind};
 
 /// One cached route.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Route {
     pub upstream: SocketAddr,
     pub prefix: String,
+    /// Cancelled when the capsule is destroyed: ends its tunnels (a
+    /// deleted netns never resets their upstream sockets).
+    stop: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -110,7 +113,12 @@ impl PortProxy {
 
     /// Forget every route of a destroyed capsule.
     pub fn evict(&self, id: &CapsuleId) {
-        self.routes.lock().unwrap().retain(|(c, _), _| c != id);
+        self.routes.lock().unwrap().retain(|(c, _), route| {
+            if c == id {
+                route.stop.cancel();
+            }
+            c != id
+        });
     }
 
     pub fn cached_routes(&self) -> usize {
@@ -125,14 +133,23 @@ impl PortProxy {
     }
 
     fn route(&self, id: &CapsuleId, port: u16) -> Result<Route, AgentError> {
-        // The state check runs every time; only the address is cached.
+        // The state check and the address lookup run on every request; the
+        // cache holds what is derived from them, refreshed each time, so an
+        // entry can never point at an address the capsule no longer has.
         let upstream = self.agent.proxy_target(id, port)?;
         let mut routes = self.routes.lock().unwrap();
-        let route = routes.entry((id.clone(), port)).or_insert_with(|| Route {
+        let stop = routes
+            .get(&(id.clone(), port))
+            .filter(|r| r.upstream == upstream)
+            .map(|r| r.stop.clone())
+            .unwrap_or_else(|| self.stop.child_token());
+        let route = Route {
             upstream,
             prefix: format!("/proxy/{id}/{port}"),
-        });
-        Ok(route.clone())
+            stop,
+        };
+        routes.insert((id.clone(), port), route.clone());
+        Ok(route)
     }
 
     pub async fn handle(self: Arc<Self>, req: Request) -> Response {
@@ -218,7 +235,7 @@ impl PortProxy {
                 Ok(x) => x,
                 Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
             };
-        let stop = self.stop.clone();
+        let stop = route.stop.clone();
         self.tunnels.spawn(async move {
             tokio::select! {
                 _ = conn.with_upgrades() => {}
@@ -250,7 +267,7 @@ impl PortProxy {
         let mut upstream_resp = http::Response::from_parts(parts.clone(), ());
         let client_upgrade = hyper::upgrade::on(&mut req);
         let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
-        let stop = self.stop.clone();
+        let stop = route.stop.clone();
         self.tunnels.spawn(async move {
             let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
                 return;

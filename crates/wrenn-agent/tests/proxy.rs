@@ -223,6 +223,15 @@ async fn the_port_proxy_end_to_end() {
         .unwrap();
     assert_eq!(got, Message::Binary(vec![0u8, 255, 7].into()));
     ws.close(None).await.unwrap();
+    // a second tunnel stays open until the capsule is destroyed (below)
+    let (mut held, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    held.send(Message::Text("still here".into())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), held.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Message::Text("still here".into()));
 
     // bad requests
     assert_eq!(s.get("/proxy/not-an-id/80/").await.0, 400);
@@ -242,9 +251,16 @@ async fn the_port_proxy_end_to_end() {
     s.t.agent.resume(&id).await.unwrap();
     assert_eq!(s.get(&format!("{base}/docs/a.txt")).await.0, 200);
 
-    // destroyed: routes evicted, 404
+    // destroyed: routes evicted, tunnels closed, 404
     s.t.agent.destroy(&id).await.unwrap();
     assert_eq!(s.proxy.cached_routes(), 0);
+    let end = tokio::time::timeout(Duration::from_secs(5), held.next())
+        .await
+        .expect("the tunnel ends with its capsule");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
     assert_eq!(s.get(&format!("{base}/docs/a.txt")).await.0, 404);
     s.shutdown().await;
 }
