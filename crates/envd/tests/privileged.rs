@@ -181,11 +181,13 @@ async fn envd_is_init_of_a_bare_busybox_rootfs() {
     let envd_host_pid: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
     run(Command::new("kill").args(["-TERM", &envd_host_pid.to_string()]));
     let marker = root.path().join("tmp/got-term");
+    // The shell creates the file, then writes it: wait for the content.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !marker.exists() && Instant::now() < deadline {
+    let read = || std::fs::read_to_string(&marker).unwrap_or_default();
+    while read() != "term\n" && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "term\n");
+    assert_eq!(read(), "term\n");
 }
 
 /// A tmpfs of `size` mounted on a fresh temp dir, unmounted on drop.
