@@ -733,7 +733,7 @@ impl Agent {
         let lowers = self.templates.lower_dirs(meta)?;
         c.push_undo(Undo::UnmountRootfs)?;
         self.overlay(dir, lowers).mount()?;
-        self.write_bundle(c, &slot)?;
+        self.write_bundle(c, &slot, meta.allow_setuid)?;
         let t_fs = t0.elapsed();
         c.push_undo(Undo::DeleteContainer)?;
         self.start_container(c)?;
@@ -796,7 +796,7 @@ impl Agent {
         Ok(())
     }
 
-    fn write_bundle(&self, c: &Capsule, slot: &Slot) -> Result<(), AgentError> {
+    fn write_bundle(&self, c: &Capsule, slot: &Slot, allow_setuid: bool) -> Result<(), AgentError> {
         let r = c.record();
         let spec = spec::build(&BundleParams {
             hostname: HOSTNAME.into(),
@@ -811,11 +811,7 @@ impl Agent {
             env: vec![PATH_ENV.into(), "HOME=/root".into()],
             default_user: r.default_user.clone(),
             start_cmd: r.start_cmd.clone(),
-            allow_setuid: self
-                .templates
-                .get(&r.template)
-                .map(|m| m.allow_setuid)
-                .unwrap_or(false),
+            allow_setuid,
             nofile: nofile_limit(),
         })?;
         let path = c.dir.bundle().join("config.json");
