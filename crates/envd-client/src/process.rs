@@ -408,20 +408,34 @@ impl EnvdClient {
     }
 
     /// Running processes: pid, tag, command.
-    pub async fn list_processes(&self) -> Result<Vec<(u32, Option<String>, String)>, ClientError> {
+    pub async fn list_processes(&self) -> Result<Vec<ProcessSummary>, ClientError> {
         let resp = self.process.list(pb::ListRequest::default()).await?;
         let list = resp.into_view().to_owned_message();
         Ok(list
             .processes
             .into_iter()
             .map(|p| {
-                let cmd = p
+                let (cmd, args) = p
                     .config
                     .as_option()
-                    .map(|c| c.cmd.clone())
+                    .map(|c| (c.cmd.clone(), c.args.clone()))
                     .unwrap_or_default();
-                (p.pid, p.tag, cmd)
+                ProcessSummary {
+                    pid: p.pid,
+                    tag: p.tag,
+                    cmd,
+                    args,
+                }
             })
             .collect())
     }
+}
+
+/// A process envd tracks (`List`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSummary {
+    pub pid: u32,
+    pub tag: Option<String>,
+    pub cmd: String,
+    pub args: Vec<String>,
 }

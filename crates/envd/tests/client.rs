@@ -114,7 +114,7 @@ async fn dropping_a_stream_detaches_and_attach_sees_new_output() {
     let procs = c.list_processes().await.unwrap();
     assert!(procs
         .iter()
-        .any(|(p, tag, _)| *p == pid && tag.as_deref() == Some("detach-me")));
+        .any(|p| p.pid == pid && p.tag.as_deref() == Some("detach-me")));
 
     let mut attached = c.attach(Selector::Tag("detach-me".into())).await.unwrap();
     assert_eq!(attached.pid, pid);
@@ -158,7 +158,7 @@ async fn exec_timeout_kills_the_process() {
             .await
             .unwrap()
             .iter()
-            .any(|(_, _, cmd)| cmd == "/bin/sh")
+            .any(|p| p.cmd == "/bin/sh")
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

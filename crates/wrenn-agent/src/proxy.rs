@@ -19,16 +19,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::response::Response;
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{StatusCode, Uri};
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wrenn_types::ids::CapsuleId;
+use wrenn_http::relay::{self, is_upgrade, plain};
 use wrenn_types::proxy::{parse_target, rewrite_location};
 
 use crate::agent::Agent;
@@ -51,53 +49,6 @@ pub struct PortProxy {
     routes: Mutex<HashMap<(CapsuleId, u16), Route>>,
     tunnels: TaskTracker,
     stop: CancellationToken,
-}
-
-fn plain(status: StatusCode, msg: impl Into<String>) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        msg.into(),
-    )
-        .into_response()
-}
-
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
-}
-
-fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
 }
 
 impl PortProxy {
@@ -195,99 +146,24 @@ impl PortProxy {
     }
 
     async fn forward(&self, req: Request, route: Route, path_and_query: &str) -> Response {
-        let (mut parts, body) = req.into_parts();
         let Ok(uri) = format!("http://{}{}", route.upstream, path_and_query).parse::<Uri>() else {
             return plain(StatusCode::BAD_REQUEST, "unparsable path");
         };
-        parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove("x-api-key");
-        add_forwarded(&mut parts.headers);
-        let body = body.map_err(std::io::Error::other).boxed_unsync();
-        let upstream = http::Request::from_parts(parts, body);
-        match self.client.request(upstream).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                fix_location(&mut parts.headers, &route);
-                Response::from_parts(parts, Body::new(body))
-            }
-            Err(e) => plain(
-                StatusCode::BAD_GATEWAY,
-                format!("proxy error: {}", error_chain(&e)),
-            ),
-        }
+        relay::forward(&self.client, req, uri, |h| fix_location(h, &route)).await
     }
 
-    async fn tunnel(
-        self: &Arc<Self>,
-        mut req: Request,
-        route: Route,
-        path_and_query: &str,
-    ) -> Response {
-        let stream = match wrenn_http::dial_with_retry(route.upstream).await {
-            Ok(s) => s,
-            Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
-        };
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(x) => x,
-                Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
-            };
+    async fn tunnel(&self, req: Request, route: Route, path_and_query: &str) -> Response {
         let stop = route.stop.clone();
-        self.tunnels.spawn(async move {
-            tokio::select! {
-                _ = conn.with_upgrades() => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-        let mut up = http::Request::builder()
-            .method(req.method().clone())
-            .uri(path_and_query);
-        for (k, v) in req.headers() {
-            if k != "x-api-key" {
-                up = up.header(k, v);
-            }
-        }
-        let up = match up.body(http_body_util::Empty::<bytes::Bytes>::new()) {
-            Ok(r) => r,
-            Err(e) => return plain(StatusCode::BAD_REQUEST, e.to_string()),
-        };
-        let resp = match sender.send_request(up).await {
-            Ok(r) => r,
-            Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
-        };
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let (mut parts, body) = resp.into_parts();
-            fix_location(&mut parts.headers, &route);
-            return Response::from_parts(parts, Body::new(body));
-        }
-        let (parts, _) = http::Response::from_parts(resp.into_parts().0, ()).into_parts();
-        let mut upstream_resp = http::Response::from_parts(parts.clone(), ());
-        let client_upgrade = hyper::upgrade::on(&mut req);
-        let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
-        let stop = route.stop.clone();
-        self.tunnels.spawn(async move {
-            let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
-                return;
-            };
-            let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-        Response::from_parts(parts, Body::empty())
+        relay::tunnel(
+            req,
+            route.upstream,
+            path_and_query,
+            &self.tunnels,
+            stop,
+            |h| fix_location(h, &route),
+        )
+        .await
     }
-}
-
-fn add_forwarded(h: &mut HeaderMap) {
-    if let Some(host) = h.get(header::HOST).cloned() {
-        h.entry("x-forwarded-host").or_insert(host);
-    }
-    h.entry("x-forwarded-proto")
-        .or_insert(HeaderValue::from_static("http"));
 }
 
 fn fix_location(h: &mut HeaderMap, route: &Route) {
@@ -299,17 +175,6 @@ fn fix_location(h: &mut HeaderMap, route: &Route) {
     if let Some(v) = new {
         h.insert(header::LOCATION, v);
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// The axum handler (state: the proxy).

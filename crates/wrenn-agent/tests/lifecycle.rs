@@ -128,7 +128,7 @@ async fn full_lifecycle_on_busybox() {
     );
     let procs = envd.list_processes().await.unwrap();
     assert!(
-        procs.iter().any(|p| p.1.as_deref() == Some("ticker")),
+        procs.iter().any(|p| p.tag.as_deref() == Some("ticker")),
         "background process survived the pause"
     );
 

@@ -11,6 +11,7 @@
 //! version a traffic class needs.
 
 mod client;
+pub mod relay;
 mod server;
 
 pub use client::{

@@ -31,57 +31,124 @@ const BASE36: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 /// 128 bits need 25 base-36 digits.
 const ID_DIGITS: usize = 25;
 
-/// `cl-` followed by 25 characters of `[0-9a-z]`: the big-endian base-36
-/// form of a random 128-bit value, left-padded with `0` (wrenn's format).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct CapsuleId(String);
-
-impl CapsuleId {
-    pub const PREFIX: &'static str = "cl-";
-
-    /// The ID for a 128-bit value.
-    pub fn from_u128(mut v: u128) -> Self {
-        let mut digits = [b'0'; ID_DIGITS];
-        for d in digits.iter_mut().rev() {
-            *d = BASE36[(v % 36) as usize];
-            v /= 36;
+macro_rules! string_newtype_impls {
+    ($t:ty) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
         }
-        let tail = std::str::from_utf8(&digits).expect("ascii digits");
-        Self(format!("{}{tail}", Self::PREFIX))
-    }
-
-    /// A fresh random ID.
-    pub fn random() -> Self {
-        let mut b = [0u8; 16];
-        getrandom::fill(&mut b).expect("the OS random source works");
-        Self::from_u128(u128::from_be_bytes(b))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+        impl AsRef<str> for $t {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $t {
+            type Error = InvalidId;
+            fn try_from(s: String) -> Result<Self, InvalidId> {
+                s.parse()
+            }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.0
+            }
+        }
+    };
 }
 
-impl FromStr for CapsuleId {
-    type Err = InvalidId;
 
-    fn from_str(s: &str) -> Result<Self, InvalidId> {
-        let ok = s.strip_prefix(Self::PREFIX).is_some_and(|t| {
-            t.len() == ID_DIGITS
-                && t.bytes()
-                    .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
-        });
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(InvalidId {
-                kind: "capsule ID",
-                value: s.to_owned(),
-            })
-        }
+/// Writes `v` as 25 big-endian base-36 digits, left-padded with `0`.
+fn base36(mut v: u128) -> String {
+    let mut digits = [b'0'; ID_DIGITS];
+    for d in digits.iter_mut().rev() {
+        *d = BASE36[(v % 36) as usize];
+        v /= 36;
     }
+    std::str::from_utf8(&digits).expect("ascii digits").to_owned()
 }
+
+fn random_u128() -> u128 {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    u128::from_be_bytes(b)
+}
+
+fn is_id_tail(t: &str) -> bool {
+    t.len() == ID_DIGITS
+        && t.bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+}
+
+/// An outward-facing ID: a prefix followed by 25 characters of `[0-9a-z]`,
+/// the big-endian base-36 form of a random 128-bit value, left-padded with
+/// `0` (wrenn's format). Each entity gets its own type, so a `TeamId` can
+/// never be passed where a `CapsuleId` is expected.
+macro_rules! prefixed_id {
+    ($(#[$doc:meta])* $t:ident, $prefix:literal, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $t(String);
+
+        impl $t {
+            pub const PREFIX: &'static str = $prefix;
+
+            /// The ID for a 128-bit value.
+            pub fn from_u128(v: u128) -> Self {
+                Self(format!("{}{}", Self::PREFIX, base36(v)))
+            }
+
+            /// A fresh random ID.
+            pub fn random() -> Self {
+                Self::from_u128(random_u128())
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $t {
+            type Err = InvalidId;
+
+            fn from_str(s: &str) -> Result<Self, InvalidId> {
+                if s.strip_prefix(Self::PREFIX).is_some_and(is_id_tail) {
+                    Ok(Self(s.to_owned()))
+                } else {
+                    Err(InvalidId {
+                        kind: $kind,
+                        value: s.to_owned(),
+                    })
+                }
+            }
+        }
+
+        string_newtype_impls!($t);
+    };
+}
+
+prefixed_id!(
+    /// A capsule (sandbox): `cl-…`.
+    CapsuleId, "cl-", "capsule ID"
+);
+prefixed_id!(
+    /// A team: `team-…`.
+    TeamId, "team-", "team ID"
+);
+prefixed_id!(
+    /// An API key's record (not the secret): `key-…`.
+    KeyId, "key-", "API key ID"
+);
+prefixed_id!(
+    /// A host running an agent: `host-…`.
+    HostId, "host-", "host ID"
+);
 
 /// A template (or snapshot) name: `^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -114,38 +181,6 @@ impl FromStr for TemplateName {
     }
 }
 
-macro_rules! string_newtype_impls {
-    ($t:ty) => {
-        impl fmt::Display for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-        impl fmt::Debug for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Debug::fmt(&self.0, f)
-            }
-        }
-        impl AsRef<str> for $t {
-            fn as_ref(&self) -> &str {
-                &self.0
-            }
-        }
-        impl TryFrom<String> for $t {
-            type Error = InvalidId;
-            fn try_from(s: String) -> Result<Self, InvalidId> {
-                s.parse()
-            }
-        }
-        impl From<$t> for String {
-            fn from(v: $t) -> String {
-                v.0
-            }
-        }
-    };
-}
-
-string_newtype_impls!(CapsuleId);
 string_newtype_impls!(TemplateName);
 
 #[cfg(test)]

@@ -30,6 +30,46 @@ pub fn parse_target(path: &str) -> Option<Target<'_>> {
     Some(Target { id, port, rest })
 }
 
+/// What a subdomain proxy host (`{port}-{capsule}.{domain}[:port]`) names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostTarget<'a> {
+    /// Not a proxy host: the API serves it.
+    NotProxy,
+    /// A proxy host with a port out of range or a malformed capsule ID.
+    Invalid(&'static str),
+    Capsule { port: u16, id: &'a str },
+}
+
+/// Read a `Host` header: `^(\d+)-(cl-[0-9a-z]+)\.` selects the proxy (any
+/// suffix; a trailing `:port` is ignored); then the port must be 1–65535
+/// and the ID well formed (checked by the caller's ID type too).
+pub fn parse_host(host: &str) -> HostTarget<'_> {
+    let Some((digits, tail)) = host.split_once('-') else {
+        return HostTarget::NotProxy;
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return HostTarget::NotProxy;
+    }
+    let Some(id_end) = tail.find('.') else {
+        return HostTarget::NotProxy;
+    };
+    let id = &tail[..id_end];
+    let is_id = id
+        .strip_prefix("cl-")
+        .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()));
+    if !is_id {
+        return HostTarget::NotProxy;
+    }
+    let port = match digits.parse::<u32>() {
+        Ok(p @ 1..=65535) => p as u16,
+        _ => return HostTarget::Invalid("invalid port"),
+    };
+    if id.len() != 28 {
+        return HostTarget::Invalid("invalid capsule ID");
+    }
+    HostTarget::Capsule { port, id }
+}
+
 /// The `Location` to send instead of `location`, if it needs the prefix: a
 /// root-relative one gets it; an absolute one naming the upstream itself
 /// (by address, `localhost` or `127.0.0.1` and the same port) becomes the
@@ -64,6 +104,26 @@ pub fn rewrite_location(location: &str, upstream: SocketAddr, prefix: &str) -> O
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn proxy_hosts() {
+        let id = "cl-0123456789abcdefghijklmno";
+        assert_eq!(
+            parse_host(&format!("8080-{id}.localhost:9000")),
+            HostTarget::Capsule { port: 8080, id }
+        );
+        assert_eq!(
+            parse_host(&format!("8888-{id}.wrenn.dev")),
+            HostTarget::Capsule { port: 8888, id }
+        );
+        assert_eq!(parse_host("localhost:8000"), HostTarget::NotProxy);
+        assert_eq!(parse_host("127.0.0.1:8000"), HostTarget::NotProxy);
+        assert_eq!(parse_host(&format!("x8-{id}.a")), HostTarget::NotProxy);
+        assert_eq!(parse_host(&format!("0-{id}.a")), HostTarget::Invalid("invalid port"));
+        assert_eq!(parse_host(&format!("70000-{id}.a")), HostTarget::Invalid("invalid port"));
+        assert_eq!(parse_host("80-cl-abc.a"), HostTarget::Invalid("invalid capsule ID"));
+    }
+
     use super::*;
 
     #[test]

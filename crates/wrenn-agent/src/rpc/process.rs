@@ -164,10 +164,11 @@ impl AgentRpc {
         Response::ok(pb::ListProcessesResponse {
             processes: list
                 .into_iter()
-                .map(|(pid, tag, cmd)| pb::ProcessInfo {
-                    pid,
-                    tag: tag.unwrap_or_default(),
-                    cmd,
+                .map(|p| pb::ProcessInfo {
+                    pid: p.pid,
+                    tag: p.tag.unwrap_or_default(),
+                    cmd: p.cmd,
+                    args: p.args,
                     ..Default::default()
                 })
                 .collect(),

@@ -1,0 +1,300 @@
+//! `wrenn up`: control plane + agent on one machine.
+//!
+//! 1. The agent opens its data dir (re-adopting capsules from an earlier
+//!    run) and serves its RPC on a loopback port.
+//! 2. The control plane opens its database (SQLite under the data dir
+//!    unless `--database-url` says otherwise) and registers the agent as a
+//!    host through the registration path a remote agent uses; the host's
+//!    ID is kept in `<data-dir>/host-id` so a restart updates the same host.
+//! 3. First start: an admin team with a wrenn key and an E2B key, written
+//!    to `<data-dir>/admin-api-key` and `admin-e2b-api-key` (0600).
+//! 4. Templates: `busybox` is there at once; `minimal` (debootstrap) is
+//!    built in the background with a progress bar; `/health` answers 503
+//!    with the build's progress until it can be used.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use wrenn_agent::template::{self, RuntimeChoice, TemplateStore};
+use wrenn_agent::{Agent, AgentConfig};
+use wrenn_cp::api::hosts::{issue_registration, register_host};
+use wrenn_cp::api::keys::new_team;
+use wrenn_cp::auth::{create_key, KeyKind};
+use wrenn_cp::db::{platform_team, HostRegistration, TemplateRow};
+use wrenn_cp::{ControlPlane, Cp, CpConfig};
+use wrenn_types::ids::HostId;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Templates, capsules, the SQLite database and the admin keys.
+    #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
+    data_dir: PathBuf,
+    /// Address of the API (and of the subdomain proxy).
+    #[arg(long, env = "WRENN_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// `sqlite:PATH` or `postgres://…`; default SQLite under the data dir.
+    #[arg(long, env = "WRENN_DATABASE_URL")]
+    database_url: Option<String>,
+    /// The static envd binary bind-mounted into capsules.
+    #[arg(long, env = "WRENN_ENVD_BIN", default_value = "/usr/local/lib/wrenn/envd")]
+    envd: PathBuf,
+    /// Where the agent's RPC listens (loopback; port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    agent_listen: SocketAddr,
+    /// OCI runtime binary.
+    #[arg(long, env = "WRENN_RUNTIME", default_value = "runc")]
+    runtime: String,
+    /// Prefix of host object names (netns, veth, nft table, cgroups).
+    #[arg(long, env = "WRENN_INSTANCE", default_value = "wrenn")]
+    instance: String,
+    /// Capsule address pool; each capsule takes a /30.
+    #[arg(long, env = "WRENN_POOL", default_value = "10.88.0.0/16")]
+    pool: ipnet::Ipv4Net,
+    /// Static busybox the `busybox` template is built from.
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    /// Domain of subdomain proxy URLs (`{port}-{capsule}.{domain}`).
+    #[arg(long, env = "WRENN_PROXY_DOMAIN")]
+    proxy_domain: Option<String>,
+}
+
+pub async fn run(args: UpArgs) -> i32 {
+    match up(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("wrenn up: {e:#}");
+            1
+        }
+    }
+}
+
+fn host_facts(data_dir: &Path, address: SocketAddr) -> HostRegistration {
+    let cpu_cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+    let memory_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok())
+        })
+        .map_or(1024, |kb| kb / 1024);
+    let disk_gb = rustix::fs::statvfs(data_dir)
+        .map(|s| (s.f_blocks * s.f_frsize / (1 << 30)) as i64)
+        .unwrap_or(0);
+    HostRegistration {
+        address: address.to_string(),
+        arch: std::env::consts::ARCH.into(),
+        cpu_cores,
+        memory_mb,
+        disk_gb,
+    }
+}
+
+/// Write a secret file readable by its owner only, atomically.
+fn write_secret(path: &Path, content: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(content.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+/// Register this process's agent (or update the host it registered before).
+async fn register_agent(cp: &Cp, data_dir: &Path, facts: &HostRegistration) -> Result<HostId> {
+    let id_file = data_dir.join("host-id");
+    if let Ok(id) = std::fs::read_to_string(&id_file) {
+        if let Ok(id) = id.trim().parse::<HostId>() {
+            if let Some(host) = cp.db.update_host(&id, facts).await? {
+                cp.hosts.connect(&host).map_err(anyhow::Error::msg)?;
+                return Ok(id);
+            }
+        }
+    }
+    let (_, token) = issue_registration(cp).await.map_err(|e| anyhow::anyhow!(e.message))?;
+    let (host, _host_token) = register_host(cp, &token, facts)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    std::fs::write(&id_file, host.id.as_str())?;
+    Ok(host.id)
+}
+
+/// The admin team and its keys, made on first start.
+async fn admin_keys(cp: &Cp, data_dir: &Path) -> Result<bool> {
+    if cp.db.admin_team().await?.is_some() && data_dir.join("admin-api-key").exists() {
+        return Ok(false);
+    }
+    let (team, key) = new_team(cp, "admin", true)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let (_, e2b) = create_key(&cp.db, &team.id, "e2b", KeyKind::E2b).await?;
+    write_secret(&data_dir.join("admin-api-key"), &key)?;
+    write_secret(&data_dir.join("admin-e2b-api-key"), &e2b)?;
+    Ok(true)
+}
+
+/// Record a built template as a platform template.
+async fn publish_template(cp: &Cp, store: &TemplateStore, name: &str) -> Result<()> {
+    let meta = store.get(&name.parse()?)?;
+    let row = TemplateRow {
+        team_id: platform_team(),
+        name: name.to_owned(),
+        agent_name: name.to_owned(),
+        kind: "base".into(),
+        host_id: None,
+        vcpus: None,
+        memory_mb: None,
+        size_bytes: template::dir_size(&store.layer_dir(&meta.name)) as i64,
+        default_user: meta.default_user.clone().unwrap_or_default(),
+        protected: true,
+        metadata: Default::default(),
+        created_at: (meta.created_at as i64) * 1000,
+    };
+    cp.db.put_template(&row).await?;
+    Ok(())
+}
+
+/// Build `minimal` in the background, publishing progress; the API is
+/// ready when it is.
+async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>) {
+    let store = agent.templates().clone();
+    let exists = store.exists(&"minimal".parse().expect("valid"));
+    if !exists {
+        eprintln!(
+            "wrenn up: building the `minimal` template (Debian bookworm with debootstrap): \
+             about 1-3 minutes on the first start, then cached"
+        );
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] minimal: {msg}")
+            .expect("valid template"),
+    );
+    if !exists {
+        bar.enable_steady_tick(Duration::from_millis(200));
+    }
+    let started = Instant::now();
+    let cp2 = cp.clone();
+    let bar2 = bar.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let mirror = template::host_mirror();
+        template::build_minimal(&store, &mirror, &mut |p| {
+            bar2.set_message(format!("step {} · {} {}", p.steps, p.phase, p.detail));
+            cp2.set_progress(json!({
+                "template": "minimal", "step": p.steps, "phase": p.phase, "detail": p.detail,
+                "elapsed_sec": started.elapsed().as_secs(),
+            }));
+        })
+        .map(|_| ())
+    })
+    .await;
+    match built {
+        Ok(Ok(())) => {
+            bar.finish_and_clear();
+            if !exists {
+                eprintln!("wrenn up: `minimal` built in {:.0?}", started.elapsed());
+            }
+            match publish_template(&cp, agent.templates(), "minimal").await {
+                Ok(()) => cp.set_ready(true),
+                Err(e) => tracing::error!(error = %e, "cannot record the minimal template"),
+            }
+        }
+        Ok(Err(e)) => {
+            bar.abandon_with_message("failed");
+            tracing::error!(error = %e, "building the minimal template failed");
+            cp.set_progress(json!({"template": "minimal", "error": e.to_string()}));
+        }
+        Err(e) => tracing::error!(error = %e, "the minimal build task failed"),
+    }
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("wrenn up needs root (it creates namespaces, cgroups and firewall rules)");
+    }
+    if !args.envd.is_file() {
+        bail!(
+            "envd is not at {} (build it with scripts/install.sh, or pass --envd)",
+            args.envd.display()
+        );
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create {}", args.data_dir.display()))?;
+    // The bundle names both by absolute path.
+    let mut args = args;
+    args.envd = std::fs::canonicalize(&args.envd)?;
+    args.data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let mut cfg = AgentConfig::new(args.data_dir.clone(), args.envd.clone()).with_instance(&args.instance);
+    cfg.runtime = RuntimeChoice {
+        binary: args.runtime.clone(),
+        args: Vec::new(),
+    };
+    cfg.network.pool = args.pool;
+    cfg.busybox_bin = args.busybox.clone();
+    let agent = Agent::open(cfg).await.context("open the agent")?;
+    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
+        .await
+        .with_context(|| format!("listen on {}", args.agent_listen))?;
+    let agent_addr = agent_listener.local_addr()?;
+    let (agent_stop_tx, agent_stop) = tokio::sync::oneshot::channel::<()>();
+    let agent_task = tokio::spawn(wrenn_agent::server::run(agent.clone(), agent_listener, async {
+        let _ = agent_stop.await;
+    }));
+
+    let database_url = args.database_url.clone().unwrap_or_else(|| {
+        format!("sqlite:{}", args.data_dir.join("wrenn.db").display())
+    });
+    let mut config = CpConfig::new(database_url);
+    config.proxy_domain = args.proxy_domain.clone();
+    let plane = ControlPlane::start(config).await.context("open the database")?;
+    let cp = plane.cp.clone();
+    cp.set_ready(false);
+    let facts = host_facts(&args.data_dir, agent_addr);
+    let host = register_agent(&cp, &args.data_dir, &facts).await?;
+    publish_template(&cp, agent.templates(), "busybox").await?;
+    let first = admin_keys(&cp, &args.data_dir).await?;
+    wrenn_cp::reconcile::reconcile_all(&cp).await;
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("wrenn listening on http://{addr}");
+    let key_file = args.data_dir.join("admin-api-key");
+    eprintln!(
+        "wrenn up: host {host}, agent on {agent_addr}{}\n\
+         Point the SDK at it:\n  export WRENN_BASE_URL=http://{addr}\n  export WRENN_API_KEY=$(cat {})",
+        if first { ", admin keys created" } else { "" },
+        key_file.display()
+    );
+    let builder = tokio::spawn(build_minimal(cp.clone(), agent.clone()));
+    let served = plane.serve(listener, shutdown_signal()).await;
+    builder.abort();
+    let _ = agent_stop_tx.send(());
+    let _ = agent_task.await;
+    served.context("serve")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,349 @@
+//! Files: write/read/list/mkdir/remove and the streaming variants.
+//!
+//! Both writes take `multipart/form-data` with the `path` part first and
+//! stream the `file` part to the agent in 64 KiB messages as it arrives
+//! (never held whole). `files/write` is capped at the configured size
+//! (100 MiB; 413); `files/stream/write` is not. An upload that fails half
+//! way cancels the agent call, which makes envd discard the partial file.
+//! Reads stream the agent's chunks straight into the response body; an
+//! error before the first byte (missing file) is a proper 404.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use wrenn_proto::wrenn::agent::v1 as pb;
+use wrenn_proto::wrenn::agent::v1::__buffa::oneof::write_file_stream_request::Msg;
+
+use super::{refresh_after, running, ApiJson};
+use crate::auth::Caller;
+use crate::db::CapsuleRow;
+use crate::error::{ApiError, ApiResult};
+use crate::hosts::HostConn;
+use crate::server::Cp;
+
+pub const CHUNK: usize = 64 << 10;
+
+#[derive(Debug, Deserialize)]
+pub struct PathBody {
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    depth: u32,
+}
+
+fn path_req(c: &CapsuleRow, body: &PathBody) -> ApiResult<pb::PathRequest> {
+    if body.path.is_empty() {
+        return Err(ApiError::invalid("path is required"));
+    }
+    Ok(pb::PathRequest {
+        id: c.id.to_string(),
+        path: body.path.clone(),
+        depth: body.depth,
+        ..Default::default()
+    })
+}
+
+/// A file entry as the SDK's model wants it (`type` is file, directory
+/// or symlink only; other kinds show as files).
+fn entry(e: &pb::FileEntry) -> Value {
+    let kind = match e.r#type.as_str() {
+        "directory" => "directory",
+        "symlink" => "symlink",
+        _ => "file",
+    };
+    json!({
+        "name": e.name, "path": e.path, "type": kind, "size": e.size, "mode": e.mode,
+        "permissions": e.permissions, "owner": e.owner, "group": e.group,
+        "modified_at": e.modified_ms.div_euclid(1000),
+        "symlink_target": if e.symlink_target.is_empty() { None } else { Some(&e.symlink_target) },
+    })
+}
+
+async fn agent_err(cp: &Cp, c: &CapsuleRow, host: &HostConn, e: connectrpc::ConnectError) -> ApiError {
+    refresh_after(cp, c, host, ApiError::agent(&e)).await
+}
+
+/// `POST /v1/capsules/{id}/files/write` — 204.
+pub async fn write(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let limit = cp.config.max_file_body;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64 + 64 * 1024) {
+        return Err(ApiError::too_large(format!("files/write takes at most {limit} bytes; use files/stream/write")));
+    }
+    let (c, host) = running(&cp, &caller, &id).await?;
+    upload(&cp, &c, &host, req, Some(limit)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/capsules/{id}/files/stream/write` — 204, no size cap.
+pub async fn stream_write(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let (c, host) = running(&cp, &caller, &id).await?;
+    upload(&cp, &c, &host, req, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn upload(cp: &Cp, c: &CapsuleRow, host: &HostConn, req: Request, limit: Option<usize>) -> ApiResult<()> {
+    let boundary = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok())
+        .ok_or_else(|| ApiError::invalid("expected a multipart/form-data body"))?;
+    let mut form = multer::Multipart::new(req.into_body().into_data_stream(), boundary);
+    let mut path: Option<String> = None;
+    loop {
+        let field = form
+            .next_field()
+            .await
+            .map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}")))?;
+        let Some(mut field) = field else {
+            return Err(ApiError::invalid(if path.is_none() {
+                "the path part is missing"
+            } else {
+                "the file part is missing"
+            }));
+        };
+        match field.name() {
+            Some("path") => {
+                let text = field
+                    .text()
+                    .await
+                    .map_err(|e| ApiError::invalid(format!("malformed path part: {e}")))?;
+                if text.is_empty() || text.len() > 4096 {
+                    return Err(ApiError::invalid("path must be 1 to 4096 bytes"));
+                }
+                path = Some(text);
+            }
+            Some("file") => {
+                let Some(path) = path else {
+                    return Err(ApiError::invalid("the path part must come before the file part"));
+                };
+                return send_file(cp, c, host, path, &mut field, limit).await;
+            }
+            _ => {
+                // unknown parts are skipped
+                while field
+                    .chunk()
+                    .await
+                    .map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}")))?
+                    .is_some()
+                {}
+            }
+        }
+    }
+}
+
+async fn send_file(
+    cp: &Cp,
+    c: &CapsuleRow,
+    host: &HostConn,
+    path: String,
+    field: &mut multer::Field<'_>,
+    limit: Option<usize>,
+) -> ApiResult<()> {
+    let (tx, rx) = mpsc::channel::<pb::WriteFileStreamRequest>(8);
+    let meta = pb::WriteFileStreamRequest {
+        msg: Some(Msg::Meta(Box::new(pb::FileMeta {
+            id: c.id.to_string(),
+            path,
+            ..Default::default()
+        }))),
+        ..Default::default()
+    };
+    let _ = tx.send(meta).await;
+    let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let call = host.rpc.write_file_stream(requests);
+    tokio::pin!(call);
+    let mut total = 0usize;
+    let mut tx = Some(tx);
+    // Feed chunks while the call runs; the call's end (or failure) wins.
+    loop {
+        tokio::select! {
+            done = &mut call => {
+                return match done {
+                    Ok(_) if tx.is_none() => Ok(()),
+                    Ok(_) => Err(ApiError::agent(&connectrpc::ConnectError::internal("the agent ended the upload early"))),
+                    Err(e) => Err(agent_err(cp, c, host, e).await),
+                };
+            }
+            chunk = field.chunk(), if tx.is_some() => {
+                let chunk: Option<Bytes> = chunk
+                    .map_err(|e| ApiError::invalid(format!("upload failed: {e}")))?;
+                let Some(chunk) = chunk else {
+                    tx = None; // end of file: closing the stream completes the call
+                    continue;
+                };
+                total += chunk.len();
+                if limit.is_some_and(|l| total > l) {
+                    // dropping `call` cancels it: envd discards the partial file
+                    return Err(ApiError::too_large(format!(
+                        "files/write takes at most {} bytes; use files/stream/write",
+                        limit.unwrap_or_default()
+                    )));
+                }
+                for piece in chunk.chunks(CHUNK) {
+                    let m = pb::WriteFileStreamRequest {
+                        msg: Some(Msg::Chunk(piece.to_vec())),
+                        ..Default::default()
+                    };
+                    if let Some(t) = &tx {
+                        if t.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `POST /v1/capsules/{id}/files/read` — the raw bytes.
+pub async fn read(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathBody>,
+) -> ApiResult<Response> {
+    download(&cp, &caller, &id, &body).await
+}
+
+/// `POST /v1/capsules/{id}/files/stream/read` — chunked raw bytes.
+pub async fn stream_read(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathBody>,
+) -> ApiResult<Response> {
+    download(&cp, &caller, &id, &body).await
+}
+
+async fn download(cp: &Cp, caller: &Caller, id: &str, body: &PathBody) -> ApiResult<Response> {
+    let (c, host) = running(cp, caller, id).await?;
+    let req = path_req(&c, body)?;
+    let mut stream = match host.rpc.read_file_stream(req).await {
+        Ok(s) => s,
+        Err(e) => return Err(agent_err(cp, &c, &host, e).await),
+    };
+    // The first message decides between an error status and a 200.
+    let first = match stream.message::<pb::FileChunk>().await {
+        Ok(m) => m.map(|m| Bytes::from(m.to_owned_message().data)),
+        Err(e) => return Err(agent_err(cp, &c, &host, e).await),
+    };
+    let rest = futures::stream::unfold(Some(stream), |s| async move {
+        let mut s = s?;
+        match s.message::<pb::FileChunk>().await {
+            Ok(Some(m)) => Some((Ok::<_, std::io::Error>(Bytes::from(m.to_owned_message().data)), Some(s))),
+            Ok(None) => None,
+            // truncates the body: the client sees a short read
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+        }
+    });
+    let body = futures::stream::iter(first.map(Ok)).chain(rest);
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// `POST /v1/capsules/{id}/files/list`
+pub async fn list(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathBody>,
+) -> ApiResult<Json<Value>> {
+    let (c, host) = running(&cp, &caller, &id).await?;
+    let mut req = path_req(&c, &body)?;
+    req.depth = req.depth.max(1);
+    let list = match host.rpc.list_dir(req).await {
+        Ok(l) => l.into_owned(),
+        Err(e) => return Err(agent_err(&cp, &c, &host, e).await),
+    };
+    Ok(Json(json!({ "entries": list.entries.iter().map(entry).collect::<Vec<_>>() })))
+}
+
+/// `POST /v1/capsules/{id}/files/mkdir` — 200 with the entry; 409 when
+/// the path exists (the SDK then lists the parent).
+pub async fn mkdir(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathBody>,
+) -> ApiResult<Json<Value>> {
+    let (c, host) = running(&cp, &caller, &id).await?;
+    let req = path_req(&c, &body)?;
+    let made = match host.rpc.make_dir(req).await {
+        Ok(m) => m.into_owned(),
+        Err(e) => return Err(agent_err(&cp, &c, &host, e).await),
+    };
+    if !made.created {
+        return Err(ApiError::conflict(format!("{} already exists (already_exists)", body.path)));
+    }
+    let trimmed = body.path.trim_end_matches('/');
+    let (parent, name) = match trimmed.rsplit_once('/') {
+        Some(("", n)) => ("/".to_owned(), n.to_owned()),
+        Some((p, n)) => (p.to_owned(), n.to_owned()),
+        None => (".".to_owned(), trimmed.to_owned()),
+    };
+    let listing = host
+        .rpc
+        .list_dir(pb::PathRequest {
+            id: c.id.to_string(),
+            path: parent,
+            depth: 1,
+            ..Default::default()
+        })
+        .await
+        .map(|l| l.into_owned());
+    let found = listing
+        .ok()
+        .and_then(|l| l.entries.into_iter().find(|e| e.name == name));
+    let entry = match found {
+        Some(e) => entry(&e),
+        None => json!({
+            "name": name, "path": body.path, "type": "directory", "size": 0, "mode": 0o40755,
+            "permissions": "drwxr-xr-x", "owner": "root", "group": "root",
+            "modified_at": crate::db::now_ms() / 1000, "symlink_target": null,
+        }),
+    };
+    Ok(Json(json!({ "entry": entry })))
+}
+
+/// `POST /v1/capsules/{id}/files/remove` — 204.
+pub async fn remove(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathBody>,
+) -> ApiResult<StatusCode> {
+    let (c, host) = running(&cp, &caller, &id).await?;
+    let req = path_req(&c, &body)?;
+    if let Err(e) = host.rpc.remove_path(req).await {
+        return Err(agent_err(&cp, &c, &host, e).await);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,135 @@
+//! Hosts: the admin team issues a one-time registration token
+//! (`POST /v1/hosts`), an agent registers with it (`POST
+//! /v1/hosts/register`, no API key) and gets a host token, then
+//! heartbeats with `X-Host-Token`. `wrenn up` registers its own agent
+//! through the same functions.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use wrenn_types::ids::HostId;
+
+use super::ApiJson;
+use crate::auth::{random_hex, sha256_hex, Caller};
+use crate::db::{now_ms, Host, HostRegistration};
+use crate::error::{ApiError, ApiResult};
+use crate::model::rfc3339;
+use crate::server::Cp;
+
+fn host_json(h: &Host) -> Value {
+    json!({
+        "id": h.id.to_string(), "status": h.status, "address": h.address, "arch": h.arch,
+        "cpu_cores": h.cpu_cores, "memory_mb": h.memory_mb, "disk_gb": h.disk_gb,
+        "created_at": rfc3339(h.created_at), "last_heartbeat": h.last_heartbeat.map(rfc3339),
+    })
+}
+
+/// A pending host and its registration token (64 hex, shown once).
+pub async fn issue_registration(cp: &Cp) -> ApiResult<(Host, String)> {
+    let token = random_hex(32);
+    let host = Host {
+        id: HostId::random(),
+        status: "pending".into(),
+        address: String::new(),
+        arch: String::new(),
+        cpu_cores: 0,
+        memory_mb: 0,
+        disk_gb: 0,
+        created_at: now_ms(),
+        last_heartbeat: None,
+    };
+    cp.db.insert_host(&host, &sha256_hex(&token)).await?;
+    Ok((host, token))
+}
+
+/// Register the agent holding `token`; returns the host and its token.
+pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiResult<(Host, String)> {
+    if reg.address.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::invalid("address must be ip:port"));
+    }
+    let host_token = random_hex(32);
+    let host = cp
+        .db
+        .register_host(&sha256_hex(token), reg, &sha256_hex(&host_token))
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("invalid or used registration token"))?;
+    cp.hosts
+        .connect(&host)
+        .map_err(ApiError::invalid)?;
+    tracing::info!(host = %host.id, address = %host.address, "host registered");
+    Ok((host, host_token))
+}
+
+/// `POST /v1/hosts` (admin) — 201 `{host, registration_token}`.
+pub async fn create(State(cp): State<Arc<Cp>>, caller: Caller) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require_admin()?;
+    let (host, token) = issue_registration(&cp).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"host": host_json(&host), "registration_token": token})),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RegisterBody {
+    #[serde(default)]
+    token: String,
+    #[serde(flatten)]
+    reg: HostRegistration,
+}
+
+/// `POST /v1/hosts/register` — 201 `{host, token}`.
+pub async fn register(
+    State(cp): State<Arc<Cp>>,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let (host, token) = register_host(&cp, &body.token, &body.reg).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"host": host_json(&host), "token": token})),
+    ))
+}
+
+/// `GET /v1/hosts` (admin)
+pub async fn list(State(cp): State<Arc<Cp>>, caller: Caller) -> ApiResult<Json<Vec<Value>>> {
+    caller.require_admin()?;
+    Ok(Json(cp.db.hosts().await?.iter().map(host_json).collect()))
+}
+
+/// `GET /v1/hosts/{id}` (admin)
+pub async fn get(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    let id: HostId = id.parse().map_err(|_| ApiError::invalid("invalid host ID"))?;
+    let h = cp.db.host(&id).await?.ok_or_else(|| ApiError::not_found("host not found"))?;
+    Ok(Json(host_json(&h)))
+}
+
+/// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204.
+pub async fn heartbeat(
+    State(cp): State<Arc<Cp>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    let id: HostId = id.parse().map_err(|_| ApiError::invalid("invalid host ID"))?;
+    let presented = headers
+        .get("x-host-token")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::unauthorized("missing X-Host-Token header"))?;
+    let Some(stored) = cp.db.host_token_hash(&id).await? else {
+        return Err(ApiError::not_found("host not found"));
+    };
+    if !bool::from(stored.as_bytes().ct_eq(sha256_hex(presented).as_bytes())) {
+        return Err(ApiError::forbidden("the token is not this host's"));
+    }
+    cp.db.heartbeat(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,153 @@
+//! The `/v1` API (also served under `/api/v1`): one file per resource.
+//! Handlers parse and authorize, then call the agent or the database;
+//! errors leave as [`ApiError`] JSON, never as axum's plain-text
+//! rejections (the [`ApiJson`] extractor replaces `Json`).
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, Request};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use wrenn_types::ids::CapsuleId;
+
+use crate::auth::Caller;
+use crate::db::CapsuleRow;
+use crate::error::{ApiError, ApiResult};
+use crate::hosts::HostConn;
+use crate::model::Status;
+use crate::server::Cp;
+
+pub mod capsules;
+pub mod exec;
+pub mod files;
+pub mod hosts;
+pub mod keys;
+pub mod pty;
+pub mod snapshots;
+pub mod stats;
+pub mod ws;
+
+/// Every `/v1` route.
+pub fn routes() -> Router<Arc<Cp>> {
+    Router::new()
+        .route("/v1/capsules", post(capsules::create).get(capsules::list))
+        .route("/v1/capsules/stats", get(stats::stats))
+        .route("/v1/capsules/usage", get(stats::usage))
+        .route(
+            "/v1/capsules/{id}",
+            get(capsules::get).delete(capsules::destroy),
+        )
+        .route("/v1/capsules/{id}/pause", post(capsules::pause))
+        .route("/v1/capsules/{id}/resume", post(capsules::resume))
+        .route("/v1/capsules/{id}/ping", post(capsules::ping))
+        .route("/v1/capsules/{id}/metrics", get(stats::metrics))
+        .route("/v1/capsules/{id}/exec", post(exec::exec))
+        .route("/v1/capsules/{id}/exec/stream", get(exec::exec_stream))
+        .route("/v1/capsules/{id}/processes", get(exec::processes))
+        .route(
+            "/v1/capsules/{id}/processes/{selector}",
+            delete(exec::kill),
+        )
+        .route(
+            "/v1/capsules/{id}/processes/{selector}/stream",
+            get(exec::process_stream),
+        )
+        .route("/v1/capsules/{id}/pty", get(pty::pty))
+        .route("/v1/capsules/{id}/files/write", post(files::write))
+        .route("/v1/capsules/{id}/files/read", post(files::read))
+        .route("/v1/capsules/{id}/files/list", post(files::list))
+        .route("/v1/capsules/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/capsules/{id}/files/remove", post(files::remove))
+        .route(
+            "/v1/capsules/{id}/files/stream/write",
+            post(files::stream_write),
+        )
+        .route(
+            "/v1/capsules/{id}/files/stream/read",
+            post(files::stream_read),
+        )
+        .route(
+            "/v1/snapshots",
+            post(snapshots::create).get(snapshots::list),
+        )
+        .route("/v1/snapshots/{name}", delete(snapshots::delete))
+        .route("/v1/events/stream", get(crate::events::stream))
+        .route("/v1/api-keys", post(keys::create_key).get(keys::list_keys))
+        .route("/v1/api-keys/{id}", delete(keys::delete_key))
+        .route("/v1/teams", post(keys::create_team).get(keys::list_teams))
+        .route("/v1/teams/{id}", get(keys::get_team))
+        .route("/v1/hosts", post(hosts::create).get(hosts::list))
+        .route("/v1/hosts/register", post(hosts::register))
+        .route("/v1/hosts/{id}", get(hosts::get))
+        .route("/v1/hosts/{id}/heartbeat", post(hosts::heartbeat))
+}
+
+/// A JSON body: size-capped (413), parsed with serde (400 with the
+/// parser's message), an empty body read as `{}`. Unknown fields are
+/// ignored, as wrenn's server does.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<Cp>> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, cp: &Arc<Cp>) -> Result<Self, ApiError> {
+        let limit = cp.config.max_json_body;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::too_large(format!("request body exceeds {limit} bytes")))?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    }
+}
+
+pub fn capsule_id(s: &str) -> ApiResult<CapsuleId> {
+    s.parse()
+        .map_err(|_| ApiError::invalid("invalid capsule ID"))
+}
+
+/// The caller's capsule, or 404.
+pub async fn owned(cp: &Cp, caller: &Caller, id: &str) -> ApiResult<CapsuleRow> {
+    let id = capsule_id(id)?;
+    cp.db
+        .capsule(caller.team_id(), &id)
+        .await?
+        .ok_or_else(ApiError::capsule_not_found)
+}
+
+/// The caller's capsule, which must be running, and its host.
+pub async fn running(cp: &Cp, caller: &Caller, id: &str) -> ApiResult<(CapsuleRow, Arc<HostConn>)> {
+    let c = owned(cp, caller, id).await?;
+    if c.status != Status::Running {
+        return Err(ApiError::invalid_state(format!(
+            "capsule is not running (status: {})",
+            c.status
+        )));
+    }
+    let host = host_of(cp, &c)?;
+    Ok((c, host))
+}
+
+pub fn host_of(cp: &Cp, c: &CapsuleRow) -> ApiResult<Arc<HostConn>> {
+    c.host_id
+        .as_ref()
+        .and_then(|h| cp.hosts.get(h))
+        .ok_or_else(|| ApiError::host_unavailable("the capsule's host is not reachable"))
+}
+
+/// After an agent refused an operation because of the capsule's state,
+/// bring the database in line with the agent (the reaper may have paused
+/// it) and say so in the error.
+pub async fn refresh_after(cp: &Cp, c: &CapsuleRow, host: &HostConn, err: ApiError) -> ApiError {
+    if err.code == "conflict" {
+        crate::reconcile::refresh_capsule(cp, host, c).await;
+    }
+    err
+}

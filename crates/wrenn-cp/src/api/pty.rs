@@ -1,0 +1,217 @@
+//! `GET /v1/capsules/{id}/pty`: an interactive terminal over a WebSocket,
+//! in the SDK 0.3.0 framing — raw bytes in binary frames both ways, JSON
+//! control frames as text (`start`/`connect`, `resize`, `kill`, `pong` in;
+//! `started`, `exit`, `error`, `ping` out).
+//!
+//! The terminal belongs to the capsule, not the socket: a disconnect
+//! leaves it running and `{"type":"connect","tag":…}` reattaches (new
+//! output only). Input frames go through a queue of [`INPUT_QUEUE`] to one
+//! task that sends them to the agent, merging frames that queued up while
+//! the previous call was in flight; output keeps flowing meanwhile.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+use wrenn_proto::wrenn::agent::v1 as pb;
+use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_event::Event as Ev;
+
+use super::running;
+use super::ws::{pump, send_json};
+use crate::auth::{random_hex, Caller};
+use crate::error::{ApiError, ApiResult};
+use crate::hosts::HostConn;
+use crate::server::Cp;
+
+pub const INPUT_QUEUE: usize = 64;
+pub const PING_EVERY: Duration = Duration::from_secs(30);
+const FIRST_FRAME_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Deserialize)]
+struct Control {
+    #[serde(rename = "type", default)]
+    kind: String,
+    cmd: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    envs: HashMap<String, String>,
+    cwd: Option<String>,
+    user: Option<String>,
+    tag: Option<String>,
+    #[serde(default)]
+    cols: i64,
+    #[serde(default)]
+    rows: i64,
+}
+
+async fn fatal(socket: &mut WebSocket, msg: &str) {
+    send_json(socket, json!({"type": "error", "data": msg, "fatal": true})).await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+pub async fn pty(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let (c, host) = running(&cp, &caller, &id).await?;
+    let id = c.id.to_string();
+    Ok(ws.on_upgrade(move |socket| session(cp, host, id, socket)))
+}
+
+async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSocket) {
+    let first = match tokio::time::timeout(FIRST_FRAME_WAIT, socket.recv()).await {
+        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Control>(&t).ok(),
+        _ => None,
+    };
+    let Some(first) = first else {
+        return fatal(&mut socket, "first message must be type 'start' or 'connect'").await;
+    };
+    let (req, tag) = match first.kind.as_str() {
+        "start" => {
+            let tag = format!("pty-{}", random_hex(4));
+            let dim = |v: i64, d: u32| if v > 0 { v.min(u16::MAX as i64) as u32 } else { d };
+            let req = pb::PtyAttachRequest {
+                id: id.clone(),
+                tag: tag.clone(),
+                cmd: first.cmd.filter(|c| !c.is_empty()).unwrap_or_else(|| "/bin/bash".into()),
+                args: first.args,
+                cols: dim(first.cols, 80),
+                rows: dim(first.rows, 24),
+                envs: first.envs.into_iter().collect(),
+                cwd: first.cwd.unwrap_or_default(),
+                user: first.user.unwrap_or_default(),
+                ..Default::default()
+            };
+            (req, tag)
+        }
+        "connect" => {
+            let Some(tag) = first.tag.filter(|t| !t.is_empty()) else {
+                return fatal(&mut socket, "connect needs a tag").await;
+            };
+            let req = pb::PtyAttachRequest {
+                id: id.clone(),
+                tag: tag.clone(),
+                ..Default::default()
+            };
+            (req, tag)
+        }
+        _ => return fatal(&mut socket, "first message must be type 'start' or 'connect'").await,
+    };
+    let stream = match host.rpc.pty_attach(req).await {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("failed to attach: {}", ApiError::agent(&e).message);
+            return fatal(&mut socket, &msg).await;
+        }
+    };
+    let mut events = pump(stream, &cp.tasks);
+    let (input_tx, input_rx) = mpsc::channel::<Bytes>(INPUT_QUEUE);
+    let sender = cp.tasks.spawn(send_input(host.clone(), id.clone(), tag.clone(), input_rx));
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(Ok(pb::ProcessEvent { event: Some(e), .. })) => {
+                    let sent = match e {
+                        Ev::Started(s) => {
+                            let tag = if s.tag.is_empty() { tag.clone() } else { s.tag };
+                            send_json(&mut socket, json!({"type": "started", "tag": tag, "pid": s.pid})).await
+                        }
+                        Ev::Pty(b) | Ev::Stdout(b) | Ev::Stderr(b) => {
+                            socket.send(Message::Binary(Bytes::from(b))).await.is_ok()
+                        }
+                        Ev::Ended(end) => {
+                            send_json(&mut socket, json!({"type": "exit", "exit_code": end.exit_code})).await;
+                            break;
+                        }
+                    };
+                    if !sent {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let msg = ApiError::agent(&e).message;
+                    send_json(&mut socket, json!({"type": "error", "data": msg, "fatal": true})).await;
+                    break;
+                }
+                None => {
+                    send_json(&mut socket, json!({"type": "error", "data": "terminal stream ended", "fatal": true})).await;
+                    break;
+                }
+            },
+            msg = socket.recv() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Binary(b))) => {
+                    if input_tx.send(b).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Text(t))) => {
+                    let Ok(ctl) = serde_json::from_str::<Control>(&t) else { continue };
+                    match ctl.kind.as_str() {
+                        "resize" if ctl.cols > 0 && ctl.rows > 0 => {
+                            let req = pb::PtyResizeRequest {
+                                id: id.clone(),
+                                tag: tag.clone(),
+                                cols: ctl.cols.min(u16::MAX as i64) as u32,
+                                rows: ctl.rows.min(u16::MAX as i64) as u32,
+                                ..Default::default()
+                            };
+                            if let Err(e) = host.rpc.pty_resize(req).await {
+                                tracing::debug!(error = %e, "pty resize failed");
+                            }
+                        }
+                        "kill" => {
+                            let req = pb::PtyRef { id: id.clone(), tag: tag.clone(), ..Default::default() };
+                            if let Err(e) = host.rpc.pty_kill(req).await {
+                                tracing::debug!(error = %e, "pty kill failed");
+                            }
+                        }
+                        // pong, and anything unknown: ignored
+                        _ => {}
+                    }
+                }
+                Some(Ok(_)) => {}
+            },
+            _ = ping.tick() => {
+                if !send_json(&mut socket, json!({"type": "ping"})).await {
+                    break;
+                }
+            }
+        }
+    }
+    drop(input_tx);
+    let _ = sender.await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// Send queued input to the agent, merging frames that piled up.
+async fn send_input(host: Arc<HostConn>, id: String, tag: String, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(first) = rx.recv().await {
+        let mut data = first.to_vec();
+        while let Ok(more) = rx.try_recv() {
+            data.extend_from_slice(&more);
+        }
+        let req = pb::PtyInputRequest {
+            id: id.clone(),
+            tag: tag.clone(),
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = host.rpc.pty_input(req).await {
+            tracing::debug!(error = %e, "pty input failed");
+            return;
+        }
+    }
+}

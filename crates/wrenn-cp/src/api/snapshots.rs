@@ -1,0 +1,184 @@
+//! Snapshots (templates): `POST /v1/snapshots` turns a running or paused
+//! capsule into a team template (its writable layer stacked on its
+//! template's), `GET` lists the team's and the platform's templates,
+//! `DELETE` removes one of the team's.
+//!
+//! On the host a team template is stored under a generated name
+//! (`s-<random>`), so two teams can use the same template name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use wrenn_proto::wrenn::agent::v1 as pb;
+use wrenn_types::ids::TemplateName;
+
+use super::{capsule_id, host_of, ApiJson};
+use crate::auth::{random_hex, Caller};
+use crate::db::{now_ms, platform_team, TemplateRow};
+use crate::error::{ApiError, ApiResult};
+use crate::events::{Actor, Event, Kind, Resource};
+use crate::model::{Status, TemplateJson};
+use crate::server::Cp;
+
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(55);
+
+#[derive(Debug, Deserialize)]
+pub struct CreateBody {
+    #[serde(default)]
+    sandbox_id: String,
+    name: Option<String>,
+}
+
+fn template_event(kind: Kind, t: &TemplateRow, caller: &Caller) -> Event {
+    Event::new(
+        kind,
+        &t.team_id,
+        Actor::key(caller),
+        Resource {
+            id: t.name.clone(),
+            kind: "template",
+        },
+    )
+}
+
+/// Remove a team template from its host and the database.
+async fn remove(cp: &Cp, t: &TemplateRow) -> ApiResult<()> {
+    if cp.db.template_users(&t.agent_name).await? > 0 {
+        return Err(ApiError::conflict(format!(
+            "template {} is used by capsules; destroy them first",
+            t.name
+        )));
+    }
+    let hosts = match t.host_id.as_ref() {
+        Some(h) => cp.hosts.get(h).into_iter().collect(),
+        None => cp.hosts.all(),
+    };
+    for host in hosts {
+        let req = pb::TemplateRef {
+            name: t.agent_name.clone(),
+            ..Default::default()
+        };
+        match host.rpc.delete_template(req).await {
+            Ok(_) => {}
+            Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
+            Err(e) => return Err(ApiError::agent(&e)),
+        }
+    }
+    cp.db.delete_template(&t.team_id, &t.name).await?;
+    Ok(())
+}
+
+/// `POST /v1/snapshots[?overwrite=true]` — 201 with the template.
+pub async fn create(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+    ApiJson(body): ApiJson<CreateBody>,
+) -> ApiResult<(StatusCode, Json<TemplateJson>)> {
+    let overwrite = q.get("overwrite").is_some_and(|v| v == "true" || v == "1");
+    let id = capsule_id(&body.sandbox_id)?;
+    let name = match body.name.filter(|n| !n.is_empty()) {
+        Some(n) => n
+            .parse::<TemplateName>()
+            .map_err(|_| ApiError::invalid(format!("invalid snapshot name {n:?}")))?,
+        None => format!("template-{}", random_hex(4))
+            .parse()
+            .map_err(|_| ApiError::internal())?,
+    };
+    let c = cp
+        .db
+        .capsule(caller.team_id(), &id)
+        .await?
+        .ok_or_else(ApiError::capsule_not_found)?;
+    if !matches!(c.status, Status::Running | Status::Paused) {
+        return Err(ApiError::invalid_state(format!(
+            "capsule is not running or paused (status: {})",
+            c.status
+        )));
+    }
+    if cp.db.own_template(&platform_team(), name.as_str()).await?.is_some() {
+        return Err(ApiError::conflict(format!("the name {name} is reserved")));
+    }
+    if let Some(old) = cp.db.own_template(caller.team_id(), name.as_str()).await? {
+        if !overwrite {
+            return Err(ApiError::conflict(format!(
+                "template {name} exists (pass overwrite=true to replace it)"
+            )));
+        }
+        remove(&cp, &old).await?;
+    }
+    let host = host_of(&cp, &c)?;
+    let agent_name = format!("s-{}", random_hex(12));
+    let req = pb::SnapshotRequest {
+        id: c.id.to_string(),
+        name: agent_name.clone(),
+        ..Default::default()
+    };
+    let opts = connectrpc::client::CallOptions::default().with_timeout(SNAPSHOT_TIMEOUT);
+    let made = match host.rpc.create_snapshot_with_options(req, opts).await {
+        Ok(t) => t.into_owned(),
+        Err(e) => return Err(super::refresh_after(&cp, &c, &host, ApiError::agent(&e)).await),
+    };
+    let row = TemplateRow {
+        team_id: caller.team_id().clone(),
+        name: name.to_string(),
+        agent_name,
+        kind: "snapshot".into(),
+        host_id: Some(host.id.clone()),
+        vcpus: Some(c.vcpus),
+        memory_mb: Some(c.memory_mb),
+        size_bytes: made.size_bytes as i64,
+        default_user: made.default_user,
+        protected: false,
+        metadata: BTreeMap::from([("source_capsule".to_owned(), c.id.to_string())]),
+        created_at: now_ms(),
+    };
+    cp.db.put_template(&row).await?;
+    cp.events
+        .publish(template_event(Kind::SnapshotCreate, &row, &caller).outcome(Ok(())));
+    Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
+}
+
+/// `GET /v1/snapshots?type=base|snapshot` — an unknown type lists nothing.
+pub async fn list(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Vec<TemplateJson>>> {
+    let want = q.get("type").filter(|t| !t.is_empty());
+    let rows = cp.db.templates(caller.team_id()).await?;
+    Ok(Json(
+        rows.iter()
+            .filter(|t| want.is_none_or(|w| *w == t.kind))
+            .map(TemplateJson::from)
+            .collect(),
+    ))
+}
+
+/// `DELETE /v1/snapshots/{name}` — 204.
+pub async fn delete(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    let name: TemplateName = name
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("invalid template name {name:?}")))?;
+    match cp.db.own_template(caller.team_id(), name.as_str()).await? {
+        Some(t) => {
+            remove(&cp, &t).await?;
+            cp.events
+                .publish(template_event(Kind::SnapshotDelete, &t, &caller).outcome(Ok(())));
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None if cp.db.own_template(&platform_team(), name.as_str()).await?.is_some() => Err(
+            ApiError::forbidden(format!("template {name} is a platform template")),
+        ),
+        None => Err(ApiError::not_found(format!("template {name} not found"))),
+    }
+}

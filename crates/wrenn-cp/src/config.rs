@@ -1,0 +1,30 @@
+//! The control plane's configuration, validated once at start.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct CpConfig {
+    /// `sqlite:PATH` (WAL; created if missing) or `postgres://…`.
+    pub database_url: String,
+    /// Host suffix of subdomain proxy URLs (`{port}-{capsule}.{domain}`).
+    /// Any suffix is routed; this is only what URLs are built with.
+    pub proxy_domain: Option<String>,
+    /// How often the database is compared with what agents report.
+    pub reconcile_interval: Duration,
+    /// JSON request bodies larger than this are refused (413).
+    pub max_json_body: usize,
+    /// `files/write` bodies larger than this are refused (413).
+    pub max_file_body: usize,
+}
+
+impl CpConfig {
+    pub fn new(database_url: impl Into<String>) -> Self {
+        CpConfig {
+            database_url: database_url.into(),
+            proxy_domain: None,
+            reconcile_interval: Duration::from_secs(30),
+            max_json_body: 1 << 20,
+            max_file_body: 100 << 20,
+        }
+    }
+}

@@ -1,0 +1,856 @@
+//! The database: SQLite (embedded, WAL) or PostgreSQL behind one
+//! `sqlx::AnyPool`, with the same SQL for both (`$n` parameters, which
+//! SQLite also accepts; only types both share — see the migration).
+//!
+//! Every query a handler needs is a method here, so the SQL lives in one
+//! file and every caller passes typed IDs. Rows that reach the API are
+//! team-scoped by the `team_id` argument of the method that loads them.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor, Row};
+use wrenn_types::ids::{CapsuleId, HostId, KeyId, TeamId};
+
+use crate::model::Status;
+
+/// The platform team (owner of built-in templates): all zeros.
+pub fn platform_team() -> TeamId {
+    TeamId::from_u128(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database {0:?} is not supported (use sqlite:PATH or postgres://…)")]
+    Scheme(String),
+    #[error("cannot open the database")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot migrate the database")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("query failed")]
+    Query(#[from] sqlx::Error),
+    #[error("stored value {0:?} is corrupt")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    pub kind: DbKind,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn migrator() -> Migrator {
+    let migrations = vec![Migration::new(
+        1,
+        Cow::Borrowed("init"),
+        MigrationType::Simple,
+        Cow::Borrowed(include_str!("../migrations/0001_init.sql")),
+        false,
+    )];
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    }
+}
+
+impl Db {
+    /// Open (creating a SQLite file if needed) and migrate.
+    pub async fn open(url: &str) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let (kind, url) = if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = path.trim_start_matches("//");
+            let url = if path.contains('?') {
+                format!("sqlite://{path}")
+            } else {
+                format!("sqlite://{path}?mode=rwc")
+            };
+            (DbKind::Sqlite, url)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (DbKind::Postgres, url.to_owned())
+        } else {
+            return Err(DbError::Scheme(url.to_owned()));
+        };
+        let mut opts = AnyPoolOptions::new().max_connections(16);
+        if kind == DbKind::Sqlite {
+            opts = opts.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = opts.connect(&url).await.map_err(DbError::Connect)?;
+        migrator().run(&pool).await.map_err(DbError::Migrate)?;
+        Ok(Db { pool, kind })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- teams and keys -------------------------------------------------
+
+    pub async fn insert_team(&self, t: &Team) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO teams (id, name, slug, is_admin, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.name)
+        .bind(&t.slug)
+        .bind(t.is_admin as i64)
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn team(&self, id: &TeamId) -> Result<Option<Team>, DbError> {
+        let row = sqlx::query("SELECT id, name, slug, is_admin, created_at FROM teams WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| team_row(&r)).transpose()
+    }
+
+    pub async fn teams(&self) -> Result<Vec<Team>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, name, slug, is_admin, created_at FROM teams ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(team_row).collect()
+    }
+
+    pub async fn admin_team(&self) -> Result<Option<Team>, DbError> {
+        let row = sqlx::query(
+            "SELECT id, name, slug, is_admin, created_at FROM teams WHERE is_admin = 1 \
+             ORDER BY created_at LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| team_row(&r)).transpose()
+    }
+
+    pub async fn insert_key(&self, k: &ApiKey, hash: &str) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, team_id, name, kind, key_hash, key_prefix, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(k.id.as_str())
+        .bind(k.team_id.as_str())
+        .bind(&k.name)
+        .bind(&k.kind)
+        .bind(hash)
+        .bind(&k.key_prefix)
+        .bind(k.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The key whose SHA-256 is `hash`, with its stored hash (for a
+    /// constant-time comparison) and its team.
+    pub async fn key_by_hash(&self, hash: &str) -> Result<Option<(ApiKey, String, Team)>, DbError> {
+        let row = sqlx::query(
+            "SELECT k.id, k.team_id, k.name, k.kind, k.key_prefix, k.created_at, k.last_used, \
+                    k.key_hash, t.id AS t_id, t.name AS t_name, t.slug, t.is_admin, \
+                    t.created_at AS t_created \
+             FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.key_hash = $1",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let key = key_row(&r)?;
+        let stored: String = r.try_get("key_hash")?;
+        let team = Team {
+            id: parse(r.try_get::<String, _>("t_id")?)?,
+            name: r.try_get("t_name")?,
+            slug: r.try_get("slug")?,
+            is_admin: r.try_get::<i64, _>("is_admin")? != 0,
+            created_at: r.try_get("t_created")?,
+        };
+        Ok(Some((key, stored, team)))
+    }
+
+    pub async fn touch_key(&self, id: &KeyId, at: i64) -> Result<(), DbError> {
+        sqlx::query("UPDATE api_keys SET last_used = $1 WHERE id = $2")
+            .bind(at)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn keys(&self, team: &TeamId) -> Result<Vec<ApiKey>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, team_id, name, kind, key_prefix, created_at, last_used FROM api_keys \
+             WHERE team_id = $1 ORDER BY created_at",
+        )
+        .bind(team.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_row).collect()
+    }
+
+    /// Delete a team's key; false when the team has no such key.
+    pub async fn delete_key(&self, team: &TeamId, id: &KeyId) -> Result<bool, DbError> {
+        let r = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND team_id = $2")
+            .bind(id.as_str())
+            .bind(team.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- hosts ------------------------------------------------------------
+
+    pub async fn insert_host(&self, h: &Host, registration_hash: &str) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO hosts (id, status, address, registration_hash, created_at) \
+             VALUES ($1, $2, '', $3, $4)",
+        )
+        .bind(h.id.as_str())
+        .bind(&h.status)
+        .bind(registration_hash)
+        .bind(h.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Consume a registration token: the pending host it belongs to
+    /// becomes `online` at `address` with a host token. None when no
+    /// pending host has that token.
+    pub async fn register_host(
+        &self,
+        registration_hash: &str,
+        reg: &HostRegistration,
+        token_hash: &str,
+    ) -> Result<Option<Host>, DbError> {
+        let row = sqlx::query(
+            "UPDATE hosts SET status = 'online', address = $1, token_hash = $2, arch = $3, \
+                    cpu_cores = $4, memory_mb = $5, disk_gb = $6, last_heartbeat = $7, \
+                    registration_hash = NULL \
+             WHERE registration_hash = $8 RETURNING id",
+        )
+        .bind(&reg.address)
+        .bind(token_hash)
+        .bind(&reg.arch)
+        .bind(reg.cpu_cores)
+        .bind(reg.memory_mb)
+        .bind(reg.disk_gb)
+        .bind(now_ms())
+        .bind(registration_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let id: HostId = parse(r.try_get::<String, _>("id")?)?;
+        self.host(&id).await
+    }
+
+    /// A known host's new address and size (an agent that restarted).
+    pub async fn update_host(&self, id: &HostId, reg: &HostRegistration) -> Result<Option<Host>, DbError> {
+        sqlx::query(
+            "UPDATE hosts SET status = 'online', address = $1, arch = $2, cpu_cores = $3, \
+                    memory_mb = $4, disk_gb = $5, last_heartbeat = $6 WHERE id = $7",
+        )
+        .bind(&reg.address)
+        .bind(&reg.arch)
+        .bind(reg.cpu_cores)
+        .bind(reg.memory_mb)
+        .bind(reg.disk_gb)
+        .bind(now_ms())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        self.host(id).await
+    }
+
+    pub async fn host(&self, id: &HostId) -> Result<Option<Host>, DbError> {
+        let row = sqlx::query(&format!("{HOST_COLS} WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| host_row(&r)).transpose()
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<Host>, DbError> {
+        let rows = sqlx::query(&format!("{HOST_COLS} ORDER BY created_at"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(host_row).collect()
+    }
+
+    /// The SHA-256 of a host's token.
+    pub async fn host_token_hash(&self, id: &HostId) -> Result<Option<String>, DbError> {
+        let row = sqlx::query("SELECT token_hash FROM hosts WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|r| r.try_get::<Option<String>, _>("token_hash").ok().flatten()))
+    }
+
+    pub async fn set_host_status(&self, id: &HostId, status: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE hosts SET status = $1 WHERE id = $2")
+            .bind(status)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn heartbeat(&self, id: &HostId) -> Result<(), DbError> {
+        sqlx::query("UPDATE hosts SET status = 'online', last_heartbeat = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Resources reserved on a host: (running vCPUs, running MiB, paused
+    /// vCPUs, paused MiB).
+    pub async fn host_load(&self, id: &HostId) -> Result<(i64, i64, i64, i64), DbError> {
+        let row = sqlx::query(
+            "SELECT \
+               COALESCE(SUM(CASE WHEN status IN ('paused') THEN 0 ELSE vcpus END), 0) AS rv, \
+               COALESCE(SUM(CASE WHEN status IN ('paused') THEN 0 ELSE memory_mb END), 0) AS rm, \
+               COALESCE(SUM(CASE WHEN status IN ('paused') THEN vcpus ELSE 0 END), 0) AS pv, \
+               COALESCE(SUM(CASE WHEN status IN ('paused') THEN memory_mb ELSE 0 END), 0) AS pm \
+             FROM capsules WHERE host_id = $1 AND status NOT IN ('stopped', 'error', 'missing')",
+        )
+        .bind(id.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            row.try_get("rv")?,
+            row.try_get("rm")?,
+            row.try_get("pv")?,
+            row.try_get("pm")?,
+        ))
+    }
+
+    // ---- capsules -----------------------------------------------------------
+
+    pub async fn insert_capsule(&self, c: &CapsuleRow) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO capsules (id, team_id, host_id, template, agent_template, status, vcpus, \
+                 memory_mb, timeout_sec, disk_size_mb, metadata, created_at, started_at, \
+                 last_active_at, last_updated) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(c.id.as_str())
+        .bind(c.team_id.as_str())
+        .bind(c.host_id.as_ref().map(|h| h.as_str().to_owned()))
+        .bind(&c.template)
+        .bind(&c.agent_template)
+        .bind(c.status.as_str())
+        .bind(c.vcpus)
+        .bind(c.memory_mb)
+        .bind(c.timeout_sec)
+        .bind(c.disk_size_mb)
+        .bind(serde_json::to_string(&c.metadata).unwrap_or_else(|_| "{}".into()))
+        .bind(c.created_at)
+        .bind(c.started_at)
+        .bind(c.last_active_at)
+        .bind(c.last_updated)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A team's capsule (None also when another team owns it).
+    pub async fn capsule(&self, team: &TeamId, id: &CapsuleId) -> Result<Option<CapsuleRow>, DbError> {
+        let row = sqlx::query(&format!("{CAPSULE_COLS} WHERE id = $1 AND team_id = $2"))
+            .bind(id.as_str())
+            .bind(team.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| capsule_row(&r)).transpose()
+    }
+
+    /// Any team's capsule (proxy routing, reconciler, system events).
+    pub async fn capsule_any(&self, id: &CapsuleId) -> Result<Option<CapsuleRow>, DbError> {
+        let row = sqlx::query(&format!("{CAPSULE_COLS} WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| capsule_row(&r)).transpose()
+    }
+
+    /// A team's live capsules, newest first.
+    pub async fn capsules(&self, team: &TeamId) -> Result<Vec<CapsuleRow>, DbError> {
+        let rows = sqlx::query(&format!(
+            "{CAPSULE_COLS} WHERE team_id = $1 AND status NOT IN ('stopped', 'error') \
+             ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(team.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(capsule_row).collect()
+    }
+
+    /// Capsules placed on a host that are not stopped.
+    pub async fn capsules_on(&self, host: &HostId) -> Result<Vec<CapsuleRow>, DbError> {
+        let rows = sqlx::query(&format!(
+            "{CAPSULE_COLS} WHERE host_id = $1 AND status NOT IN ('stopped')"
+        ))
+        .bind(host.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(capsule_row).collect()
+    }
+
+    /// Move a capsule to `to` if it is in one of `from` (all states when
+    /// empty). Keeps the running-time ledger (`capsule_runs`) in step.
+    /// Returns the updated row, or None when the capsule was not in `from`.
+    pub async fn transition(
+        &self,
+        id: &CapsuleId,
+        from: &[Status],
+        to: Status,
+    ) -> Result<Option<CapsuleRow>, DbError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!("{CAPSULE_COLS} WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut c = capsule_row(&row)?;
+        if !from.is_empty() && !from.contains(&c.status) {
+            return Ok(None);
+        }
+        let was_running = c.status == Status::Running;
+        c.status = to;
+        c.last_updated = now;
+        if to == Status::Running && !was_running {
+            c.started_at = Some(now);
+            c.last_active_at = Some(now);
+            sqlx::query(
+                "INSERT INTO capsule_runs (capsule_id, team_id, vcpus, memory_mb, started_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(c.id.as_str())
+            .bind(c.team_id.as_str())
+            .bind(c.vcpus)
+            .bind(c.memory_mb)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if was_running && to != Status::Running {
+            sqlx::query(
+                "UPDATE capsule_runs SET ended_at = $1 WHERE capsule_id = $2 AND ended_at IS NULL",
+            )
+            .bind(now)
+            .bind(c.id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE capsules SET status = $1, last_updated = $2, started_at = $3, \
+                    last_active_at = $4 WHERE id = $5",
+        )
+        .bind(c.status.as_str())
+        .bind(now)
+        .bind(c.started_at)
+        .bind(c.last_active_at)
+        .bind(c.id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(c))
+    }
+
+    pub async fn set_capsule_metadata(
+        &self,
+        id: &CapsuleId,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), DbError> {
+        sqlx::query("UPDATE capsules SET metadata = $1 WHERE id = $2")
+            .bind(serde_json::to_string(metadata).unwrap_or_else(|_| "{}".into()))
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn touch_capsule(&self, id: &CapsuleId) -> Result<(), DbError> {
+        sqlx::query("UPDATE capsules SET last_active_at = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Running-time stretches of a team overlapping `[from, to)`.
+    pub async fn runs(&self, team: &TeamId, from: i64, to: i64) -> Result<Vec<Run>, DbError> {
+        let rows = sqlx::query(
+            "SELECT vcpus, memory_mb, started_at, ended_at FROM capsule_runs \
+             WHERE team_id = $1 AND started_at < $2 AND (ended_at IS NULL OR ended_at > $3)",
+        )
+        .bind(team.as_str())
+        .bind(to)
+        .bind(from)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Run {
+                    vcpus: r.try_get("vcpus")?,
+                    memory_mb: r.try_get("memory_mb")?,
+                    started_at: r.try_get("started_at")?,
+                    ended_at: r.try_get("ended_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn save_metrics(&self, id: &CapsuleId, points: &[MetricRow]) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM capsule_metrics WHERE capsule_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        for p in points {
+            sqlx::query(
+                "INSERT INTO capsule_metrics (capsule_id, at_ms, cpu_pct, mem_bytes, disk_bytes) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(id.as_str())
+            .bind(p.at_ms)
+            .bind(p.cpu_pct)
+            .bind(p.mem_bytes)
+            .bind(p.disk_bytes)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn saved_metrics(&self, id: &CapsuleId, since_ms: i64) -> Result<Vec<MetricRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT at_ms, cpu_pct, mem_bytes, disk_bytes FROM capsule_metrics \
+             WHERE capsule_id = $1 AND at_ms >= $2 ORDER BY at_ms",
+        )
+        .bind(id.as_str())
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MetricRow {
+                    at_ms: r.try_get("at_ms")?,
+                    cpu_pct: r.try_get("cpu_pct")?,
+                    mem_bytes: r.try_get("mem_bytes")?,
+                    disk_bytes: r.try_get("disk_bytes")?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- templates ------------------------------------------------------------
+
+    /// Insert or replace a template row.
+    pub async fn put_template(&self, t: &TemplateRow) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO templates (team_id, name, agent_name, type, host_id, vcpus, memory_mb, \
+                 size_bytes, default_user, protected, metadata, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (team_id, name) DO UPDATE SET agent_name = $3, type = $4, host_id = $5, \
+                 vcpus = $6, memory_mb = $7, size_bytes = $8, default_user = $9, protected = $10, \
+                 metadata = $11, created_at = $12",
+        )
+        .bind(t.team_id.as_str())
+        .bind(&t.name)
+        .bind(&t.agent_name)
+        .bind(&t.kind)
+        .bind(t.host_id.as_ref().map(|h| h.as_str().to_owned()))
+        .bind(t.vcpus)
+        .bind(t.memory_mb)
+        .bind(t.size_bytes)
+        .bind(&t.default_user)
+        .bind(t.protected as i64)
+        .bind(serde_json::to_string(&t.metadata).unwrap_or_else(|_| "{}".into()))
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A template by name as a team sees it: its own first, then the
+    /// platform's.
+    pub async fn resolve_template(&self, team: &TeamId, name: &str) -> Result<Option<TemplateRow>, DbError> {
+        let rows = sqlx::query(&format!(
+            "{TEMPLATE_COLS} WHERE name = $1 AND (team_id = $2 OR team_id = $3)"
+        ))
+        .bind(name)
+        .bind(team.as_str())
+        .bind(platform_team().as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found: Vec<TemplateRow> = rows.iter().map(template_row).collect::<Result<_, _>>()?;
+        found.sort_by_key(|t| t.team_id == platform_team());
+        Ok(found.into_iter().next())
+    }
+
+    /// A team's own template (not the platform's).
+    pub async fn own_template(&self, team: &TeamId, name: &str) -> Result<Option<TemplateRow>, DbError> {
+        let row = sqlx::query(&format!("{TEMPLATE_COLS} WHERE name = $1 AND team_id = $2"))
+            .bind(name)
+            .bind(team.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| template_row(&r)).transpose()
+    }
+
+    /// The team's templates and the platform's, newest first.
+    pub async fn templates(&self, team: &TeamId) -> Result<Vec<TemplateRow>, DbError> {
+        let rows = sqlx::query(&format!(
+            "{TEMPLATE_COLS} WHERE team_id = $1 OR team_id = $2 ORDER BY created_at DESC, name"
+        ))
+        .bind(team.as_str())
+        .bind(platform_team().as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(template_row).collect()
+    }
+
+    pub async fn delete_template(&self, team: &TeamId, name: &str) -> Result<bool, DbError> {
+        let r = sqlx::query("DELETE FROM templates WHERE team_id = $1 AND name = $2")
+            .bind(team.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Capsules (not stopped) created from a host-side template.
+    pub async fn template_users(&self, agent_name: &str) -> Result<i64, DbError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM capsules WHERE agent_template = $1 AND status NOT IN ('stopped', 'error')",
+        )
+        .bind(agent_name)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+}
+
+// ---- rows -------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Team {
+    pub id: TeamId,
+    pub name: String,
+    pub slug: String,
+    pub is_admin: bool,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub id: KeyId,
+    pub team_id: TeamId,
+    pub name: String,
+    pub kind: String,
+    pub key_prefix: String,
+    pub created_at: i64,
+    pub last_used: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub id: HostId,
+    pub status: String,
+    pub address: String,
+    pub arch: String,
+    pub cpu_cores: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    pub created_at: i64,
+    pub last_heartbeat: Option<i64>,
+}
+
+/// What an agent says about itself when it registers.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct HostRegistration {
+    pub address: String,
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub cpu_cores: i64,
+    #[serde(default)]
+    pub memory_mb: i64,
+    #[serde(default)]
+    pub disk_gb: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct CapsuleRow {
+    pub id: CapsuleId,
+    pub team_id: TeamId,
+    pub host_id: Option<HostId>,
+    pub template: String,
+    pub agent_template: String,
+    pub status: Status,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub timeout_sec: i64,
+    pub disk_size_mb: i64,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub last_active_at: Option<i64>,
+    pub last_updated: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TemplateRow {
+    pub team_id: TeamId,
+    pub name: String,
+    pub agent_name: String,
+    /// `base` or `snapshot`
+    pub kind: String,
+    pub host_id: Option<HostId>,
+    pub vcpus: Option<i64>,
+    pub memory_mb: Option<i64>,
+    pub size_bytes: i64,
+    pub default_user: String,
+    pub protected: bool,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub started_at: i64,
+    pub ended_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MetricRow {
+    pub at_ms: i64,
+    pub cpu_pct: f64,
+    pub mem_bytes: i64,
+    pub disk_bytes: i64,
+}
+
+const HOST_COLS: &str = "SELECT id, status, address, arch, cpu_cores, memory_mb, disk_gb, \
+                         created_at, last_heartbeat FROM hosts";
+const CAPSULE_COLS: &str = "SELECT id, team_id, host_id, template, agent_template, status, vcpus, \
+                            memory_mb, timeout_sec, disk_size_mb, metadata, created_at, \
+                            started_at, last_active_at, last_updated FROM capsules";
+const TEMPLATE_COLS: &str = "SELECT team_id, name, agent_name, type, host_id, vcpus, memory_mb, \
+                             size_bytes, default_user, protected, metadata, created_at \
+                             FROM templates";
+
+fn parse<T: FromStr>(s: String) -> Result<T, DbError> {
+    s.parse().map_err(|_| DbError::Corrupt(s))
+}
+
+fn parse_opt<T: FromStr>(s: Option<String>) -> Result<Option<T>, DbError> {
+    s.filter(|s| !s.is_empty()).map(parse).transpose()
+}
+
+fn json_map(s: String) -> Result<BTreeMap<String, String>, DbError> {
+    serde_json::from_str(&s).map_err(|_| DbError::Corrupt(s))
+}
+
+fn team_row(r: &AnyRow) -> Result<Team, DbError> {
+    Ok(Team {
+        id: parse(r.try_get::<String, _>("id")?)?,
+        name: r.try_get("name")?,
+        slug: r.try_get("slug")?,
+        is_admin: r.try_get::<i64, _>("is_admin")? != 0,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn key_row(r: &AnyRow) -> Result<ApiKey, DbError> {
+    Ok(ApiKey {
+        id: parse(r.try_get::<String, _>("id")?)?,
+        team_id: parse(r.try_get::<String, _>("team_id")?)?,
+        name: r.try_get("name")?,
+        kind: r.try_get("kind")?,
+        key_prefix: r.try_get("key_prefix")?,
+        created_at: r.try_get("created_at")?,
+        last_used: r.try_get("last_used")?,
+    })
+}
+
+fn host_row(r: &AnyRow) -> Result<Host, DbError> {
+    Ok(Host {
+        id: parse(r.try_get::<String, _>("id")?)?,
+        status: r.try_get("status")?,
+        address: r.try_get("address")?,
+        arch: r.try_get("arch")?,
+        cpu_cores: r.try_get("cpu_cores")?,
+        memory_mb: r.try_get("memory_mb")?,
+        disk_gb: r.try_get("disk_gb")?,
+        created_at: r.try_get("created_at")?,
+        last_heartbeat: r.try_get("last_heartbeat")?,
+    })
+}
+
+fn capsule_row(r: &AnyRow) -> Result<CapsuleRow, DbError> {
+    Ok(CapsuleRow {
+        id: parse(r.try_get::<String, _>("id")?)?,
+        team_id: parse(r.try_get::<String, _>("team_id")?)?,
+        host_id: parse_opt(r.try_get("host_id")?)?,
+        template: r.try_get("template")?,
+        agent_template: r.try_get("agent_template")?,
+        status: parse(r.try_get::<String, _>("status")?)?,
+        vcpus: r.try_get("vcpus")?,
+        memory_mb: r.try_get("memory_mb")?,
+        timeout_sec: r.try_get("timeout_sec")?,
+        disk_size_mb: r.try_get("disk_size_mb")?,
+        metadata: json_map(r.try_get("metadata")?)?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        last_active_at: r.try_get("last_active_at")?,
+        last_updated: r.try_get("last_updated")?,
+    })
+}
+
+fn template_row(r: &AnyRow) -> Result<TemplateRow, DbError> {
+    Ok(TemplateRow {
+        team_id: parse(r.try_get::<String, _>("team_id")?)?,
+        name: r.try_get("name")?,
+        agent_name: r.try_get("agent_name")?,
+        kind: r.try_get("type")?,
+        host_id: parse_opt(r.try_get("host_id")?)?,
+        vcpus: r.try_get("vcpus")?,
+        memory_mb: r.try_get("memory_mb")?,
+        size_bytes: r.try_get("size_bytes")?,
+        default_user: r.try_get("default_user")?,
+        protected: r.try_get::<i64, _>("protected")? != 0,
+        metadata: json_map(r.try_get("metadata")?)?,
+        created_at: r.try_get("created_at")?,
+    })
+}

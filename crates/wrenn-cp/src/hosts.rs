@@ -1,0 +1,176 @@
+//! Hosts and how the control plane reaches them.
+//!
+//! Each registered host gets an [`AgentClient`] on its own HTTP/2
+//! connection (the RPC class: lifecycle, exec streams, PTYs, files). User
+//! traffic to capsule ports goes through one separate HTTP/1.1-only pool
+//! ([`wrenn_http::proxy_client`]) shared by all hosts: the two classes
+//! never share a transport (DESIGN.md).
+//!
+//! Placement is least-loaded over online hosts: a host's capacity is its
+//! cores × [`CPU_OVERCOMMIT`] and its memory less [`MEMORY_RESERVE_MB`] ×
+//! [`MEMORY_OVERCOMMIT`]; paused capsules count [`PAUSED_WEIGHT`] of their
+//! size (their memory is kept by the freezer but they use no CPU). A host
+//! fits when the new capsule stays within both; the score is the larger
+//! of the two fractions after placing, lowest wins.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use connectrpc::client::{ClientConfig, HttpClient};
+use wrenn_proto::wrenn::agent::v1::AgentClient;
+use wrenn_types::ids::HostId;
+
+use crate::db::{Db, Host};
+use crate::error::{ApiError, ApiResult};
+
+pub type Rpc = AgentClient<HttpClient>;
+
+pub const CPU_OVERCOMMIT: f64 = 4.0;
+pub const MEMORY_OVERCOMMIT: f64 = 1.5;
+pub const MEMORY_RESERVE_MB: i64 = 1024;
+pub const PAUSED_WEIGHT: f64 = 0.25;
+
+/// A connection to one host's agent.
+pub struct HostConn {
+    pub id: HostId,
+    /// `ip:port` of the agent's listener (RPC and `/proxy/`).
+    pub address: String,
+    pub rpc: Rpc,
+}
+
+impl std::fmt::Debug for HostConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostConn")
+            .field("id", &self.id)
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostConn {
+    fn new(id: HostId, address: String) -> Result<HostConn, String> {
+        let uri: http::Uri = format!("http://{address}")
+            .parse()
+            .map_err(|e| format!("bad host address {address:?}: {e}"))?;
+        let rpc = AgentClient::new(
+            HttpClient::plaintext_http2_only(),
+            ClientConfig::new(uri).with_default_max_message_size(16 << 20),
+        );
+        Ok(HostConn { id, address, rpc })
+    }
+}
+
+/// The hosts the control plane knows, by ID.
+#[derive(Debug, Default)]
+pub struct Hosts {
+    conns: RwLock<HashMap<HostId, Arc<HostConn>>>,
+}
+
+impl Hosts {
+    /// (Re)connect to a host at its registered address.
+    pub fn connect(&self, host: &Host) -> Result<Arc<HostConn>, String> {
+        let mut conns = self.conns.write().unwrap();
+        if let Some(c) = conns.get(&host.id).filter(|c| c.address == host.address) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(HostConn::new(host.id.clone(), host.address.clone())?);
+        conns.insert(host.id.clone(), c.clone());
+        Ok(c)
+    }
+
+    pub fn get(&self, id: &HostId) -> Option<Arc<HostConn>> {
+        self.conns.read().unwrap().get(id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<HostConn>> {
+        self.conns.read().unwrap().values().cloned().collect()
+    }
+
+    /// Connect to every online host in the database (start-up).
+    pub async fn load(&self, db: &Db) -> Result<(), crate::db::DbError> {
+        for h in db.hosts().await? {
+            if !h.address.is_empty() {
+                if let Err(e) = self.connect(&h) {
+                    tracing::warn!(host = %h.id, error = %e, "cannot use host");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pick a host for a capsule of `vcpus` and `memory_mb`; `only` pins
+    /// the choice (templates that live on one host).
+    pub async fn place(
+        &self,
+        db: &Db,
+        vcpus: i64,
+        memory_mb: i64,
+        only: Option<&HostId>,
+    ) -> ApiResult<Arc<HostConn>> {
+        let mut best: Option<(f64, Arc<HostConn>)> = None;
+        for h in db.hosts().await? {
+            if h.status != "online" || only.is_some_and(|o| *o != h.id) {
+                continue;
+            }
+            let Some(conn) = self.get(&h.id) else { continue };
+            let load = db.host_load(&h.id).await?;
+            if let Some(score) = score(&h, load, vcpus, memory_mb) {
+                if best.as_ref().is_none_or(|(b, _)| score < *b) {
+                    best = Some((score, conn));
+                }
+            }
+        }
+        best.map(|(_, c)| c).ok_or_else(|| {
+            ApiError::host_unavailable(format!(
+                "no host has capacity for {vcpus} vCPUs and {memory_mb} MiB"
+            ))
+        })
+    }
+}
+
+/// The load of `host` after adding a capsule, or None if it would not fit.
+/// `load` = (running vCPUs, running MiB, paused vCPUs, paused MiB).
+pub fn score(host: &Host, load: (i64, i64, i64, i64), vcpus: i64, memory_mb: i64) -> Option<f64> {
+    let (rv, rm, pv, pm) = load;
+    let cpu_cap = host.cpu_cores.max(1) as f64 * CPU_OVERCOMMIT;
+    let mem_cap = (host.memory_mb - MEMORY_RESERVE_MB).max(256) as f64 * MEMORY_OVERCOMMIT;
+    let cpu = (rv as f64 + PAUSED_WEIGHT * pv as f64 + vcpus as f64) / cpu_cap;
+    let mem = (rm as f64 + PAUSED_WEIGHT * pm as f64 + memory_mb as f64) / mem_cap;
+    (cpu <= 1.0 && mem <= 1.0).then_some(cpu.max(mem))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(cores: i64, mem: i64) -> Host {
+        Host {
+            id: HostId::random(),
+            status: "online".into(),
+            address: "127.0.0.1:1".into(),
+            arch: "x86_64".into(),
+            cpu_cores: cores,
+            memory_mb: mem,
+            disk_gb: 10,
+            created_at: 0,
+            last_heartbeat: None,
+        }
+    }
+
+    #[test]
+    fn emptier_hosts_score_lower_and_full_ones_refuse() {
+        let h = host(2, 4096);
+        let empty = score(&h, (0, 0, 0, 0), 1, 512).unwrap();
+        let busy = score(&h, (4, 2048, 0, 0), 1, 512).unwrap();
+        assert!(empty < busy);
+        // 2 cores × 4 = 8 vCPUs
+        assert!(score(&h, (8, 0, 0, 0), 1, 512).is_none());
+        assert!(score(&h, (0, 0, 0, 0), 9, 512).is_none());
+        // paused capsules weigh a quarter
+        assert!(score(&h, (0, 0, 28, 0), 1, 512).is_some());
+        assert!(score(&h, (0, 0, 29, 0), 1, 512).is_none());
+        // memory: (4096 - 1024) × 1.5 = 4608 MiB
+        assert!(score(&h, (0, 4096, 0, 0), 1, 512).is_some());
+        assert!(score(&h, (0, 4097, 0, 0), 1, 512).is_none());
+    }
+}

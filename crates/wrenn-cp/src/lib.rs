@@ -1,0 +1,23 @@
+//! The control plane (`wrenn-cp`): wrenn's `/v1` REST + WebSocket + SSE
+//! API over a database of teams, keys, hosts, capsules and templates; it
+//! places capsules on hosts, reaches their agents over the agent RPC,
+//! reconciles its records with what agents report, and routes subdomain
+//! traffic `{port}-{capsule}.{domain}` to capsule ports.
+//!
+//! `server::ControlPlane::start` wires it together; `wrenn up` runs it next
+//! to an agent in one process.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod events;
+pub mod hosts;
+pub mod model;
+pub mod proxy;
+pub mod reconcile;
+pub mod server;
+
+pub use config::CpConfig;
+pub use server::{ControlPlane, Cp};

@@ -1,0 +1,212 @@
+//! User traffic to capsule ports: the subdomain form
+//! `{port}-{capsule}.{domain}` (any domain; `*.localhost` works in browsers
+//! and curl) and the path form `/proxy/{capsule}/{port}/…`, both forwarded
+//! to the capsule's agent's path proxy over the HTTP/1.1-only proxy pool.
+//!
+//! - Capsule → agent address is cached for [`ROUTE_TTL`] and evicted on
+//!   destroy (which also closes that capsule's WebSocket tunnels) and on a
+//!   502 from the agent.
+//! - Unknown capsule: 404. Not running: 503. Port not listening yet: the
+//!   agent's 502 (never 404), which is what clients that wait for a server
+//!   to come up (wrenn's code runner) retry on.
+//! - The subdomain form needs no key (capsule URLs are unguessable, and
+//!   browsers send none); a request that carries `X-API-Key` must carry
+//!   one of the owning team's. The path form always needs the owner's key.
+//!   `X-API-Key` is removed before forwarding.
+//! - Location headers: the agent prefixes them with `/proxy/{id}/{port}`;
+//!   for subdomain clients that prefix is removed again.
+//! - Proxy traffic does not count as capsule activity.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http::header::{self, HeaderValue};
+use http::{StatusCode, Uri};
+use tokio_util::sync::CancellationToken;
+use wrenn_http::relay::{self, plain};
+use wrenn_types::ids::{CapsuleId, TeamId};
+use wrenn_types::proxy::{parse_host, parse_target, HostTarget};
+
+use crate::auth::authenticate;
+use crate::model::Status;
+use crate::server::Cp;
+
+pub const ROUTE_TTL: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+struct Route {
+    team: TeamId,
+    agent: std::net::SocketAddr,
+    at: Instant,
+    stop: CancellationToken,
+}
+
+/// Cached capsule → agent routes.
+#[derive(Debug, Default)]
+pub struct Routes {
+    map: Mutex<HashMap<CapsuleId, Route>>,
+}
+
+impl Routes {
+    /// Forget a capsule's route and close its tunnels.
+    pub fn evict(&self, id: &CapsuleId) {
+        if let Some(r) = self.map.lock().unwrap().remove(id) {
+            r.stop.cancel();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+enum Lookup {
+    Found(Route),
+    Refused(Response),
+}
+
+async fn lookup(cp: &Cp, id: &CapsuleId) -> Lookup {
+    if let Some(r) = cp.proxy_routes.map.lock().unwrap().get(id) {
+        if r.at.elapsed() < ROUTE_TTL {
+            return Lookup::Found(r.clone());
+        }
+    }
+    let c = match cp.db.capsule_any(id).await {
+        Ok(Some(c)) if c.status != Status::Stopped => c,
+        Ok(_) => return Lookup::Refused(plain(StatusCode::NOT_FOUND, "capsule not found")),
+        Err(e) => {
+            tracing::error!(error = ?e, "proxy lookup failed");
+            return Lookup::Refused(plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"));
+        }
+    };
+    if c.status != Status::Running {
+        let msg = format!("capsule is not running (status: {})", c.status);
+        return Lookup::Refused(plain(StatusCode::SERVICE_UNAVAILABLE, msg));
+    }
+    let agent = c
+        .host_id
+        .as_ref()
+        .and_then(|h| cp.hosts.get(h))
+        .and_then(|h| h.address.parse().ok());
+    let Some(agent) = agent else {
+        return Lookup::Refused(plain(StatusCode::SERVICE_UNAVAILABLE, "the capsule's host is not reachable"));
+    };
+    let route = Route {
+        team: c.team_id.clone(),
+        agent,
+        at: Instant::now(),
+        stop: cp.stop.child_token(),
+    };
+    cp.proxy_routes.map.lock().unwrap().insert(id.clone(), route.clone());
+    Lookup::Found(route)
+}
+
+/// Whether the request's key (if any) belongs to `team`; `require` makes
+/// a key mandatory.
+async fn allowed(cp: &Cp, key: Option<String>, team: &TeamId, require: bool) -> Result<(), Response> {
+    let Some(key) = key else {
+        return if require {
+            Err(plain(StatusCode::UNAUTHORIZED, "missing X-API-Key header"))
+        } else {
+            Ok(())
+        };
+    };
+    match authenticate(&cp.db, key.trim()).await {
+        Ok((_, t)) if t.id == *team => Ok(()),
+        Ok(_) => Err(plain(StatusCode::NOT_FOUND, "capsule not found")),
+        Err(e) => Err(plain(e.status, e.message)),
+    }
+}
+
+async fn proxy(cp: &Cp, req: Request, id: CapsuleId, port: u16, rest: String, subdomain: bool) -> Response {
+    let route = match lookup(cp, &id).await {
+        Lookup::Found(r) => r,
+        Lookup::Refused(resp) => return resp,
+    };
+    let key = req
+        .headers()
+        .get("x-api-key")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    if let Err(resp) = allowed(cp, key, &route.team, !subdomain).await {
+        return resp;
+    }
+    let prefix = format!("/proxy/{id}/{port}");
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{prefix}{rest}?{q}"),
+        None => format!("{prefix}{rest}"),
+    };
+    let strip = |h: &mut http::HeaderMap| {
+        if !subdomain {
+            return;
+        }
+        let new = h
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|l| l.strip_prefix(prefix.as_str()))
+            .map(|l| if l.is_empty() { "/".to_owned() } else { l.to_owned() })
+            .and_then(|l| HeaderValue::from_str(&l).ok());
+        if let Some(v) = new {
+            h.insert(header::LOCATION, v);
+        }
+    };
+    if relay::is_upgrade(req.headers()) {
+        return relay::tunnel(req, route.agent, &path_and_query, &cp.tasks, route.stop.clone(), strip).await;
+    }
+    let Ok(uri) = format!("http://{}{}", route.agent, path_and_query).parse::<Uri>() else {
+        return plain(StatusCode::BAD_REQUEST, "unparsable path");
+    };
+    let resp = relay::forward(&cp.proxy, req, uri, strip).await;
+    if resp.status() == StatusCode::BAD_GATEWAY {
+        // The agent itself may be gone: look the route up again next time.
+        cp.proxy_routes.map.lock().unwrap().remove(&id);
+    }
+    resp
+}
+
+/// Middleware: requests whose `Host` names a capsule port are proxied;
+/// the rest go to the API.
+pub async fn subdomain(State(cp): State<Arc<Cp>>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or_default()
+        .to_owned();
+    match parse_host(&host) {
+        HostTarget::NotProxy => next.run(req).await,
+        HostTarget::Invalid(why) => plain(StatusCode::BAD_REQUEST, why),
+        HostTarget::Capsule { port, id } => {
+            let Ok(id) = id.parse::<CapsuleId>() else {
+                return plain(StatusCode::BAD_REQUEST, "invalid capsule ID");
+            };
+            let rest = req.uri().path().to_owned();
+            proxy(&cp, req, id, port, rest, true).await
+        }
+    }
+}
+
+/// `/proxy/{capsule}/{port}/…` on the API listener (owner's key needed).
+pub async fn path(State(cp): State<Arc<Cp>>, req: Request) -> Response {
+    let p = req.uri().path().to_owned();
+    let Some(t) = parse_target(&p) else {
+        return plain(StatusCode::NOT_FOUND, "not a proxy path");
+    };
+    let Ok(id) = t.id.parse::<CapsuleId>() else {
+        return plain(StatusCode::BAD_REQUEST, "invalid capsule ID");
+    };
+    let port = match t.port.parse::<u16>() {
+        Ok(p) if p > 0 => p,
+        _ => return plain(StatusCode::BAD_REQUEST, "invalid port"),
+    };
+    let rest = t.rest.to_owned();
+    proxy(&cp, req, id, port, rest, false).await
+}

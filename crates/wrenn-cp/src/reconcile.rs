@@ -1,0 +1,157 @@
+//! Truth: the agents own capsules, the database records them. The
+//! reconciler compares the two at start and every `reconcile_interval`:
+//!
+//! - a capsule the agent reports in another state takes the agent's state
+//!   (auto-paused by the TTL reaper → `paused`, event `capsule.pause` with
+//!   `reason: ttl_expired`);
+//! - a capsule the agent no longer has becomes `stopped` (`reason:
+//!   orphaned`); one it has that the database calls stopped is destroyed
+//!   (a destroy that failed half way);
+//! - a host that cannot be reached is `unreachable` and its running
+//!   capsules `missing`, until it answers again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use wrenn_proto::wrenn::agent::v1 as pb;
+use wrenn_types::ids::CapsuleId;
+
+use crate::api::capsules::{capsule_event, cref};
+use crate::db::CapsuleRow;
+use crate::events::{Actor, Kind};
+use crate::hosts::HostConn;
+use crate::model::Status;
+use crate::server::Cp;
+
+/// The status the API shows for an agent state (`hibernated` is shown as
+/// `paused`: the SDK only resumes paused capsules).
+pub fn status_of(agent_state: &str) -> Status {
+    match agent_state {
+        "running" => Status::Running,
+        "paused" | "hibernated" => Status::Paused,
+        "pending" | "starting" => Status::Starting,
+        "stopped" => Status::Stopped,
+        _ => Status::Error,
+    }
+}
+
+async fn set(cp: &Cp, c: &CapsuleRow, to: Status, reason: &str) {
+    if c.status == to {
+        return;
+    }
+    match cp.db.transition(&c.id, &[c.status], to).await {
+        Ok(Some(row)) => {
+            tracing::info!(capsule = %c.id, from = %c.status, to = %to, reason, "reconciled");
+            if to == Status::Stopped {
+                cp.proxy_routes.evict(&c.id);
+            }
+            let kind = match (c.status, to) {
+                (Status::Running, Status::Paused) => Kind::CapsulePause,
+                (_, Status::Stopped) => Kind::CapsuleDestroy,
+                _ => Kind::CapsuleStateChanged,
+            };
+            let ev = capsule_event(kind, &row, Actor::system())
+                .meta("reason", reason)
+                .meta("from", c.status.as_str())
+                .meta("to", to.as_str());
+            let ev = if kind == Kind::CapsuleStateChanged { ev } else { ev.outcome(Ok(())) };
+            cp.events.publish(ev);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(capsule = %c.id, error = %e, "cannot record reconciled state"),
+    }
+}
+
+/// Bring one capsule in line with its agent (after the agent refused an
+/// operation because of the capsule's state).
+pub async fn refresh_capsule(cp: &Cp, host: &HostConn, c: &CapsuleRow) {
+    match host.rpc.get_capsule(cref(&c.id)).await {
+        Ok(info) => {
+            let info = info.into_owned();
+            set(cp, c, status_of(&info.state), "agent_state").await;
+        }
+        Err(e) if e.code == connectrpc::ErrorCode::NotFound => {
+            set(cp, c, Status::Stopped, "orphaned").await;
+        }
+        Err(e) => tracing::debug!(capsule = %c.id, error = %e, "cannot refresh"),
+    }
+}
+
+/// Reconcile one host.
+pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
+    let rows = match cp.db.capsules_on(&host.id).await {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!(error = %e, "reconcile: database"),
+    };
+    let listed = match host.rpc.list_capsules(pb::ListCapsulesRequest::default()).await {
+        Ok(l) => l.into_owned(),
+        Err(e) => {
+            tracing::warn!(host = %host.id, error = %e, "reconcile: host unreachable");
+            let _ = cp.db.set_host_status(&host.id, "unreachable").await;
+            for c in rows.iter().filter(|c| c.status == Status::Running) {
+                set(cp, c, Status::Missing, "host_failure").await;
+            }
+            return;
+        }
+    };
+    let _ = cp.db.heartbeat(&host.id).await;
+    let auto_paused: Vec<&str> = listed.auto_paused_ids.iter().map(String::as_str).collect();
+    let on_agent: HashMap<&str, &pb::Capsule> =
+        listed.capsules.iter().map(|c| (c.id.as_str(), c)).collect();
+    for c in &rows {
+        match on_agent.get(c.id.as_str()) {
+            Some(a) => {
+                let to = status_of(&a.state);
+                let reason = if auto_paused.contains(&c.id.as_str()) && to == Status::Paused {
+                    "ttl_expired"
+                } else {
+                    "agent_state"
+                };
+                set(cp, c, to, reason).await;
+            }
+            // A create in flight has a row before the agent has the capsule.
+            None if c.status == Status::Starting
+                && crate::db::now_ms() - c.created_at < 120_000 => {}
+            None => set(cp, c, Status::Stopped, "orphaned").await,
+        }
+    }
+    // Capsules the agent has that the database has stopped (or never
+    // finished recording) are destroyed.
+    for a in &listed.capsules {
+        let Ok(id) = a.id.parse::<CapsuleId>() else { continue };
+        if a.state == "stopped" {
+            continue;
+        }
+        let known = rows.iter().any(|c| c.id == id);
+        if !known {
+            match cp.db.capsule_any(&id).await {
+                Ok(Some(c)) if c.status != Status::Stopped => continue,
+                Ok(_) => {}
+                Err(_) => continue,
+            }
+            tracing::info!(capsule = %id, "destroying a capsule the database does not keep");
+            if let Err(e) = host.rpc.destroy_capsule(cref(&id)).await {
+                tracing::warn!(capsule = %id, error = %e, "cannot destroy orphan");
+            }
+        }
+    }
+}
+
+/// Reconcile every host now.
+pub async fn reconcile_all(cp: &Cp) {
+    for host in cp.hosts.all() {
+        reconcile_host(cp, &host).await;
+    }
+}
+
+/// The reconciler loop: now, then every interval until shutdown.
+pub async fn run(cp: Arc<Cp>) {
+    let mut tick = tokio::time::interval(cp.config.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => reconcile_all(&cp).await,
+            () = cp.stop.cancelled() => return,
+        }
+    }
+}

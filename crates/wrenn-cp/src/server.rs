@@ -1,0 +1,149 @@
+//! Wiring: [`ControlPlane::start`] opens the database, connects to the
+//! registered hosts, starts the reconciler and returns the router; `serve`
+//! runs it on a listener with the timeouts every hop uses (read-header
+//! 10 s, idle 620 s). Every background task is on `Cp::tasks` and ends on
+//! `Cp::stop`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::CpConfig;
+use crate::db::{Db, DbError};
+use crate::events::Broker;
+use crate::hosts::Hosts;
+use crate::proxy::Routes;
+
+/// The control plane's shared state.
+#[derive(Debug)]
+pub struct Cp {
+    pub config: CpConfig,
+    pub db: Db,
+    pub hosts: Hosts,
+    pub events: Broker,
+    /// The proxy transport (HTTP/1.1 only), separate from every RPC pool.
+    pub proxy: wrenn_http::ProxyClient,
+    pub proxy_routes: Routes,
+    /// Held while a create picks a host and records its capsule.
+    pub placing: tokio::sync::Mutex<()>,
+    pub tasks: TaskTracker,
+    pub stop: CancellationToken,
+    ready: AtomicBool,
+    progress: Mutex<Value>,
+}
+
+impl Cp {
+    /// `/health` answers 200 once this is set (`wrenn up`: the default
+    /// template is usable); until then 503 with [`Cp::set_progress`].
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn set_progress(&self, v: Value) {
+        *self.progress.lock().unwrap() = v;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    pub cp: Arc<Cp>,
+}
+
+impl ControlPlane {
+    pub async fn start(config: CpConfig) -> Result<ControlPlane, DbError> {
+        let db = Db::open(&config.database_url).await?;
+        let cp = Arc::new(Cp {
+            config,
+            db,
+            hosts: Hosts::default(),
+            events: Broker::default(),
+            proxy: wrenn_http::proxy_client(),
+            proxy_routes: Routes::default(),
+            placing: tokio::sync::Mutex::new(()),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            ready: AtomicBool::new(true),
+            progress: Mutex::new(json!({})),
+        });
+        cp.hosts.load(&cp.db).await?;
+        cp.tasks.spawn(crate::reconcile::run(cp.clone()));
+        Ok(ControlPlane { cp })
+    }
+
+    pub fn router(&self) -> Router {
+        let api = crate::api::routes();
+        Router::new()
+            .merge(api.clone())
+            .nest("/api", api)
+            .route("/health", get(health))
+            .route("/api/health", get(health))
+            .route("/openapi.yaml", get(openapi))
+            .route("/docs", get(docs))
+            .route("/proxy/{*rest}", any(crate::proxy::path))
+            .fallback(not_found)
+            .layer(axum::middleware::from_fn_with_state(
+                self.cp.clone(),
+                crate::proxy::subdomain,
+            ))
+            .with_state(self.cp.clone())
+    }
+
+    /// Serve on `listener` until `shutdown`, then stop background work.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let r = wrenn_http::serve(listener, self.router(), Default::default(), shutdown).await;
+        self.shutdown().await;
+        r
+    }
+
+    pub async fn shutdown(&self) {
+        self.cp.stop.cancel();
+        self.cp.tasks.close();
+        self.cp.tasks.wait().await;
+        self.cp.db.close().await;
+    }
+}
+
+async fn health(State(cp): State<Arc<Cp>>) -> Response {
+    let version = env!("CARGO_PKG_VERSION");
+    if cp.ready.load(Ordering::SeqCst) {
+        (
+            [(header::CACHE_CONTROL, "no-store")],
+            Json(json!({"status": "ok", "version": version})),
+        )
+            .into_response()
+    } else {
+        let progress = cp.progress.lock().unwrap().clone();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CACHE_CONTROL, "no-store")],
+            Json(json!({"status": "starting", "version": version, "progress": progress})),
+        )
+            .into_response()
+    }
+}
+
+async fn not_found() -> crate::error::ApiError {
+    crate::error::ApiError::not_found("no such route")
+}
+
+const OPENAPI: &str = include_str!("../openapi.yaml");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
+}
+
+async fn docs() -> Html<&'static str> {
+    Html(include_str!("docs.html"))
+}

@@ -1,0 +1,190 @@
+//! Relaying one HTTP request to an upstream: the pieces every proxy hop
+//! (the agent's port proxy, the control plane's subdomain proxy) shares.
+//!
+//! - [`forward`] sends a plain request through a pooled [`ProxyClient`]
+//!   with hop-by-hop headers and `X-API-Key` removed.
+//! - [`tunnel`] handles `Upgrade` requests (WebSockets): a connection of
+//!   its own, the upstream's 101 passed back, then a byte tunnel owned by
+//!   the caller's [`TaskTracker`] and ended by its [`CancellationToken`].
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ProxyClient;
+
+/// A plain-text response (proxy errors are not JSON: the caller is a
+/// browser or an arbitrary HTTP client).
+pub fn plain(status: StatusCode, msg: impl Into<String>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg.into(),
+    )
+        .into_response()
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove the headers that belong to one hop (RFC 9110 §7.6.1), including
+/// those the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// Whether a request asks to switch protocols (WebSocket and friends).
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// An error and its sources, joined with `: `.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn add_forwarded(h: &mut HeaderMap) {
+    if let Some(host) = h.get(header::HOST).cloned() {
+        h.entry("x-forwarded-host").or_insert(host);
+    }
+    h.entry("x-forwarded-proto")
+        .or_insert(HeaderValue::from_static("http"));
+}
+
+/// Send `req` to `uri` (absolute) through `client`. A failure to reach
+/// the upstream is a 502 `proxy error: …` (clients such as wrenn's code
+/// runner retry on 5xx and give up on 4xx). `fix` edits the upstream's
+/// response headers (Location rewriting).
+pub async fn forward(
+    client: &ProxyClient,
+    req: Request,
+    uri: Uri,
+    fix: impl FnOnce(&mut HeaderMap),
+) -> Response {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove("x-api-key");
+    add_forwarded(&mut parts.headers);
+    let body = body.map_err(std::io::Error::other).boxed_unsync();
+    match client.request(http::Request::from_parts(parts, body)).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            fix(&mut parts.headers);
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(e) => plain(
+            StatusCode::BAD_GATEWAY,
+            format!("proxy error: {}", error_chain(&e)),
+        ),
+    }
+}
+
+/// Relay an `Upgrade` request to `upstream` at `path_and_query`. The
+/// connection to the upstream and, after its 101, the byte tunnel are
+/// tasks on `tasks`, ended when `stop` is cancelled.
+pub async fn tunnel(
+    mut req: Request,
+    upstream: SocketAddr,
+    path_and_query: &str,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+    fix: impl FnOnce(&mut HeaderMap),
+) -> Response {
+    let stream = match crate::dial_with_retry(upstream).await {
+        Ok(s) => s,
+        Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(x) => x,
+        Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
+    };
+    let conn_stop = stop.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = conn.with_upgrades() => {}
+            _ = conn_stop.cancelled() => {}
+        }
+    });
+    let mut up = http::Request::builder()
+        .method(req.method().clone())
+        .uri(path_and_query);
+    for (k, v) in req.headers() {
+        if k != "x-api-key" {
+            up = up.header(k, v);
+        }
+    }
+    let up = match up.body(http_body_util::Empty::<bytes::Bytes>::new()) {
+        Ok(r) => r,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let resp = match sender.send_request(up).await {
+        Ok(r) => r,
+        Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut parts, body) = resp.into_parts();
+        fix(&mut parts.headers);
+        return Response::from_parts(parts, Body::new(body));
+    }
+    let (parts, _) = resp.into_parts();
+    let mut upstream_resp = http::Response::from_parts(parts.clone(), ());
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+    tasks.spawn(async move {
+        let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
+            return;
+        };
+        let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+    Response::from_parts(parts, Body::empty())
+}

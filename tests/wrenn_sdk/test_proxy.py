@@ -1,0 +1,153 @@
+"""The port proxy: ``{port}-{capsule_id}.{domain}`` by Host header (what
+``get_url`` builds) and the path form ``/proxy/{id}/{port}/…``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+from wrenn import Capsule
+from wrennsdk_support import unknown_capsule_id, wildcard_localhost
+
+ECHO_SERVER = r'''
+import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def _reply(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n).decode("utf-8", "replace") if n else ""
+        out = json.dumps({"method": self.command, "path": self.path, "body": body,
+                          "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = do_PUT = do_DELETE = _reply
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", PORT), H).serve_forever()
+'''
+
+
+def _host(port: int, capsule_id: str, server) -> str:
+    return f"{port}-{capsule_id}.localhost:{server.port}"
+
+
+def _get(server, port: int, capsule_id: str, path: str, **kw) -> httpx.Response:
+    headers = {"Host": _host(port, capsule_id, server), **kw.pop("headers", {})}
+    return httpx.get(f"http://127.0.0.1:{server.port}{path}", headers=headers, timeout=10, **kw)
+
+
+def _wait_200(fn, timeout: float = 15.0) -> httpx.Response:
+    """Retry until 200; everything before must be 502/503 (never 404)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = fn()
+        if r.status_code == 200:
+            return r
+        assert r.status_code in (502, 503), f"{r.status_code} while the port comes up: {r.text[:300]}"
+        assert time.monotonic() < deadline, f"port not reachable in {timeout}s: {r.status_code} {r.text[:300]}"
+        time.sleep(0.25)
+
+
+def _serve_dir(capsule: Capsule) -> str:
+    root = "/tmp/www"
+    capsule.files.write(f"{root}/file", "hello from the capsule\n")
+    capsule.files.write(f"{root}/sub/page.html", "<p>sub</p>")
+    return root
+
+
+def test_subdomain_proxy(server, capsule: Capsule) -> None:
+    root = _serve_dir(capsule)
+    cid = capsule.capsule_id
+    before = _get(server, 8080, cid, "/file")
+    assert before.status_code in (502, 503), f"nothing listens yet: want 502/503, got {before.status_code}"
+
+    capsule.commands.run("python3 -m http.server 8080", background=True, cwd=root)
+    r = _wait_200(lambda: _get(server, 8080, cid, "/file"))
+    assert r.text == "hello from the capsule\n"
+    # paths, query strings and directory redirects pass through
+    assert _get(server, 8080, cid, "/sub/page.html?x=1").text == "<p>sub</p>"
+    redirect = _get(server, 8080, cid, "/sub")
+    assert redirect.status_code == 301
+    assert redirect.headers["location"] in ("/sub/", f"http://{_host(8080, cid, server)}/sub/")
+    assert _get(server, 8080, cid, "/nope").status_code == 404  # the guest's own 404
+    # the proxy needs no API key; with one it works too
+    assert _get(server, 8080, cid, "/file", headers={"X-API-Key": server.api_key}).status_code == 200
+
+
+def test_get_url_shape(server, capsule: Capsule, monkeypatch: pytest.MonkeyPatch) -> None:
+    domain = os.environ.get("WRENN_PROXY_DOMAIN") or f"{server.host}:{server.port}"
+    assert capsule.get_url(8080) == f"http://8080-{capsule.capsule_id}.{domain}"
+
+    monkeypatch.setenv("WRENN_PROXY_DOMAIN", f"localhost:{server.port}")
+    conn = Capsule.connect(capsule.capsule_id, api_key=server.api_key, base_url=server.base_url)
+    with conn:  # exit destroys; the fixture's destroy after it is idempotent
+        url = conn.get_url(8080)
+        assert url == f"http://8080-{capsule.capsule_id}.localhost:{server.port}"
+        root = _serve_dir(conn)
+        conn.commands.run("python3 -m http.server 8080", background=True, cwd=root)
+        with wildcard_localhost():  # what a browser or curl would resolve
+            r = _wait_200(lambda: httpx.get(f"{url}/file", timeout=10))
+        assert r.text == "hello from the capsule\n"
+
+
+def test_path_proxy(server, capsule: Capsule) -> None:
+    root = _serve_dir(capsule)
+    cid = capsule.capsule_id
+    with server.http() as h:
+        before = h.get(f"/proxy/{cid}/8080/file")
+        assert before.status_code in (502, 503), before.status_code
+        capsule.commands.run("python3 -m http.server 8080", background=True, cwd=root)
+        r = _wait_200(lambda: h.get(f"/proxy/{cid}/8080/file"))
+        assert r.text == "hello from the capsule\n"
+        assert h.get(f"/proxy/{cid}/8080/sub/page.html").text == "<p>sub</p>"
+
+
+def test_proxy_forwards_requests_faithfully(server, capsule: Capsule) -> None:
+    capsule.files.write("/tmp/echo.py", ECHO_SERVER.replace("PORT", "8081"))
+    capsule.commands.run("python3 /tmp/echo.py", background=True)
+    cid = capsule.capsule_id
+    url = f"http://127.0.0.1:{server.port}/a/b?q=1&r=%20x"
+    headers = {"Host": _host(8081, cid, server), "X-API-Key": server.api_key, "X-Custom": "kept"}
+    r = _wait_200(lambda: httpx.get(url, headers=headers, timeout=10))
+    seen = r.json()
+    assert seen["method"] == "GET" and seen["path"] == "/a/b?q=1&r=%20x"
+    assert seen["headers"].get("x-custom") == "kept"
+    assert "x-api-key" not in seen["headers"], "the proxy must strip X-API-Key"
+
+    post = httpx.post(url, headers=headers, content=b"payload-\xe2\x9c\x93", timeout=10)
+    assert post.status_code == 200 and post.json()["body"] == "payload-✓"
+    assert post.json()["method"] == "POST"
+
+    with server.http() as h:
+        via_path = h.get(f"/proxy/{cid}/8081/c/d?z=9", headers={"X-Custom": "p"}).json()
+    assert via_path["path"] == "/c/d?z=9" and via_path["headers"].get("x-custom") == "p"
+    assert "x-api-key" not in via_path["headers"], "the proxy must strip X-API-Key"
+
+
+def test_proxy_bad_hosts(server, capsule: Capsule) -> None:
+    unknown = _get(server, 8080, unknown_capsule_id(), "/")
+    assert unknown.status_code == 404
+    for bad_host in (f"8080-cl-short.localhost:{server.port}", f"0-{capsule.capsule_id}.localhost",
+                     f"70000-{capsule.capsule_id}.localhost"):
+        r = httpx.get(f"http://127.0.0.1:{server.port}/", headers={"Host": bad_host}, timeout=10)
+        assert r.status_code == 400, (bad_host, r.status_code, r.text[:200])
+    with server.http() as h:
+        assert h.get(f"/proxy/{unknown_capsule_id()}/8080/").status_code == 404
+
+
+def test_proxy_to_paused_capsule(server, capsule: Capsule) -> None:
+    root = _serve_dir(capsule)
+    capsule.commands.run("python3 -m http.server 8080", background=True, cwd=root)
+    _wait_200(lambda: _get(server, 8080, capsule.capsule_id, "/file"))
+    capsule.pause(wait=True)
+    r = _get(server, 8080, capsule.capsule_id, "/file")
+    assert r.status_code in (409, 502, 503), r.status_code
+    capsule.resume(wait=True)
+    r = _wait_200(lambda: _get(server, 8080, capsule.capsule_id, "/file"))
+    assert r.text == "hello from the capsule\n"
+

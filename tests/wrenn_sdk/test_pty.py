@@ -1,0 +1,156 @@
+"""Interactive terminals: ``capsule.pty()`` / ``pty_connect()`` and the
+async twins. Output is matched on computed markers (``$((6*7))``) so that
+the terminal's echo of the typed line never counts as the answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from wrenn import AsyncCapsule, Capsule, PtyEvent, PtyEventType
+from wrennsdk_support import PtyReader, poll
+
+
+def test_start_write_read(capsule: Capsule) -> None:
+    with capsule.pty() as term:
+        # written before ``started`` arrives: the server must not lose it
+        term.write(b"echo $((6*7))-marker\n")
+        reader = PtyReader(term)
+        started = reader.wait_event("started", 15)
+        assert isinstance(started, PtyEvent) and started.type == PtyEventType.started
+        assert started.pid and started.pid > 0
+        assert isinstance(started.tag, str) and started.tag
+        assert term.tag == started.tag and term.pid == started.pid
+        reader.wait_output(b"42-marker", 20)
+        assert all(isinstance(e.data, bytes) for e in reader.events if e.type == "output")
+
+
+def test_initial_size_envs_cwd(capsule: Capsule) -> None:
+    with capsule.pty(cmd="/bin/bash", cols=123, rows=31, envs={"PTYVAR": "v1"}, cwd="/tmp") as term:
+        reader = PtyReader(term)
+        reader.wait_event("started", 15)
+        term.write(b"stty size; echo \"$PTYVAR:$PWD:$((2+3))\"\n")
+        out = reader.wait_output(b"v1:/tmp:5", 20)
+        assert b"31 123" in out
+
+
+def test_resize(capsule: Capsule) -> None:
+    with capsule.pty(cols=80, rows=24) as term:
+        reader = PtyReader(term)
+        reader.wait_event("started", 15)
+        term.resize(100, 40)
+        term.write(b"stty size; echo $((7*7))-sized\n")
+        out = reader.wait_output(b"49-sized", 20)
+        assert b"40 100" in out
+        with pytest.raises(ValueError):
+            term.resize(0, 10)  # refused client-side
+
+
+def test_exit_code(capsule: Capsule) -> None:
+    with capsule.pty() as term:
+        reader = PtyReader(term)
+        reader.wait_event("started", 15)
+        term.write(b"exit 5\n")
+        ev = reader.wait_event("exit", 15)
+        assert ev.exit_code == 5
+        reader.col.wait_done(10, "the PTY iteration to stop after exit")
+
+
+def test_kill(capsule: Capsule) -> None:
+    with capsule.pty(cmd="/bin/sleep", args=["600"]) as term:
+        reader = PtyReader(term)
+        started = reader.wait_event("started", 15)
+        assert started.pid in [p.pid for p in capsule.commands.list()]
+        term.kill()
+        ev = reader.wait_event("exit", 15)
+        assert ev.exit_code != 0
+    poll(lambda: started.pid not in [p.pid for p in capsule.commands.list()], 5,
+         what="the killed PTY to leave the process list")
+
+
+def test_reattach_by_tag(capsule: Capsule) -> None:
+    with capsule.pty() as term:
+        reader = PtyReader(term)
+        started = reader.wait_event("started", 15)
+        term.write(b"export KEEP=kept; echo $((3*3))-first\n")
+        reader.wait_output(b"9-first", 20)
+        tag, pid = started.tag, started.pid
+    # leaving ``pty()`` only closes the socket: the shell lives on
+    assert pid in [p.pid for p in capsule.commands.list()]
+
+    with capsule.pty_connect(tag) as again:
+        reader2 = PtyReader(again)
+        again.write(b"echo $KEEP-$((5*5))-again\n")
+        out = reader2.wait_output(b"kept-25-again", 20)
+        assert b"9-first" not in out, "a reattach streams only new output"
+        assert not any(e.type == "error" for e in reader2.events), reader2.events
+        again.kill()
+        reader2.wait_event("exit", 15)
+
+
+def test_connect_unknown_tag(capsule: Capsule) -> None:
+    with capsule.pty_connect("pty-00000000") as term:
+        reader = PtyReader(term)
+        ev = reader.col.wait_for(
+            lambda items: next((e for e in items if e.type in ("error", "exit")), None),
+            15,
+            "an error for the unknown tag",
+        )
+        assert ev.type == PtyEventType.error and ev.fatal is True, ev
+        reader.col.wait_done(10, "the iteration to stop after a fatal error")
+
+
+def test_two_terminals_are_independent(capsule: Capsule) -> None:
+    with capsule.pty() as a, capsule.pty() as b:
+        ra, rb = PtyReader(a), PtyReader(b)
+        ta = ra.wait_event("started", 15).tag
+        tb = rb.wait_event("started", 15).tag
+        assert ta != tb
+        a.write(b"echo $((100+1))-A\n")
+        b.write(b"echo $((100+2))-B\n")
+        assert b"102-B" not in ra.wait_output(b"101-A", 20)
+        assert b"101-A" not in rb.wait_output(b"102-B", 20)
+
+
+def test_large_output_burst(capsule: Capsule) -> None:
+    with capsule.pty() as term:
+        reader = PtyReader(term)
+        reader.wait_event("started", 15)
+        term.write(b"seq 1 20000; echo $((9*9))-end\n")
+        out = reader.wait_output(b"81-end", 30)
+        assert b"\r\n19999\r\n20000\r\n" in out
+
+
+async def test_async_pty(server) -> None:
+    c = await AsyncCapsule.create(template="minimal", wait=True, api_key=server.api_key, base_url=server.base_url)
+    async with c:
+        out = b""
+        async with c.pty(cols=90, rows=20) as term:
+            async with asyncio.timeout(20):
+                async for ev in term:
+                    if ev.type == "started":
+                        assert ev.tag and ev.pid
+                        await term.resize(101, 33)
+                        await term.write(b"stty size; echo $((6*7))-amark\n")
+                    elif ev.type == "output":
+                        out += ev.data
+                        if b"42-amark" in out:
+                            break
+            assert b"33 101" in out
+            tag = term.tag
+            assert tag
+
+        async with c.pty_connect(tag) as again:
+            await again.write(b"echo $((8*8))-back\n")
+            more = b""
+            async with asyncio.timeout(20):
+                async for ev in again:
+                    if ev.type == "output":
+                        more += ev.data
+                        if b"64-back" in more:
+                            break
+            await again.kill()
+            async with asyncio.timeout(15):
+                async for ev in again:
+                    if ev.type == "exit":
+                        break
