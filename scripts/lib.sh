@@ -17,6 +17,7 @@ install_packages() {
     nftables                        # the agent's capsule firewall
     debootstrap                     # the `minimal` (Debian) template
     python3                         # a stand-in "internet" server in tests
+    postgresql                      # the control plane's second database
   )
   local missing=()
   for p in "${pkgs[@]}"; do
@@ -34,4 +35,31 @@ build_static_envd() {
   RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release -p envd --target x86_64-unknown-linux-gnu
   echo "$PWD/target/x86_64-unknown-linux-gnu/release/envd"
+}
+
+# A private PostgreSQL cluster for the tests: Debian's server binaries,
+# our own data directory, socket and port, trust auth on 127.0.0.1. Two
+# databases: `wrenn_rust` (cargo tests) and `wrenn_sdk` (the SDK suite).
+# `stop_postgres` stops it and removes everything.
+start_postgres() {
+  PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  PG_DIR=$(mktemp -d /var/tmp/wrenn-pg.XXXXXX)
+  PG_PORT=$((20000 + RANDOM % 20000))
+  chown postgres: "$PG_DIR"
+  runuser -u postgres -- "$PG_BIN/initdb" -D "$PG_DIR/data" -A trust -U postgres >/dev/null
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
+    -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+  for db in wrenn_rust wrenn_sdk; do
+    runuser -u postgres -- "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" "$db"
+  done
+  export WRENN_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/wrenn_rust"
+  WRENN_SDK_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/wrenn_sdk"
+  echo "==> PostgreSQL on 127.0.0.1:$PG_PORT ($PG_DIR)"
+}
+
+stop_postgres() {
+  [ -n "${PG_DIR:-}" ] || return 0
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w stop >/dev/null 2>&1 || true
+  rm -rf "$PG_DIR"
+  PG_DIR=""
 }

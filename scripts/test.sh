@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
 install_packages
+start_postgres
+trap stop_postgres EXIT
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -33,6 +35,14 @@ venv=target/sdk-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade -r tests/e2b_sdk/requirements.txt
 ENVD_BIN="$ENVD_STATIC_BIN" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2b_sdk
+
+echo "==> wrenn SDK against wrenn up (SQLite, then PostgreSQL)"
+venv=target/wrenn-sdk-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --ignore-requires-python -r tests/wrenn_sdk/requirements.txt
+ENVD_BIN="$ENVD_STATIC_BIN" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
+ENVD_BIN="$ENVD_STATIC_BIN" WRENN_TEST_DATABASE_URL="$WRENN_SDK_DATABASE_URL" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
 
 echo "==> fuzz targets (build + short run)"
 scripts/fuzz.sh smoke

@@ -332,11 +332,12 @@ impl Db {
     /// vCPUs, paused MiB).
     pub async fn host_load(&self, id: &HostId) -> Result<(i64, i64, i64, i64), DbError> {
         let row = sqlx::query(
+            // SUM of BIGINT is NUMERIC on PostgreSQL: cast back.
             "SELECT \
-               COALESCE(SUM(CASE WHEN status IN ('paused') THEN 0 ELSE vcpus END), 0) AS rv, \
-               COALESCE(SUM(CASE WHEN status IN ('paused') THEN 0 ELSE memory_mb END), 0) AS rm, \
-               COALESCE(SUM(CASE WHEN status IN ('paused') THEN vcpus ELSE 0 END), 0) AS pv, \
-               COALESCE(SUM(CASE WHEN status IN ('paused') THEN memory_mb ELSE 0 END), 0) AS pm \
+               CAST(COALESCE(SUM(CASE WHEN status = 'paused' THEN 0 ELSE vcpus END), 0) AS BIGINT) AS rv, \
+               CAST(COALESCE(SUM(CASE WHEN status = 'paused' THEN 0 ELSE memory_mb END), 0) AS BIGINT) AS rm, \
+               CAST(COALESCE(SUM(CASE WHEN status = 'paused' THEN vcpus ELSE 0 END), 0) AS BIGINT) AS pv, \
+               CAST(COALESCE(SUM(CASE WHEN status = 'paused' THEN memory_mb ELSE 0 END), 0) AS BIGINT) AS pm \
              FROM capsules WHERE host_id = $1 AND status NOT IN ('stopped', 'error', 'missing')",
         )
         .bind(id.as_str())
@@ -646,6 +647,15 @@ impl Db {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// Whether a template row names this host-side template.
+    pub async fn template_named_on_host(&self, agent_name: &str) -> Result<bool, DbError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM templates WHERE agent_name = $1")
+            .bind(agent_name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
     }
 
     /// Capsules (not stopped) created from a host-side template.

@@ -110,8 +110,7 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                 set(cp, c, to, reason).await;
             }
             // A create in flight has a row before the agent has the capsule.
-            None if c.status == Status::Starting
-                && crate::db::now_ms() - c.created_at < 120_000 => {}
+            None if cp.creating.lock().unwrap().contains(&c.id) => {}
             None => set(cp, c, Status::Stopped, "orphaned").await,
         }
     }

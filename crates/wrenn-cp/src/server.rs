@@ -34,6 +34,9 @@ pub struct Cp {
     pub proxy_routes: Routes,
     /// Held while a create picks a host and records its capsule.
     pub placing: tokio::sync::Mutex<()>,
+    /// Capsules whose create is in flight in this process (the reconciler
+    /// leaves them alone; after a restart, none are).
+    pub creating: Mutex<std::collections::HashSet<wrenn_types::ids::CapsuleId>>,
     pub tasks: TaskTracker,
     pub stop: CancellationToken,
     ready: AtomicBool,
@@ -68,6 +71,7 @@ impl ControlPlane {
             proxy: wrenn_http::proxy_client(),
             proxy_routes: Routes::default(),
             placing: tokio::sync::Mutex::new(()),
+            creating: Mutex::new(Default::default()),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
             ready: AtomicBool::new(true),

@@ -207,10 +207,11 @@ impl AgentRpc {
 
     pub(super) async fn do_remove_path(&self, r: pb::PathRequest) -> ServiceResult<pb::Empty> {
         let c = self.running(&r.id)?;
-        c.envd()
-            .remove(path(&r.path)?)
-            .await
-            .map_err(|e| envd_error(&c.id, e))?;
+        let p = path(&r.path)?;
+        // envd removes a missing path silently; callers of the agent are
+        // told it was not there (wrenn's SDK documents not_found).
+        c.envd().stat(p).await.map_err(|e| envd_error(&c.id, e))?;
+        c.envd().remove(p).await.map_err(|e| envd_error(&c.id, e))?;
         Response::ok(pb::Empty::default())
     }
 }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
 use wrenn_proto::wrenn::agent::v1 as pb;
@@ -79,7 +78,7 @@ pub async fn create(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
     ApiJson(body): ApiJson<CreateBody>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<(StatusCode, Json<CapsuleJson>)> {
     let name = body.template.unwrap_or_else(|| DEFAULT_TEMPLATE.into());
     let name: TemplateName = name
         .parse()
@@ -143,9 +142,28 @@ pub async fn create(
             last_active_at: None,
             last_updated: now,
         };
-        cp.db.insert_capsule(&row).await?;
+        cp.creating.lock().unwrap().insert(row.id.clone());
+        if let Err(e) = cp.db.insert_capsule(&row).await {
+            cp.creating.lock().unwrap().remove(&row.id);
+            return Err(e.into());
+        }
         (row, host)
     };
+    let result = start(&cp, &caller, row.clone(), host, &template, metadata).await;
+    cp.creating.lock().unwrap().remove(&row.id);
+    result
+}
+
+/// The agent half of a create: the row exists (`starting`).
+async fn start(
+    cp: &Cp,
+    caller: &Caller,
+    row: CapsuleRow,
+    host: Arc<crate::hosts::HostConn>,
+    template: &crate::db::TemplateRow,
+    metadata: BTreeMap<String, String>,
+) -> ApiResult<(StatusCode, Json<CapsuleJson>)> {
+    let (vcpus, memory_mb, timeout_sec) = (row.vcpus, row.memory_mb, row.timeout_sec);
     let req = pb::CreateCapsuleRequest {
         id: row.id.to_string(),
         template: template.agent_name.clone(),
@@ -167,7 +185,7 @@ pub async fn create(
                 .await?
                 .unwrap_or(row);
             cp.events.publish(
-                capsule_event(Kind::CapsuleCreate, &failed, Actor::key(&caller))
+                capsule_event(Kind::CapsuleCreate, &failed, Actor::key(caller))
                     .outcome(Err(err.message.clone())),
             );
             return Err(err);
@@ -186,7 +204,7 @@ pub async fn create(
         .await?
         .ok_or_else(ApiError::capsule_not_found)?;
     cp.events.publish(
-        capsule_event(Kind::CapsuleCreate, &running, Actor::key(&caller)).outcome(Ok(())),
+        capsule_event(Kind::CapsuleCreate, &running, Actor::key(caller)).outcome(Ok(())),
     );
     Ok((StatusCode::CREATED, Json(CapsuleJson::from(&running))))
 }
@@ -243,6 +261,7 @@ pub async fn destroy(
     }
     if let Some(stopped) = cp.db.transition(&c.id, &[], Status::Stopped).await? {
         cp.proxy_routes.evict(&c.id);
+        crate::api::snapshots::collect_layers(&cp, &c.agent_template).await;
         cp.events.publish(
             capsule_event(Kind::CapsuleDestroy, &stopped, Actor::key(&caller)).outcome(Ok(())),
         );

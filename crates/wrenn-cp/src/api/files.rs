@@ -88,10 +88,35 @@ pub async fn write(
     if declared.is_some_and(|n| n > limit as u64 + 64 * 1024) {
         return Err(ApiError::too_large(format!("files/write takes at most {limit} bytes; use files/stream/write")));
     }
-    let (c, host) = running(&cp, &caller, &id).await?;
+    let (c, host) = match running(&cp, &caller, &id).await {
+        Ok(x) => x,
+        Err(e) => return Err(drain(req, e).await),
+    };
     upload(&cp, &c, &host, req, Some(limit)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// Read (and drop) a refused upload's body before answering, so a client
+/// that is still sending sees the error instead of a reset connection.
+/// Bounded: at most [`DRAIN_LIMIT`] bytes or [`DRAIN_TIME`].
+async fn drain(req: Request, err: ApiError) -> ApiError {
+    use http_body_util::BodyExt;
+    let mut body = req.into_body();
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
+    err
+}
+
+pub const DRAIN_LIMIT: usize = 8 << 20;
+pub const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `POST /v1/capsules/{id}/files/stream/write` — 204, no size cap.
 pub async fn stream_write(
@@ -100,7 +125,10 @@ pub async fn stream_write(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<StatusCode> {
-    let (c, host) = running(&cp, &caller, &id).await?;
+    let (c, host) = match running(&cp, &caller, &id).await {
+        Ok(x) => x,
+        Err(e) => return Err(drain(req, e).await),
+    };
     upload(&cp, &c, &host, req, None).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,7 +4,8 @@
 //! `DELETE` removes one of the team's.
 //!
 //! On the host a team template is stored under a generated name
-//! (`s-<random>`), so two teams can use the same template name.
+//! (`s-<random>`), so two teams can use the same template name, and a
+//! name can be deleted or overwritten while capsules made from it run.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,31 +47,37 @@ fn template_event(kind: Kind, t: &TemplateRow, caller: &Caller) -> Event {
     )
 }
 
-/// Remove a team template from its host and the database.
-async fn remove(cp: &Cp, t: &TemplateRow) -> ApiResult<()> {
-    if cp.db.template_users(&t.agent_name).await? > 0 {
-        return Err(ApiError::conflict(format!(
-            "template {} is used by capsules; destroy them first",
-            t.name
-        )));
+/// Delete a team template (also `overwrite=true`): the name is freed now;
+/// the host-side layers go now or, while capsules made from them still
+/// run, when the last of them is destroyed ([`collect_layers`]).
+async fn retire(cp: &Cp, t: &TemplateRow) -> ApiResult<()> {
+    cp.db.delete_template(&t.team_id, &t.name).await?;
+    collect_layers(cp, &t.agent_name).await;
+    Ok(())
+}
+
+/// Delete a team template's host-side layers once nothing names them: no
+/// template row and no capsule that is not stopped. Best effort (a later
+/// destroy or delete tries again).
+pub async fn collect_layers(cp: &Cp, agent_name: &str) {
+    if !agent_name.starts_with("s-") {
+        return; // platform templates are never collected
     }
-    let hosts = match t.host_id.as_ref() {
-        Some(h) => cp.hosts.get(h).into_iter().collect(),
-        None => cp.hosts.all(),
-    };
-    for host in hosts {
+    match (cp.db.template_users(agent_name).await, cp.db.template_named_on_host(agent_name).await) {
+        (Ok(0), Ok(false)) => {}
+        _ => return,
+    }
+    for host in cp.hosts.all() {
         let req = pb::TemplateRef {
-            name: t.agent_name.clone(),
+            name: agent_name.to_owned(),
             ..Default::default()
         };
-        match host.rpc.delete_template(req).await {
-            Ok(_) => {}
-            Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
-            Err(e) => return Err(ApiError::agent(&e)),
+        if let Err(e) = host.rpc.delete_template(req).await {
+            if e.code != connectrpc::ErrorCode::NotFound {
+                tracing::debug!(template = agent_name, error = %e, "layers not collected yet");
+            }
         }
     }
-    cp.db.delete_template(&t.team_id, &t.name).await?;
-    Ok(())
 }
 
 /// `POST /v1/snapshots[?overwrite=true]` — 201 with the template.
@@ -110,7 +117,7 @@ pub async fn create(
                 "template {name} exists (pass overwrite=true to replace it)"
             )));
         }
-        remove(&cp, &old).await?;
+        retire(&cp, &old).await?;
     }
     let host = host_of(&cp, &c)?;
     let agent_name = format!("s-{}", random_hex(12));
@@ -120,10 +127,21 @@ pub async fn create(
         ..Default::default()
     };
     let opts = connectrpc::client::CallOptions::default().with_timeout(SNAPSHOT_TIMEOUT);
+    if c.status == Status::Running {
+        crate::api::stats::flush_metrics(&cp, &host, &c).await;
+    }
     let made = match host.rpc.create_snapshot_with_options(req, opts).await {
         Ok(t) => t.into_owned(),
         Err(e) => return Err(super::refresh_after(&cp, &c, &host, ApiError::agent(&e)).await),
     };
+    // The agent leaves the capsule frozen; a running one goes back to
+    // running (a live snapshot, as wrenn 0.2 does).
+    if c.status == Status::Running {
+        if let Err(e) = host.rpc.resume_capsule(super::capsules::cref(&c.id)).await {
+            tracing::warn!(capsule = %c.id, error = %e, "resume after snapshot failed");
+            crate::reconcile::refresh_capsule(&cp, &host, &c).await;
+        }
+    }
     let row = TemplateRow {
         team_id: caller.team_id().clone(),
         name: name.to_string(),
@@ -171,7 +189,7 @@ pub async fn delete(
         .map_err(|_| ApiError::invalid(format!("invalid template name {name:?}")))?;
     match cp.db.own_template(caller.team_id(), name.as_str()).await? {
         Some(t) => {
-            remove(&cp, &t).await?;
+            retire(&cp, &t).await?;
             cp.events
                 .publish(template_event(Kind::SnapshotDelete, &t, &caller).outcome(Ok(())));
             Ok(StatusCode::NO_CONTENT)
