@@ -18,10 +18,15 @@ Run:  ENVD_BIN=... target/wrenn-sdk-venv/bin/python -m pytest -q tests/wrenn_sdk
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import json
 import os
+import random
 import re
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import tempfile
@@ -68,6 +73,8 @@ class Server:
     data_dir: Path | None = None
     log_path: Path | None = None
     process: subprocess.Popen | None = None
+    instance: str | None = None
+    pool: str | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
 
     @property
@@ -108,6 +115,11 @@ def _say(request: pytest.FixtureRequest, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def sayer(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``_say`` bound to a request (for ``WrennUp(say=…)``)."""
+    return lambda message: _say(request, message)
+
+
 def _pump(stream, log, lock: threading.Lock, on_line: Callable[[str], None] | None) -> None:
     """Copy a pipe to the log, line by line, until EOF (the pipe never fills)."""
     for raw in iter(stream.readline, b""):
@@ -145,32 +157,8 @@ def _fail_with_log(server: Server, message: str) -> None:
     pytest.fail(f"{message}\n--- server log ({server.log_path}) ---\n{server.log_tail()}", pytrace=False)
 
 
-def _stop(server: Server) -> int | None:
-    proc = server.process
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: see Popen
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-    for t in server._threads:
-        t.join(5)
-    return proc.returncode
-
-
-@pytest.fixture(scope="session")
-def server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    ext_url, ext_key = os.environ.get("WRENN_BASE_URL"), os.environ.get("WRENN_API_KEY")
-    if ext_url and ext_key:
-        yield Server(base_url=ext_url.rstrip("/"), api_key=ext_key)
-        return
-
+def resolve_binaries() -> tuple[str, str]:
+    """``(wrenn, envd)`` from ``WRENN_BIN``/``ENVD_BIN``, or fail the test."""
     envd = os.environ.get("ENVD_BIN")
     if not envd:
         pytest.fail(
@@ -187,117 +175,512 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
             "or set WRENN_BIN",
             pytrace=False,
         )
+    return binary, envd
 
-    data_dir = Path(tempfile.mkdtemp(prefix="wrenn-sdk-", dir="/var/tmp"))
-    _link_fixture_template(data_dir)
-    log_path = data_dir / "server.log"
-    log = open(log_path, "ab")
-    lock = threading.Lock()
-    cmd = [binary, "up", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--envd", envd]
-    if os.environ.get("WRENN_TEST_DATABASE_URL"):
-        cmd += ["--database-url", os.environ["WRENN_TEST_DATABASE_URL"]]
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # a ^C to pytest reaches us, not the server
-    )
-    srv = Server(base_url="", api_key="", data_dir=data_dir, log_path=log_path, process=proc)
 
-    bound = threading.Event()
-    url: list[str] = []
+# Names and pools handed out in this process (never twice).
+_TAKEN_INSTANCES: set[str] = set()
+_TAKEN_POOLS: list[ipaddress.IPv4Network] = []
+_RNG = random.SystemRandom()  # independent of any seeding a test does
 
-    def on_stdout(line: str) -> None:
-        if not bound.is_set():
-            m = LISTEN_LINE.search(line)
-            if m:
-                url.append(m.group(1).rstrip("/"))
-                bound.set()
 
-    for stream, cb in ((proc.stdout, on_stdout), (proc.stderr, None)):
-        t = threading.Thread(target=_pump, args=(stream, log, lock, cb), daemon=True)
-        t.start()
-        srv._threads.append(t)
+def unique_instance() -> str:
+    """A fresh ``--instance``: ``w`` + 5 of [a-z0-9], unused on this host
+    (no ``/run/<name>``, no netns, link or nft table of that prefix), so a
+    run never shares host objects with a real ``wrenn up`` (``wrenn``) or
+    another run."""
+    alphabet = string.ascii_lowercase + string.digits
+    for _ in range(1000):
+        name = "w" + "".join(_RNG.choice(alphabet) for _ in range(5))
+        if name in _TAKEN_INSTANCES or Path("/run", name).exists():
+            continue
+        prefix = f"{name}-"
+        busy = any(
+            n.startswith(prefix)
+            for d in ("/run/netns", "/sys/class/net")
+            for n in (os.listdir(d) if os.path.isdir(d) else [])
+        )
+        if busy or _nft_table_exists(name):
+            continue
+        _TAKEN_INSTANCES.add(name)
+        return name
+    raise AssertionError("no free instance name")
 
+
+def _host_networks() -> list[ipaddress.IPv4Network]:
+    """IPv4 networks on this host's addresses and routes."""
+    nets: list[ipaddress.IPv4Network] = []
+    for cmd in (["ip", "-o", "-4", "addr", "show"], ["ip", "-4", "route", "show", "table", "all"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for tok in re.findall(r"\b(\d+\.\d+\.\d+\.\d+(?:/\d+)?)\b", out):
+            try:
+                nets.append(ipaddress.IPv4Network(tok, strict=False))
+            except ValueError:
+                pass
+    return nets
+
+
+def unique_pool() -> str:
+    """A fresh ``--pool``: a random ``10.{120..199}.{0..255}.0/24`` (64
+    capsules) that overlaps neither this host's addresses and routes (a
+    running wrenn's capsules show there) nor the default ``10.88.0.0/16``
+    nor any pool handed out before in this process."""
+    taken = _host_networks() + _TAKEN_POOLS + [ipaddress.IPv4Network("10.88.0.0/16")]
+    for _ in range(1000):
+        net = ipaddress.IPv4Network(f"10.{_RNG.randint(120, 199)}.{_RNG.randint(0, 255)}.0/24")
+        if any(net.overlaps(t) for t in taken if t.prefixlen > 0):
+            continue
+        _TAKEN_POOLS.append(net)
+        return str(net)
+    raise AssertionError("no free address pool")
+
+
+def _nft_table_exists(name: str) -> bool:
     try:
-        deadline = time.monotonic() + LISTEN_TIMEOUT
-        while not bound.wait(0.2):
-            if proc.poll() is not None:
-                _fail_with_log(srv, f"wrenn up exited with {proc.returncode} before listening: {cmd}")
-            if time.monotonic() > deadline:
-                _fail_with_log(srv, f"no 'wrenn listening on …' line within {LISTEN_TIMEOUT:.0f}s")
-        srv.base_url = url[0]
+        r = subprocess.run(["nft", "list", "table", "inet", name], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
 
-        # Ready: /health 200 (503 with build progress while templates build).
-        started, last_report, last = time.monotonic(), 0.0, ""
-        with httpx.Client(timeout=5.0) as h:
-            while True:
+
+def _run_quiet(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _up_has_flag(binary: str, flag: str) -> bool:
+    """Whether ``binary up --help`` lists ``flag``."""
+    r = _run_quiet([binary, "up", "--help"])
+    return r is not None and r.returncode == 0 and re.search(rf"(^|\s){re.escape(flag)}\b", r.stdout) is not None
+
+
+def _file_id(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+# Exec failures worth retrying: the binary is being rebuilt under us.
+_RETRY_EXEC = {errno.ETXTBSY, errno.ENOEXEC, errno.ENOENT}
+_EXEC_RETRY_FOR = 120.0
+_ADDR_IN_USE = re.compile(r"listen on .*(in use|EADDRINUSE)", re.IGNORECASE)
+
+
+class WrennUp:
+    """One ``wrenn up`` on one data dir, that a test can start, SIGKILL and
+    start again on the same data dir — always with the same ``--instance``
+    and ``--pool`` (unique to this object) and, when it is free, the same
+    port, so clients made before a restart still reach it::
+
+        up = WrennUp.fresh(say=sayer(request))   # new data dir under /var/tmp
+        server = up.start()                      # /health 200, admin key read
+        up.kill()                                # SIGKILL the process (a crash)
+        server = up.start()                      # again: same dir, instance, pool
+        up.stop()                                # SIGTERM
+        up.close(keep_log=False)                 # purge host objects, remove dir
+
+    ``server`` is one ``Server`` object updated in place by each start.
+    stdout and stderr of every start are appended to ``D/server.log``,
+    with ``=== wrenn-sdk: …`` lines marking starts, kills and stops.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        binary: str,
+        envd: str,
+        database_url: str | None = None,
+        instance: str | None = None,
+        pool: str | None = None,
+        extra_args: list[str] | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.binary, self.envd, self.database_url = binary, envd, database_url
+        self.extra_args = list(extra_args or [])
+        self.instance = instance or unique_instance()
+        self.pool = pool or unique_pool()
+        self.say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.log_path = self.data_dir / "server.log"
+        self.server = Server(
+            base_url="", api_key="", data_dir=self.data_dir, log_path=self.log_path,
+            instance=self.instance, pool=self.pool,
+        )
+        self.starts = 0
+        self._port: int | None = None
+        self._log = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def fresh(
+        cls,
+        *,
+        prefix: str = "wrenn-sdk-",
+        database_url: str | None = None,
+        code_runner: bool = True,
+        say: Callable[[str], None] | None = None,
+    ) -> "WrennUp":
+        """A new data dir under /var/tmp with the fixture template linked in.
+        ``code_runner=False``: pass ``--no-code-runner`` (when the binary
+        has it), so no template build runs capsules in the background."""
+        binary, envd = resolve_binaries()
+        extra = [] if code_runner or not _up_has_flag(binary, "--no-code-runner") else ["--no-code-runner"]
+        data_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+        _link_fixture_template(data_dir)
+        return cls(data_dir, binary=binary, envd=envd, database_url=database_url,
+                   extra_args=extra, say=say)
+
+    # ---- process ---------------------------------------------------------
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.server.process
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def mark(self, text: str) -> None:
+        """A ``=== wrenn-sdk: text`` line in the server log."""
+        if self._log is None:
+            self._log = open(self.log_path, "ab")
+        with self._lock:
+            self._log.write(f"\n=== wrenn-sdk {time.strftime('%H:%M:%S')}: {text}\n".encode())
+            self._log.flush()
+
+    def command(self, listen: str) -> list[str]:
+        cmd = [
+            self.binary, "up", "--data-dir", str(self.data_dir), "--listen", listen,
+            "--envd", self.envd, "--instance", self.instance, "--pool", self.pool,
+        ]
+        if self.database_url:
+            cmd += ["--database-url", self.database_url]
+        return cmd + self.extra_args
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        deadline = time.monotonic() + _EXEC_RETRY_FOR
+        while True:
+            try:
+                return subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,  # a ^C to pytest reaches us, not the server
+                )
+            except OSError as exc:
+                if exc.errno not in _RETRY_EXEC or time.monotonic() > deadline:
+                    raise
+                self.mark(f"cannot exec {cmd[0]} ({exc}); retrying (being rebuilt?)")
+                time.sleep(2)
+
+    def start(self, *, listen: str | None = None, ready_timeout: float = READY_TIMEOUT) -> Server:
+        """Start (or start again) and wait until ``/health`` answers 200."""
+        assert not self.running, "wrenn up is already running"
+        srv = self.server
+        same_port = listen is None and self._port is not None
+        if listen is None:
+            listen = f"127.0.0.1:{self._port}" if self._port else "127.0.0.1:0"
+        # A just-freed port can be briefly busy, and the binary can be rebuilt
+        # under us: retry those (only those) a few times.
+        for attempt in range(8):
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            before = _file_id(self.binary)
+            if self._listen_once(listen, ready_timeout):
+                break
+            text = self.log_path.read_bytes()[log_offset:].decode(errors="replace")
+            busy = bool(_ADDR_IN_USE.search(text))
+            rebuilt = _file_id(self.binary) != before
+            if attempt == 7 or not (busy or rebuilt):
+                _fail_with_log(srv, f"wrenn up exited with {srv.process.returncode} "
+                                    f"before listening: {self.command(listen)}")
+            self.mark(f"exited before listening ({'port busy' if busy else 'binary rebuilt'}); retrying")
+            if busy and same_port and attempt >= 4:
+                self.mark(f"port {self._port} stays busy: falling back to port 0")
+                listen = "127.0.0.1:0"
+            time.sleep(1.5)
+        self.starts += 1
+        self._port = srv.port
+        return srv
+
+    def _listen_once(self, listen: str, ready_timeout: float) -> bool:
+        """One start; False if the process exited before listening (retry)."""
+        srv = self.server
+        cmd = self.command(listen)
+        self.mark(f"start #{self.starts + 1}: {' '.join(cmd)}")
+        proc = self._spawn(cmd)
+        self.mark(f"pid {proc.pid}")
+        srv.process = proc
+        srv._threads = []
+        bound = threading.Event()
+        url: list[str] = []
+
+        def on_stdout(line: str) -> None:
+            if not bound.is_set():
+                m = LISTEN_LINE.search(line)
+                if m:
+                    url.append(m.group(1).rstrip("/"))
+                    bound.set()
+
+        for stream, cb in ((proc.stdout, on_stdout), (proc.stderr, None)):
+            t = threading.Thread(target=_pump, args=(stream, self._log, self._lock, cb), daemon=True)
+            t.start()
+            srv._threads.append(t)
+
+        try:
+            deadline = time.monotonic() + LISTEN_TIMEOUT
+            while not bound.wait(0.2):
                 if proc.poll() is not None:
-                    _fail_with_log(srv, f"wrenn up exited with {proc.returncode} while starting")
-                try:
-                    r = h.get(f"{srv.base_url}/health")
-                    if r.status_code == 200:
-                        break
-                    last = f"{r.status_code} {r.text[:300]}"
-                except httpx.HTTPError as exc:
-                    last = repr(exc)
-                now = time.monotonic()
-                if now - started > READY_TIMEOUT:
-                    _fail_with_log(srv, f"/health not 200 within {READY_TIMEOUT:.0f}s; last: {last}")
-                if now - last_report > 30:
-                    last_report = now
-                    _say(request, f"[wrenn-sdk] waiting for {srv.base_url}/health "
-                                  f"({now - started:.0f}s): {last}")
-                time.sleep(0.5)
+                    self._join_pumps()
+                    return False
+                if time.monotonic() > deadline:
+                    _fail_with_log(srv, f"no 'wrenn listening on …' line within {LISTEN_TIMEOUT:.0f}s")
+            srv.base_url = url[0]
 
-        key_path = data_dir / "admin-api-key"
-        assert key_path.is_file(), f"{key_path} missing"
-        mode = key_path.stat().st_mode & 0o777
-        assert mode == 0o600, f"{key_path} has mode {oct(mode)}, want 0o600"
-        srv.api_key = key_path.read_text().strip()
-        assert srv.api_key.startswith("wrn_"), f"admin key looks wrong: {srv.api_key[:8]}…"
+            # Ready: /health 200 (503 with build progress while templates build).
+            started, last_report, last = time.monotonic(), 0.0, ""
+            with httpx.Client(timeout=5.0) as h:
+                while True:
+                    if proc.poll() is not None:
+                        _fail_with_log(srv, f"wrenn up exited with {proc.returncode} while starting")
+                    try:
+                        r = h.get(f"{srv.base_url}/health")
+                        if r.status_code == 200:
+                            break
+                        last = f"{r.status_code} {r.text[:300]}"
+                    except httpx.HTTPError as exc:
+                        last = repr(exc)
+                    now = time.monotonic()
+                    if now - started > ready_timeout:
+                        _fail_with_log(srv, f"/health not 200 within {ready_timeout:.0f}s; last: {last}")
+                    if now - last_report > 30:
+                        last_report = now
+                        self.say(f"[wrenn-sdk] waiting for {srv.base_url}/health "
+                                 f"({now - started:.0f}s): {last}")
+                    time.sleep(0.5)
+
+            key_path = self.data_dir / "admin-api-key"
+            assert key_path.is_file(), f"{key_path} missing"
+            mode = key_path.stat().st_mode & 0o777
+            assert mode == 0o600, f"{key_path} has mode {oct(mode)}, want 0o600"
+            key = key_path.read_text().strip()
+            assert key.startswith("wrn_"), f"admin key looks wrong: {key[:8]}…"
+            if srv.api_key:
+                assert key == srv.api_key, "the admin key changed across a restart"
+            srv.api_key = key
+        except BaseException:
+            self.stop()
+            raise
+        self.mark(f"ready on {srv.base_url}")
+        return True
+
+    def _join_pumps(self) -> None:
+        for t in self.server._threads:
+            t.join(5)
+
+    def kill(self) -> int | None:
+        """SIGKILL the server process only, like a crash: its children (a
+        runtime CLI mid-call) and the capsules live on."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self.mark(f"SIGKILL pid {proc.pid}")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        self._join_pumps()
+        return proc.returncode
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM and wait (SIGKILL to its process group after ``timeout``)."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self.mark(f"SIGTERM pid {proc.pid}")
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.mark(f"still running {timeout:.0f}s after SIGTERM: SIGKILL")
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: see Popen
+                except ProcessLookupError:
+                    pass
+                proc.wait(10)
+            self.mark(f"exited with {proc.returncode}")
+        self._join_pumps()
+        return proc.returncode
+
+    # ---- host objects ------------------------------------------------------
+
+    @property
+    def runc_root(self) -> Path:
+        """The agent runs ``runc --root=/run/<instance>/runc``."""
+        return Path("/run") / self.instance / "runc"
+
+    def runc_containers(self) -> dict[str, str]:
+        """``{container id: runc status}`` under this instance's runc root
+        (containers are named by capsule ID)."""
+        if not self.runc_root.exists():
+            return {}
+        r = subprocess.run(
+            ["runc", "--root", str(self.runc_root), "list", "--format", "json"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert r.returncode == 0, f"runc list: {r.returncode} {r.stderr}"
+        return {c["id"]: c["status"] for c in (json.loads(r.stdout or "null") or [])}
+
+    def capsule_objects(self) -> dict[str, list[str]]:
+        """What capsules hold on the host: runc containers, network
+        namespaces and links of this instance, mounts under the data dir
+        (empty once every capsule is destroyed)."""
+        prefix = f"{self.instance}-"
+
+        def named(d: str) -> list[str]:
+            return sorted(n for n in (os.listdir(d) if os.path.isdir(d) else []) if n.startswith(prefix))
+
+        try:
+            runc = sorted(self.runc_containers())
+        except (AssertionError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
+            runc = [f"(runc list failed: {exc})"]
+        out = {
+            "runc": runc,
+            "netns": named("/run/netns"),
+            "links": named("/sys/class/net"),
+            "mounts": _mounts_under(self.data_dir),
+        }
+        return {k: v for k, v in out.items() if v}
+
+    def _cgroup_dirs(self) -> list[Path]:
+        root = Path("/sys/fs/cgroup")
+        dirs = [root / self.instance] + [d / self.instance for d in root.iterdir() if d.is_dir()]
+        return [d for d in dirs if d.is_dir()]
+
+    def host_objects(self) -> dict[str, list[str]]:
+        """Everything of this instance on the host, including what a stopped
+        ``wrenn up`` leaves by design (its nft table, ``/run/<instance>``,
+        parent cgroups)."""
+        out = self.capsule_objects()
+        if _nft_table_exists(self.instance):
+            out["nft"] = [f"inet {self.instance}"]
+        if Path("/run", self.instance).exists():
+            out["run"] = [f"/run/{self.instance}"]
+        cg = [str(d) for d in self._cgroup_dirs()]
+        if cg:
+            out["cgroups"] = cg
+        return out
+
+    def purge(self) -> dict[str, list[str]]:
+        """Remove every host object of this instance (the server must be
+        stopped); returns what was there."""
+        assert not self.running, "purge needs the server stopped"
+        found = self.host_objects()
+        root = str(self.runc_root)
+        for cid in found.get("runc", []):
+            if cid.startswith("("):
+                continue
+            _run_quiet(["runc", "--root", root, "kill", cid, "KILL"])
+            _run_quiet(["runc", "--root", root, "delete", "--force", cid])
+        for mp in sorted(_mounts_under(self.data_dir), key=lambda m: m.count("/"), reverse=True):
+            _run_quiet(["umount", "-l", mp])
+        for ns in found.get("netns", []):
+            _run_quiet(["ip", "netns", "delete", ns])
+        for link in self.capsule_objects().get("links", []):
+            _run_quiet(["ip", "link", "delete", link])
+        if "nft" in found:
+            _run_quiet(["nft", "delete", "table", "inet", self.instance])
+        for top in self._cgroup_dirs():
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(top)
+            except OSError:
+                pass
+        shutil.rmtree(Path("/run", self.instance), ignore_errors=True)
+        return found
+
+    # ---- the end -----------------------------------------------------------
+
+    def close(self, *, keep_log: bool) -> dict[str, list[str]]:
+        """Stop the server if it runs, keep the log (and print its tail) if
+        asked, purge this instance's host objects and remove the data dir
+        (both kept with ``WRENN_KEEP_DATA_DIR``). Returns the capsule
+        objects (``capsule_objects``) that were still there: leaks, if the
+        caller destroyed every capsule."""
+        self.stop()
+        leaks = self.capsule_objects()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if keep_log:
+            keep = Path("/var/tmp") / (
+                f"wrenn-sdk-server-{time.strftime('%Y%m%d-%H%M%S')}-{self.instance}.log"
+            )
+            try:
+                shutil.copyfile(self.log_path, keep)
+            except OSError:
+                keep = self.log_path
+            self.say(f"[wrenn-sdk] server log kept at {keep}; tail:\n{self.server.log_tail(200)}")
+        if os.environ.get("WRENN_KEEP_DATA_DIR"):
+            self.say(f"[wrenn-sdk] data dir kept: {self.data_dir} "
+                     f"(--instance {self.instance} --pool {self.pool}); host objects: "
+                     f"{self.host_objects()}")
+            return leaks
+        self.purge()
+        mounts = _mounts_under(self.data_dir)
+        if mounts:
+            self.say(f"[wrenn-sdk] NOT removing {self.data_dir}: still mounted: {mounts[:5]}")
+            return leaks
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        return leaks
+
+
+@pytest.fixture(scope="session")
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    ext_url, ext_key = os.environ.get("WRENN_BASE_URL"), os.environ.get("WRENN_API_KEY")
+    if ext_url and ext_key:
+        yield Server(base_url=ext_url.rstrip("/"), api_key=ext_key)
+        return
+
+    up = WrennUp.fresh(
+        database_url=os.environ.get("WRENN_TEST_DATABASE_URL"),
+        code_runner=not os.environ.get("WRENN_SKIP_CODE_RUNNER"),
+        say=sayer(request),
+    )
+    try:
+        srv = up.start()
     except BaseException:
-        _stop(srv)
-        log.close()
-        _cleanup(request, srv, keep_log=True)
+        up.close(keep_log=True)
         raise
 
     yield srv
 
-    code = _stop(srv)
-    log.close()
+    code = up.stop()
     if code not in (0, None):
         _say(request, f"[wrenn-sdk] WARNING: wrenn up exited with {code} on SIGTERM")
     failed = getattr(request.session, "wrenn_failed", False)
-    _cleanup(request, srv, keep_log=failed or code not in (0, None))
-
-
-def _cleanup(request: pytest.FixtureRequest, srv: Server, keep_log: bool) -> None:
-    """Keep the server log (and print its tail) when something failed;
-    remove the data dir unless WRENN_KEEP_DATA_DIR is set or mounts remain."""
-    assert srv.data_dir is not None and srv.log_path is not None
-    if keep_log:
-        keep = Path("/var/tmp") / f"wrenn-sdk-server-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        try:
-            shutil.copyfile(srv.log_path, keep)
-        except OSError:
-            keep = srv.log_path
-        _say(request, f"[wrenn-sdk] server log kept at {keep}; tail:\n{srv.log_tail(200)}")
-    if os.environ.get("WRENN_KEEP_DATA_DIR"):
-        _say(request, f"[wrenn-sdk] data dir kept: {srv.data_dir}")
-        return
-    mounts = _mounts_under(srv.data_dir)
-    if mounts:
-        _say(request, f"[wrenn-sdk] NOT removing {srv.data_dir}: still mounted: {mounts[:5]}")
-        return
-    shutil.rmtree(srv.data_dir, ignore_errors=True)
+    leaks = up.close(keep_log=failed or code not in (0, None))
+    if leaks:
+        _say(request, f"[wrenn-sdk] WARNING: capsules outlived the session (purged): {leaks}")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
+    setattr(item, f"wrenn_rep_{rep.when}", rep)  # for fixtures that clean up
     if rep.failed:
         item.session.wrenn_failed = True
 

@@ -40,6 +40,15 @@ const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 const HOSTNAME: &str = "capsule";
 
 /// What a caller asks for when creating a capsule.
+/// What a snapshot's template starts capsules with, when it should differ
+/// from the capsule it was taken from (recipe builds: START, ENV, USER).
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotOverrides {
+    pub start_cmd: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub default_user: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
     pub id: CapsuleId,
@@ -1238,6 +1247,7 @@ impl Agent {
         self: &Arc<Self>,
         id: &CapsuleId,
         name: TemplateName,
+        overrides: SnapshotOverrides,
     ) -> Result<TemplateMeta, AgentError> {
         let (c, _g, from) = self.begin(id, Op::Snapshot).await?;
         let base = self.templates.get(&c.record().template)?;
@@ -1271,12 +1281,14 @@ impl Agent {
             let r = cap.record();
             let mut layers = vec![name.clone()];
             layers.extend(base.layers.iter().cloned());
+            let mut env = r.env.clone();
+            env.extend(overrides.env);
             let meta = TemplateMeta {
                 name: name.clone(),
                 layers,
-                default_user: r.default_user.clone(),
-                start_cmd: r.start_cmd.clone(),
-                env: r.env.clone(),
+                default_user: overrides.default_user.or_else(|| r.default_user.clone()),
+                start_cmd: overrides.start_cmd.or_else(|| r.start_cmd.clone()),
+                env,
                 runtime: base.runtime.clone(),
                 allow_setuid: base.allow_setuid,
                 created_at: template::now_secs(),

@@ -60,6 +60,9 @@ pub struct UpArgs {
     /// Static busybox the `busybox` template is built from.
     #[arg(long, default_value = "/bin/busybox")]
     busybox: PathBuf,
+    /// Do not build the `code-runner-beta` template (Jupyter; needs PyPI).
+    #[arg(long)]
+    no_code_runner: bool,
     /// Domain of subdomain proxy URLs (`{port}-{capsule}.{domain}`).
     #[arg(long, env = "WRENN_PROXY_DOMAIN")]
     proxy_domain: Option<String>,
@@ -170,7 +173,7 @@ async fn publish_template(cp: &Cp, store: &TemplateStore, name: &str) -> Result<
 
 /// Build `minimal` in the background, publishing progress; the API is
 /// ready when it is.
-async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>) {
+async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, code_runner: bool) {
     let store = agent.templates().clone();
     let exists = store.exists(&"minimal".parse().expect("valid"));
     if !exists {
@@ -210,7 +213,10 @@ async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>) {
             }
             match publish_template(&cp, agent.templates(), "minimal").await {
                 Ok(()) => cp.set_ready(true),
-                Err(e) => tracing::error!(error = %e, "cannot record the minimal template"),
+                Err(e) => return tracing::error!(error = %e, "cannot record the minimal template"),
+            }
+            if code_runner {
+                build_code_runner(&cp, &agent).await;
             }
         }
         Ok(Err(e)) => {
@@ -219,6 +225,43 @@ async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>) {
             cp.set_progress(json!({"template": "minimal", "error": e.to_string()}));
         }
         Err(e) => tracing::error!(error = %e, "the minimal build task failed"),
+    }
+}
+
+pub const CODE_RUNNER: &str = "code-runner-beta";
+const CODE_RUNNER_RECIPE: &str = include_str!("../../../recipes/code-runner-beta.recipefile");
+const CODE_RUNNER_HEALTH: &str = include_str!("../../../recipes/code-runner-beta.healthcheck");
+
+/// `code-runner-beta` from its recipe (after `minimal`), unless built.
+async fn build_code_runner(cp: &Cp, agent: &Agent) {
+    let store = agent.templates();
+    if store.exists(&CODE_RUNNER.parse().expect("valid")) {
+        if let Err(e) = publish_template(cp, store, CODE_RUNNER).await {
+            tracing::error!(error = %e, "cannot record the code-runner-beta template");
+        }
+        return;
+    }
+    let spec = match (
+        wrenn_cp::recipe::parse(CODE_RUNNER_RECIPE),
+        wrenn_cp::recipe::parse_healthcheck(CODE_RUNNER_HEALTH),
+    ) {
+        (Ok(steps), Ok(h)) => wrenn_cp::build::BuildSpec {
+            name: CODE_RUNNER.parse().expect("valid"),
+            base: "minimal".into(),
+            steps,
+            healthcheck: Some(h),
+            context: None,
+            vcpus: 2,
+            memory_mb: 2048,
+        },
+        (Err(e), _) | (_, Err(e)) => return tracing::error!(error = %e, "bad built-in recipe"),
+    };
+    eprintln!("wrenn up: building `{CODE_RUNNER}` (Jupyter and the scientific Python stack from PyPI: a few minutes, once)");
+    let started = Instant::now();
+    let mut log = |line: String| eprintln!("wrenn up: {CODE_RUNNER}: {line}");
+    match wrenn_cp::build::build(cp, spec, &mut log).await {
+        Ok(_) => eprintln!("wrenn up: `{CODE_RUNNER}` built in {:.0?}", started.elapsed()),
+        Err(e) => eprintln!("wrenn up: building `{CODE_RUNNER}` failed: {e}"),
     }
 }
 
@@ -281,7 +324,7 @@ async fn up(args: UpArgs) -> Result<()> {
         if first { ", admin keys created" } else { "" },
         key_file.display()
     );
-    let builder = tokio::spawn(build_minimal(cp.clone(), agent.clone()));
+    let builder = tokio::spawn(build_minimal(cp.clone(), agent.clone(), !args.no_code_runner));
     let served = plane.serve(listener, shutdown_signal()).await;
     builder.abort();
     let _ = agent_stop_tx.send(());

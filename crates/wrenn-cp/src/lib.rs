@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod build;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod events;
 pub mod hosts;
 pub mod model;
 pub mod proxy;
+pub mod recipe;
 pub mod reconcile;
 pub mod server;
 

@@ -1,6 +1,6 @@
-//! Wiring: [`ControlPlane::start`] opens the database, connects to the
-//! registered hosts, starts the reconciler and returns the router; `serve`
-//! runs it on a listener with the timeouts every hop uses (read-header
+//! Wiring: [`ControlPlane::start`] opens the database and connects to the
+//! registered hosts; `serve` starts the reconciler and runs the router on a
+//! listener with the timeouts every hop uses (read-header
 //! 10 s, idle 620 s). Every background task is on `Cp::tasks` and ends on
 //! `Cp::stop`.
 
@@ -78,7 +78,6 @@ impl ControlPlane {
             progress: Mutex::new(json!({})),
         });
         cp.hosts.load(&cp.db).await?;
-        cp.tasks.spawn(crate::reconcile::run(cp.clone()));
         Ok(ControlPlane { cp })
     }
 
@@ -93,6 +92,7 @@ impl ControlPlane {
             .route("/docs", get(docs))
             .route("/proxy/{*rest}", any(crate::proxy::path))
             .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::from_fn_with_state(
                 self.cp.clone(),
                 crate::proxy::subdomain,
@@ -106,6 +106,9 @@ impl ControlPlane {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
+        // The reconciler starts with serving: by then `wrenn up` has told
+        // the database where its agent listens now.
+        self.cp.tasks.spawn(crate::reconcile::run(self.cp.clone()));
         let r = wrenn_http::serve(listener, self.router(), Default::default(), shutdown).await;
         self.shutdown().await;
         r
@@ -136,6 +139,14 @@ async fn health(State(cp): State<Arc<Cp>>) -> Response {
         )
             .into_response()
     }
+}
+
+async fn method_not_allowed() -> crate::error::ApiError {
+    crate::error::ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request",
+        "method not allowed on this route",
+    )
 }
 
 async fn not_found() -> crate::error::ApiError {

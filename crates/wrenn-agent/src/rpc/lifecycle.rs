@@ -357,8 +357,16 @@ impl pb::Agent for AgentRpc {
         let r = request.to_owned_message();
         let id = capsule_id(&r.id)?;
         let name = template_name(&r.name)?;
+        let overrides = crate::agent::SnapshotOverrides {
+            start_cmd: r.start_cmd.clone(),
+            env: r.env.clone().into_iter().collect(),
+            default_user: r.default_user.clone(),
+        };
         Response::ok(template_to_pb(
-            self.agent.snapshot(&id, name).await.map_err(agent_error)?,
+            self.agent
+                .snapshot(&id, name, overrides)
+                .await
+                .map_err(agent_error)?,
         ))
     }
 

@@ -12,11 +12,11 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use wrenn_proto::wrenn::agent::v1 as pb;
-use wrenn_types::ids::{CapsuleId, TemplateName};
+use wrenn_types::ids::{CapsuleId, TeamId, TemplateName};
 
 use super::{host_of, owned, ApiJson};
 use crate::auth::Caller;
-use crate::db::{now_ms, CapsuleRow};
+use crate::db::{now_ms, CapsuleRow, TemplateRow};
 use crate::error::{ApiError, ApiResult};
 use crate::events::{Actor, Event, Kind, Resource};
 use crate::model::{CapsuleJson, Status};
@@ -116,6 +116,33 @@ pub async fn create(
         .disk_size_mb
         .filter(|d| *d > 0)
         .unwrap_or(DEFAULT_DISK_MB);
+    let spec = Launch {
+        template: &template,
+        vcpus,
+        memory_mb,
+        timeout_sec,
+        disk_size_mb,
+        metadata,
+    };
+    let running = launch(&cp, caller.team_id(), Actor::key(&caller), spec).await?;
+    Ok((StatusCode::CREATED, Json(CapsuleJson::from(&running))))
+}
+
+/// What a capsule is made of (validated).
+#[derive(Debug)]
+pub struct Launch<'a> {
+    pub template: &'a TemplateRow,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub timeout_sec: i64,
+    pub disk_size_mb: i64,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Place, record and start a capsule for `team`; it is `running` when
+/// this returns. (The API's create and template builds both use it.)
+pub async fn launch(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch<'_>) -> ApiResult<CapsuleRow> {
+    let Launch { template, vcpus, memory_mb, timeout_sec, disk_size_mb, metadata } = spec;
     // Placement and the insert happen under one lock so that two creates
     // cannot both take a host's last room.
     let (row, host) = {
@@ -127,7 +154,7 @@ pub async fn create(
         let now = now_ms();
         let row = CapsuleRow {
             id: CapsuleId::random(),
-            team_id: caller.team_id().clone(),
+            team_id: team.clone(),
             host_id: Some(host.id.clone()),
             template: template.name.clone(),
             agent_template: template.agent_name.clone(),
@@ -149,7 +176,7 @@ pub async fn create(
         }
         (row, host)
     };
-    let result = start(&cp, &caller, row.clone(), host, &template, metadata).await;
+    let result = start(cp, actor, row.clone(), host, template, metadata).await;
     cp.creating.lock().unwrap().remove(&row.id);
     result
 }
@@ -157,12 +184,12 @@ pub async fn create(
 /// The agent half of a create: the row exists (`starting`).
 async fn start(
     cp: &Cp,
-    caller: &Caller,
+    actor: Actor,
     row: CapsuleRow,
     host: Arc<crate::hosts::HostConn>,
-    template: &crate::db::TemplateRow,
+    template: &TemplateRow,
     metadata: BTreeMap<String, String>,
-) -> ApiResult<(StatusCode, Json<CapsuleJson>)> {
+) -> ApiResult<CapsuleRow> {
     let (vcpus, memory_mb, timeout_sec) = (row.vcpus, row.memory_mb, row.timeout_sec);
     let req = pb::CreateCapsuleRequest {
         id: row.id.to_string(),
@@ -185,7 +212,7 @@ async fn start(
                 .await?
                 .unwrap_or(row);
             cp.events.publish(
-                capsule_event(Kind::CapsuleCreate, &failed, Actor::key(caller))
+                capsule_event(Kind::CapsuleCreate, &failed, actor)
                     .outcome(Err(err.message.clone())),
             );
             return Err(err);
@@ -203,10 +230,9 @@ async fn start(
         .transition(&row.id, &[Status::Starting], Status::Running)
         .await?
         .ok_or_else(ApiError::capsule_not_found)?;
-    cp.events.publish(
-        capsule_event(Kind::CapsuleCreate, &running, Actor::key(caller)).outcome(Ok(())),
-    );
-    Ok((StatusCode::CREATED, Json(CapsuleJson::from(&running))))
+    cp.events
+        .publish(capsule_event(Kind::CapsuleCreate, &running, actor).outcome(Ok(())));
+    Ok(running)
 }
 
 /// `GET /v1/capsules`

@@ -192,8 +192,9 @@ pub async fn exec_stream(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
     Path(id): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let ws = super::ws::upgrade(ws)?;
     let (c, host) = running(&cp, &caller, &id).await?;
     Ok(ws.on_upgrade(move |mut socket| async move {
         let start = match tokio::time::timeout(FIRST_FRAME_WAIT, socket.recv()).await {
@@ -225,8 +226,9 @@ pub async fn process_stream(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
     Path((id, sel)): Path<(String, String)>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let ws = super::ws::upgrade(ws)?;
     let sel = selector(&sel)?;
     let (c, host) = running(&cp, &caller, &id).await?;
     use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_ref::Selector as S;

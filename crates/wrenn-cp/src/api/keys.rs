@@ -24,11 +24,6 @@ pub struct NameBody {
     name: String,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct KeyQuery {
-    #[serde(default)]
-    kind: Option<String>,
-}
 
 fn key_json(k: &ApiKey) -> Value {
     json!({
@@ -57,12 +52,12 @@ fn check_name(name: &str, what: &str) -> ApiResult<()> {
 pub async fn create_key(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
-    Query(q): Query<KeyQuery>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
     ApiJson(body): ApiJson<NameBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let name = if body.name.is_empty() { "key".to_owned() } else { body.name };
     check_name(&name, "key")?;
-    let kind = match q.kind.as_deref() {
+    let kind = match q.get("kind").map(String::as_str) {
         None | Some("") | Some("wrenn") => KeyKind::Wrenn,
         Some("e2b") => KeyKind::E2b,
         Some(other) => return Err(ApiError::invalid(format!("unknown key kind {other:?}"))),

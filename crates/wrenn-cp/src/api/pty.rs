@@ -61,8 +61,9 @@ pub async fn pty(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
     Path(id): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let ws = super::ws::upgrade(ws)?;
     let (c, host) = running(&cp, &caller, &id).await?;
     let id = c.id.to_string();
     Ok(ws.on_upgrade(move |socket| session(cp, host, id, socket)))

@@ -9,7 +9,8 @@
 //! buffer is full, which back-pressures the agent stream (never drops
 //! process output).
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use connectrpc::client::{ClientTransport, HttpClient, ServerStream};
 use connectrpc::ConnectError;
 use tokio::sync::mpsc;
@@ -123,4 +124,12 @@ mod tests {
         assert_eq!(out, s);
         assert_eq!(c.push(b"a\xffb"), "a\u{FFFD}b");
     }
+}
+
+/// A WebSocket route reached without a usable upgrade request answers with
+/// the JSON error, like every other refusal.
+pub fn upgrade(
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, crate::error::ApiError> {
+    ws.map_err(|r| crate::error::ApiError::invalid(format!("a WebSocket upgrade is required: {r}")))
 }

@@ -1,0 +1,388 @@
+//! Template builds: a recipe run in a capsule of the base template, whose
+//! filesystem then becomes a platform template (its writable layer stacked
+//! on the base's). The capsule is recorded like any other (so the
+//! reconciler leaves it alone) and destroyed at the end, also on failure.
+//!
+//! - `RUN` runs `/bin/sh -c` as the current `USER` in the current
+//!   `WORKDIR` with the `ENV`s so far; a non-zero exit fails the build.
+//! - `USER` creates the user if needed (home, bash, passwordless sudo).
+//! - `START` starts the command now (for the healthcheck) and makes it the
+//!   template's start command (envd runs it when a capsule boots: capsules
+//!   are OCI containers, so processes are not kept in the template).
+//! - `COPY` uploads from a build context directory on this machine.
+//! - The healthcheck runs until it passes before the snapshot is taken.
+//! - CA certificates the host added (`/usr/local/share/ca-certificates`)
+//!   are trusted in the build capsule too, so builds work behind the same
+//!   TLS-intercepting proxy the host is behind; they stay in the template.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use wrenn_proto::wrenn::agent::v1 as pb;
+use wrenn_proto::wrenn::agent::v1::__buffa::oneof::write_file_stream_request::Msg;
+use wrenn_types::ids::TemplateName;
+
+use crate::api::capsules::{cref, launch, Launch};
+use crate::db::{now_ms, platform_team, CapsuleRow, TemplateRow};
+use crate::events::Actor;
+use crate::hosts::HostConn;
+use crate::model::Status;
+use crate::recipe::{Healthcheck, Step};
+use crate::server::Cp;
+
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    pub name: TemplateName,
+    pub base: String,
+    pub steps: Vec<Step>,
+    pub healthcheck: Option<Healthcheck>,
+    /// Where `COPY` sources are read from.
+    pub context: Option<PathBuf>,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("base template {0} not found")]
+    NoBase(String),
+    #[error("template {0} exists")]
+    Exists(String),
+    #[error("step {step} ({what}) failed: {msg}")]
+    Step { step: usize, what: String, msg: String },
+    #[error("healthcheck did not pass: {0}")]
+    Health(String),
+    #[error("{0}")]
+    Api(String),
+}
+
+impl From<crate::error::ApiError> for BuildError {
+    fn from(e: crate::error::ApiError) -> Self {
+        BuildError::Api(format!("{}: {}", e.code, e.message))
+    }
+}
+
+impl From<crate::db::DbError> for BuildError {
+    fn from(e: crate::db::DbError) -> Self {
+        BuildError::Api(e.to_string())
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The shell line that runs `cmd` in `cwd` as `user` with `env`.
+fn wrap(cmd: &str, user: &str, cwd: &str, env: &BTreeMap<String, String>) -> String {
+    let mut inner = format!("cd {} && ", quote(cwd));
+    for (k, v) in env {
+        inner.push_str(&format!("export {k}={}; ", quote(v)));
+    }
+    inner.push_str(cmd);
+    if user == "root" {
+        inner
+    } else {
+        format!("su -s /bin/sh {} -c {}", quote(user), quote(&inner))
+    }
+}
+
+struct Ctx<'a> {
+    host: &'a HostConn,
+    capsule: &'a CapsuleRow,
+}
+
+impl Ctx<'_> {
+    /// Run a shell line as root; (exit code, stdout, stderr).
+    async fn sh(&self, line: &str, timeout: Duration) -> Result<(i32, String, String), String> {
+        let req = pb::ExecRequest {
+            id: self.capsule.id.to_string(),
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), line.to_owned()],
+            timeout_sec: timeout.as_secs().clamp(1, u32::MAX as u64) as u32,
+            ..Default::default()
+        };
+        let opts = connectrpc::client::CallOptions::default().with_timeout(timeout + Duration::from_secs(5));
+        let out = self
+            .host
+            .rpc
+            .exec_with_options(req, opts)
+            .await
+            .map_err(|e| e.message.unwrap_or_else(|| e.code.as_str().to_owned()))?
+            .into_owned();
+        Ok((
+            out.exit_code,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    async fn upload(&self, path: &str, data: Vec<u8>) -> Result<(), String> {
+        let mut msgs = vec![pb::WriteFileStreamRequest {
+            msg: Some(Msg::Meta(Box::new(pb::FileMeta {
+                id: self.capsule.id.to_string(),
+                path: path.to_owned(),
+                ..Default::default()
+            }))),
+            ..Default::default()
+        }];
+        msgs.extend(data.chunks(64 << 10).map(|c| pb::WriteFileStreamRequest {
+            msg: Some(Msg::Chunk(c.to_vec())),
+            ..Default::default()
+        }));
+        self.host
+            .rpc
+            .write_file_stream(futures::stream::iter(msgs))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.message.unwrap_or_default())
+    }
+}
+
+fn tail(s: &str) -> &str {
+    let n = s.len();
+    let mut i = n.saturating_sub(2000);
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// Files under `dir`, relative paths.
+fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let here = root.join(rel);
+    if here.is_file() {
+        out.push(rel.to_owned());
+        return Ok(());
+    }
+    for e in std::fs::read_dir(&here)? {
+        let e = e?;
+        walk(root, &rel.join(e.file_name()), out)?;
+    }
+    Ok(())
+}
+
+async fn run_steps(cx: &Ctx<'_>, spec: &BuildSpec, log: &mut (dyn FnMut(String) + Send)) -> Result<(Option<String>, BTreeMap<String, String>, String), BuildError> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    // Python's and curl's own CA bundles ignore the system's; point them at it.
+    let build_env: BTreeMap<String, String> = [
+        ("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt"),
+        ("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
+        ("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"),
+        ("DEBIAN_FRONTEND", "noninteractive"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let (mut user, mut cwd) = ("root".to_owned(), "/root".to_owned());
+    let mut start = None;
+    for (i, step) in spec.steps.iter().enumerate() {
+        let n = i + 1;
+        let fail = |what: &str, msg: String| BuildError::Step { step: n, what: what.to_owned(), msg };
+        let t0 = Instant::now();
+        let mut all_env = build_env.clone();
+        all_env.extend(env.clone());
+        match step {
+            Step::Run { cmd, timeout } => {
+                log(format!("[{n}/{}] RUN {cmd}", spec.steps.len()));
+                let (code, out, err) = cx
+                    .sh(&wrap(cmd, &user, &cwd, &all_env), *timeout)
+                    .await
+                    .map_err(|e| fail("RUN", e))?;
+                if code != 0 {
+                    return Err(fail("RUN", format!("exit {code}\n{}{}", tail(&out), tail(&err))));
+                }
+            }
+            Step::Env { key, value } => {
+                log(format!("[{n}/{}] ENV {key}", spec.steps.len()));
+                env.insert(key.clone(), value.clone());
+            }
+            Step::Workdir { path } => {
+                log(format!("[{n}/{}] WORKDIR {path}", spec.steps.len()));
+                let line = wrap(&format!("mkdir -p {}", quote(path)), &user, "/", &all_env);
+                match cx.sh(&line, Duration::from_secs(30)).await {
+                    Ok((0, _, _)) => cwd = path.clone(),
+                    Ok((c, o, e)) => return Err(fail("WORKDIR", format!("exit {c}: {o}{e}"))),
+                    Err(e) => return Err(fail("WORKDIR", e)),
+                }
+            }
+            Step::User { name } => {
+                log(format!("[{n}/{}] USER {name}", spec.steps.len()));
+                let q = quote(name);
+                let line = format!(
+                    "id -u {q} >/dev/null 2>&1 || {{ useradd -m -s /bin/bash {q} && \
+                     mkdir -p /etc/sudoers.d && echo {q}' ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{name} && \
+                     chmod 0440 /etc/sudoers.d/{name}; }}"
+                );
+                match cx.sh(&line, Duration::from_secs(60)).await {
+                    Ok((0, _, _)) => {
+                        user = name.clone();
+                        cwd = if name == "root" { "/root".into() } else { format!("/home/{name}") };
+                        env.insert("HOME".into(), cwd.clone());
+                    }
+                    Ok((c, o, e)) => return Err(fail("USER", format!("exit {c}: {o}{e}"))),
+                    Err(e) => return Err(fail("USER", e)),
+                }
+            }
+            Step::Copy { sources, dest } => {
+                log(format!("[{n}/{}] COPY {} {dest}", spec.steps.len(), sources.join(" ")));
+                let ctx = spec
+                    .context
+                    .as_ref()
+                    .ok_or_else(|| fail("COPY", "this build has no context directory".into()))?;
+                let dest = if dest.starts_with('/') { dest.clone() } else { format!("{cwd}/{dest}") };
+                for src in sources {
+                    let mut files = Vec::new();
+                    walk(ctx, Path::new(src), &mut files).map_err(|e| fail("COPY", format!("{src}: {e}")))?;
+                    let single = files.len() == 1 && files[0] == Path::new(src) && ctx.join(src).is_file();
+                    for f in files {
+                        let data = std::fs::read(ctx.join(&f)).map_err(|e| fail("COPY", format!("{}: {e}", f.display())))?;
+                        let target = if single && !dest.ends_with('/') && sources.len() == 1 {
+                            dest.clone()
+                        } else {
+                            let name = f.strip_prefix(Path::new(src).parent().unwrap_or(Path::new(""))).unwrap_or(&f);
+                            format!("{}/{}", dest.trim_end_matches('/'), name.display())
+                        };
+                        cx.upload(&target, data).await.map_err(|e| fail("COPY", e))?;
+                    }
+                }
+                if user != "root" {
+                    let line = format!("chown -R {} {}", quote(&user), quote(&dest));
+                    cx.sh(&line, Duration::from_secs(60)).await.map_err(|e| fail("COPY", e))?;
+                }
+            }
+            Step::Start { cmd } => {
+                log(format!("[{n}/{}] START {cmd}", spec.steps.len()));
+                let line = wrap(&format!("exec {cmd}"), &user, &cwd, &all_env);
+                let req = pb::ExecRequest {
+                    id: cx.capsule.id.to_string(),
+                    cmd: "/bin/sh".into(),
+                    args: vec!["-c".into(), line.clone()],
+                    tag: format!("start-{n}"),
+                    ..Default::default()
+                };
+                cx.host
+                    .rpc
+                    .start_background(req)
+                    .await
+                    .map_err(|e| fail("START", e.message.unwrap_or_default()))?;
+                start = Some(line);
+            }
+        }
+        tracing::debug!(step = n, elapsed = ?t0.elapsed(), "build step done");
+    }
+    Ok((start, env, user))
+}
+
+async fn wait_healthy(cx: &Ctx<'_>, h: &Healthcheck, user: &str, log: &mut (dyn FnMut(String) + Send)) -> Result<(), BuildError> {
+    log(format!("healthcheck: {}", h.cmd));
+    let t0 = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        let line = wrap(&h.cmd, user, "/", &BTreeMap::new());
+        let last = match cx.sh(&line, h.interval.max(Duration::from_secs(5))).await {
+            Ok((0, _, _)) => return Ok(()),
+            Ok((c, o, e)) => format!("exit {c}: {}{}", tail(&o), tail(&e)),
+            Err(e) => e,
+        };
+        if t0.elapsed() >= h.start_period {
+            failures += 1;
+        }
+        if (h.retries > 0 && failures >= h.retries) || t0.elapsed() >= h.timeout {
+            return Err(BuildError::Health(last));
+        }
+        tokio::time::sleep(h.interval).await;
+    }
+}
+
+/// Build a platform template. `log` gets one line per step.
+pub async fn build(cp: &Cp, spec: BuildSpec, log: &mut (dyn FnMut(String) + Send)) -> Result<TemplateRow, BuildError> {
+    let team = platform_team();
+    if cp.db.own_template(&team, spec.name.as_str()).await?.is_some() {
+        return Err(BuildError::Exists(spec.name.to_string()));
+    }
+    let base = cp
+        .db
+        .resolve_template(&team, &spec.base)
+        .await?
+        .ok_or_else(|| BuildError::NoBase(spec.base.clone()))?;
+    let launch_spec = Launch {
+        template: &base,
+        vcpus: spec.vcpus,
+        memory_mb: spec.memory_mb,
+        timeout_sec: 0,
+        disk_size_mb: crate::api::capsules::DEFAULT_DISK_MB,
+        metadata: BTreeMap::from([("wrenn_build".to_owned(), spec.name.to_string())]),
+    };
+    let capsule = launch(cp, &team, Actor::system(), launch_spec).await?;
+    let host = crate::api::host_of(cp, &capsule)?;
+    let cx = Ctx { host: &host, capsule: &capsule };
+    let result = async {
+        trust_host_cas(&cx, log).await;
+        let (start, env, user) = run_steps(&cx, &spec, log).await?;
+        if let Some(h) = &spec.healthcheck {
+            wait_healthy(&cx, h, &user, log).await?;
+        }
+        log(format!("snapshot → {}", spec.name));
+        let req = pb::SnapshotRequest {
+            id: capsule.id.to_string(),
+            name: spec.name.to_string(),
+            start_cmd: start,
+            env: env.clone().into_iter().filter(|(k, _)| k != "HOME").collect(),
+            default_user: Some(user.clone()),
+            ..Default::default()
+        };
+        let opts = connectrpc::client::CallOptions::default().with_timeout(Duration::from_secs(600));
+        let made = host
+            .rpc
+            .create_snapshot_with_options(req, opts)
+            .await
+            .map_err(|e| BuildError::Api(e.message.unwrap_or_default()))?
+            .into_owned();
+        let row = TemplateRow {
+            team_id: team.clone(),
+            name: spec.name.to_string(),
+            agent_name: spec.name.to_string(),
+            kind: "base".into(),
+            host_id: Some(host.id.clone()),
+            vcpus: None,
+            memory_mb: None,
+            size_bytes: made.size_bytes as i64,
+            default_user: made.default_user,
+            protected: true,
+            metadata: BTreeMap::from([("base".to_owned(), spec.base.clone())]),
+            created_at: now_ms(),
+        };
+        cp.db.put_template(&row).await?;
+        Ok(row)
+    }
+    .await;
+    // The build capsule goes whatever happened.
+    if let Err(e) = host.rpc.destroy_capsule(cref(&capsule.id)).await {
+        tracing::warn!(capsule = %capsule.id, error = %e, "cannot destroy the build capsule");
+    }
+    let _ = cp.db.transition(&capsule.id, &[], Status::Stopped).await;
+    result
+}
+
+async fn trust_host_cas(cx: &Ctx<'_>, log: &mut (dyn FnMut(String) + Send)) {
+    let Ok(rd) = std::fs::read_dir("/usr/local/share/ca-certificates") else { return };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "crt") {
+            if let (Ok(data), Some(name)) = (std::fs::read(&p), p.file_name()) {
+                let target = format!("/usr/local/share/ca-certificates/{}", name.to_string_lossy());
+                if cx.upload(&target, data).await.is_ok() {
+                    n += 1;
+                }
+            }
+        }
+    }
+    if n > 0 {
+        log(format!("trusting {n} CA certificate(s) the host added"));
+        let _ = cx
+            .sh("command -v update-ca-certificates >/dev/null && update-ca-certificates >/dev/null 2>&1", Duration::from_secs(60))
+            .await;
+    }
+}
