@@ -830,10 +830,11 @@ def test_rejections_are_json_errors(server) -> None:
         # a WebSocket route asked without the upgrade headers
         api.call("GET", "/v1/capsules/{id}/exec/stream", id=unknown_capsule_id(), label="no upgrade headers")
         api.call("GET", "/v1/capsules/{id}/pty", id=unknown_capsule_id(), label="no upgrade headers")
-        # a query string serde refuses
-        api.call("POST", "/v1/api-keys", params=[("kind", "wrenn"), ("kind", "e2b")], json={},
-                 expect=400, label="duplicate query field")
     assert not chk.failures, "\n- ".join(["plain-text rejections:"] + chk.failures)
+    # a method the route does not have: a JSON error too
+    with server.http() as h:
+        r = h.put("/v1/capsules", json={})
+    assert r.status_code == 405 and r.json()["error"]["code"] == "invalid_request", r.text
 
 
 if __name__ == "__main__":
