@@ -18,6 +18,7 @@ install_packages() {
     debootstrap                     # the `minimal` (Debian) template
     python3                         # a stand-in "internet" server in tests
     postgresql                      # the control plane's second database
+    nginx-light wrk                 # the proxy benchmark's baseline and load generator
   )
   local missing=()
   for p in "${pkgs[@]}"; do
@@ -27,6 +28,8 @@ install_packages() {
     echo "==> installing: ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian starts the nginx service on install; the benchmark runs its own.
+    $SUDO service nginx stop >/dev/null 2>&1 || true
   fi
 }
 

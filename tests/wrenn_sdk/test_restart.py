@@ -403,6 +403,7 @@ def test_kill_mid_load_no_capsule_lost_or_orphaned(restartable: WrennUp) -> None
                     f"{SETTLE_TIMEOUT:.0f}s after the restart the API and the host disagree:\n  "
                     + "\n  ".join(problems)
                     + f"\ncapsules: { {k: str(v) for k, v in caps.items()} }\nrunc: {runc}"
+                    + f"\nhost objects: {up.capsule_objects()}"
                     + f"\nseen created: {seen}\ntimeline:\n  " + "\n  ".join(timeline)
                     + f"\n--- server log ---\n{up.server.log_tail(120)}",
                     pytrace=False,

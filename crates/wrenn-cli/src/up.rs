@@ -63,6 +63,10 @@ pub struct UpArgs {
     /// Do not build the `code-runner-beta` template (Jupyter; needs PyPI).
     #[arg(long)]
     no_code_runner: bool,
+    /// Benchmarks only: proxy over the agent's RPC connection (one shared
+    /// HTTP/2 client for both traffic classes, the seed system's bug).
+    #[arg(long, hide = true)]
+    shared_transport: bool,
     /// Domain of subdomain proxy URLs (`{port}-{capsule}.{domain}`).
     #[arg(long, env = "WRENN_PROXY_DOMAIN")]
     proxy_domain: Option<String>,
@@ -303,6 +307,7 @@ async fn up(args: UpArgs) -> Result<()> {
     });
     let mut config = CpConfig::new(database_url);
     config.proxy_domain = args.proxy_domain.clone();
+    config.shared_transport = args.shared_transport;
     let plane = ControlPlane::start(config).await.context("open the database")?;
     let cp = plane.cp.clone();
     cp.set_ready(false);

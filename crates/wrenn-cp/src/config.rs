@@ -15,6 +15,10 @@ pub struct CpConfig {
     pub max_json_body: usize,
     /// `files/write` bodies larger than this are refused (413).
     pub max_file_body: usize,
+    /// Benchmarks only: send proxied HTTP requests over the agent's RPC
+    /// connection (one shared HTTP/2 client for both traffic classes, as
+    /// the seed system did) to measure what separate transports buy.
+    pub shared_transport: bool,
 }
 
 impl CpConfig {
@@ -25,6 +29,7 @@ impl CpConfig {
             reconcile_interval: Duration::from_secs(30),
             max_json_body: 1 << 20,
             max_file_body: 100 << 20,
+            shared_transport: false,
         }
     }
 }

@@ -16,14 +16,46 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use connectrpc::client::{ClientConfig, HttpClient};
+use connectrpc::client::{ClientBody, ClientConfig, ClientTransport};
+use connectrpc::ConnectError;
+use http_body_util::BodyExt;
 use wrenn_proto::wrenn::agent::v1::AgentClient;
 use wrenn_types::ids::HostId;
 
 use crate::db::{Db, Host};
 use crate::error::{ApiError, ApiResult};
 
-pub type Rpc = AgentClient<HttpClient>;
+pub type Rpc = AgentClient<AgentTransport>;
+
+/// The agent RPC transport: a hyper HTTP/2 (h2c) client of our own (see
+/// [`wrenn_http::rpc_h2_client`]), so that its connection can be named and,
+/// in the benchmark's shared mode only, reused for proxied traffic.
+#[derive(Clone)]
+pub struct AgentTransport {
+    pub client: wrenn_http::ProxyClient,
+}
+
+impl ClientTransport for AgentTransport {
+    type ResponseBody = hyper::body::Incoming;
+    type Error = ConnectError;
+
+    fn send(
+        &self,
+        request: http::Request<ClientBody>,
+    ) -> futures::future::BoxFuture<'static, Result<http::Response<Self::ResponseBody>, ConnectError>>
+    {
+        let req = request.map(|b| b.map_err(std::io::Error::other).boxed_unsync());
+        let client = self.client.clone();
+        Box::pin(async move {
+            client.request(req).await.map_err(|e| {
+                ConnectError::unavailable(format!(
+                    "agent unreachable: {}",
+                    wrenn_http::relay::error_chain(&e)
+                ))
+            })
+        })
+    }
+}
 
 pub const CPU_OVERCOMMIT: f64 = 4.0;
 pub const MEMORY_OVERCOMMIT: f64 = 1.5;
@@ -36,6 +68,8 @@ pub struct HostConn {
     /// `ip:port` of the agent's listener (RPC and `/proxy/`).
     pub address: String,
     pub rpc: Rpc,
+    /// The HTTP/2 client under `rpc`.
+    pub h2: wrenn_http::ProxyClient,
 }
 
 impl std::fmt::Debug for HostConn {
@@ -52,11 +86,12 @@ impl HostConn {
         let uri: http::Uri = format!("http://{address}")
             .parse()
             .map_err(|e| format!("bad host address {address:?}: {e}"))?;
+        let h2 = wrenn_http::rpc_h2_client();
         let rpc = AgentClient::new(
-            HttpClient::plaintext_http2_only(),
+            AgentTransport { client: h2.clone() },
             ClientConfig::new(uri).with_default_max_message_size(16 << 20),
         );
-        Ok(HostConn { id, address, rpc })
+        Ok(HostConn { id, address, rpc, h2 })
     }
 }
 

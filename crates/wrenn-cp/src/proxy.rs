@@ -41,6 +41,8 @@ pub const ROUTE_TTL: Duration = Duration::from_secs(120);
 struct Route {
     team: TeamId,
     agent: std::net::SocketAddr,
+    /// The proxy pool, or (benchmark's shared mode) the agent's RPC client.
+    client: wrenn_http::ProxyClient,
     at: Instant,
     stop: CancellationToken,
 }
@@ -91,17 +93,20 @@ async fn lookup(cp: &Cp, id: &CapsuleId) -> Lookup {
         let msg = format!("capsule is not running (status: {})", c.status);
         return Lookup::Refused(plain(StatusCode::SERVICE_UNAVAILABLE, msg));
     }
-    let agent = c
-        .host_id
-        .as_ref()
-        .and_then(|h| cp.hosts.get(h))
-        .and_then(|h| h.address.parse().ok());
-    let Some(agent) = agent else {
+    let host = c.host_id.as_ref().and_then(|h| cp.hosts.get(h));
+    let agent = host.as_ref().and_then(|h| h.address.parse().ok());
+    let (Some(agent), Some(host)) = (agent, host) else {
         return Lookup::Refused(plain(StatusCode::SERVICE_UNAVAILABLE, "the capsule's host is not reachable"));
+    };
+    let client = if cp.config.shared_transport {
+        host.h2.clone()
+    } else {
+        cp.proxy.clone()
     };
     let route = Route {
         team: c.team_id.clone(),
         agent,
+        client,
         at: Instant::now(),
         stop: cp.stop.child_token(),
     };
@@ -163,7 +168,7 @@ async fn proxy(cp: &Cp, req: Request, id: CapsuleId, port: u16, rest: String, su
     let Ok(uri) = format!("http://{}{}", route.agent, path_and_query).parse::<Uri>() else {
         return plain(StatusCode::BAD_REQUEST, "unparsable path");
     };
-    let resp = relay::forward(&cp.proxy, req, uri, strip).await;
+    let resp = relay::forward(&route.client, req, uri, strip).await;
     if resp.status() == StatusCode::BAD_GATEWAY {
         // The agent itself may be gone: look the route up again next time.
         cp.proxy_routes.map.lock().unwrap().remove(&id);

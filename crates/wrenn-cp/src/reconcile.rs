@@ -5,7 +5,8 @@
 //!   (auto-paused by the TTL reaper → `paused`, event `capsule.pause` with
 //!   `reason: ttl_expired`);
 //! - a capsule the agent no longer has becomes `stopped` (`reason:
-//!   orphaned`); one it has that the database calls stopped is destroyed
+//!   orphaned`); one whose create a restart cut off is destroyed (`reason:
+//!   cleanup_after_create_error`); one it has that the database calls stopped is destroyed
 //!   (a destroy that failed half way);
 //! - a host that cannot be reached is `unreachable` and its running
 //!   capsules `missing`, until it answers again.
@@ -100,6 +101,19 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
         listed.capsules.iter().map(|c| (c.id.as_str(), c)).collect();
     for c in &rows {
         match on_agent.get(c.id.as_str()) {
+            // A create cut off by a restart: the agent marks it failed and
+            // keeps what it had built; nobody holds its ID, so undo it.
+            Some(a)
+                if c.status == Status::Starting
+                    && status_of(&a.state) == Status::Error
+                    && !cp.creating.lock().unwrap().contains(&c.id) =>
+            {
+                if let Err(e) = host.rpc.destroy_capsule(cref(&c.id)).await {
+                    tracing::warn!(capsule = %c.id, error = %e, "cannot clean up a cut-off create");
+                    continue;
+                }
+                set(cp, c, Status::Stopped, "cleanup_after_create_error").await;
+            }
             Some(a) => {
                 let to = status_of(&a.state);
                 let reason = if auto_paused.contains(&c.id.as_str()) && to == Status::Paused {

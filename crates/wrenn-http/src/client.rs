@@ -117,6 +117,30 @@ pub fn proxy_client() -> ProxyClient {
         .build(connector)
 }
 
+/// An RPC transport: HTTP/2 with prior knowledge (h2c) only, one
+/// multiplexed connection per host, `TCP_NODELAY`, with the proxy client's
+/// body type so that the control plane's benchmark can, on purpose, send
+/// proxied requests over the same connection as RPC streams (the seed's bug).
+pub fn rpc_h2_client() -> ProxyClient {
+    let mut inner = HttpConnector::new();
+    inner.set_nodelay(true);
+    inner.set_connect_timeout(Some(Duration::from_secs(5)));
+    inner.enforce_http(true);
+    let connector = RetryConnector {
+        inner,
+        attempts: 2,
+        step: Duration::from_millis(100),
+    };
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .http2_keep_alive_timeout(Duration::from_secs(20))
+        .pool_idle_timeout(Duration::from_secs(600))
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
 /// Dial `addr` with the proxy's retry policy (for upgrade tunnels, which
 /// need a connection of their own).
 pub async fn dial_with_retry(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {

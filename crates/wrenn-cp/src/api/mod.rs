@@ -18,6 +18,7 @@ use crate::hosts::HostConn;
 use crate::model::Status;
 use crate::server::Cp;
 
+pub mod builds;
 pub mod capsules;
 pub mod exec;
 pub mod files;
@@ -77,6 +78,7 @@ pub fn routes() -> Router<Arc<Cp>> {
         .route("/v1/api-keys/{id}", delete(keys::delete_key))
         .route("/v1/teams", post(keys::create_team).get(keys::list_teams))
         .route("/v1/teams/{id}", get(keys::get_team))
+        .route("/v1/admin/builds", post(builds::create))
         .route("/v1/hosts", post(hosts::create).get(hosts::list))
         .route("/v1/hosts/register", post(hosts::register))
         .route("/v1/hosts/{id}", get(hosts::get))

@@ -11,7 +11,7 @@
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use connectrpc::client::{ClientTransport, HttpClient, ServerStream};
+use connectrpc::client::ServerStream;
 use connectrpc::ConnectError;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
@@ -20,10 +20,8 @@ use wrenn_proto::wrenn::agent::v1 as pb;
 /// Events buffered between an agent stream and a socket.
 pub const RELAY_BUFFER: usize = 256;
 
-pub type EventStream = ServerStream<
-    <HttpClient as ClientTransport>::ResponseBody,
-    pb::__buffa::view::ProcessEventView<'static>,
->;
+pub type EventStream =
+    ServerStream<hyper::body::Incoming, pb::__buffa::view::ProcessEventView<'static>>;
 
 pub type Pumped = Result<pb::ProcessEvent, ConnectError>;
 

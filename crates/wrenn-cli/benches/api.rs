@@ -1,0 +1,496 @@
+//! Control-plane benchmarks, each against a baseline measured in the same
+//! run (the machines are shared and noisy: ratios are what count):
+//!
+//! 1. **PTY echo under proxy load**: keystroke → echo latency through the
+//!    API's PTY WebSocket, idle vs while 16 HTTP and 16 WebSocket streams
+//!    pull bulk data through the proxy from other ports of the same
+//!    capsule; then the same with `--shared-transport` (proxied requests on
+//!    the agent's RPC connection, the seed system's design). Goal: loaded
+//!    p99 ≤ 1.5× idle p99 with separate transports.
+//! 2. **exec round trip**: `POST /v1/capsules/{id}/exec` of `/bin/true` vs
+//!    `runc exec` of the same in the same container. Goal: p50 ≤ 0.3×.
+//! 3. **proxy**: `wrk` through the subdomain proxy vs through nginx
+//!    proxying to the same upstream (envd's `/health` and an 8 MiB file
+//!    in the capsule), and directly. Goal: requests/s ≥ 0.9× nginx.
+//!
+//! `cargo bench -p wrenn-cli --bench api [-- --smoke]` (root; needs the
+//! static envd in `ENVD_STATIC_BIN` and the `minimal` template fixture that
+//! the agent's tests build in `target/wrenn-fixtures`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const WS_FLOOD: &str = r#"
+import base64, hashlib, socket, sys, threading
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+CHUNK = b"x" * 65536
+FRAME = bytes([0x82, 127]) + len(CHUNK).to_bytes(8, "big") + CHUNK
+def serve(c):
+    try:
+        req = b""
+        while b"\r\n\r\n" not in req:
+            d = c.recv(4096)
+            if not d: return
+            req += d
+        key = [l.split(b":", 1)[1].strip() for l in req.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:")][0]
+        acc = base64.b64encode(hashlib.sha1(key + GUID.encode()).digest())
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + acc + b"\r\n\r\n")
+        while True:
+            c.sendall(FRAME)
+    except OSError:
+        pass
+    finally:
+        c.close()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(64)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+struct Sizes {
+    keystrokes: usize,
+    execs: usize,
+    wrk_secs: u32,
+    streams: usize,
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+fn envd() -> PathBuf {
+    std::env::var_os("ENVD_STATIC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/x86_64-unknown-linux-gnu/release/envd"))
+}
+
+/// A `wrenn up` process on its own data dir, instance and pool.
+struct Server {
+    child: Child,
+    base: String,
+    port: u16,
+    key: String,
+}
+
+impl Server {
+    fn start(data: &Path, instance: &str, pool: &str, shared: bool) -> Result<Server> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wrenn"));
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--no-code-runner", "--instance", instance, "--pool", pool])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--envd")
+            .arg(envd())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if shared {
+            cmd.arg("--shared-transport");
+        }
+        let mut child = cmd.spawn().context("start wrenn up")?;
+        let out = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        let base = line
+            .trim()
+            .strip_prefix("wrenn listening on ")
+            .with_context(|| format!("unexpected first line {line:?}"))?
+            .to_owned();
+        let port = base.rsplit(':').next().unwrap_or("0").parse()?;
+        let key = std::fs::read_to_string(data.join("admin-api-key"))?.trim().to_owned();
+        Ok(Server { child, base, port, key })
+    }
+
+    fn stop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type Http = wrenn_http::HttpClient;
+
+async fn call(http: &Http, s: &Server, method: &str, path: &str, body: Value) -> Result<Value> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", s.base))
+        .header("x-api-key", &s.key)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).map_err(|e| match e {}).boxed())?;
+    let resp = http.request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{method} {path}: {status} {}", String::from_utf8_lossy(&bytes));
+    }
+    Ok(if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes)? })
+}
+
+async fn sh(http: &Http, s: &Server, id: &str, script: &str) -> Result<String> {
+    let v = call(http, s, "POST", &format!("/v1/capsules/{id}/exec"), json!({"cmd": "/bin/sh", "args": ["-c", script], "timeout_sec": 120})).await?;
+    if v["exit_code"] != 0 {
+        bail!("{script}: {v}");
+    }
+    Ok(v["stdout"].as_str().unwrap_or_default().to_owned())
+}
+
+fn pct(mut v: Vec<Duration>, p: f64) -> Duration {
+    v.sort();
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Keystroke → echo latencies on a `cat` PTY.
+async fn pty_echo(s: &Server, id: &str, n: usize) -> Result<Vec<Duration>> {
+    let mut req = format!("ws://127.0.0.1:{}/v1/capsules/{id}/pty", s.port).into_client_request()?;
+    req.headers_mut().insert("x-api-key", s.key.parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    ws.send(Message::text(json!({"type": "start", "cmd": "/bin/cat", "cols": 200, "rows": 50}).to_string())).await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("started") => break,
+            Some(Ok(_)) => {}
+            other => bail!("pty did not start: {other:?}"),
+        }
+    }
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = b"abcdefghijklmnopqrstuvwxyz"[i % 26];
+        let t0 = Instant::now();
+        ws.send(Message::binary(vec![key])).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) if b.contains(&key) => break,
+                Ok(Some(Ok(_))) => {}
+                other => bail!("no echo: {other:?}"),
+            }
+        }
+        lat.push(t0.elapsed());
+        if i % 40 == 39 {
+            // end the line: cat prints it back; drain both
+            ws.send(Message::binary(b"\n".to_vec())).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    ws.send(Message::text(r#"{"type":"kill"}"#)).await?;
+    let _ = ws.close(None).await;
+    Ok(lat)
+}
+
+/// 16 HTTP + 16 WebSocket streams pulling bulk data through the proxy.
+fn start_load(s: &Server, id: &str, streams: usize, stop: Arc<AtomicBool>, bytes: Arc<AtomicU64>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        let (stop, bytes) = (stop.clone(), bytes.clone());
+        let port = s.port;
+        let id = id.to_owned();
+        if i % 2 == 0 {
+            tasks.push(tokio::spawn(async move {
+                let http = wrenn_http::client(wrenn_http::HttpVersion::Http1);
+                while !stop.load(Ordering::Relaxed) {
+                    let req = http::Request::builder()
+                        .uri(format!("http://127.0.0.1:{port}/big"))
+                        .header("host", format!("8080-{id}.localhost:{port}"))
+                        .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+                        .expect("request");
+                    let Ok(resp) = http.request(req).await else { continue };
+                    let mut body = resp.into_body();
+                    while let Some(Ok(f)) = body.frame().await {
+                        bytes.fetch_add(f.data_ref().map_or(0, |d| d.len()) as u64, Ordering::Relaxed);
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                }
+            }));
+        } else {
+            tasks.push(tokio::spawn(async move {
+                let Ok(mut req) = format!("ws://127.0.0.1:{port}/").into_client_request() else { return };
+                if let Ok(h) = format!("8081-{id}.localhost:{port}").parse() {
+                    req.headers_mut().insert("host", h);
+                }
+                let Ok((mut ws, _)) = tokio_tungstenite::connect_async(req).await else { return };
+                while !stop.load(Ordering::Relaxed) {
+                    match ws.next().await {
+                        Some(Ok(m)) => {
+                            bytes.fetch_add(m.len() as u64, Ordering::Relaxed);
+                        }
+                        _ => break,
+                    }
+                }
+            }));
+        }
+    }
+    tasks
+}
+
+struct EchoRun {
+    idle_p50: Duration,
+    idle_p99: Duration,
+    load_p50: Duration,
+    load_p99: Duration,
+    load_mb_s: f64,
+}
+
+async fn echo_bench(s: &Server, id: &str, sz: &Sizes) -> Result<EchoRun> {
+    let idle = pty_echo(s, id, sz.keystrokes).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let tasks = start_load(s, id, sz.streams, stop.clone(), bytes.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b0 = bytes.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    let loaded = pty_echo(s, id, sz.keystrokes).await;
+    let moved = bytes.load(Ordering::Relaxed) - b0;
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    let loaded = loaded?;
+    Ok(EchoRun {
+        idle_p50: pct(idle.clone(), 50.0),
+        idle_p99: pct(idle, 99.0),
+        load_p50: pct(loaded.clone(), 50.0),
+        load_p99: pct(loaded, 99.0),
+        load_mb_s: moved as f64 / secs / 1e6,
+    })
+}
+
+fn runc_exec_once(instance: &str, container: &str) -> Result<Duration> {
+    let t0 = Instant::now();
+    let st = Command::new("runc")
+        .arg(format!("--root=/run/{instance}/runc"))
+        .args(["exec", container, "/bin/true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("runc exec failed: {st}");
+    }
+    Ok(t0.elapsed())
+}
+
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    mb_s: f64,
+}
+
+fn wrk(url: &str, host: Option<&str>, secs: u32) -> Result<Wrk> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", "-c32", &format!("-d{secs}s"), "--latency"]);
+    if let Some(h) = host {
+        cmd.args(["-H", &format!("Host: {h}")]);
+    }
+    let out = cmd.arg(url).output().context("run wrk (apt install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let grab = |prefix: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+    };
+    let rps: f64 = grab("Requests/sec:").and_then(|v| v.parse().ok()).with_context(|| format!("wrk: {text}"))?;
+    let unit = |v: &str| -> f64 {
+        let (n, mul) = if let Some(x) = v.strip_suffix("us") {
+            (x, 0.001)
+        } else if let Some(x) = v.strip_suffix("ms") {
+            (x, 1.0)
+        } else if let Some(x) = v.strip_suffix('s') {
+            (x, 1000.0)
+        } else {
+            (v, 1.0)
+        };
+        n.parse::<f64>().unwrap_or(f64::NAN) * mul
+    };
+    let p50 = grab("50%").map(|v| unit(&v)).unwrap_or(f64::NAN);
+    let xfer = grab("Transfer/sec:").unwrap_or_default();
+    let mb = if let Some(x) = xfer.strip_suffix("GB") {
+        x.parse::<f64>().unwrap_or(0.0) * 1073.741824
+    } else if let Some(x) = xfer.strip_suffix("MB") {
+        x.parse::<f64>().unwrap_or(0.0) * 1.048576
+    } else if let Some(x) = xfer.strip_suffix("KB") {
+        x.parse::<f64>().unwrap_or(0.0) * 0.001024
+    } else {
+        0.0
+    };
+    let errors = text.lines().any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if errors {
+        eprintln!("wrk reported errors for {url}:\n{text}");
+    }
+    Ok(Wrk { rps, p50_ms: p50, mb_s: mb })
+}
+
+struct Nginx(Child, PathBuf);
+
+impl Nginx {
+    fn start(dir: &Path, upstream: &str) -> Result<(Nginx, u16)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let conf = format!(
+            "worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/logs/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
+               upstream u {{ server {upstream}; keepalive 64; }}\n\
+               server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://u; proxy_http_version 1.1;\n\
+                 proxy_set_header Connection \"\"; proxy_buffering off; }} }} }}\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start nginx (apt install nginx-light)")?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok((Nginx(child, dir.to_owned()), port));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nginx did not start")
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGQUIT) };
+        let _ = self.0.wait();
+        let _ = &self.1;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    let sz = if smoke {
+        Sizes { keystrokes: 10, execs: 5, wrk_secs: 1, streams: 4 }
+    } else {
+        Sizes { keystrokes: 300, execs: 200, wrk_secs: 10, streams: 32 }
+    };
+    let minimal = std::env::var_os("WRENN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/wrenn-fixtures"))
+        .join("templates/minimal");
+    if !minimal.is_dir() {
+        bail!("{} is missing: the agent's tests build it (cargo test -p wrenn-agent)", minimal.display());
+    }
+    let data = tempfile::Builder::new().prefix("wrenn-bench-api").tempdir_in("/var/tmp")?;
+    std::fs::create_dir_all(data.path().join("templates"))?;
+    std::os::unix::fs::symlink(&minimal, data.path().join("templates/minimal"))?;
+    let instance = format!("wb{:x}", std::process::id() & 0xffff);
+    let pool = format!("10.{}.{}.0/24", 200 + std::process::id() % 50, std::process::id() % 250);
+    let http = wrenn_http::client(wrenn_http::HttpVersion::Http1);
+
+    let mut server = Server::start(data.path(), &instance, &pool, false)?;
+    let c = call(&http, &server, "POST", "/v1/capsules", json!({"template": "minimal", "vcpus": 2, "memory_mb": 1024})).await?;
+    let id = c["id"].as_str().context("capsule id")?.to_owned();
+    let result = run(&http, &mut server, data.path(), &id, &instance, &pool, &sz).await;
+    let _ = call(&http, &server, "DELETE", &format!("/v1/capsules/{id}"), json!({})).await;
+    server.stop();
+    result
+}
+
+async fn run(http: &Http, server: &mut Server, data: &Path, id: &str, instance: &str, pool: &str, sz: &Sizes) -> Result<()> {
+    // bulk servers: 8 MiB over HTTP on 8080, an endless WebSocket on 8081
+    sh(http, server, id, "mkdir -p /srv && head -c 8388608 /dev/urandom > /srv/big").await?;
+    let upload = json!({"cmd": "/bin/sh", "args": ["-c", format!("cat > /srv/ws.py <<'EOF'\n{WS_FLOOD}\nEOF")]});
+    call(http, server, "POST", &format!("/v1/capsules/{id}/exec"), upload).await?;
+    for (tag, cmd) in [("http", "python3 -m http.server 8080 -d /srv"), ("ws", "python3 /srv/ws.py 8081")] {
+        let body = json!({"cmd": "/bin/sh", "args": ["-c", cmd], "background": true, "tag": tag});
+        call(http, server, "POST", &format!("/v1/capsules/{id}/exec"), body).await?;
+    }
+    let ip = sh(http, server, id, "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1").await?.trim().to_owned();
+    for _ in 0..50 {
+        if sh(http, server, id, "curl -sf -o /dev/null http://127.0.0.1:8080/big && echo ok").await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    println!("# wrenn control-plane benchmarks ({})", if sz.keystrokes < 50 { "smoke" } else { "full" });
+    // 1. PTY echo under load, separate transports
+    let sep = echo_bench(server, id, sz).await?;
+    // 2. exec round trip vs runc exec (interleaved)
+    let container = String::from_utf8(
+        Command::new("runc").arg(format!("--root=/run/{instance}/runc")).args(["list", "-q"]).output()?.stdout,
+    )?
+    .lines()
+    .next()
+    .context("no runc container")?
+    .to_owned();
+    let (mut api, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..sz.execs {
+        let t0 = Instant::now();
+        call(http, server, "POST", &format!("/v1/capsules/{id}/exec"), json!({"cmd": "/bin/true"})).await?;
+        api.push(t0.elapsed());
+        raw.push(runc_exec_once(instance, &container)?);
+    }
+    // 3. proxy vs nginx vs direct, small (envd /health) and 8 MiB (/files)
+    let ngx_dir = data.join("nginx");
+    let (nginx, nport) = Nginx::start(&ngx_dir, &format!("{ip}:49983"))?;
+    let host = format!("49983-{id}.localhost:{}", server.port);
+    let small = "/health".to_owned();
+    let big = "/files?path=/srv/big&username=root".to_owned();
+    let mut rows = Vec::new();
+    for (name, path) in [("small", &small), ("8 MiB", &big)] {
+        let w = wrk(&format!("http://127.0.0.1:{}{path}", server.port), Some(&host), sz.wrk_secs)?;
+        let n = wrk(&format!("http://127.0.0.1:{nport}{path}"), None, sz.wrk_secs)?;
+        let d = wrk(&format!("http://{ip}:49983{path}"), None, sz.wrk_secs)?;
+        rows.push((name, w, n, d));
+    }
+    drop(nginx);
+
+    // 1b. the same PTY benchmark with one shared client for both classes
+    server.stop();
+    *server = Server::start(data, instance, pool, true)?;
+    let shared = echo_bench(server, id, sz).await?;
+
+    let r = |a: Duration, b: Duration| ms(a) / ms(b).max(1e-9);
+    println!("\n## PTY keystroke echo through the API ({} keystrokes each; load: {} proxy streams, half HTTP GETs of 8 MiB, half WebSocket floods)", sz.keystrokes, sz.streams);
+    for (label, e) in [("separate transports (default)", &sep), ("one shared HTTP/2 client (--shared-transport)", &shared)] {
+        println!(
+            "{label:48} idle p50 {:6.2} ms p99 {:6.2} ms | loaded p50 {:6.2} ms p99 {:7.2} ms | p99 ratio {:5.2}× | load moved {:6.1} MB/s",
+            ms(e.idle_p50), ms(e.idle_p99), ms(e.load_p50), ms(e.load_p99), r(e.load_p99, e.idle_p99), e.load_mb_s
+        );
+    }
+    println!("goal: loaded p99 ≤ 1.5× idle p99 (separate transports): {}", if r(sep.load_p99, sep.idle_p99) <= 1.5 { "met" } else { "NOT met" });
+    let (ap, rp) = (pct(api.clone(), 50.0), pct(raw.clone(), 50.0));
+    println!("\n## exec round trip of /bin/true ({} each, interleaved)", sz.execs);
+    println!("API POST /exec       p50 {:6.2} ms p99 {:6.2} ms", ms(ap), ms(pct(api, 99.0)));
+    println!("runc exec            p50 {:6.2} ms p99 {:6.2} ms", ms(rp), ms(pct(raw, 99.0)));
+    println!("ratio API / runc exec p50: {:.3}× (goal ≤ 0.3×): {}", r(ap, rp), if r(ap, rp) <= 0.3 { "met" } else { "NOT met" });
+    println!("\n## proxy (wrk -t2 -c32 -d{}s)", sz.wrk_secs);
+    for (name, w, n, d) in &rows {
+        println!(
+            "{name:6} wrenn {:8.0} req/s p50 {:6.2} ms {:7.1} MB/s | nginx {:8.0} req/s p50 {:6.2} ms {:7.1} MB/s | direct {:8.0} req/s p50 {:6.2} ms | wrenn/nginx {:.2}×",
+            w.rps, w.p50_ms, w.mb_s, n.rps, n.p50_ms, n.mb_s, d.rps, d.p50_ms, w.rps / n.rps.max(1e-9)
+        );
+    }
+    Ok(())
+}
