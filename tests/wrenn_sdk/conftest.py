@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import hashlib
 import os
 import random
 import re
@@ -145,12 +146,46 @@ def _mounts_under(path: Path) -> list[str]:
     return out
 
 
+CODE_RUNNER = "code-runner-beta"
+
+
+def _fixtures() -> Path:
+    return Path(os.environ.get("WRENN_FIXTURES") or DEFAULT_FIXTURES)
+
+
+def _code_runner_cache() -> Path:
+    """Where a built ``code-runner-beta`` is kept between server starts,
+    keyed by its recipe so a changed recipe is built afresh."""
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    h = hashlib.sha256()
+    for name in (f"{CODE_RUNNER}.recipefile", f"{CODE_RUNNER}.healthcheck"):
+        h.update((recipes / name).read_bytes())
+    return _fixtures() / "code-runner" / h.hexdigest()[:16] / CODE_RUNNER
+
+
 def _link_fixture_template(data_dir: Path) -> None:
-    fixtures = Path(os.environ.get("WRENN_FIXTURES") or DEFAULT_FIXTURES)
-    src = fixtures / "templates" / TEMPLATE
-    if src.is_dir():
-        (data_dir / "templates").mkdir(parents=True, exist_ok=True)
-        os.symlink(src.resolve(), data_dir / "templates" / TEMPLATE)
+    """Link the prebuilt templates (``minimal``; ``code-runner-beta`` once a
+    server built it) so servers need not build them again."""
+    for src in (_fixtures() / "templates" / TEMPLATE, _code_runner_cache()):
+        if src.is_dir():
+            (data_dir / "templates").mkdir(parents=True, exist_ok=True)
+            os.symlink(src.resolve(), data_dir / "templates" / src.name)
+
+
+def _keep_built_templates(data_dir: Path) -> None:
+    """Keep a ``code-runner-beta`` this server built (copied, then renamed
+    into place, so the cache holds whole templates only)."""
+    built = data_dir / "templates" / CODE_RUNNER
+    cache = _code_runner_cache()
+    if not built.is_dir() or built.is_symlink() or cache.exists():
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.parent / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if subprocess.run(["cp", "-a", str(built), str(tmp)]).returncode == 0:
+        os.rename(tmp, cache)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fail_with_log(server: Server, message: str) -> None:
@@ -639,6 +674,7 @@ class WrennUp:
                      f"{self.host_objects()}")
             return leaks
         self.purge()
+        _keep_built_templates(self.data_dir)
         mounts = _mounts_under(self.data_dir)
         if mounts:
             self.say(f"[wrenn-sdk] NOT removing {self.data_dir}: still mounted: {mounts[:5]}")

@@ -110,7 +110,21 @@ impl Server {
             .to_owned();
         let port = base.rsplit(':').next().unwrap_or("0").parse()?;
         let key = std::fs::read_to_string(data.join("admin-api-key"))?.trim().to_owned();
-        Ok(Server { child, base, port, key })
+        // ready when the default template is
+        for _ in 0..600 {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut c| {
+                use std::io::{Read, Write};
+                c.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
+                let mut s = String::new();
+                c.read_to_string(&mut s)?;
+                Ok(s.starts_with("HTTP/1.0 200") || s.starts_with("HTTP/1.1 200"))
+            });
+            if ok.unwrap_or(false) {
+                return Ok(Server { child, base, port, key });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("wrenn up did not become ready")
     }
 
     fn stop(&mut self) {

@@ -77,7 +77,7 @@ pub async fn create(
         BuildError::NoBase(b) => ApiError::not_found(format!("base template {b} not found")),
         BuildError::Exists(n) => ApiError::conflict(format!("template {n} exists")),
         BuildError::Api(m) if m.starts_with("host_unavailable") => ApiError::host_unavailable(m),
-        other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "build_error", other.to_string()),
+        other => ApiError::invalid(format!("build failed: {other}")),
     })?;
     Ok((
         StatusCode::CREATED,
