@@ -50,5 +50,6 @@ scripts/fuzz.sh smoke
 echo "==> benchmarks (smoke)"
 cargo run --release -q -p wrenn-bench -- all --smoke --envd "$ENVD_STATIC_BIN"
 cargo bench -q -p wrenn-agent --bench capsules -- --smoke
+cargo bench -q -p wrenn-cli --bench api -- --smoke
 
 echo "==> all tests passed"

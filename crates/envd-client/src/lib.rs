@@ -28,7 +28,9 @@ use wrenn_types::envd::{InitRequest, Metrics, ACCESS_TOKEN_HEADER};
 
 pub use error::ClientError;
 pub use files::{Entry, FileKind, FileStream};
-pub use process::{ExecEvent, ExecOutput, ExecRequest, ExecStream, ProcessSummary, PtySize, Selector};
+pub use process::{
+    ExecEvent, ExecOutput, ExecRequest, ExecStream, ProcessSummary, PtySize, Selector,
+};
 
 /// `Ok(true)` on success, `Ok(false)` when envd answered `absent` (already
 /// there, not there): the SDK-style boolean answers of make_dir and kill.

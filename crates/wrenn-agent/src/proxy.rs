@@ -25,8 +25,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wrenn_types::ids::CapsuleId;
 use wrenn_http::relay::{self, is_upgrade, plain};
+use wrenn_types::ids::CapsuleId;
 use wrenn_types::proxy::{parse_target, rewrite_location};
 
 use crate::agent::Agent;

@@ -88,14 +88,23 @@ struct Server {
 impl Server {
     fn start(data: &Path, instance: &str, pool: &str, shared: bool) -> Result<Server> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wrenn"));
-        cmd.args(["up", "--listen", "127.0.0.1:0", "--no-code-runner", "--instance", instance, "--pool", pool])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--envd")
-            .arg(envd())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        cmd.args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-code-runner",
+            "--instance",
+            instance,
+            "--pool",
+            pool,
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--envd")
+        .arg(envd())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
         if shared {
             cmd.arg("--shared-transport");
         }
@@ -109,7 +118,9 @@ impl Server {
             .with_context(|| format!("unexpected first line {line:?}"))?
             .to_owned();
         let port = base.rsplit(':').next().unwrap_or("0").parse()?;
-        let key = std::fs::read_to_string(data.join("admin-api-key"))?.trim().to_owned();
+        let key = std::fs::read_to_string(data.join("admin-api-key"))?
+            .trim()
+            .to_owned();
         // ready when the default template is
         for _ in 0..600 {
             let ok = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut c| {
@@ -120,7 +131,12 @@ impl Server {
                 Ok(s.starts_with("HTTP/1.0 200") || s.starts_with("HTTP/1.1 200"))
             });
             if ok.unwrap_or(false) {
-                return Ok(Server { child, base, port, key });
+                return Ok(Server {
+                    child,
+                    base,
+                    port,
+                    key,
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -147,18 +163,36 @@ async fn call(http: &Http, s: &Server, method: &str, path: &str, body: Value) ->
         .uri(format!("{}{path}", s.base))
         .header("x-api-key", &s.key)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())).map_err(|e| match e {}).boxed())?;
+        .body(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|e| match e {})
+                .boxed(),
+        )?;
     let resp = http.request(req).await?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        bail!("{method} {path}: {status} {}", String::from_utf8_lossy(&bytes));
+        bail!(
+            "{method} {path}: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        );
     }
-    Ok(if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes)? })
+    Ok(if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)?
+    })
 }
 
 async fn sh(http: &Http, s: &Server, id: &str, script: &str) -> Result<String> {
-    let v = call(http, s, "POST", &format!("/v1/capsules/{id}/exec"), json!({"cmd": "/bin/sh", "args": ["-c", script], "timeout_sec": 120})).await?;
+    let v = call(
+        http,
+        s,
+        "POST",
+        &format!("/v1/capsules/{id}/exec"),
+        json!({"cmd": "/bin/sh", "args": ["-c", script], "timeout_sec": 120}),
+    )
+    .await?;
     if v["exit_code"] != 0 {
         bail!("{script}: {v}");
     }
@@ -177,10 +211,14 @@ fn ms(d: Duration) -> f64 {
 
 /// Keystroke → echo latencies on a `cat` PTY.
 async fn pty_echo(s: &Server, id: &str, n: usize) -> Result<Vec<Duration>> {
-    let mut req = format!("ws://127.0.0.1:{}/v1/capsules/{id}/pty", s.port).into_client_request()?;
+    let mut req =
+        format!("ws://127.0.0.1:{}/v1/capsules/{id}/pty", s.port).into_client_request()?;
     req.headers_mut().insert("x-api-key", s.key.parse()?);
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
-    ws.send(Message::text(json!({"type": "start", "cmd": "/bin/cat", "cols": 200, "rows": 50}).to_string())).await?;
+    ws.send(Message::text(
+        json!({"type": "start", "cmd": "/bin/cat", "cols": 200, "rows": 50}).to_string(),
+    ))
+    .await?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) if t.contains("started") => break,
@@ -213,7 +251,13 @@ async fn pty_echo(s: &Server, id: &str, n: usize) -> Result<Vec<Duration>> {
 }
 
 /// 16 HTTP + 16 WebSocket streams pulling bulk data through the proxy.
-fn start_load(s: &Server, id: &str, streams: usize, stop: Arc<AtomicBool>, bytes: Arc<AtomicU64>) -> Vec<tokio::task::JoinHandle<()>> {
+fn start_load(
+    s: &Server,
+    id: &str,
+    streams: usize,
+    stop: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for i in 0..streams {
         let (stop, bytes) = (stop.clone(), bytes.clone());
@@ -228,10 +272,15 @@ fn start_load(s: &Server, id: &str, streams: usize, stop: Arc<AtomicBool>, bytes
                         .header("host", format!("8080-{id}.localhost:{port}"))
                         .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
                         .expect("request");
-                    let Ok(resp) = http.request(req).await else { continue };
+                    let Ok(resp) = http.request(req).await else {
+                        continue;
+                    };
                     let mut body = resp.into_body();
                     while let Some(Ok(f)) = body.frame().await {
-                        bytes.fetch_add(f.data_ref().map_or(0, |d| d.len()) as u64, Ordering::Relaxed);
+                        bytes.fetch_add(
+                            f.data_ref().map_or(0, |d| d.len()) as u64,
+                            Ordering::Relaxed,
+                        );
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -240,11 +289,15 @@ fn start_load(s: &Server, id: &str, streams: usize, stop: Arc<AtomicBool>, bytes
             }));
         } else {
             tasks.push(tokio::spawn(async move {
-                let Ok(mut req) = format!("ws://127.0.0.1:{port}/").into_client_request() else { return };
+                let Ok(mut req) = format!("ws://127.0.0.1:{port}/").into_client_request() else {
+                    return;
+                };
                 if let Ok(h) = format!("8081-{id}.localhost:{port}").parse() {
                     req.headers_mut().insert("host", h);
                 }
-                let Ok((mut ws, _)) = tokio_tungstenite::connect_async(req).await else { return };
+                let Ok((mut ws, _)) = tokio_tungstenite::connect_async(req).await else {
+                    return;
+                };
                 while !stop.load(Ordering::Relaxed) {
                     match ws.next().await {
                         Some(Ok(m)) => {
@@ -325,7 +378,9 @@ fn wrk(url: &str, host: Option<&str>, secs: u32) -> Result<Wrk> {
             .find(|l| l.trim_start().starts_with(prefix))
             .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
     };
-    let rps: f64 = grab("Requests/sec:").and_then(|v| v.parse().ok()).with_context(|| format!("wrk: {text}"))?;
+    let rps: f64 = grab("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("wrk: {text}"))?;
     let unit = |v: &str| -> f64 {
         let (n, mul) = if let Some(x) = v.strip_suffix("us") {
             (x, 0.001)
@@ -349,18 +404,26 @@ fn wrk(url: &str, host: Option<&str>, secs: u32) -> Result<Wrk> {
     } else {
         0.0
     };
-    let errors = text.lines().any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    let errors = text
+        .lines()
+        .any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
     if errors {
         eprintln!("wrk reported errors for {url}:\n{text}");
     }
-    Ok(Wrk { rps, p50_ms: p50, mb_s: mb })
+    Ok(Wrk {
+        rps,
+        p50_ms: p50,
+        mb_s: mb,
+    })
 }
 
 struct Nginx(Child, PathBuf);
 
 impl Nginx {
     fn start(dir: &Path, upstream: &str) -> Result<(Nginx, u16)> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         std::fs::create_dir_all(dir.join("logs"))?;
         let conf = format!(
             "worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/logs/error.log warn;\n\
@@ -403,56 +466,143 @@ impl Drop for Nginx {
 async fn main() -> Result<()> {
     let smoke = std::env::args().any(|a| a == "--smoke");
     let sz = if smoke {
-        Sizes { keystrokes: 10, execs: 5, wrk_secs: 1, streams: 4 }
+        Sizes {
+            keystrokes: 10,
+            execs: 5,
+            wrk_secs: 1,
+            streams: 4,
+        }
     } else {
-        Sizes { keystrokes: 300, execs: 200, wrk_secs: 10, streams: 32 }
+        Sizes {
+            keystrokes: 300,
+            execs: 200,
+            wrk_secs: 10,
+            streams: 32,
+        }
     };
     let minimal = std::env::var_os("WRENN_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target/wrenn-fixtures"))
         .join("templates/minimal");
     if !minimal.is_dir() {
-        bail!("{} is missing: the agent's tests build it (cargo test -p wrenn-agent)", minimal.display());
+        bail!(
+            "{} is missing: the agent's tests build it (cargo test -p wrenn-agent)",
+            minimal.display()
+        );
     }
-    let data = tempfile::Builder::new().prefix("wrenn-bench-api").tempdir_in("/var/tmp")?;
+    let data = tempfile::Builder::new()
+        .prefix("wrenn-bench-api")
+        .tempdir_in("/var/tmp")?;
     std::fs::create_dir_all(data.path().join("templates"))?;
     std::os::unix::fs::symlink(&minimal, data.path().join("templates/minimal"))?;
     let instance = format!("wb{:x}", std::process::id() & 0xffff);
-    let pool = format!("10.{}.{}.0/24", 200 + std::process::id() % 50, std::process::id() % 250);
+    let pool = format!(
+        "10.{}.{}.0/24",
+        200 + std::process::id() % 50,
+        std::process::id() % 250
+    );
     let http = wrenn_http::client(wrenn_http::HttpVersion::Http1);
 
     let mut server = Server::start(data.path(), &instance, &pool, false)?;
-    let c = call(&http, &server, "POST", "/v1/capsules", json!({"template": "minimal", "vcpus": 2, "memory_mb": 1024})).await?;
+    let c = call(
+        &http,
+        &server,
+        "POST",
+        "/v1/capsules",
+        json!({"template": "minimal", "vcpus": 2, "memory_mb": 1024}),
+    )
+    .await?;
     let id = c["id"].as_str().context("capsule id")?.to_owned();
     let result = run(&http, &mut server, data.path(), &id, &instance, &pool, &sz).await;
-    let _ = call(&http, &server, "DELETE", &format!("/v1/capsules/{id}"), json!({})).await;
+    let _ = call(
+        &http,
+        &server,
+        "DELETE",
+        &format!("/v1/capsules/{id}"),
+        json!({}),
+    )
+    .await;
     server.stop();
     result
 }
 
-async fn run(http: &Http, server: &mut Server, data: &Path, id: &str, instance: &str, pool: &str, sz: &Sizes) -> Result<()> {
+async fn run(
+    http: &Http,
+    server: &mut Server,
+    data: &Path,
+    id: &str,
+    instance: &str,
+    pool: &str,
+    sz: &Sizes,
+) -> Result<()> {
     // bulk servers: 8 MiB over HTTP on 8080, an endless WebSocket on 8081
-    sh(http, server, id, "mkdir -p /srv && head -c 8388608 /dev/urandom > /srv/big").await?;
+    sh(
+        http,
+        server,
+        id,
+        "mkdir -p /srv && head -c 8388608 /dev/urandom > /srv/big",
+    )
+    .await?;
     let upload = json!({"cmd": "/bin/sh", "args": ["-c", format!("cat > /srv/ws.py <<'EOF'\n{WS_FLOOD}\nEOF")]});
-    call(http, server, "POST", &format!("/v1/capsules/{id}/exec"), upload).await?;
-    for (tag, cmd) in [("http", "python3 -m http.server 8080 -d /srv"), ("ws", "python3 /srv/ws.py 8081")] {
+    call(
+        http,
+        server,
+        "POST",
+        &format!("/v1/capsules/{id}/exec"),
+        upload,
+    )
+    .await?;
+    for (tag, cmd) in [
+        ("http", "python3 -m http.server 8080 -d /srv"),
+        ("ws", "python3 /srv/ws.py 8081"),
+    ] {
         let body = json!({"cmd": "/bin/sh", "args": ["-c", cmd], "background": true, "tag": tag});
-        call(http, server, "POST", &format!("/v1/capsules/{id}/exec"), body).await?;
+        call(
+            http,
+            server,
+            "POST",
+            &format!("/v1/capsules/{id}/exec"),
+            body,
+        )
+        .await?;
     }
-    let ip = sh(http, server, id, "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1").await?.trim().to_owned();
+    let ip = sh(
+        http,
+        server,
+        id,
+        "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1",
+    )
+    .await?
+    .trim()
+    .to_owned();
     for _ in 0..50 {
-        if sh(http, server, id, "curl -sf -o /dev/null http://127.0.0.1:8080/big && echo ok").await.is_ok() {
+        if sh(
+            http,
+            server,
+            id,
+            "curl -sf -o /dev/null http://127.0.0.1:8080/big && echo ok",
+        )
+        .await
+        .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    println!("# wrenn control-plane benchmarks ({})", if sz.keystrokes < 50 { "smoke" } else { "full" });
+    println!(
+        "# wrenn control-plane benchmarks ({})",
+        if sz.keystrokes < 50 { "smoke" } else { "full" }
+    );
     // 1. PTY echo under load, separate transports
     let sep = echo_bench(server, id, sz).await?;
     // 2. exec round trip vs runc exec (interleaved)
     let container = String::from_utf8(
-        Command::new("runc").arg(format!("--root=/run/{instance}/runc")).args(["list", "-q"]).output()?.stdout,
+        Command::new("runc")
+            .arg(format!("--root=/run/{instance}/runc"))
+            .args(["list", "-q"])
+            .output()?
+            .stdout,
     )?
     .lines()
     .next()
@@ -461,7 +611,14 @@ async fn run(http: &Http, server: &mut Server, data: &Path, id: &str, instance: 
     let (mut api, mut raw) = (Vec::new(), Vec::new());
     for _ in 0..sz.execs {
         let t0 = Instant::now();
-        call(http, server, "POST", &format!("/v1/capsules/{id}/exec"), json!({"cmd": "/bin/true"})).await?;
+        call(
+            http,
+            server,
+            "POST",
+            &format!("/v1/capsules/{id}/exec"),
+            json!({"cmd": "/bin/true"}),
+        )
+        .await?;
         api.push(t0.elapsed());
         raw.push(runc_exec_once(instance, &container)?);
     }
@@ -473,8 +630,16 @@ async fn run(http: &Http, server: &mut Server, data: &Path, id: &str, instance: 
     let big = "/files?path=/srv/big&username=root".to_owned();
     let mut rows = Vec::new();
     for (name, path) in [("small", &small), ("8 MiB", &big)] {
-        let w = wrk(&format!("http://127.0.0.1:{}{path}", server.port), Some(&host), sz.wrk_secs)?;
-        let n = wrk(&format!("http://127.0.0.1:{nport}{path}"), None, sz.wrk_secs)?;
+        let w = wrk(
+            &format!("http://127.0.0.1:{}{path}", server.port),
+            Some(&host),
+            sz.wrk_secs,
+        )?;
+        let n = wrk(
+            &format!("http://127.0.0.1:{nport}{path}"),
+            None,
+            sz.wrk_secs,
+        )?;
         let d = wrk(&format!("http://{ip}:49983{path}"), None, sz.wrk_secs)?;
         rows.push((name, w, n, d));
     }
@@ -487,18 +652,43 @@ async fn run(http: &Http, server: &mut Server, data: &Path, id: &str, instance: 
 
     let r = |a: Duration, b: Duration| ms(a) / ms(b).max(1e-9);
     println!("\n## PTY keystroke echo through the API ({} keystrokes each; load: {} proxy streams, half HTTP GETs of 8 MiB, half WebSocket floods)", sz.keystrokes, sz.streams);
-    for (label, e) in [("separate transports (default)", &sep), ("one shared HTTP/2 client (--shared-transport)", &shared)] {
+    for (label, e) in [
+        ("separate transports (default)", &sep),
+        ("one shared HTTP/2 client (--shared-transport)", &shared),
+    ] {
         println!(
             "{label:48} idle p50 {:6.2} ms p99 {:6.2} ms | loaded p50 {:6.2} ms p99 {:7.2} ms | p99 ratio {:5.2}× | load moved {:6.1} MB/s",
             ms(e.idle_p50), ms(e.idle_p99), ms(e.load_p50), ms(e.load_p99), r(e.load_p99, e.idle_p99), e.load_mb_s
         );
     }
-    println!("goal: loaded p99 ≤ 1.5× idle p99 (separate transports): {}", if r(sep.load_p99, sep.idle_p99) <= 1.5 { "met" } else { "NOT met" });
+    println!(
+        "goal: loaded p99 ≤ 1.5× idle p99 (separate transports): {}",
+        if r(sep.load_p99, sep.idle_p99) <= 1.5 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
     let (ap, rp) = (pct(api.clone(), 50.0), pct(raw.clone(), 50.0));
-    println!("\n## exec round trip of /bin/true ({} each, interleaved)", sz.execs);
-    println!("API POST /exec       p50 {:6.2} ms p99 {:6.2} ms", ms(ap), ms(pct(api, 99.0)));
-    println!("runc exec            p50 {:6.2} ms p99 {:6.2} ms", ms(rp), ms(pct(raw, 99.0)));
-    println!("ratio API / runc exec p50: {:.3}× (goal ≤ 0.3×): {}", r(ap, rp), if r(ap, rp) <= 0.3 { "met" } else { "NOT met" });
+    println!(
+        "\n## exec round trip of /bin/true ({} each, interleaved)",
+        sz.execs
+    );
+    println!(
+        "API POST /exec       p50 {:6.2} ms p99 {:6.2} ms",
+        ms(ap),
+        ms(pct(api, 99.0))
+    );
+    println!(
+        "runc exec            p50 {:6.2} ms p99 {:6.2} ms",
+        ms(rp),
+        ms(pct(raw, 99.0))
+    );
+    println!(
+        "ratio API / runc exec p50: {:.3}× (goal ≤ 0.3×): {}",
+        r(ap, rp),
+        if r(ap, rp) <= 0.3 { "met" } else { "NOT met" }
+    );
     println!("\n## proxy (wrk -t2 -c32 -d{}s)", sz.wrk_secs);
     for (name, w, n, d) in &rows {
         println!(

@@ -7,7 +7,11 @@ mod up;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "wrenn", version, about = "Wrenn: isolated capsules for untrusted code")]
+#[command(
+    name = "wrenn",
+    version,
+    about = "Wrenn: isolated capsules for untrusted code"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -43,7 +43,11 @@ pub struct UpArgs {
     #[arg(long, env = "WRENN_DATABASE_URL")]
     database_url: Option<String>,
     /// The static envd binary bind-mounted into capsules.
-    #[arg(long, env = "WRENN_ENVD_BIN", default_value = "/usr/local/lib/wrenn/envd")]
+    #[arg(
+        long,
+        env = "WRENN_ENVD_BIN",
+        default_value = "/usr/local/lib/wrenn/envd"
+    )]
     envd: PathBuf,
     /// Where the agent's RPC listens (loopback; port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -132,7 +136,9 @@ async fn register_agent(cp: &Cp, data_dir: &Path, facts: &HostRegistration) -> R
             }
         }
     }
-    let (_, token) = issue_registration(cp).await.map_err(|e| anyhow::anyhow!(e.message))?;
+    let (_, token) = issue_registration(cp)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
     let (host, _host_token) = register_host(cp, &token, facts)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
@@ -264,7 +270,10 @@ async fn build_code_runner(cp: &Cp, agent: &Agent) {
     let started = Instant::now();
     let mut log = |line: String| eprintln!("wrenn up: {CODE_RUNNER}: {line}");
     match wrenn_cp::build::build(cp, spec, &mut log).await {
-        Ok(_) => eprintln!("wrenn up: `{CODE_RUNNER}` built in {:.0?}", started.elapsed()),
+        Ok(_) => eprintln!(
+            "wrenn up: `{CODE_RUNNER}` built in {:.0?}",
+            started.elapsed()
+        ),
         Err(e) => eprintln!("wrenn up: building `{CODE_RUNNER}` failed: {e}"),
     }
 }
@@ -285,7 +294,8 @@ async fn up(args: UpArgs) -> Result<()> {
     let mut args = args;
     args.envd = std::fs::canonicalize(&args.envd)?;
     args.data_dir = std::fs::canonicalize(&args.data_dir)?;
-    let mut cfg = AgentConfig::new(args.data_dir.clone(), args.envd.clone()).with_instance(&args.instance);
+    let mut cfg =
+        AgentConfig::new(args.data_dir.clone(), args.envd.clone()).with_instance(&args.instance);
     cfg.runtime = RuntimeChoice {
         binary: args.runtime.clone(),
         args: Vec::new(),
@@ -298,17 +308,24 @@ async fn up(args: UpArgs) -> Result<()> {
         .with_context(|| format!("listen on {}", args.agent_listen))?;
     let agent_addr = agent_listener.local_addr()?;
     let (agent_stop_tx, agent_stop) = tokio::sync::oneshot::channel::<()>();
-    let agent_task = tokio::spawn(wrenn_agent::server::run(agent.clone(), agent_listener, async {
-        let _ = agent_stop.await;
-    }));
+    let agent_task = tokio::spawn(wrenn_agent::server::run(
+        agent.clone(),
+        agent_listener,
+        async {
+            let _ = agent_stop.await;
+        },
+    ));
 
-    let database_url = args.database_url.clone().unwrap_or_else(|| {
-        format!("sqlite:{}", args.data_dir.join("wrenn.db").display())
-    });
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite:{}", args.data_dir.join("wrenn.db").display()));
     let mut config = CpConfig::new(database_url);
     config.proxy_domain = args.proxy_domain.clone();
     config.shared_transport = args.shared_transport;
-    let plane = ControlPlane::start(config).await.context("open the database")?;
+    let plane = ControlPlane::start(config)
+        .await
+        .context("open the database")?;
     let cp = plane.cp.clone();
     cp.set_ready(false);
     let facts = host_facts(&args.data_dir, agent_addr);
@@ -329,7 +346,11 @@ async fn up(args: UpArgs) -> Result<()> {
         if first { ", admin keys created" } else { "" },
         key_file.display()
     );
-    let builder = tokio::spawn(build_minimal(cp.clone(), agent.clone(), !args.no_code_runner));
+    let builder = tokio::spawn(build_minimal(
+        cp.clone(),
+        agent.clone(),
+        !args.no_code_runner,
+    ));
     let served = plane.serve(listener, shutdown_signal()).await;
     builder.abort();
     let _ = agent_stop_tx.send(());

@@ -56,7 +56,9 @@ pub fn well_formed(key: &str, kind: KeyKind) -> bool {
         KeyKind::E2b => ("e2b_", 40),
     };
     key.strip_prefix(prefix).is_some_and(|h| {
-        h.len() == len && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == len
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -150,10 +152,22 @@ mod tests {
 
     #[test]
     fn key_shapes() {
-        assert!(well_formed(&format!("wrn_{}", "a1".repeat(16)), KeyKind::Wrenn));
-        assert!(!well_formed(&format!("wrn_{}", "A1".repeat(16)), KeyKind::Wrenn));
-        assert!(!well_formed(&format!("wrn_{}", "a1".repeat(15)), KeyKind::Wrenn));
-        assert!(well_formed(&format!("e2b_{}", "0f".repeat(20)), KeyKind::E2b));
+        assert!(well_formed(
+            &format!("wrn_{}", "a1".repeat(16)),
+            KeyKind::Wrenn
+        ));
+        assert!(!well_formed(
+            &format!("wrn_{}", "A1".repeat(16)),
+            KeyKind::Wrenn
+        ));
+        assert!(!well_formed(
+            &format!("wrn_{}", "a1".repeat(15)),
+            KeyKind::Wrenn
+        ));
+        assert!(well_formed(
+            &format!("e2b_{}", "0f".repeat(20)),
+            KeyKind::E2b
+        ));
         assert!(!well_formed("", KeyKind::Wrenn));
         assert_eq!(
             sha256_hex("abc"),

@@ -50,7 +50,11 @@ pub enum BuildError {
     #[error("template {0} exists")]
     Exists(String),
     #[error("step {step} ({what}) failed: {msg}")]
-    Step { step: usize, what: String, msg: String },
+    Step {
+        step: usize,
+        what: String,
+        msg: String,
+    },
     #[error("healthcheck did not pass: {0}")]
     Health(String),
     #[error("{0}")]
@@ -102,7 +106,8 @@ impl Ctx<'_> {
             timeout_sec: timeout.as_secs().clamp(1, u32::MAX as u64) as u32,
             ..Default::default()
         };
-        let opts = connectrpc::client::CallOptions::default().with_timeout(timeout + Duration::from_secs(5));
+        let opts = connectrpc::client::CallOptions::default()
+            .with_timeout(timeout + Duration::from_secs(5));
         let out = self
             .host
             .rpc
@@ -162,7 +167,11 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
     Ok(())
 }
 
-async fn run_steps(cx: &Ctx<'_>, spec: &BuildSpec, log: &mut (dyn FnMut(String) + Send)) -> Result<(Option<String>, BTreeMap<String, String>, String), BuildError> {
+async fn run_steps(
+    cx: &Ctx<'_>,
+    spec: &BuildSpec,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<(Option<String>, BTreeMap<String, String>, String), BuildError> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     // Python's and curl's own CA bundles ignore the system's; point them at it.
     let build_env: BTreeMap<String, String> = [
@@ -178,7 +187,11 @@ async fn run_steps(cx: &Ctx<'_>, spec: &BuildSpec, log: &mut (dyn FnMut(String) 
     let mut start = None;
     for (i, step) in spec.steps.iter().enumerate() {
         let n = i + 1;
-        let fail = |what: &str, msg: String| BuildError::Step { step: n, what: what.to_owned(), msg };
+        let fail = |what: &str, msg: String| BuildError::Step {
+            step: n,
+            what: what.to_owned(),
+            msg,
+        };
         let t0 = Instant::now();
         let mut all_env = build_env.clone();
         all_env.extend(env.clone());
@@ -190,7 +203,10 @@ async fn run_steps(cx: &Ctx<'_>, spec: &BuildSpec, log: &mut (dyn FnMut(String) 
                     .await
                     .map_err(|e| fail("RUN", e))?;
                 if code != 0 {
-                    return Err(fail("RUN", format!("exit {code}\n{}{}", tail(&out), tail(&err))));
+                    return Err(fail(
+                        "RUN",
+                        format!("exit {code}\n{}{}", tail(&out), tail(&err)),
+                    ));
                 }
             }
             Step::Env { key, value } => {
@@ -217,7 +233,11 @@ async fn run_steps(cx: &Ctx<'_>, spec: &BuildSpec, log: &mut (dyn FnMut(String) 
                 match cx.sh(&line, Duration::from_secs(60)).await {
                     Ok((0, _, _)) => {
                         user = name.clone();
-                        cwd = if name == "root" { "/root".into() } else { format!("/home/{name}") };
+                        cwd = if name == "root" {
+                            "/root".into()
+                        } else {
+                            format!("/home/{name}")
+                        };
                         env.insert("HOME".into(), cwd.clone());
                     }
                     Ok((c, o, e)) => return Err(fail("USER", format!("exit {c}: {o}{e}"))),
@@ -225,30 +245,47 @@ async fn run_steps(cx: &Ctx<'_>, spec: &BuildSpec, log: &mut (dyn FnMut(String) 
                 }
             }
             Step::Copy { sources, dest } => {
-                log(format!("[{n}/{}] COPY {} {dest}", spec.steps.len(), sources.join(" ")));
+                log(format!(
+                    "[{n}/{}] COPY {} {dest}",
+                    spec.steps.len(),
+                    sources.join(" ")
+                ));
                 let ctx = spec
                     .context
                     .as_ref()
                     .ok_or_else(|| fail("COPY", "this build has no context directory".into()))?;
-                let dest = if dest.starts_with('/') { dest.clone() } else { format!("{cwd}/{dest}") };
+                let dest = if dest.starts_with('/') {
+                    dest.clone()
+                } else {
+                    format!("{cwd}/{dest}")
+                };
                 for src in sources {
                     let mut files = Vec::new();
-                    walk(ctx, Path::new(src), &mut files).map_err(|e| fail("COPY", format!("{src}: {e}")))?;
-                    let single = files.len() == 1 && files[0] == Path::new(src) && ctx.join(src).is_file();
+                    walk(ctx, Path::new(src), &mut files)
+                        .map_err(|e| fail("COPY", format!("{src}: {e}")))?;
+                    let single =
+                        files.len() == 1 && files[0] == Path::new(src) && ctx.join(src).is_file();
                     for f in files {
-                        let data = std::fs::read(ctx.join(&f)).map_err(|e| fail("COPY", format!("{}: {e}", f.display())))?;
+                        let data = std::fs::read(ctx.join(&f))
+                            .map_err(|e| fail("COPY", format!("{}: {e}", f.display())))?;
                         let target = if single && !dest.ends_with('/') && sources.len() == 1 {
                             dest.clone()
                         } else {
-                            let name = f.strip_prefix(Path::new(src).parent().unwrap_or(Path::new(""))).unwrap_or(&f);
+                            let name = f
+                                .strip_prefix(Path::new(src).parent().unwrap_or(Path::new("")))
+                                .unwrap_or(&f);
                             format!("{}/{}", dest.trim_end_matches('/'), name.display())
                         };
-                        cx.upload(&target, data).await.map_err(|e| fail("COPY", e))?;
+                        cx.upload(&target, data)
+                            .await
+                            .map_err(|e| fail("COPY", e))?;
                     }
                 }
                 if user != "root" {
                     let line = format!("chown -R {} {}", quote(&user), quote(&dest));
-                    cx.sh(&line, Duration::from_secs(60)).await.map_err(|e| fail("COPY", e))?;
+                    cx.sh(&line, Duration::from_secs(60))
+                        .await
+                        .map_err(|e| fail("COPY", e))?;
                 }
             }
             Step::Start { cmd } => {
@@ -274,7 +311,12 @@ async fn run_steps(cx: &Ctx<'_>, spec: &BuildSpec, log: &mut (dyn FnMut(String) 
     Ok((start, env, user))
 }
 
-async fn wait_healthy(cx: &Ctx<'_>, h: &Healthcheck, user: &str, log: &mut (dyn FnMut(String) + Send)) -> Result<(), BuildError> {
+async fn wait_healthy(
+    cx: &Ctx<'_>,
+    h: &Healthcheck,
+    user: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<(), BuildError> {
     log(format!("healthcheck: {}", h.cmd));
     let t0 = Instant::now();
     let mut failures = 0u32;
@@ -296,9 +338,18 @@ async fn wait_healthy(cx: &Ctx<'_>, h: &Healthcheck, user: &str, log: &mut (dyn 
 }
 
 /// Build a platform template. `log` gets one line per step.
-pub async fn build(cp: &Cp, spec: BuildSpec, log: &mut (dyn FnMut(String) + Send)) -> Result<TemplateRow, BuildError> {
+pub async fn build(
+    cp: &Cp,
+    spec: BuildSpec,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<TemplateRow, BuildError> {
     let team = platform_team();
-    if cp.db.own_template(&team, spec.name.as_str()).await?.is_some() {
+    if cp
+        .db
+        .own_template(&team, spec.name.as_str())
+        .await?
+        .is_some()
+    {
         return Err(BuildError::Exists(spec.name.to_string()));
     }
     let base = cp
@@ -316,7 +367,10 @@ pub async fn build(cp: &Cp, spec: BuildSpec, log: &mut (dyn FnMut(String) + Send
     };
     let capsule = launch(cp, &team, Actor::system(), launch_spec).await?;
     let host = crate::api::host_of(cp, &capsule)?;
-    let cx = Ctx { host: &host, capsule: &capsule };
+    let cx = Ctx {
+        host: &host,
+        capsule: &capsule,
+    };
     let result = async {
         trust_host_cas(&cx, log).await;
         let (start, env, user) = run_steps(&cx, &spec, log).await?;
@@ -328,11 +382,16 @@ pub async fn build(cp: &Cp, spec: BuildSpec, log: &mut (dyn FnMut(String) + Send
             id: capsule.id.to_string(),
             name: spec.name.to_string(),
             start_cmd: start,
-            env: env.clone().into_iter().filter(|(k, _)| k != "HOME").collect(),
+            env: env
+                .clone()
+                .into_iter()
+                .filter(|(k, _)| k != "HOME")
+                .collect(),
             default_user: Some(user.clone()),
             ..Default::default()
         };
-        let opts = connectrpc::client::CallOptions::default().with_timeout(Duration::from_secs(600));
+        let opts =
+            connectrpc::client::CallOptions::default().with_timeout(Duration::from_secs(600));
         let made = host
             .rpc
             .create_snapshot_with_options(req, opts)
@@ -366,13 +425,18 @@ pub async fn build(cp: &Cp, spec: BuildSpec, log: &mut (dyn FnMut(String) + Send
 }
 
 async fn trust_host_cas(cx: &Ctx<'_>, log: &mut (dyn FnMut(String) + Send)) {
-    let Ok(rd) = std::fs::read_dir("/usr/local/share/ca-certificates") else { return };
+    let Ok(rd) = std::fs::read_dir("/usr/local/share/ca-certificates") else {
+        return;
+    };
     let mut n = 0;
     for e in rd.flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "crt") {
             if let (Ok(data), Some(name)) = (std::fs::read(&p), p.file_name()) {
-                let target = format!("/usr/local/share/ca-certificates/{}", name.to_string_lossy());
+                let target = format!(
+                    "/usr/local/share/ca-certificates/{}",
+                    name.to_string_lossy()
+                );
                 if cx.upload(&target, data).await.is_ok() {
                     n += 1;
                 }

@@ -124,10 +124,11 @@ impl Db {
     }
 
     pub async fn team(&self, id: &TeamId) -> Result<Option<Team>, DbError> {
-        let row = sqlx::query("SELECT id, name, slug, is_admin, created_at FROM teams WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, name, slug, is_admin, created_at FROM teams WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| team_row(&r)).transpose()
     }
 
@@ -269,7 +270,11 @@ impl Db {
     }
 
     /// A known host's new address and size (an agent that restarted).
-    pub async fn update_host(&self, id: &HostId, reg: &HostRegistration) -> Result<Option<Host>, DbError> {
+    pub async fn update_host(
+        &self,
+        id: &HostId,
+        reg: &HostRegistration,
+    ) -> Result<Option<Host>, DbError> {
         sqlx::query(
             "UPDATE hosts SET status = 'online', address = $1, arch = $2, cpu_cores = $3, \
                     memory_mb = $4, disk_gb = $5, last_heartbeat = $6 WHERE id = $7",
@@ -381,7 +386,11 @@ impl Db {
     }
 
     /// A team's capsule (None also when another team owns it).
-    pub async fn capsule(&self, team: &TeamId, id: &CapsuleId) -> Result<Option<CapsuleRow>, DbError> {
+    pub async fn capsule(
+        &self,
+        team: &TeamId,
+        id: &CapsuleId,
+    ) -> Result<Option<CapsuleRow>, DbError> {
         let row = sqlx::query(&format!("{CAPSULE_COLS} WHERE id = $1 AND team_id = $2"))
             .bind(id.as_str())
             .bind(team.as_str())
@@ -552,7 +561,11 @@ impl Db {
         Ok(())
     }
 
-    pub async fn saved_metrics(&self, id: &CapsuleId, since_ms: i64) -> Result<Vec<MetricRow>, DbError> {
+    pub async fn saved_metrics(
+        &self,
+        id: &CapsuleId,
+        since_ms: i64,
+    ) -> Result<Vec<MetricRow>, DbError> {
         let rows = sqlx::query(
             "SELECT at_ms, cpu_pct, mem_bytes, disk_bytes FROM capsule_metrics \
              WHERE capsule_id = $1 AND at_ms >= $2 ORDER BY at_ms",
@@ -604,7 +617,11 @@ impl Db {
 
     /// A template by name as a team sees it: its own first, then the
     /// platform's.
-    pub async fn resolve_template(&self, team: &TeamId, name: &str) -> Result<Option<TemplateRow>, DbError> {
+    pub async fn resolve_template(
+        &self,
+        team: &TeamId,
+        name: &str,
+    ) -> Result<Option<TemplateRow>, DbError> {
         let rows = sqlx::query(&format!(
             "{TEMPLATE_COLS} WHERE name = $1 AND (team_id = $2 OR team_id = $3)"
         ))
@@ -613,13 +630,18 @@ impl Db {
         .bind(platform_team().as_str())
         .fetch_all(&self.pool)
         .await?;
-        let mut found: Vec<TemplateRow> = rows.iter().map(template_row).collect::<Result<_, _>>()?;
+        let mut found: Vec<TemplateRow> =
+            rows.iter().map(template_row).collect::<Result<_, _>>()?;
         found.sort_by_key(|t| t.team_id == platform_team());
         Ok(found.into_iter().next())
     }
 
     /// A team's own template (not the platform's).
-    pub async fn own_template(&self, team: &TeamId, name: &str) -> Result<Option<TemplateRow>, DbError> {
+    pub async fn own_template(
+        &self,
+        team: &TeamId,
+        name: &str,
+    ) -> Result<Option<TemplateRow>, DbError> {
         let row = sqlx::query(&format!("{TEMPLATE_COLS} WHERE name = $1 AND team_id = $2"))
             .bind(name)
             .bind(team.as_str())

@@ -67,7 +67,10 @@ impl ApiError {
     /// except that `deadline_exceeded` is a 504 and `resource_exhausted` a
     /// 503 `host_unavailable`.
     pub fn agent(e: &connectrpc::ConnectError) -> Self {
-        let msg = e.message.clone().unwrap_or_else(|| e.code.as_str().to_owned());
+        let msg = e
+            .message
+            .clone()
+            .unwrap_or_else(|| e.code.as_str().to_owned());
         match e.code {
             ErrorCode::NotFound => Self::not_found(msg),
             ErrorCode::InvalidArgument | ErrorCode::OutOfRange => Self::invalid(msg),
@@ -77,7 +80,9 @@ impl ApiError {
             ErrorCode::PermissionDenied => Self::forbidden(msg),
             ErrorCode::Unavailable | ErrorCode::ResourceExhausted => Self::host_unavailable(msg),
             ErrorCode::Unimplemented => Self::new(StatusCode::NOT_IMPLEMENTED, "agent_error", msg),
-            ErrorCode::DeadlineExceeded => Self::new(StatusCode::GATEWAY_TIMEOUT, "agent_error", msg),
+            ErrorCode::DeadlineExceeded => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "agent_error", msg)
+            }
             _ => {
                 tracing::warn!(code = e.code.as_str(), message = %msg, "agent call failed");
                 Self::new(StatusCode::BAD_GATEWAY, "agent_error", msg)

@@ -91,7 +91,12 @@ impl HostConn {
             AgentTransport { client: h2.clone() },
             ClientConfig::new(uri).with_default_max_message_size(16 << 20),
         );
-        Ok(HostConn { id, address, rpc, h2 })
+        Ok(HostConn {
+            id,
+            address,
+            rpc,
+            h2,
+        })
     }
 }
 
@@ -147,7 +152,9 @@ impl Hosts {
             if h.status != "online" || only.is_some_and(|o| *o != h.id) {
                 continue;
             }
-            let Some(conn) = self.get(&h.id) else { continue };
+            let Some(conn) = self.get(&h.id) else {
+                continue;
+            };
             let load = db.host_load(&h.id).await?;
             if let Some(score) = score(&h, load, vcpus, memory_mb) {
                 if best.as_ref().is_none_or(|(b, _)| score < *b) {

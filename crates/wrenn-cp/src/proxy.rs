@@ -71,14 +71,14 @@ impl Routes {
 }
 
 enum Lookup {
-    Found(Route),
+    Found(Box<Route>),
     Refused(Response),
 }
 
 async fn lookup(cp: &Cp, id: &CapsuleId) -> Lookup {
     if let Some(r) = cp.proxy_routes.map.lock().unwrap().get(id) {
         if r.at.elapsed() < ROUTE_TTL {
-            return Lookup::Found(r.clone());
+            return Lookup::Found(Box::new(r.clone()));
         }
     }
     let c = match cp.db.capsule_any(id).await {
@@ -96,7 +96,10 @@ async fn lookup(cp: &Cp, id: &CapsuleId) -> Lookup {
     let host = c.host_id.as_ref().and_then(|h| cp.hosts.get(h));
     let agent = host.as_ref().and_then(|h| h.address.parse().ok());
     let (Some(agent), Some(host)) = (agent, host) else {
-        return Lookup::Refused(plain(StatusCode::SERVICE_UNAVAILABLE, "the capsule's host is not reachable"));
+        return Lookup::Refused(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the capsule's host is not reachable",
+        ));
     };
     let client = if cp.config.shared_transport {
         host.h2.clone()
@@ -110,13 +113,22 @@ async fn lookup(cp: &Cp, id: &CapsuleId) -> Lookup {
         at: Instant::now(),
         stop: cp.stop.child_token(),
     };
-    cp.proxy_routes.map.lock().unwrap().insert(id.clone(), route.clone());
-    Lookup::Found(route)
+    cp.proxy_routes
+        .map
+        .lock()
+        .unwrap()
+        .insert(id.clone(), route.clone());
+    Lookup::Found(Box::new(route))
 }
 
 /// Whether the request's key (if any) belongs to `team`; `require` makes
 /// a key mandatory.
-async fn allowed(cp: &Cp, key: Option<String>, team: &TeamId, require: bool) -> Result<(), Response> {
+async fn allowed(
+    cp: &Cp,
+    key: Option<String>,
+    team: &TeamId,
+    require: bool,
+) -> Result<(), Response> {
     let Some(key) = key else {
         return if require {
             Err(plain(StatusCode::UNAUTHORIZED, "missing X-API-Key header"))
@@ -131,7 +143,14 @@ async fn allowed(cp: &Cp, key: Option<String>, team: &TeamId, require: bool) -> 
     }
 }
 
-async fn proxy(cp: &Cp, req: Request, id: CapsuleId, port: u16, rest: String, subdomain: bool) -> Response {
+async fn proxy(
+    cp: &Cp,
+    req: Request,
+    id: CapsuleId,
+    port: u16,
+    rest: String,
+    subdomain: bool,
+) -> Response {
     let route = match lookup(cp, &id).await {
         Lookup::Found(r) => r,
         Lookup::Refused(resp) => return resp,
@@ -156,14 +175,28 @@ async fn proxy(cp: &Cp, req: Request, id: CapsuleId, port: u16, rest: String, su
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|l| l.strip_prefix(prefix.as_str()))
-            .map(|l| if l.is_empty() { "/".to_owned() } else { l.to_owned() })
+            .map(|l| {
+                if l.is_empty() {
+                    "/".to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
             .and_then(|l| HeaderValue::from_str(&l).ok());
         if let Some(v) = new {
             h.insert(header::LOCATION, v);
         }
     };
     if relay::is_upgrade(req.headers()) {
-        return relay::tunnel(req, route.agent, &path_and_query, &cp.tasks, route.stop.clone(), strip).await;
+        return relay::tunnel(
+            req,
+            route.agent,
+            &path_and_query,
+            &cp.tasks,
+            route.stop.clone(),
+            strip,
+        )
+        .await;
     }
     let Ok(uri) = format!("http://{}{}", route.agent, path_and_query).parse::<Uri>() else {
         return plain(StatusCode::BAD_REQUEST, "unparsable path");

@@ -51,7 +51,9 @@ fn err(line: usize, msg: impl Into<String>) -> RecipeError {
 }
 
 fn duration(s: &str) -> Option<Duration> {
-    humantime::parse_duration(s).ok().filter(|d| *d <= Duration::from_secs(24 * 3600))
+    humantime::parse_duration(s)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(24 * 3600))
 }
 
 /// Expand `$VAR`, `${VAR}` and `$$` against `vars` (unknown = empty).
@@ -106,14 +108,16 @@ pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
 
 fn is_env_key(k: &str) -> bool {
     let mut b = k.bytes();
-    b.next().is_some_and(|c| c == b'_' || c.is_ascii_alphabetic())
+    b.next()
+        .is_some_and(|c| c == b'_' || c.is_ascii_alphabetic())
         && b.all(|c| c == b'_' || c.is_ascii_alphanumeric())
 }
 
 fn is_user(u: &str) -> bool {
     let mut b = u.bytes();
     (1..=32).contains(&u.len())
-        && b.next().is_some_and(|c| c == b'_' || c.is_ascii_alphabetic())
+        && b.next()
+            .is_some_and(|c| c == b'_' || c.is_ascii_alphabetic())
         && b.all(|c| c == b'_' || c == b'-' || c.is_ascii_alphanumeric())
 }
 
@@ -124,7 +128,10 @@ fn safe_source(s: &str) -> bool {
 /// Parse a recipe. ENV values are expanded here, in order.
 pub fn parse(text: &str) -> Result<Vec<Step>, RecipeError> {
     if text.len() > MAX_RECIPE_BYTES {
-        return Err(err(0, format!("recipe is larger than {MAX_RECIPE_BYTES} bytes")));
+        return Err(err(
+            0,
+            format!("recipe is larger than {MAX_RECIPE_BYTES} bytes"),
+        ));
     }
     let mut steps = Vec::new();
     let mut vars = BTreeMap::new();
@@ -144,7 +151,8 @@ pub fn parse(text: &str) -> Result<Vec<Step>, RecipeError> {
                 let (timeout, cmd) = match rest.strip_prefix("--timeout=") {
                     Some(t) => {
                         let (d, cmd) = t.split_once(char::is_whitespace).unwrap_or((t, ""));
-                        let d = duration(d).ok_or_else(|| err(line, format!("bad timeout {d:?}")))?;
+                        let d =
+                            duration(d).ok_or_else(|| err(line, format!("bad timeout {d:?}")))?;
                         (d, cmd.trim())
                     }
                     None => (DEFAULT_RUN_TIMEOUT, rest),
@@ -157,7 +165,9 @@ pub fn parse(text: &str) -> Result<Vec<Step>, RecipeError> {
                     timeout,
                 }
             }
-            "START" if !rest.is_empty() => Step::Start { cmd: rest.to_owned() },
+            "START" if !rest.is_empty() => Step::Start {
+                cmd: rest.to_owned(),
+            },
             "ENV" => {
                 let (k, v) = rest
                     .split_once('=')
@@ -186,7 +196,10 @@ pub fn parse(text: &str) -> Result<Vec<Step>, RecipeError> {
                 }
                 let (dest, sources) = parts.split_last().expect("two or more");
                 if let Some(bad) = sources.iter().find(|s| !safe_source(s)) {
-                    return Err(err(line, format!("COPY source {bad:?} must be relative, without ..")));
+                    return Err(err(
+                        line,
+                        format!("COPY source {bad:?} must be relative, without .."),
+                    ));
                 }
                 Step::Copy {
                     sources: sources.iter().map(|s| s.to_string()).collect(),
@@ -250,13 +263,39 @@ mod tests {
         let r = "# a comment\nrun echo hi\nENV A=1\nENV B=${A}x$A$$\nWORKDIR /w/$B\nUSER dev\n\
                  RUN --timeout=30s make\nSTART server --port 1\nCOPY a b/c /dst\n";
         let s = parse(r).unwrap();
-        assert_eq!(s[0], Step::Run { cmd: "echo hi".into(), timeout: DEFAULT_RUN_TIMEOUT });
-        assert_eq!(s[2], Step::Env { key: "B".into(), value: "1x1$".into() });
-        assert_eq!(s[3], Step::Workdir { path: "/w/1x1$".into() });
-        assert_eq!(s[5], Step::Run { cmd: "make".into(), timeout: Duration::from_secs(30) });
+        assert_eq!(
+            s[0],
+            Step::Run {
+                cmd: "echo hi".into(),
+                timeout: DEFAULT_RUN_TIMEOUT
+            }
+        );
+        assert_eq!(
+            s[2],
+            Step::Env {
+                key: "B".into(),
+                value: "1x1$".into()
+            }
+        );
+        assert_eq!(
+            s[3],
+            Step::Workdir {
+                path: "/w/1x1$".into()
+            }
+        );
+        assert_eq!(
+            s[5],
+            Step::Run {
+                cmd: "make".into(),
+                timeout: Duration::from_secs(30)
+            }
+        );
         assert_eq!(
             s[7],
-            Step::Copy { sources: vec!["a".into(), "b/c".into()], dest: "/dst".into() }
+            Step::Copy {
+                sources: vec!["a".into(), "b/c".into()],
+                dest: "/dst".into()
+            }
         );
         assert_eq!(parse("RUN\n").unwrap_err().line, 1);
         assert_eq!(parse("RUN ok\nFROM x\n").unwrap_err().line, 2);

@@ -55,7 +55,11 @@ async fn set(cp: &Cp, c: &CapsuleRow, to: Status, reason: &str) {
                 .meta("reason", reason)
                 .meta("from", c.status.as_str())
                 .meta("to", to.as_str());
-            let ev = if kind == Kind::CapsuleStateChanged { ev } else { ev.outcome(Ok(())) };
+            let ev = if kind == Kind::CapsuleStateChanged {
+                ev
+            } else {
+                ev.outcome(Ok(()))
+            };
             cp.events.publish(ev);
         }
         Ok(None) => {}
@@ -84,7 +88,11 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
         Ok(r) => r,
         Err(e) => return tracing::warn!(error = %e, "reconcile: database"),
     };
-    let listed = match host.rpc.list_capsules(pb::ListCapsulesRequest::default()).await {
+    let listed = match host
+        .rpc
+        .list_capsules(pb::ListCapsulesRequest::default())
+        .await
+    {
         Ok(l) => l.into_owned(),
         Err(e) => {
             tracing::warn!(host = %host.id, error = %e, "reconcile: host unreachable");
@@ -131,7 +139,9 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
     // Capsules the agent has that the database has stopped (or never
     // finished recording) are destroyed.
     for a in &listed.capsules {
-        let Ok(id) = a.id.parse::<CapsuleId>() else { continue };
+        let Ok(id) = a.id.parse::<CapsuleId>() else {
+            continue;
+        };
         if a.state == "stopped" {
             continue;
         }

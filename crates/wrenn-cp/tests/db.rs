@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use wrenn_cp::auth::{authenticate, create_key, KeyKind};
-use wrenn_cp::db::{now_ms, platform_team, CapsuleRow, Db, HostRegistration, TemplateRow, Team};
+use wrenn_cp::db::{now_ms, platform_team, CapsuleRow, Db, HostRegistration, Team, TemplateRow};
 use wrenn_cp::model::Status;
 use wrenn_types::ids::{CapsuleId, HostId, TeamId};
 
@@ -23,12 +23,21 @@ async fn exercise(db: &Db) {
     let (key, secret) = create_key(db, &team.id, "k", KeyKind::Wrenn).await.unwrap();
     assert!(secret.starts_with("wrn_") && secret.len() == 36);
     let (found, t) = authenticate(db, &secret).await.unwrap();
-    assert_eq!((found.id.clone(), t.id.clone()), (key.id.clone(), team.id.clone()));
+    assert_eq!(
+        (found.id.clone(), t.id.clone()),
+        (key.id.clone(), team.id.clone())
+    );
     let wrong = format!("wrn_{}", "0".repeat(32));
-    assert_eq!(authenticate(db, &wrong).await.unwrap_err().code, "unauthorized");
+    assert_eq!(
+        authenticate(db, &wrong).await.unwrap_err().code,
+        "unauthorized"
+    );
     assert!(db.keys(&team.id).await.unwrap()[0].last_used.is_some());
     let other = TeamId::random();
-    assert!(!db.delete_key(&other, &key.id).await.unwrap(), "scoped to the team");
+    assert!(
+        !db.delete_key(&other, &key.id).await.unwrap(),
+        "scoped to the team"
+    );
     assert!(db.delete_key(&team.id, &key.id).await.unwrap());
     assert!(authenticate(db, &secret).await.is_err());
 
@@ -53,9 +62,19 @@ async fn exercise(db: &Db) {
         memory_mb: 4096,
         disk_gb: 10,
     };
-    let h = db.register_host(&reg_hash, &reg, "tok").await.unwrap().unwrap();
+    let h = db
+        .register_host(&reg_hash, &reg, "tok")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((h.status.as_str(), h.cpu_cores), ("online", 2));
-    assert!(db.register_host(&reg_hash, &reg, "tok").await.unwrap().is_none(), "one use");
+    assert!(
+        db.register_host(&reg_hash, &reg, "tok")
+            .await
+            .unwrap()
+            .is_none(),
+        "one use"
+    );
 
     // capsules: insert, scoped reads, transitions and the running ledger
     let now = now_ms();
@@ -81,7 +100,10 @@ async fn exercise(db: &Db) {
         db.insert_capsule(&c).await.unwrap();
         rows.push(c);
     }
-    assert!(db.capsule(&other, &rows[0].id).await.unwrap().is_none(), "other teams see nothing");
+    assert!(
+        db.capsule(&other, &rows[0].id).await.unwrap().is_none(),
+        "other teams see nothing"
+    );
     let listed = db.capsules(&team.id).await.unwrap();
     assert_eq!(listed.len(), 3);
     assert_eq!(listed[0].id, rows[2].id, "newest first");
@@ -93,24 +115,45 @@ async fn exercise(db: &Db) {
         .unwrap();
     assert!(c.started_at.is_some());
     assert!(
-        db.transition(&rows[0].id, &[Status::Paused], Status::Running).await.unwrap().is_none(),
+        db.transition(&rows[0].id, &[Status::Paused], Status::Running)
+            .await
+            .unwrap()
+            .is_none(),
         "a transition from the wrong state does nothing"
     );
     assert_eq!(db.host_load(&h.id).await.unwrap(), (3, 1536, 0, 0));
-    db.transition(&rows[0].id, &[Status::Running], Status::Paused).await.unwrap().unwrap();
+    db.transition(&rows[0].id, &[Status::Running], Status::Paused)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(db.host_load(&h.id).await.unwrap(), (2, 1024, 1, 512));
     let runs = db.runs(&team.id, 0, now_ms() + 1).await.unwrap();
     assert_eq!(runs.len(), 1);
     assert!(runs[0].ended_at.is_some());
-    db.transition(&rows[1].id, &[], Status::Stopped).await.unwrap().unwrap();
-    assert_eq!(db.capsules(&team.id).await.unwrap().len(), 2, "stopped ones leave the list");
+    db.transition(&rows[1].id, &[], Status::Stopped)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        db.capsules(&team.id).await.unwrap().len(),
+        2,
+        "stopped ones leave the list"
+    );
     assert_eq!(db.capsules_on(&h.id).await.unwrap().len(), 2);
 
     // metrics kept across a pause
-    let pts = [wrenn_cp::db::MetricRow { at_ms: now, cpu_pct: 12.5, mem_bytes: 1 << 20, disk_bytes: 7 }];
+    let pts = [wrenn_cp::db::MetricRow {
+        at_ms: now,
+        cpu_pct: 12.5,
+        mem_bytes: 1 << 20,
+        disk_bytes: 7,
+    }];
     db.save_metrics(&rows[0].id, &pts).await.unwrap();
     let back = db.saved_metrics(&rows[0].id, now - 1).await.unwrap();
-    assert_eq!((back.len(), back[0].cpu_pct, back[0].disk_bytes), (1, 12.5, 7));
+    assert_eq!(
+        (back.len(), back[0].cpu_pct, back[0].disk_bytes),
+        (1, 12.5, 7)
+    );
 
     // templates: the team's own shadows the platform's; upsert replaces
     let mut t = TemplateRow {
@@ -129,7 +172,14 @@ async fn exercise(db: &Db) {
     };
     db.put_template(&t).await.unwrap();
     let name = t.name.clone();
-    assert_eq!(db.resolve_template(&team.id, &name).await.unwrap().unwrap().agent_name, "p");
+    assert_eq!(
+        db.resolve_template(&team.id, &name)
+            .await
+            .unwrap()
+            .unwrap()
+            .agent_name,
+        "p"
+    );
     t.team_id = team.id.clone();
     t.agent_name = "s-own".into();
     t.kind = "snapshot".into();
@@ -138,8 +188,18 @@ async fn exercise(db: &Db) {
     t.size_bytes = 99;
     db.put_template(&t).await.unwrap();
     let r = db.resolve_template(&team.id, &name).await.unwrap().unwrap();
-    assert_eq!((r.agent_name.as_str(), r.vcpus, r.size_bytes), ("s-own", Some(2), 99));
-    assert!(db.resolve_template(&other, &name).await.unwrap().unwrap().team_id == platform_team());
+    assert_eq!(
+        (r.agent_name.as_str(), r.vcpus, r.size_bytes),
+        ("s-own", Some(2), 99)
+    );
+    assert!(
+        db.resolve_template(&other, &name)
+            .await
+            .unwrap()
+            .unwrap()
+            .team_id
+            == platform_team()
+    );
     assert!(db.template_named_on_host("s-own").await.unwrap());
     assert!(db.delete_template(&team.id, &name).await.unwrap());
     assert!(!db.template_named_on_host("s-own").await.unwrap());

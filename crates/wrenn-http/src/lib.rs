@@ -15,7 +15,7 @@ pub mod relay;
 mod server;
 
 pub use client::{
-    client, dial_with_retry, proxy_client, rpc_h2_client, ClientBody, HttpClient, HttpVersion, ProxyBody,
-    ProxyClient, RetryConnector, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP,
+    client, dial_with_retry, proxy_client, rpc_h2_client, ClientBody, HttpClient, HttpVersion,
+    ProxyBody, ProxyClient, RetryConnector, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP,
 };
 pub use server::{serve, ServerConfig};

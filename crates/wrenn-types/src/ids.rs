@@ -62,7 +62,6 @@ macro_rules! string_newtype_impls {
     };
 }
 
-
 /// Writes `v` as 25 big-endian base-36 digits, left-padded with `0`.
 fn base36(mut v: u128) -> String {
     let mut digits = [b'0'; ID_DIGITS];
@@ -70,7 +69,9 @@ fn base36(mut v: u128) -> String {
         *d = BASE36[(v % 36) as usize];
         v /= 36;
     }
-    std::str::from_utf8(&digits).expect("ascii digits").to_owned()
+    std::str::from_utf8(&digits)
+        .expect("ascii digits")
+        .to_owned()
 }
 
 fn random_u128() -> u128 {

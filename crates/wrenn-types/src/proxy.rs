@@ -37,7 +37,10 @@ pub enum HostTarget<'a> {
     NotProxy,
     /// A proxy host with a port out of range or a malformed capsule ID.
     Invalid(&'static str),
-    Capsule { port: u16, id: &'a str },
+    Capsule {
+        port: u16,
+        id: &'a str,
+    },
 }
 
 /// Read a `Host` header: `^(\d+)-(cl-[0-9a-z]+)\.` selects the proxy (any
@@ -54,9 +57,11 @@ pub fn parse_host(host: &str) -> HostTarget<'_> {
         return HostTarget::NotProxy;
     };
     let id = &tail[..id_end];
-    let is_id = id
-        .strip_prefix("cl-")
-        .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()));
+    let is_id = id.strip_prefix("cl-").is_some_and(|t| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    });
     if !is_id {
         return HostTarget::NotProxy;
     }
@@ -119,9 +124,18 @@ mod tests {
         assert_eq!(parse_host("localhost:8000"), HostTarget::NotProxy);
         assert_eq!(parse_host("127.0.0.1:8000"), HostTarget::NotProxy);
         assert_eq!(parse_host(&format!("x8-{id}.a")), HostTarget::NotProxy);
-        assert_eq!(parse_host(&format!("0-{id}.a")), HostTarget::Invalid("invalid port"));
-        assert_eq!(parse_host(&format!("70000-{id}.a")), HostTarget::Invalid("invalid port"));
-        assert_eq!(parse_host("80-cl-abc.a"), HostTarget::Invalid("invalid capsule ID"));
+        assert_eq!(
+            parse_host(&format!("0-{id}.a")),
+            HostTarget::Invalid("invalid port")
+        );
+        assert_eq!(
+            parse_host(&format!("70000-{id}.a")),
+            HostTarget::Invalid("invalid port")
+        );
+        assert_eq!(
+            parse_host("80-cl-abc.a"),
+            HostTarget::Invalid("invalid capsule ID")
+        );
     }
 
     use super::*;

@@ -54,7 +54,9 @@ pub async fn create(
     };
     let steps = parse(&text).map_err(|e| ApiError::invalid(format!("recipe: {e}")))?;
     if steps.iter().any(|s| matches!(s, Step::Copy { .. })) {
-        return Err(ApiError::invalid("COPY needs a build context, which this route does not take"));
+        return Err(ApiError::invalid(
+            "COPY needs a build context, which this route does not take",
+        ));
     }
     let healthcheck = body
         .healthcheck
@@ -69,7 +71,10 @@ pub async fn create(
         healthcheck,
         context: None,
         vcpus: body.vcpus.filter(|v| (1..=16).contains(v)).unwrap_or(2),
-        memory_mb: body.memory_mb.filter(|m| (128..=65536).contains(m)).unwrap_or(2048),
+        memory_mb: body
+            .memory_mb
+            .filter(|m| (128..=65536).contains(m))
+            .unwrap_or(2048),
     };
     let mut logs = Vec::new();
     let mut log = |l: String| logs.push(l);

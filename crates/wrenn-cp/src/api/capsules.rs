@@ -27,8 +27,12 @@ pub const MAX_VCPUS: i64 = 64;
 pub const MAX_MEMORY_MB: i64 = 256 << 10;
 pub const DEFAULT_DISK_MB: i64 = 5120;
 /// Metadata keys the server sets once a capsule runs.
-pub const RESERVED_METADATA: [&str; 4] =
-    ["kernel_version", "vmm_version", "agent_version", "envd_version"];
+pub const RESERVED_METADATA: [&str; 4] = [
+    "kernel_version",
+    "vmm_version",
+    "agent_version",
+    "envd_version",
+];
 
 #[derive(Debug, Deserialize)]
 pub struct CreateBody {
@@ -105,7 +109,9 @@ pub async fn create(
         memory_mb = m;
     }
     if vcpus > MAX_VCPUS {
-        return Err(ApiError::invalid(format!("vcpus must be at most {MAX_VCPUS}")));
+        return Err(ApiError::invalid(format!(
+            "vcpus must be at most {MAX_VCPUS}"
+        )));
     }
     if memory_mb > MAX_MEMORY_MB {
         return Err(ApiError::invalid(format!(
@@ -141,8 +147,20 @@ pub struct Launch<'a> {
 
 /// Place, record and start a capsule for `team`; it is `running` when
 /// this returns. (The API's create and template builds both use it.)
-pub async fn launch(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch<'_>) -> ApiResult<CapsuleRow> {
-    let Launch { template, vcpus, memory_mb, timeout_sec, disk_size_mb, metadata } = spec;
+pub async fn launch(
+    cp: &Cp,
+    team: &TeamId,
+    actor: Actor,
+    spec: Launch<'_>,
+) -> ApiResult<CapsuleRow> {
+    let Launch {
+        template,
+        vcpus,
+        memory_mb,
+        timeout_sec,
+        disk_size_mb,
+        metadata,
+    } = spec;
     // Placement and the insert happen under one lock so that two creates
     // cannot both take a host's last room.
     let (row, host) = {
@@ -283,7 +301,9 @@ pub async fn destroy(
             Err(e) => return Err(ApiError::agent(&e)),
         }
     } else if c.host_id.is_some() && c.status != Status::Error {
-        return Err(ApiError::host_unavailable("the capsule's host is not reachable"));
+        return Err(ApiError::host_unavailable(
+            "the capsule's host is not reachable",
+        ));
     }
     if let Some(stopped) = cp.db.transition(&c.id, &[], Status::Stopped).await? {
         cp.proxy_routes.evict(&c.id);
@@ -316,9 +336,8 @@ pub async fn pause(
         .transition(&c.id, &[Status::Running], Status::Paused)
         .await?
         .ok_or_else(|| ApiError::conflict("the capsule changed state during pause"))?;
-    cp.events.publish(
-        capsule_event(Kind::CapsulePause, &paused, Actor::key(&caller)).outcome(Ok(())),
-    );
+    cp.events
+        .publish(capsule_event(Kind::CapsulePause, &paused, Actor::key(&caller)).outcome(Ok(())));
     Ok(Json(CapsuleJson::from(&paused)))
 }
 
@@ -349,9 +368,8 @@ pub async fn resume(
         .transition(&c.id, &[Status::Paused], Status::Running)
         .await?
         .ok_or_else(|| ApiError::conflict("the capsule changed state during resume"))?;
-    cp.events.publish(
-        capsule_event(Kind::CapsuleResume, &resumed, Actor::key(&caller)).outcome(Ok(())),
-    );
+    cp.events
+        .publish(capsule_event(Kind::CapsuleResume, &resumed, Actor::key(&caller)).outcome(Ok(())));
     Ok(Json(CapsuleJson::from(&resumed)))
 }
 

@@ -39,7 +39,13 @@ pub struct ExecBody {
     cwd: Option<String>,
 }
 
-fn exec_request(id: &str, cmd: String, args: Vec<String>, envs: HashMap<String, String>, cwd: Option<String>) -> pb::ExecRequest {
+fn exec_request(
+    id: &str,
+    cmd: String,
+    args: Vec<String>,
+    envs: HashMap<String, String>,
+    cwd: Option<String>,
+) -> pb::ExecRequest {
     pb::ExecRequest {
         id: id.to_owned(),
         cmd,
@@ -64,7 +70,9 @@ pub async fn exec(
     let cmd = body.cmd.clone();
     let mut req = exec_request(c.id.as_str(), body.cmd, body.args, body.envs, body.cwd);
     if body.background {
-        req.tag = body.tag.unwrap_or_else(|| format!("proc-{}", random_hex(4)));
+        req.tag = body
+            .tag
+            .unwrap_or_else(|| format!("proc-{}", random_hex(4)));
         let started = match host.rpc.start_background(req).await {
             Ok(s) => s.into_owned(),
             Err(e) => return Err(refresh_after(&cp, &c, &host, ApiError::agent(&e)).await),
@@ -87,14 +95,16 @@ pub async fn exec(
         Err(e) => return Err(refresh_after(&cp, &c, &host, ApiError::agent(&e)).await),
     };
     let duration_ms = t0.elapsed().as_millis() as u64;
-    let (stdout, stderr, encoding) =
-        match (std::str::from_utf8(&out.stdout), std::str::from_utf8(&out.stderr)) {
-            (Ok(o), Ok(e)) => (o.to_owned(), e.to_owned(), "utf-8"),
-            _ => {
-                let b = base64::engine::general_purpose::STANDARD;
-                (b.encode(&out.stdout), b.encode(&out.stderr), "base64")
-            }
-        };
+    let (stdout, stderr, encoding) = match (
+        std::str::from_utf8(&out.stdout),
+        std::str::from_utf8(&out.stderr),
+    ) {
+        (Ok(o), Ok(e)) => (o.to_owned(), e.to_owned(), "utf-8"),
+        _ => {
+            let b = base64::engine::general_purpose::STANDARD;
+            (b.encode(&out.stdout), b.encode(&out.stderr), "base64")
+        }
+    };
     Ok(Json(json!({
         "sandbox_id": c.id.to_string(), "cmd": cmd, "stdout": stdout, "stderr": stderr,
         "exit_code": out.exit_code, "duration_ms": duration_ms, "encoding": encoding,
@@ -213,8 +223,11 @@ pub async fn exec_stream(
                 relay_output(socket, rx).await;
             }
             Err(e) => {
-                send_json(&mut socket, json!({"type": "error", "data": ApiError::agent(&e).message}))
-                    .await;
+                send_json(
+                    &mut socket,
+                    json!({"type": "error", "data": ApiError::agent(&e).message}),
+                )
+                .await;
             }
         }
     }))
@@ -247,7 +260,10 @@ pub async fn process_stream(
                 relay_output(socket, rx).await;
             }
             Err(e) => {
-                let msg = format!("failed to connect to process: {}", ApiError::agent(&e).message);
+                let msg = format!(
+                    "failed to connect to process: {}",
+                    ApiError::agent(&e).message
+                );
                 send_json(&mut socket, json!({"type": "error", "data": msg})).await;
             }
         }

@@ -68,7 +68,12 @@ fn entry(e: &pb::FileEntry) -> Value {
     })
 }
 
-async fn agent_err(cp: &Cp, c: &CapsuleRow, host: &HostConn, e: connectrpc::ConnectError) -> ApiError {
+async fn agent_err(
+    cp: &Cp,
+    c: &CapsuleRow,
+    host: &HostConn,
+    e: connectrpc::ConnectError,
+) -> ApiError {
     refresh_after(cp, c, host, ApiError::agent(&e)).await
 }
 
@@ -86,7 +91,9 @@ pub async fn write(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64 + 64 * 1024) {
-        return Err(ApiError::too_large(format!("files/write takes at most {limit} bytes; use files/stream/write")));
+        return Err(ApiError::too_large(format!(
+            "files/write takes at most {limit} bytes; use files/stream/write"
+        )));
     }
     let (c, host) = match running(&cp, &caller, &id).await {
         Ok(x) => x,
@@ -133,7 +140,13 @@ pub async fn stream_write(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn upload(cp: &Cp, c: &CapsuleRow, host: &HostConn, req: Request, limit: Option<usize>) -> ApiResult<()> {
+async fn upload(
+    cp: &Cp,
+    c: &CapsuleRow,
+    host: &HostConn,
+    req: Request,
+    limit: Option<usize>,
+) -> ApiResult<()> {
     let boundary = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -167,7 +180,9 @@ async fn upload(cp: &Cp, c: &CapsuleRow, host: &HostConn, req: Request, limit: O
             }
             Some("file") => {
                 let Some(path) = path else {
-                    return Err(ApiError::invalid("the path part must come before the file part"));
+                    return Err(ApiError::invalid(
+                        "the path part must come before the file part",
+                    ));
                 };
                 return send_file(cp, c, host, path, &mut field, limit).await;
             }
@@ -202,7 +217,8 @@ async fn send_file(
         ..Default::default()
     };
     let _ = tx.send(meta).await;
-    let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let requests =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let call = host.rpc.write_file_stream(requests);
     tokio::pin!(call);
     let mut total = 0usize;
@@ -283,7 +299,10 @@ async fn download(cp: &Cp, caller: &Caller, id: &str, body: &PathBody) -> ApiRes
     let rest = futures::stream::unfold(Some(stream), |s| async move {
         let mut s = s?;
         match s.message::<pb::FileChunk>().await {
-            Ok(Some(m)) => Some((Ok::<_, std::io::Error>(Bytes::from(m.to_owned_message().data)), Some(s))),
+            Ok(Some(m)) => Some((
+                Ok::<_, std::io::Error>(Bytes::from(m.to_owned_message().data)),
+                Some(s),
+            )),
             Ok(None) => None,
             // truncates the body: the client sees a short read
             Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
@@ -311,7 +330,9 @@ pub async fn list(
         Ok(l) => l.into_owned(),
         Err(e) => return Err(agent_err(&cp, &c, &host, e).await),
     };
-    Ok(Json(json!({ "entries": list.entries.iter().map(entry).collect::<Vec<_>>() })))
+    Ok(Json(
+        json!({ "entries": list.entries.iter().map(entry).collect::<Vec<_>>() }),
+    ))
 }
 
 /// `POST /v1/capsules/{id}/files/mkdir` — 200 with the entry; 409 when
@@ -329,7 +350,10 @@ pub async fn mkdir(
         Err(e) => return Err(agent_err(&cp, &c, &host, e).await),
     };
     if !made.created {
-        return Err(ApiError::conflict(format!("{} already exists (already_exists)", body.path)));
+        return Err(ApiError::conflict(format!(
+            "{} already exists (already_exists)",
+            body.path
+        )));
     }
     let trimmed = body.path.trim_end_matches('/');
     let (parent, name) = match trimmed.rsplit_once('/') {

@@ -48,7 +48,11 @@ pub async fn issue_registration(cp: &Cp) -> ApiResult<(Host, String)> {
 }
 
 /// Register the agent holding `token`; returns the host and its token.
-pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiResult<(Host, String)> {
+pub async fn register_host(
+    cp: &Cp,
+    token: &str,
+    reg: &HostRegistration,
+) -> ApiResult<(Host, String)> {
     if reg.address.parse::<std::net::SocketAddr>().is_err() {
         return Err(ApiError::invalid("address must be ip:port"));
     }
@@ -58,15 +62,16 @@ pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiR
         .register_host(&sha256_hex(token), reg, &sha256_hex(&host_token))
         .await?
         .ok_or_else(|| ApiError::unauthorized("invalid or used registration token"))?;
-    cp.hosts
-        .connect(&host)
-        .map_err(ApiError::invalid)?;
+    cp.hosts.connect(&host).map_err(ApiError::invalid)?;
     tracing::info!(host = %host.id, address = %host.address, "host registered");
     Ok((host, host_token))
 }
 
 /// `POST /v1/hosts` (admin) — 201 `{host, registration_token}`.
-pub async fn create(State(cp): State<Arc<Cp>>, caller: Caller) -> ApiResult<(StatusCode, Json<Value>)> {
+pub async fn create(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require_admin()?;
     let (host, token) = issue_registration(&cp).await?;
     Ok((
@@ -108,8 +113,14 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
-    let id: HostId = id.parse().map_err(|_| ApiError::invalid("invalid host ID"))?;
-    let h = cp.db.host(&id).await?.ok_or_else(|| ApiError::not_found("host not found"))?;
+    let id: HostId = id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid host ID"))?;
+    let h = cp
+        .db
+        .host(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("host not found"))?;
     Ok(Json(host_json(&h)))
 }
 
@@ -119,7 +130,9 @@ pub async fn heartbeat(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
-    let id: HostId = id.parse().map_err(|_| ApiError::invalid("invalid host ID"))?;
+    let id: HostId = id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid host ID"))?;
     let presented = headers
         .get("x-host-token")
         .and_then(|v| v.to_str().ok())

@@ -24,7 +24,6 @@ pub struct NameBody {
     name: String,
 }
 
-
 fn key_json(k: &ApiKey) -> Value {
     json!({
         "id": k.id.to_string(), "team_id": k.team_id.to_string(), "name": k.name,
@@ -42,7 +41,9 @@ fn team_json(t: &Team) -> Value {
 
 fn check_name(name: &str, what: &str) -> ApiResult<()> {
     if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
-        return Err(ApiError::invalid(format!("{what} name must be 1 to 128 printable characters")));
+        return Err(ApiError::invalid(format!(
+            "{what} name must be 1 to 128 printable characters"
+        )));
     }
     Ok(())
 }
@@ -55,7 +56,11 @@ pub async fn create_key(
     Query(q): Query<std::collections::HashMap<String, String>>,
     ApiJson(body): ApiJson<NameBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let name = if body.name.is_empty() { "key".to_owned() } else { body.name };
+    let name = if body.name.is_empty() {
+        "key".to_owned()
+    } else {
+        body.name
+    };
     check_name(&name, "key")?;
     let kind = match q.get("kind").map(String::as_str) {
         None | Some("") | Some("wrenn") => KeyKind::Wrenn,
@@ -80,7 +85,9 @@ pub async fn delete_key(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let id: KeyId = id.parse().map_err(|_| ApiError::invalid("invalid API key ID"))?;
+    let id: KeyId = id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid API key ID"))?;
     if cp.db.delete_key(caller.team_id(), &id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -132,10 +139,16 @@ pub async fn get_team(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let id: TeamId = id.parse().map_err(|_| ApiError::invalid("invalid team ID"))?;
+    let id: TeamId = id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid team ID"))?;
     if id != caller.team.id && !caller.team.is_admin {
         return Err(ApiError::not_found("team not found"));
     }
-    let team = cp.db.team(&id).await?.ok_or_else(|| ApiError::not_found("team not found"))?;
+    let team = cp
+        .db
+        .team(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("team not found"))?;
     Ok(Json(team_json(&team)))
 }

@@ -46,10 +46,7 @@ pub fn routes() -> Router<Arc<Cp>> {
         .route("/v1/capsules/{id}/exec", post(exec::exec))
         .route("/v1/capsules/{id}/exec/stream", get(exec::exec_stream))
         .route("/v1/capsules/{id}/processes", get(exec::processes))
-        .route(
-            "/v1/capsules/{id}/processes/{selector}",
-            delete(exec::kill),
-        )
+        .route("/v1/capsules/{id}/processes/{selector}", delete(exec::kill))
         .route(
             "/v1/capsules/{id}/processes/{selector}/stream",
             get(exec::process_stream),

@@ -75,16 +75,29 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
         _ => None,
     };
     let Some(first) = first else {
-        return fatal(&mut socket, "first message must be type 'start' or 'connect'").await;
+        return fatal(
+            &mut socket,
+            "first message must be type 'start' or 'connect'",
+        )
+        .await;
     };
     let (req, tag) = match first.kind.as_str() {
         "start" => {
             let tag = format!("pty-{}", random_hex(4));
-            let dim = |v: i64, d: u32| if v > 0 { v.min(u16::MAX as i64) as u32 } else { d };
+            let dim = |v: i64, d: u32| {
+                if v > 0 {
+                    v.min(u16::MAX as i64) as u32
+                } else {
+                    d
+                }
+            };
             let req = pb::PtyAttachRequest {
                 id: id.clone(),
                 tag: tag.clone(),
-                cmd: first.cmd.filter(|c| !c.is_empty()).unwrap_or_else(|| "/bin/bash".into()),
+                cmd: first
+                    .cmd
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or_else(|| "/bin/bash".into()),
                 args: first.args,
                 cols: dim(first.cols, 80),
                 rows: dim(first.rows, 24),
@@ -106,7 +119,13 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
             };
             (req, tag)
         }
-        _ => return fatal(&mut socket, "first message must be type 'start' or 'connect'").await,
+        _ => {
+            return fatal(
+                &mut socket,
+                "first message must be type 'start' or 'connect'",
+            )
+            .await
+        }
     };
     let stream = match host.rpc.pty_attach(req).await {
         Ok(s) => s,
@@ -117,7 +136,9 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
     };
     let mut events = pump(stream, &cp.tasks);
     let (input_tx, input_rx) = mpsc::channel::<Bytes>(INPUT_QUEUE);
-    let sender = cp.tasks.spawn(send_input(host.clone(), id.clone(), tag.clone(), input_rx));
+    let sender = cp
+        .tasks
+        .spawn(send_input(host.clone(), id.clone(), tag.clone(), input_rx));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {
         tokio::select! {

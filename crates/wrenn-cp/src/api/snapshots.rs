@@ -63,7 +63,10 @@ pub async fn collect_layers(cp: &Cp, agent_name: &str) {
     if !agent_name.starts_with("s-") {
         return; // platform templates are never collected
     }
-    match (cp.db.template_users(agent_name).await, cp.db.template_named_on_host(agent_name).await) {
+    match (
+        cp.db.template_users(agent_name).await,
+        cp.db.template_named_on_host(agent_name).await,
+    ) {
         (Ok(0), Ok(false)) => {}
         _ => return,
     }
@@ -108,7 +111,12 @@ pub async fn create(
             c.status
         )));
     }
-    if cp.db.own_template(&platform_team(), name.as_str()).await?.is_some() {
+    if cp
+        .db
+        .own_template(&platform_team(), name.as_str())
+        .await?
+        .is_some()
+    {
         return Err(ApiError::conflict(format!("the name {name} is reserved")));
     }
     if let Some(old) = cp.db.own_template(caller.team_id(), name.as_str()).await? {
@@ -194,9 +202,16 @@ pub async fn delete(
                 .publish(template_event(Kind::SnapshotDelete, &t, &caller).outcome(Ok(())));
             Ok(StatusCode::NO_CONTENT)
         }
-        None if cp.db.own_template(&platform_team(), name.as_str()).await?.is_some() => Err(
-            ApiError::forbidden(format!("template {name} is a platform template")),
-        ),
+        None if cp
+            .db
+            .own_template(&platform_team(), name.as_str())
+            .await?
+            .is_some() =>
+        {
+            Err(ApiError::forbidden(format!(
+                "template {name} is a platform template"
+            )))
+        }
         None => Err(ApiError::not_found(format!("template {name} not found"))),
     }
 }

@@ -85,9 +85,8 @@ pub async fn metrics(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let range = q.get("range").map(String::as_str).unwrap_or("10m");
-    let span = metric_range(range).ok_or_else(|| {
-        ApiError::invalid("range must be one of 5m, 10m, 1h, 2h, 6h, 12h, 24h")
-    })?;
+    let span = metric_range(range)
+        .ok_or_else(|| ApiError::invalid("range must be one of 5m, 10m, 1h, 2h, 6h, 12h, 24h"))?;
     let c = owned(&cp, &caller, &id).await?;
     let since = now_ms() - span;
     let rows = match c.status {
@@ -102,7 +101,11 @@ pub async fn metrics(
             points(&m.history, c.vcpus)
         }
         Status::Paused => cp.db.saved_metrics(&c.id, since).await?,
-        _ => return Err(ApiError::not_found("the capsule has no metrics (not running or paused)")),
+        _ => {
+            return Err(ApiError::not_found(
+                "the capsule has no metrics (not running or paused)",
+            ))
+        }
     };
     let pts: Vec<Point> = rows
         .into_iter()
@@ -114,7 +117,9 @@ pub async fn metrics(
             disk_bytes: p.disk_bytes,
         })
         .collect();
-    Ok(Json(json!({"sandbox_id": c.id.to_string(), "range": range, "points": pts})))
+    Ok(Json(
+        json!({"sandbox_id": c.id.to_string(), "range": range, "points": pts}),
+    ))
 }
 
 /// (range span, bucket) in milliseconds, as wrenn buckets them.
@@ -133,7 +138,9 @@ fn stats_range(r: &str) -> Option<(i64, i64)> {
 fn at(runs: &[Run], t: i64) -> (i64, i64, i64) {
     runs.iter()
         .filter(|r| r.started_at <= t && r.ended_at.is_none_or(|e| e > t))
-        .fold((0, 0, 0), |(n, v, m), r| (n + 1, v + r.vcpus, m + r.memory_mb))
+        .fold((0, 0, 0), |(n, v, m), r| {
+            (n + 1, v + r.vcpus, m + r.memory_mb)
+        })
 }
 
 fn series(runs: &[Run], now: i64, span: i64, step: i64) -> Vec<(i64, (i64, i64, i64))> {
@@ -193,7 +200,11 @@ pub async fn usage(
     let today = OffsetDateTime::from_unix_timestamp(now / 1000)
         .map_err(|_| ApiError::internal())?
         .date();
-    let to = q.get("to").map(|s| parse_date(s)).transpose()?.unwrap_or(today);
+    let to = q
+        .get("to")
+        .map(|s| parse_date(s))
+        .transpose()?
+        .unwrap_or(today);
     let from = q
         .get("from")
         .map(|s| parse_date(s))
@@ -247,8 +258,18 @@ mod tests {
     #[test]
     fn series_counts_stretches_running_at_each_bucket() {
         let runs = [
-            Run { vcpus: 1, memory_mb: 512, started_at: 1_000, ended_at: Some(5_000) },
-            Run { vcpus: 2, memory_mb: 1024, started_at: 3_000, ended_at: None },
+            Run {
+                vcpus: 1,
+                memory_mb: 512,
+                started_at: 1_000,
+                ended_at: Some(5_000),
+            },
+            Run {
+                vcpus: 2,
+                memory_mb: 1024,
+                started_at: 3_000,
+                ended_at: None,
+            },
         ];
         assert_eq!(at(&runs, 500), (0, 0, 0));
         assert_eq!(at(&runs, 1_000), (1, 1, 512));
@@ -262,7 +283,12 @@ mod tests {
     #[test]
     fn cpu_percent_between_samples() {
         use wrenn_proto::wrenn::agent::v1::MetricPoint;
-        let p = |at_ms, cpu_usec| MetricPoint { at_ms, cpu_usec, memory_bytes: 7, ..Default::default() };
+        let p = |at_ms, cpu_usec| MetricPoint {
+            at_ms,
+            cpu_usec,
+            memory_bytes: 7,
+            ..Default::default()
+        };
         // 0.5 s of CPU over 1 s on 1 vCPU = 50 %; on 2 vCPUs 25 %
         let h = [p(0, 0), p(1000, 500_000)];
         assert_eq!(points(&h, 1)[0].cpu_pct, 50.0);

@@ -105,6 +105,14 @@ impl Utf8Carry {
     }
 }
 
+/// A WebSocket route reached without a usable upgrade request answers with
+/// the JSON error, like every other refusal.
+pub fn upgrade(
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, crate::error::ApiError> {
+    ws.map_err(|r| crate::error::ApiError::invalid(format!("a WebSocket upgrade is required: {r}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,12 +130,4 @@ mod tests {
         assert_eq!(out, s);
         assert_eq!(c.push(b"a\xffb"), "a\u{FFFD}b");
     }
-}
-
-/// A WebSocket route reached without a usable upgrade request answers with
-/// the JSON error, like every other refusal.
-pub fn upgrade(
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<WebSocketUpgrade, crate::error::ApiError> {
-    ws.map_err(|r| crate::error::ApiError::invalid(format!("a WebSocket upgrade is required: {r}")))
 }
