@@ -523,7 +523,28 @@ async fn main() -> Result<()> {
     )
     .await;
     server.stop();
+    scrub(&instance);
     result
+}
+
+/// Remove what an agent keeps for its instance between runs (the firewall
+/// table, runtime state, cgroup parents): the benchmark's instance is gone.
+fn scrub(instance: &str) {
+    let _ = Command::new("nft")
+        .args(["delete", "table", "inet", instance])
+        .status();
+    let _ = std::fs::remove_dir_all(format!("/run/{instance}"));
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for ctl in rd.flatten() {
+            let dir = ctl.path().join(instance);
+            if dir.is_dir() {
+                let _ = Command::new("find")
+                    .arg(&dir)
+                    .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
+                    .status();
+            }
+        }
+    }
 }
 
 async fn run(
