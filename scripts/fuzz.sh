@@ -33,4 +33,4 @@ fuzz_crate() {
   )
 }
 fuzz_crate crates/envd connect_envelope multipart
-fuzz_crate crates/wrenn-types ids proxy_path
+fuzz_crate crates/wrenn-types ids proxy_path recipe

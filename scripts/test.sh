@@ -40,7 +40,10 @@ echo "==> wrenn SDK against wrenn up (SQLite, then PostgreSQL)"
 venv=target/wrenn-sdk-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --ignore-requires-python -r tests/wrenn_sdk/requirements.txt
-ENVD_BIN="$ENVD_STATIC_BIN" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
+# (WRENN_TEST_DATABASE_URL, the cargo tests' database, selects PostgreSQL
+# for the suite: unset for the SQLite run.)
+env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
 ENVD_BIN="$ENVD_STATIC_BIN" WRENN_TEST_DATABASE_URL="$WRENN_SDK_DATABASE_URL" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
 

@@ -24,8 +24,31 @@ pytestmark = pytest.mark.skipif(
 JUPYTER_BOOT = 90  # first run_code waits this long for Jupyter to answer
 
 
+TEMPLATE_BUILD = 900  # wrenn up builds code-runner-beta after minimal (~1-3 min; pip)
+
+
+@pytest.fixture(scope="module")
+def code_runner_template(server) -> None:
+    """Wait until ``wrenn up`` has built ``code-runner-beta`` (in the
+    background, after ``minimal``); a build failure shows in the log."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + TEMPLATE_BUILD
+    with httpx.Client(base_url=server.base_url, headers={"X-API-Key": server.api_key}) as h:
+        while True:
+            names = [t["name"] for t in h.get("/v1/snapshots", params={"type": "base"}).json()]
+            if DEFAULT_TEMPLATE in names:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"{DEFAULT_TEMPLATE} was not built within {TEMPLATE_BUILD} s "
+                            f"(see the server log in {server.data_dir})", pytrace=False)
+            time.sleep(2)
+
+
 @pytest.fixture
-def proxied(server, monkeypatch: pytest.MonkeyPatch):
+def proxied(server, code_runner_template, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WRENN_PROXY_DOMAIN", f"localhost:{server.port}")
     with wildcard_localhost():
         yield

@@ -252,8 +252,8 @@ async fn build_code_runner(cp: &Cp, agent: &Agent) {
         return;
     }
     let spec = match (
-        wrenn_cp::recipe::parse(CODE_RUNNER_RECIPE),
-        wrenn_cp::recipe::parse_healthcheck(CODE_RUNNER_HEALTH),
+        wrenn_types::recipe::parse(CODE_RUNNER_RECIPE),
+        wrenn_types::recipe::parse_healthcheck(CODE_RUNNER_HEALTH),
     ) {
         (Ok(steps), Ok(h)) => wrenn_cp::build::BuildSpec {
             name: CODE_RUNNER.parse().expect("valid"),

@@ -28,8 +28,8 @@ use crate::db::{now_ms, platform_team, CapsuleRow, TemplateRow};
 use crate::events::Actor;
 use crate::hosts::HostConn;
 use crate::model::Status;
-use crate::recipe::{Healthcheck, Step};
 use crate::server::Cp;
+use wrenn_types::recipe::{Healthcheck, Step};
 
 #[derive(Debug, Clone)]
 pub struct BuildSpec {

@@ -17,7 +17,6 @@ pub mod events;
 pub mod hosts;
 pub mod model;
 pub mod proxy;
-pub mod recipe;
 pub mod reconcile;
 pub mod server;
 

@@ -15,7 +15,11 @@ async fn exercise(db: &Db) {
     let team = Team {
         id: TeamId::random(),
         name: "t".into(),
-        slug: format!("s-{}", now_ms()),
+        slug: format!(
+            "{:06x}-{:06x}",
+            now_ms() & 0xff_ffff,
+            std::process::id() & 0xff_ffff
+        ),
         is_admin: false,
         created_at: now_ms(),
     };

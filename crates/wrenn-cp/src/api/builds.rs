@@ -17,8 +17,8 @@ use crate::auth::Caller;
 use crate::build::{build, BuildError, BuildSpec};
 use crate::error::{ApiError, ApiResult};
 use crate::model::TemplateJson;
-use crate::recipe::{parse, parse_healthcheck, Step};
 use crate::server::Cp;
+use wrenn_types::recipe::{parse, parse_healthcheck, Step};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]

@@ -7,7 +7,7 @@
 //! with `#` are skipped. The healthcheck is a separate line:
 //! `[--interval=3s] [--timeout=10s] [--start-period=0s] [--retries=0] cmd`.
 //! Untrusted text reaches this parser (the build API, recipe files), so it
-//! is fuzzed (`crates/wrenn-cp/fuzz`) and never panics.
+//! is fuzzed (`crates/wrenn-types/fuzz`, target `recipe`) and never panics.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
