@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod error;

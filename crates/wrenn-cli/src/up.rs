@@ -15,15 +15,16 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
-use wrenn_agent::template::{self, RuntimeChoice, TemplateStore};
-use wrenn_agent::{Agent, AgentConfig};
+use wrenn_agent::cli::AgentArgs;
+use wrenn_agent::template::{self, TemplateStore};
+use wrenn_agent::Agent;
 use wrenn_cp::api::hosts::{issue_registration, register_host};
 use wrenn_cp::api::keys::new_team;
 use wrenn_cp::auth::{create_key, KeyKind};
@@ -33,37 +34,15 @@ use wrenn_types::ids::HostId;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Templates, capsules, the SQLite database and the admin keys.
-    #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
-    data_dir: PathBuf,
     /// Address of the API (and of the subdomain proxy).
     #[arg(long, env = "WRENN_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
     /// `sqlite:PATH` or `postgres://…`; default SQLite under the data dir.
     #[arg(long, env = "WRENN_DATABASE_URL")]
     database_url: Option<String>,
-    /// The static envd binary bind-mounted into capsules.
-    #[arg(
-        long,
-        env = "WRENN_ENVD_BIN",
-        default_value = "/usr/local/lib/wrenn/envd"
-    )]
-    envd: PathBuf,
     /// Where the agent's RPC listens (loopback; port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:0")]
     agent_listen: SocketAddr,
-    /// OCI runtime binary.
-    #[arg(long, env = "WRENN_RUNTIME", default_value = "runc")]
-    runtime: String,
-    /// Prefix of host object names (netns, veth, nft table, cgroups).
-    #[arg(long, env = "WRENN_INSTANCE", default_value = "wrenn")]
-    instance: String,
-    /// Capsule address pool; each capsule takes a /30.
-    #[arg(long, env = "WRENN_POOL", default_value = "10.88.0.0/16")]
-    pool: ipnet::Ipv4Net,
-    /// Static busybox the `busybox` template is built from.
-    #[arg(long, default_value = "/bin/busybox")]
-    busybox: PathBuf,
     /// Do not build the `code-runner-beta` template (Jupyter; needs PyPI).
     #[arg(long)]
     no_code_runner: bool,
@@ -74,6 +53,8 @@ pub struct UpArgs {
     /// Domain of subdomain proxy URLs (`{port}-{capsule}.{domain}`).
     #[arg(long, env = "WRENN_PROXY_DOMAIN")]
     proxy_domain: Option<String>,
+    #[command(flatten)]
+    agent: AgentArgs,
 }
 
 pub async fn run(args: UpArgs) -> i32 {
@@ -282,27 +263,22 @@ async fn up(args: UpArgs) -> Result<()> {
     if !rustix::process::geteuid().is_root() {
         bail!("wrenn up needs root (it creates namespaces, cgroups and firewall rules)");
     }
-    if !args.envd.is_file() {
+    if !args.agent.envd.is_file() {
         bail!(
             "envd is not at {} (build it with scripts/install.sh, or pass --envd)",
-            args.envd.display()
+            args.agent.envd.display()
         );
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.agent.data_dir)
+        .with_context(|| format!("create {}", args.agent.data_dir.display()))?;
     // The bundle names both by absolute path.
     let mut args = args;
-    args.envd = std::fs::canonicalize(&args.envd)?;
-    args.data_dir = std::fs::canonicalize(&args.data_dir)?;
-    let mut cfg =
-        AgentConfig::new(args.data_dir.clone(), args.envd.clone()).with_instance(&args.instance);
-    cfg.runtime = RuntimeChoice {
-        binary: args.runtime.clone(),
-        args: Vec::new(),
-    };
-    cfg.network.pool = args.pool;
-    cfg.busybox_bin = args.busybox.clone();
-    let agent = Agent::open(cfg).await.context("open the agent")?;
+    args.agent.envd = std::fs::canonicalize(&args.agent.envd)?;
+    args.agent.data_dir = std::fs::canonicalize(&args.agent.data_dir)?;
+    let data_dir = args.agent.data_dir.clone();
+    let agent = Agent::open(args.agent.config())
+        .await
+        .context("open the agent")?;
     let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
         .await
         .with_context(|| format!("listen on {}", args.agent_listen))?;
@@ -319,7 +295,7 @@ async fn up(args: UpArgs) -> Result<()> {
     let database_url = args
         .database_url
         .clone()
-        .unwrap_or_else(|| format!("sqlite:{}", args.data_dir.join("wrenn.db").display()));
+        .unwrap_or_else(|| format!("sqlite:{}", data_dir.join("wrenn.db").display()));
     let mut config = CpConfig::new(database_url);
     config.proxy_domain = args.proxy_domain.clone();
     config.shared_transport = args.shared_transport;
@@ -328,10 +304,10 @@ async fn up(args: UpArgs) -> Result<()> {
         .context("open the database")?;
     let cp = plane.cp.clone();
     cp.set_ready(false);
-    let facts = host_facts(&args.data_dir, agent_addr);
-    let host = register_agent(&cp, &args.data_dir, &facts).await?;
+    let facts = host_facts(&data_dir, agent_addr);
+    let host = register_agent(&cp, &data_dir, &facts).await?;
     publish_template(&cp, agent.templates(), "busybox").await?;
-    let first = admin_keys(&cp, &args.data_dir).await?;
+    let first = admin_keys(&cp, &data_dir).await?;
     wrenn_cp::reconcile::reconcile_all(&cp).await;
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -339,7 +315,7 @@ async fn up(args: UpArgs) -> Result<()> {
         .with_context(|| format!("listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("wrenn listening on http://{addr}");
-    let key_file = args.data_dir.join("admin-api-key");
+    let key_file = data_dir.join("admin-api-key");
     eprintln!(
         "wrenn up: host {host}, agent on {agent_addr}{}\n\
          Point the SDK at it:\n  export WRENN_BASE_URL=http://{addr}\n  export WRENN_API_KEY=$(cat {})",

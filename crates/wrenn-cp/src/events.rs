@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use futures::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast;
 use wrenn_types::ids::TeamId;
@@ -173,7 +172,7 @@ impl Broker {
 pub async fn stream(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+) -> impl axum::response::IntoResponse {
     let team = caller.team.id.to_string();
     let rx = cp.events.subscribe();
     let first = SseEvent::default()
@@ -192,10 +191,15 @@ pub async fn stream(
             }
         }
     });
-    let all = futures::StreamExt::chain(futures::stream::once(async { Ok(first) }), events);
-    Sse::new(all).keep_alive(
+    let all = futures::StreamExt::chain(
+        futures::stream::once(async { Ok::<_, Infallible>(first) }),
+        events,
+    );
+    let sse: Sse<_> = Sse::new(all).keep_alive(
         KeepAlive::new()
             .interval(Duration::from_secs(30))
             .text("keepalive"),
-    )
+    );
+    // proxies in front (nginx) must not buffer the stream
+    ([("x-accel-buffering", "no")], sse)
 }

@@ -96,19 +96,25 @@ pub type ProxyClient = Client<RetryConnector, ProxyBody>;
 pub const PROXY_DIAL_ATTEMPTS: u32 = 3;
 pub const PROXY_DIAL_STEP: Duration = Duration::from_millis(500);
 
-/// The proxy transport: HTTP/1.1 only (HTTP/2 disabled), its own pool of
-/// at most 20 idle connections per host kept 120 s, `TCP_NODELAY`, and
-/// dials retried with linear backoff for ports that are just coming up.
-pub fn proxy_client() -> ProxyClient {
+/// A plain-HTTP connector (`TCP_NODELAY`, 5 s connect timeout) whose dials
+/// are retried `attempts` times with linear backoff of `step`.
+fn retrying(attempts: u32, step: Duration) -> RetryConnector {
     let mut inner = HttpConnector::new();
     inner.set_nodelay(true);
     inner.set_connect_timeout(Some(Duration::from_secs(5)));
     inner.enforce_http(true);
-    let connector = RetryConnector {
+    RetryConnector {
         inner,
-        attempts: PROXY_DIAL_ATTEMPTS,
-        step: PROXY_DIAL_STEP,
-    };
+        attempts,
+        step,
+    }
+}
+
+/// The proxy transport: HTTP/1.1 only (HTTP/2 disabled), its own pool of
+/// at most 20 idle connections per host kept 120 s, `TCP_NODELAY`, and
+/// dials retried with linear backoff for ports that are just coming up.
+pub fn proxy_client() -> ProxyClient {
+    let connector = retrying(PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(120))
         .pool_max_idle_per_host(20)
@@ -122,15 +128,7 @@ pub fn proxy_client() -> ProxyClient {
 /// body type so that the control plane's benchmark can, on purpose, send
 /// proxied requests over the same connection as RPC streams (the seed's bug).
 pub fn rpc_h2_client() -> ProxyClient {
-    let mut inner = HttpConnector::new();
-    inner.set_nodelay(true);
-    inner.set_connect_timeout(Some(Duration::from_secs(5)));
-    inner.enforce_http(true);
-    let connector = RetryConnector {
-        inner,
-        attempts: 2,
-        step: Duration::from_millis(100),
-    };
+    let connector = retrying(2, Duration::from_millis(100));
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .http2_keep_alive_interval(Duration::from_secs(20))

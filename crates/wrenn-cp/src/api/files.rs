@@ -264,18 +264,9 @@ async fn send_file(
     }
 }
 
-/// `POST /v1/capsules/{id}/files/read` — the raw bytes.
+/// `POST /v1/capsules/{id}/files/read` and `…/files/stream/read`: the raw
+/// bytes, streamed (chunked) as the agent sends them.
 pub async fn read(
-    State(cp): State<Arc<Cp>>,
-    caller: Caller,
-    Path(id): Path<String>,
-    ApiJson(body): ApiJson<PathBody>,
-) -> ApiResult<Response> {
-    download(&cp, &caller, &id, &body).await
-}
-
-/// `POST /v1/capsules/{id}/files/stream/read` — chunked raw bytes.
-pub async fn stream_read(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
     Path(id): Path<String>,

@@ -61,10 +61,7 @@ pub fn routes() -> Router<Arc<Cp>> {
             "/v1/capsules/{id}/files/stream/write",
             post(files::stream_write),
         )
-        .route(
-            "/v1/capsules/{id}/files/stream/read",
-            post(files::stream_read),
-        )
+        .route("/v1/capsules/{id}/files/stream/read", post(files::read))
         .route(
             "/v1/snapshots",
             post(snapshots::create).get(snapshots::list),

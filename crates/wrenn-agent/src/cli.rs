@@ -1,0 +1,65 @@
+//! The agent's command-line flags, shared by `wrenn-agent` and `wrenn up`
+//! (which runs an agent in-process): one definition, one set of names and
+//! environment variables.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{AgentConfig, WarmPool};
+use crate::template::RuntimeChoice;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// Templates, capsules and their records (`wrenn up`: also the database and keys).
+    #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
+    pub data_dir: PathBuf,
+    /// The static envd binary bind-mounted into capsules.
+    #[arg(
+        long,
+        env = "WRENN_ENVD_BIN",
+        default_value = "/usr/local/lib/wrenn/envd"
+    )]
+    pub envd: PathBuf,
+    /// OCI runtime binary (runc, crun, runsc, youki…).
+    #[arg(long, env = "WRENN_RUNTIME", default_value = "runc")]
+    pub runtime: String,
+    /// Extra global flag for the runtime (repeatable), e.g. `--platform=ptrace` for runsc.
+    #[arg(long = "runtime-arg", allow_hyphen_values = true)]
+    pub runtime_args: Vec<String>,
+    /// Prefix of host object names (netns, veth, nft table, cgroups); 1-8 of [a-z0-9].
+    #[arg(long, env = "WRENN_INSTANCE", default_value = "wrenn")]
+    pub instance: String,
+    /// Capsule address pool; each capsule takes a /30.
+    #[arg(long, env = "WRENN_POOL", default_value = "10.88.0.0/16")]
+    pub pool: ipnet::Ipv4Net,
+    /// Static busybox the `busybox` template is built from.
+    #[arg(long, default_value = "/bin/busybox")]
+    pub busybox: PathBuf,
+    /// Keep SIZE capsules of TEMPLATE booted in advance (repeatable), e.g. `busybox=4`.
+    #[arg(long = "warm", value_name = "TEMPLATE=SIZE")]
+    pub warm: Vec<WarmPool>,
+    /// Network slots kept set up ahead of creates.
+    #[arg(long, default_value_t = 4)]
+    pub net_pool: usize,
+    /// How often expired capsules are looked for.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reaper_interval: Duration,
+}
+
+impl AgentArgs {
+    /// The agent configuration these flags describe.
+    pub fn config(&self) -> AgentConfig {
+        let mut cfg = AgentConfig::new(self.data_dir.clone(), self.envd.clone())
+            .with_instance(&self.instance);
+        cfg.runtime = RuntimeChoice {
+            binary: self.runtime.clone(),
+            args: self.runtime_args.clone(),
+        };
+        cfg.network.pool = self.pool;
+        cfg.busybox_bin = self.busybox.clone();
+        cfg.reaper_interval = self.reaper_interval;
+        cfg.warm_pools = self.warm.clone();
+        cfg.net_pool = self.net_pool;
+        cfg
+    }
+}
