@@ -1,10 +1,10 @@
 """Drive ``wrenn up`` through the unmodified E2B SDKs (``e2b`` 2.63.0 and
 ``e2b-code-interpreter`` 2.11.5 for Python, ``e2b`` 2.51.0 for Node).
 
-The session fixture ``server`` starts one ``wrenn up`` (see ``wrenn_up.py``,
-a copy of tests/wrenn_sdk's helper) unless ``WRENN_BASE_URL`` and
-``WRENN_E2B_API_KEY`` point at a running one, and reads the admin team's E2B
-key from ``D/admin-e2b-api-key``. The SDKs are pointed at it only through
+The session fixture ``server`` starts one ``wrenn up`` (``WrennUp`` of
+tests/support/wrenn_up.py, shared with tests/wrenn_sdk) unless
+``WRENN_BASE_URL`` and ``WRENN_E2B_API_KEY`` point at a running one, and reads
+the admin team's E2B key from ``D/admin-e2b-api-key``. The SDKs are pointed at it only through
 their environment variables, as a user switching from E2B would do::
 
     E2B_API_KEY=<D/admin-e2b-api-key>
@@ -33,8 +33,9 @@ import httpx
 import pytest
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # wrenn_up / e2bcp_support, under any import mode
-    sys.path.insert(0, str(HERE))
+for _dir in (HERE, HERE.parent / "support"):  # e2bcp_support / wrenn_up, under any import mode
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
 
 # Nothing from the caller's environment may steer the SDK elsewhere (a real
 # E2B account, debug mode, another server): the fixtures set what is needed.
@@ -44,11 +45,24 @@ for _var in (
 ):
     os.environ.pop(_var, None)
 
-from wrenn_up import Server, WrennUp, _say, sayer  # noqa: E402
+import wrenn_up  # noqa: E402
+from wrenn_up import CODE_RUNNER, Server, say, sayer  # noqa: E402
 from e2bcp_support import CODE_INTERPRETER, SANDBOX_TIMEOUT, unique_tag  # noqa: E402
 
 import e2b  # noqa: E402
 from e2b import AsyncSandbox, Sandbox  # noqa: E402
+
+
+class WrennUp(wrenn_up.WrennUp):
+    """``wrenn up`` for this suite (see tests/support/wrenn_up.py): reads
+    the admin team's E2B key too, and keeps the templates E2B SDKs default
+    to when a recipe builds them."""
+
+    label = "e2b-cp"
+    key_env = "WRENN_E2B_API_KEY"
+    e2b_key = True
+    cached_templates = (CODE_RUNNER, "base", CODE_INTERPRETER)
+
 
 # How long the first create of code-interpreter-v1 may keep failing because
 # the server is still building it (a recipe with a PyPI install, like
@@ -74,9 +88,7 @@ class E2bServer:
 
     @property
     def port(self) -> int:
-        port = httpx.URL(self.base_url).port
-        assert port is not None, self.base_url
-        return port
+        return self.server.port  # the same URL as base_url
 
     @property
     def domain(self) -> str:
@@ -155,13 +167,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[E2bServer]:
         yield srv
     finally:
         _current = None
-        code = up.stop()
-        if code not in (0, None):
-            _say(request, f"[e2b-cp] WARNING: wrenn up exited with {code} on SIGTERM")
-        failed = getattr(request.session, "e2bcp_failed", False)
-        leaks = up.close(keep_log=failed or code not in (0, None))
-        if leaks:
-            _say(request, f"[e2b-cp] WARNING: capsules outlived the session (purged): {leaks}")
+        up.finish(failed=getattr(request.session, "e2bcp_failed", False))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -283,7 +289,7 @@ def code_interpreter_template(server: E2bServer, request: pytest.FixtureRequest)
             pytest.fail(f"{CODE_INTERPRETER} not creatable within {CODE_INTERPRETER_WAIT:.0f}s; last: {last}")
         if now - last_report > 60:
             last_report = now
-            _say(request, f"[e2b-cp] waiting for {CODE_INTERPRETER} ({now - started:.0f}s): {last}")
+            say(request, f"[e2b-cp] waiting for {CODE_INTERPRETER} ({now - started:.0f}s): {last}")
         time.sleep(10)
 
 

@@ -1,24 +1,27 @@
-"""``wrenn up`` for the E2B suite: a copy of the server helper of
-``tests/wrenn_sdk/conftest.py`` (``Server``, ``WrennUp``, ``unique_instance``,
-``unique_pool``, …).
+"""``wrenn up`` for the Python suites that drive it (tests/wrenn_sdk and
+tests/e2b_cp): ``Server``, ``WrennUp``, ``unique_instance``, ``unique_pool``.
 
-Copied rather than imported: that conftest imports the ``wrenn`` SDK at module
-level (not installed in the E2B venv) and is a pytest plugin of its own suite.
-Keep the two in step when either changes. Differences from the original:
+Needs only the standard library, httpx and pytest (both suites' venvs have
+them): no SDK is imported here. Each suite's conftest puts this directory on
+``sys.path`` and subclasses ``WrennUp`` to say what differs (``label``,
+``key_env``, ``e2b_key``, ``cached_templates``).
 
-* template linking/caching covers every name in ``CACHED_TEMPLATES`` (``base``
-  and ``code-interpreter-v1`` besides ``code-runner-beta``), keyed by the hash
-  of ``recipes/<name>.*`` when such recipe files exist;
-* ``Server.e2b_api_key`` holds ``D/admin-e2b-api-key`` (read by ``WrennUp.start``);
-* log marks and kept logs say ``e2b-cp`` instead of ``wrenn-sdk``.
+``wrenn up`` runs on a fresh data dir ``D`` under /var/tmp with a unique
+``--instance`` and ``--pool``. The shared debootstrap template
+``target/wrenn-fixtures/templates/minimal`` (or ``$WRENN_FIXTURES/templates/
+minimal``) and any cached recipe-built template are symlinked into
+``D/templates`` first, so the server need not build them. The server prints
+``wrenn listening on http://…`` once bound; ``GET /health`` answers 503
+while templates build and 200 when ready; the admin team's API key is in
+``D/admin-api-key`` (mode 0600), its E2B key in ``D/admin-e2b-api-key``.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
 import json
-import hashlib
 import os
 import random
 import re
@@ -37,14 +40,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-
 # Loopback traffic must never go through a proxy from the environment.
 _no_proxy = [h for h in os.environ.get("NO_PROXY", "").split(",") if h]
 os.environ["NO_PROXY"] = ",".join(_no_proxy + ["localhost", "127.0.0.1", ".localhost"])
 os.environ["no_proxy"] = os.environ["NO_PROXY"]
 
-
 HERE = Path(__file__).resolve().parent
+
 REPO = HERE.parent.parent
 DEFAULT_BIN = REPO / "target" / "debug" / "wrenn"
 DEFAULT_FIXTURES = REPO / "target" / "wrenn-fixtures"
@@ -69,7 +71,7 @@ class Server:
     process: subprocess.Popen | None = None
     instance: str | None = None
     pool: str | None = None
-    e2b_api_key: str = ""
+    e2b_api_key: str = ""  # D/admin-e2b-api-key, read when WrennUp.e2b_key
     _threads: list[threading.Thread] = field(default_factory=list)
 
     @property
@@ -100,7 +102,7 @@ class Server:
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60.0, **kw)
 
 
-def _say(request: pytest.FixtureRequest, message: str) -> None:
+def say(request: pytest.FixtureRequest, message: str) -> None:
     """Print past pytest's capture (progress of a long server start)."""
     capman = request.config.pluginmanager.getplugin("capturemanager")
     if capman is not None:
@@ -111,8 +113,8 @@ def _say(request: pytest.FixtureRequest, message: str) -> None:
 
 
 def sayer(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """``_say`` bound to a request (for ``WrennUp(say=…)``)."""
-    return lambda message: _say(request, message)
+    """``say`` bound to a request (for ``WrennUp(say=…)``)."""
+    return lambda message: say(request, message)
 
 
 def _pump(stream, log, lock: threading.Lock, on_line: Callable[[str], None] | None) -> None:
@@ -140,56 +142,54 @@ def _mounts_under(path: Path) -> list[str]:
     return out
 
 
-
-# Templates a server builds from recipes (or derives) and that are kept
-# between runs: ``code-runner-beta`` at the same place tests/wrenn_sdk keeps
-# it (so the suites share it), the others under ``templates-cache/``.
 CODE_RUNNER = "code-runner-beta"
-CACHED_TEMPLATES = (CODE_RUNNER, "base", "code-interpreter-v1")
 
 
 def _fixtures() -> Path:
     return Path(os.environ.get("WRENN_FIXTURES") or DEFAULT_FIXTURES)
 
 
-def _recipe_files(name: str) -> list[Path]:
-    recipes = REPO / "recipes"
-    files = sorted(p for p in recipes.glob(f"{name}.*") if p.is_file())
-    if (recipes / name).is_dir():
-        files += sorted(p for p in (recipes / name).rglob("*") if p.is_file())
-    return files
-
-
 def _template_cache(name: str) -> Path | None:
-    """Where a built ``name`` is kept between server starts, keyed by its
-    recipe files (a changed recipe is built afresh); None without recipe
-    files (nothing to key on: never cached)."""
-    files = _recipe_files(name)
-    if not files:
+    """Where a recipe-built ``name`` is kept between server starts, keyed by
+    its recipe (a changed recipe is built afresh): the contents of
+    ``recipes/<name>.recipefile`` and ``.healthcheck``, then path and
+    contents of any other ``recipes/<name>.*`` and of ``recipes/<name>/``.
+    ``code-runner-beta`` lives under ``code-runner/``, the others under
+    ``templates-cache/<name>/``. None without recipe files (never cached)."""
+    recipes = REPO / "recipes"
+    main = [p for p in (recipes / f"{name}.recipefile", recipes / f"{name}.healthcheck") if p.is_file()]
+    extra = sorted(p for p in recipes.glob(f"{name}.*") if p.is_file() and p not in main)
+    if (recipes / name).is_dir():
+        extra += sorted(p for p in (recipes / name).rglob("*") if p.is_file())
+    if not main and not extra:
         return None
     h = hashlib.sha256()
-    for p in files:
+    for p in main:
+        h.update(p.read_bytes())
+    for p in extra:
         h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    key = h.hexdigest()[:16]
     if name == CODE_RUNNER:
-        return _fixtures() / "code-runner" / h.hexdigest()[:16] / name
-    return _fixtures() / "templates-cache" / name / h.hexdigest()[:16] / name
+        return _fixtures() / "code-runner" / key / name
+    return _fixtures() / "templates-cache" / name / key / name
 
 
-def _link_fixture_template(data_dir: Path) -> None:
-    """Link the prebuilt ``minimal`` and any cached recipe-built template so
-    servers need not build them again."""
+def _link_fixture_templates(data_dir: Path, cached: tuple[str, ...]) -> None:
+    """Link the prebuilt ``minimal`` and the cached recipe-built templates
+    named in ``cached`` (once a server built them) so servers need not build
+    them again."""
     sources = [_fixtures() / "templates" / TEMPLATE]
-    sources += [c for c in map(_template_cache, CACHED_TEMPLATES) if c is not None]
+    sources += [c for c in map(_template_cache, cached) if c is not None]
     for src in sources:
         if src.is_dir():
             (data_dir / "templates").mkdir(parents=True, exist_ok=True)
             os.symlink(src.resolve(), data_dir / "templates" / src.name)
 
 
-def _keep_built_templates(data_dir: Path) -> None:
-    """Keep the recipe-built templates this server built (copied, then
-    renamed into place, so the cache holds whole templates only)."""
-    for name in CACHED_TEMPLATES:
+def _keep_built_templates(data_dir: Path, cached: tuple[str, ...]) -> None:
+    """Keep the templates named in ``cached`` that this server built (copied,
+    then renamed into place, so the cache holds whole templates only)."""
+    for name in cached:
         built = data_dir / "templates" / name
         cache = _template_cache(name)
         if cache is None or not built.is_dir() or built.is_symlink() or cache.exists():
@@ -207,13 +207,15 @@ def _fail_with_log(server: Server, message: str) -> None:
     pytest.fail(f"{message}\n--- server log ({server.log_path}) ---\n{server.log_tail()}", pytrace=False)
 
 
-def resolve_binaries() -> tuple[str, str]:
-    """``(wrenn, envd)`` from ``WRENN_BIN``/``ENVD_BIN``, or fail the test."""
+def resolve_binaries(key_env: str = "WRENN_API_KEY") -> tuple[str, str]:
+    """``(wrenn, envd)`` from ``WRENN_BIN``/``ENVD_BIN``, or fail the test
+    (``key_env``: the variable that, with ``WRENN_BASE_URL``, names a running
+    server's key instead)."""
     envd = os.environ.get("ENVD_BIN")
     if not envd:
         pytest.fail(
             "ENVD_BIN is not set: point it at the static envd binary "
-            "(or set WRENN_BASE_URL and WRENN_E2B_API_KEY to use a running server)",
+            f"(or set WRENN_BASE_URL and {key_env} to use a running server)",
             pytrace=False,
         )
     if not os.access(envd, os.X_OK):
@@ -338,8 +340,22 @@ class WrennUp:
 
     ``server`` is one ``Server`` object updated in place by each start.
     stdout and stderr of every start are appended to ``D/server.log``,
-    with ``=== e2b-cp: …`` lines marking starts, kills and stops.
+    with ``=== <label> …`` lines marking starts, kills and stops.
+
+    Each suite's conftest subclasses it, setting the class attributes
+    below (what differs between the suites).
     """
+
+    #: names the suite in log marks, messages, data dirs and kept logs
+    label = "wrenn-up"
+    #: the variable that, with ``WRENN_BASE_URL``, names a running server's
+    #: key (in the hint when ``ENVD_BIN`` is missing)
+    key_env = "WRENN_API_KEY"
+    #: also read the admin team's E2B key (``D/admin-e2b-api-key``) into
+    #: ``Server.e2b_api_key`` on each start
+    e2b_key = False
+    #: recipe-built templates linked from, and kept in, the fixture cache
+    cached_templates: tuple[str, ...] = (CODE_RUNNER,)
 
     def __init__(
         self,
@@ -373,18 +389,19 @@ class WrennUp:
     def fresh(
         cls,
         *,
-        prefix: str = "e2b-cp-",
+        prefix: str | None = None,
         database_url: str | None = None,
         code_runner: bool = True,
         say: Callable[[str], None] | None = None,
     ) -> "WrennUp":
-        """A new data dir under /var/tmp with the fixture template linked in.
+        """A new data dir under /var/tmp (named ``prefix``…, by default
+        ``<label>-``…) with the fixture templates linked in.
         ``code_runner=False``: pass ``--no-code-runner`` (when the binary
         has it), so no template build runs capsules in the background."""
-        binary, envd = resolve_binaries()
+        binary, envd = resolve_binaries(cls.key_env)
         extra = [] if code_runner or not _up_has_flag(binary, "--no-code-runner") else ["--no-code-runner"]
-        data_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-        _link_fixture_template(data_dir)
+        data_dir = Path(tempfile.mkdtemp(prefix=prefix or f"{cls.label}-", dir="/var/tmp"))
+        _link_fixture_templates(data_dir, cls.cached_templates)
         return cls(data_dir, binary=binary, envd=envd, database_url=database_url,
                    extra_args=extra, say=say)
 
@@ -399,11 +416,11 @@ class WrennUp:
         return self.process is not None and self.process.poll() is None
 
     def mark(self, text: str) -> None:
-        """A ``=== e2b-cp: text`` line in the server log."""
+        """A ``=== <label> HH:MM:SS: text`` line in the server log."""
         if self._log is None:
             self._log = open(self.log_path, "ab")
         with self._lock:
-            self._log.write(f"\n=== e2b-cp {time.strftime('%H:%M:%S')}: {text}\n".encode())
+            self._log.write(f"\n=== {self.label} {time.strftime('%H:%M:%S')}: {text}\n".encode())
             self._log.flush()
 
     def command(self, listen: str) -> list[str]:
@@ -513,33 +530,36 @@ class WrennUp:
                         _fail_with_log(srv, f"/health not 200 within {ready_timeout:.0f}s; last: {last}")
                     if now - last_report > 30:
                         last_report = now
-                        self.say(f"[e2b-cp] waiting for {srv.base_url}/health "
+                        self.say(f"[{self.label}] waiting for {srv.base_url}/health "
                                  f"({now - started:.0f}s): {last}")
                     time.sleep(0.5)
 
-            key_path = self.data_dir / "admin-api-key"
-            assert key_path.is_file(), f"{key_path} missing"
-            mode = key_path.stat().st_mode & 0o777
-            assert mode == 0o600, f"{key_path} has mode {oct(mode)}, want 0o600"
-            key = key_path.read_text().strip()
-            assert key.startswith("wrn_"), f"admin key looks wrong: {key[:8]}…"
-            if srv.api_key:
-                assert key == srv.api_key, "the admin key changed across a restart"
-            srv.api_key = key
-            e2b_path = self.data_dir / "admin-e2b-api-key"
-            assert e2b_path.is_file(), f"{e2b_path} missing"
-            e2b_mode = e2b_path.stat().st_mode & 0o777
-            assert e2b_mode == 0o600, f"{e2b_path} has mode {oct(e2b_mode)}, want 0o600"
-            e2b_key = e2b_path.read_text().strip()
-            assert re.fullmatch(r"e2b_[0-9a-f]{40}", e2b_key), f"E2B key looks wrong: {e2b_key[:8]}…"
-            if srv.e2b_api_key:
-                assert e2b_key == srv.e2b_api_key, "the E2B key changed across a restart"
-            srv.e2b_api_key = e2b_key
+            srv.api_key = self._read_key(
+                "admin-api-key", "the admin key", lambda k: k.startswith("wrn_"), srv.api_key
+            )
+            if self.e2b_key:
+                srv.e2b_api_key = self._read_key(
+                    "admin-e2b-api-key", "the E2B key",
+                    lambda k: re.fullmatch(r"e2b_[0-9a-f]{40}", k) is not None, srv.e2b_api_key,
+                )
         except BaseException:
             self.stop()
             raise
         self.mark(f"ready on {srv.base_url}")
         return True
+
+    def _read_key(self, name: str, what: str, looks_right: Callable[[str], bool], before: str) -> str:
+        """The key in ``D/name`` (mode 0600); the same as ``before``, if set
+        (a restart keeps the keys)."""
+        path = self.data_dir / name
+        assert path.is_file(), f"{path} missing"
+        mode = path.stat().st_mode & 0o777
+        assert mode == 0o600, f"{path} has mode {oct(mode)}, want 0o600"
+        key = path.read_text().strip()
+        assert looks_right(key), f"{what} looks wrong: {key[:8]}…"
+        if before:
+            assert key == before, f"{what} changed across a restart"
+        return key
 
     def _join_pumps(self) -> None:
         for t in self.server._threads:
@@ -672,6 +692,17 @@ class WrennUp:
 
     # ---- the end -----------------------------------------------------------
 
+    def finish(self, *, failed: bool) -> None:
+        """The end of a session's server: SIGTERM, then ``close`` (keeping
+        the log if ``failed`` or the exit was not clean), with a warning for
+        an unclean exit and for capsules that outlived the session."""
+        code = self.stop()
+        if code not in (0, None):
+            self.say(f"[{self.label}] WARNING: wrenn up exited with {code} on SIGTERM")
+        leaks = self.close(keep_log=failed or code not in (0, None))
+        if leaks:
+            self.say(f"[{self.label}] WARNING: capsules outlived the session (purged): {leaks}")
+
     def close(self, *, keep_log: bool) -> dict[str, list[str]]:
         """Stop the server if it runs, keep the log (and print its tail) if
         asked, purge this instance's host objects and remove the data dir
@@ -685,25 +716,24 @@ class WrennUp:
             self._log = None
         if keep_log:
             keep = Path("/var/tmp") / (
-                f"e2b-cp-server-{time.strftime('%Y%m%d-%H%M%S')}-{self.instance}.log"
+                f"{self.label}-server-{time.strftime('%Y%m%d-%H%M%S')}-{self.instance}.log"
             )
             try:
                 shutil.copyfile(self.log_path, keep)
             except OSError:
                 keep = self.log_path
-            self.say(f"[e2b-cp] server log kept at {keep}; tail:\n{self.server.log_tail(200)}")
+            self.say(f"[{self.label}] server log kept at {keep}; tail:\n{self.server.log_tail(200)}")
         if os.environ.get("WRENN_KEEP_DATA_DIR"):
-            self.say(f"[e2b-cp] data dir kept: {self.data_dir} "
+            self.say(f"[{self.label}] data dir kept: {self.data_dir} "
                      f"(--instance {self.instance} --pool {self.pool}); host objects: "
                      f"{self.host_objects()}")
             return leaks
         self.purge()
-        _keep_built_templates(self.data_dir)
+        _keep_built_templates(self.data_dir, self.cached_templates)
         mounts = _mounts_under(self.data_dir)
         if mounts:
-            self.say(f"[e2b-cp] NOT removing {self.data_dir}: still mounted: {mounts[:5]}")
+            self.say(f"[{self.label}] NOT removing {self.data_dir}: still mounted: {mounts[:5]}")
             return leaks
         shutil.rmtree(self.data_dir, ignore_errors=True)
         return leaks
-
 
