@@ -12,6 +12,7 @@ pub mod error;
 pub mod network;
 pub mod proxy;
 pub mod record;
+pub mod register;
 pub mod rootfs;
 pub mod rpc;
 pub mod runtime;

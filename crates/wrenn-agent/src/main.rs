@@ -13,6 +13,12 @@ struct Args {
     /// Address of the RPC and port-proxy listener.
     #[arg(long, env = "WRENN_AGENT_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// A control plane to register with and heartbeat to (`http://host:port`).
+    #[arg(long, env = "WRENN_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// One-time token from `POST /v1/hosts` (first start only).
+    #[arg(long, env = "WRENN_REGISTRATION_TOKEN")]
+    registration_token: Option<String>,
     #[command(flatten)]
     agent: AgentArgs,
 }
@@ -43,7 +49,25 @@ async fn main() {
     };
     let addr = listener.local_addr().expect("bound");
     println!("wrenn-agent listening on {addr}");
-    if let Err(e) = wrenn_agent::server::run(agent, listener, shutdown()).await {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let joined = args.control_plane.clone().map(|cp| {
+        let facts = wrenn_agent::register::host_facts(&args.agent.data_dir, addr);
+        tokio::spawn(wrenn_agent::register::run(
+            cp,
+            args.registration_token.clone(),
+            args.agent.data_dir.clone(),
+            facts,
+            async {
+                let _ = stop_rx.await;
+            },
+        ))
+    });
+    let served = wrenn_agent::server::run(agent, listener, shutdown()).await;
+    let _ = stop_tx.send(());
+    if let Some(j) = joined {
+        let _ = j.await;
+    }
+    if let Err(e) = served {
         eprintln!("wrenn-agent: {e}");
         std::process::exit(1);
     }

@@ -67,28 +67,6 @@ pub async fn run(args: UpArgs) -> i32 {
     }
 }
 
-fn host_facts(data_dir: &Path, address: SocketAddr) -> HostRegistration {
-    let cpu_cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
-    let memory_mb = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok())
-        })
-        .map_or(1024, |kb| kb / 1024);
-    let disk_gb = rustix::fs::statvfs(data_dir)
-        .map(|s| (s.f_blocks * s.f_frsize / (1 << 30)) as i64)
-        .unwrap_or(0);
-    HostRegistration {
-        address: address.to_string(),
-        arch: std::env::consts::ARCH.into(),
-        cpu_cores,
-        memory_mb,
-        disk_gb,
-    }
-}
-
 /// Write a secret file readable by its owner only, atomically.
 fn write_secret(path: &Path, content: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -304,7 +282,7 @@ async fn up(args: UpArgs) -> Result<()> {
         .context("open the database")?;
     let cp = plane.cp.clone();
     cp.set_ready(false);
-    let facts = host_facts(&data_dir, agent_addr);
+    let facts = wrenn_agent::register::host_facts(&data_dir, agent_addr);
     let host = register_agent(&cp, &data_dir, &facts).await?;
     publish_template(&cp, agent.templates(), "busybox").await?;
     let first = admin_keys(&cp, &data_dir).await?;

@@ -333,6 +333,14 @@ impl Db {
         Ok(())
     }
 
+    pub async fn delete_host(&self, id: &HostId) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM hosts WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Resources reserved on a host: (running vCPUs, running MiB, paused
     /// vCPUs, paused MiB).
     pub async fn host_load(&self, id: &HostId) -> Result<(i64, i64, i64, i64), DbError> {
@@ -727,19 +735,8 @@ pub struct Host {
     pub last_heartbeat: Option<i64>,
 }
 
-/// What an agent says about itself when it registers.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct HostRegistration {
-    pub address: String,
-    #[serde(default)]
-    pub arch: String,
-    #[serde(default)]
-    pub cpu_cores: i64,
-    #[serde(default)]
-    pub memory_mb: i64,
-    #[serde(default)]
-    pub disk_gb: i64,
-}
+/// What an agent says about itself when it registers (and heartbeats).
+pub use wrenn_types::hosts::HostFacts as HostRegistration;
 
 #[derive(Debug, Clone)]
 pub struct CapsuleRow {

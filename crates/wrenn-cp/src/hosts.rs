@@ -118,6 +118,11 @@ impl Hosts {
         Ok(c)
     }
 
+    /// Drop a deleted host's connection.
+    pub fn forget(&self, id: &HostId) {
+        self.conns.write().unwrap().remove(id);
+    }
+
     pub fn get(&self, id: &HostId) -> Option<Arc<HostConn>> {
         self.conns.read().unwrap().get(id).cloned()
     }

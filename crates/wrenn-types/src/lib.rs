@@ -5,6 +5,7 @@
 //! protocol constants, typed IDs, proxy paths and template recipes. Each component maps these to its own errors.
 
 pub mod envd;
+pub mod hosts;
 pub mod ids;
 pub mod proxy;
 pub mod recipe;

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
@@ -124,11 +124,66 @@ pub async fn get(
     Ok(Json(host_json(&h)))
 }
 
-/// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204.
+/// `DELETE /v1/hosts/{id}` (admin) — 204. A host that still has capsules
+/// is a 409 `host_has_capsules` listing them in a top-level `capsule_ids`
+/// (where wrenn's SDK looks), unless `?force=true`, which forgets them
+/// (marked `stopped`; their host is gone).
+pub async fn delete(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    caller.require_admin()?;
+    let id: HostId = id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid host ID"))?;
+    if cp.db.host(&id).await?.is_none() {
+        return Err(ApiError::not_found("host not found"));
+    }
+    let live = cp.db.capsules_on(&id).await?;
+    let force = q.get("force").is_some_and(|v| v == "true");
+    if !live.is_empty() && !force {
+        let ids: Vec<String> = live.iter().map(|c| c.id.to_string()).collect();
+        let body = json!({
+            "error": {"code": "host_has_capsules", "message": format!("host has {} capsules", ids.len())},
+            "capsule_ids": ids,
+        });
+        return Ok((StatusCode::CONFLICT, Json(body)).into_response());
+    }
+    for c in &live {
+        cp.db
+            .transition(&c.id, &[], crate::model::Status::Stopped)
+            .await?;
+        cp.proxy_routes.evict(&c.id);
+    }
+    cp.db.delete_host(&id).await?;
+    cp.hosts.forget(&id);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A heartbeat's optional body: the agent's current facts.
+#[derive(Debug, Default, Deserialize)]
+pub struct HeartbeatBody {
+    address: Option<String>,
+    #[serde(default)]
+    arch: String,
+    #[serde(default)]
+    cpu_cores: i64,
+    #[serde(default)]
+    memory_mb: i64,
+    #[serde(default)]
+    disk_gb: i64,
+}
+
+/// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
+/// JSON body with the agent's facts updates its address and size.
 pub async fn heartbeat(
     State(cp): State<Arc<Cp>>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    ApiJson(body): ApiJson<HeartbeatBody>,
 ) -> ApiResult<StatusCode> {
     let id: HostId = id
         .parse()
@@ -144,5 +199,21 @@ pub async fn heartbeat(
         return Err(ApiError::forbidden("the token is not this host's"));
     }
     cp.db.heartbeat(&id).await?;
+    // An agent that restarted on another address says so here.
+    if let Some(address) = body.address.filter(|a| !a.is_empty()) {
+        let facts = HostRegistration {
+            address,
+            arch: body.arch,
+            cpu_cores: body.cpu_cores,
+            memory_mb: body.memory_mb,
+            disk_gb: body.disk_gb,
+        };
+        if facts.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApiError::invalid("address must be ip:port"));
+        }
+        if let Some(host) = cp.db.update_host(&id, &facts).await? {
+            cp.hosts.connect(&host).map_err(ApiError::invalid)?;
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }

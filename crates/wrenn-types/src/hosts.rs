@@ -1,0 +1,18 @@
+//! What a host agent tells the control plane about itself, when it
+//! registers and on every heartbeat.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// `ip:port` of the agent's RPC and port-proxy listener.
+    pub address: String,
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub cpu_cores: i64,
+    #[serde(default)]
+    pub memory_mb: i64,
+    #[serde(default)]
+    pub disk_gb: i64,
+}

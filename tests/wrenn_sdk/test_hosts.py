@@ -1,0 +1,130 @@
+"""Multi-host: a second ``wrenn-agent`` on this machine (its own data dir,
+instance and address pool) joins the running control plane with a
+registration token, heartbeats, takes capsules by least-loaded placement,
+moves to a new address across a restart (its heartbeat says so), and can be
+deleted once it has no capsules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+import wrenn_up  # noqa: E402
+
+LISTENING = "wrenn-agent listening on "
+
+
+def start_agent(binary: str, up: wrenn_up.WrennUp, control_plane: str, token: str | None) -> tuple[subprocess.Popen, str]:
+    cmd = [
+        binary, "--listen", "127.0.0.1:0", "--data-dir", str(up.data_dir), "--envd", up.envd,
+        "--instance", up.instance, "--pool", up.pool, "--net-pool", "1",
+        "--control-plane", control_plane,
+    ]
+    if token:
+        cmd += ["--registration-token", token]
+    log = open(up.data_dir / "agent.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith(LISTENING), f"agent said {line!r}; log: {(up.data_dir / 'agent.log').read_text()[-2000:]}"
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return proc, line[len(LISTENING):].strip()
+
+
+def wait_host(h: httpx.Client, host_id: str, address: str, limit: float = 30) -> dict:
+    deadline = time.monotonic() + limit
+    while True:
+        r = h.get(f"/v1/hosts/{host_id}")
+        if r.status_code == 200 and r.json()["status"] == "online" and r.json()["address"] == address:
+            return r.json()
+        assert time.monotonic() < deadline, f"host {host_id} never online at {address}: {r.text}"
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
+    wrenn_bin, envd = wrenn_up.resolve_binaries()
+    agent_bin = os.environ.get("WRENN_AGENT_BIN") or str(Path(wrenn_bin).with_name("wrenn-agent"))
+    data = Path(tempfile.mkdtemp(prefix="wrenn-sdk-agent-", dir="/var/tmp"))
+    wrenn_up._link_fixture_templates(data, ())
+    up = wrenn_up.WrennUp(data, binary=wrenn_bin, envd=envd)
+    h = server.http()
+    proc = None
+    made: list[str] = []
+    try:
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        assert reg.json()["host"]["status"] == "pending"
+
+        proc, addr = start_agent(agent_bin, up, server.base_url, token)
+        host = wait_host(h, host_id, addr)
+        assert host["cpu_cores"] >= 1 and host["memory_mb"] > 0
+        ident = data / "host.json"  # written once the answer is in
+        deadline = time.monotonic() + 10
+        while not ident.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stat.S_IMODE(ident.stat().st_mode) == 0o600
+        # the registration token is used up
+        again = h.post("/v1/hosts/register", json={"token": token, "address": "127.0.0.1:9"})
+        assert again.status_code == 401, again.text
+
+        # least-loaded placement puts one of the next creates on the empty host
+        on_new = None
+        for _ in range(4):
+            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+            if made[-1] in up.runc_containers():
+                on_new = made[-1]
+                break
+        assert on_new, f"no capsule landed on the second host: {made}"
+        r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo hi"]})
+        assert r.status_code == 200 and r.json()["stdout"] == "hi\n", r.text
+
+        # a restart on another port: no token needed, the heartbeat moves it
+        stop(proc)
+        proc, addr2 = start_agent(agent_bin, up, server.base_url, None)
+        wait_host(h, host_id, addr2)
+        r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo again"]})
+        assert r.status_code == 200 and r.json()["stdout"] == "again\n", r.text
+
+        # a host with capsules is not deleted (the SDK's host_has_capsules shape)
+        r = h.delete(f"/v1/hosts/{host_id}")
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "host_has_capsules" and on_new in r.json()["capsule_ids"]
+        for cid in made:
+            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made.clear()
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert h.get(f"/v1/hosts/{host_id}").status_code == 404
+        # the agent keeps prepared network slots while it runs; on SIGTERM
+        # it gives them back, and nothing of its capsules is left
+        stop(proc)
+        proc = None
+        assert up.capsule_objects() == {}, up.capsule_objects()
+    finally:
+        for cid in made:
+            h.delete(f"/v1/capsules/{cid}")
+        h.close()
+        stop(proc)
+        up.purge()
+        shutil.rmtree(data, ignore_errors=True)
