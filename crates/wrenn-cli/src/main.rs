@@ -2,6 +2,7 @@
 //! agent in one process on one machine; the agent is reached over the
 //! same RPC a remote agent is, and registers through the same path.
 
+mod template;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,9 @@ struct Cli {
 enum Command {
     /// Run the control plane and an agent on this machine.
     Up(up::UpArgs),
+    /// Templates.
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
 }
 
 fn main() {
@@ -38,6 +42,7 @@ fn main() {
         .expect("tokio runtime");
     let code = match cli.command {
         Command::Up(args) => rt.block_on(up::run(args)),
+        Command::Template(cmd) => rt.block_on(template::run(cmd)),
     };
     std::process::exit(code);
 }

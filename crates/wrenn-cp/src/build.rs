@@ -7,8 +7,9 @@
 //!   `WORKDIR` with the `ENV`s so far; a non-zero exit fails the build.
 //! - `USER` creates the user if needed (home, bash, passwordless sudo).
 //! - `START` starts the command now (for the healthcheck) and makes it the
-//!   template's start command (envd runs it when a capsule boots: capsules
-//!   are OCI containers, so processes are not kept in the template).
+//!   template's start command (envd runs it, as the template's default
+//!   user, when a capsule boots: capsules are OCI containers, so processes
+//!   are not kept in the template).
 //! - `COPY` uploads from a build context directory on this machine.
 //! - The healthcheck runs until it passes before the snapshot is taken.
 //! - CA certificates the host added (`/usr/local/share/ca-certificates`)
@@ -303,11 +304,18 @@ async fn run_steps(
                     .start_background(req)
                     .await
                     .map_err(|e| fail("START", e.message.unwrap_or_default()))?;
-                start = Some(line);
+                start = Some((cmd.clone(), user.clone(), cwd.clone(), all_env.clone()));
             }
         }
         tracing::debug!(step = n, elapsed = ?t0.elapsed(), "build step done");
     }
+    // envd runs a template's start command as the template's default user
+    // (the last USER): wrap it in `su` only when START ran as someone else
+    // and root can switch (else it runs as the default user).
+    let start = start.map(|(cmd, as_user, cwd, env)| {
+        let who = if as_user != user && user == "root" { as_user } else { "root".to_owned() };
+        wrap(&format!("exec {cmd}"), &who, &cwd, &env)
+    });
     Ok((start, env, user))
 }
 

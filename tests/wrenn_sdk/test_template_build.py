@@ -1,0 +1,83 @@
+"""``wrenn template build FILE``: a recipe run in a capsule becomes a
+platform template; capsules made from it have its files, its default user
+(the last ``USER``) and its ``START`` command running. Bad recipes and bad
+keys fail with a clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import wrenn_up
+from wrenn import Capsule
+
+RECIPE = """\
+# a comment, and a blank line
+
+ENV GREETING=hello
+USER dev
+WORKDIR /home/dev/app
+RUN echo "$GREETING from $(whoami)" > note.txt
+START python3 -m http.server 8099
+"""
+
+
+def wrenn(server, *args: str, key: str | None = None) -> subprocess.CompletedProcess:
+    binary, _ = wrenn_up.resolve_binaries()
+    return subprocess.run(
+        [binary, "template", *args, "--base-url", server.base_url, "--api-key", key or server.api_key],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_build_a_template_and_boot_it(server, tmp_path: Path) -> None:
+    name = f"tpl-{uuid.uuid4().hex[:8]}"
+    recipe = tmp_path / "app.recipefile"
+    recipe.write_text(RECIPE)
+    (tmp_path / "app.healthcheck").write_text("--interval=1s --timeout=60s curl -sf http://127.0.0.1:8099/\n")
+    r = wrenn(server, "build", str(recipe), "--name", name)
+    assert r.returncode == 0, r.stderr
+    assert f"built template {name}" in r.stdout and "healthcheck" in r.stdout, r.stdout
+
+    with server.http() as h:
+        listed = {t["name"]: t for t in h.get("/v1/snapshots", params={"type": "base"}).json()}
+    assert listed[name]["platform"] is True
+
+    with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
+        assert c.commands.run("cat /home/dev/app/note.txt").stdout == "hello from dev\n"
+        assert c.commands.run("whoami").stdout == "dev\n"
+        # START runs when a capsule boots
+        deadline = time.monotonic() + 30
+        while c.commands.run("curl -sf -o /dev/null http://127.0.0.1:8099/ && echo up").stdout != "up\n":
+            assert time.monotonic() < deadline, "the START command is not serving"
+            time.sleep(0.5)
+
+    # the name is taken now
+    r = wrenn(server, "build", str(recipe), "--name", name)
+    assert r.returncode == 1 and "exists" in r.stderr, r.stderr
+
+
+def test_bad_recipes_and_keys_fail_clearly(server, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.recipefile"
+    bad.write_text("RUN true\nFROM debian\n")
+    r = wrenn(server, "build", str(bad))
+    assert r.returncode == 1 and "line 2" in r.stderr, r.stderr
+
+    failing = tmp_path / "failing.recipefile"
+    failing.write_text("RUN echo before\nRUN exit 3\n")
+    r = wrenn(server, "build", str(failing), "--name", f"fail-{uuid.uuid4().hex[:6]}")
+    assert r.returncode == 1 and "step 2" in r.stderr and "exit 3" in r.stderr, r.stderr
+
+    ok = tmp_path / "ok.recipefile"
+    ok.write_text("RUN true\n")
+    r = wrenn(server, "build", str(ok), key="wrn_" + "0" * 32)
+    assert r.returncode == 1 and "unauthorized" in r.stderr, r.stderr
+
+
+def test_only_the_admin_team_builds(server, team_b, tmp_path: Path) -> None:
+    ok = tmp_path / "ok.recipefile"
+    ok.write_text("RUN true\n")
+    r = wrenn(server, "build", str(ok), key=team_b.api_key)
+    assert r.returncode == 1 and "forbidden" in r.stderr, r.stderr
