@@ -313,7 +313,11 @@ async fn run_steps(
     // (the last USER): wrap it in `su` only when START ran as someone else
     // and root can switch (else it runs as the default user).
     let start = start.map(|(cmd, as_user, cwd, env)| {
-        let who = if as_user != user && user == "root" { as_user } else { "root".to_owned() };
+        let who = if as_user != user && user == "root" {
+            as_user
+        } else {
+            "root".to_owned()
+        };
         wrap(&format!("exec {cmd}"), &who, &cwd, &env)
     });
     Ok((start, env, user))
