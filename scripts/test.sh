@@ -12,6 +12,7 @@ export CARGO_TERM_COLOR=never
 install_packages
 start_postgres
 trap stop_postgres EXIT
+trap 'exit 130' INT TERM   # runs the EXIT trap: PostgreSQL is stopped on Ctrl-C / kill too
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
