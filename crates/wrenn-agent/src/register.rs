@@ -102,7 +102,9 @@ async fn register(
     Ok(id)
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// Write a file only its owner can read (0600), whole or not at all
+/// (written beside it, synced, renamed into place).
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

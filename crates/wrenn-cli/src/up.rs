@@ -12,9 +12,7 @@
 //!    built in the background with a progress bar; `/health` answers 503
 //!    with the build's progress until it can be used.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 use wrenn_agent::cli::AgentArgs;
+use wrenn_agent::register::write_private;
 use wrenn_agent::template::{self, TemplateStore};
 use wrenn_agent::Agent;
 use wrenn_cp::api::hosts::{issue_registration, register_host};
@@ -67,23 +66,6 @@ pub async fn run(args: UpArgs) -> i32 {
     }
 }
 
-/// Write a secret file readable by its owner only, atomically.
-fn write_secret(path: &Path, content: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(content.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
-    Ok(())
-}
-
 /// Register this process's agent (or update the host it registered before).
 async fn register_agent(cp: &Cp, data_dir: &Path, facts: &HostRegistration) -> Result<HostId> {
     let id_file = data_dir.join("host-id");
@@ -114,8 +96,11 @@ async fn admin_keys(cp: &Cp, data_dir: &Path) -> Result<bool> {
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
     let (_, e2b) = create_key(&cp.db, &team.id, "e2b", KeyKind::E2b).await?;
-    write_secret(&data_dir.join("admin-api-key"), &key)?;
-    write_secret(&data_dir.join("admin-e2b-api-key"), &e2b)?;
+    for (file, secret) in [("admin-api-key", key), ("admin-e2b-api-key", e2b)] {
+        let path = data_dir.join(file);
+        write_private(&path, &format!("{secret}\n"))
+            .with_context(|| format!("write {}", path.display()))?;
+    }
     Ok(true)
 }
 
