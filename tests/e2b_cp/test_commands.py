@@ -83,8 +83,13 @@ def test_background_list_connect_kill(sandbox: Sandbox) -> None:
     assert got[0].exit_code == -1 and "signal: killed" in (got[0].error or "")
     assert sandbox.commands.kill(h.pid) is False  # not_found
     assert h.pid not in [p.pid for p in sandbox.commands.list()]
+    # An ended process stays connectable for 30 s and its end comes at once
+    # (specs/e2b-compat.md, "retained"); a pid that never was is not found.
+    late = sandbox.commands.connect(h.pid)
+    with pytest.raises(CommandExitException):
+        late.wait()
     with pytest.raises(NotFoundException):
-        sandbox.commands.connect(h.pid)
+        sandbox.commands.connect(999_999)
 
 
 def _wait_quietly(handle: CommandHandle):

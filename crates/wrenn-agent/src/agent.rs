@@ -851,7 +851,10 @@ impl Agent {
             })?;
         let healthy = t0.elapsed();
         let r = c.record();
+        // envd turns metadata keys into environment names; keys that are
+        // not identifiers stay in the capsule's record only.
         let mut metadata = r.metadata.clone();
+        metadata.retain(|k, _| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
         metadata.insert("sandboxId".into(), r.id.to_string());
         metadata.insert("templateId".into(), r.template.to_string());
         let body = InitRequest {

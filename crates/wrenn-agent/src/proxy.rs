@@ -13,7 +13,9 @@
 //!   the proxy's tracker and cancelled with it.
 //! - Routes (capsule, port → address and prefix) are cached and evicted
 //!   when the capsule is destroyed; the capsule's state is checked on
-//!   every request (a paused capsule answers 503, never 404).
+//!   every request (a paused capsule answers 503, never 404). Refusals of
+//!   the proxy's own are marked ([`wrenn_http::relay::PROXY_ERROR`]), and
+//!   streamed responses fail when the capsule is destroyed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +27,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wrenn_http::relay::{self, is_upgrade, plain};
+use wrenn_http::relay::{self, is_upgrade, plain, refused};
 use wrenn_types::ids::CapsuleId;
 use wrenn_types::proxy::{parse_target, rewrite_location};
 
@@ -126,11 +128,12 @@ impl PortProxy {
         let route = match self.route(&id, port) {
             Ok(r) => r,
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                return plain(StatusCode::NOT_FOUND, e.to_string())
+                return refused(StatusCode::NOT_FOUND, "not-found", e.to_string())
             }
             Err(e) => {
-                return plain(
+                return refused(
                     StatusCode::SERVICE_UNAVAILABLE,
+                    "not-running",
                     format!("capsule is not available: {e}"),
                 )
             }
@@ -149,7 +152,9 @@ impl PortProxy {
         let Ok(uri) = format!("http://{}{}", route.upstream, path_and_query).parse::<Uri>() else {
             return plain(StatusCode::BAD_REQUEST, "unparsable path");
         };
-        relay::forward(&self.client, req, uri, |h| fix_location(h, &route)).await
+        let stop = route.stop.clone();
+        let resp = relay::forward(&self.client, req, uri, |h| fix_location(h, &route)).await;
+        relay::cut_on(resp, stop)
     }
 
     async fn tunnel(&self, req: Request, route: Route, path_and_query: &str) -> Response {

@@ -165,12 +165,14 @@ async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, code_runner: bool) {
             if !exists {
                 eprintln!("wrenn up: `minimal` built in {:.0?}", started.elapsed());
             }
-            match publish_template(&cp, agent.templates(), "minimal").await {
-                Ok(()) => cp.set_ready(true),
-                Err(e) => return tracing::error!(error = %e, "cannot record the minimal template"),
+            if let Err(e) = publish_template(&cp, agent.templates(), "minimal").await {
+                return tracing::error!(error = %e, "cannot record the minimal template");
             }
+            // E2B's SDKs default to `base`: usable when the API is.
+            build_recipe(&cp, &agent, &BASE).await;
+            cp.set_ready(true);
             if code_runner {
-                build_code_runner(&cp, &agent).await;
+                build_recipe(&cp, &agent, &CODE_RUNNER_RECIPE).await;
             }
         }
         Ok(Err(e)) => {
@@ -182,43 +184,74 @@ async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, code_runner: bool) {
     }
 }
 
-pub const CODE_RUNNER: &str = "code-runner-beta";
-const CODE_RUNNER_RECIPE: &str = include_str!("../../../recipes/code-runner-beta.recipefile");
-const CODE_RUNNER_HEALTH: &str = include_str!("../../../recipes/code-runner-beta.healthcheck");
+/// A template `wrenn up` builds from a recipe in `recipes/`.
+#[derive(Debug)]
+struct BuiltIn {
+    name: &'static str,
+    recipe: &'static str,
+    healthcheck: Option<&'static str>,
+    base: &'static str,
+    vcpus: i64,
+    memory_mb: i64,
+    /// Said before a build, after "building `name`".
+    what: &'static str,
+}
 
-/// `code-runner-beta` from its recipe (after `minimal`), unless built.
-async fn build_code_runner(cp: &Cp, agent: &Agent) {
+pub const CODE_RUNNER: &str = "code-runner-beta";
+
+const BASE: BuiltIn = BuiltIn {
+    name: "base",
+    recipe: include_str!("../../../recipes/base.recipefile"),
+    healthcheck: None,
+    base: "minimal",
+    vcpus: 1,
+    memory_mb: 512,
+    what: "E2B's default template: `minimal` with the user `user`; seconds, once",
+};
+
+const CODE_RUNNER_RECIPE: BuiltIn = BuiltIn {
+    name: CODE_RUNNER,
+    recipe: include_str!("../../../recipes/code-runner-beta.recipefile"),
+    healthcheck: Some(include_str!("../../../recipes/code-runner-beta.healthcheck")),
+    base: "minimal",
+    vcpus: 2,
+    memory_mb: 2048,
+    what: "Jupyter and the scientific Python stack from PyPI: a few minutes, once",
+};
+
+/// Build a built-in template from its recipe unless it is on disk (then
+/// only record it).
+async fn build_recipe(cp: &Cp, agent: &Agent, t: &BuiltIn) {
     let store = agent.templates();
-    if store.exists(&CODE_RUNNER.parse().expect("valid")) {
-        if let Err(e) = publish_template(cp, store, CODE_RUNNER).await {
-            tracing::error!(error = %e, "cannot record the code-runner-beta template");
+    if store.exists(&t.name.parse().expect("valid")) {
+        if let Err(e) = publish_template(cp, store, t.name).await {
+            tracing::error!(error = %e, template = t.name, "cannot record a built-in template");
         }
         return;
     }
-    let spec = match (
-        wrenn_types::recipe::parse(CODE_RUNNER_RECIPE),
-        wrenn_types::recipe::parse_healthcheck(CODE_RUNNER_HEALTH),
-    ) {
-        (Ok(steps), Ok(h)) => wrenn_cp::build::BuildSpec {
-            name: CODE_RUNNER.parse().expect("valid"),
-            base: "minimal".into(),
+    let steps = wrenn_types::recipe::parse(t.recipe);
+    let healthcheck = t
+        .healthcheck
+        .map(wrenn_types::recipe::parse_healthcheck)
+        .transpose();
+    let spec = match (steps, healthcheck) {
+        (Ok(steps), Ok(healthcheck)) => wrenn_cp::build::BuildSpec {
+            name: t.name.parse().expect("valid"),
+            base: t.base.into(),
             steps,
-            healthcheck: Some(h),
+            healthcheck,
             context: None,
-            vcpus: 2,
-            memory_mb: 2048,
+            vcpus: t.vcpus,
+            memory_mb: t.memory_mb,
         },
         (Err(e), _) | (_, Err(e)) => return tracing::error!(error = %e, "bad built-in recipe"),
     };
-    eprintln!("wrenn up: building `{CODE_RUNNER}` (Jupyter and the scientific Python stack from PyPI: a few minutes, once)");
+    eprintln!("wrenn up: building `{}` ({})", t.name, t.what);
     let started = Instant::now();
-    let mut log = |line: String| eprintln!("wrenn up: {CODE_RUNNER}: {line}");
+    let mut log = |line: String| eprintln!("wrenn up: {}: {line}", t.name);
     match wrenn_cp::build::build(cp, spec, &mut log).await {
-        Ok(_) => eprintln!(
-            "wrenn up: `{CODE_RUNNER}` built in {:.0?}",
-            started.elapsed()
-        ),
-        Err(e) => eprintln!("wrenn up: building `{CODE_RUNNER}` failed: {e}"),
+        Ok(_) => eprintln!("wrenn up: `{}` built in {:.0?}", t.name, started.elapsed()),
+        Err(e) => eprintln!("wrenn up: building `{}` failed: {e}", t.name),
     }
 }
 

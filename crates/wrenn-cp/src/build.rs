@@ -373,9 +373,8 @@ pub async fn build(
         template: &base,
         vcpus: spec.vcpus,
         memory_mb: spec.memory_mb,
-        timeout_sec: 0,
-        disk_size_mb: crate::api::capsules::DEFAULT_DISK_MB,
         metadata: BTreeMap::from([("wrenn_build".to_owned(), spec.name.to_string())]),
+        ..Launch::new(&base)
     };
     let capsule = launch(cp, &team, Actor::system(), launch_spec).await?;
     let host = crate::api::host_of(cp, &capsule)?;

@@ -56,13 +56,21 @@ pub fn now_ms() -> i64 {
 }
 
 fn migrator() -> Migrator {
-    let migrations = vec![Migration::new(
-        1,
-        Cow::Borrowed("init"),
-        MigrationType::Simple,
-        Cow::Borrowed(include_str!("../migrations/0001_init.sql")),
-        false,
-    )];
+    let migrations = [
+        (1, "init", include_str!("../migrations/0001_init.sql")),
+        (2, "e2b", include_str!("../migrations/0002_e2b.sql")),
+    ]
+    .into_iter()
+    .map(|(version, name, sql)| {
+        Migration::new(
+            version,
+            Cow::Borrowed(name),
+            MigrationType::Simple,
+            Cow::Borrowed(sql),
+            false,
+        )
+    })
+    .collect();
     Migrator {
         migrations: Cow::Owned(migrations),
         ..Migrator::DEFAULT
@@ -370,8 +378,9 @@ impl Db {
         sqlx::query(
             "INSERT INTO capsules (id, team_id, host_id, template, agent_template, status, vcpus, \
                  memory_mb, timeout_sec, disk_size_mb, metadata, created_at, started_at, \
-                 last_active_at, last_updated) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                 last_active_at, last_updated, access_token, end_at, on_timeout) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                     $17, $18)",
         )
         .bind(c.id.as_str())
         .bind(c.team_id.as_str())
@@ -388,9 +397,47 @@ impl Db {
         .bind(c.started_at)
         .bind(c.last_active_at)
         .bind(c.last_updated)
+        .bind(&c.access_token)
+        .bind(c.end_at)
+        .bind(c.on_timeout.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Set (or clear) a capsule's absolute deadline.
+    pub async fn set_deadline(
+        &self,
+        id: &CapsuleId,
+        end_at: Option<i64>,
+        on_timeout: OnTimeout,
+    ) -> Result<(), DbError> {
+        sqlx::query("UPDATE capsules SET end_at = $1, on_timeout = $2 WHERE id = $3")
+            .bind(end_at)
+            .bind(on_timeout.as_str())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Running capsules whose deadline has passed.
+    pub async fn capsules_due(&self, now: i64) -> Result<Vec<CapsuleRow>, DbError> {
+        let rows = sqlx::query(&format!(
+            "{CAPSULE_COLS} WHERE status = 'running' AND end_at IS NOT NULL AND end_at <= $1"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(capsule_row).collect()
+    }
+
+    /// Every running capsule, of all teams (signed-URL routing).
+    pub async fn running_capsules(&self) -> Result<Vec<CapsuleRow>, DbError> {
+        let rows = sqlx::query(&format!("{CAPSULE_COLS} WHERE status = 'running'"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(capsule_row).collect()
     }
 
     /// A team's capsule (None also when another team owns it).
@@ -755,6 +802,40 @@ pub struct CapsuleRow {
     pub started_at: Option<i64>,
     pub last_active_at: Option<i64>,
     pub last_updated: i64,
+    /// envd's access token ('' for capsules created before tokens).
+    pub access_token: String,
+    /// Absolute deadline (Unix ms), if any; see [`OnTimeout`].
+    pub end_at: Option<i64>,
+    pub on_timeout: OnTimeout,
+}
+
+/// What a capsule's absolute deadline does when it passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnTimeout {
+    #[default]
+    Kill,
+    Pause,
+}
+
+impl OnTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Kill => "kill",
+            OnTimeout::Pause => "pause",
+        }
+    }
+}
+
+impl FromStr for OnTimeout {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "kill" => Ok(OnTimeout::Kill),
+            "pause" => Ok(OnTimeout::Pause),
+            _ => Err(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -794,7 +875,8 @@ const HOST_COLS: &str = "SELECT id, status, address, arch, cpu_cores, memory_mb,
                          created_at, last_heartbeat FROM hosts";
 const CAPSULE_COLS: &str = "SELECT id, team_id, host_id, template, agent_template, status, vcpus, \
                             memory_mb, timeout_sec, disk_size_mb, metadata, created_at, \
-                            started_at, last_active_at, last_updated FROM capsules";
+                            started_at, last_active_at, last_updated, access_token, end_at, \
+                            on_timeout FROM capsules";
 const TEMPLATE_COLS: &str = "SELECT team_id, name, agent_name, type, host_id, vcpus, memory_mb, \
                              size_bytes, default_user, protected, metadata, created_at \
                              FROM templates";
@@ -864,6 +946,9 @@ fn capsule_row(r: &AnyRow) -> Result<CapsuleRow, DbError> {
         started_at: r.try_get("started_at")?,
         last_active_at: r.try_get("last_active_at")?,
         last_updated: r.try_get("last_updated")?,
+        access_token: r.try_get("access_token")?,
+        end_at: r.try_get("end_at")?,
+        on_timeout: parse(r.try_get::<String, _>("on_timeout")?)?,
     })
 }
 

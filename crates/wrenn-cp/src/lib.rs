@@ -12,6 +12,7 @@ pub mod auth;
 pub mod build;
 pub mod config;
 pub mod db;
+pub mod e2b;
 pub mod error;
 pub mod events;
 pub mod hosts;

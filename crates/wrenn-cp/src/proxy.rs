@@ -8,7 +8,11 @@
 //!   502 from the agent.
 //! - Unknown capsule: 404. Not running: 503. Port not listening yet: the
 //!   agent's 502 (never 404), which is what clients that wait for a server
-//!   to come up (wrenn's code runner) retry on.
+//!   to come up (wrenn's code runner) retry on. Port 49983 (envd) by Host,
+//!   and everything routed by E2B's headers, answer as E2B's proxy does
+//!   instead ([`crate::e2b::dataplane`]).
+//! - Destroying or pausing a capsule evicts its route, which closes its
+//!   tunnels and fails its streamed responses.
 //! - The subdomain form needs no key (capsule URLs are unguessable, and
 //!   browsers send none); a request that carries `X-API-Key` must carry
 //!   one of the owning team's. The path form always needs the owner's key.
@@ -29,6 +33,7 @@ use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use wrenn_http::relay::{self, plain};
 use wrenn_types::ids::{CapsuleId, TeamId};
+use wrenn_types::envd::ENVD_PORT;
 use wrenn_types::proxy::{parse_host, parse_target, HostTarget};
 
 use crate::auth::authenticate;
@@ -38,13 +43,16 @@ use crate::server::Cp;
 pub const ROUTE_TTL: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
-struct Route {
-    team: TeamId,
-    agent: std::net::SocketAddr,
+pub struct Route {
+    pub team: TeamId,
+    pub agent: std::net::SocketAddr,
     /// The proxy pool, or (benchmark's shared mode) the agent's RPC client.
-    client: wrenn_http::ProxyClient,
+    pub client: wrenn_http::ProxyClient,
+    /// The capsule's envd access token.
+    pub token: String,
     at: Instant,
-    stop: CancellationToken,
+    /// Cancelled on eviction: ends the capsule's tunnels and streams.
+    pub stop: CancellationToken,
 }
 
 /// Cached capsule → agent routes.
@@ -54,7 +62,7 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Forget a capsule's route and close its tunnels.
+    /// Forget a capsule's route and close its tunnels and streams.
     pub fn evict(&self, id: &CapsuleId) {
         if let Some(r) = self.map.lock().unwrap().remove(id) {
             r.stop.cancel();
@@ -70,36 +78,57 @@ impl Routes {
     }
 }
 
-enum Lookup {
-    Found(Box<Route>),
-    Refused(Response),
+/// Why a capsule cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such capsule, or it is stopped.
+    Unknown,
+    NotRunning(Status),
+    HostDown,
+    Internal,
 }
 
-async fn lookup(cp: &Cp, id: &CapsuleId) -> Lookup {
-    if let Some(r) = cp.proxy_routes.map.lock().unwrap().get(id) {
+impl Refusal {
+    /// wrenn's answer: 404 unknown, 503 not running or host down.
+    fn response(&self) -> Response {
+        match self {
+            Refusal::Unknown => plain(StatusCode::NOT_FOUND, "capsule not found"),
+            Refusal::NotRunning(s) => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("capsule is not running (status: {s})"),
+            ),
+            Refusal::HostDown => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the capsule's host is not reachable",
+            ),
+            Refusal::Internal => plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        }
+    }
+}
+
+/// The route to a running capsule.
+pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
+    let previous = cp.proxy_routes.map.lock().unwrap().get(id).cloned();
+    if let Some(r) = &previous {
         if r.at.elapsed() < ROUTE_TTL {
-            return Lookup::Found(Box::new(r.clone()));
+            return Ok(r.clone());
         }
     }
     let c = match cp.db.capsule_any(id).await {
         Ok(Some(c)) if c.status != Status::Stopped => c,
-        Ok(_) => return Lookup::Refused(plain(StatusCode::NOT_FOUND, "capsule not found")),
+        Ok(_) => return Err(Refusal::Unknown),
         Err(e) => {
             tracing::error!(error = ?e, "proxy lookup failed");
-            return Lookup::Refused(plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"));
+            return Err(Refusal::Internal);
         }
     };
     if c.status != Status::Running {
-        let msg = format!("capsule is not running (status: {})", c.status);
-        return Lookup::Refused(plain(StatusCode::SERVICE_UNAVAILABLE, msg));
+        return Err(Refusal::NotRunning(c.status));
     }
     let host = c.host_id.as_ref().and_then(|h| cp.hosts.get(h));
     let agent = host.as_ref().and_then(|h| h.address.parse().ok());
     let (Some(agent), Some(host)) = (agent, host) else {
-        return Lookup::Refused(plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the capsule's host is not reachable",
-        ));
+        return Err(Refusal::HostDown);
     };
     let client = if cp.config.shared_transport {
         host.h2.clone()
@@ -110,15 +139,18 @@ async fn lookup(cp: &Cp, id: &CapsuleId) -> Lookup {
         team: c.team_id.clone(),
         agent,
         client,
+        token: c.access_token.clone(),
         at: Instant::now(),
-        stop: cp.stop.child_token(),
+        // A refreshed route keeps its token: eviction must still reach
+        // the streams opened before the refresh.
+        stop: previous.map_or_else(|| cp.stop.child_token(), |r| r.stop),
     };
     cp.proxy_routes
         .map
         .lock()
         .unwrap()
         .insert(id.clone(), route.clone());
-    Lookup::Found(Box::new(route))
+    Ok(route)
 }
 
 /// Whether the request's key (if any) belongs to `team`; `require` makes
@@ -152,8 +184,8 @@ async fn proxy(
     subdomain: bool,
 ) -> Response {
     let route = match lookup(cp, &id).await {
-        Lookup::Found(r) => r,
-        Lookup::Refused(resp) => return resp,
+        Ok(r) => r,
+        Err(refusal) => return refusal.response(),
     };
     let key = req
         .headers()
@@ -162,6 +194,21 @@ async fn proxy(
     if let Err(resp) = allowed(cp, key, &route.team, !subdomain).await {
         return resp;
     }
+    relay_to(cp, req, &id, &route, port, &rest, subdomain).await
+}
+
+/// Send `req` to port `port` of capsule `id` through its agent's path
+/// proxy; `rest` is the path in the capsule. `subdomain` strips the
+/// agent's prefix from `Location` again.
+pub async fn relay_to(
+    cp: &Cp,
+    req: Request,
+    id: &CapsuleId,
+    route: &Route,
+    port: u16,
+    rest: &str,
+    subdomain: bool,
+) -> Response {
     let prefix = format!("/proxy/{id}/{port}");
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{prefix}{rest}?{q}"),
@@ -202,16 +249,21 @@ async fn proxy(
         return plain(StatusCode::BAD_REQUEST, "unparsable path");
     };
     let resp = relay::forward(&route.client, req, uri, strip).await;
-    if resp.status() == StatusCode::BAD_GATEWAY {
+    if resp.status() == StatusCode::BAD_GATEWAY && relay::refusal_kind(&resp).is_some() {
         // The agent itself may be gone: look the route up again next time.
-        cp.proxy_routes.map.lock().unwrap().remove(&id);
+        cp.proxy_routes.map.lock().unwrap().remove(id);
     }
-    resp
+    relay::cut_on(resp, route.stop.clone())
 }
 
-/// Middleware: requests whose `Host` names a capsule port are proxied;
-/// the rest go to the API.
+/// Middleware: E2B's data plane first (routing headers, signed URLs),
+/// then requests whose `Host` names a capsule port are proxied; the rest
+/// go to the API.
 pub async fn subdomain(State(cp): State<Arc<Cp>>, req: Request, next: Next) -> Response {
+    let req = match crate::e2b::dataplane::route(&cp, req).await {
+        crate::e2b::dataplane::Routed::Done(resp) => return resp,
+        crate::e2b::dataplane::Routed::Pass(req) => req,
+    };
     let host = req
         .headers()
         .get(header::HOST)
@@ -222,6 +274,11 @@ pub async fn subdomain(State(cp): State<Arc<Cp>>, req: Request, next: Next) -> R
     match parse_host(&host) {
         HostTarget::NotProxy => next.run(req).await,
         HostTarget::Invalid(why) => plain(StatusCode::BAD_REQUEST, why),
+        HostTarget::Capsule { port, id } if port == ENVD_PORT => {
+            // envd by Host: what E2B's SDKs and signed URLs reach.
+            let id = id.to_owned();
+            crate::e2b::dataplane::serve(&cp, req, &id, port).await
+        }
         HostTarget::Capsule { port, id } => {
             let Ok(id) = id.parse::<CapsuleId>() else {
                 return plain(StatusCode::BAD_REQUEST, "invalid capsule ID");

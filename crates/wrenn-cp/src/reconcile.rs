@@ -122,6 +122,17 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                 }
                 set(cp, c, Status::Stopped, "cleanup_after_create_error").await;
             }
+            // A destroy that did not finish (the control plane stopped
+            // in the middle): finish it.
+            Some(_) if c.status == Status::Stopping => {
+                match host.rpc.destroy_capsule(cref(&c.id)).await {
+                    Ok(_) => set(cp, c, Status::Stopped, "destroy_finished").await,
+                    Err(e) if e.code == connectrpc::ErrorCode::NotFound => {
+                        set(cp, c, Status::Stopped, "destroy_finished").await
+                    }
+                    Err(e) => tracing::warn!(capsule = %c.id, error = %e, "cannot finish a destroy"),
+                }
+            }
             Some(a) => {
                 let to = status_of(&a.state);
                 let reason = if auto_paused.contains(&c.id.as_str()) && to == Status::Paused {

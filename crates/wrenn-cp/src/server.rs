@@ -5,7 +5,7 @@
 //! `Cp::stop`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -37,6 +37,9 @@ pub struct Cp {
     /// Capsules whose create is in flight in this process (the reconciler
     /// leaves them alone; after a restart, none are).
     pub creating: Mutex<std::collections::HashSet<wrenn_types::ids::CapsuleId>>,
+    pub e2b: crate::e2b::E2bState,
+    /// Where `serve` listens (E2B's sandbox domain defaults to its port).
+    pub listen_addr: OnceLock<std::net::SocketAddr>,
     pub tasks: TaskTracker,
     pub stop: CancellationToken,
     ready: AtomicBool,
@@ -72,6 +75,8 @@ impl ControlPlane {
             proxy_routes: Routes::default(),
             placing: tokio::sync::Mutex::new(()),
             creating: Mutex::new(Default::default()),
+            e2b: Default::default(),
+            listen_addr: OnceLock::new(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
             ready: AtomicBool::new(true),
@@ -85,6 +90,7 @@ impl ControlPlane {
         let api = crate::api::routes();
         Router::new()
             .merge(api.clone())
+            .merge(crate::e2b::routes())
             .nest("/api", api)
             .route("/health", get(health))
             .route("/api/health", get(health))
@@ -109,6 +115,10 @@ impl ControlPlane {
         // The reconciler starts with serving: by then `wrenn up` has told
         // the database where its agent listens now.
         self.cp.tasks.spawn(crate::reconcile::run(self.cp.clone()));
+        self.cp.tasks.spawn(crate::e2b::deadline::run(self.cp.clone()));
+        if let Ok(a) = listener.local_addr() {
+            let _ = self.cp.listen_addr.set(a);
+        }
         let r = wrenn_http::serve(listener, self.router(), Default::default(), shutdown).await;
         self.shutdown().await;
         r
@@ -141,16 +151,23 @@ async fn health(State(cp): State<Arc<Cp>>) -> Response {
     }
 }
 
-async fn method_not_allowed() -> crate::error::ApiError {
+async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    if crate::e2b::is_e2b_path(uri.path()) {
+        return crate::e2b::method_not_allowed();
+    }
     crate::error::ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request",
         "method not allowed on this route",
     )
+    .into_response()
 }
 
-async fn not_found() -> crate::error::ApiError {
-    crate::error::ApiError::not_found("no such route")
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if crate::e2b::is_e2b_path(uri.path()) {
+        return crate::e2b::not_found();
+    }
+    crate::error::ApiError::not_found("no such route").into_response()
 }
 
 const OPENAPI: &str = include_str!("../openapi.yaml");

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use wrenn_cp::auth::{authenticate, create_key, KeyKind};
-use wrenn_cp::db::{now_ms, platform_team, CapsuleRow, Db, HostRegistration, Team, TemplateRow};
+use wrenn_cp::db::{
+    now_ms, platform_team, CapsuleRow, Db, HostRegistration, OnTimeout, Team, TemplateRow,
+};
 use wrenn_cp::model::Status;
 use wrenn_types::ids::{CapsuleId, HostId, TeamId};
 
@@ -100,6 +102,9 @@ async fn exercise(db: &Db) {
             started_at: None,
             last_active_at: None,
             last_updated: now,
+            access_token: format!("token-{i}"),
+            end_at: None,
+            on_timeout: OnTimeout::Kill,
         };
         db.insert_capsule(&c).await.unwrap();
         rows.push(c);
@@ -118,6 +123,30 @@ async fn exercise(db: &Db) {
         .unwrap()
         .unwrap();
     assert!(c.started_at.is_some());
+    assert_eq!(c.access_token, "token-0");
+
+    // deadlines: only running capsules past their end_at are due
+    assert!(db.capsules_due(now_ms()).await.unwrap().is_empty());
+    db.set_deadline(&rows[0].id, Some(now - 1), OnTimeout::Pause)
+        .await
+        .unwrap();
+    db.set_deadline(&rows[1].id, Some(now - 1), OnTimeout::Kill)
+        .await
+        .unwrap();
+    let due = db.capsules_due(now_ms()).await.unwrap();
+    assert_eq!(
+        due.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        [&rows[0].id],
+        "rows[1] is not running"
+    );
+    assert_eq!(due[0].on_timeout, OnTimeout::Pause);
+    assert_eq!(due[0].end_at, Some(now - 1));
+    assert!(db.capsules_due(now - 2).await.unwrap().is_empty());
+    assert_eq!(db.running_capsules().await.unwrap().len(), 1);
+    db.set_deadline(&rows[0].id, None, OnTimeout::Kill)
+        .await
+        .unwrap();
+    assert!(db.capsules_due(now_ms()).await.unwrap().is_empty());
     assert!(
         db.transition(&rows[0].id, &[Status::Paused], Status::Running)
             .await

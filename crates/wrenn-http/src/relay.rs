@@ -6,8 +6,17 @@
 //! - [`tunnel`] handles `Upgrade` requests (WebSockets): a connection of
 //!   its own, the upstream's 101 passed back, then a byte tunnel owned by
 //!   the caller's [`TaskTracker`] and ended by its [`CancellationToken`].
+//! - [`cut_on`] makes a streamed response fail (not end cleanly) when a
+//!   token is cancelled: a client reading a capsule's stream learns that
+//!   the capsule went away instead of waiting forever.
+//! - A refusal made by a proxy hop itself (rather than passed through from
+//!   the upstream) carries [`PROXY_ERROR`], so the next hop can tell "port
+//!   not open" from an upstream's own 502.
 
 use std::net::SocketAddr;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -30,6 +39,26 @@ pub fn plain(status: StatusCode, msg: impl Into<String>) -> Response {
         msg.into(),
     )
         .into_response()
+}
+
+/// Header on a refusal made by a proxy hop: `unreachable` (nothing
+/// listens on the port, or the next hop is down), `not-found` (no such
+/// capsule) or `not-running`.
+pub const PROXY_ERROR: &str = "x-wrenn-proxy-error";
+
+/// A proxy hop's own refusal, plain text and marked with [`PROXY_ERROR`].
+pub fn refused(status: StatusCode, kind: &'static str, msg: impl Into<String>) -> Response {
+    let mut resp = plain(status, msg);
+    resp.headers_mut()
+        .insert(PROXY_ERROR, HeaderValue::from_static(kind));
+    resp
+}
+
+/// The [`PROXY_ERROR`] kind of a response, if a proxy hop refused it.
+pub fn refusal_kind(resp: &Response) -> Option<&str> {
+    resp.headers()
+        .get(PROXY_ERROR)
+        .and_then(|v| v.to_str().ok())
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -117,10 +146,47 @@ pub async fn forward(
             fix(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
         }
-        Err(e) => plain(
+        Err(e) => refused(
             StatusCode::BAD_GATEWAY,
+            "unreachable",
             format!("proxy error: {}", error_chain(&e)),
         ),
+    }
+}
+
+/// `resp` with a body that fails once `stop` is cancelled.
+pub fn cut_on(resp: Response, stop: CancellationToken) -> Response {
+    let (parts, body) = resp.into_parts();
+    let cut = CutBody {
+        inner: body,
+        stop: Box::pin(stop.cancelled_owned()),
+    };
+    Response::from_parts(parts, Body::new(cut))
+}
+
+struct CutBody {
+    inner: Body,
+    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl http_body::Body for CutBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        if self.stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::other(
+                "the capsule went away",
+            )))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -137,7 +203,13 @@ pub async fn tunnel(
 ) -> Response {
     let stream = match crate::dial_with_retry(upstream).await {
         Ok(s) => s,
-        Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
+        Err(e) => {
+            return refused(
+                StatusCode::BAD_GATEWAY,
+                "unreachable",
+                format!("proxy error: {e}"),
+            )
+        }
     };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     {

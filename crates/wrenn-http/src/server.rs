@@ -67,7 +67,7 @@ pub async fn serve(
                 let config = config.clone();
                 let stop = stop_rx.clone();
                 conns.spawn(async move {
-                    serve_connection(stream, router, config, stop).await;
+                    serve_connection(stream, peer, router, config, stop).await;
                     tracing::trace!(%peer, "connection closed");
                 });
             }
@@ -86,6 +86,7 @@ pub async fn serve(
 
 async fn serve_connection(
     stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
     router: axum::Router,
     config: ServerConfig,
     mut stop: watch::Receiver<bool>,
@@ -103,7 +104,15 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(config.read_header_timeout);
     builder.http2().timer(TokioTimer::new());
-    let service = TowerToHyperService::new(router);
+    // Handlers may ask for the peer (`ConnectInfo<SocketAddr>`).
+    let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+        router,
+        move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            req
+        },
+    ));
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let check = (config.idle_timeout / 4).max(Duration::from_millis(10));

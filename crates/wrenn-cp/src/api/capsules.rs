@@ -16,7 +16,7 @@ use wrenn_types::ids::{CapsuleId, TeamId, TemplateName};
 
 use super::{host_of, owned, ApiJson};
 use crate::auth::Caller;
-use crate::db::{now_ms, CapsuleRow, TemplateRow};
+use crate::db::{now_ms, CapsuleRow, OnTimeout, TemplateRow};
 use crate::error::{ApiError, ApiResult};
 use crate::events::{Actor, Event, Kind, Resource};
 use crate::model::{CapsuleJson, Status};
@@ -129,6 +129,7 @@ pub async fn create(
         timeout_sec,
         disk_size_mb,
         metadata,
+        ..Launch::new(&template)
     };
     let running = launch(&cp, caller.team_id(), Actor::key(&caller), spec).await?;
     Ok((StatusCode::CREATED, Json(CapsuleJson::from(&running))))
@@ -137,12 +138,43 @@ pub async fn create(
 /// What a capsule is made of (validated).
 #[derive(Debug)]
 pub struct Launch<'a> {
+    pub id: CapsuleId,
     pub template: &'a TemplateRow,
     pub vcpus: i64,
     pub memory_mb: i64,
+    /// The agent's inactivity TTL (0: none).
     pub timeout_sec: i64,
     pub disk_size_mb: i64,
     pub metadata: BTreeMap<String, String>,
+    /// Environment of every process in the capsule.
+    pub env: BTreeMap<String, String>,
+    pub internet: bool,
+    /// An absolute deadline (Unix ms) kept by the control plane.
+    pub end_at: Option<i64>,
+    pub on_timeout: OnTimeout,
+    /// Whether the metadata also goes to envd (wrenn: as environment
+    /// variables and files; E2B's metadata stays in the control plane).
+    pub metadata_to_envd: bool,
+}
+
+impl<'a> Launch<'a> {
+    /// The template's defaults: 1 vCPU, 512 MiB, no timeout.
+    pub fn new(template: &'a TemplateRow) -> Self {
+        Launch {
+            id: CapsuleId::random(),
+            template,
+            vcpus: template.vcpus.unwrap_or(1),
+            memory_mb: template.memory_mb.unwrap_or(512),
+            timeout_sec: 0,
+            disk_size_mb: DEFAULT_DISK_MB,
+            metadata: BTreeMap::new(),
+            env: BTreeMap::new(),
+            internet: true,
+            end_at: None,
+            on_timeout: OnTimeout::Kill,
+            metadata_to_envd: true,
+        }
+    }
 }
 
 /// Place, record and start a capsule for `team`; it is `running` when
@@ -154,12 +186,18 @@ pub async fn launch(
     spec: Launch<'_>,
 ) -> ApiResult<CapsuleRow> {
     let Launch {
+        id,
         template,
         vcpus,
         memory_mb,
         timeout_sec,
         disk_size_mb,
         metadata,
+        env,
+        internet,
+        end_at,
+        on_timeout,
+        metadata_to_envd,
     } = spec;
     // Placement and the insert happen under one lock so that two creates
     // cannot both take a host's last room.
@@ -171,7 +209,7 @@ pub async fn launch(
             .await?;
         let now = now_ms();
         let row = CapsuleRow {
-            id: CapsuleId::random(),
+            id,
             team_id: team.clone(),
             host_id: Some(host.id.clone()),
             template: template.name.clone(),
@@ -186,6 +224,9 @@ pub async fn launch(
             started_at: None,
             last_active_at: None,
             last_updated: now,
+            access_token: crate::auth::random_hex(24),
+            end_at,
+            on_timeout,
         };
         cp.creating.lock().unwrap().insert(row.id.clone());
         if let Err(e) = cp.db.insert_capsule(&row).await {
@@ -194,9 +235,22 @@ pub async fn launch(
         }
         (row, host)
     };
-    let result = start(cp, actor, row.clone(), host, template, metadata).await;
+    let extra = Extra {
+        env,
+        internet,
+        metadata_to_envd,
+    };
+    let result = start(cp, actor, row.clone(), host, template, extra).await;
     cp.creating.lock().unwrap().remove(&row.id);
     result
+}
+
+/// What the agent gets beyond the row.
+#[derive(Debug)]
+struct Extra {
+    env: BTreeMap<String, String>,
+    internet: bool,
+    metadata_to_envd: bool,
 }
 
 /// The agent half of a create: the row exists (`starting`).
@@ -206,18 +260,26 @@ async fn start(
     row: CapsuleRow,
     host: Arc<crate::hosts::HostConn>,
     template: &TemplateRow,
-    metadata: BTreeMap<String, String>,
+    extra: Extra,
 ) -> ApiResult<CapsuleRow> {
-    let (vcpus, memory_mb, timeout_sec) = (row.vcpus, row.memory_mb, row.timeout_sec);
+    let metadata = row.metadata.clone();
+    let to_envd = if extra.metadata_to_envd {
+        metadata.clone().into_iter().collect()
+    } else {
+        Default::default()
+    };
     let req = pb::CreateCapsuleRequest {
         id: row.id.to_string(),
         template: template.agent_name.clone(),
-        vcpus: vcpus as u32,
-        memory_mb: memory_mb as u64,
-        timeout_sec: timeout_sec as u64,
+        vcpus: row.vcpus as u32,
+        memory_mb: row.memory_mb as u64,
+        timeout_sec: row.timeout_sec as u64,
         destroy_on_timeout: false,
-        metadata: metadata.clone().into_iter().collect(),
+        no_internet: !extra.internet,
+        env: extra.env.into_iter().collect(),
+        metadata: to_envd,
         default_user: template.default_user.clone(),
+        access_token: row.access_token.clone(),
         ..Default::default()
     };
     let started = match host.rpc.create_capsule(req).await {
@@ -291,14 +353,30 @@ pub async fn destroy(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let c = owned(&cp, &caller, &id).await?;
+    destroy_capsule(&cp, &c, Actor::key(&caller)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Destroy a capsule on its agent and record it `stopped` (nothing
+/// happens to one that is already stopped).
+pub async fn destroy_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<()> {
     if c.status == Status::Stopped {
-        return Ok(StatusCode::NO_CONTENT);
+        return Ok(());
     }
     if let Some(host) = c.host_id.as_ref().and_then(|h| cp.hosts.get(h)) {
+        // `stopping` while the agent works: nobody is shown a capsule the
+        // agent has already let go of as running.
+        cp.proxy_routes.evict(&c.id);
+        cp.db.transition(&c.id, &[c.status], Status::Stopping).await?;
         match host.rpc.destroy_capsule(cref(&c.id)).await {
             Ok(_) => {}
             Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
-            Err(e) => return Err(ApiError::agent(&e)),
+            Err(e) => {
+                cp.db
+                    .transition(&c.id, &[Status::Stopping], c.status)
+                    .await?;
+                return Err(ApiError::agent(&e));
+            }
         }
     } else if c.host_id.is_some() && c.status != Status::Error {
         return Err(ApiError::host_unavailable(
@@ -307,12 +385,11 @@ pub async fn destroy(
     }
     if let Some(stopped) = cp.db.transition(&c.id, &[], Status::Stopped).await? {
         cp.proxy_routes.evict(&c.id);
-        crate::api::snapshots::collect_layers(&cp, &c.agent_template).await;
-        cp.events.publish(
-            capsule_event(Kind::CapsuleDestroy, &stopped, Actor::key(&caller)).outcome(Ok(())),
-        );
+        crate::api::snapshots::collect_layers(cp, &c.agent_template).await;
+        cp.events
+            .publish(capsule_event(Kind::CapsuleDestroy, &stopped, actor).outcome(Ok(())));
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 /// `POST /v1/capsules/{id}/pause`
@@ -322,23 +399,35 @@ pub async fn pause(
     Path(id): Path<String>,
 ) -> ApiResult<Json<CapsuleJson>> {
     let (c, host) = super::running(&cp, &caller, &id).await?;
-    crate::api::stats::flush_metrics(&cp, &host, &c).await;
+    let paused = pause_capsule(&cp, &c, &host, Actor::key(&caller)).await?;
+    Ok(Json(CapsuleJson::from(&paused)))
+}
+
+/// Pause a running capsule (its metrics are kept first; its proxy routes
+/// and streams end).
+pub async fn pause_capsule(
+    cp: &Cp,
+    c: &CapsuleRow,
+    host: &crate::hosts::HostConn,
+    actor: Actor,
+) -> ApiResult<CapsuleRow> {
+    crate::api::stats::flush_metrics(cp, host, c).await;
     if let Err(e) = host.rpc.pause_capsule(cref(&c.id)).await {
-        let err = super::refresh_after(&cp, &c, &host, ApiError::agent(&e)).await;
+        let err = super::refresh_after(cp, c, host, ApiError::agent(&e)).await;
         cp.events.publish(
-            capsule_event(Kind::CapsulePause, &c, Actor::key(&caller))
-                .outcome(Err(err.message.clone())),
+            capsule_event(Kind::CapsulePause, c, actor).outcome(Err(err.message.clone())),
         );
         return Err(err);
     }
+    cp.proxy_routes.evict(&c.id);
     let paused = cp
         .db
         .transition(&c.id, &[Status::Running], Status::Paused)
         .await?
         .ok_or_else(|| ApiError::conflict("the capsule changed state during pause"))?;
     cp.events
-        .publish(capsule_event(Kind::CapsulePause, &paused, Actor::key(&caller)).outcome(Ok(())));
-    Ok(Json(CapsuleJson::from(&paused)))
+        .publish(capsule_event(Kind::CapsulePause, &paused, actor).outcome(Ok(())));
+    Ok(paused)
 }
 
 /// `POST /v1/capsules/{id}/resume`
@@ -348,18 +437,23 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> ApiResult<Json<CapsuleJson>> {
     let c = owned(&cp, &caller, &id).await?;
+    let resumed = resume_capsule(&cp, &c, Actor::key(&caller)).await?;
+    Ok(Json(CapsuleJson::from(&resumed)))
+}
+
+/// Resume a paused capsule.
+pub async fn resume_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<CapsuleRow> {
     if c.status != Status::Paused {
         return Err(ApiError::invalid_state(format!(
             "capsule is not paused (status: {})",
             c.status
         )));
     }
-    let host = host_of(&cp, &c)?;
+    let host = host_of(cp, c)?;
     if let Err(e) = host.rpc.resume_capsule(cref(&c.id)).await {
-        let err = super::refresh_after(&cp, &c, &host, ApiError::agent(&e)).await;
+        let err = super::refresh_after(cp, c, &host, ApiError::agent(&e)).await;
         cp.events.publish(
-            capsule_event(Kind::CapsuleResume, &c, Actor::key(&caller))
-                .outcome(Err(err.message.clone())),
+            capsule_event(Kind::CapsuleResume, c, actor).outcome(Err(err.message.clone())),
         );
         return Err(err);
     }
@@ -369,8 +463,8 @@ pub async fn resume(
         .await?
         .ok_or_else(|| ApiError::conflict("the capsule changed state during resume"))?;
     cp.events
-        .publish(capsule_event(Kind::CapsuleResume, &resumed, Actor::key(&caller)).outcome(Ok(())));
-    Ok(Json(CapsuleJson::from(&resumed)))
+        .publish(capsule_event(Kind::CapsuleResume, &resumed, actor).outcome(Ok(())));
+    Ok(resumed)
 }
 
 /// `POST /v1/capsules/{id}/ping` — resets the inactivity timer; 204.
