@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: format, lints, Rust tests (the privileged ones need
 # root: envd as PID 1, the agent on real runc, namespaces and nftables), the
-# unmodified e2b SDK against a real envd, fuzz targets, and a smoke run of
+# unmodified e2b SDK against a real envd, the wrenn and E2B SDKs against
+# `wrenn up`, fuzz targets, and a smoke run of
 # every benchmark. Installs what it needs; cleans up after itself. The Debian
 # `minimal` template is built once into target/wrenn-fixtures and reused.
 set -euo pipefail
@@ -47,6 +48,14 @@ env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
 ENVD_BIN="$ENVD_STATIC_BIN" WRENN_TEST_DATABASE_URL="$WRENN_SDK_DATABASE_URL" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
+
+echo "==> E2B SDKs (Python and npm) against wrenn up"
+venv=target/e2b-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q -r tests/e2b_cp/requirements.txt
+(cd tests/e2b_cp/js && npm ci --no-audit --no-fund --loglevel=error)
+env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2b_cp
 
 echo "==> fuzz targets (build + short run)"
 scripts/fuzz.sh smoke

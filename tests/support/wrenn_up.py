@@ -396,10 +396,17 @@ class WrennUp:
     ) -> "WrennUp":
         """A new data dir under /var/tmp (named ``prefix``…, by default
         ``<label>-``…) with the fixture templates linked in.
-        ``code_runner=False``: pass ``--no-code-runner`` (when the binary
-        has it), so no template build runs capsules in the background."""
+        ``code_runner=False``: pass ``--no-code-runner`` and
+        ``--no-code-interpreter`` (when the binary has them), so no template
+        build runs capsules in the background; a suite that does not keep
+        ``code-interpreter-v1`` (``cached_templates``) does not build it."""
         binary, envd = resolve_binaries(cls.key_env)
-        extra = [] if code_runner or not _up_has_flag(binary, "--no-code-runner") else ["--no-code-runner"]
+        skip = []
+        if not code_runner:
+            skip.append("--no-code-runner")
+        if not code_runner or "code-interpreter-v1" not in cls.cached_templates:
+            skip.append("--no-code-interpreter")
+        extra = [flag for flag in skip if _up_has_flag(binary, flag)]
         data_dir = Path(tempfile.mkdtemp(prefix=prefix or f"{cls.label}-", dir="/var/tmp"))
         _link_fixture_templates(data_dir, cls.cached_templates)
         return cls(data_dir, binary=binary, envd=envd, database_url=database_url,

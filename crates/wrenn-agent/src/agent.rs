@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use envd_client::EnvdClient;
 use wrenn_types::envd::InitRequest;
@@ -38,6 +38,8 @@ use crate::template::{self, RuntimeChoice, TemplateMeta, TemplateStore};
 
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const HOSTNAME: &str = "capsule";
+/// Pause between two runs of a template's ready command.
+const READY_POLL: Duration = Duration::from_millis(200);
 
 /// What a caller asks for when creating a capsule.
 /// What a snapshot's template starts capsules with, when it should differ
@@ -45,6 +47,7 @@ const HOSTNAME: &str = "capsule";
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotOverrides {
     pub start_cmd: Option<String>,
+    pub ready_cmd: Option<String>,
     pub env: BTreeMap<String, String>,
     pub default_user: Option<String>,
 }
@@ -428,6 +431,7 @@ impl Agent {
             access_token: None,
             runtime: choice,
             start_cmd: meta.start_cmd.clone(),
+            ready_cmd: meta.ready_cmd.clone(),
             slot: None,
             created_at: 0,
             last_active_at: 0,
@@ -854,7 +858,9 @@ impl Agent {
         // envd turns metadata keys into environment names; keys that are
         // not identifiers stay in the capsule's record only.
         let mut metadata = r.metadata.clone();
-        metadata.retain(|k, _| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        metadata.retain(|k, _| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
         metadata.insert("sandboxId".into(), r.id.to_string());
         metadata.insert("templateId".into(), r.template.to_string());
         let body = InitRequest {
@@ -876,6 +882,37 @@ impl Agent {
             init_ms = (t0.elapsed() - healthy).as_millis() as u64,
             "envd ready"
         );
+        if let Some(cmd) = &r.ready_cmd {
+            self.wait_ready(c, &envd, cmd).await?;
+        }
+        Ok(())
+    }
+
+    /// Run the template's ready command until it exits 0.
+    async fn wait_ready(
+        &self,
+        c: &Capsule,
+        envd: &envd_client::EnvdClient,
+        cmd: &str,
+    ) -> Result<(), AgentError> {
+        let t0 = std::time::Instant::now();
+        let deadline = t0 + self.cfg.ready_timeout;
+        loop {
+            let last = match envd.exec(envd_client::ExecRequest::shell(cmd)).await {
+                Ok(out) if out.exit_code == 0 => break,
+                Ok(out) => format!("exit {}", out.exit_code),
+                Err(e) => e.to_string(),
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(AgentError::NotReady {
+                    id: c.id.clone(),
+                    cmd: cmd.to_owned(),
+                    last,
+                });
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+        tracing::debug!(capsule_id = %c.id, ready_ms = t0.elapsed().as_millis() as u64, "template ready");
         Ok(())
     }
 
@@ -1291,6 +1328,7 @@ impl Agent {
                 layers,
                 default_user: overrides.default_user.or_else(|| r.default_user.clone()),
                 start_cmd: overrides.start_cmd.or_else(|| r.start_cmd.clone()),
+                ready_cmd: overrides.ready_cmd.or_else(|| r.ready_cmd.clone()),
                 env,
                 runtime: base.runtime.clone(),
                 allow_setuid: base.allow_setuid,

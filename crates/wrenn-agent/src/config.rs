@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub sample_interval: Duration,
     /// How long a new capsule's envd has to answer.
     pub envd_ready_timeout: Duration,
+    /// How long a template's ready command may keep failing after boot.
+    pub ready_timeout: Duration,
     /// Process limit per capsule unless the request says otherwise.
     pub default_pids: i64,
     /// Pre-created capsules kept ready per template.
@@ -93,6 +95,7 @@ impl AgentConfig {
             reaper_interval: Duration::from_secs(1),
             sample_interval: Duration::from_secs(5),
             envd_ready_timeout: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(120),
             default_pids: 4096,
             warm_pools: Vec::new(),
             net_pool: 0,

@@ -57,6 +57,12 @@ pub enum AgentError {
     },
     #[error("the agent is shutting down")]
     ShuttingDown,
+    #[error("capsule {id} did not become ready: `{cmd}` kept failing ({last})")]
+    NotReady {
+        id: CapsuleId,
+        cmd: String,
+        last: String,
+    },
 }
 
 /// What a caller can do about an error: the RPC edge turns this into a code.

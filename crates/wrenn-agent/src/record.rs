@@ -76,6 +76,8 @@ pub struct CapsuleRecord {
     pub access_token: Option<String>,
     pub runtime: RuntimeChoice,
     pub start_cmd: Option<String>,
+    #[serde(default)]
+    pub ready_cmd: Option<String>,
     pub slot: Option<Slot>,
     /// Unix milliseconds.
     pub created_at: u64,

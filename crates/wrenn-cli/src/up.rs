@@ -45,6 +45,10 @@ pub struct UpArgs {
     /// Do not build the `code-runner-beta` template (Jupyter; needs PyPI).
     #[arg(long)]
     no_code_runner: bool,
+    /// Do not build the `code-interpreter-v1` template (E2B's code
+    /// interpreter; needs PyPI).
+    #[arg(long)]
+    no_code_interpreter: bool,
     /// Benchmarks only: proxy over the agent's RPC connection (one shared
     /// HTTP/2 client for both traffic classes, the seed system's bug).
     #[arg(long, hide = true)]
@@ -127,7 +131,7 @@ async fn publish_template(cp: &Cp, store: &TemplateStore, name: &str) -> Result<
 
 /// Build `minimal` in the background, publishing progress; the API is
 /// ready when it is.
-async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, code_runner: bool) {
+async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, extra: Vec<&'static BuiltIn>) {
     let store = agent.templates().clone();
     let exists = store.exists(&"minimal".parse().expect("valid"));
     if !exists {
@@ -171,8 +175,8 @@ async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, code_runner: bool) {
             // E2B's SDKs default to `base`: usable when the API is.
             build_recipe(&cp, &agent, &BASE).await;
             cp.set_ready(true);
-            if code_runner {
-                build_recipe(&cp, &agent, &CODE_RUNNER_RECIPE).await;
+            for t in extra {
+                build_recipe(&cp, &agent, t).await;
             }
         }
         Ok(Err(e)) => {
@@ -195,11 +199,13 @@ struct BuiltIn {
     memory_mb: i64,
     /// Said before a build, after "building `name`".
     what: &'static str,
+    /// The build context: files `COPY` takes (name, contents).
+    files: &'static [(&'static str, &'static str)],
 }
 
 pub const CODE_RUNNER: &str = "code-runner-beta";
 
-const BASE: BuiltIn = BuiltIn {
+static BASE: BuiltIn = BuiltIn {
     name: "base",
     recipe: include_str!("../../../recipes/base.recipefile"),
     healthcheck: None,
@@ -207,16 +213,36 @@ const BASE: BuiltIn = BuiltIn {
     vcpus: 1,
     memory_mb: 512,
     what: "E2B's default template: `minimal` with the user `user`; seconds, once",
+    files: &[],
 };
 
-const CODE_RUNNER_RECIPE: BuiltIn = BuiltIn {
+static CODE_RUNNER_RECIPE: BuiltIn = BuiltIn {
     name: CODE_RUNNER,
     recipe: include_str!("../../../recipes/code-runner-beta.recipefile"),
-    healthcheck: Some(include_str!("../../../recipes/code-runner-beta.healthcheck")),
+    healthcheck: Some(include_str!(
+        "../../../recipes/code-runner-beta.healthcheck"
+    )),
     base: "minimal",
     vcpus: 2,
     memory_mb: 2048,
     what: "Jupyter and the scientific Python stack from PyPI: a few minutes, once",
+    files: &[],
+};
+
+pub const CODE_INTERPRETER: &str = "code-interpreter-v1";
+
+static CODE_INTERPRETER_RECIPE: BuiltIn = BuiltIn {
+    name: CODE_INTERPRETER,
+    recipe: include_str!("../../../recipes/code-interpreter-v1.recipefile"),
+    healthcheck: Some(include_str!("../../../recipes/code-interpreter-v1.healthcheck")),
+    base: "base",
+    vcpus: 2,
+    memory_mb: 2048,
+    what: "E2B's code interpreter: IPython kernels and numpy, pandas, matplotlib from PyPI; a few minutes, once",
+    files: &[(
+        "server.py",
+        include_str!("../../../recipes/code-interpreter-v1/server.py"),
+    )],
 };
 
 /// Build a built-in template from its recipe unless it is on disk (then
@@ -234,13 +260,17 @@ async fn build_recipe(cp: &Cp, agent: &Agent, t: &BuiltIn) {
         .healthcheck
         .map(wrenn_types::recipe::parse_healthcheck)
         .transpose();
+    let context = match write_context(t.files) {
+        Ok(c) => c,
+        Err(e) => return tracing::error!(error = %e, "cannot write a build context"),
+    };
     let spec = match (steps, healthcheck) {
         (Ok(steps), Ok(healthcheck)) => wrenn_cp::build::BuildSpec {
             name: t.name.parse().expect("valid"),
             base: t.base.into(),
             steps,
             healthcheck,
-            context: None,
+            context: context.as_ref().map(|d| d.path().to_owned()),
             vcpus: t.vcpus,
             memory_mb: t.memory_mb,
         },
@@ -253,6 +283,18 @@ async fn build_recipe(cp: &Cp, agent: &Agent, t: &BuiltIn) {
         Ok(_) => eprintln!("wrenn up: `{}` built in {:.0?}", t.name, started.elapsed()),
         Err(e) => eprintln!("wrenn up: building `{}` failed: {e}", t.name),
     }
+}
+
+/// A temporary directory holding `files`, if there are any.
+fn write_context(files: &[(&str, &str)]) -> std::io::Result<Option<tempfile::TempDir>> {
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let dir = tempfile::Builder::new().prefix("wrenn-build-").tempdir()?;
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text)?;
+    }
+    Ok(Some(dir))
 }
 
 async fn up(args: UpArgs) -> Result<()> {
@@ -321,7 +363,13 @@ async fn up(args: UpArgs) -> Result<()> {
     let builder = tokio::spawn(build_minimal(
         cp.clone(),
         agent.clone(),
-        !args.no_code_runner,
+        [
+            (!args.no_code_runner).then_some(&CODE_RUNNER_RECIPE),
+            (!args.no_code_interpreter).then_some(&CODE_INTERPRETER_RECIPE),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     ));
     let served = plane.serve(listener, shutdown_signal()).await;
     builder.abort();

@@ -104,6 +104,8 @@ impl Ctx<'_> {
             id: self.capsule.id.to_string(),
             cmd: "/bin/sh".into(),
             args: vec!["-c".into(), line.to_owned()],
+            // whatever the base template's default user is
+            user: "root".into(),
             timeout_sec: timeout.as_secs().clamp(1, u32::MAX as u64) as u32,
             ..Default::default()
         };
@@ -123,7 +125,23 @@ impl Ctx<'_> {
         ))
     }
 
+    /// Write a file as root: the agent writes as the capsule's default
+    /// user, so the file is staged in /tmp and moved into place.
     async fn upload(&self, path: &str, data: Vec<u8>) -> Result<(), String> {
+        let staged = format!("/tmp/.wrenn-upload-{}", crate::auth::random_hex(8));
+        self.write(&staged, data).await?;
+        let line = format!(
+            "mkdir -p \"$(dirname {p})\" && mv -f {s} {p} && chown root:root {p}",
+            p = quote(path),
+            s = quote(&staged)
+        );
+        match self.sh(&line, Duration::from_secs(60)).await? {
+            (0, _, _) => Ok(()),
+            (c, o, e) => Err(format!("moving {path} into place: exit {c}: {o}{e}")),
+        }
+    }
+
+    async fn write(&self, path: &str, data: Vec<u8>) -> Result<(), String> {
         let mut msgs = vec![pb::WriteFileStreamRequest {
             msg: Some(Msg::Meta(Box::new(pb::FileMeta {
                 id: self.capsule.id.to_string(),
@@ -296,6 +314,7 @@ async fn run_steps(
                     id: cx.capsule.id.to_string(),
                     cmd: "/bin/sh".into(),
                     args: vec!["-c".into(), line.clone()],
+                    user: "root".into(),
                     tag: format!("start-{n}"),
                     ..Default::default()
                 };
@@ -399,6 +418,7 @@ pub async fn build(
                 .filter(|(k, _)| k != "HOME")
                 .collect(),
             default_user: Some(user.clone()),
+            ready_cmd: spec.healthcheck.as_ref().map(|h| h.cmd.clone()),
             ..Default::default()
         };
         let opts =

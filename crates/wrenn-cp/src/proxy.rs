@@ -32,8 +32,8 @@ use http::header::{self, HeaderValue};
 use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use wrenn_http::relay::{self, plain};
-use wrenn_types::ids::{CapsuleId, TeamId};
 use wrenn_types::envd::ENVD_PORT;
+use wrenn_types::ids::{CapsuleId, TeamId};
 use wrenn_types::proxy::{parse_host, parse_target, HostTarget};
 
 use crate::auth::authenticate;

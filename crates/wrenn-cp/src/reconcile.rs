@@ -130,7 +130,9 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                     Err(e) if e.code == connectrpc::ErrorCode::NotFound => {
                         set(cp, c, Status::Stopped, "destroy_finished").await
                     }
-                    Err(e) => tracing::warn!(capsule = %c.id, error = %e, "cannot finish a destroy"),
+                    Err(e) => {
+                        tracing::warn!(capsule = %c.id, error = %e, "cannot finish a destroy")
+                    }
                 }
             }
             Some(a) => {

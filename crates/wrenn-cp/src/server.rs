@@ -115,7 +115,9 @@ impl ControlPlane {
         // The reconciler starts with serving: by then `wrenn up` has told
         // the database where its agent listens now.
         self.cp.tasks.spawn(crate::reconcile::run(self.cp.clone()));
-        self.cp.tasks.spawn(crate::e2b::deadline::run(self.cp.clone()));
+        self.cp
+            .tasks
+            .spawn(crate::e2b::deadline::run(self.cp.clone()));
         if let Ok(a) = listener.local_addr() {
             let _ = self.cp.listen_addr.set(a);
         }

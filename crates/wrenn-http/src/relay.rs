@@ -13,8 +13,8 @@
 //!   the upstream) carries [`PROXY_ERROR`], so the next hop can tell "port
 //!   not open" from an upstream's own 502.
 
-use std::net::SocketAddr;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 

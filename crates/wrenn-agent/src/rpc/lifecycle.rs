@@ -359,6 +359,7 @@ impl pb::Agent for AgentRpc {
         let name = template_name(&r.name)?;
         let overrides = crate::agent::SnapshotOverrides {
             start_cmd: r.start_cmd.clone(),
+            ready_cmd: r.ready_cmd.clone(),
             env: r.env.clone().into_iter().collect(),
             default_user: r.default_user.clone(),
         };

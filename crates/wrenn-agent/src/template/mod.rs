@@ -40,6 +40,9 @@ pub struct TemplateMeta {
     /// Started by envd at boot (and after a resume from hibernation).
     #[serde(default)]
     pub start_cmd: Option<String>,
+    /// Polled after boot until it exits 0; creates wait for it.
+    #[serde(default)]
+    pub ready_cmd: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
@@ -60,6 +63,7 @@ impl TemplateMeta {
             name,
             default_user: None,
             start_cmd: None,
+            ready_cmd: None,
             env: BTreeMap::new(),
             runtime: None,
             allow_setuid,
@@ -316,6 +320,7 @@ mod tests {
             layers: layers.iter().map(|l| l.parse().unwrap()).collect(),
             default_user: None,
             start_cmd: None,
+            ready_cmd: None,
             env: BTreeMap::new(),
             runtime: None,
             allow_setuid: false,

@@ -367,7 +367,9 @@ pub async fn destroy_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult
         // `stopping` while the agent works: nobody is shown a capsule the
         // agent has already let go of as running.
         cp.proxy_routes.evict(&c.id);
-        cp.db.transition(&c.id, &[c.status], Status::Stopping).await?;
+        cp.db
+            .transition(&c.id, &[c.status], Status::Stopping)
+            .await?;
         match host.rpc.destroy_capsule(cref(&c.id)).await {
             Ok(_) => {}
             Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
@@ -414,9 +416,8 @@ pub async fn pause_capsule(
     crate::api::stats::flush_metrics(cp, host, c).await;
     if let Err(e) = host.rpc.pause_capsule(cref(&c.id)).await {
         let err = super::refresh_after(cp, c, host, ApiError::agent(&e)).await;
-        cp.events.publish(
-            capsule_event(Kind::CapsulePause, c, actor).outcome(Err(err.message.clone())),
-        );
+        cp.events
+            .publish(capsule_event(Kind::CapsulePause, c, actor).outcome(Err(err.message.clone())));
         return Err(err);
     }
     cp.proxy_routes.evict(&c.id);

@@ -48,7 +48,10 @@ fn metric_range(r: &str) -> Option<i64> {
 }
 
 /// Agent samples → points with CPU % between consecutive samples.
-pub(crate) fn points(history: &[wrenn_proto::wrenn::agent::v1::MetricPoint], vcpus: i64) -> Vec<MetricRow> {
+pub(crate) fn points(
+    history: &[wrenn_proto::wrenn::agent::v1::MetricPoint],
+    vcpus: i64,
+) -> Vec<MetricRow> {
     history
         .windows(2)
         .map(|w| {

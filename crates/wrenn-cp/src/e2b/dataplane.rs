@@ -86,10 +86,7 @@ fn port_not_open(id: &str, port: u16) -> Response {
 }
 
 fn refusal(status: StatusCode, message: &str) -> Response {
-    json_response(
-        status,
-        json!({"code": status.as_u16(), "message": message}),
-    )
+    json_response(status, json!({"code": status.as_u16(), "message": message}))
 }
 
 /// Header- and signature-routed requests are served here; the rest pass.
@@ -214,8 +211,7 @@ async fn signed(cp: &Cp, req: Request) -> Response {
         }
     };
     let found = running.iter().find(|c| {
-        !c.access_token.is_empty()
-            && file_signature(&path, op, &user, &c.access_token, exp) == sig
+        !c.access_token.is_empty() && file_signature(&path, op, &user, &c.access_token, exp) == sig
     });
     match found {
         Some(c) => serve(cp, req, c.id.as_str(), ENVD_PORT).await,
@@ -277,10 +273,14 @@ mod tests {
 
     #[test]
     fn signed_queries() {
-        let (p, s, e, u) =
-            signed_query(Some("path=%2Ftmp%2Fa+b.txt&signature=v1_x&signature_expiration=9"))
-                .unwrap();
-        assert_eq!((p.as_str(), s.as_str(), e, u.as_str()), ("/tmp/a b.txt", "v1_x", Some(9), ""));
+        let (p, s, e, u) = signed_query(Some(
+            "path=%2Ftmp%2Fa+b.txt&signature=v1_x&signature_expiration=9",
+        ))
+        .unwrap();
+        assert_eq!(
+            (p.as_str(), s.as_str(), e, u.as_str()),
+            ("/tmp/a b.txt", "v1_x", Some(9), "")
+        );
         let (_, _, e, u) = signed_query(Some("path=a&signature=v1_y&username=root")).unwrap();
         assert_eq!((e, u.as_str()), (None, "root"));
         assert!(signed_query(Some("path=a")).is_none());

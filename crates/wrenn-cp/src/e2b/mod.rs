@@ -174,10 +174,21 @@ mod tests {
 
     #[test]
     fn e2b_paths() {
-        for p in ["/sandboxes", "/sandboxes/x/y", "/v2/sandboxes", "/v2/sandboxes/a"] {
+        for p in [
+            "/sandboxes",
+            "/sandboxes/x/y",
+            "/v2/sandboxes",
+            "/v2/sandboxes/a",
+        ] {
             assert!(is_e2b_path(p), "{p}");
         }
-        for p in ["/v1/capsules", "/sandboxesx", "/v2", "/health", "/v2/capsules"] {
+        for p in [
+            "/v1/capsules",
+            "/sandboxesx",
+            "/v2",
+            "/health",
+            "/v2/capsules",
+        ] {
             assert!(!is_e2b_path(p), "{p}");
         }
     }

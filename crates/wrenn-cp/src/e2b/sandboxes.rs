@@ -203,7 +203,10 @@ fn validate(body: &NewSandbox) -> E2bResult<()> {
             "metadata has more than {MAX_METADATA_KEYS} keys"
         )));
     }
-    if let Some((k, _)) = metadata.clone().find(|(k, _)| k.is_empty() || k.len() > 256) {
+    if let Some((k, _)) = metadata
+        .clone()
+        .find(|(k, _)| k.is_empty() || k.len() > 256)
+    {
         return Err(E2bError::bad_request(format!("invalid metadata key {k:?}")));
     }
     for k in body.env_vars.iter().flatten().map(|(k, _)| k) {
@@ -251,11 +254,16 @@ async fn create_sandbox(cp: &Cp, caller: &E2bCaller, body: NewSandbox) -> E2bRes
 /// first request made (or is still making).
 #[derive(Debug, Default)]
 pub struct Idempotency {
-    map: Mutex<HashMap<(TeamId, String), (Instant, Arc<tokio::sync::OnceCell<CapsuleId>>)>>,
+    map: Mutex<HashMap<(TeamId, String), Remembered>>,
 }
 
+/// The sandbox one `Idempotency-Key` made (set once its create
+/// succeeded), and when the key was first seen.
+type Remembered = (Instant, Arc<CreateOnce>);
+type CreateOnce = tokio::sync::OnceCell<CapsuleId>;
+
 impl Idempotency {
-    fn cell(&self, team: &TeamId, key: &str) -> Arc<tokio::sync::OnceCell<CapsuleId>> {
+    fn cell(&self, team: &TeamId, key: &str) -> Arc<CreateOnce> {
         let mut map = self.map.lock().unwrap();
         map.retain(|_, (at, _)| at.elapsed() < IDEMPOTENCY_TTL);
         map.entry((team.clone(), key.to_owned()))
@@ -284,9 +292,7 @@ async fn create_response(
         Some(k) => {
             let cell = cp.e2b.idempotency.cell(caller.0.team_id(), k);
             let id = cell
-                .get_or_try_init(|| async {
-                    create_sandbox(cp, caller, body).await.map(|c| c.id)
-                })
+                .get_or_try_init(|| async { create_sandbox(cp, caller, body).await.map(|c| c.id) })
                 .await?;
             cp.db
                 .capsule(caller.0.team_id(), id)
@@ -345,11 +351,11 @@ impl Filter {
         let started_after = match q.get("startedAfter").filter(|s| !s.is_empty()) {
             None => None,
             Some(s) => {
-                let t = time::OffsetDateTime::parse(
-                    s,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .map_err(|_| E2bError::bad_request("startedAfter must be an RFC 3339 time"))?;
+                let t =
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| {
+                            E2bError::bad_request("startedAfter must be an RFC 3339 time")
+                        })?;
                 Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
             }
         };
@@ -357,7 +363,10 @@ impl Filter {
             None => None,
             Some(s) => {
                 let states: Vec<String> = s.split(',').map(|x| x.trim().to_owned()).collect();
-                if let Some(bad) = states.iter().find(|s| !matches!(s.as_str(), "running" | "paused")) {
+                if let Some(bad) = states
+                    .iter()
+                    .find(|s| !matches!(s.as_str(), "running" | "paused"))
+                {
                     return Err(E2bError::bad_request(format!(
                         "invalid state {bad:?}: running or paused"
                     )));
@@ -554,7 +563,9 @@ async fn extend(cp: &Cp, c: &CapsuleRow, secs: i64) -> E2bResult<()> {
     if let Some(end) = c.end_at {
         let wanted = now_ms() + secs * 1000;
         if wanted > end {
-            cp.db.set_deadline(&c.id, Some(wanted), c.on_timeout).await?;
+            cp.db
+                .set_deadline(&c.id, Some(wanted), c.on_timeout)
+                .await?;
         }
     }
     Ok(())
@@ -579,7 +590,9 @@ pub async fn pause(
     }
     let c = find(&cp, &caller, &id).await?;
     if state(&c) == Some("paused") {
-        return Err(E2bError::conflict(format!("sandbox {id} is already paused")));
+        return Err(E2bError::conflict(format!(
+            "sandbox {id} is already paused"
+        )));
     }
     let host = crate::api::host_of(&cp, &c)?;
     capsules::pause_capsule(&cp, &c, &host, Actor::key(&caller.0)).await?;
@@ -593,11 +606,20 @@ pub struct ConnectBody {
 }
 
 /// Resume a paused sandbox with a new deadline `now + timeout`.
-async fn resume_with(cp: &Cp, caller: &E2bCaller, c: &CapsuleRow, timeout: i64) -> E2bResult<CapsuleRow> {
+async fn resume_with(
+    cp: &Cp,
+    caller: &E2bCaller,
+    c: &CapsuleRow,
+    timeout: i64,
+) -> E2bResult<CapsuleRow> {
     let resumed = capsules::resume_capsule(cp, c, Actor::key(&caller.0)).await?;
     if resumed.end_at.is_some() {
         cp.db
-            .set_deadline(&resumed.id, Some(now_ms() + timeout * 1000), resumed.on_timeout)
+            .set_deadline(
+                &resumed.id,
+                Some(now_ms() + timeout * 1000),
+                resumed.on_timeout,
+            )
             .await?;
     }
     Ok(cp
@@ -640,7 +662,9 @@ pub async fn resume(
     let timeout = timeout_of(body.timeout, DEFAULT_RESUME_TIMEOUT)?;
     let c = find(&cp, &caller, &id).await?;
     if state(&c) != Some("paused") {
-        return Err(E2bError::conflict(format!("sandbox {id} is already running")));
+        return Err(E2bError::conflict(format!(
+            "sandbox {id} is already running"
+        )));
     }
     let resumed = resume_with(&cp, &caller, &c, timeout).await?;
     Ok((StatusCode::CREATED, Json(sandbox_json(&cp, &resumed))))
@@ -787,6 +811,9 @@ mod tests {
         assert_eq!(timeout_of(None, 300).unwrap(), 300);
         assert_eq!(timeout_of(Some(0), 300).unwrap(), 0);
         assert_eq!(timeout_of(Some(-1), 300).unwrap_err().status, 400);
-        assert_eq!(timeout_of(Some(MAX_TIMEOUT + 1), 300).unwrap_err().status, 400);
+        assert_eq!(
+            timeout_of(Some(MAX_TIMEOUT + 1), 300).unwrap_err().status,
+            400
+        );
     }
 }
