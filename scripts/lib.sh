@@ -12,6 +12,7 @@ install_packages() {
     passwd                          # useradd/userdel: tests switch users
     iproute2 util-linux             # ip netns, unshare: privileged tests
     python3-venv                    # the SDK test venv
+    tmux                            # drives `wrenn shell` in tests/cli
     curl ca-certificates
     runc crun                       # OCI runtimes the agent drives
     nftables                        # the agent's capsule firewall

@@ -49,6 +49,10 @@ env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
 ENVD_BIN="$ENVD_STATIC_BIN" WRENN_TEST_DATABASE_URL="$WRENN_SDK_DATABASE_URL" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
 
+echo "==> the wrenn command against wrenn up (wrenn shell in tmux)"
+env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
+  target/wrenn-sdk-venv/bin/python -m pytest -q -p no:cacheprovider tests/cli
+
 echo "==> E2B SDKs (Python and npm) against wrenn up"
 venv=target/e2b-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

@@ -1,26 +1,31 @@
-//! `wrenn template build FILE`: send a recipe to the control plane
-//! (`POST /v1/admin/builds`, admin key) and wait for the template. The
-//! healthcheck comes from `--healthcheck` or a `FILE`-named `.healthcheck`
-//! next to it (`recipes/code-runner-beta.{recipefile,healthcheck}`).
+//! `wrenn template ls|build|rm`. `build FILE` checks the recipe here (with
+//! line numbers) and sends it to the control plane (`POST
+//! /v1/admin/builds`, admin key), which builds it in a capsule; the
+//! healthcheck comes from `--healthcheck` or a `.healthcheck` file next to
+//! `FILE` (`recipes/code-runner-beta.{recipefile,healthcheck}`).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use bytes::Bytes;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use http_body_util::{BodyExt, Full};
-use serde_json::{json, Value};
+use wrenn_sdk::Build;
+
+use crate::config::Global;
+use crate::output;
 
 #[derive(Debug, Subcommand)]
 pub enum TemplateCmd {
+    /// Templates you can create capsules from.
+    Ls,
     /// Build a platform template from a recipe file (admin key).
     Build(BuildArgs),
+    /// Remove one of your team's templates.
+    Rm { name: String },
 }
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// The recipe: one step per line (RUN, ENV, WORKDIR, USER, START).
+    /// The recipe: one step per line (RUN, ENV, WORKDIR, USER, COPY, START).
     file: PathBuf,
     /// Template name [default: the file name without its extension].
     #[arg(long)]
@@ -31,28 +36,46 @@ pub struct BuildArgs {
     /// Healthcheck line [default: FILE's `.healthcheck` sibling, if any].
     #[arg(long)]
     healthcheck: Option<String>,
-    /// The control plane.
-    #[arg(long, env = "WRENN_BASE_URL", default_value = "http://127.0.0.1:8000")]
-    base_url: String,
-    /// An admin team key (`wrenn up` writes one to <data-dir>/admin-api-key).
-    #[arg(long, env = "WRENN_API_KEY", hide_env_values = true)]
-    api_key: String,
 }
 
-pub async fn run(cmd: TemplateCmd) -> i32 {
-    let r = match cmd {
-        TemplateCmd::Build(a) => build(a).await,
-    };
-    match r {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("wrenn template build: {e:#}");
-            1
+pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
+    match cmd {
+        TemplateCmd::Ls => ls(g).await,
+        TemplateCmd::Build(a) => build(g, a).await,
+        TemplateCmd::Rm { name } => {
+            g.client()?
+                .delete_template(&name)
+                .await
+                .with_context(|| format!("remove template {name}"))?;
+            println!("{name}");
+            Ok(0)
         }
     }
 }
 
-async fn build(a: BuildArgs) -> Result<()> {
+async fn ls(g: &Global) -> Result<i32> {
+    let ts = g.client()?.templates().await?;
+    if g.json {
+        output::json(&ts)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = ts
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                t.kind.clone(),
+                if t.platform { "platform" } else { "team" }.to_owned(),
+                format!("{:.1}", t.size_bytes as f64 / (1 << 20) as f64),
+                t.created_at.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["NAME", "TYPE", "OWNER", "SIZE_MB", "CREATED"], &rows);
+    Ok(0)
+}
+
+async fn build(g: &Global, a: BuildArgs) -> Result<i32> {
     let recipe =
         std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
     // Catch mistakes here, with line numbers, before a capsule is started.
@@ -72,48 +95,24 @@ async fn build(a: BuildArgs) -> Result<()> {
             .ok()
             .map(|h| h.trim().to_owned()),
     };
-    let body = json!({
-        "name": name, "base_template": a.base, "recipe": recipe, "healthcheck": healthcheck,
-    });
-    let base = a.base_url.trim_end_matches('/');
-    let req = http::Request::post(format!("{base}/v1/admin/builds"))
-        .header("x-api-key", &a.api_key)
-        .header("content-type", "application/json")
-        .body(
-            Full::new(Bytes::from(body.to_string()))
-                .map_err(|e| match e {})
-                .boxed(),
-        )?;
+    let client = g.client()?;
     eprintln!(
-        "building {name} from {} on {base} (steps run in a capsule; this waits for the result)",
-        a.base
+        "building {name} from {} on {} (steps run in a capsule; this waits for the result)",
+        a.base,
+        client.base_url()
     );
-    let client = wrenn_http::client(wrenn_http::HttpVersion::Http1);
-    let resp = tokio::time::timeout(Duration::from_secs(3600), client.request(req))
+    let (t, logs) = client
+        .build_template(&Build {
+            name: name.clone(),
+            base_template: a.base,
+            recipe,
+            healthcheck,
+        })
         .await
-        .context("the build took over an hour")?
-        .with_context(|| format!("cannot reach the control plane at {base} (is `wrenn up` running? set WRENN_BASE_URL)"))?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    if !status.is_success() {
-        let msg = v["error"]["message"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        let code = v["error"]["code"].as_str().unwrap_or("error");
-        if status == 401 {
-            bail!("{code}: {msg} (pass an admin key: --api-key or WRENN_API_KEY)");
-        }
-        bail!("{code} ({status}): {msg}");
+        .with_context(|| format!("build {name}"))?;
+    for line in logs {
+        println!("{line}");
     }
-    for line in v["logs"].as_array().into_iter().flatten() {
-        println!("{}", line.as_str().unwrap_or_default());
-    }
-    println!(
-        "built template {} ({} bytes)",
-        v["template"]["name"].as_str().unwrap_or(&name),
-        v["template"]["size_bytes"]
-    );
-    Ok(())
+    println!("built template {} ({} bytes)", t.name, t.size_bytes);
+    Ok(0)
 }

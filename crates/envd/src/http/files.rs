@@ -479,7 +479,14 @@ impl MultipartFiles {
             chunk
         });
         Self {
-            mp: multer::Multipart::with_constraints(counted, boundary, constraints),
+            mp: multer::Multipart::with_constraints(
+                OneChunkPerPoll {
+                    inner: Box::pin(counted),
+                    yielded_last: false,
+                },
+                boundary,
+                constraints,
+            ),
             limit,
             yielded,
         }
@@ -522,6 +529,32 @@ impl MultipartFiles {
                 }));
             return Ok(Some((dest, body)));
         }
+    }
+}
+
+/// Hands out one chunk per poll. multer's parser reads its stream for as
+/// long as chunks are ready before it parses, so behind a fast sender and a
+/// slow disk it would buffer without bound (and trip the framing limit
+/// above); with this it parses, and yields file data, between chunks.
+struct OneChunkPerPoll<S> {
+    inner: std::pin::Pin<Box<S>>,
+    yielded_last: bool,
+}
+
+impl<S: Stream> Stream for OneChunkPerPoll<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        if std::mem::take(&mut self.yielded_last) {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        let next = self.inner.as_mut().poll_next(cx);
+        self.yielded_last = matches!(next, std::task::Poll::Ready(Some(_)));
+        next
     }
 }
 
@@ -718,6 +751,34 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
         h
+    }
+
+    /// 32 MiB of file part arriving as fast as it can (every chunk ready at
+    /// once) is parsed as it comes, not buffered whole: no framing error.
+    #[tokio::test]
+    async fn a_fast_sender_does_not_trip_the_framing_limit() {
+        let boundary = "b0undary";
+        let data = vec![7u8; 32 << 20];
+        let mut body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"/tmp/x\"\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(&data);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let chunks: Vec<Result<Bytes, std::io::Error>> = body
+            .chunks(64 << 10)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let mut files = MultipartFiles::new(futures::stream::iter(chunks), boundary, 64 << 20);
+        let (dest, mut part) = files.next_file().await.unwrap().unwrap();
+        assert_eq!(dest, "/tmp/x");
+        let mut n = 0;
+        while let Some(chunk) = part.next().await {
+            n += chunk.unwrap().len();
+        }
+        assert_eq!(n, data.len());
+        drop(part);
+        assert!(files.next_file().await.unwrap().is_none());
     }
 
     #[test]

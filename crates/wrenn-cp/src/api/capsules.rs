@@ -42,6 +42,11 @@ pub struct CreateBody {
     timeout_sec: Option<i64>,
     disk_size_mb: Option<i64>,
     metadata: Option<BTreeMap<String, String>>,
+    /// Our extension (the `wrenn` command's `--env`): environment of every
+    /// process in the capsule.
+    envs: Option<BTreeMap<String, String>>,
+    /// Our extension (`--no-internet`): false cuts egress.
+    internet: Option<bool>,
 }
 
 fn validate_metadata(m: &BTreeMap<String, String>) -> ApiResult<()> {
@@ -96,6 +101,12 @@ pub async fn create(
     };
     let metadata = body.metadata.unwrap_or_default();
     validate_metadata(&metadata)?;
+    let env = body.envs.unwrap_or_default();
+    if let Some(k) = env.keys().find(|k| k.is_empty() || k.contains(['=', '\0'])) {
+        return Err(ApiError::invalid(format!(
+            "invalid environment variable name {k:?}"
+        )));
+    }
     let template = cp
         .db
         .resolve_template(caller.team_id(), name.as_str())
@@ -129,6 +140,8 @@ pub async fn create(
         timeout_sec,
         disk_size_mb,
         metadata,
+        env,
+        internet: body.internet.unwrap_or(true),
         ..Launch::new(&template)
     };
     let running = launch(&cp, caller.team_id(), Actor::key(&caller), spec).await?;

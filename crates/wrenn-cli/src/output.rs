@@ -1,0 +1,92 @@
+//! Printing: aligned tables or JSON, and errors that say what to do next.
+
+use serde::Serialize;
+
+/// Print `rows` under `header`, columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// One line for an error: what the server said, and what to do about it.
+pub fn explain(e: &anyhow::Error) -> String {
+    let Some(sdk) = e.downcast_ref::<wrenn_sdk::Error>() else {
+        return format!("{e:#}");
+    };
+    let hint = match sdk {
+        wrenn_sdk::Error::Connect { url, .. } => {
+            return format!(
+                "cannot reach wrenn at {url}: is `wrenn up` running there? \
+                 (set WRENN_BASE_URL or --base-url, or run `wrenn login`)"
+            )
+        }
+        wrenn_sdk::Error::Api { status: 401, .. } => {
+            "check the key (--api-key, WRENN_API_KEY or `wrenn login`)"
+        }
+        wrenn_sdk::Error::Api { status: 403, .. } => "this needs the admin team's key",
+        wrenn_sdk::Error::Api { status: 404, .. } => "`wrenn ls` lists your capsules",
+        wrenn_sdk::Error::Api { status: 409, .. } => "`wrenn ls` shows the capsule's status",
+        wrenn_sdk::Error::Api { status: 503, .. } => {
+            "the server or its host is busy or starting; try again"
+        }
+        _ => "",
+    };
+    let msg = format!("{e:#}");
+    if hint.is_empty() {
+        msg
+    } else {
+        format!("{msg} — {hint}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_what_to_do() {
+        let e = anyhow::Error::new(wrenn_sdk::Error::Api {
+            status: 401,
+            code: "unauthorized".into(),
+            message: "invalid API key".into(),
+        });
+        let m = explain(&e);
+        assert!(
+            m.contains("invalid API key") && m.contains("wrenn login"),
+            "{m}"
+        );
+        let e = anyhow::Error::new(wrenn_sdk::Error::Api {
+            status: 404,
+            code: "not_found".into(),
+            message: "capsule not found".into(),
+        })
+        .context("kill cl-x");
+        let m = explain(&e);
+        assert!(m.contains("kill cl-x") && m.contains("wrenn ls"), "{m}");
+        assert_eq!(explain(&anyhow::anyhow!("plain")), "plain");
+    }
+}
