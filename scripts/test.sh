@@ -68,5 +68,6 @@ echo "==> benchmarks (smoke)"
 cargo run --release -q -p wrenn-bench -- all --smoke --envd "$ENVD_STATIC_BIN"
 cargo bench -q -p wrenn-agent --bench capsules -- --smoke
 cargo bench -q -p wrenn-cli --bench api -- --smoke
+ENVD_BIN="$ENVD_STATIC_BIN" target/e2b-venv/bin/python bench/sdk_first_command.py --smoke
 
 echo "==> all tests passed"

@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
+use wrenn_sdk::PtyEvent;
 
 const WS_FLOOD: &str = r#"
 import base64, hashlib, socket, sys, threading
@@ -83,6 +83,7 @@ struct Server {
     base: String,
     port: u16,
     key: String,
+    e2b_key: String,
 }
 
 impl Server {
@@ -93,6 +94,7 @@ impl Server {
             "--listen",
             "127.0.0.1:0",
             "--no-code-runner",
+            "--no-code-interpreter",
             "--instance",
             instance,
             "--pool",
@@ -121,6 +123,9 @@ impl Server {
         let key = std::fs::read_to_string(data.join("admin-api-key"))?
             .trim()
             .to_owned();
+        let e2b_key = std::fs::read_to_string(data.join("admin-e2b-api-key"))?
+            .trim()
+            .to_owned();
         // ready when the default template is
         for _ in 0..600 {
             let ok = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut c| {
@@ -136,11 +141,31 @@ impl Server {
                     base,
                     port,
                     key,
+                    e2b_key,
                 });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("wrenn up did not become ready")
+    }
+
+    /// A capsule's envd access token, from E2B's sandbox detail.
+    fn envd_token(&self, id: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        write!(
+            c,
+            "GET /sandboxes/{id} HTTP/1.0\r\nX-API-KEY: {}\r\n\r\n",
+            self.e2b_key
+        )?;
+        let mut s = String::new();
+        c.read_to_string(&mut s)?;
+        let body = s.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        let v: Value = serde_json::from_str(body).with_context(|| format!("detail: {s}"))?;
+        v["envdAccessToken"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no envdAccessToken in {v}"))
     }
 
     fn stop(&mut self) {
@@ -155,48 +180,25 @@ impl Drop for Server {
     }
 }
 
-type Http = wrenn_http::HttpClient;
-
-async fn call(http: &Http, s: &Server, method: &str, path: &str, body: Value) -> Result<Value> {
-    let req = http::Request::builder()
-        .method(method)
-        .uri(format!("{}{path}", s.base))
-        .header("x-api-key", &s.key)
-        .header("content-type", "application/json")
-        .body(
-            Full::new(Bytes::from(body.to_string()))
-                .map_err(|e| match e {})
-                .boxed(),
-        )?;
-    let resp = http.request(req).await?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!(
-            "{method} {path}: {status} {}",
-            String::from_utf8_lossy(&bytes)
-        );
+impl Server {
+    /// A client of this server's API (wrenn-sdk, as the `wrenn` command).
+    fn api(&self) -> Result<wrenn_sdk::Client> {
+        Ok(wrenn_sdk::Client::new(&self.base, &self.key)?)
     }
-    Ok(if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)?
-    })
 }
 
-async fn sh(http: &Http, s: &Server, id: &str, script: &str) -> Result<String> {
-    let v = call(
-        http,
-        s,
-        "POST",
-        &format!("/v1/capsules/{id}/exec"),
-        json!({"cmd": "/bin/sh", "args": ["-c", script], "timeout_sec": 120}),
-    )
-    .await?;
-    if v["exit_code"] != 0 {
-        bail!("{script}: {v}");
+async fn sh(api: &wrenn_sdk::Client, id: &str, script: &str) -> Result<String> {
+    let out = api
+        .exec(id, &wrenn_sdk::Command::shell(script), 120)
+        .await?;
+    if out.exit_code != 0 {
+        bail!(
+            "{script}: exit {}: {}",
+            out.exit_code,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    Ok(v["stdout"].as_str().unwrap_or_default().to_owned())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn pct(mut v: Vec<Duration>, p: f64) -> Duration {
@@ -211,29 +213,15 @@ fn ms(d: Duration) -> f64 {
 
 /// Keystroke → echo latencies on a `cat` PTY.
 async fn pty_echo(s: &Server, id: &str, n: usize) -> Result<Vec<Duration>> {
-    let mut req =
-        format!("ws://127.0.0.1:{}/v1/capsules/{id}/pty", s.port).into_client_request()?;
-    req.headers_mut().insert("x-api-key", s.key.parse()?);
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
-    ws.send(Message::text(
-        json!({"type": "start", "cmd": "/bin/cat", "cols": 200, "rows": 50}).to_string(),
-    ))
-    .await?;
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.contains("started") => break,
-            Some(Ok(_)) => {}
-            other => bail!("pty did not start: {other:?}"),
-        }
-    }
+    let mut pty = s.api()?.pty(id, Some("/bin/cat"), 200, 50, None).await?;
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
         let key = b"abcdefghijklmnopqrstuvwxyz"[i % 26];
         let t0 = Instant::now();
-        ws.send(Message::binary(vec![key])).await?;
+        pty.send(&[key]).await?;
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-                Ok(Some(Ok(Message::Binary(b)))) if b.contains(&key) => break,
+            match tokio::time::timeout(Duration::from_secs(10), pty.next()).await {
+                Ok(Some(Ok(PtyEvent::Output(b)))) if b.contains(&key) => break,
                 Ok(Some(Ok(_))) => {}
                 other => bail!("no echo: {other:?}"),
             }
@@ -241,12 +229,12 @@ async fn pty_echo(s: &Server, id: &str, n: usize) -> Result<Vec<Duration>> {
         lat.push(t0.elapsed());
         if i % 40 == 39 {
             // end the line: cat prints it back; drain both
-            ws.send(Message::binary(b"\n".to_vec())).await?;
+            pty.send(b"\n").await?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    ws.send(Message::text(r#"{"type":"kill"}"#)).await?;
-    let _ = ws.close(None).await;
+    pty.kill().await?;
+    pty.detach().await;
     Ok(lat)
 }
 
@@ -365,11 +353,11 @@ struct Wrk {
     mb_s: f64,
 }
 
-fn wrk(url: &str, host: Option<&str>, secs: u32) -> Result<Wrk> {
+fn wrk(url: &str, headers: &[String], secs: u32) -> Result<Wrk> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t2", "-c32", &format!("-d{secs}s"), "--latency"]);
-    if let Some(h) = host {
-        cmd.args(["-H", &format!("Host: {h}")]);
+    for h in headers {
+        cmd.args(["-H", h]);
     }
     let out = cmd.arg(url).output().context("run wrk (apt install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -501,35 +489,58 @@ async fn main() -> Result<()> {
         200 + std::process::id() % 50,
         std::process::id() % 250
     );
-    let http = wrenn_http::client(wrenn_http::HttpVersion::Http1);
-
     let mut server = Server::start(data.path(), &instance, &pool, false)?;
-    let c = call(
-        &http,
-        &server,
-        "POST",
-        "/v1/capsules",
-        json!({"template": "minimal", "vcpus": 2, "memory_mb": 1024}),
-    )
-    .await?;
-    let id = c["id"].as_str().context("capsule id")?.to_owned();
-    let result = run(&http, &mut server, data.path(), &id, &instance, &pool, &sz).await;
-    let _ = call(
-        &http,
-        &server,
-        "DELETE",
-        &format!("/v1/capsules/{id}"),
-        json!({}),
-    )
-    .await;
+    let spec = wrenn_sdk::CreateCapsule {
+        template: Some("minimal".into()),
+        vcpus: Some(2),
+        memory_mb: Some(1024),
+        ..Default::default()
+    };
+    let id = server.api()?.create_capsule(&spec).await?.id;
+    let result = run(&mut server, data.path(), &id, &instance, &pool, &sz).await;
+    let _ = server.api()?.destroy_capsule(&id).await;
     server.stop();
-    scrub(&instance);
+    scrub(&instance, data.path());
     result
 }
 
 /// Remove what an agent keeps for its instance between runs (the firewall
 /// table, runtime state, cgroup parents): the benchmark's instance is gone.
-fn scrub(instance: &str) {
+fn scrub(instance: &str, data: &Path) {
+    // Capsules outlive their agent by design: anything still running in
+    // the instance's cgroups (a build the run cut off) is killed first.
+    if let Ok(out) = Command::new("find")
+        .arg(format!("/sys/fs/cgroup/pids/{instance}"))
+        .args(["-name", "cgroup.procs"])
+        .output()
+    {
+        for procs in String::from_utf8_lossy(&out.stdout).lines() {
+            for pid in std::fs::read_to_string(procs).unwrap_or_default().lines() {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut under: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| Path::new(m).starts_with(data))
+        .collect();
+    under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in under {
+        let _ = Command::new("umount").args(["-l", m]).status();
+    }
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let ns = line.split_whitespace().next().unwrap_or_default();
+            if ns.starts_with(&format!("{instance}-")) {
+                let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+            }
+        }
+    }
     let _ = Command::new("nft")
         .args(["delete", "table", "inet", instance])
         .status();
@@ -548,7 +559,6 @@ fn scrub(instance: &str) {
 }
 
 async fn run(
-    http: &Http,
     server: &mut Server,
     data: &Path,
     id: &str,
@@ -557,39 +567,28 @@ async fn run(
     sz: &Sizes,
 ) -> Result<()> {
     // bulk servers: 8 MiB over HTTP on 8080, an endless WebSocket on 8081
+    let api = server.api()?;
     sh(
-        http,
-        server,
+        &api,
         id,
         "mkdir -p /srv && head -c 8388608 /dev/urandom > /srv/big",
     )
     .await?;
-    let upload = json!({"cmd": "/bin/sh", "args": ["-c", format!("cat > /srv/ws.py <<'EOF'\n{WS_FLOOD}\nEOF")]});
-    call(
-        http,
-        server,
-        "POST",
-        &format!("/v1/capsules/{id}/exec"),
-        upload,
+    sh(
+        &api,
+        id,
+        &format!("cat > /srv/ws.py <<'EOF'\n{WS_FLOOD}\nEOF"),
     )
     .await?;
     for (tag, cmd) in [
         ("http", "python3 -m http.server 8080 -d /srv"),
         ("ws", "python3 /srv/ws.py 8081"),
     ] {
-        let body = json!({"cmd": "/bin/sh", "args": ["-c", cmd], "background": true, "tag": tag});
-        call(
-            http,
-            server,
-            "POST",
-            &format!("/v1/capsules/{id}/exec"),
-            body,
-        )
-        .await?;
+        api.exec_background(id, &wrenn_sdk::Command::shell(cmd), Some(tag))
+            .await?;
     }
     let ip = sh(
-        http,
-        server,
+        &api,
         id,
         "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1",
     )
@@ -598,8 +597,7 @@ async fn run(
     .to_owned();
     for _ in 0..50 {
         if sh(
-            http,
-            server,
+            &api,
             id,
             "curl -sf -o /dev/null http://127.0.0.1:8080/big && echo ok",
         )
@@ -629,17 +627,18 @@ async fn run(
     .next()
     .context("no runc container")?
     .to_owned();
+    let (client, true_cmd) = (
+        api,
+        wrenn_sdk::Command {
+            cmd: "/bin/true".into(),
+            ..Default::default()
+        },
+    );
     let (mut api, mut raw) = (Vec::new(), Vec::new());
     for _ in 0..sz.execs {
         let t0 = Instant::now();
-        call(
-            http,
-            server,
-            "POST",
-            &format!("/v1/capsules/{id}/exec"),
-            json!({"cmd": "/bin/true"}),
-        )
-        .await?;
+        let out = client.exec(id, &true_cmd, 0).await?;
+        anyhow::ensure!(out.exit_code == 0, "/bin/true failed");
         api.push(t0.elapsed());
         raw.push(runc_exec_once(instance, &container)?);
     }
@@ -647,21 +646,27 @@ async fn run(
     let ngx_dir = data.join("nginx");
     let (nginx, nport) = Nginx::start(&ngx_dir, &format!("{ip}:49983"))?;
     let host = format!("49983-{id}.localhost:{}", server.port);
+    // envd's /files wants the capsule's access token (E2B's detail shows it)
+    let token = format!("X-Access-Token: {}", server.envd_token(id)?);
     let small = "/health".to_owned();
     let big = "/files?path=/srv/big&username=root".to_owned();
     let mut rows = Vec::new();
     for (name, path) in [("small", &small), ("8 MiB", &big)] {
         let w = wrk(
             &format!("http://127.0.0.1:{}{path}", server.port),
-            Some(&host),
+            &[format!("Host: {host}"), token.clone()],
             sz.wrk_secs,
         )?;
         let n = wrk(
             &format!("http://127.0.0.1:{nport}{path}"),
-            None,
+            std::slice::from_ref(&token),
             sz.wrk_secs,
         )?;
-        let d = wrk(&format!("http://{ip}:49983{path}"), None, sz.wrk_secs)?;
+        let d = wrk(
+            &format!("http://{ip}:49983{path}"),
+            std::slice::from_ref(&token),
+            sz.wrk_secs,
+        )?;
         rows.push((name, w, n, d));
     }
     drop(nginx);

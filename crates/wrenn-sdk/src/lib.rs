@@ -367,6 +367,22 @@ impl Client {
         })
     }
 
+    /// Start a command in the background (it outlives this call); its pid.
+    pub async fn exec_background(&self, id: &str, c: &Command, tag: Option<&str>) -> Result<u32> {
+        let mut body = serde_json::to_value(c).map_err(|e| Error::Protocol(e.to_string()))?;
+        body["background"] = json!(true);
+        if let Some(t) = tag {
+            body["tag"] = json!(t);
+        }
+        let v: Value = self
+            .json(
+                self.request(reqwest::Method::POST, &capsule_path(id, "/exec"))
+                    .json(&body),
+            )
+            .await?;
+        Ok(v["pid"].as_u64().unwrap_or(0) as u32)
+    }
+
     /// Start a command and stream its output (`exec/stream`).
     pub async fn exec_stream(&self, id: &str, c: &Command) -> Result<ExecStream> {
         let mut socket = self.websocket(&capsule_path(id, "/exec/stream")).await?;
