@@ -27,7 +27,7 @@ for _dir in (HERE, HERE.parent / "support"):
         sys.path.insert(0, str(_dir))
 
 import wrenn_up  # noqa: E402
-from wrenn_up import Server, sayer  # noqa: E402
+from wrenn_up import Server  # noqa: E402
 
 
 class WrennUp(wrenn_up.WrennUp):
@@ -74,14 +74,8 @@ class Cli:
 
 @pytest.fixture(scope="session")
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    up = WrennUp.fresh(code_runner=False, say=sayer(request))
-    try:
-        srv = up.start()
-    except BaseException:
-        up.close(keep_log=True)
-        raise
-    yield srv
-    up.finish(failed=getattr(request.session, "cli_failed", False))
+    with WrennUp.serving(request, failed_attr="cli_failed", code_runner=False) as up:
+        yield up.server
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -46,7 +46,7 @@ for _var in (
     os.environ.pop(_var, None)
 
 import wrenn_up  # noqa: E402
-from wrenn_up import CODE_RUNNER, Server, say, sayer  # noqa: E402
+from wrenn_up import CODE_RUNNER, Server, say  # noqa: E402
 from e2bcp_support import CODE_INTERPRETER, SANDBOX_TIMEOUT, unique_tag  # noqa: E402
 
 import e2b  # noqa: E402
@@ -140,34 +140,30 @@ def server(request: pytest.FixtureRequest) -> Iterator[E2bServer]:
         _current = None
         return
 
-    up = WrennUp.fresh(
+    with WrennUp.serving(
+        request,
+        failed_attr="e2bcp_failed",
+        extra_args=shlex.split(os.environ.get("WRENN_E2B_UP_ARGS", "")),
         database_url=os.environ.get("WRENN_TEST_DATABASE_URL"),
         # code-interpreter-v1 is built like code-runner-beta (from PyPI); with
         # WRENN_SKIP_CODE_INTERPRETER=1 nothing network-built is needed.
         code_runner=not os.environ.get("WRENN_SKIP_CODE_INTERPRETER"),
-        say=sayer(request),
-    )
-    up.extra_args += shlex.split(os.environ.get("WRENN_E2B_UP_ARGS", ""))
-    try:
-        srv_ = up.start()
-    except BaseException:
-        up.close(keep_log=True)
-        raise
-    base = srv_.base_url.rstrip("/")
-    srv = E2bServer(
-        base_url=base,
-        sandbox_url=(os.environ.get("WRENN_E2B_SANDBOX_URL") or base).rstrip("/"),
-        e2b_api_key=srv_.e2b_api_key,
-        admin_key=srv_.api_key,
-        server=srv_,
-        up=up,
-    )
-    _current = srv
-    try:
-        yield srv
-    finally:
-        _current = None
-        up.finish(failed=getattr(request.session, "e2bcp_failed", False))
+    ) as up:
+        srv_ = up.server
+        base = srv_.base_url.rstrip("/")
+        srv = E2bServer(
+            base_url=base,
+            sandbox_url=(os.environ.get("WRENN_E2B_SANDBOX_URL") or base).rstrip("/"),
+            e2b_api_key=srv_.e2b_api_key,
+            admin_key=srv_.api_key,
+            server=srv_,
+            up=up,
+        )
+        _current = srv
+        try:
+            yield srv
+        finally:
+            _current = None
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,6 +18,7 @@ while templates build and 200 when ready; the admin team's API key is in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import ipaddress
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -698,6 +699,25 @@ class WrennUp:
         return found
 
     # ---- the end -----------------------------------------------------------
+
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls, request, *, failed_attr: str, extra_args: list[str] = (),
+                **fresh) -> Iterator["WrennUp"]:
+        """A session's server: ``fresh(**fresh)``, started (its log kept if
+        it does not start), then ``finish`` — keeping the log when the
+        session's ``failed_attr`` flag says a test failed."""
+        up = cls.fresh(say=sayer(request), **fresh)
+        up.extra_args += list(extra_args)
+        try:
+            up.start()
+        except BaseException:
+            up.close(keep_log=True)
+            raise
+        try:
+            yield up
+        finally:
+            up.finish(failed=getattr(request.session, failed_attr, False))
 
     def finish(self, *, failed: bool) -> None:
         """The end of a session's server: SIGTERM, then ``close`` (keeping

@@ -31,7 +31,7 @@ for _dir in (HERE, HERE.parent / "support"):  # the support modules, under any i
         sys.path.insert(0, str(_dir))
 
 import wrenn_up  # noqa: E402
-from wrenn_up import CODE_RUNNER, TEMPLATE, Server, sayer  # noqa: E402
+from wrenn_up import CODE_RUNNER, TEMPLATE, Server  # noqa: E402
 
 import wrenn  # noqa: E402
 from wrenn import AsyncWrennClient, Capsule, WrennClient  # noqa: E402
@@ -56,20 +56,13 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
         yield Server(base_url=ext_url.rstrip("/"), api_key=ext_key)
         return
 
-    up = WrennUp.fresh(
+    with WrennUp.serving(
+        request,
+        failed_attr="wrenn_failed",
         database_url=os.environ.get("WRENN_TEST_DATABASE_URL"),
         code_runner=not os.environ.get("WRENN_SKIP_CODE_RUNNER"),
-        say=sayer(request),
-    )
-    try:
-        srv = up.start()
-    except BaseException:
-        up.close(keep_log=True)
-        raise
-
-    yield srv
-
-    up.finish(failed=getattr(request.session, "wrenn_failed", False))
+    ) as up:
+        yield up.server
 
 
 @pytest.hookimpl(hookwrapper=True)

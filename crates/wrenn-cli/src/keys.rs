@@ -92,9 +92,9 @@ pub async fn hosts(g: &Global, cmd: HostsCmd) -> Result<i32> {
             vec![
                 h.id.clone(),
                 h.status.clone(),
-                h.address.clone(),
-                h.cpu_cores.to_string(),
-                h.memory_mb.to_string(),
+                h.facts.address.clone(),
+                h.facts.cpu_cores.to_string(),
+                h.facts.memory_mb.to_string(),
                 h.last_heartbeat.clone().unwrap_or_else(|| "-".into()),
             ]
         })

@@ -193,19 +193,13 @@ pub enum KeyKind {
     E2b,
 }
 
+/// A host: what its agent reported (address, size) and its state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Host {
     pub id: String,
     pub status: String,
-    pub address: String,
-    #[serde(default)]
-    pub arch: String,
-    #[serde(default)]
-    pub cpu_cores: i64,
-    #[serde(default)]
-    pub memory_mb: i64,
-    #[serde(default)]
-    pub disk_gb: i64,
+    #[serde(flatten)]
+    pub facts: wrenn_types::hosts::HostFacts,
     #[serde(default)]
     pub last_heartbeat: Option<String>,
 }

@@ -378,11 +378,13 @@ pub async fn destroy_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult
     }
     if let Some(host) = c.host_id.as_ref().and_then(|h| cp.hosts.get(h)) {
         // `stopping` while the agent works: nobody is shown a capsule the
-        // agent has already let go of as running.
-        cp.proxy_routes.evict(&c.id);
+        // agent has already let go of as running. Recorded before the
+        // route goes, so a client whose stream the eviction cuts, and who
+        // asks right away, is told the capsule is gone.
         cp.db
             .transition(&c.id, &[c.status], Status::Stopping)
             .await?;
+        cp.proxy_routes.evict(&c.id);
         match host.rpc.destroy_capsule(cref(&c.id)).await {
             Ok(_) => {}
             Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
