@@ -13,13 +13,11 @@ use crate::output;
 
 pub async fn ls(g: &Global) -> Result<i32> {
     let caps = g.client()?.capsules().await?;
-    if g.json {
-        output::json(&caps)?;
-        return Ok(0);
-    }
-    let rows: Vec<Vec<String>> = caps
-        .iter()
-        .map(|c| {
+    output::listing(
+        g.json,
+        &caps,
+        &["ID", "STATUS", "TEMPLATE", "VCPUS", "MEMORY_MB", "CREATED"],
+        |c| {
             vec![
                 c.id.clone(),
                 c.status.clone(),
@@ -28,13 +26,8 @@ pub async fn ls(g: &Global) -> Result<i32> {
                 c.memory_mb.to_string(),
                 c.created_at.clone(),
             ]
-        })
-        .collect();
-    output::table(
-        &["ID", "STATUS", "TEMPLATE", "VCPUS", "MEMORY_MB", "CREATED"],
-        &rows,
-    );
-    Ok(0)
+        },
+    )
 }
 
 /// `K=V` (for `--env` and `--meta`).

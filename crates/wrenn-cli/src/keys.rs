@@ -40,27 +40,21 @@ pub async fn run(g: &Global, cmd: KeysCmd) -> Result<i32> {
         }
         KeysCmd::Ls => {
             let keys = client.api_keys().await?;
-            if g.json {
-                output::json(&keys)?;
-            } else {
-                let rows: Vec<Vec<String>> = keys
-                    .iter()
-                    .map(|k| {
-                        vec![
-                            k.id.clone(),
-                            k.name.clone(),
-                            k.kind.clone(),
-                            format!("{}…", k.key_prefix),
-                            k.created_at.clone(),
-                            k.last_used.clone().unwrap_or_else(|| "-".into()),
-                        ]
-                    })
-                    .collect();
-                output::table(
-                    &["ID", "NAME", "KIND", "PREFIX", "CREATED", "LAST USED"],
-                    &rows,
-                );
-            }
+            return output::listing(
+                g.json,
+                &keys,
+                &["ID", "NAME", "KIND", "PREFIX", "CREATED", "LAST USED"],
+                |k| {
+                    vec![
+                        k.id.clone(),
+                        k.name.clone(),
+                        k.kind.clone(),
+                        format!("{}…", k.key_prefix),
+                        k.created_at.clone(),
+                        k.last_used.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                },
+            );
         }
         KeysCmd::Rm { id } => {
             client
@@ -82,24 +76,9 @@ pub enum HostsCmd {
 pub async fn hosts(g: &Global, cmd: HostsCmd) -> Result<i32> {
     let HostsCmd::Ls = cmd;
     let hosts = g.client()?.hosts().await?;
-    if g.json {
-        output::json(&hosts)?;
-        return Ok(0);
-    }
-    let rows: Vec<Vec<String>> = hosts
-        .iter()
-        .map(|h| {
-            vec![
-                h.id.clone(),
-                h.status.clone(),
-                h.facts.address.clone(),
-                h.facts.cpu_cores.to_string(),
-                h.facts.memory_mb.to_string(),
-                h.last_heartbeat.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    output::table(
+    output::listing(
+        g.json,
+        &hosts,
         &[
             "ID",
             "STATUS",
@@ -108,7 +87,15 @@ pub async fn hosts(g: &Global, cmd: HostsCmd) -> Result<i32> {
             "MEMORY_MB",
             "LAST HEARTBEAT",
         ],
-        &rows,
-    );
-    Ok(0)
+        |h| {
+            vec![
+                h.id.clone(),
+                h.status.clone(),
+                h.facts.address.clone(),
+                h.facts.cpu_cores.to_string(),
+                h.facts.memory_mb.to_string(),
+                h.last_heartbeat.clone().unwrap_or_else(|| "-".into()),
+            ]
+        },
+    )
 }

@@ -27,6 +27,21 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// A listing: JSON with `--json`, else a table of `row(item)` under `header`.
+pub fn listing<T: Serialize>(
+    json_out: bool,
+    items: &[T],
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<i32> {
+    if json_out {
+        json(&items)?;
+    } else {
+        table(header, &items.iter().map(row).collect::<Vec<_>>());
+    }
+    Ok(0)
+}
+
 pub fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())

@@ -55,13 +55,11 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
 
 async fn ls(g: &Global) -> Result<i32> {
     let ts = g.client()?.templates().await?;
-    if g.json {
-        output::json(&ts)?;
-        return Ok(0);
-    }
-    let rows: Vec<Vec<String>> = ts
-        .iter()
-        .map(|t| {
+    output::listing(
+        g.json,
+        &ts,
+        &["NAME", "TYPE", "OWNER", "SIZE_MB", "CREATED"],
+        |t| {
             vec![
                 t.name.clone(),
                 t.kind.clone(),
@@ -69,10 +67,8 @@ async fn ls(g: &Global) -> Result<i32> {
                 format!("{:.1}", t.size_bytes as f64 / (1 << 20) as f64),
                 t.created_at.clone(),
             ]
-        })
-        .collect();
-    output::table(&["NAME", "TYPE", "OWNER", "SIZE_MB", "CREATED"], &rows);
-    Ok(0)
+        },
+    )
 }
 
 async fn build(g: &Global, a: BuildArgs) -> Result<i32> {
