@@ -169,6 +169,39 @@ def test_generated_refreshes_logs_metrics(api_client, sandbox, server) -> None:
     assert res.status_code == 200 and isinstance(res.parsed, list)
 
 
+def test_logs(server, sandbox) -> None:
+    """The sandbox's log: what happened to it, oldest first (v1), and the
+    v2 cursor/direction/limit/level/search filters."""
+    sid = sandbox.sandbox_id
+    assert sandbox.pause() is True
+    sandbox.connect()
+    with server.api() as h:
+        r = h.get(f"/sandboxes/{sid}/logs")
+        assert r.status_code == 200, r.text
+        v1 = SandboxLogs.from_dict(r.json())
+        lines = [l.line for l in v1.logs]
+        assert len(lines) == 3 and lines[0].startswith("started from template base"), lines
+        assert lines[1:] == ["paused (memory kept)", "resumed"], lines
+        assert [e.message for e in v1.log_entries] == lines
+        assert {e.level.value for e in v1.log_entries} == {"info"}
+
+        r = h.get(f"/v2/sandboxes/{sid}/logs")
+        assert r.status_code == 200, r.text
+        v2 = [e["message"] for e in r.json()["logs"]]
+        assert v2 == lines
+        back = h.get(f"/v2/sandboxes/{sid}/logs", params={"direction": "backward", "limit": 2}).json()["logs"]
+        assert [e["message"] for e in back] == ["resumed", "paused (memory kept)"]
+        found = h.get(f"/v2/sandboxes/{sid}/logs", params={"search": "paused"}).json()["logs"]
+        assert [e["message"] for e in found] == ["paused (memory kept)"]
+        assert h.get(f"/v2/sandboxes/{sid}/logs", params={"level": "warn"}).json()["logs"] == []
+        later = parse_time(back[0]["timestamp"])
+        cursor = int(later.timestamp() * 1000)
+        assert [e["message"] for e in h.get(f"/v2/sandboxes/{sid}/logs",
+                params={"cursor": cursor}).json()["logs"]] == ["resumed"]
+        assert_e2b_error(h.get(f"/v2/sandboxes/{sid}/logs", params={"direction": "sideways"}), 400)
+        assert_e2b_error(h.get(f"/sandboxes/{sid}/logs", params={"limit": "many"}), 400)
+
+
 def test_error_bodies(server, sandbox) -> None:
     unknown = "cl-" + "0" * 25
     with server.api() as h:

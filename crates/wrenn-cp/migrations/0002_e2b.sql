@@ -10,3 +10,13 @@ ALTER TABLE capsules ADD COLUMN access_token TEXT NOT NULL DEFAULT '';
 ALTER TABLE capsules ADD COLUMN end_at BIGINT;
 ALTER TABLE capsules ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'kill';
 CREATE INDEX capsules_end_at ON capsules(status, end_at);
+
+-- What happened to a capsule, line by line (E2B's sandbox logs): created,
+-- paused, resumed, timed out, destroyed, reconciled.
+CREATE TABLE capsule_logs (
+    capsule_id  TEXT NOT NULL,
+    at_ms       BIGINT NOT NULL,
+    level       TEXT NOT NULL,
+    message     TEXT NOT NULL
+);
+CREATE INDEX capsule_logs_capsule ON capsule_logs(capsule_id, at_ms);

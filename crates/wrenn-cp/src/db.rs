@@ -432,6 +432,41 @@ impl Db {
         rows.iter().map(capsule_row).collect()
     }
 
+    /// Add a line to a capsule's log.
+    pub async fn add_log(&self, id: &CapsuleId, level: &str, message: &str) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO capsule_logs (capsule_id, at_ms, level, message) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id.as_str())
+        .bind(now_ms())
+        .bind(level)
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A capsule's log lines at or after `since` (ms), oldest first.
+    pub async fn logs(&self, id: &CapsuleId, since: i64) -> Result<Vec<LogLine>, DbError> {
+        let rows = sqlx::query(
+            "SELECT at_ms, level, message FROM capsule_logs \
+             WHERE capsule_id = $1 AND at_ms >= $2 ORDER BY at_ms",
+        )
+        .bind(id.as_str())
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogLine {
+                    at_ms: r.try_get("at_ms")?,
+                    level: r.try_get("level")?,
+                    message: r.try_get("message")?,
+                })
+            })
+            .collect()
+    }
+
     /// Every running capsule, of all teams (signed-URL routing).
     pub async fn running_capsules(&self) -> Result<Vec<CapsuleRow>, DbError> {
         let rows = sqlx::query(&format!("{CAPSULE_COLS} WHERE status = 'running'"))
@@ -807,6 +842,15 @@ pub struct CapsuleRow {
     /// Absolute deadline (Unix ms), if any; see [`OnTimeout`].
     pub end_at: Option<i64>,
     pub on_timeout: OnTimeout,
+}
+
+/// One line of a capsule's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub at_ms: i64,
+    /// debug, info, warn or error
+    pub level: String,
+    pub message: String,
 }
 
 /// What a capsule's absolute deadline does when it passes.

@@ -43,6 +43,8 @@ async fn set(cp: &Cp, c: &CapsuleRow, to: Status, reason: &str) {
     match cp.db.transition(&c.id, &[c.status], to).await {
         Ok(Some(row)) => {
             tracing::info!(capsule = %c.id, from = %c.status, to = %to, reason, "reconciled");
+            crate::api::capsules::log(cp, &c.id, "warn", format!("{} → {to} ({reason})", c.status))
+                .await;
             if to == Status::Stopped {
                 cp.proxy_routes.evict(&c.id);
             }

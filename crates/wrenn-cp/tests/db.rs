@@ -143,6 +143,24 @@ async fn exercise(db: &Db) {
     assert_eq!(due[0].end_at, Some(now - 1));
     assert!(db.capsules_due(now - 2).await.unwrap().is_empty());
     assert_eq!(db.running_capsules().await.unwrap().len(), 1);
+
+    // the capsule log: oldest first, from a time on
+    db.add_log(&rows[0].id, "info", "started").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    db.add_log(&rows[0].id, "warn", "timeout reached")
+        .await
+        .unwrap();
+    db.add_log(&rows[1].id, "info", "someone else's")
+        .await
+        .unwrap();
+    let logs = db.logs(&rows[0].id, 0).await.unwrap();
+    assert_eq!(
+        logs.iter()
+            .map(|l| (l.level.as_str(), l.message.as_str()))
+            .collect::<Vec<_>>(),
+        [("info", "started"), ("warn", "timeout reached")]
+    );
+    assert_eq!(db.logs(&rows[0].id, logs[1].at_ms).await.unwrap().len(), 1);
     db.set_deadline(&rows[0].id, None, OnTimeout::Kill)
         .await
         .unwrap();

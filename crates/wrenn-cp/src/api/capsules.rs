@@ -69,6 +69,14 @@ fn validate_metadata(m: &BTreeMap<String, String>) -> ApiResult<()> {
     Ok(())
 }
 
+/// A line in a capsule's log (E2B's sandbox logs). Best effort: a failed
+/// write is only traced.
+pub(crate) async fn log(cp: &Cp, id: &CapsuleId, level: &str, message: impl AsRef<str>) {
+    if let Err(e) = cp.db.add_log(id, level, message.as_ref()).await {
+        tracing::warn!(capsule = %id, error = %e, "cannot write the capsule's log");
+    }
+}
+
 pub(crate) fn capsule_event(kind: Kind, c: &CapsuleRow, actor: Actor) -> Event {
     Event::new(
         kind,
@@ -299,6 +307,13 @@ async fn start(
         Ok(r) => r.into_owned(),
         Err(e) => {
             let err = ApiError::agent(&e);
+            log(
+                cp,
+                &row.id,
+                "error",
+                format!("create failed: {}", err.message),
+            )
+            .await;
             let failed = cp
                 .db
                 .transition(&row.id, &[], Status::Error)
@@ -323,6 +338,11 @@ async fn start(
         .transition(&row.id, &[Status::Starting], Status::Running)
         .await?
         .ok_or_else(ApiError::capsule_not_found)?;
+    let msg = format!(
+        "started from template {} ({} vCPU, {} MiB) on {}",
+        running.template, running.vcpus, running.memory_mb, host.id
+    );
+    log(cp, &running.id, "info", msg).await;
     cp.events
         .publish(capsule_event(Kind::CapsuleCreate, &running, actor).outcome(Ok(())));
     Ok(running)
@@ -402,6 +422,7 @@ pub async fn destroy_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult
     }
     if let Some(stopped) = cp.db.transition(&c.id, &[], Status::Stopped).await? {
         cp.proxy_routes.evict(&c.id);
+        log(cp, &c.id, "info", "destroyed").await;
         crate::api::snapshots::collect_layers(cp, &c.agent_template).await;
         cp.events
             .publish(capsule_event(Kind::CapsuleDestroy, &stopped, actor).outcome(Ok(())));
@@ -441,6 +462,7 @@ pub async fn pause_capsule(
         .transition(&c.id, &[Status::Running], Status::Paused)
         .await?
         .ok_or_else(|| ApiError::conflict("the capsule changed state during pause"))?;
+    log(cp, &c.id, "info", "paused (memory kept)").await;
     cp.events
         .publish(capsule_event(Kind::CapsulePause, &paused, actor).outcome(Ok(())));
     Ok(paused)
@@ -478,6 +500,7 @@ pub async fn resume_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<
         .transition(&c.id, &[Status::Paused], Status::Running)
         .await?
         .ok_or_else(|| ApiError::conflict("the capsule changed state during resume"))?;
+    log(cp, &c.id, "info", "resumed").await;
     cp.events
         .publish(capsule_event(Kind::CapsuleResume, &resumed, actor).outcome(Ok(())));
     Ok(resumed)

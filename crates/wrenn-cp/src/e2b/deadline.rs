@@ -34,6 +34,11 @@ pub async fn enforce(cp: &Cp) {
 
 async fn expire(cp: &Cp, c: &CapsuleRow) -> ApiResult<()> {
     tracing::info!(capsule = %c.id, on_timeout = c.on_timeout.as_str(), "timeout reached");
+    let what = match c.on_timeout {
+        OnTimeout::Kill => "timeout reached: killing the sandbox",
+        OnTimeout::Pause => "timeout reached: pausing the sandbox",
+    };
+    capsules::log(cp, &c.id, "warn", what).await;
     match c.on_timeout {
         OnTimeout::Kill => capsules::destroy_capsule(cp, c, Actor::system()).await,
         OnTimeout::Pause => {

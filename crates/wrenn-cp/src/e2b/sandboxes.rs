@@ -9,6 +9,8 @@
 //!   [`super::deadline`] enforces, and no inactivity TTL; capsules made by
 //!   wrenn's API keep theirs until an E2B call sets a timeout.
 //! - `templateID` and `alias` are the template's name.
+//! - Logs are the capsule's log (`capsule_logs`): what happened to it, as
+//!   the control plane saw it, not the output of processes in it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -25,7 +27,7 @@ use wrenn_types::ids::{CapsuleId, TeamId};
 
 use super::{E2bCaller, E2bError, E2bJson, E2bResult};
 use crate::api::capsules::{self, Launch, RESERVED_METADATA};
-use crate::db::{now_ms, CapsuleRow, MetricRow, OnTimeout};
+use crate::db::{now_ms, CapsuleRow, LogLine, MetricRow, OnTimeout};
 use crate::events::Actor;
 use crate::model::{rfc3339, Status};
 use crate::server::Cp;
@@ -759,25 +761,115 @@ pub async fn bulk_metrics(
     Ok(Json(json!({ "sandboxes": out })))
 }
 
-/// `GET /sandboxes/{id}/logs`: wrenn keeps no sandbox logs; the lists are
-/// empty (valid for the SDKs).
+/// Log levels by severity.
+const LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
+
+fn severity(level: &str) -> usize {
+    LEVELS.iter().position(|l| *l == level).unwrap_or(1)
+}
+
+fn query_i64(q: &HashMap<String, String>, k: &str) -> E2bResult<Option<i64>> {
+    q.get(k)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| E2bError::bad_request(format!("{k} must be an integer")))
+        })
+        .transpose()
+}
+
+fn limit_of(q: &HashMap<String, String>) -> E2bResult<usize> {
+    match query_i64(q, "limit")? {
+        None => Ok(1000),
+        Some(l) if (0..=10_000).contains(&l) => Ok(l as usize),
+        Some(_) => Err(E2bError::bad_request("limit must be 0 to 10000")),
+    }
+}
+
+fn entry_json(l: &LogLine) -> Value {
+    json!({"timestamp": rfc3339_ms(l.at_ms), "message": l.message, "level": l.level, "fields": {}})
+}
+
+/// RFC 3339 with milliseconds (log lines are finer than a second).
+fn rfc3339_ms(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| rfc3339(ms))
+}
+
+/// `GET /sandboxes/{id}/logs?start=&limit=`: what happened to the sandbox
+/// (created, paused, resumed, timed out, …), oldest first, from `start`
+/// (Unix ms).
 pub async fn logs_v1(
     State(cp): State<Arc<Cp>>,
     caller: E2bCaller,
     Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> E2bResult<Json<Value>> {
-    find(&cp, &caller, &id).await?;
-    Ok(Json(json!({"logs": [], "logEntries": []})))
+    let (start, limit) = (query_i64(&q, "start")?.unwrap_or(0), limit_of(&q)?);
+    let c = find(&cp, &caller, &id).await?;
+    let lines: Vec<LogLine> = cp
+        .db
+        .logs(&c.id, start)
+        .await?
+        .into_iter()
+        .take(limit)
+        .collect();
+    let logs: Vec<Value> = lines
+        .iter()
+        .map(|l| json!({"timestamp": rfc3339_ms(l.at_ms), "line": l.message}))
+        .collect();
+    let entries: Vec<Value> = lines.iter().map(entry_json).collect();
+    Ok(Json(json!({"logs": logs, "logEntries": entries})))
 }
 
-/// `GET /v2/sandboxes/{id}/logs`
+/// `GET /v2/sandboxes/{id}/logs?cursor=&limit=&direction=&level=&search=`:
+/// `forward` from `cursor` (Unix ms, default the start) or `backward` from
+/// it (default now); `level` is the least severity shown; `search` a
+/// substring of the message.
 pub async fn logs_v2(
     State(cp): State<Arc<Cp>>,
     caller: E2bCaller,
     Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> E2bResult<Json<Value>> {
-    find(&cp, &caller, &id).await?;
-    Ok(Json(json!({"logs": []})))
+    let (cursor, limit) = (query_i64(&q, "cursor")?, limit_of(&q)?);
+    let backward = match q.get("direction").map(String::as_str) {
+        None | Some("") | Some("forward") => false,
+        Some("backward") => true,
+        Some(d) => return Err(E2bError::bad_request(format!("invalid direction {d:?}"))),
+    };
+    let least = match q.get("level").filter(|l| !l.is_empty()) {
+        None => 0,
+        Some(l) if LEVELS.contains(&l.as_str()) => severity(l),
+        Some(l) => return Err(E2bError::bad_request(format!("invalid level {l:?}"))),
+    };
+    let search = q.get("search").filter(|s| !s.is_empty());
+    let c = find(&cp, &caller, &id).await?;
+    let mut lines = cp.db.logs(&c.id, 0).await?;
+    lines.retain(|l| {
+        severity(&l.level) >= least && search.is_none_or(|s| l.message.contains(s.as_str()))
+    });
+    let picked: Vec<Value> = if backward {
+        let until = cursor.unwrap_or(i64::MAX);
+        lines
+            .iter()
+            .rev()
+            .filter(|l| l.at_ms <= until)
+            .take(limit)
+            .map(entry_json)
+            .collect()
+    } else {
+        let from = cursor.unwrap_or(0);
+        lines
+            .iter()
+            .filter(|l| l.at_ms >= from)
+            .take(limit)
+            .map(entry_json)
+            .collect()
+    };
+    Ok(Json(json!({ "logs": picked })))
 }
 
 #[cfg(test)]
