@@ -36,7 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import TEMPLATE, WrennUp, sayer
+from conftest import TEMPLATE, WrennUp
+from wrenn_up import sayer
 from wrenn import Capsule, WrennClient, WrennNotFoundError
 from wrenn.commands import Commands
 from wrenn.files import Files
