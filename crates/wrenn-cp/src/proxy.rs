@@ -51,6 +51,8 @@ pub struct Route {
     /// The capsule's envd access token.
     pub token: String,
     at: Instant,
+    /// Looked up again on next use (the agent refused a dial).
+    stale: bool,
     /// Cancelled on eviction: ends the capsule's tunnels and streams.
     pub stop: CancellationToken,
 }
@@ -110,7 +112,7 @@ impl Refusal {
 pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
     let previous = cp.proxy_routes.map.lock().unwrap().get(id).cloned();
     if let Some(r) = &previous {
-        if r.at.elapsed() < ROUTE_TTL {
+        if !r.stale && r.at.elapsed() < ROUTE_TTL {
             return Ok(r.clone());
         }
     }
@@ -141,6 +143,7 @@ pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
         client,
         token: c.access_token.clone(),
         at: Instant::now(),
+        stale: false,
         // A refreshed route keeps its token: eviction must still reach
         // the streams opened before the refresh.
         stop: previous.map_or_else(|| cp.stop.child_token(), |r| r.stop),
@@ -250,8 +253,11 @@ pub async fn relay_to(
     };
     let resp = relay::forward(&route.client, req, uri, strip).await;
     if resp.status() == StatusCode::BAD_GATEWAY && relay::refusal_kind(&resp).is_some() {
-        // The agent itself may be gone: look the route up again next time.
-        cp.proxy_routes.map.lock().unwrap().remove(id);
+        // The agent itself may be gone: look the route up again next time
+        // (keeping its token, which streams still open were given).
+        if let Some(r) = cp.proxy_routes.map.lock().unwrap().get_mut(id) {
+            r.stale = true;
+        }
     }
     relay::cut_on(resp, route.stop.clone())
 }
