@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +60,40 @@ def batch(which: str, n: int, srv) -> list[float]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def breakdown(srv, n: int) -> dict[str, float]:
+    """Where the wrenn flow's time goes: the server's part (raw `POST
+    /v1/capsules` from `base`, then the first `POST /exec`, one reused httpx
+    client) and the wrenn SDK's client construction (`WrennClient()`)."""
+    import httpx
+
+    create, first = [], []
+    with httpx.Client(base_url=srv.base_url, headers={"X-API-Key": srv.api_key}, timeout=60,
+                      trust_env=False) as h:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = h.post("/v1/capsules", json={"template": "base"})
+            r.raise_for_status()
+            cid = r.json()["id"]
+            t1 = time.perf_counter()
+            r = h.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo hi"]})
+            t2 = time.perf_counter()
+            assert r.json()["stdout"] == "hi\n", r.text
+            h.delete(f"/v1/capsules/{cid}")
+            create.append((t1 - t0) * 1000)
+            first.append((t2 - t1) * 1000)
+    code = ("import json, time\nfrom wrenn import WrennClient\nts = []\n"
+            f"for _ in range({n}):\n    t = time.perf_counter(); WrennClient(); ts.append((time.perf_counter() - t) * 1000)\n"
+            "print(json.dumps(ts))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WRENN_")}
+    env.update(WRENN_API_KEY=srv.api_key, WRENN_BASE_URL=srv.base_url)
+    r = subprocess.run([str(VENVS["wrenn"]), "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise SystemExit(f"WrennClient timing failed: {r.stderr}")
+    client = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"create": statistics.median(create), "first exec": statistics.median(first),
+            "WrennClient()": statistics.median(client)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=50)
@@ -77,6 +112,7 @@ def main() -> None:
             n = min(size, runs - len(times["e2b"]))
             for which in ("e2b", "wrenn"):
                 times[which] += batch(which, n, srv)
+        parts = breakdown(srv, 2 if args.smoke else 15)
     finally:
         up.finish(failed=False)
     p50 = {k: statistics.median(v) for k, v in times.items()}
@@ -85,6 +121,7 @@ def main() -> None:
         sdk = "e2b 2.63.0 Sandbox.create()" if k == "e2b" else "wrenn 0.3.0 Capsule()      "
         print(f"  {sdk}  p50 {p50[k]:7.1f} ms  p90 {pct(v, 90):7.1f} ms  min {min(v):7.1f} ms")
     print(f"  e2b/wrenn p50 ratio {p50['e2b'] / p50['wrenn']:.2f}x")
+    print("  the wrenn flow's parts (p50): " + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
 
 
 if __name__ == "__main__":
