@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -92,14 +93,31 @@ def test_create_ls_exec(cli, capsule: str) -> None:
     assert r.stdout.decode() == "1\n2\n3\n" and time.monotonic() - t0 < 30
 
 
-def test_create_options(cli) -> None:
+def _internet_set(server) -> str:
+    """The addresses the agent's firewall lets out to the internet."""
+    r = subprocess.run(["nft", "list", "set", "inet", server.instance, "internet"],
+                       capture_output=True, text=True, check=True)
+    return r.stdout
+
+
+def _address(cli, cid: str) -> str:
+    out = cli.out("exec", cid, "--", "ip", "-4", "-o", "addr", "show", "eth0")
+    return re.search(r"inet (\d+\.\d+\.\d+\.\d+)", out).group(1)
+
+
+def test_create_options(cli, server) -> None:
     c = json.loads(cli.out("create", "--json", "--template", "busybox", "--cpu", "2", "--memory", "256",
                            "--timeout", "600", "--no-internet"))
+    open_ = cli.out("create", "--template", "busybox").strip()
     try:
         assert (c["template"], c["vcpus"], c["memory_mb"], c["timeout_sec"]) == ("busybox", 2, 256, 600)
         assert cli.out("exec", c["id"], "--", "echo", "busybox") == "busybox\n"
+        # --no-internet reaches the firewall: only the other capsule may go out
+        allowed = _internet_set(server)
+        assert re.search(rf"\b{re.escape(_address(cli, open_))}\b", allowed), allowed
+        assert not re.search(rf"\b{re.escape(_address(cli, c['id']))}\b", allowed), allowed
     finally:
-        cli.run("kill", c["id"])
+        cli.run("kill", c["id"], open_)
 
 
 def test_pause_resume_kill(cli) -> None:

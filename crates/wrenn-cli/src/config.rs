@@ -56,27 +56,32 @@ fn env(name: &str) -> Option<String> {
 
 impl Global {
     pub fn base_url(&self) -> String {
+        self.base_url_from(&saved())
+    }
+
+    fn base_url_from(&self, saved: &Saved) -> String {
         self.base_url
             .clone()
             .or_else(|| env(BASE_URL_ENV))
-            .or_else(|| saved().base_url)
+            .or_else(|| saved.base_url.clone())
             .unwrap_or_else(|| DEFAULT_BASE_URL.to_owned())
     }
 
     /// A client, or an error saying how to give a key.
     pub fn client(&self) -> Result<Client> {
+        let saved = saved();
         let key = self
             .api_key
             .clone()
             .or_else(|| env(API_KEY_ENV))
-            .or_else(|| saved().api_key);
+            .or_else(|| saved.api_key.clone());
         let Some(key) = key else {
             bail!(
                 "no API key: pass --api-key, set {API_KEY_ENV}, or run `wrenn login` \
                  (`wrenn up` writes the admin key to /var/lib/wrenn/admin-api-key)"
             );
         };
-        Ok(Client::new(&self.base_url(), key.trim())?)
+        Ok(Client::new(&self.base_url_from(&saved), key.trim())?)
     }
 }
 

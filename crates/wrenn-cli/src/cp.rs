@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use wrenn_sdk::{Client, Command};
 
 use crate::config::Global;
+use wrenn_cp::build::quote;
 
 const PROGRESS_FROM: u64 = 16 << 20;
 
@@ -33,10 +34,6 @@ pub struct CpArgs {
 fn remote(s: &str) -> Option<(&str, &str)> {
     let (id, path) = s.split_once(':')?;
     (!id.is_empty() && !id.contains('/')).then_some((id, path))
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 fn base_name(p: &str) -> Result<String> {

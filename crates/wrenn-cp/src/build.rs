@@ -74,7 +74,8 @@ impl From<crate::db::DbError> for BuildError {
     }
 }
 
-fn quote(s: &str) -> String {
+/// `s` as one single-quoted `sh` word.
+pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

@@ -79,11 +79,24 @@ impl FromStr for Status {
     }
 }
 
-/// Unix milliseconds as RFC 3339 UTC (`2026-11-30T01:02:03Z`).
+/// Unix milliseconds as RFC 3339 UTC to the second (`2026-11-30T01:02:03Z`).
 pub fn rfc3339(ms: i64) -> String {
+    format_ms(ms, false)
+}
+
+/// The same with milliseconds (`2026-11-30T01:02:03.456Z`), for log lines.
+pub fn rfc3339_millis(ms: i64) -> String {
+    format_ms(ms, true)
+}
+
+fn format_ms(ms: i64, millis: bool) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let t = t.replace_nanosecond(0).unwrap_or(t);
+    let t = if millis {
+        t
+    } else {
+        t.replace_nanosecond(0).unwrap_or(t)
+    };
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
@@ -177,5 +190,9 @@ mod tests {
     fn times_are_rfc3339_utc_with_z() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_796_000_000_123), "2026-11-30T00:53:20Z");
+        assert_eq!(
+            rfc3339_millis(1_796_000_000_123),
+            "2026-11-30T00:53:20.123Z"
+        );
     }
 }

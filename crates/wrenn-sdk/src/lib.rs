@@ -591,18 +591,17 @@ fn capsule_path(id: &str, rest: &str) -> String {
     format!("/v1/capsules/{}{rest}", encode(id))
 }
 
+/// What a path segment keeps unencoded (RFC 3986 unreserved).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// Percent-encode a path segment (IDs and names are plain, but a user may
 /// type anything).
 fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 fn base64_decode(s: &str) -> Option<Vec<u8>> {

@@ -109,11 +109,10 @@ pub async fn route(cp: &Cp, req: Request) -> Routed {
         };
         return Routed::Done(serve(cp, req, &id, port).await);
     }
-    if req.uri().path() == "/files"
-        && signed_query(req.uri().query()).is_some()
-        && !names_a_capsule(&req)
-    {
-        return Routed::Done(signed(cp, req).await);
+    if req.uri().path() == "/files" && !names_a_capsule(&req) {
+        if let Some(sq) = signed_query(req.uri().query()) {
+            return Routed::Done(signed(cp, req, sq).await);
+        }
     }
     Routed::Pass(req)
 }
@@ -179,7 +178,9 @@ fn from_loopback(req: &Request) -> bool {
 
 /// The signed-URL parameters of a `/files` query: (path, signature,
 /// expiration, username).
-fn signed_query(q: Option<&str>) -> Option<(String, String, Option<i64>, String)> {
+type SignedQuery = (String, String, Option<i64>, String);
+
+fn signed_query(q: Option<&str>) -> Option<SignedQuery> {
     let (mut path, mut sig, mut exp, mut user) = (None, None, None, String::new());
     for (k, v) in form_urlencoded::parse(q?.as_bytes()) {
         match &*k {
@@ -194,10 +195,8 @@ fn signed_query(q: Option<&str>) -> Option<(String, String, Option<i64>, String)
 }
 
 /// An unrouted signed `/files` URL: find the sandbox it was signed for.
-async fn signed(cp: &Cp, req: Request) -> Response {
-    let Some((path, sig, exp, user)) = signed_query(req.uri().query()) else {
-        return refusal(StatusCode::UNAUTHORIZED, "missing signature");
-    };
+async fn signed(cp: &Cp, req: Request, sq: SignedQuery) -> Response {
+    let (path, sig, exp, user) = sq;
     let op = if req.method() == Method::POST {
         FileOp::Write
     } else {

@@ -46,7 +46,7 @@ pub struct E2bState {
 pub fn routes() -> Router<Arc<Cp>> {
     use sandboxes as s;
     Router::new()
-        .route("/sandboxes", post(s::create_v1).get(s::list_v1))
+        .route("/sandboxes", post(s::create).get(s::list_v1))
         .route("/sandboxes/metrics", get(s::bulk_metrics))
         .route("/sandboxes/{id}", get(s::detail).delete(s::kill))
         .route("/sandboxes/{id}/timeout", post(s::set_timeout))

@@ -29,7 +29,7 @@ use super::{E2bCaller, E2bError, E2bJson, E2bResult};
 use crate::api::capsules::{self, Launch, RESERVED_METADATA};
 use crate::db::{now_ms, CapsuleRow, LogLine, MetricRow, OnTimeout};
 use crate::events::Actor;
-use crate::model::{rfc3339, Status};
+use crate::model::{rfc3339, rfc3339_millis, Status};
 use crate::server::Cp;
 
 /// `timeout` when a create or connect leaves it out (seconds).
@@ -275,12 +275,15 @@ impl Idempotency {
     }
 }
 
-async fn create_response(
-    cp: &Cp,
-    caller: &E2bCaller,
-    headers: &HeaderMap,
-    body: NewSandbox,
+/// `POST /v2/sandboxes` and `POST /sandboxes` (v1's body adds `secure`,
+/// ignored: every sandbox is secured).
+pub async fn create(
+    State(cp): State<Arc<Cp>>,
+    caller: E2bCaller,
+    headers: HeaderMap,
+    E2bJson(body): E2bJson<NewSandbox>,
 ) -> E2bResult<(StatusCode, Json<Value>)> {
+    let (cp, caller) = (&*cp, &caller);
     let key = headers
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap_or_default());
@@ -303,26 +306,6 @@ async fn create_response(
         }
     };
     Ok((StatusCode::CREATED, Json(sandbox_json(cp, &c))))
-}
-
-/// `POST /v2/sandboxes`
-pub async fn create(
-    State(cp): State<Arc<Cp>>,
-    caller: E2bCaller,
-    headers: HeaderMap,
-    E2bJson(body): E2bJson<NewSandbox>,
-) -> E2bResult<(StatusCode, Json<Value>)> {
-    create_response(&cp, &caller, &headers, body).await
-}
-
-/// `POST /sandboxes` (the v1 create: the same, plus an ignored `secure`)
-pub async fn create_v1(
-    State(cp): State<Arc<Cp>>,
-    caller: E2bCaller,
-    headers: HeaderMap,
-    E2bJson(body): E2bJson<NewSandbox>,
-) -> E2bResult<(StatusCode, Json<Value>)> {
-    create_response(&cp, &caller, &headers, body).await
 }
 
 // ---- list -------------------------------------------------------------
@@ -711,17 +694,11 @@ pub async fn metrics(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> E2bResult<Json<Vec<Value>>> {
-    let bound = |k: &str| -> E2bResult<Option<i64>> {
-        q.get(k)
-            .filter(|v| !v.is_empty())
-            .map(|v| {
-                v.parse::<i64>()
-                    .map(|s| s * 1000)
-                    .map_err(|_| E2bError::bad_request(format!("{k} must be Unix seconds")))
-            })
-            .transpose()
-    };
-    let (start, end) = (bound("start")?, bound("end")?);
+    // Unix seconds
+    let (start, end) = (
+        query_i64(&q, "start")?.map(|s| s * 1000),
+        query_i64(&q, "end")?.map(|s| s * 1000),
+    );
     let c = find(&cp, &caller, &id).await?;
     let pts = samples(&cp, &c).await?;
     Ok(Json(
@@ -787,15 +764,7 @@ fn limit_of(q: &HashMap<String, String>) -> E2bResult<usize> {
 }
 
 fn entry_json(l: &LogLine) -> Value {
-    json!({"timestamp": rfc3339_ms(l.at_ms), "message": l.message, "level": l.level, "fields": {}})
-}
-
-/// RFC 3339 with milliseconds (log lines are finer than a second).
-fn rfc3339_ms(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| rfc3339(ms))
+    json!({"timestamp": rfc3339_millis(l.at_ms), "message": l.message, "level": l.level, "fields": {}})
 }
 
 /// `GET /sandboxes/{id}/logs?start=&limit=`: what happened to the sandbox
@@ -818,7 +787,7 @@ pub async fn logs_v1(
         .collect();
     let logs: Vec<Value> = lines
         .iter()
-        .map(|l| json!({"timestamp": rfc3339_ms(l.at_ms), "line": l.message}))
+        .map(|l| json!({"timestamp": rfc3339_millis(l.at_ms), "line": l.message}))
         .collect();
     let entries: Vec<Value> = lines.iter().map(entry_json).collect();
     Ok(Json(json!({"logs": logs, "logEntries": entries})))
