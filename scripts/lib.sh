@@ -67,3 +67,8 @@ stop_postgres() {
   rm -rf "$PG_DIR"
   PG_DIR=""
 }
+
+# What the build left on disk, for CI logs (a full disk failed a CI run).
+disk_report() {
+  echo "==> disk: target $(du -sh target 2>/dev/null | cut -f1); $(df -h --output=avail . | tail -n 1 | tr -d ' ') free"
+}

@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 export CARGO_TERM_COLOR=never
+# A fresh clone gains nothing from incremental caches but their disk space.
+[ "${CI:-}" = true ] && export CARGO_INCREMENTAL=0
 
 install_packages
 start_postgres
@@ -31,6 +33,7 @@ fi
 echo "==> cargo test"
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
+disk_report
 
 echo "==> e2b SDK against envd"
 venv=target/sdk-venv
@@ -61,6 +64,17 @@ venv=target/e2b-venv
 env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2b_cp
 
+echo "==> benchmark (smoke): the SDKs' first command"
+ENVD_BIN="$ENVD_STATIC_BIN" target/e2b-venv/bin/python bench/sdk_first_command.py --smoke
+
+disk_report
+if [ "${CI:-}" = true ]; then
+  # Nothing below uses the debug build; a CI disk is not big enough for it,
+  # the fuzz builds and the release build at once.
+  echo "==> CI: removing the debug build"
+  cargo clean -q --profile dev
+fi
+
 echo "==> fuzz targets (build + short run)"
 scripts/fuzz.sh smoke
 
@@ -68,6 +82,6 @@ echo "==> benchmarks (smoke)"
 cargo run --release -q -p wrenn-bench -- all --smoke --envd "$ENVD_STATIC_BIN"
 cargo bench -q -p wrenn-agent --bench capsules -- --smoke
 cargo bench -q -p wrenn-cli --bench api -- --smoke
-ENVD_BIN="$ENVD_STATIC_BIN" target/e2b-venv/bin/python bench/sdk_first_command.py --smoke
+disk_report
 
 echo "==> all tests passed"
