@@ -20,6 +20,9 @@ install_packages() {
     python3                         # a stand-in "internet" server in tests
     postgresql                      # the control plane's second database
     nginx-light wrk                 # the proxy benchmark's baseline and load generator
+    qemu-system-x86 qemu-utils      # VM capsules (QEMU microvm; qcow2 overlays)
+    e2fsprogs                       # mkfs.ext4 -d: VM capsules' root disks
+    kmod                            # depmod: the guest kernel's modules.dep
   )
   local missing=()
   for p in "${pkgs[@]}"; do
@@ -39,6 +42,24 @@ build_static_envd() {
   RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release -p envd --target x86_64-unknown-linux-gnu
   echo "$PWD/target/x86_64-unknown-linux-gnu/release/envd"
+}
+
+# Debian's cloud kernel, unpacked (not installed) into $1, for VM capsules:
+# what the agent would download on its first VM capsule, fetched once here
+# so that every test shares it.
+fetch_guest_kernel() {
+  local dir=$1
+  if ls "$dir"/boot/vmlinuz-* >/dev/null 2>&1; then return 0; fi
+  local pkg tmp
+  pkg=$(apt-cache depends --no-recommends --no-suggests linux-image-cloud-amd64 |
+        sed -n 's/^ *Depends: \(linux-image-.*\)$/\1/p' | head -n 1)
+  tmp=$(mktemp -d "$(dirname "$dir")/.kernel-XXXXXX")
+  (cd "$tmp" && apt-get download -q "$pkg" >/dev/null)
+  dpkg-deb -x "$tmp"/*.deb "$tmp/root"
+  # (the package's postinst would make modules.dep; unpacked, we do)
+  depmod -b "$tmp/root" "$(ls "$tmp/root/lib/modules")"
+  mv "$tmp/root" "$dir"
+  rm -rf "$tmp"
 }
 
 # A private PostgreSQL cluster for the tests: Debian's server binaries,

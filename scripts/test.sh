@@ -30,6 +30,12 @@ if ldd "$ENVD_STATIC_BIN" 2>&1 | grep -q '=>'; then
   echo "envd is not static:"; ldd "$ENVD_STATIC_BIN"; exit 1
 fi
 
+echo "==> guest kernel for VM capsules"
+mkdir -p target/wrenn-fixtures
+fetch_guest_kernel "$PWD/target/wrenn-fixtures/vm-kernel"
+export WRENN_VM_KERNEL="$PWD/target/wrenn-fixtures/vm-kernel"
+ls "$WRENN_VM_KERNEL"/boot/
+
 echo "==> cargo test"
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast

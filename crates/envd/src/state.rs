@@ -183,6 +183,9 @@ impl Envd {
                 return Ok(false);
             }
             *last = Some(ts);
+            if !self.config.dev {
+                catch_up_clock(ts);
+            }
         }
         for (suffix, value) in &metadata {
             self.write_run_file(&format!(".WRENN_{suffix}"), value)?;
@@ -290,6 +293,30 @@ fn env_suffix(key: &str) -> Option<String> {
         out.push(c.to_ascii_uppercase());
     }
     Some(out)
+}
+
+/// Move the system clock forward to `ts` (unix seconds) when it is behind
+/// by more than a second: a microVM restored from a snapshot wakes up with
+/// the time it was paused at. Never moves the clock back. Where the capsule
+/// may not set the clock (an OCI capsule shares the host's), nothing happens.
+fn catch_up_clock(ts: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if ts <= now + 1 {
+        return;
+    }
+    let t = libc::timespec {
+        tv_sec: ts as libc::time_t,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec; the call has no other preconditions.
+    let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &t) };
+    if rc == 0 {
+        tracing::info!(behind_s = ts - now, "clock moved forward by /init");
+    } else {
+        tracing::debug!(err = %std::io::Error::last_os_error(), "cannot set the clock");
+    }
 }
 
 /// Unix seconds, or RFC 3339.

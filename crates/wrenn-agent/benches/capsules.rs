@@ -15,6 +15,10 @@
 //! - `idle`: memory per idle capsule (what its cgroup is charged: envd and
 //!   the kernel objects it owns; the agent's RSS; the host's
 //!   MemAvailable), and how many idle capsules would fit.
+//! - `vm`: VM capsules (QEMU microvm; TCG where KVM cannot run guests) next
+//!   to OCI ones, interleaved: create → first exec, pause, resume, and
+//!   memory per idle capsule. Runs when QEMU is installed; the guest
+//!   kernel comes from `WRENN_VM_KERNEL` (else it is downloaded).
 //!
 //! Root only. `cargo bench -p wrenn-agent --bench capsules [-- --smoke]`;
 //! the static envd comes from `ENVD_STATIC_BIN` (scripts/lib.sh builds it).
@@ -35,6 +39,7 @@ struct Opts {
     concurrent: usize,
     idle: usize,
     pauses: usize,
+    vm_iterations: usize,
 }
 
 fn opts() -> Opts {
@@ -52,6 +57,7 @@ fn opts() -> Opts {
         concurrent: num("--concurrent", 50, 3),
         idle: num("--idle", 20, 2),
         pauses: num("--pauses", 30, 2),
+        vm_iterations: num("--vm-iterations", 5, 1),
     }
 }
 
@@ -200,6 +206,9 @@ fn main() -> Result<()> {
         .prefix("wrenn-bench")
         .tempdir_in("/var/tmp")?;
     let mut cfg = AgentConfig::new(data.path().to_owned(), envd).with_instance("wbench");
+    if let Some(k) = std::env::var_os("WRENN_VM_KERNEL") {
+        cfg.vm.kernel_dir = k.into();
+    }
     cfg.network.pool = "10.233.0.0/16".parse().expect("valid");
     cfg.net_pool = 1;
     cfg.warm_pools = vec![WarmPool {
@@ -353,6 +362,12 @@ fn main() -> Result<()> {
             agent.destroy(id).await?;
         }
 
+        if wrenn_agent::cmd::on_path(&cfg.vm.qemu) {
+            json.push(vm_vs_oci(&agent, &o).await?);
+        } else {
+            println!("vm: skipped ({} is not installed)", cfg.vm.qemu);
+        }
+
         json.push(serde_json::json!({
             "bench": "capsules",
             "raw_runc_p50_ms": ms(pct(&raw, 0.5)),
@@ -385,4 +400,102 @@ async fn fill_one(agent: &Arc<Agent>) -> Result<()> {
         .fill_warm_pools_to(&"busybox".parse().expect("valid"), 1)
         .await;
     Ok(())
+}
+
+/// VM capsules next to OCI ones in the same run, interleaved.
+async fn vm_vs_oci(agent: &Arc<Agent>, o: &Opts) -> Result<serde_json::Value> {
+    use wrenn_agent::template::Engine;
+    let engines = [Engine::Oci, Engine::Vm];
+    let make = |e: Engine| {
+        let mut r = request("busybox");
+        r.memory_mb = 256;
+        r.engine = Some(e);
+        r
+    };
+    // One VM untimed first: the kernel, initramfs and template disk are
+    // built on first use.
+    let warmup = make(Engine::Vm);
+    let id = warmup.id.clone();
+    let vmm = agent.create(warmup).await?.runtime;
+    agent.destroy(&id).await?;
+    let mut first = [Vec::new(), Vec::new()];
+    let mut pause = [Vec::new(), Vec::new()];
+    let mut resume = [Vec::new(), Vec::new()];
+    for _ in 0..o.vm_iterations {
+        for (i, e) in engines.iter().enumerate() {
+            agent.fill_net_pool().await;
+            let req = make(*e);
+            let id = req.id.clone();
+            let t = Instant::now();
+            agent.create(req).await?;
+            first_exec(agent, &id).await?;
+            first[i].push(t.elapsed());
+            let t = Instant::now();
+            agent.pause(&id).await?;
+            pause[i].push(t.elapsed());
+            let t = Instant::now();
+            agent.resume(&id).await?;
+            first_exec(agent, &id).await?;
+            resume[i].push(t.elapsed());
+            agent.destroy(&id).await?;
+        }
+    }
+    // idle memory: two of each, settled
+    let mut idle_host_kib = [0u64; 2];
+    let mut idle_cgroup_kib = [0u64; 2];
+    let n = 2u64;
+    for (i, e) in engines.iter().enumerate() {
+        let before = mem_available_kb();
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let req = make(*e);
+            ids.push(req.id.clone());
+            agent.create(req).await?;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut charged = 0;
+        for id in &ids {
+            charged += agent.metrics(id).await?.usage.memory_bytes;
+        }
+        idle_host_kib[i] = before.saturating_sub(mem_available_kb()) / n;
+        idle_cgroup_kib[i] = charged / 1024 / n;
+        for id in &ids {
+            agent.destroy(id).await?;
+        }
+    }
+    println!("vm ({vmm}) vs oci (runc), 256 MiB capsules, interleaved:");
+    line("  oci create → first exec", &first[0]);
+    line("  vm  create → first exec", &first[1]);
+    line("  oci pause", &pause[0]);
+    line("  vm  pause (memory → file)", &pause[1]);
+    line("  oci resume → exec", &resume[0]);
+    line("  vm  resume (file → VMM) → exec", &resume[1]);
+    let r = |v: &[Vec<Duration>; 2]| ms(pct(&v[1], 0.5)) / ms(pct(&v[0], 0.5));
+    println!(
+        "  vm / oci p50: create {:.1}×, pause {:.1}×, resume {:.1}×",
+        r(&first),
+        r(&pause),
+        r(&resume)
+    );
+    println!(
+        "  idle memory per capsule: oci cgroup {} KiB / host {} KiB; vm cgroup {} KiB / host {} KiB",
+        idle_cgroup_kib[0], idle_host_kib[0], idle_cgroup_kib[1], idle_host_kib[1]
+    );
+    Ok(serde_json::json!({
+        "bench": "vm_vs_oci",
+        "vmm": vmm,
+        "oci_first_exec_p50_ms": ms(pct(&first[0], 0.5)),
+        "vm_first_exec_p50_ms": ms(pct(&first[1], 0.5)),
+        "oci_pause_p50_ms": ms(pct(&pause[0], 0.5)),
+        "vm_pause_p50_ms": ms(pct(&pause[1], 0.5)),
+        "oci_resume_p50_ms": ms(pct(&resume[0], 0.5)),
+        "vm_resume_p50_ms": ms(pct(&resume[1], 0.5)),
+        "vm_over_oci_create": r(&first),
+        "vm_over_oci_pause": r(&pause),
+        "vm_over_oci_resume": r(&resume),
+        "oci_idle_cgroup_kib": idle_cgroup_kib[0],
+        "vm_idle_cgroup_kib": idle_cgroup_kib[1],
+        "oci_idle_host_kib": idle_host_kib[0],
+        "vm_idle_host_kib": idle_host_kib[1],
+    }))
 }

@@ -32,9 +32,11 @@ use crate::network::{self, Firewall, Pool, Slot};
 use crate::record::{CapsuleDir, CapsuleRecord, OnTimeout, Undo, RECORD_FILE};
 use crate::rootfs::{self, Overlay};
 use crate::runtime::spec::{self, BundleParams};
+use crate::runtime::vm::firecracker::{FirecrackerRuntime, TxLimit};
+use crate::runtime::vm::{self, image::GuestKernel, QemuRuntime, VmSpec};
 use crate::runtime::{criu_works, ContainerStatus, OciRuntime, Runtime};
 use crate::state::{transition, CapsuleState, Op};
-use crate::template::{self, RuntimeChoice, TemplateMeta, TemplateStore};
+use crate::template::{self, Engine, RuntimeChoice, TemplateMeta, TemplateStore};
 
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const HOSTNAME: &str = "capsule";
@@ -66,6 +68,8 @@ pub struct CreateRequest {
     pub metadata: BTreeMap<String, String>,
     pub access_token: Option<String>,
     pub pids_limit: Option<i64>,
+    /// The template's engine unless set.
+    pub engine: Option<Engine>,
 }
 
 impl CreateRequest {
@@ -84,6 +88,7 @@ impl CreateRequest {
             metadata: BTreeMap::new(),
             access_token: None,
             pids_limit: None,
+            engine: None,
         }
     }
 }
@@ -102,6 +107,7 @@ pub struct CapsuleInfo {
     pub internet: bool,
     pub ip: Option<Ipv4Addr>,
     pub runtime: String,
+    pub engine: Engine,
     pub created_at: u64,
     pub last_active_at: u64,
     pub metadata: BTreeMap<String, String>,
@@ -199,6 +205,19 @@ pub struct Agent {
     ready_net: Mutex<Vec<u32>>,
     /// Poked when a warm capsule or a ready slot is taken.
     pools_wanted: tokio::sync::Notify,
+    /// The microVM engine, prepared on first use (kernel, initramfs).
+    vm: Mutex<Option<Arc<VmEngine>>>,
+    /// The VMM driver (QEMU, or Firecracker where configured).
+    vmm: Mutex<Option<Arc<dyn Runtime>>>,
+    /// Serialises the builds of templates' VM disks.
+    vm_disks: Mutex<()>,
+}
+
+/// What every VM capsule of this agent boots with.
+#[derive(Debug)]
+struct VmEngine {
+    kernel: GuestKernel,
+    initrd: PathBuf,
 }
 
 /// Called with the ID of every capsule destroyed (cache eviction).
@@ -260,6 +279,9 @@ impl Agent {
             warm: Mutex::new(HashMap::new()),
             ready_net: Mutex::new(Vec::new()),
             pools_wanted: tokio::sync::Notify::new(),
+            vm: Mutex::new(None),
+            vmm: Mutex::new(None),
+            vm_disks: Mutex::new(()),
             cfg,
         });
         // Fail fast when the default runtime is not installed.
@@ -299,6 +321,115 @@ impl Agent {
         self.criu
     }
 
+    /// The runtime of a capsule with this engine and OCI runtime choice.
+    fn runtime_of(
+        &self,
+        engine: Engine,
+        choice: &RuntimeChoice,
+    ) -> Result<Arc<dyn Runtime>, AgentError> {
+        match engine {
+            Engine::Oci => self.runtime_for(choice),
+            Engine::Vm => Ok(self.vm_runtime()?),
+        }
+    }
+
+    /// The VMM driver (no kernel needed: enough to adopt and tear down).
+    fn vm_runtime(&self) -> Result<Arc<dyn Runtime>, AgentError> {
+        let mut slot = self.vmm.lock().unwrap();
+        if let Some(rt) = &*slot {
+            return Ok(rt.clone());
+        }
+        let rt: Arc<dyn Runtime> = match &self.cfg.vm.firecracker {
+            Some(fc) => {
+                if !crate::cmd::on_path(&fc.binary) {
+                    return Err(crate::runtime::RuntimeError::Missing {
+                        binary: fc.binary.clone(),
+                    }
+                    .into());
+                }
+                Arc::new(FirecrackerRuntime::new(
+                    &fc.binary,
+                    &fc.vmlinux,
+                    &self.cfg.state_root,
+                    TxLimit {
+                        rate: self.cfg.network.egress_rate,
+                        burst: self.cfg.network.egress_burst,
+                    },
+                ))
+            }
+            None => {
+                let rt = QemuRuntime::new(
+                    &self.cfg.vm.qemu,
+                    vm::Accel::detect(),
+                    &self.cfg.state_root,
+                    self.cgroups.clone(),
+                );
+                if !rt.installed() {
+                    return Err(crate::runtime::RuntimeError::Missing {
+                        binary: self.cfg.vm.qemu.clone(),
+                    }
+                    .into());
+                }
+                Arc::new(rt)
+            }
+        };
+        *slot = Some(rt.clone());
+        Ok(rt)
+    }
+
+    /// The VM engine, preparing it the first time: the guest kernel
+    /// (downloaded when the configured directory has none) and the
+    /// initramfs (rebuilt when envd changes).
+    fn vm_engine(&self) -> Result<Arc<VmEngine>, AgentError> {
+        let mut slot = self.vm.lock().unwrap();
+        if let Some(vm) = &*slot {
+            return Ok(vm.clone());
+        }
+        let dir = &self.cfg.vm.kernel_dir;
+        let kernel = match GuestKernel::find(dir) {
+            Ok(k) => k,
+            Err(_) => {
+                tracing::info!(dir = %dir.display(), "downloading Debian's cloud kernel for VM capsules");
+                GuestKernel::fetch_debian(dir)?
+            }
+        };
+        let envd_id = std::fs::metadata(&self.cfg.envd_bin)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                format!("{:x}-{:x}", m.size(), m.mtime())
+            })
+            .map_err(AgentError::io("read", &self.cfg.envd_bin))?;
+        let initrd = self
+            .cfg
+            .data_dir
+            .join("vm")
+            .join(format!("initramfs-{}-{envd_id}.cpio", kernel.release));
+        if !initrd.is_file() {
+            vm::image::build_initramfs(
+                &kernel,
+                &self.cfg.envd_bin,
+                &self.cfg.busybox_bin,
+                &initrd,
+            )?;
+        }
+        let vm = Arc::new(VmEngine { kernel, initrd });
+        *slot = Some(vm.clone());
+        Ok(vm)
+    }
+
+    /// The ext4 image of `meta`'s rootfs, built on first use.
+    fn vm_disk(&self, meta: &TemplateMeta) -> Result<PathBuf, AgentError> {
+        let disk = self.templates.dir_of(&meta.name).join("vm-root.ext4");
+        let _one_at_a_time = self.vm_disks.lock().unwrap();
+        if !disk.is_file() {
+            let layers = self.templates.lower_dirs(meta)?;
+            let t0 = std::time::Instant::now();
+            vm::image::build_root_disk(&layers, &disk, self.cfg.vm.disk_mb)?;
+            tracing::info!(template = %meta.name, ms = t0.elapsed().as_millis() as u64, "built the template's VM disk");
+        }
+        Ok(disk)
+    }
+
     fn runtime_for(&self, choice: &RuntimeChoice) -> Result<Arc<dyn Runtime>, AgentError> {
         let mut map = self.runtimes.lock().unwrap();
         if let Some(rt) = map.get(choice) {
@@ -336,6 +467,7 @@ impl Agent {
         let mut metadata = r.metadata.clone();
         metadata.insert("agent_version".into(), env!("CARGO_PKG_VERSION").into());
         metadata.insert("runtime".into(), c.runtime.name().into());
+        metadata.insert("engine".into(), r.engine.to_string());
         CapsuleInfo {
             id: r.id.clone(),
             template: r.template.clone(),
@@ -348,6 +480,7 @@ impl Agent {
             internet: r.internet,
             ip: r.slot.as_ref().map(|s| s.capsule_ip),
             runtime: c.runtime.name().to_owned(),
+            engine: r.engine,
             created_at: r.created_at,
             last_active_at: r.last_active_at,
             metadata,
@@ -410,7 +543,8 @@ impl Agent {
             .runtime
             .clone()
             .unwrap_or_else(|| self.cfg.runtime.clone());
-        let runtime = self.runtime_for(&choice)?;
+        let engine = req.engine.unwrap_or(meta.engine);
+        let runtime = self.runtime_of(engine, &choice)?;
         let mut rec = CapsuleRecord {
             id: req.id.clone(),
             container: container.clone(),
@@ -430,6 +564,7 @@ impl Agent {
             metadata: BTreeMap::new(),
             access_token: None,
             runtime: choice,
+            engine,
             start_cmd: meta.start_cmd.clone(),
             ready_cmd: meta.ready_cmd.clone(),
             slot: None,
@@ -481,7 +616,8 @@ impl Agent {
             .warm_pools
             .iter()
             .find(|w| w.template == req.template)?;
-        let shape_fits = req.vcpus == spec.vcpus
+        let shape_fits = req.engine.is_none()
+            && req.vcpus == spec.vcpus
             && req.memory_mb == spec.memory_mb
             && req.pids_limit.is_none_or(|p| p == self.cfg.default_pids);
         if !shape_fits {
@@ -742,6 +878,9 @@ impl Agent {
         }
         let t_net = t0.elapsed();
 
+        if c.record().engine == Engine::Vm {
+            return self.setup_vm(c, meta, &slot, t0);
+        }
         self.write_etc(c, &slot)?;
         let lowers = self.templates.lower_dirs(meta)?;
         c.push_undo(Undo::UnmountRootfs)?;
@@ -756,6 +895,73 @@ impl Agent {
             rootfs_ms = (t_fs - t_net).as_millis() as u64,
             container_ms = (t0.elapsed() - t_fs).as_millis() as u64,
             "capsule set up"
+        );
+        Ok(())
+    }
+
+    /// The VM half of [`Agent::setup`], after the network: a TAP for the
+    /// VMM, the template's disk and the capsule's overlay, the VMM.
+    fn setup_vm(
+        &self,
+        c: &Capsule,
+        meta: &TemplateMeta,
+        slot: &Slot,
+        t0: std::time::Instant,
+    ) -> Result<(), AgentError> {
+        let engine = self.vm_engine()?;
+        network::attach_tap(slot)?;
+        let t_net = t0.elapsed();
+        let base = self.vm_disk(meta)?;
+        let bundle = c.dir.bundle();
+        std::fs::create_dir_all(&bundle).map_err(AgentError::io("create", &bundle))?;
+        let disk = if self.cfg.vm.firecracker.is_some() {
+            // Firecracker takes raw disks: it copies the image itself.
+            base
+        } else {
+            let disk = bundle.join("disk.qcow2");
+            vm::image::create_overlay(&base, &disk)?;
+            disk
+        };
+        let r = c.record();
+        let tsc_khz = match vm::Accel::detect() {
+            vm::Accel::Tcg => vm::image::host_tsc_khz(),
+            vm::Accel::Kvm => None,
+        };
+        let cmdline = vm::image::cmdline(&vm::image::BootParams {
+            tsc_khz,
+            capsule_id: r.id.as_str(),
+            template: r.template.as_str(),
+            ip: slot.capsule_ip,
+            prefix: 30,
+            gateway: slot.host_ip,
+            nameservers: &self.cfg.network.nameservers,
+            hostname: HOSTNAME,
+            default_user: r.default_user.as_deref(),
+            start_cmd: r.start_cmd.as_deref(),
+        })?;
+        VmSpec {
+            kernel: engine.kernel.vmlinuz.clone(),
+            initrd: engine.initrd.clone(),
+            disk,
+            netns: slot.netns_path(),
+            tap: network::VM_TAP.into(),
+            mac: vm::mac_for(slot.capsule_ip),
+            vcpus: r.vcpus,
+            memory_mb: r.memory_mb,
+            cmdline,
+            cgroup: self.cgroup_path(&c.container),
+            console: c.dir.log(),
+        }
+        .save(&bundle)?;
+        let t_fs = t0.elapsed();
+        c.push_undo(Undo::DeleteContainer)?;
+        c.runtime.run(&c.container, &bundle, &c.dir.log())?;
+        tracing::debug!(
+            capsule_id = %c.id,
+            network_ms = t_net.as_millis() as u64,
+            disk_ms = (t_fs - t_net).as_millis() as u64,
+            vmm_ms = (t0.elapsed() - t_fs).as_millis() as u64,
+            "VM capsule set up"
         );
         Ok(())
     }
@@ -846,7 +1052,11 @@ impl Agent {
     async fn start_envd(&self, c: &Capsule) -> Result<(), AgentError> {
         let envd = c.envd();
         let t0 = std::time::Instant::now();
-        envd.wait_healthy(self.cfg.envd_ready_timeout)
+        let boot_timeout = match c.record().engine {
+            Engine::Oci => self.cfg.envd_ready_timeout,
+            Engine::Vm => self.cfg.vm.boot_timeout,
+        };
+        envd.wait_healthy(boot_timeout)
             .await
             .map_err(|source| AgentError::Envd {
                 id: c.id.clone(),
@@ -886,6 +1096,34 @@ impl Agent {
             self.wait_ready(c, &envd, cmd).await?;
         }
         Ok(())
+    }
+
+    /// After a VM comes back from a snapshot: `/init` again, so the guest's
+    /// clock catches up and its metadata is this capsule's.
+    async fn refresh_envd(&self, c: &Capsule) -> Result<(), AgentError> {
+        let r = c.record();
+        let mut metadata = r.metadata.clone();
+        metadata.retain(|k, _| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        metadata.insert("sandboxId".into(), r.id.to_string());
+        metadata.insert("templateId".into(), r.template.to_string());
+        let body = InitRequest {
+            access_token: r.access_token.clone(),
+            env_vars: None,
+            default_user: None,
+            default_workdir: None,
+            metadata: Some(metadata),
+            timestamp: Some((now_ms() / 1000).to_string()),
+        };
+        c.envd()
+            .init(body)
+            .await
+            .map_err(|source| AgentError::Envd {
+                id: c.id.clone(),
+                what: "refused /init after a restore",
+                source: Box::new(source),
+            })
     }
 
     /// Run the template's ready command until it exits 0.
@@ -948,7 +1186,7 @@ impl Agent {
         match step {
             Undo::DeleteContainer => {
                 if let Ok(Some(s)) = c.runtime.state(&c.container) {
-                    if s.status == ContainerStatus::Paused {
+                    if s.status == ContainerStatus::Paused && c.runtime.freezes_in_place() {
                         // Frozen processes cannot die: thaw, then kill.
                         let _ = c.runtime.resume(&c.container);
                     }
@@ -1062,6 +1300,12 @@ impl Agent {
 
     /// Freeze `c`; the caller holds its lock and checked the transition.
     async fn pause_locked(&self, c: &Arc<Capsule>) -> Result<CapsuleInfo, AgentError> {
+        if c.record().engine == Engine::Vm {
+            // The VM's memory goes to a file: let envd settle first.
+            if let Err(e) = c.envd().prepare_snapshot().await {
+                tracing::debug!(capsule_id = %c.id, error = %e, "envd did not prepare for the snapshot");
+            }
+        }
         let rt = c.clone();
         blocking(move || rt.runtime.pause(&rt.container)).await?;
         c.update(|r| r.state = CapsuleState::Paused)?;
@@ -1073,6 +1317,9 @@ impl Agent {
         if from == CapsuleState::Paused {
             let rt = c.clone();
             blocking(move || rt.runtime.resume(&rt.container)).await?;
+            if c.record().engine == Engine::Vm {
+                self.refresh_envd(&c).await?;
+            }
         } else {
             // From hibernation: restore the checkpoint, or boot afresh.
             let (agent, cap) = (self.clone(), c.clone());
@@ -1095,6 +1342,8 @@ impl Agent {
             .await?;
             if !kept {
                 self.start_envd(&c).await?;
+            } else if c.record().engine == Engine::Vm {
+                self.refresh_envd(&c).await?;
             }
         }
         c.update(|r| {
@@ -1226,10 +1475,13 @@ impl Agent {
         let cg = self.cgroups.clone();
         let path = self.cgroup_path(&c.container);
         let upper = c.dir.upper();
+        let vm_disk = c.dir.bundle().join("disk.qcow2");
         let (usage, disk) = blocking(move || {
+            use std::os::unix::fs::MetadataExt;
+            let vm = std::fs::metadata(&vm_disk).map_or(0, |m| m.blocks() * 512);
             (
                 cg.usage(&path).unwrap_or_default(),
-                template::dir_size(&upper),
+                template::dir_size(&upper) + vm,
             )
         })
         .await;
@@ -1290,6 +1542,11 @@ impl Agent {
         overrides: SnapshotOverrides,
     ) -> Result<TemplateMeta, AgentError> {
         let (c, _g, from) = self.begin(id, Op::Snapshot).await?;
+        if c.record().engine == Engine::Vm {
+            return Err(AgentError::Invalid(
+                "snapshots of vm capsules are not supported yet: their filesystem is a disk image, not a layer".into(),
+            ));
+        }
         let base = self.templates.get(&c.record().template)?;
         let store = self.templates.clone();
         let cap = c.clone();
@@ -1331,6 +1588,7 @@ impl Agent {
                 ready_cmd: overrides.ready_cmd.or_else(|| r.ready_cmd.clone()),
                 env,
                 runtime: base.runtime.clone(),
+                engine: base.engine,
                 allow_setuid: base.allow_setuid,
                 created_at: template::now_secs(),
                 size_bytes: 0,
@@ -1450,7 +1708,7 @@ impl Agent {
             }
         }
         for mut rec in adopted {
-            let runtime = match self.runtime_for(&rec.runtime) {
+            let runtime = match self.runtime_of(rec.engine, &rec.runtime) {
                 Ok(rt) => rt,
                 Err(e) => {
                     rec.error = Some(format!("cannot adopt: {e}"));

@@ -41,6 +41,14 @@ pub struct Usage {
     pub oom_kills: u64,
 }
 
+/// What [`Cgroups::create`] limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupLimits {
+    pub memory_bytes: u64,
+    pub cpus: u32,
+    pub pids: u64,
+}
+
 /// Where a capsule's cgroups live.
 #[derive(Debug, Clone)]
 pub struct Cgroups {
@@ -94,6 +102,82 @@ impl Cgroups {
                 }
             }
         }
+    }
+
+    /// Hierarchies (v1) a VMM's cgroup is made in.
+    const V1_CONTROLLERS: [&'static str; 4] = ["memory", "cpu", "cpuacct", "pids"];
+
+    /// Make the cgroup `path` with `limits`, for a process the agent starts
+    /// itself (a VMM; OCI runtimes make their containers' cgroups).
+    pub fn create(&self, path: &str, limits: &CgroupLimits) -> std::io::Result<()> {
+        let quota = u64::from(limits.cpus) * 100_000;
+        let files: Vec<(&str, &str, String)> = match self.mode {
+            CgroupMode::V2 => {
+                // Each ancestor must hand the controllers down.
+                let mut dir = self.root.clone();
+                for part in path.trim_start_matches('/').split('/') {
+                    let _ =
+                        std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids");
+                    dir.push(part);
+                    std::fs::create_dir_all(&dir)?;
+                }
+                vec![
+                    ("", "memory.max", limits.memory_bytes.to_string()),
+                    ("", "cpu.max", format!("{quota} 100000")),
+                    ("", "pids.max", limits.pids.to_string()),
+                ]
+            }
+            CgroupMode::V1 | CgroupMode::Hybrid => {
+                for c in Self::V1_CONTROLLERS {
+                    std::fs::create_dir_all(self.dir(c, path))?;
+                }
+                vec![
+                    (
+                        "memory",
+                        "memory.limit_in_bytes",
+                        limits.memory_bytes.to_string(),
+                    ),
+                    ("cpu", "cpu.cfs_period_us", "100000".into()),
+                    ("cpu", "cpu.cfs_quota_us", quota.to_string()),
+                    ("pids", "pids.max", limits.pids.to_string()),
+                ]
+            }
+        };
+        for (c, f, v) in files {
+            std::fs::write(self.dir(c, path).join(f), v)?;
+        }
+        Ok(())
+    }
+
+    /// Move `pid` (and its threads) into the cgroup `path`.
+    pub fn add_process(&self, path: &str, pid: i32) -> std::io::Result<()> {
+        let controllers: &[&str] = match self.mode {
+            CgroupMode::V2 => &[""],
+            CgroupMode::V1 | CgroupMode::Hybrid => &Self::V1_CONTROLLERS,
+        };
+        for c in controllers {
+            std::fs::write(self.dir(c, path).join("cgroup.procs"), pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Remove the (empty) cgroup `path` made by [`Cgroups::create`]; fine
+    /// if it is already gone.
+    pub fn remove(&self, path: &str) -> std::io::Result<()> {
+        let dirs: Vec<PathBuf> = match self.mode {
+            CgroupMode::V2 => vec![self.dir("", path)],
+            CgroupMode::V1 | CgroupMode::Hybrid => Self::V1_CONTROLLERS
+                .iter()
+                .map(|c| self.dir(c, path))
+                .collect(),
+        };
+        for d in dirs {
+            match std::fs::remove_dir(&d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     pub fn usage(&self, path: &str) -> std::io::Result<Usage> {

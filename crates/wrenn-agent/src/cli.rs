@@ -41,6 +41,21 @@ pub struct AgentArgs {
     /// Network slots kept set up ahead of creates.
     #[arg(long, default_value_t = 4)]
     pub net_pool: usize,
+    /// An unpacked guest kernel package for VM capsules (`boot/vmlinuz-*`,
+    /// `lib/modules/*`) [default: <data-dir>/vm/kernel, where Debian's
+    /// cloud kernel is downloaded on the first VM capsule].
+    #[arg(long, env = "WRENN_VM_KERNEL")]
+    pub vm_kernel: Option<PathBuf>,
+    /// The QEMU binary VM capsules run in.
+    #[arg(long, env = "WRENN_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// Run VM capsules on Firecracker (needs KVM) instead of QEMU; takes
+    /// `--firecracker-kernel`.
+    #[arg(long, env = "WRENN_FIRECRACKER", requires = "firecracker_kernel")]
+    pub firecracker: Option<String>,
+    /// The uncompressed guest kernel (`vmlinux`) Firecracker boots.
+    #[arg(long, env = "WRENN_FIRECRACKER_KERNEL")]
+    pub firecracker_kernel: Option<PathBuf>,
     /// How often expired capsules are looked for.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub reaper_interval: Duration,
@@ -60,6 +75,16 @@ impl AgentArgs {
         cfg.reaper_interval = self.reaper_interval;
         cfg.warm_pools = self.warm.clone();
         cfg.net_pool = self.net_pool;
+        if let Some(k) = &self.vm_kernel {
+            cfg.vm.kernel_dir = k.clone();
+        }
+        cfg.vm.qemu = self.qemu.clone();
+        if let (Some(binary), Some(vmlinux)) = (&self.firecracker, &self.firecracker_kernel) {
+            cfg.vm.firecracker = Some(crate::config::FirecrackerConfig {
+                binary: binary.clone(),
+                vmlinux: vmlinux.clone(),
+            });
+        }
         cfg
     }
 }

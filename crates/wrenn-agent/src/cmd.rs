@@ -73,3 +73,14 @@ where
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Whether `program` (a name looked up on `PATH`, or a path) exists.
+pub fn on_path(program: &str) -> bool {
+    let p = std::path::Path::new(program);
+    if p.components().count() > 1 {
+        return p.is_file();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}

@@ -36,6 +36,32 @@ pub struct AgentConfig {
     pub warm_pools: Vec<WarmPool>,
     /// Network slots (netns, veth, shaping) kept set up ahead of creates.
     pub net_pool: usize,
+    pub vm: VmConfig,
+}
+
+/// The microVM engine's settings.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// An unpacked kernel package (`boot/vmlinuz-*`, `lib/modules/*`).
+    /// When it holds none, Debian's cloud kernel is downloaded into it on
+    /// the first VM capsule.
+    pub kernel_dir: PathBuf,
+    /// The QEMU binary (`qemu-system-x86_64`).
+    pub qemu: String,
+    /// Size of a VM capsule's disk (at least its template plus room).
+    pub disk_mb: u64,
+    /// How long a new VM has to boot and answer (TCG is slow).
+    pub boot_timeout: Duration,
+    /// Run VMs on Firecracker instead of QEMU (hosts with KVM).
+    pub firecracker: Option<FirecrackerConfig>,
+}
+
+/// Where Firecracker and the uncompressed kernel it boots are.
+#[derive(Debug, Clone)]
+pub struct FirecrackerConfig {
+    pub binary: String,
+    /// An uncompressed `vmlinux` (Firecracker boots no bzImage).
+    pub vmlinux: PathBuf,
 }
 
 /// A warm pool: `size` capsules of `template` with this shape, booted in
@@ -76,7 +102,6 @@ impl AgentConfig {
     pub fn new(data_dir: PathBuf, envd_bin: PathBuf) -> Self {
         let instance = "wrenn".to_owned();
         AgentConfig {
-            data_dir,
             envd_bin,
             busybox_bin: PathBuf::from("/bin/busybox"),
             runtime: RuntimeChoice {
@@ -99,6 +124,14 @@ impl AgentConfig {
             default_pids: 4096,
             warm_pools: Vec::new(),
             net_pool: 0,
+            vm: VmConfig {
+                kernel_dir: data_dir.join("vm/kernel"),
+                qemu: "qemu-system-x86_64".into(),
+                disk_mb: 2048,
+                boot_timeout: Duration::from_secs(120),
+                firecracker: None,
+            },
+            data_dir,
         }
     }
 

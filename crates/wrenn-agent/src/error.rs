@@ -41,6 +41,8 @@ pub enum AgentError {
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error("vm image: {0}")]
+    VmImage(#[from] crate::runtime::vm::image::ImageError),
     #[error("envd in capsule {id} {what}")]
     Envd {
         id: CapsuleId,
@@ -93,7 +95,11 @@ impl AgentError {
             AgentError::AlreadyExists(_) | AgentError::Template(TemplateError::Exists(_)) => {
                 ErrorKind::AlreadyExists
             }
-            AgentError::InvalidId(_) | AgentError::Invalid(_) => ErrorKind::InvalidArgument,
+            AgentError::InvalidId(_)
+            | AgentError::Invalid(_)
+            | AgentError::VmImage(crate::runtime::vm::image::ImageError::CmdlineTooLong(_)) => {
+                ErrorKind::InvalidArgument
+            }
             AgentError::IllegalState { .. }
             | AgentError::Template(TemplateError::InUse { .. })
             | AgentError::Runtime(RuntimeError::Missing { .. } | RuntimeError::NoCheckpoint) => {

@@ -17,7 +17,7 @@ use wrenn_types::ids::{CapsuleId, TemplateName};
 use crate::error::AgentError;
 use crate::network::Slot;
 use crate::state::CapsuleState;
-use crate::template::RuntimeChoice;
+use crate::template::{Engine, RuntimeChoice};
 
 /// One teardown step, pushed right after the setup step it undoes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,7 +33,7 @@ pub enum Undo {
     FirewallRules,
     /// Unmount the overlay rootfs.
     UnmountRootfs,
-    /// Kill and delete the runtime's container.
+    /// Kill and delete the runtime's container (or VMM).
     DeleteContainer,
 }
 
@@ -75,6 +75,8 @@ pub struct CapsuleRecord {
     pub metadata: BTreeMap<String, String>,
     pub access_token: Option<String>,
     pub runtime: RuntimeChoice,
+    #[serde(default)]
+    pub engine: Engine,
     pub start_cmd: Option<String>,
     #[serde(default)]
     pub ready_cmd: Option<String>,

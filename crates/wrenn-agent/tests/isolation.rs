@@ -1,7 +1,7 @@
 //! What a capsule can and cannot reach or do, probed from inside real
 //! capsules: host services, other capsules, link-local/metadata addresses,
 //! privileged operations; NAT egress to a netns that plays "internet",
-//! switched off and on.
+//! switched off and on. The network probes run from VM capsules too.
 
 mod common;
 
@@ -137,9 +137,25 @@ async fn listener(addr: &str) -> (u16, Arc<AtomicUsize>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capsules_reach_the_internet_and_nothing_else() {
-    let t = TestAgent::start().await;
+    network_probes(TestAgent::start().await).await;
+}
+
+/// The same probes from microVM capsules: the guest's traffic crosses the
+/// same host veth, rules and NAT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_capsules_reach_the_internet_and_nothing_else() {
+    network_probes(TestAgent::start_vm().await).await;
+}
+
+async fn network_probes(t: TestAgent) {
     let a = &t.agent;
-    let net = Internet::start(&t.cfg.instance[1..], (std::process::id() % 200) as u8 + 20);
+    // (a different /24 for each test of this process: they run in parallel)
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let n = NEXT.fetch_add(2, Ordering::SeqCst);
+    let net = Internet::start(
+        &t.cfg.instance[1..],
+        (std::process::id() % 200) as u8 + 20 + n,
+    );
     let me = t.capsule().await;
     let other = t.capsule().await;
     let my_ip = a.info_of(&me).unwrap().ip.unwrap();
@@ -303,7 +319,7 @@ async fn egress_is_shaped_to_the_configured_rate() {
         cfg.network.egress_burst = 10_000_000;
     })
     .await;
-    let net = Internet::start(&t.cfg.instance[1..], (std::process::id() % 200) as u8 + 21);
+    let net = Internet::start(&t.cfg.instance[1..], (std::process::id() % 200) as u8 + 25);
     let id = t.capsule().await;
     let script = format!(
         "s=$(cut -d' ' -f1 /proc/uptime); head -c 60000000 /dev/zero | nc {} 9001; e=$(cut -d' ' -f1 /proc/uptime); awk \"BEGIN {{ print int(($e - $s) * 1000) }}\"",

@@ -28,6 +28,7 @@ async fn warm_capsules_are_claimed_and_refilled() {
         agent: agent.clone(),
         data,
         cfg: cfg.clone(),
+        engine: None,
     };
     agent.fill_warm_pools().await;
     assert_eq!(agent.warm_count(&busybox), 2);
@@ -96,6 +97,7 @@ async fn prepared_network_slots_are_used_and_drained() {
         agent: agent.clone(),
         data,
         cfg: cfg.clone(),
+        engine: None,
     };
     agent.fill_net_pool().await;
     assert_eq!(

@@ -16,12 +16,22 @@ pub async fn ls(g: &Global) -> Result<i32> {
     output::listing(
         g.json,
         &caps,
-        &["ID", "STATUS", "TEMPLATE", "VCPUS", "MEMORY_MB", "CREATED"],
+        &[
+            "ID",
+            "STATUS",
+            "TEMPLATE",
+            "ENGINE",
+            "VCPUS",
+            "MEMORY_MB",
+            "CREATED",
+        ],
         |c| {
+            let engine = c.metadata.as_ref().and_then(|m| m.get("engine"));
             vec![
                 c.id.clone(),
                 c.status.clone(),
                 c.template.clone(),
+                engine.map_or("-", |e| e.as_str()).to_owned(),
                 c.vcpus.to_string(),
                 c.memory_mb.to_string(),
                 c.created_at.clone(),
@@ -61,6 +71,10 @@ pub struct CreateArgs {
     /// No egress from the capsule.
     #[arg(long)]
     no_internet: bool,
+    /// Isolation: `oci` (a container) or `vm` (a microVM with its own
+    /// kernel) [default: the template's].
+    #[arg(long, value_parser = ["oci", "vm"])]
+    engine: Option<String>,
 }
 
 pub async fn create(g: &Global, a: CreateArgs) -> Result<i32> {
@@ -72,6 +86,7 @@ pub async fn create(g: &Global, a: CreateArgs) -> Result<i32> {
         metadata: (!a.meta.is_empty()).then(|| a.meta.into_iter().collect()),
         envs: a.envs.into_iter().collect::<BTreeMap<_, _>>(),
         internet: a.no_internet.then_some(false),
+        engine: a.engine,
     };
     let c = g.client()?.create_capsule(&req).await?;
     if g.json {

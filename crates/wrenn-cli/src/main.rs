@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane and an agent on this machine.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Save the server and API key for later commands.
     Login(config::LoginArgs),
     /// List capsules.
@@ -96,7 +96,7 @@ fn main() {
 async fn run(cli: Cli) -> i32 {
     let g = cli.global;
     let result = match cli.command {
-        Command::Up(args) => return up::run(args).await,
+        Command::Up(args) => return up::run(*args).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "wrenn", &mut std::io::stdout());

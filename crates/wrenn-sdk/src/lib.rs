@@ -101,6 +101,9 @@ pub struct CreateCapsule {
     pub envs: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub internet: Option<bool>,
+    /// `oci` (a container) or `vm` (a microVM); the template's when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 /// A command to run.

@@ -135,6 +135,35 @@ pub fn create(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
     Ok(())
 }
 
+/// The TAP device a VM capsule's VMM opens, in the capsule's namespace.
+pub const VM_TAP: &str = "tap0";
+
+/// Turn a slot made by [`create`] into one for a VM: the capsule address
+/// moves from `eth0` to the guest, and a bridge in the namespace joins
+/// `eth0` and a TAP (txqueuelen 5000) for the VMM. The host side is
+/// untouched, so routes, shaping (on `eth0`) and nftables rules apply to
+/// the guest as they do to a container.
+pub fn attach_tap(slot: &Slot) -> Result<(), NetError> {
+    let script = format!(
+        "addr flush dev eth0\n\
+         route flush table main\n\
+         tuntap add {VM_TAP} mode tap\n\
+         link set {VM_TAP} txqueuelen 5000\n\
+         link add br0 type bridge forward_delay 0\n\
+         link set eth0 master br0\n\
+         link set {VM_TAP} master br0\n\
+         link set {VM_TAP} up\n\
+         link set br0 up\n"
+    );
+    cmd::run(
+        "ip",
+        ["-n", &slot.netns, "-batch", "-"],
+        Some(script.as_bytes()),
+    )
+    .map_err(step("attach a tap", &slot.netns))?;
+    Ok(())
+}
+
 /// Delete the namespace (which takes eth0 and so its veth peer with it),
 /// then the host end in case the namespace was already gone. Missing
 /// pieces are not errors: teardown must be repeatable.

@@ -25,6 +25,7 @@ pub(super) fn capsule_to_pb(c: CapsuleInfo) -> pb::Capsule {
         created_at_ms: c.created_at as i64,
         last_active_at_ms: c.last_active_at as i64,
         metadata: c.metadata.into_iter().collect(),
+        engine: c.engine.to_string(),
         ..Default::default()
     }
 }
@@ -79,6 +80,9 @@ impl pb::Agent for AgentRpc {
         req.metadata = r.metadata.into_iter().collect();
         req.access_token = non_empty(r.access_token);
         req.pids_limit = (r.pids_limit > 0).then_some(r.pids_limit);
+        if !r.engine.is_empty() {
+            req.engine = Some(r.engine.parse().map_err(ConnectError::invalid_argument)?);
+        }
         let info = self.agent.create(req).await.map_err(agent_error)?;
         Response::ok(capsule_to_pb(info))
     }

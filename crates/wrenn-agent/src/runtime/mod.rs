@@ -1,13 +1,16 @@
 //! The `Runtime` trait: how the agent starts, freezes, checkpoints and
 //! stops a capsule's container. The OCI backend (`runc` by default, any
-//! OCI CLI by configuration) is the first implementation; a microVM backend
-//! comes behind the same trait.
+//! OCI CLI by configuration) is the first implementation.
+//!
+//! The microVM engine ([`vm`]) implements the same trait with a VMM per
+//! capsule.
 //!
 //! Calls are synchronous (they run the runtime's CLI and wait); the
 //! capsule manager calls them on blocking threads.
 
 mod oci;
 pub mod spec;
+pub mod vm;
 
 use std::path::Path;
 
@@ -72,6 +75,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn kill(&self, id: &CapsuleId, signal: &str) -> Result<(), RuntimeError>;
     /// Remove the container, killing it first; fine if it is already gone.
     fn delete(&self, id: &CapsuleId) -> Result<(), RuntimeError>;
+    /// Whether a paused capsule's processes stay in place, frozen (the
+    /// freezer), so that they must be thawed before they can be killed.
+    /// False for VMs, whose pause stops the VMM.
+    fn freezes_in_place(&self) -> bool {
+        true
+    }
     /// Whether `checkpoint`/`restore` can work on this host.
     fn can_checkpoint(&self) -> bool;
     /// Dump the container's processes and memory to `images`, stopping it.

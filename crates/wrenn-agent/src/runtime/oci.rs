@@ -58,13 +58,7 @@ impl OciRuntime {
 
     /// Whether the binary can be found (at start, to fail fast).
     pub fn installed(&self) -> bool {
-        let p = Path::new(&self.binary);
-        if p.components().count() > 1 {
-            return p.is_file();
-        }
-        std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(&self.binary).is_file()))
-            .unwrap_or(false)
+        cmd::on_path(&self.binary)
     }
 
     fn command(&self, log: Option<&Path>) -> Command {

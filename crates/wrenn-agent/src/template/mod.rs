@@ -27,6 +27,43 @@ pub struct RuntimeChoice {
     pub args: Vec<String>,
 }
 
+/// How a capsule is isolated: a container on an OCI runtime, or a
+/// virtual machine with its own kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    #[default]
+    Oci,
+    Vm,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Oci => "oci",
+            Engine::Vm => "vm",
+        }
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "oci" => Ok(Engine::Oci),
+            "vm" => Ok(Engine::Vm),
+            other => Err(format!("engine must be \"oci\" or \"vm\", not {other:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateMeta {
@@ -47,6 +84,9 @@ pub struct TemplateMeta {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub runtime: Option<RuntimeChoice>,
+    /// The engine its capsules get unless a create asks for another.
+    #[serde(default)]
+    pub engine: Engine,
     /// Allow setuid programs (`sudo`): clears `noNewPrivileges`.
     #[serde(default)]
     pub allow_setuid: bool,
@@ -66,6 +106,7 @@ impl TemplateMeta {
             ready_cmd: None,
             env: BTreeMap::new(),
             runtime: None,
+            engine: Engine::Oci,
             allow_setuid,
             created_at: now_secs(),
             size_bytes: 0,
@@ -122,6 +163,11 @@ impl TemplateStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The directory of template `name` (its layer, metadata and caches).
+    pub fn dir_of(&self, name: &TemplateName) -> PathBuf {
+        self.dir.join(name.as_str())
     }
 
     pub fn layer_dir(&self, name: &TemplateName) -> PathBuf {
@@ -323,6 +369,7 @@ mod tests {
             ready_cmd: None,
             env: BTreeMap::new(),
             runtime: None,
+            engine: Engine::Oci,
             allow_setuid: false,
             created_at: 1,
             size_bytes: 0,

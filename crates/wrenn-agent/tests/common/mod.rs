@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envd_client::ExecRequest;
+use wrenn_agent::template::Engine;
 use wrenn_agent::{Agent, AgentConfig, CreateRequest};
 use wrenn_types::ids::CapsuleId;
 
@@ -39,6 +40,25 @@ pub struct TestAgent {
     pub agent: Arc<Agent>,
     pub data: tempfile::TempDir,
     pub cfg: AgentConfig,
+    /// The engine of the capsules [`TestAgent::busybox`] asks for.
+    pub engine: Option<Engine>,
+}
+
+/// The guest kernel VM tests share: `WRENN_VM_KERNEL`, else
+/// `target/wrenn-fixtures/vm-kernel`, downloaded there (Debian's cloud
+/// kernel, unpacked, not installed) by the first test that needs it.
+pub fn vm_kernel_dir() -> PathBuf {
+    let dir = std::env::var_os("WRENN_VM_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../target/wrenn-fixtures/vm-kernel"
+            ))
+        });
+    wrenn_agent::runtime::vm::image::GuestKernel::fetch_debian(&dir)
+        .unwrap_or_else(|e| panic!("guest kernel in {}: {e}", dir.display()));
+    dir
 }
 
 /// A fresh configuration: unique instance, pool and data directory.
@@ -73,12 +93,30 @@ impl TestAgent {
         let mut cfg = test_config(data.path());
         tune(&mut cfg);
         let agent = Agent::open(cfg.clone()).await.expect("agent opens");
-        TestAgent { agent, data, cfg }
+        TestAgent {
+            agent,
+            data,
+            cfg,
+            engine: None,
+        }
+    }
+
+    /// An agent whose busybox capsules are microVMs (QEMU; TCG here).
+    pub async fn start_vm() -> TestAgent {
+        let kernel = vm_kernel_dir();
+        let mut t = TestAgent::start_with(|c| c.vm.kernel_dir = kernel).await;
+        t.engine = Some(Engine::Vm);
+        t
     }
 
     pub fn busybox(&self) -> CreateRequest {
         let mut r = CreateRequest::new(CapsuleId::random(), "busybox".parse().unwrap());
         r.memory_mb = 128;
+        if self.engine == Some(Engine::Vm) {
+            // A guest kernel wants more than a container.
+            r.memory_mb = 256;
+        }
+        r.engine = self.engine;
         r
     }
 

@@ -26,12 +26,15 @@ pub const DEFAULT_TEMPLATE: &str = "minimal";
 pub const MAX_VCPUS: i64 = 64;
 pub const MAX_MEMORY_MB: i64 = 256 << 10;
 pub const DEFAULT_DISK_MB: i64 = 5120;
+/// What a create's `engine` may say.
+pub const ENGINES: [&str; 2] = ["oci", "vm"];
 /// Metadata keys the server sets once a capsule runs.
-pub const RESERVED_METADATA: [&str; 4] = [
+pub const RESERVED_METADATA: [&str; 5] = [
     "kernel_version",
     "vmm_version",
     "agent_version",
     "envd_version",
+    "engine",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +50,9 @@ pub struct CreateBody {
     envs: Option<BTreeMap<String, String>>,
     /// Our extension (`--no-internet`): false cuts egress.
     internet: Option<bool>,
+    /// Our extension (`--engine`): `oci` (a container) or `vm` (a microVM);
+    /// the template's default when absent.
+    engine: Option<String>,
 }
 
 fn validate_metadata(m: &BTreeMap<String, String>) -> ApiResult<()> {
@@ -137,6 +143,13 @@ pub async fn create(
             "memory_mb must be at most {MAX_MEMORY_MB}"
         )));
     }
+    if let Some(e) = body.engine.as_deref() {
+        if !ENGINES.contains(&e) {
+            return Err(ApiError::invalid(format!(
+                "engine must be \"oci\" or \"vm\", not {e:?}"
+            )));
+        }
+    }
     let disk_size_mb = body
         .disk_size_mb
         .filter(|d| *d > 0)
@@ -150,6 +163,7 @@ pub async fn create(
         metadata,
         env,
         internet: body.internet.unwrap_or(true),
+        engine: body.engine.clone(),
         ..Launch::new(&template)
     };
     let running = launch(&cp, caller.team_id(), Actor::key(&caller), spec).await?;
@@ -170,6 +184,8 @@ pub struct Launch<'a> {
     /// Environment of every process in the capsule.
     pub env: BTreeMap<String, String>,
     pub internet: bool,
+    /// `oci` or `vm` (validated); `None`: the template's.
+    pub engine: Option<String>,
     /// An absolute deadline (Unix ms) kept by the control plane.
     pub end_at: Option<i64>,
     pub on_timeout: OnTimeout,
@@ -191,6 +207,7 @@ impl<'a> Launch<'a> {
             metadata: BTreeMap::new(),
             env: BTreeMap::new(),
             internet: true,
+            engine: None,
             end_at: None,
             on_timeout: OnTimeout::Kill,
             metadata_to_envd: true,
@@ -216,6 +233,7 @@ pub async fn launch(
         metadata,
         env,
         internet,
+        engine,
         end_at,
         on_timeout,
         metadata_to_envd,
@@ -259,6 +277,7 @@ pub async fn launch(
     let extra = Extra {
         env,
         internet,
+        engine,
         metadata_to_envd,
     };
     let result = start(cp, actor, row.clone(), host, template, extra).await;
@@ -271,6 +290,7 @@ pub async fn launch(
 struct Extra {
     env: BTreeMap<String, String>,
     internet: bool,
+    engine: Option<String>,
     metadata_to_envd: bool,
 }
 
@@ -301,6 +321,7 @@ async fn start(
         metadata: to_envd,
         default_user: template.default_user.clone(),
         access_token: row.access_token.clone(),
+        engine: extra.engine.unwrap_or_default(),
         ..Default::default()
     };
     let started = match host.rpc.create_capsule(req).await {
@@ -331,6 +352,9 @@ async fn start(
     meta.insert("envd_version".into(), env!("CARGO_PKG_VERSION").into());
     if !started.runtime.is_empty() {
         meta.insert("vmm_version".into(), started.runtime.clone());
+    }
+    if !started.engine.is_empty() {
+        meta.insert("engine".into(), started.engine.clone());
     }
     cp.db.set_capsule_metadata(&row.id, &meta).await?;
     let running = cp
