@@ -147,7 +147,7 @@ def test_create_engine_vm(cli, server) -> None:
     assert r.returncode == 2 and "xen" in r.stderr.decode()
     r = httpx.post(f"{server.base_url}/v1/capsules", headers={"X-API-Key": server.api_key},
                    json={"template": "busybox", "engine": "xen"})
-    assert r.status_code == 400 and "engine" in r.json()["message"], r.text
+    assert r.status_code == 400 and "engine" in r.json()["error"]["message"], r.text
 
 
 def test_pause_resume_kill(cli) -> None:
