@@ -2,6 +2,7 @@
 //! are re-adopted and answer with their files and processes intact; one
 //! whose container died meanwhile is reported, not forgotten. Network slots
 //! the killed agent had prepared are swept; a SIGTERM'd agent drains its own.
+//! A VM capsule's VMM outlives the agent too, and is adopted the same way.
 
 mod common;
 
@@ -163,6 +164,64 @@ async fn a_killed_agent_readopts_its_capsules() {
     drop(guard);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_readopts_its_vm_capsules() {
+    let data = tempfile::Builder::new()
+        .prefix("wrenn-restart-vm")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut cfg = common::test_config(data.path());
+    cfg.vm.kernel_dir = common::vm_kernel_dir();
+    let guard = Scrub(cfg.clone());
+    let mut first = AgentProcess::spawn(&cfg);
+    let c = first.client();
+    let id = CapsuleId::random().to_string();
+    let created = c
+        .create_capsule(pb::CreateCapsuleRequest {
+            id: id.clone(),
+            template: "busybox".into(),
+            memory_mb: 256,
+            engine: "vm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!((created.state.as_str(), created.engine.as_str()), ("running", "vm"));
+    let (code, _) = exec(&c, &id, "echo vm > /root/marker; sleep 1000 &").await;
+    assert_eq!(code, 0);
+    first.kill9();
+
+    let second = AgentProcess::spawn(&cfg);
+    let c = second.client();
+    let got = c
+        .get_capsule(pb::CapsuleRef {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!((got.state.as_str(), got.engine.as_str()), ("running", "vm"));
+    assert_eq!(
+        exec(&c, &id, "cat /root/marker; ps | grep -q '[s]leep 1000' && echo kept").await,
+        (0, "vm\nkept\n".to_string())
+    );
+    let r = |id: &str| pb::CapsuleRef {
+        id: id.into(),
+        ..Default::default()
+    };
+    c.pause_capsule(r(&id)).await.unwrap();
+    c.resume_capsule(r(&id)).await.unwrap();
+    assert_eq!(exec(&c, &id, "cat /root/marker").await, (0, "vm\n".to_string()));
+    c.destroy_capsule(r(&id)).await.unwrap();
+    let mut second = second;
+    second.stop();
+    let left = common::leftovers(&cfg, data.path());
+    assert!(left.is_empty(), "{left:#?}");
+    drop(guard);
+}
+
 /// Removes the instance's firewall table and state even if the test fails.
 struct Scrub(wrenn_agent::AgentConfig);
 
@@ -180,6 +239,10 @@ impl Drop for Scrub {
                     .output();
             }
         }
+        // VMMs a failed run left (their command lines name the data dir).
+        let _ = std::process::Command::new("pkill")
+            .args(["-9", "-f", &self.0.data_dir.display().to_string()])
+            .output();
         for m in wrenn_agent::rootfs::mounts_under(&self.0.data_dir) {
             let _ = wrenn_agent::rootfs::unmount_if_mounted(&m);
         }

@@ -247,6 +247,8 @@ impl AgentProcess {
             .arg(&cfg.envd_bin)
             .arg("--pool")
             .arg(cfg.network.pool.to_string())
+            .arg("--vm-kernel")
+            .arg(&cfg.vm.kernel_dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
