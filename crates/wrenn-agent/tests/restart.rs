@@ -187,7 +187,10 @@ async fn a_killed_agent_readopts_its_vm_capsules() {
         .await
         .unwrap()
         .into_owned();
-    assert_eq!((created.state.as_str(), created.engine.as_str()), ("running", "vm"));
+    assert_eq!(
+        (created.state.as_str(), created.engine.as_str()),
+        ("running", "vm")
+    );
     let (code, _) = exec(&c, &id, "echo vm > /root/marker; sleep 1000 &").await;
     assert_eq!(code, 0);
     first.kill9();
@@ -204,7 +207,12 @@ async fn a_killed_agent_readopts_its_vm_capsules() {
         .into_owned();
     assert_eq!((got.state.as_str(), got.engine.as_str()), ("running", "vm"));
     assert_eq!(
-        exec(&c, &id, "cat /root/marker; ps | grep -q '[s]leep 1000' && echo kept").await,
+        exec(
+            &c,
+            &id,
+            "cat /root/marker; ps | grep -q '[s]leep 1000' && echo kept"
+        )
+        .await,
         (0, "vm\nkept\n".to_string())
     );
     let r = |id: &str| pb::CapsuleRef {
@@ -213,7 +221,10 @@ async fn a_killed_agent_readopts_its_vm_capsules() {
     };
     c.pause_capsule(r(&id)).await.unwrap();
     c.resume_capsule(r(&id)).await.unwrap();
-    assert_eq!(exec(&c, &id, "cat /root/marker").await, (0, "vm\n".to_string()));
+    assert_eq!(
+        exec(&c, &id, "cat /root/marker").await,
+        (0, "vm\n".to_string())
+    );
     c.destroy_capsule(r(&id)).await.unwrap();
     let mut second = second;
     second.stop();

@@ -193,7 +193,10 @@ async fn vm_capsule_lifecycle() {
         a.running(&id).unwrap_err().kind(),
         ErrorKind::FailedPrecondition
     );
-    assert!(http_get(&t, &id, 8080).await.is_err(), "a paused VM serves nothing");
+    assert!(
+        http_get(&t, &id, 8080).await.is_err(),
+        "a paused VM serves nothing"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let info = a.resume(&id).await.unwrap();
