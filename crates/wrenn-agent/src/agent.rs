@@ -1065,21 +1065,10 @@ impl Agent {
             })?;
         let healthy = t0.elapsed();
         let r = c.record();
-        // envd turns metadata keys into environment names; keys that are
-        // not identifiers stay in the capsule's record only.
-        let mut metadata = r.metadata.clone();
-        metadata.retain(|k, _| {
-            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        });
-        metadata.insert("sandboxId".into(), r.id.to_string());
-        metadata.insert("templateId".into(), r.template.to_string());
         let body = InitRequest {
-            access_token: r.access_token.clone(),
             env_vars: Some(r.env.clone()),
             default_user: r.default_user.clone(),
-            default_workdir: None,
-            metadata: Some(metadata),
-            timestamp: Some((now_ms() / 1000).to_string()),
+            ..init_request(&r)
         };
         envd.init(body).await.map_err(|source| AgentError::Envd {
             id: c.id.clone(),
@@ -1101,23 +1090,8 @@ impl Agent {
     /// After a VM comes back from a snapshot: `/init` again, so the guest's
     /// clock catches up and its metadata is this capsule's.
     async fn refresh_envd(&self, c: &Capsule) -> Result<(), AgentError> {
-        let r = c.record();
-        let mut metadata = r.metadata.clone();
-        metadata.retain(|k, _| {
-            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        });
-        metadata.insert("sandboxId".into(), r.id.to_string());
-        metadata.insert("templateId".into(), r.template.to_string());
-        let body = InitRequest {
-            access_token: r.access_token.clone(),
-            env_vars: None,
-            default_user: None,
-            default_workdir: None,
-            metadata: Some(metadata),
-            timestamp: Some((now_ms() / 1000).to_string()),
-        };
         c.envd()
-            .init(body)
+            .init(init_request(&c.record()))
             .await
             .map_err(|source| AgentError::Envd {
                 id: c.id.clone(),
@@ -1889,6 +1863,26 @@ fn reconcile(
             S::Error,
             Some(format!("the container is {s:?} while the capsule was {recorded}").to_lowercase()),
         ),
+    }
+}
+
+/// The `/init` every envd gets: token, identity metadata and the time
+/// (environment and user only at boot: a refresh must not undo what
+/// callers changed since). envd turns metadata keys into environment
+/// names; keys that are not identifiers stay in the record only.
+fn init_request(r: &CapsuleRecord) -> InitRequest {
+    let mut metadata = r.metadata.clone();
+    metadata
+        .retain(|k, _| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    metadata.insert("sandboxId".into(), r.id.to_string());
+    metadata.insert("templateId".into(), r.template.to_string());
+    InitRequest {
+        access_token: r.access_token.clone(),
+        env_vars: None,
+        default_user: None,
+        default_workdir: None,
+        metadata: Some(metadata),
+        timestamp: Some((now_ms() / 1000).to_string()),
     }
 }
 

@@ -37,43 +37,9 @@ async fn full_lifecycle_on_busybox() {
     // files
     let cap = a.running(&id).unwrap();
     let envd = cap.envd();
-    envd.write_file("/home/user/a.txt", Bytes::from_static(b"data\x00\xff"))
-        .await
-        .unwrap();
-    assert_eq!(
-        &envd.read_file("/home/user/a.txt").await.unwrap()[..],
-        b"data\x00\xff"
-    );
-    let names: Vec<String> = envd
-        .list_dir("/home/user", 1)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
-    assert!(names.contains(&"a.txt".to_string()), "{names:?}");
+    common::file_round_trip(&envd, "/home/user/a.txt").await;
 
-    // PTY
-    let mut pty = envd.pty_start(ExecRequest::terminal()).await.unwrap();
-    envd.pty_input(Selector::Pid(pty.pid), b"echo pty-$((6*7))\n")
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    let found = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(ev)) = pty.next().await {
-            if let ExecEvent::Pty(b) = ev {
-                seen.extend_from_slice(&b);
-                if String::from_utf8_lossy(&seen).contains("pty-42") {
-                    return true;
-                }
-            }
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
-    assert!(found, "{}", String::from_utf8_lossy(&seen));
-    envd.kill(Selector::Pid(pty.pid)).await.unwrap();
+    common::pty_round_trip(&envd, Duration::from_secs(10)).await;
 
     // background process + reconnect by tag
     let mut bg =
@@ -146,7 +112,7 @@ async fn full_lifecycle_on_busybox() {
     assert_eq!(info.state, CapsuleState::Running);
     assert_eq!(
         &envd.read_file("/home/user/a.txt").await.unwrap()[..],
-        b"data\x00\xff"
+        common::FILE_BYTES
     );
     let (code, out) = t.sh(&id, "echo back").await;
     assert_eq!((code, out.as_str()), (0, "back\n"));

@@ -102,43 +102,9 @@ async fn vm_capsule_lifecycle() {
     // files
     let cap = a.running(&id).unwrap();
     let envd = cap.envd();
-    envd.write_file("/root/before.bin", Bytes::from_static(b"kept\x00\xff"))
-        .await
-        .unwrap();
-    assert_eq!(
-        &envd.read_file("/root/before.bin").await.unwrap()[..],
-        b"kept\x00\xff"
-    );
-    let names: Vec<String> = envd
-        .list_dir("/root", 1)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
-    assert!(names.contains(&"before.bin".to_string()), "{names:?}");
+    common::file_round_trip(&envd, "/root/before.bin").await;
 
-    // PTY
-    let mut pty = envd.pty_start(ExecRequest::terminal()).await.unwrap();
-    envd.pty_input(Selector::Pid(pty.pid), b"echo pty-$((6*7))\n")
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    let found = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(Ok(ev)) = pty.next().await {
-            if let ExecEvent::Pty(b) = ev {
-                seen.extend_from_slice(&b);
-                if String::from_utf8_lossy(&seen).contains("pty-42") {
-                    return true;
-                }
-            }
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
-    assert!(found, "{}", String::from_utf8_lossy(&seen));
-    envd.kill(Selector::Pid(pty.pid)).await.unwrap();
+    common::pty_round_trip(&envd, Duration::from_secs(20)).await;
 
     // an HTTP server in the guest through the port proxy; one bound to
     // 127.0.0.1 only is reached through envd's port forwarder
@@ -214,7 +180,7 @@ async fn vm_capsule_lifecycle() {
     assert!(later > after, "the counter still counts: {after} → {later}");
     assert_eq!(
         &envd.read_file("/root/before.bin").await.unwrap()[..],
-        b"kept\x00\xff"
+        common::FILE_BYTES
     );
     // the clock caught up with the host (/init after the restore)
     let (_, date) = t.sh(&id, "date +%s").await;

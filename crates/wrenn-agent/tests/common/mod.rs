@@ -211,6 +211,53 @@ impl Drop for TestAgent {
     }
 }
 
+/// What [`file_round_trip`] writes.
+pub const FILE_BYTES: &[u8] = b"data\x00\xff";
+
+/// Write [`FILE_BYTES`] at `path` through envd, read it back, find it
+/// listed in its directory.
+pub async fn file_round_trip(envd: &envd_client::EnvdClient, path: &str) {
+    envd.write_file(path, bytes::Bytes::from_static(FILE_BYTES))
+        .await
+        .unwrap();
+    assert_eq!(&envd.read_file(path).await.unwrap()[..], FILE_BYTES);
+    let (dir, name) = path.rsplit_once('/').unwrap();
+    let names: Vec<String> = envd
+        .list_dir(dir, 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.iter().any(|n| n == name), "{names:?}");
+}
+
+/// Open a shell on a PTY, type `echo pty-$((6*7))`, see `pty-42` within
+/// `wait`, kill the shell.
+pub async fn pty_round_trip(envd: &envd_client::EnvdClient, wait: Duration) {
+    use envd_client::{ExecEvent, Selector};
+    let mut pty = envd.pty_start(ExecRequest::terminal()).await.unwrap();
+    envd.pty_input(Selector::Pid(pty.pid), b"echo pty-$((6*7))\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(wait, async {
+        while let Some(Ok(ev)) = pty.next().await {
+            if let ExecEvent::Pty(b) = ev {
+                seen.extend_from_slice(&b);
+                if String::from_utf8_lossy(&seen).contains("pty-42") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(found, "{}", String::from_utf8_lossy(&seen));
+    envd.kill(Selector::Pid(pty.pid)).await.unwrap();
+}
+
 /// Poll `f` until it is true or `secs` pass.
 pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let until = std::time::Instant::now() + Duration::from_secs(secs);

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use wrenn_types::ids::CapsuleId;
 
-use super::{io, VmSpec, PAUSED_STATE};
+use super::{failed, io, VmSpec, VmmFiles, PAUSED_STATE};
 use crate::runtime::{ContainerState, ContainerStatus, Runtime, RuntimeError};
 
 /// A failed API call.
@@ -193,7 +193,7 @@ pub struct FirecrackerRuntime {
     binary: String,
     /// An uncompressed guest kernel (`vmlinux`).
     kernel: PathBuf,
-    state: PathBuf,
+    files: VmmFiles,
     tx: TxLimit,
 }
 
@@ -202,7 +202,7 @@ impl FirecrackerRuntime {
         FirecrackerRuntime {
             binary: binary.to_owned(),
             kernel: kernel.to_owned(),
-            state: state_root.join("firecracker"),
+            files: VmmFiles::new(state_root.join("firecracker"), "sock"),
             tx,
         }
     }
@@ -223,49 +223,12 @@ impl FirecrackerRuntime {
         None
     }
 
-    fn socket(&self, id: &CapsuleId) -> PathBuf {
-        self.state.join(format!("{id}.sock"))
-    }
-
-    fn bundle_link(&self, id: &CapsuleId) -> PathBuf {
-        self.state.join(format!("{id}.bundle"))
-    }
-
-    fn pidfile(&self, id: &CapsuleId) -> PathBuf {
-        self.state.join(format!("{id}.pid"))
-    }
-
     fn api(&self, id: &CapsuleId) -> FirecrackerApi {
-        FirecrackerApi::new(&self.socket(id))
+        FirecrackerApi::new(&self.files.socket(id))
     }
 
     fn failed(&self, op: &'static str, id: &CapsuleId, message: impl ToString) -> RuntimeError {
-        RuntimeError::Failed {
-            binary: self.binary.clone(),
-            op,
-            id: id.to_string(),
-            message: message.to_string(),
-        }
-    }
-
-    fn bundle(&self, id: &CapsuleId) -> Result<PathBuf, RuntimeError> {
-        let link = self.bundle_link(id);
-        std::fs::read_to_string(&link)
-            .map(PathBuf::from)
-            .map_err(io("read", &link))
-    }
-
-    fn pid(&self, id: &CapsuleId) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.pidfile(id))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let sock = self.socket(id);
-        String::from_utf8_lossy(&cmdline)
-            .contains(sock.to_string_lossy().as_ref())
-            .then_some(pid)
+        failed(&self.binary, op, id, message)
     }
 
     /// The raw disk Firecracker writes: a reflink or sparse copy of the
@@ -278,11 +241,8 @@ impl FirecrackerRuntime {
     /// API socket.
     fn spawn(&self, id: &CapsuleId, bundle: &Path) -> Result<VmSpec, RuntimeError> {
         let spec = VmSpec::load(bundle)?;
-        std::fs::create_dir_all(&self.state).map_err(io("create", &self.state))?;
-        let link = self.bundle_link(id);
-        std::fs::write(&link, bundle.as_os_str().as_encoded_bytes()).map_err(io("write", &link))?;
-        let sock = self.socket(id);
-        let _ = std::fs::remove_file(&sock);
+        self.files.prepare(id, bundle)?;
+        let sock = self.files.socket(id);
         let console = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -302,7 +262,7 @@ impl FirecrackerRuntime {
             .process_group(0)
             .spawn()
             .map_err(|e| self.failed("start", id, e))?;
-        let pidfile = self.pidfile(id);
+        let pidfile = self.files.pidfile(id);
         std::fs::write(&pidfile, child.id().to_string()).map_err(io("write", &pidfile))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while !sock.exists() {
@@ -316,7 +276,7 @@ impl FirecrackerRuntime {
     }
 
     fn kill_vmm(&self, id: &CapsuleId) {
-        if let Some(pid) = self.pid(id) {
+        if let Some(pid) = self.files.pid(id) {
             // SAFETY: signalling a pid we verified is this VM's Firecracker.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let mut status = 0;
@@ -324,7 +284,7 @@ impl FirecrackerRuntime {
             unsafe { libc::waitpid(pid, &mut status, 0) };
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.pid(id).is_some() && Instant::now() < deadline {
+        while self.files.pid(id).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -385,7 +345,7 @@ impl Runtime for FirecrackerRuntime {
     }
 
     fn state(&self, id: &CapsuleId) -> Result<Option<ContainerState>, RuntimeError> {
-        if let Some(pid) = self.pid(id) {
+        if let Some(pid) = self.files.pid(id) {
             let info = self
                 .api(id)
                 .call("GET", "/", None)
@@ -400,22 +360,16 @@ impl Runtime for FirecrackerRuntime {
                 pid: Some(pid),
             }));
         }
-        let paused = self
-            .bundle(id)
-            .is_ok_and(|b| b.join(PAUSED_STATE).is_file());
-        Ok(paused.then_some(ContainerState {
-            status: ContainerStatus::Paused,
-            pid: None,
-        }))
+        Ok(self.files.paused_state(id))
     }
 
     fn pause(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
-        let bundle = self.bundle(id)?;
+        let bundle = self.files.bundle(id)?;
         self.checkpoint(id, &bundle)
     }
 
     fn resume(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
-        let bundle = self.bundle(id)?;
+        let bundle = self.files.bundle(id)?;
         self.restore(id, &bundle, &bundle, &bundle)?;
         let _ = std::fs::remove_file(bundle.join(PAUSED_STATE));
         let _ = std::fs::remove_file(bundle.join("vmstate.snap"));
@@ -429,14 +383,12 @@ impl Runtime for FirecrackerRuntime {
 
     fn delete(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
         self.kill_vmm(id);
-        if let Ok(b) = self.bundle(id) {
+        if let Ok(b) = self.files.bundle(id) {
             for f in [PAUSED_STATE, "vmstate.snap", "disk.raw"] {
                 let _ = std::fs::remove_file(b.join(f));
             }
         }
-        for p in [self.pidfile(id), self.socket(id), self.bundle_link(id)] {
-            let _ = std::fs::remove_file(p);
-        }
+        self.files.remove(id);
         Ok(())
     }
 

@@ -87,6 +87,98 @@ pub(crate) fn io<'a>(
     }
 }
 
+/// What a VMM driver keeps per VM under `/run/<instance>/<driver>/`: the
+/// pidfile, the API socket (QMP, Firecracker's) and the path of the bundle
+/// (the capsule's directory holding [`SPEC_FILE`]).
+#[derive(Debug, Clone)]
+pub(crate) struct VmmFiles {
+    dir: PathBuf,
+    socket_ext: &'static str,
+}
+
+impl VmmFiles {
+    pub(crate) fn new(dir: PathBuf, socket_ext: &'static str) -> Self {
+        VmmFiles { dir, socket_ext }
+    }
+
+    pub(crate) fn pidfile(&self, id: &CapsuleId) -> PathBuf {
+        self.dir.join(format!("{id}.pid"))
+    }
+
+    pub(crate) fn socket(&self, id: &CapsuleId) -> PathBuf {
+        self.dir.join(format!("{id}.{}", self.socket_ext))
+    }
+
+    fn bundle_link(&self, id: &CapsuleId) -> PathBuf {
+        self.dir.join(format!("{id}.bundle"))
+    }
+
+    /// Remember `bundle` for `id`, and clear a previous VMM's socket and pidfile.
+    pub(crate) fn prepare(&self, id: &CapsuleId, bundle: &Path) -> Result<(), RuntimeError> {
+        std::fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
+        let link = self.bundle_link(id);
+        std::fs::write(&link, bundle.as_os_str().as_encoded_bytes()).map_err(io("write", &link))?;
+        let _ = std::fs::remove_file(self.socket(id));
+        let _ = std::fs::remove_file(self.pidfile(id));
+        Ok(())
+    }
+
+    pub(crate) fn bundle(&self, id: &CapsuleId) -> Result<PathBuf, RuntimeError> {
+        let link = self.bundle_link(id);
+        std::fs::read_to_string(&link)
+            .map(PathBuf::from)
+            .map_err(io("read", &link))
+    }
+
+    /// The VMM's pid, if it is running. The pidfile outlives a crashed
+    /// VMM: the process must be the one serving this VM's socket, not a
+    /// recycled pid.
+    pub(crate) fn pid(&self, id: &CapsuleId) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pidfile(id))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline)
+            .contains(self.socket(id).to_string_lossy().as_ref())
+            .then_some(pid)
+    }
+
+    /// A paused VM is a file, not a process: its state when no VMM runs.
+    pub(crate) fn paused_state(&self, id: &CapsuleId) -> Option<ContainerState> {
+        self.files
+            .bundle(id)
+            .is_ok_and(|b| b.join(PAUSED_STATE).is_file())
+            .then_some(ContainerState {
+                status: ContainerStatus::Paused,
+                pid: None,
+            })
+    }
+
+    /// Forget the VM (after its VMM is gone).
+    pub(crate) fn remove(&self, id: &CapsuleId) {
+        for p in [self.pidfile(id), self.socket(id), self.bundle_link(id)] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A VMM driver's failure.
+pub(crate) fn failed(
+    binary: &str,
+    op: &'static str,
+    id: &CapsuleId,
+    message: impl ToString,
+) -> RuntimeError {
+    RuntimeError::Failed {
+        binary: binary.to_owned(),
+        op,
+        id: id.to_string(),
+        message: message.to_string(),
+    }
+}
+
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -119,7 +211,7 @@ pub struct QemuRuntime {
     binary: String,
     accel: Accel,
     /// `<state root>/qemu`: a pidfile, a QMP socket and the bundle path per VM.
-    state: PathBuf,
+    files: VmmFiles,
     cgroups: Cgroups,
     name: String,
 }
@@ -129,7 +221,7 @@ impl QemuRuntime {
         QemuRuntime {
             binary: binary.to_owned(),
             accel,
-            state: state_root.join("qemu"),
+            files: VmmFiles::new(state_root.join("qemu"), "qmp"),
             cgroups,
             name: format!("qemu-microvm/{}", accel.as_str()),
         }
@@ -140,64 +232,19 @@ impl QemuRuntime {
         crate::cmd::on_path(&self.binary)
     }
 
-    fn pidfile(&self, id: &CapsuleId) -> PathBuf {
-        self.state.join(format!("{id}.pid"))
-    }
-
-    fn socket(&self, id: &CapsuleId) -> PathBuf {
-        self.state.join(format!("{id}.qmp"))
-    }
-
-    fn bundle_link(&self, id: &CapsuleId) -> PathBuf {
-        self.state.join(format!("{id}.bundle"))
-    }
-
-    fn bundle(&self, id: &CapsuleId) -> Result<PathBuf, RuntimeError> {
-        let link = self.bundle_link(id);
-        std::fs::read_to_string(&link)
-            .map(PathBuf::from)
-            .map_err(io("read", &link))
-    }
-
     fn failed(&self, op: &'static str, id: &CapsuleId, message: impl ToString) -> RuntimeError {
-        RuntimeError::Failed {
-            binary: self.binary.clone(),
-            op,
-            id: id.to_string(),
-            message: message.to_string(),
-        }
-    }
-
-    /// The VMM's pid, if it is running.
-    fn pid(&self, id: &CapsuleId) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.pidfile(id))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        // The pidfile outlives a crashed VMM: check the process is QEMU
-        // serving this socket, not a recycled pid.
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let sock = self.socket(id);
-        let sock = sock.to_string_lossy();
-        String::from_utf8_lossy(&cmdline)
-            .contains(sock.as_ref())
-            .then_some(pid)
+        failed(&self.binary, op, id, message)
     }
 
     fn qmp(&self, op: &'static str, id: &CapsuleId) -> Result<Qmp, RuntimeError> {
-        Qmp::connect(&self.socket(id)).map_err(|e| self.failed(op, id, e))
+        Qmp::connect(&self.files.socket(id)).map_err(|e| self.failed(op, id, e))
     }
 
     /// Start a VMM for `spec`, stopped (`-S`), or loading `incoming`.
     fn launch(&self, id: &CapsuleId, bundle: &Path, incoming: bool) -> Result<(), RuntimeError> {
         let spec = VmSpec::load(bundle)?;
-        std::fs::create_dir_all(&self.state).map_err(io("create", &self.state))?;
-        let link = self.bundle_link(id);
-        std::fs::write(&link, bundle.as_os_str().as_encoded_bytes()).map_err(io("write", &link))?;
-        let (sock, pidfile) = (self.socket(id), self.pidfile(id));
-        let _ = std::fs::remove_file(&sock);
-        let _ = std::fs::remove_file(&pidfile);
+        self.files.prepare(id, bundle)?;
+        let (sock, pidfile) = (self.files.socket(id), self.files.pidfile(id));
         let mut args: Vec<String> = vec![
             format!("--net={}", spec.netns.display()),
             "--".into(),
@@ -265,6 +312,7 @@ impl QemuRuntime {
             other => self.failed("start", id, other),
         })?;
         let pid = self
+            .files
             .pid(id)
             .ok_or_else(|| self.failed("start", id, "the VMM exited at once"))?;
         self.cgroups
@@ -322,7 +370,7 @@ impl QemuRuntime {
         }
         self.launch(id, bundle, true)?;
         let restored = (|| {
-            let mut q = Qmp::connect(&self.socket(id))?;
+            let mut q = Qmp::connect(&self.files.socket(id))?;
             q.execute(
                 "migrate-incoming",
                 Some(serde_json::json!({ "uri": format!("exec:cat {}", shell_quote(file)) })),
@@ -338,7 +386,7 @@ impl QemuRuntime {
     }
 
     fn kill_vmm(&self, id: &CapsuleId) {
-        if let Some(pid) = self.pid(id) {
+        if let Some(pid) = self.files.pid(id) {
             // SAFETY: signalling a pid we verified is this VM's QEMU.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -347,13 +395,13 @@ impl QemuRuntime {
 
     fn wait_gone(&self, id: &CapsuleId) {
         let deadline = Instant::now() + BOOT_WAIT;
-        while self.pid(id).is_some() && Instant::now() < deadline {
+        while self.files.pid(id).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     fn spec_of(&self, id: &CapsuleId) -> Option<VmSpec> {
-        VmSpec::load(&self.bundle(id).ok()?).ok()
+        VmSpec::load(&self.files.bundle(id).ok()?).ok()
     }
 }
 
@@ -375,7 +423,7 @@ impl Runtime for QemuRuntime {
     }
 
     fn state(&self, id: &CapsuleId) -> Result<Option<ContainerState>, RuntimeError> {
-        if let Some(pid) = self.pid(id) {
+        if let Some(pid) = self.files.pid(id) {
             let status = match self.qmp("state", id)?.status() {
                 Ok(s) => s,
                 Err(e) => return Err(self.failed("state", id, e)),
@@ -392,23 +440,16 @@ impl Runtime for QemuRuntime {
                 pid: Some(pid),
             }));
         }
-        // A paused VM is a file, not a process.
-        let paused = self
-            .bundle(id)
-            .is_ok_and(|b| b.join(PAUSED_STATE).is_file());
-        Ok(paused.then_some(ContainerState {
-            status: ContainerStatus::Paused,
-            pid: None,
-        }))
+        Ok(self.files.paused_state(id))
     }
 
     fn pause(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
-        let bundle = self.bundle(id)?;
+        let bundle = self.files.bundle(id)?;
         self.save(id, &bundle.join(PAUSED_STATE))
     }
 
     fn resume(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
-        let bundle = self.bundle(id)?;
+        let bundle = self.files.bundle(id)?;
         let file = bundle.join(PAUSED_STATE);
         self.load(id, &bundle, &file)?;
         let _ = std::fs::remove_file(&file);
@@ -420,7 +461,7 @@ impl Runtime for QemuRuntime {
             "KILL" | "SIGKILL" | "9" => libc::SIGKILL,
             _ => libc::SIGTERM,
         };
-        if let Some(pid) = self.pid(id) {
+        if let Some(pid) = self.files.pid(id) {
             // SAFETY: signalling a pid we verified is this VM's QEMU.
             unsafe { libc::kill(pid, sig) };
         }
@@ -430,10 +471,10 @@ impl Runtime for QemuRuntime {
     fn delete(&self, id: &CapsuleId) -> Result<(), RuntimeError> {
         let spec = self.spec_of(id);
         self.kill_vmm(id);
-        if self.pid(id).is_some() {
+        if self.files.pid(id).is_some() {
             return Err(self.failed("delete", id, "the VMM does not die"));
         }
-        if let Ok(b) = self.bundle(id) {
+        if let Ok(b) = self.files.bundle(id) {
             let _ = std::fs::remove_file(b.join(PAUSED_STATE));
         }
         if let Some(spec) = spec {
@@ -458,9 +499,7 @@ impl Runtime for QemuRuntime {
                 }
             }
         }
-        for p in [self.pidfile(id), self.socket(id), self.bundle_link(id)] {
-            let _ = std::fs::remove_file(p);
-        }
+        self.files.remove(id);
         Ok(())
     }
 
