@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::TestAgent;
 use envd_client::{ExecEvent, ExecRequest, Selector};
 use wrenn_agent::state::CapsuleState;

@@ -9,9 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::TestAgent;
-use envd_client::{ExecEvent, ExecRequest, Selector};
+use envd_client::ExecRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wrenn_agent::state::CapsuleState;
 use wrenn_agent::template::Engine;

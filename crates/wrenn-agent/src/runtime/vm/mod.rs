@@ -147,8 +147,7 @@ impl VmmFiles {
 
     /// A paused VM is a file, not a process: its state when no VMM runs.
     pub(crate) fn paused_state(&self, id: &CapsuleId) -> Option<ContainerState> {
-        self.files
-            .bundle(id)
+        self.bundle(id)
             .is_ok_and(|b| b.join(PAUSED_STATE).is_file())
             .then_some(ContainerState {
                 status: ContainerStatus::Paused,
