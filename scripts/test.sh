@@ -39,6 +39,8 @@ ls "$WRENN_VM_KERNEL"/boot/
 echo "==> cargo test"
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
+# (libtest hides what a passing test printed: say whether Firecracker ran)
+cargo test -q -p wrenn-agent --test firecracker -- --nocapture 2>&1 | grep -E "SKIPPED|passed" || true
 disk_report
 
 echo "==> e2b SDK against envd"
