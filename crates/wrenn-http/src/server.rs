@@ -4,14 +4,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -91,31 +90,40 @@ async fn serve_connection(
     config: ServerConfig,
     mut stop: watch::Receiver<bool>,
 ) {
-    let epoch = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(IdleIo {
+    let state = Arc::new(ConnState::new());
+    let io = TokioIo::new(TrackedIo {
         inner: stream,
-        epoch,
-        last: last.clone(),
+        state: state.clone(),
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.read_header_timeout);
+    // hyper's own header-read timer also runs while a kept-alive connection
+    // waits for its next request, which would make 10 s the idle timeout:
+    // both are enforced below instead.
+    builder.http1().header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
-    // Handlers may ask for the peer (`ConnectInfo<SocketAddr>`).
-    let service = TowerToHyperService::new(tower::ServiceExt::map_request(
-        router,
+    let service = hyper::service::service_fn({
+        let state = state.clone();
         move |mut req: http::Request<hyper::body::Incoming>| {
+            // Handlers may ask for the peer (`ConnectInfo<SocketAddr>`).
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
-            req
-        },
-    ));
+            let in_flight = InFlight::start(&state);
+            let answer = tower::ServiceExt::oneshot(router.clone(), req);
+            async move {
+                let res = answer.await?;
+                Ok::<_, std::convert::Infallible>(res.map(|body| {
+                    axum::body::Body::new(Tracked {
+                        inner: body,
+                        _in_flight: in_flight,
+                    })
+                }))
+            }
+        }
+    });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let check = (config.idle_timeout / 4).max(Duration::from_millis(10));
+    let check =
+        (config.read_header_timeout.min(config.idle_timeout) / 4).max(Duration::from_millis(10));
     let mut shutting_down = false;
     loop {
         tokio::select! {
@@ -129,9 +137,12 @@ async fn serve_connection(
                 shutting_down = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = tokio::time::sleep(check), if !shutting_down => {
-                let idle_ms = epoch.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
-                if Duration::from_millis(idle_ms) >= config.idle_timeout {
+            () = tokio::time::sleep(check) => {
+                if state.head_overdue(config.read_header_timeout) {
+                    tracing::debug!(%peer, "request headers too slow: closing");
+                    return;
+                }
+                if !shutting_down && state.idle_for() >= config.idle_timeout {
                     shutting_down = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -140,21 +151,127 @@ async fn serve_connection(
     }
 }
 
-/// A socket that records when it last moved a byte, for the idle timeout.
-struct IdleIo<T> {
-    inner: T,
+/// What the timeouts of one connection need to know, in milliseconds since
+/// it was accepted. Go's semantics: `read_header_timeout` runs from the
+/// accept, or from the first byte of a later request, until the request's
+/// headers are parsed; a kept-alive connection waiting for that first byte
+/// is only bound by `idle_timeout`. Neither bounds the time spent answering.
+struct ConnState {
     epoch: Instant,
-    last: Arc<AtomicU64>,
+    /// When a byte last moved either way.
+    last_io: AtomicU64,
+    /// When the head of the request now being read began ([`NO_HEAD`]: none).
+    head_since: AtomicU64,
+    /// Requests being answered (their response bodies not yet dropped).
+    in_flight: AtomicU64,
+    /// HTTP/2: no request heads to time. (An upgraded connection leaves
+    /// [`serve_connection`] altogether.)
+    framed: AtomicBool,
+    /// Whether the first bytes read were looked at for HTTP/2's preface.
+    sniffed: AtomicBool,
 }
 
-impl<T> IdleIo<T> {
-    fn touch(&self) {
-        self.last
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+const NO_HEAD: u64 = u64::MAX;
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_io: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            framed: AtomicBool::new(false),
+            sniffed: AtomicBool::new(false),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(
+            self.now()
+                .saturating_sub(self.last_io.load(Ordering::Relaxed)),
+        )
+    }
+
+    fn head_overdue(&self, limit: Duration) -> bool {
+        let since = self.head_since.load(Ordering::Relaxed);
+        since != NO_HEAD
+            && !self.framed.load(Ordering::Relaxed)
+            && Duration::from_millis(self.now().saturating_sub(since)) >= limit
+    }
+
+    /// Bytes arrived: the first bytes of a connection may be HTTP/2's
+    /// preface; on an idle HTTP/1 connection they begin a request head.
+    fn read(&self, bytes: &[u8]) {
+        let now = self.now();
+        self.last_io.store(now, Ordering::Relaxed);
+        if !self.sniffed.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI ") {
+            self.framed.store(true, Ordering::Relaxed);
+        }
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let _ = self.head_since.compare_exchange(
+                NO_HEAD,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+/// One request being answered; dropped with its response body.
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn start(state: &Arc<ConnState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.head_since.store(NO_HEAD, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until dropped.
+struct Tracked {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A socket that reports what it reads and when it moves a byte.
+struct TrackedIo<T> {
+    inner: T,
+    state: Arc<ConnState>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -163,13 +280,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.touch();
+            self.state.read(&buf.filled()[before..]);
         }
         res
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -177,7 +294,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.state
+                .last_io
+                .store(self.state.now(), Ordering::Relaxed);
         }
         res
     }
@@ -189,7 +308,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.state
+                .last_io
+                .store(self.state.now(), Ordering::Relaxed);
         }
         res
     }
@@ -217,12 +338,50 @@ mod tests {
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route("/echo", axum::routing::get(upgrade_to_echo))
+            .route(
+                "/slow",
+                axum::routing::post(|| async {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    "slow"
+                }),
+            );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(serve(listener, router, config, async {
             let _ = rx.await;
         }));
         (addr, tx)
+    }
+
+    /// Answers `Upgrade: echo` with 101, then echoes the raw bytes.
+    async fn upgrade_to_echo(mut req: axum::extract::Request) -> axum::response::Response {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let mut io = TokioIo::new(upgrade.await.unwrap());
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        axum::response::Response::builder()
+            .status(http::StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "echo")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+
+    /// Reads until the peer closes, or `wait` passes: whether it closed.
+    async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut buf = vec![0u8; 4096];
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
     }
 
     #[tokio::test]
@@ -262,5 +421,115 @@ mod tests {
             .await
             .expect("idle connection closed");
         assert_eq!(rest.unwrap(), 0);
+    }
+
+    /// A request whose handler outlasts both the header-read and the idle
+    /// timeouts still gets its answer: those bound the wait for a request,
+    /// not the time spent answering one.
+    #[tokio::test]
+    async fn slow_handlers_are_not_cut_off() {
+        let (addr, _stop) = start(ServerConfig {
+            read_header_timeout: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    }
+
+    /// A keep-alive connection waiting for its next request is bound by the
+    /// idle timeout, not by the header-read one (Go's `IdleTimeout` and
+    /// `ReadHeaderTimeout`): a client that pools connections must not find
+    /// them closed under it after a few seconds.
+    #[tokio::test]
+    async fn keep_alive_outlives_the_header_timeout() {
+        let (addr, _stop) = start(ServerConfig {
+            read_header_timeout: Duration::from_millis(200),
+            ..Default::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        for _ in 0..2 {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let n = s.read(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+    }
+
+    /// The header-read timeout also runs from the first byte of a later
+    /// request on a kept-alive connection.
+    #[tokio::test]
+    async fn slow_later_headers_are_cut_off() {
+        let (addr, _stop) = start(ServerConfig {
+            read_header_timeout: Duration::from_millis(200),
+            ..Default::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    }
+
+    /// Neither an HTTP/2 connection nor an upgraded one has request heads
+    /// to time: quiet spells longer than the header-read timeout are fine.
+    #[tokio::test]
+    async fn framed_connections_are_not_bound_by_the_header_timeout() {
+        let (addr, _stop) = start(ServerConfig {
+            read_header_timeout: Duration::from_millis(200),
+            ..Default::default()
+        })
+        .await;
+        // HTTP/2 with prior knowledge: the preface and an empty SETTINGS.
+        let mut h2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        assert!(!closed_within(&mut h2, Duration::from_millis(800)).await);
+
+        let mut up = tokio::net::TcpStream::connect(addr).await.unwrap();
+        up.write_all(
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = up.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 101"), "{text:?}");
+        up.write_all(b"x").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        up.write_all(b"y").await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let n = tokio::time::timeout(Duration::from_secs(5), up.read(&mut buf))
+                .await
+                .expect("echo")
+                .unwrap();
+            assert!(n > 0, "upgraded connection closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"xy");
     }
 }
