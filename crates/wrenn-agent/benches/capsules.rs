@@ -213,6 +213,7 @@ fn main() -> Result<()> {
     cfg.net_pool = 1;
     cfg.warm_pools = vec![WarmPool {
         template: "busybox".parse().expect("valid"),
+        engine: None,
         size: 0,
         vcpus: 1,
         memory_mb: 128,

@@ -197,8 +197,9 @@ pub struct Agent {
     capsules: RwLock<HashMap<CapsuleId, Arc<Capsule>>>,
     auto_paused: Mutex<Vec<CapsuleId>>,
     on_destroy: Hooks,
-    /// Ready capsules per template, not yet anyone's (not in `capsules`).
-    warm: Mutex<HashMap<TemplateName, Vec<Arc<Capsule>>>>,
+    /// Ready capsules per template and engine, not yet anyone's (not in
+    /// `capsules`).
+    warm: Mutex<HashMap<PoolKey, Vec<Arc<Capsule>>>>,
     /// Slots whose network (netns, veth, shaping, firewall elements with
     /// internet on) is set up and that no capsule owns yet: creation takes
     /// one instead of building it.
@@ -212,6 +213,9 @@ pub struct Agent {
     /// Serialises the builds of templates' VM disks.
     vm_disks: Mutex<()>,
 }
+
+/// A warm pool: its template and the engine its capsules run on.
+type PoolKey = (TemplateName, Engine);
 
 /// What every VM capsule of this agent boots with.
 #[derive(Debug)]
@@ -511,7 +515,7 @@ impl Agent {
         if self.capsules.read().unwrap().contains_key(&req.id) {
             return Err(AgentError::AlreadyExists(req.id));
         }
-        if let Some(warm) = self.take_warm(&req) {
+        if let Some(warm) = self.take_warm(&req, &meta) {
             return self.claim(warm, req, &meta).await;
         }
         let capsule = self.new_capsule(&req, &meta, req.id.clone())?;
@@ -608,22 +612,26 @@ impl Agent {
 
     // ---- warm pools ---------------------------------------------------
 
-    /// A ready capsule from the warm pool of `req`'s template, if the
-    /// request has the pool's shape.
-    fn take_warm(&self, req: &CreateRequest) -> Option<Arc<Capsule>> {
-        let spec = self
-            .cfg
-            .warm_pools
-            .iter()
-            .find(|w| w.template == req.template)?;
-        let shape_fits = req.engine.is_none()
-            && req.vcpus == spec.vcpus
+    /// A ready capsule from the warm pool of `req`'s template and engine,
+    /// if the request has the pool's shape.
+    fn take_warm(&self, req: &CreateRequest, meta: &TemplateMeta) -> Option<Arc<Capsule>> {
+        let engine = req.engine.unwrap_or(meta.engine);
+        let spec =
+            self.cfg.warm_pools.iter().find(|w| {
+                w.template == req.template && w.engine.unwrap_or(meta.engine) == engine
+            })?;
+        let shape_fits = req.vcpus == spec.vcpus
             && req.memory_mb == spec.memory_mb
             && req.pids_limit.is_none_or(|p| p == self.cfg.default_pids);
         if !shape_fits {
             return None;
         }
-        let taken = self.warm.lock().unwrap().get_mut(&req.template)?.pop();
+        let taken = self
+            .warm
+            .lock()
+            .unwrap()
+            .get_mut(&(req.template.clone(), engine))?
+            .pop();
         self.pools_wanted.notify_one();
         taken
     }
@@ -726,27 +734,25 @@ impl Agent {
 
     async fn fill_warm_pool(self: &Arc<Self>, spec: &crate::config::WarmPool, size: usize) {
         loop {
-            if self.warm_count(&spec.template) >= size {
-                return;
-            }
-            let id = CapsuleId::random();
-            let mut req = CreateRequest::new(id.clone(), spec.template.clone());
-            req.vcpus = spec.vcpus;
-            req.memory_mb = spec.memory_mb;
             let made = async {
                 let meta = self.templates.get(&spec.template)?;
+                let key = (spec.template.clone(), spec.engine.unwrap_or(meta.engine));
+                if self.warm.lock().unwrap().get(&key).map_or(0, Vec::len) >= size {
+                    return Ok(None);
+                }
+                let id = CapsuleId::random();
+                let mut req = CreateRequest::new(id.clone(), spec.template.clone());
+                req.vcpus = spec.vcpus;
+                req.memory_mb = spec.memory_mb;
+                req.engine = spec.engine;
                 let c = self.new_capsule(&req, &meta, id)?;
                 c.rec.lock().unwrap().warm = true;
-                self.start_new(&c, &meta).await.map(|()| c)
+                self.start_new(&c, &meta).await?;
+                Ok::<_, AgentError>(Some((key, c)))
             };
             match made.await {
-                Ok(c) => self
-                    .warm
-                    .lock()
-                    .unwrap()
-                    .entry(spec.template.clone())
-                    .or_default()
-                    .push(c),
+                Ok(Some((key, c))) => self.warm.lock().unwrap().entry(key).or_default().push(c),
+                Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(template = %spec.template, error = %e, "cannot fill the warm pool");
                     return;
@@ -825,8 +831,15 @@ impl Agent {
     }
 
     /// Ready capsules waiting in the pool of `template`.
+    /// Warm capsules of `template`, of any engine.
     pub fn warm_count(&self, template: &TemplateName) -> usize {
-        self.warm.lock().unwrap().get(template).map_or(0, Vec::len)
+        self.warm
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((t, _), _)| t == template)
+            .map(|(_, v)| v.len())
+            .sum()
     }
 
     /// Every setup step of a new capsule, each registering its undo first.
@@ -1507,8 +1520,9 @@ impl Agent {
     // ---- snapshot -----------------------------------------------------
 
     /// Turn a capsule into a template: its upper dir becomes a new layer on
-    /// top of its template's. The capsule is frozen for the copy and stays
-    /// paused afterwards (as wrenn's agent leaves it).
+    /// top of its template's (a VM capsule's disk becomes a whole new one).
+    /// The capsule is frozen for the copy and stays paused afterwards (as
+    /// wrenn's agent leaves it).
     pub async fn snapshot(
         self: &Arc<Self>,
         id: &CapsuleId,
@@ -1516,63 +1530,76 @@ impl Agent {
         overrides: SnapshotOverrides,
     ) -> Result<TemplateMeta, AgentError> {
         let (c, _g, from) = self.begin(id, Op::Snapshot).await?;
-        if c.record().engine == Engine::Vm {
-            return Err(AgentError::Invalid(
-                "snapshots of vm capsules are not supported yet: their filesystem is a disk image, not a layer".into(),
-            ));
-        }
-        let base = self.templates.get(&c.record().template)?;
+        let r = c.record();
+        let base = self.templates.get(&r.template)?;
         let store = self.templates.clone();
+        // Claim the name before freezing anything.
+        let staged = {
+            let (store, name) = (store.clone(), name.clone());
+            blocking(move || store.stage(&name)).await?
+        };
+        let mut env = r.env.clone();
+        env.extend(overrides.env);
+        let mut meta = TemplateMeta {
+            name: name.clone(),
+            layers: vec![name.clone()],
+            default_user: overrides.default_user.or_else(|| r.default_user.clone()),
+            start_cmd: overrides.start_cmd.or_else(|| r.start_cmd.clone()),
+            ready_cmd: overrides.ready_cmd.or_else(|| r.ready_cmd.clone()),
+            env,
+            runtime: base.runtime.clone(),
+            engine: r.engine,
+            allow_setuid: base.allow_setuid,
+            created_at: template::now_secs(),
+            size_bytes: 0,
+        };
         let cap = c.clone();
-        let meta = blocking(move || -> Result<TemplateMeta, AgentError> {
-            // Claim the name before freezing anything.
-            let staged = store.stage(&name)?;
+        let meta = if r.engine == Engine::Vm {
+            // The VMM must be gone for its disk to hold still: pausing
+            // (envd syncs the guest's filesystem first) stops it, keeping
+            // the capsule's memory as any pause does.
             if from == CapsuleState::Running {
-                cap.runtime.pause(&cap.container)?;
+                self.pause_locked(&c).await?;
             }
-            let thaw = || {
-                if from == CapsuleState::Running {
-                    let _ = cap.runtime.resume(&cap.container);
-                }
-            };
-            let upper = cap.dir.upper();
-            crate::cmd::run(
-                "cp",
-                [
-                    std::ffi::OsStr::new("-a"),
-                    format!("{}/.", upper.display()).as_ref(),
-                    staged.layer.as_os_str(),
-                ],
-                None,
-            )
-            .map_err(|e| {
-                thaw();
-                AgentError::Invalid(format!("copy capsule filesystem: {e}"))
-            })?;
-            let r = cap.record();
-            let mut layers = vec![name.clone()];
-            layers.extend(base.layers.iter().cloned());
-            let mut env = r.env.clone();
-            env.extend(overrides.env);
-            let meta = TemplateMeta {
-                name: name.clone(),
-                layers,
-                default_user: overrides.default_user.or_else(|| r.default_user.clone()),
-                start_cmd: overrides.start_cmd.or_else(|| r.start_cmd.clone()),
-                ready_cmd: overrides.ready_cmd.or_else(|| r.ready_cmd.clone()),
-                env,
-                runtime: base.runtime.clone(),
-                engine: base.engine,
-                allow_setuid: base.allow_setuid,
-                created_at: template::now_secs(),
-                size_bytes: 0,
-            };
-            store.commit(staged, meta).map_err(|e| {
-                thaw();
-                AgentError::from(e)
+            blocking(move || -> Result<TemplateMeta, AgentError> {
+                let disk = VmSpec::written_disk(&cap.dir.bundle())?;
+                let image = staged.dir().join("vm-root.ext4");
+                vm::image::export_disk(&disk, &image, &staged.layer)?;
+                Ok(store.commit(staged, meta)?)
             })
-        })
-        .await?;
+            .await?
+        } else {
+            meta.layers.extend(base.layers.iter().cloned());
+            blocking(move || -> Result<TemplateMeta, AgentError> {
+                if from == CapsuleState::Running {
+                    cap.runtime.pause(&cap.container)?;
+                }
+                let thaw = || {
+                    if from == CapsuleState::Running {
+                        let _ = cap.runtime.resume(&cap.container);
+                    }
+                };
+                let upper = cap.dir.upper();
+                crate::cmd::run(
+                    "cp",
+                    [
+                        std::ffi::OsStr::new("-a"),
+                        format!("{}/.", upper.display()).as_ref(),
+                        staged.layer.as_os_str(),
+                    ],
+                    None,
+                )
+                .map_err(|e| {
+                    thaw();
+                    AgentError::Invalid(format!("copy capsule filesystem: {e}"))
+                })?;
+                store.commit(staged, meta).map_err(|e| {
+                    thaw();
+                    AgentError::from(e)
+                })
+            })
+            .await?
+        };
         c.update(|r| r.state = CapsuleState::Paused)?;
         Ok(meta)
     }

@@ -35,8 +35,10 @@ pub struct AgentArgs {
     /// Static busybox the `busybox` template is built from.
     #[arg(long, default_value = "/bin/busybox")]
     pub busybox: PathBuf,
-    /// Keep SIZE capsules of TEMPLATE booted in advance (repeatable), e.g. `busybox=4`.
-    #[arg(long = "warm", value_name = "TEMPLATE=SIZE")]
+    /// Keep SIZE capsules of TEMPLATE booted in advance (repeatable), e.g.
+    /// `busybox=4`; `busybox:vm=2` for VM capsules of a template whose
+    /// default engine is another.
+    #[arg(long = "warm", value_name = "TEMPLATE[:ENGINE]=SIZE")]
     pub warm: Vec<WarmPool>,
     /// Network slots kept set up ahead of creates.
     #[arg(long, default_value_t = 4)]

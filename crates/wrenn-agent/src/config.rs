@@ -69,6 +69,8 @@ pub struct FirecrackerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WarmPool {
     pub template: wrenn_types::ids::TemplateName,
+    /// The engine of the pool's capsules (`None`: the template's).
+    pub engine: Option<crate::template::Engine>,
     pub size: usize,
     pub vcpus: u32,
     pub memory_mb: u64,
@@ -77,15 +79,20 @@ pub struct WarmPool {
 impl std::str::FromStr for WarmPool {
     type Err = String;
 
-    /// `TEMPLATE=SIZE` (1 vCPU, 512 MiB, as requests default to).
+    /// `TEMPLATE[:ENGINE]=SIZE` (1 vCPU, 512 MiB, as requests default to).
     fn from_str(s: &str) -> Result<Self, String> {
         let (t, n) = s
             .split_once('=')
-            .ok_or_else(|| format!("{s:?}: expected TEMPLATE=SIZE"))?;
+            .ok_or_else(|| format!("{s:?}: expected TEMPLATE[:ENGINE]=SIZE"))?;
+        let (t, engine) = match t.split_once(':') {
+            Some((t, e)) => (t, Some(e.parse()?)),
+            None => (t, None),
+        };
         Ok(WarmPool {
             template: t
                 .parse()
                 .map_err(|e: wrenn_types::ids::InvalidId| e.to_string())?,
+            engine,
             size: n.parse().map_err(|_| format!("{n:?} is not a pool size"))?,
             vcpus: 1,
             memory_mb: 512,

@@ -193,16 +193,77 @@ async fn vm_capsule_lifecycle() {
     );
     eventually_get(&t, &id, 8080, "served-from-the-vm").await;
 
-    // snapshots (capsule → template) are not for VMs yet, and say so
-    let err = a
-        .snapshot(&id, "vm-snap".parse().unwrap(), Default::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-
     a.destroy(&id).await.unwrap();
     assert_eq!(a.info_of(&id).unwrap_err().kind(), ErrorKind::NotFound);
     assert!(!qemu_running_for(&t));
+    let left = t.leftovers();
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+/// Capsule → template on a running VM: what the guest wrote a moment ago
+/// (still in its page cache) is in the template, which boots new VM
+/// capsules and, from its layer, OCI ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_capsule_becomes_a_template() {
+    let t = TestAgent::start_vm().await;
+    let a = &t.agent;
+    let id = t.capsule().await;
+    let (code, out) = t
+        .sh(
+            &id,
+            "echo made-in-the-vm > /root/note && mkdir -p /srv/drop && chmod 1777 /srv/drop \
+             && ln -s /root/note /root/link",
+        )
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let name: wrenn_types::ids::TemplateName = "vm-snap".parse().unwrap();
+    let meta = a
+        .snapshot(&id, name.clone(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(meta.engine, Engine::Vm);
+    assert_eq!(meta.layers, vec![name.clone()]);
+    assert!(meta.size_bytes > 0);
+    assert_eq!(a.info_of(&id).unwrap().state, CapsuleState::Paused);
+    assert!(
+        !qemu_running_for(&t),
+        "a snapshot stops the VMM, as a pause does"
+    );
+
+    // a VM capsule from the new template boots from its disk
+    let check = "cat /root/note; readlink /root/link; stat -c %a /srv/drop";
+    let mut req = t.busybox();
+    req.template = name.clone();
+    let vm_id = req.id.clone();
+    a.create(req).await.unwrap();
+    let (code, out) = t.sh(&vm_id, check).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "made-in-the-vm\n/root/note\n1777\n")
+    );
+
+    // …and an OCI capsule from its layer
+    let mut req = t.busybox();
+    req.template = name.clone();
+    req.engine = Some(Engine::Oci);
+    let oci_id = req.id.clone();
+    a.create(req).await.unwrap();
+    assert_eq!(a.info_of(&oci_id).unwrap().engine, Engine::Oci);
+    let (code, out) = t.sh(&oci_id, check).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "made-in-the-vm\n/root/note\n1777\n")
+    );
+
+    // the source capsule resumes as it was
+    a.resume(&id).await.unwrap();
+    assert_eq!(t.sh(&id, "cat /root/note").await.1, "made-in-the-vm\n");
+
+    for c in [&id, &vm_id, &oci_id] {
+        a.destroy(c).await.unwrap();
+    }
+    a.delete_template(&name).await.unwrap();
+    assert!(!t.data.path().join("templates/vm-snap").exists());
     let left = t.leftovers();
     assert!(left.is_empty(), "left behind: {left:#?}");
 }

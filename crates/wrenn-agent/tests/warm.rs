@@ -6,6 +6,7 @@ mod common;
 
 use common::TestAgent;
 use wrenn_agent::config::WarmPool;
+use wrenn_agent::template::Engine;
 use wrenn_agent::{Agent, CreateRequest};
 use wrenn_types::ids::CapsuleId;
 
@@ -19,6 +20,7 @@ async fn warm_capsules_are_claimed_and_refilled() {
     let busybox = "busybox".parse().unwrap();
     cfg.warm_pools = vec![WarmPool {
         template: "busybox".parse().unwrap(),
+        engine: None,
         size: 2,
         vcpus: 1,
         memory_mb: 256,
@@ -73,6 +75,65 @@ async fn warm_capsules_are_claimed_and_refilled() {
     drop(again);
     drop(t);
     let left = common::leftovers(&cfg, std::path::Path::new("/nonexistent"));
+    assert!(left.is_empty(), "{left:#?}");
+}
+
+/// A pool of VM capsules for a template whose default engine is OCI: a
+/// request for a VM takes one (a booted guest: no boot on the request's
+/// path), a request for the template's default does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_vm_capsules_are_claimed() {
+    let data = tempfile::Builder::new()
+        .prefix("wrenn-warm-vm")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut cfg = common::test_config(data.path());
+    cfg.vm.kernel_dir = common::vm_kernel_dir();
+    let busybox: wrenn_types::ids::TemplateName = "busybox".parse().unwrap();
+    cfg.warm_pools = vec!["busybox:vm=1".parse().unwrap()];
+    cfg.warm_pools[0].memory_mb = 256;
+    let agent = Agent::open(cfg.clone()).await.unwrap();
+    let t = TestAgent {
+        agent: agent.clone(),
+        data,
+        cfg: cfg.clone(),
+        engine: Some(Engine::Vm),
+    };
+    agent.fill_warm_pools().await;
+    assert_eq!(agent.warm_count(&busybox), 1);
+
+    // the template's default engine (OCI): not from the pool
+    let oci = {
+        let mut r = t.busybox();
+        r.engine = None;
+        r.memory_mb = 256;
+        r
+    };
+    let info = agent.create(oci).await.unwrap();
+    assert_eq!(info.engine, Engine::Oci);
+    assert_eq!(agent.warm_count(&busybox), 1);
+
+    let req = t.busybox();
+    let id = req.id.clone();
+    let t0 = std::time::Instant::now();
+    let info = agent.create(req).await.unwrap();
+    let claimed_in = t0.elapsed();
+    assert_eq!(info.engine, Engine::Vm);
+    assert_eq!(agent.warm_count(&busybox), 0, "taken from the pool");
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let (code, out) = t.sh(&id, "echo $WRENN_SANDBOX_ID; uname -r").await;
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], id.as_str());
+    assert_ne!(
+        lines[1],
+        host_kernel.trim(),
+        "a guest kernel, not the host's"
+    );
+    eprintln!("a warm VM capsule claimed in {claimed_in:?}");
+
+    agent.destroy_all().await;
+    let left = t.leftovers();
     assert!(left.is_empty(), "{left:#?}");
 }
 

@@ -114,7 +114,20 @@ async fn metrics(State(state): State<Arc<Envd>>) -> Response {
     no_store(Json(state.metrics.snapshot()).into_response())
 }
 
+/// `syncfs(2)` on the filesystem holding `/` (only that one: in an OCI
+/// capsule, `sync(2)` would flush every filesystem of the host).
+fn sync_root() {
+    if let Ok(root) = std::fs::File::open("/") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor, open for the duration of the call.
+        unsafe { libc::syncfs(root.as_raw_fd()) };
+    }
+}
+
 async fn prepare_snapshot(State(state): State<Arc<Envd>>) -> Response {
     state.prepare_snapshot();
+    // What the capsule wrote reaches its disk: a VM's snapshot keeps its
+    // page cache, but a template made from the disk would not see it.
+    let _ = tokio::task::spawn_blocking(sync_root).await;
     no_store(StatusCode::NO_CONTENT.into_response())
 }

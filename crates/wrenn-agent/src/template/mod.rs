@@ -315,6 +315,13 @@ pub struct Staged {
     committed: bool,
 }
 
+impl Staged {
+    /// The template's directory-to-be (caches beside the layer go here).
+    pub fn dir(&self) -> &Path {
+        &self.tmp
+    }
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {

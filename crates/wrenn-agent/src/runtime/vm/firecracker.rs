@@ -233,7 +233,7 @@ impl FirecrackerRuntime {
 
     /// The raw disk Firecracker writes: a reflink or sparse copy of the
     /// template's image, next to the spec.
-    fn raw_disk(bundle: &Path) -> PathBuf {
+    pub(crate) fn raw_disk(bundle: &Path) -> PathBuf {
         bundle.join("disk.raw")
     }
 

@@ -375,6 +375,68 @@ pub fn build_root_disk(layers: &[PathBuf], out: &Path, size_mb: u64) -> Result<(
     std::fs::rename(&img, out).map_err(io("rename", &img))
 }
 
+/// Make a template from a VM capsule's disk, with the VMM stopped: the
+/// disk flattened into the template's raw root disk at `image` (what VM
+/// capsules of the template boot from, so no `mkfs` is needed), its journal
+/// replayed, and its files copied into `layer` (what OCI capsules of the
+/// template mount).
+pub fn export_disk(disk: &Path, image: &Path, layer: &Path) -> Result<(), ImageError> {
+    let [disk_s, image_s] = [disk, image].map(|p| p.display().to_string());
+    cmd::run(
+        "qemu-img",
+        [
+            "convert",
+            "-q",
+            "-O",
+            "raw",
+            disk_s.as_str(),
+            image_s.as_str(),
+        ],
+        None,
+    )
+    .map_err(tool("qemu-img convert"))?;
+    // The guest was stopped with the disk mounted: replay its journal, and
+    // repair what a guest may have left broken (exit 1: errors corrected).
+    match cmd::run("e2fsck", ["-f", "-y", image_s.as_str()], None) {
+        Ok(_) => {}
+        Err(cmd::CmdError::Failed { status, .. }) if status.code() == Some(1) => {}
+        Err(e) => return Err(tool("e2fsck the capsule's disk")(e)),
+    }
+    let parent = image.parent().unwrap_or(Path::new("."));
+    let mnt = tempfile::Builder::new()
+        .prefix(".mnt-")
+        .tempdir_in(parent)
+        .map_err(io("create a directory in", parent))?;
+    let mnt_s = mnt.path().display().to_string();
+    cmd::run(
+        "mount",
+        [
+            "-t",
+            "ext4",
+            "-o",
+            "loop,ro",
+            image_s.as_str(),
+            mnt_s.as_str(),
+        ],
+        None,
+    )
+    .map_err(tool("mount the capsule's disk"))?;
+    let copied = cmd::run(
+        "cp",
+        ["-a", &format!("{mnt_s}/."), &layer.display().to_string()],
+        None,
+    )
+    .map_err(tool("copy the capsule's files"));
+    let unmounted = crate::rootfs::unmount_if_mounted(mnt.path());
+    copied?;
+    if let Err(e) = unmounted {
+        tracing::warn!(path = %mnt_s, error = %e, "cannot unmount the exported disk");
+    }
+    // mkfs.ext4's directory, not the capsule's.
+    let _ = std::fs::remove_dir(layer.join("lost+found"));
+    Ok(())
+}
+
 /// A capsule's copy-on-write disk over the template's image.
 pub fn create_overlay(base: &Path, out: &Path) -> Result<(), ImageError> {
     cmd::run(

@@ -68,6 +68,16 @@ impl VmSpec {
         })
     }
 
+    /// The disk the guest of `bundle` writes: QEMU's overlay (the spec's
+    /// disk) or Firecracker's private copy of the spec's image.
+    pub fn written_disk(bundle: &Path) -> Result<PathBuf, RuntimeError> {
+        let copy = firecracker::FirecrackerRuntime::raw_disk(bundle);
+        if copy.is_file() {
+            return Ok(copy);
+        }
+        Ok(Self::load(bundle)?.disk)
+    }
+
     pub fn save(&self, bundle: &Path) -> Result<(), RuntimeError> {
         let path = bundle.join(SPEC_FILE);
         std::fs::create_dir_all(bundle).map_err(io("create", bundle))?;
