@@ -122,7 +122,8 @@ def test_create_options(cli, server) -> None:
 
 def test_create_engine_vm(cli, server) -> None:
     """``--engine vm``: a microVM with its own kernel, shown in ``wrenn ls``;
-    the same commands work on it. An unknown engine is refused by the CLI
+    the same commands work on it, ``wrenn snapshot`` included (its template
+    boots VMs by default). An unknown engine is refused by the CLI
     and, sent raw, by the API (400)."""
     c = json.loads(cli.out("create", "--json", "--template", "busybox", "--engine", "vm",
                            "--memory", "256", timeout=300))
@@ -136,6 +137,20 @@ def test_create_engine_vm(cli, server) -> None:
         cli.run("pause", c["id"], timeout=300)
         cli.run("resume", c["id"], timeout=300)
         assert cli.out("exec", c["id"], "--", "echo", "back") == "back\n"
+        # capsule → template: a VM template whose capsules boot its disk
+        cli.run("exec", c["id"], "--", "sh", "-c", "echo in-the-vm > /root/mark")
+        name = f"cli-vm-snap-{os.getpid()}"
+        assert cli.out("snapshot", c["id"], name, timeout=300).strip() == name
+        try:
+            d = json.loads(cli.out("create", "--json", "--template", name, "--memory", "256",
+                                   timeout=300))
+            try:
+                assert d["metadata"]["engine"] == "vm", d
+                assert cli.out("exec", d["id"], "--", "cat", "/root/mark") == "in-the-vm\n"
+            finally:
+                cli.run("kill", d["id"], timeout=300)
+        finally:
+            cli.run("template", "rm", name)
     finally:
         cli.run("kill", c["id"], timeout=300)
     oci = json.loads(cli.out("create", "--json", "--template", "busybox"))
