@@ -392,6 +392,9 @@ impl Agent {
         let dir = &self.cfg.vm.kernel_dir;
         let kernel = match GuestKernel::find(dir) {
             Ok(k) => k,
+            Err(_) if dir.is_file() => {
+                GuestKernel::from_image(dir, self.cfg.vm.modules.as_deref())?
+            }
             Err(_) => {
                 tracing::info!(dir = %dir.display(), "downloading Debian's cloud kernel for VM capsules");
                 GuestKernel::fetch_debian(dir)?

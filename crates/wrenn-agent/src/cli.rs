@@ -45,9 +45,15 @@ pub struct AgentArgs {
     pub net_pool: usize,
     /// An unpacked guest kernel package for VM capsules (`boot/vmlinuz-*`,
     /// `lib/modules/*`) [default: <data-dir>/vm/kernel, where Debian's
-    /// cloud kernel is downloaded on the first VM capsule].
+    /// cloud kernel is downloaded on the first VM capsule], or any kernel
+    /// image QEMU boots (`bzImage`, `vmlinuz`, a PVH `vmlinux`).
     #[arg(long, env = "WRENN_VM_KERNEL")]
     pub vm_kernel: Option<PathBuf>,
+    /// The modules of a `--vm-kernel` image (`lib/modules/<release>`, with
+    /// `modules.dep`); without it, virtio-mmio, virtio-blk, virtio-net and
+    /// ext4 must be built into the kernel.
+    #[arg(long, env = "WRENN_VM_MODULES")]
+    pub vm_modules: Option<PathBuf>,
     /// The QEMU binary VM capsules run in.
     #[arg(long, env = "WRENN_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: String,
@@ -80,6 +86,7 @@ impl AgentArgs {
         if let Some(k) = &self.vm_kernel {
             cfg.vm.kernel_dir = k.clone();
         }
+        cfg.vm.modules = self.vm_modules.clone();
         cfg.vm.qemu = self.qemu.clone();
         if let (Some(binary), Some(vmlinux)) = (&self.firecracker, &self.firecracker_kernel) {
             cfg.vm.firecracker = Some(crate::config::FirecrackerConfig {

@@ -44,8 +44,11 @@ pub struct AgentConfig {
 pub struct VmConfig {
     /// An unpacked kernel package (`boot/vmlinuz-*`, `lib/modules/*`).
     /// When it holds none, Debian's cloud kernel is downloaded into it on
-    /// the first VM capsule.
+    /// the first VM capsule. Or a kernel image file, with `modules`.
     pub kernel_dir: PathBuf,
+    /// With a kernel image file: its modules (`lib/modules/<release>`);
+    /// `None`: what the guest needs is built into the kernel.
+    pub modules: Option<PathBuf>,
     /// The QEMU binary (`qemu-system-x86_64`).
     pub qemu: String,
     /// Size of a VM capsule's disk (at least its template plus room).
@@ -133,6 +136,7 @@ impl AgentConfig {
             net_pool: 0,
             vm: VmConfig {
                 kernel_dir: data_dir.join("vm/kernel"),
+                modules: None,
                 qemu: "qemu-system-x86_64".into(),
                 disk_mb: 2048,
                 boot_timeout: Duration::from_secs(120),

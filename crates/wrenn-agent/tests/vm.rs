@@ -268,6 +268,39 @@ async fn a_vm_capsule_becomes_a_template() {
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
 
+/// `--vm-kernel` naming a kernel image file (here the unpacked package's
+/// own `vmlinuz`) with `--vm-modules` beside it, instead of a package tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_image_file_boots() {
+    let pkg = wrenn_agent::runtime::vm::image::GuestKernel::find(&common::vm_kernel_dir()).unwrap();
+    let (image, modules) = (pkg.vmlinuz.clone(), pkg.modules.clone());
+    let mut t = TestAgent::start_with(|c| {
+        c.vm.kernel_dir = image;
+        c.vm.modules = modules;
+    })
+    .await;
+    t.engine = Some(Engine::Vm);
+    let id = t.capsule().await;
+    assert_eq!(
+        t.sh(&id, "uname -r").await,
+        (0, format!("{}\n", pkg.release))
+    );
+    let initrds: Vec<String> = std::fs::read_dir(t.data.path().join("vm"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        initrds
+            .iter()
+            .any(|n| n.starts_with(&format!("initramfs-{}-", pkg.release))),
+        "{initrds:?}"
+    );
+    t.agent.destroy(&id).await.unwrap();
+    let left = t.leftovers();
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_vm_is_destroyed_without_a_vmm() {
     let t = TestAgent::start_vm().await;

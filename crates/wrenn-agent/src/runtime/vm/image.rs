@@ -53,11 +53,15 @@ fn tool(what: impl Into<String>) -> impl FnOnce(cmd::CmdError) -> ImageError {
 }
 
 /// A kernel and its modules, as a kernel package lays them out under a
-/// root: `boot/vmlinuz-<release>`, `lib/modules/<release>/`.
+/// root (`boot/vmlinuz-<release>`, `lib/modules/<release>/`), or any
+/// kernel image QEMU boots with its modules wherever they are, or none
+/// (what the guest needs built in).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestKernel {
     pub vmlinuz: PathBuf,
-    pub modules: PathBuf,
+    /// `lib/modules/<release>` (with `modules.dep`); `None`: no modules.
+    pub modules: Option<PathBuf>,
+    /// Names the initramfs built for this kernel.
     pub release: String,
 }
 
@@ -101,8 +105,43 @@ impl GuestKernel {
             .map_err(tool(format!("depmod for {release}")))?;
         }
         Ok(GuestKernel {
-            modules: root.join("lib/modules").join(&release),
+            modules: Some(root.join("lib/modules").join(&release)),
             vmlinuz,
+            release,
+        })
+    }
+
+    /// A kernel image file (`bzImage`, `vmlinuz`, a PVH `vmlinux`) and the
+    /// directory of its modules, if it needs any (one with `modules.dep`).
+    pub fn from_image(image: &Path, modules: Option<&Path>) -> Result<GuestKernel, ImageError> {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(image).map_err(io("read", image))?;
+        if !md.is_file() {
+            return Err(ImageError::NoKernel(image.to_owned()));
+        }
+        if let Some(m) = modules {
+            let dep = m.join("modules.dep");
+            if !dep.is_file() {
+                return Err(ImageError::Io {
+                    what: "read (run depmod for these modules)",
+                    path: dep,
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            }
+        }
+        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let release = format!(
+            "{}-{:x}-{:x}",
+            modules
+                .and_then(name)
+                .or_else(|| name(image))
+                .unwrap_or_default(),
+            md.size(),
+            md.mtime()
+        );
+        Ok(GuestKernel {
+            vmlinuz: image.to_owned(),
+            modules: modules.map(Path::to_owned),
             release,
         })
     }
@@ -171,11 +210,15 @@ impl GuestKernel {
     /// `wanted`, dependencies first, each once. Modules built into the
     /// kernel are not in `modules.dep` and are skipped when
     /// `modules.builtin` names them.
+    /// A kernel without modules has them all built in (or fails to boot:
+    /// the agent then says the guest never answered).
     pub fn module_order(&self, wanted: &[&str]) -> Result<Vec<String>, ImageError> {
-        let dep_path = self.modules.join("modules.dep");
+        let Some(dir) = &self.modules else {
+            return Ok(Vec::new());
+        };
+        let dep_path = dir.join("modules.dep");
         let text = std::fs::read_to_string(&dep_path).map_err(io("read", &dep_path))?;
-        let builtin =
-            std::fs::read_to_string(self.modules.join("modules.builtin")).unwrap_or_default();
+        let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
         let deps = parse_modules_dep(&text);
         let by_name: BTreeMap<String, &String> =
             deps.keys().map(|path| (module_name(path), path)).collect();
@@ -265,8 +308,9 @@ pub fn build_initramfs(
     entries.push(file("bin/busybox", 0o755, read(busybox)?));
     entries.push(file("envd", 0o755, read(envd)?));
     let mut listed = String::new();
+    let module_dir = kernel.modules.as_deref().unwrap_or(Path::new("/"));
     for (i, m) in modules.iter().enumerate() {
-        let src = kernel.modules.join(m);
+        let src = module_dir.join(m);
         let data = read(&src)?;
         let data = if m.ends_with(".xz") || m.ends_with(".zst") {
             decompress(&src, m)?
@@ -574,6 +618,27 @@ mod tests {
         ));
         assert!(matches!(
             GuestKernel::find(&t.path().join("x")),
+            Err(ImageError::NoKernel(_))
+        ));
+
+        // a kernel image file: with its modules, without (all built in)
+        let image = t.path().join("boot/vmlinuz-6.1.0-9-cloud-amd64");
+        let k = GuestKernel::from_image(&image, Some(&m)).unwrap();
+        assert_eq!(k.module_order(GUEST_MODULES).unwrap(), order);
+        assert!(
+            k.release.starts_with("6.1.0-9-cloud-amd64-"),
+            "{}",
+            k.release
+        );
+        let bare = GuestKernel::from_image(&image, None).unwrap();
+        assert!(bare.module_order(GUEST_MODULES).unwrap().is_empty());
+        assert!(bare.release.starts_with("vmlinuz-6.1.0-9-cloud-amd64-"));
+        assert!(matches!(
+            GuestKernel::from_image(&image, Some(t.path())),
+            Err(ImageError::Io { .. })
+        ));
+        assert!(matches!(
+            GuestKernel::from_image(t.path(), None),
             Err(ImageError::NoKernel(_))
         ));
     }
