@@ -99,6 +99,20 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         assert on_new, f"no capsule landed on the second host: {made}"
         r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo hi"]})
         assert r.status_code == 200 and r.json()["stdout"] == "hi\n", r.text
+        # the agent itself answers nobody without its token (the control
+        # plane learned it at registration): RPC and port proxy alike
+        agent_token = (data / "agent-token").read_text().strip()
+        assert stat.S_IMODE((data / "agent-token").stat().st_mode) == 0o600
+        rpc = f"http://{addr}/wrenn.agent.v1.Agent/ListCapsules"
+        for headers in ({}, {"X-Wrenn-Agent-Token": "0" * 64}):
+            r = httpx.post(rpc, content=b"{}", headers={"Content-Type": "application/json", **headers})
+            assert r.status_code == 401 and r.json()["code"] == "unauthenticated", r.text
+            r = httpx.get(f"http://{addr}/proxy/{on_new}/8000/", headers=headers)
+            assert r.status_code == 401, r.text
+        r = httpx.post(rpc, content=b"{}", headers={"Content-Type": "application/json",
+                                                     "X-Wrenn-Agent-Token": agent_token})
+        assert r.status_code == 200 and on_new in r.text, r.text
+        assert httpx.get(f"http://{addr}/health").status_code == 200
 
         # a restart on another port: no token needed, the heartbeat moves it
         stop(proc)

@@ -212,6 +212,8 @@ pub struct Agent {
     vmm: Mutex<Option<Arc<dyn Runtime>>>,
     /// Serialises the builds of templates' VM disks.
     vm_disks: Mutex<()>,
+    /// What every request to this agent must carry ([`crate::auth`]).
+    token: Arc<str>,
 }
 
 /// A warm pool: its template and the engine its capsules run on.
@@ -264,6 +266,10 @@ impl Agent {
         let capsules_dir = cfg.data_dir.join("capsules");
         std::fs::create_dir_all(&capsules_dir).map_err(AgentError::io("create", &capsules_dir))?;
         template::build_busybox(&templates, &cfg.busybox_bin)?;
+        let token = crate::auth::load_or_create(&cfg.data_dir).map_err(AgentError::io(
+            "create",
+            &cfg.data_dir.join(crate::auth::TOKEN_FILE),
+        ))?;
         network::enable_forwarding().map_err(AgentError::io(
             "enable",
             "/proc/sys/net/ipv4/ip_forward".as_ref(),
@@ -286,6 +292,7 @@ impl Agent {
             vm: Mutex::new(None),
             vmm: Mutex::new(None),
             vm_disks: Mutex::new(()),
+            token: token.into(),
             cfg,
         });
         // Fail fast when the default runtime is not installed.
@@ -301,6 +308,11 @@ impl Agent {
 
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    /// The token clients of this agent present ([`crate::auth`]).
+    pub fn token(&self) -> &Arc<str> {
+        &self.token
     }
 
     pub fn templates(&self) -> &TemplateStore {

@@ -4,6 +4,7 @@
 //! RPC and the port proxy to the control plane.
 
 pub mod agent;
+pub mod auth;
 pub mod cgroup;
 pub mod cli;
 pub mod cmd;

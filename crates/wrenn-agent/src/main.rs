@@ -51,7 +51,7 @@ async fn main() {
     println!("wrenn-agent listening on {addr}");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let joined = args.control_plane.clone().map(|cp| {
-        let facts = wrenn_agent::register::host_facts(&args.agent.data_dir, addr);
+        let facts = wrenn_agent::register::host_facts(&args.agent.data_dir, addr, agent.token());
         tokio::spawn(wrenn_agent::register::run(
             cp,
             args.registration_token.clone(),

@@ -17,8 +17,9 @@ use wrenn_types::hosts::HostFacts;
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(30);
 const RETRY: Duration = Duration::from_secs(5);
 
-/// This machine's facts, for an agent listening on `address`.
-pub fn host_facts(data_dir: &Path, address: SocketAddr) -> HostFacts {
+/// This machine's facts, for an agent listening on `address` that
+/// requires `agent_token`.
+pub fn host_facts(data_dir: &Path, address: SocketAddr, agent_token: &str) -> HostFacts {
     let cpu_cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let memory_mb = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -37,6 +38,7 @@ pub fn host_facts(data_dir: &Path, address: SocketAddr) -> HostFacts {
         cpu_cores,
         memory_mb,
         disk_gb,
+        agent_token: agent_token.to_owned(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The agent's one listener: the Connect RPC (`/wrenn.agent.v1.Agent/…`),
 //! the port proxy (`/proxy/{capsule}/{port}/…`) and `/health`, on h1 and
 //! h2c. The control plane reaches RPC and proxy through separate pools.
+//! All but `/health` need the agent's token ([`crate::auth`]).
 //!
 //! [`run`] owns the reaper, warm-pool and sampler tasks and the proxy's tunnels; when `shutdown`
 //! resolves it stops accepting, drains connections, stops the reaper and
@@ -61,7 +62,11 @@ impl AgentServer {
             .route("/proxy/{*rest}", any(proxy::handler))
             .with_state(proxy.clone())
             .route("/health", get(health))
-            .fallback_service(rpc::router(agent.clone()).into_axum_service());
+            .fallback_service(rpc::router(agent.clone()).into_axum_service())
+            .layer(axum::middleware::from_fn_with_state(
+                agent.token().clone(),
+                crate::auth::require,
+            ));
         let served = wrenn_http::serve(
             listener,
             router,

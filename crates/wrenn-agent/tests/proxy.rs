@@ -96,9 +96,24 @@ impl Served {
         id
     }
 
+    /// A WebSocket handshake to `url` that carries the agent's token.
+    fn ws_request(&self, url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert(
+            wrenn_agent::auth::AGENT_TOKEN_HEADER,
+            self.t.agent.token().parse().unwrap(),
+        );
+        req
+    }
+
     async fn get(&self, path: &str) -> (u16, http::HeaderMap, String) {
         let client = wrenn_http::client(wrenn_http::HttpVersion::Http1);
         let req = http::Request::get(format!("http://{}{path}", self.addr))
+            .header(
+                wrenn_agent::auth::AGENT_TOKEN_HEADER,
+                &*self.t.agent.token().to_string(),
+            )
             .body(
                 Empty::<Bytes>::new()
                     .map_err(|never| match never {})
@@ -196,7 +211,7 @@ async fn the_port_proxy_end_to_end() {
     let url = format!("ws://{}/proxy/{id}/8765/echo", s.addr);
     let mut ws = None;
     for _ in 0..40 {
-        if let Ok((conn, _)) = tokio_tungstenite::connect_async(&url).await {
+        if let Ok((conn, _)) = tokio_tungstenite::connect_async(s.ws_request(&url)).await {
             ws = Some(conn);
             break;
         }
@@ -224,7 +239,9 @@ async fn the_port_proxy_end_to_end() {
     assert_eq!(got, Message::Binary(vec![0u8, 255, 7].into()));
     ws.close(None).await.unwrap();
     // a second tunnel stays open until the capsule is destroyed (below)
-    let (mut held, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut held, _) = tokio_tungstenite::connect_async(s.ws_request(&url))
+        .await
+        .unwrap();
     held.send(Message::Text("still here".into())).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), held.next())
         .await

@@ -34,7 +34,7 @@ async fn a_killed_agent_readopts_its_capsules() {
     let cfg = common::test_config(data.path());
     let guard = Scrub(cfg.clone());
     let mut first = AgentProcess::spawn(&cfg);
-    let c = first.client();
+    let c = first.client(&cfg.data_dir);
     let mut ids = Vec::new();
     for i in 0..10 {
         let id = CapsuleId::random().to_string();
@@ -93,7 +93,7 @@ async fn a_killed_agent_readopts_its_capsules() {
     }
 
     let second = AgentProcess::spawn(&cfg);
-    let c = second.client();
+    let c = second.client(&cfg.data_dir);
     let list = c
         .list_capsules(pb::ListCapsulesRequest::default())
         .await
@@ -174,7 +174,7 @@ async fn a_killed_agent_readopts_its_vm_capsules() {
     cfg.vm.kernel_dir = common::vm_kernel_dir();
     let guard = Scrub(cfg.clone());
     let mut first = AgentProcess::spawn(&cfg);
-    let c = first.client();
+    let c = first.client(&cfg.data_dir);
     let id = CapsuleId::random().to_string();
     let created = c
         .create_capsule(pb::CreateCapsuleRequest {
@@ -196,7 +196,7 @@ async fn a_killed_agent_readopts_its_vm_capsules() {
     first.kill9();
 
     let second = AgentProcess::spawn(&cfg);
-    let c = second.client();
+    let c = second.client(&cfg.data_dir);
     let got = c
         .get_capsule(pb::CapsuleRef {
             id: id.clone(),

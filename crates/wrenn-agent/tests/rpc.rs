@@ -62,7 +62,7 @@ async fn events(
 async fn the_agent_rpc_over_the_wire() {
     let t = TestAgent::start().await;
     let (addr, _stop) = serve(&t).await;
-    let c = common::rpc_client(addr);
+    let c = common::rpc_client(addr, t.agent.token());
 
     // bad IDs and unknown capsules
     let err = c.get_capsule(cref("../etc")).await.unwrap_err();
@@ -541,7 +541,7 @@ async fn the_agent_rpc_over_the_wire() {
 async fn the_reaper_pauses_or_destroys_idle_capsules() {
     let t = TestAgent::start().await;
     let (addr, _stop) = serve(&t).await;
-    let c = common::rpc_client(addr);
+    let c = common::rpc_client(addr, t.agent.token());
     let pausing = CapsuleId::random().to_string();
     let dying = CapsuleId::random().to_string();
     for (id, destroy) in [(&pausing, false), (&dying, true)] {
@@ -595,4 +595,91 @@ async fn the_reaper_pauses_or_destroys_idle_capsules() {
         .unwrap()
         .into_owned();
     assert!(list.auto_paused_ids.is_empty(), "drained on read");
+}
+
+/// A raw HTTP/1.1 GET to the agent, with `token` if given: the status and
+/// body, or None if nothing came back within `wait`.
+async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    wait: std::time::Duration,
+) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| {
+        format!("{}: {t}\r\n", wrenn_agent::auth::AGENT_TOKEN_HEADER)
+    });
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(wait, s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12)?.parse().ok()?;
+    Some((status, text))
+}
+
+/// Only the holder of the agent's token drives it: RPC and port proxy
+/// without it (or with another) are refused as unauthenticated, `/health`
+/// stays open, and the token stops at the agent: a capsule's server never
+/// sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_wants_its_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestAgent::start().await;
+    let (addr, _stop) = serve(&t).await;
+    let token = t.agent.token().to_string();
+    assert!(token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()));
+    let file = t.data.path().join(wrenn_agent::auth::TOKEN_FILE);
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), token);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let unknown = CapsuleId::random().to_string();
+    let bare = common::RpcClient::new(
+        connectrpc::client::HttpClient::plaintext(),
+        connectrpc::client::ClientConfig::new(format!("http://{addr}").parse().unwrap()),
+    );
+    let err = bare.get_capsule(cref(&unknown)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unauthenticated, "{err:?}");
+    let wrong = common::rpc_client(addr, &"0".repeat(64));
+    let err = wrong.get_capsule(cref(&unknown)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unauthenticated, "{err:?}");
+    let right = common::rpc_client(addr, &token);
+    let err = right.get_capsule(cref(&unknown)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound, "{err:?}");
+
+    let wait = std::time::Duration::from_secs(10);
+    assert_eq!(http_get(addr, "/health", None, wait).await.unwrap().0, 200);
+    let id = t.capsule().await;
+    let proxied = format!("/proxy/{id}/8000/");
+    let (status, body) = http_get(addr, &proxied, None, wait).await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unauthenticated"), "{body}");
+    let (status, _) = http_get(addr, &proxied, Some("nope"), wait).await.unwrap();
+    assert_eq!(status, 401);
+
+    // what a capsule's server receives through the proxy
+    t.spawn(&id, "nc", "nc -l -p 8000 > /tmp/request").await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let short = std::time::Duration::from_secs(2);
+    let _ = http_get(addr, &proxied, Some(&token), short).await;
+    let (_, seen) = t.sh(&id, "cat /tmp/request").await;
+    assert!(seen.starts_with("GET / HTTP/1.1"), "{seen:?}");
+    assert!(
+        !seen
+            .to_ascii_lowercase()
+            .contains(wrenn_agent::auth::AGENT_TOKEN_HEADER)
+            && !seen.contains(&token),
+        "the token reached the capsule: {seen:?}"
+    );
+    t.agent.destroy(&id).await.unwrap();
 }

@@ -342,7 +342,7 @@ async fn up(args: UpArgs) -> Result<()> {
         .context("open the database")?;
     let cp = plane.cp.clone();
     cp.set_ready(false);
-    let facts = wrenn_agent::register::host_facts(&data_dir, agent_addr);
+    let facts = wrenn_agent::register::host_facts(&data_dir, agent_addr, agent.token());
     let host = register_agent(&cp, &data_dir, &facts).await?;
     publish_template(&cp, agent.templates(), "busybox").await?;
     let first = admin_keys(&cp, &data_dir).await?;

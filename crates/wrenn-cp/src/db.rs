@@ -59,6 +59,11 @@ fn migrator() -> Migrator {
     let migrations = [
         (1, "init", include_str!("../migrations/0001_init.sql")),
         (2, "e2b", include_str!("../migrations/0002_e2b.sql")),
+        (
+            3,
+            "agent_token",
+            include_str!("../migrations/0003_agent_token.sql"),
+        ),
     ]
     .into_iter()
     .map(|(version, name, sql)| {
@@ -259,7 +264,7 @@ impl Db {
         let row = sqlx::query(
             "UPDATE hosts SET status = 'online', address = $1, token_hash = $2, arch = $3, \
                     cpu_cores = $4, memory_mb = $5, disk_gb = $6, last_heartbeat = $7, \
-                    registration_hash = NULL \
+                    registration_hash = NULL, agent_token = $9 \
              WHERE registration_hash = $8 RETURNING id",
         )
         .bind(&reg.address)
@@ -270,6 +275,7 @@ impl Db {
         .bind(reg.disk_gb)
         .bind(now_ms())
         .bind(registration_hash)
+        .bind(&reg.agent_token)
         .fetch_optional(&self.pool)
         .await?;
         let Some(r) = row else { return Ok(None) };
@@ -277,7 +283,8 @@ impl Db {
         self.host(&id).await
     }
 
-    /// A known host's new address and size (an agent that restarted).
+    /// A known host's new address and size (an agent that restarted), and
+    /// its agent token unless `reg` has none.
     pub async fn update_host(
         &self,
         id: &HostId,
@@ -285,7 +292,8 @@ impl Db {
     ) -> Result<Option<Host>, DbError> {
         sqlx::query(
             "UPDATE hosts SET status = 'online', address = $1, arch = $2, cpu_cores = $3, \
-                    memory_mb = $4, disk_gb = $5, last_heartbeat = $6 WHERE id = $7",
+                    memory_mb = $4, disk_gb = $5, last_heartbeat = $6, \
+                    agent_token = COALESCE(NULLIF($8, ''), agent_token) WHERE id = $7",
         )
         .bind(&reg.address)
         .bind(&reg.arch)
@@ -294,6 +302,7 @@ impl Db {
         .bind(reg.disk_gb)
         .bind(now_ms())
         .bind(id.as_str())
+        .bind(&reg.agent_token)
         .execute(&self.pool)
         .await?;
         self.host(id).await
@@ -815,6 +824,8 @@ pub struct Host {
     pub disk_gb: i64,
     pub created_at: i64,
     pub last_heartbeat: Option<i64>,
+    /// What the agent requires on its RPC and proxy ('' if unknown).
+    pub agent_token: String,
 }
 
 /// What an agent says about itself when it registers (and heartbeats).
@@ -916,7 +927,7 @@ pub struct MetricRow {
 }
 
 const HOST_COLS: &str = "SELECT id, status, address, arch, cpu_cores, memory_mb, disk_gb, \
-                         created_at, last_heartbeat FROM hosts";
+                         created_at, last_heartbeat, agent_token FROM hosts";
 const CAPSULE_COLS: &str = "SELECT id, team_id, host_id, template, agent_template, status, vcpus, \
                             memory_mb, timeout_sec, disk_size_mb, metadata, created_at, \
                             started_at, last_active_at, last_updated, access_token, end_at, \
@@ -970,6 +981,7 @@ fn host_row(r: &AnyRow) -> Result<Host, DbError> {
         disk_gb: r.try_get("disk_gb")?,
         created_at: r.try_get("created_at")?,
         last_heartbeat: r.try_get("last_heartbeat")?,
+        agent_token: r.try_get("agent_token")?,
     })
 }
 

@@ -20,6 +20,7 @@ use connectrpc::client::{ClientBody, ClientConfig, ClientTransport};
 use connectrpc::ConnectError;
 use http_body_util::BodyExt;
 use wrenn_proto::wrenn::agent::v1::AgentClient;
+use wrenn_types::hosts::AGENT_TOKEN_HEADER;
 use wrenn_types::ids::HostId;
 
 use crate::db::{Db, Host};
@@ -67,6 +68,9 @@ pub struct HostConn {
     pub id: HostId,
     /// `ip:port` of the agent's listener (RPC and `/proxy/`).
     pub address: String,
+    /// The agent's secret, sent as `X-Wrenn-Agent-Token` with every RPC
+    /// (by `rpc`) and every proxied request (by the proxy).
+    pub agent_token: http::HeaderValue,
     pub rpc: Rpc,
     /// The HTTP/2 client under `rpc`.
     pub h2: wrenn_http::ProxyClient,
@@ -82,18 +86,25 @@ impl std::fmt::Debug for HostConn {
 }
 
 impl HostConn {
-    fn new(id: HostId, address: String) -> Result<HostConn, String> {
+    fn new(host: &Host) -> Result<HostConn, String> {
+        let address = host.address.clone();
         let uri: http::Uri = format!("http://{address}")
             .parse()
             .map_err(|e| format!("bad host address {address:?}: {e}"))?;
+        let mut agent_token = http::HeaderValue::from_str(&host.agent_token)
+            .map_err(|_| "the agent token is not a header value".to_owned())?;
+        agent_token.set_sensitive(true);
         let h2 = wrenn_http::rpc_h2_client();
         let rpc = AgentClient::new(
             AgentTransport { client: h2.clone() },
-            ClientConfig::new(uri).with_default_max_message_size(16 << 20),
+            ClientConfig::new(uri)
+                .with_default_max_message_size(16 << 20)
+                .with_default_header(AGENT_TOKEN_HEADER, agent_token.clone()),
         );
         Ok(HostConn {
-            id,
+            id: host.id.clone(),
             address,
+            agent_token,
             rpc,
             h2,
         })
@@ -110,10 +121,13 @@ impl Hosts {
     /// (Re)connect to a host at its registered address.
     pub fn connect(&self, host: &Host) -> Result<Arc<HostConn>, String> {
         let mut conns = self.conns.write().unwrap();
-        if let Some(c) = conns.get(&host.id).filter(|c| c.address == host.address) {
+        if let Some(c) = conns
+            .get(&host.id)
+            .filter(|c| c.address == host.address && c.agent_token == host.agent_token)
+        {
             return Ok(c.clone());
         }
-        let c = Arc::new(HostConn::new(host.id.clone(), host.address.clone())?);
+        let c = Arc::new(HostConn::new(host)?);
         conns.insert(host.id.clone(), c.clone());
         Ok(c)
     }
@@ -201,6 +215,7 @@ mod tests {
             disk_gb: 10,
             created_at: 0,
             last_heartbeat: None,
+            agent_token: String::new(),
         }
     }
 

@@ -33,6 +33,7 @@ use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use wrenn_http::relay::{self, plain};
 use wrenn_types::envd::ENVD_PORT;
+use wrenn_types::hosts::AGENT_TOKEN_HEADER;
 use wrenn_types::ids::{CapsuleId, TeamId};
 use wrenn_types::proxy::{parse_host, parse_target, HostTarget};
 
@@ -50,6 +51,8 @@ pub struct Route {
     pub client: wrenn_http::ProxyClient,
     /// The capsule's envd access token.
     pub token: String,
+    /// What the agent requires of the control plane.
+    pub agent_token: HeaderValue,
     at: Instant,
     /// Looked up again on next use (the agent refused a dial).
     stale: bool,
@@ -142,6 +145,7 @@ pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
         agent,
         client,
         token: c.access_token.clone(),
+        agent_token: host.agent_token.clone(),
         at: Instant::now(),
         stale: false,
         // A refreshed route keeps its token: eviction must still reach
@@ -237,6 +241,9 @@ pub async fn relay_to(
             h.insert(header::LOCATION, v);
         }
     };
+    let mut req = req;
+    req.headers_mut()
+        .insert(AGENT_TOKEN_HEADER, route.agent_token.clone());
     if relay::is_upgrade(req.headers()) {
         return relay::tunnel(
             req,

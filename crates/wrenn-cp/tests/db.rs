@@ -58,6 +58,7 @@ async fn exercise(db: &Db) {
         disk_gb: 0,
         created_at: now_ms(),
         last_heartbeat: None,
+        agent_token: String::new(),
     };
     let reg_hash = format!("{:064}", now_ms());
     db.insert_host(&host, &reg_hash).await.unwrap();
@@ -67,6 +68,7 @@ async fn exercise(db: &Db) {
         cpu_cores: 2,
         memory_mb: 4096,
         disk_gb: 10,
+        agent_token: "agent-secret".into(),
     };
     let h = db
         .register_host(&reg_hash, &reg, "tok")
@@ -74,6 +76,15 @@ async fn exercise(db: &Db) {
         .unwrap()
         .unwrap();
     assert_eq!((h.status.as_str(), h.cpu_cores), ("online", 2));
+    assert_eq!(h.agent_token, "agent-secret");
+    // a heartbeat without a token keeps it; one with a new token replaces it
+    let mut beat = reg.clone();
+    beat.agent_token = String::new();
+    let h2 = db.update_host(&h.id, &beat).await.unwrap().unwrap();
+    assert_eq!(h2.agent_token, "agent-secret");
+    beat.agent_token = "rotated".into();
+    let h2 = db.update_host(&h.id, &beat).await.unwrap().unwrap();
+    assert_eq!(h2.agent_token, "rotated");
     assert!(
         db.register_host(&reg_hash, &reg, "tok")
             .await

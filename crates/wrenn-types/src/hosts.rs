@@ -15,4 +15,11 @@ pub struct HostFacts {
     pub memory_mb: i64,
     #[serde(default)]
     pub disk_gb: i64,
+    /// The secret the agent requires on its RPC and port proxy, which the
+    /// control plane must send (`X-Wrenn-Agent-Token`).
+    #[serde(default)]
+    pub agent_token: String,
 }
+
+/// The header carrying [`HostFacts::agent_token`] to the agent.
+pub const AGENT_TOKEN_HEADER: &str = "x-wrenn-agent-token";

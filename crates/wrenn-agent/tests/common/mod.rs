@@ -313,8 +313,10 @@ impl AgentProcess {
         AgentProcess { child, addr }
     }
 
-    pub fn client(&self) -> RpcClient {
-        rpc_client(self.addr)
+    /// A client with the token the agent made in `data_dir`.
+    pub fn client(&self, data_dir: &Path) -> RpcClient {
+        let token = std::fs::read_to_string(data_dir.join(wrenn_agent::auth::TOKEN_FILE)).unwrap();
+        rpc_client(self.addr, token.trim())
     }
 
     /// SIGTERM, and wait: a graceful stop (capsules stay, pools drain).
@@ -338,11 +340,13 @@ impl Drop for AgentProcess {
 
 pub type RpcClient = wrenn_proto::wrenn::agent::v1::AgentClient<connectrpc::client::HttpClient>;
 
-pub fn rpc_client(addr: std::net::SocketAddr) -> RpcClient {
+/// An RPC client of the agent at `addr` that presents `token`.
+pub fn rpc_client(addr: std::net::SocketAddr, token: &str) -> RpcClient {
     let uri: http::Uri = format!("http://{addr}").parse().unwrap();
     RpcClient::new(
         connectrpc::client::HttpClient::plaintext(),
-        connectrpc::client::ClientConfig::new(uri),
+        connectrpc::client::ClientConfig::new(uri)
+            .with_default_header(wrenn_agent::auth::AGENT_TOKEN_HEADER, token),
     )
 }
 

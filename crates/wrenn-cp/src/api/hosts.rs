@@ -42,9 +42,24 @@ pub async fn issue_registration(cp: &Cp) -> ApiResult<(Host, String)> {
         disk_gb: 0,
         created_at: now_ms(),
         last_heartbeat: None,
+        agent_token: String::new(),
     };
     cp.db.insert_host(&host, &sha256_hex(&token)).await?;
     Ok((host, token))
+}
+
+/// What the agent said is usable: an `ip:port`, and a token that fits in a
+/// header (empty: an agent that requires none).
+fn check_facts(reg: &HostRegistration) -> ApiResult<()> {
+    if reg.address.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::invalid("address must be ip:port"));
+    }
+    if reg.agent_token.len() > 256 || http::HeaderValue::from_str(&reg.agent_token).is_err() {
+        return Err(ApiError::invalid(
+            "agent_token must be at most 256 visible ASCII characters",
+        ));
+    }
+    Ok(())
 }
 
 /// Register the agent holding `token`; returns the host and its token.
@@ -53,9 +68,7 @@ pub async fn register_host(
     token: &str,
     reg: &HostRegistration,
 ) -> ApiResult<(Host, String)> {
-    if reg.address.parse::<std::net::SocketAddr>().is_err() {
-        return Err(ApiError::invalid("address must be ip:port"));
-    }
+    check_facts(reg)?;
     let host_token = random_hex(32);
     let host = cp
         .db
@@ -175,6 +188,8 @@ pub struct HeartbeatBody {
     memory_mb: i64,
     #[serde(default)]
     disk_gb: i64,
+    #[serde(default)]
+    agent_token: String,
 }
 
 /// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
@@ -207,10 +222,9 @@ pub async fn heartbeat(
             cpu_cores: body.cpu_cores,
             memory_mb: body.memory_mb,
             disk_gb: body.disk_gb,
+            agent_token: body.agent_token,
         };
-        if facts.address.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ApiError::invalid("address must be ip:port"));
-        }
+        check_facts(&facts)?;
         if let Some(host) = cp.db.update_host(&id, &facts).await? {
             cp.hosts.connect(&host).map_err(ApiError::invalid)?;
         }
