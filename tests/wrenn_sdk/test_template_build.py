@@ -81,3 +81,79 @@ def test_only_the_admin_team_builds(server, team_b, tmp_path: Path) -> None:
     ok.write_text("RUN true\n")
     r = wrenn(server, "build", str(ok), key=team_b.api_key)
     assert r.returncode == 1 and "forbidden" in r.stderr, r.stderr
+
+
+def test_copy_sends_the_build_context(server, tmp_path: Path) -> None:
+    """``COPY`` over HTTP: ``wrenn template build`` archives what the recipe
+    copies (from the recipe's directory) and the control plane unpacks it
+    for the build; files, nested directories and binary bytes arrive as they
+    were, owned by the ``USER`` of the step."""
+    blob = bytes(range(256)) * 64
+    (tmp_path / "app" / "sub").mkdir(parents=True)
+    (tmp_path / "app" / "hello.txt").write_text("hello from the context\n")
+    (tmp_path / "app" / "sub" / "blob.bin").write_bytes(blob)
+    (tmp_path / "motd").write_text("copied alone\n")
+    (tmp_path / "not-copied").write_text("stays here\n")
+    recipe = tmp_path / "copy.recipefile"
+    recipe.write_text("USER dev\nWORKDIR /home/dev\nCOPY app /opt/app\nCOPY motd motd.txt\n")
+    name = f"copy-{uuid.uuid4().hex[:8]}"
+    r = wrenn(server, "build", str(recipe), "--name", name)
+    assert r.returncode == 0, r.stderr
+    try:
+        with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
+            assert c.commands.run("cat /opt/app/hello.txt").stdout == "hello from the context\n"
+            assert c.files.read_bytes("/opt/app/sub/blob.bin") == blob
+            assert c.commands.run("cat /home/dev/motd.txt").stdout == "copied alone\n"
+            assert c.commands.run("stat -c %U /opt/app/sub/blob.bin").stdout == "dev\n"
+            assert c.commands.run("ls /opt/app").stdout.split() == ["hello.txt", "sub"]
+    finally:
+        with server.http() as h:
+            h.delete(f"/v1/snapshots/{name}")
+
+    # a COPY whose source is not there fails before anything is sent
+    missing = tmp_path / "missing.recipefile"
+    missing.write_text("COPY nothing-here /x\n")
+    r = wrenn(server, "build", str(missing), "--name", f"miss-{uuid.uuid4().hex[:6]}")
+    assert r.returncode == 1 and "nothing-here" in r.stderr, r.stderr
+
+
+def test_build_contexts_are_checked(server) -> None:
+    """The route takes a context only as a tar of files and directories
+    inside it; JSON alone cannot COPY."""
+    import io
+    import tarfile
+
+    def form(archive: bytes) -> dict:
+        build = '{"name": "ctx-%s", "recipe": "COPY a /a"}' % uuid.uuid4().hex[:6]
+        return {"config": ("build.json", build, "application/json"),
+                "archive": ("context.tar", archive, "application/x-tar")}
+
+    def tar_of(*members: tarfile.TarInfo) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            for m in members:
+                t.addfile(m, io.BytesIO(b"x" * m.size) if m.isfile() else None)
+        return buf.getvalue()
+
+    def member(name: str, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+        m = tarfile.TarInfo(name)
+        m.type = kind
+        m.size = 1 if kind == tarfile.REGTYPE else 0
+        if kind == tarfile.SYMTYPE:
+            m.linkname = "/etc/shadow"
+        return m
+
+    with server.http() as h:
+        r = h.post("/v1/admin/builds", json={"name": "ctx-none", "recipe": "COPY a /a"})
+        assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+        for bad, why in [
+            (tar_of(member("../escape")), "inside the archive"),
+            (tar_of(member("a", tarfile.SYMTYPE)), "only regular files"),
+            (b"not a tar archive at all" * 40, "build context"),
+        ]:
+            r = h.post("/v1/admin/builds", files=form(bad))
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "invalid_request", r.text
+            assert why in r.json()["error"]["message"], r.text
+        r = h.post("/v1/admin/builds", files={"archive": ("c.tar", tar_of(member("a")), "application/x-tar")})
+        assert r.status_code == 400 and "config part is missing" in r.text, r.text

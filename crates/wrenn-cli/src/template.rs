@@ -36,6 +36,10 @@ pub struct BuildArgs {
     /// Healthcheck line [default: FILE's `.healthcheck` sibling, if any].
     #[arg(long)]
     healthcheck: Option<String>,
+    /// Where `COPY` sources are read from [default: FILE's directory]; what
+    /// they name is sent along as a tar archive.
+    #[arg(long)]
+    context: Option<PathBuf>,
 }
 
 pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
@@ -75,7 +79,37 @@ async fn build(g: &Global, a: BuildArgs) -> Result<i32> {
     let recipe =
         std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
     // Catch mistakes here, with line numbers, before a capsule is started.
-    wrenn_types::recipe::parse(&recipe).with_context(|| format!("{}", a.file.display()))?;
+    let steps =
+        wrenn_types::recipe::parse(&recipe).with_context(|| format!("{}", a.file.display()))?;
+    let sources: Vec<&str> = steps
+        .iter()
+        .filter_map(|s| match s {
+            wrenn_types::recipe::Step::Copy { sources, .. } => Some(sources),
+            _ => None,
+        })
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let context = if sources.is_empty() {
+        None
+    } else {
+        let dir = match &a.context {
+            Some(d) => d.clone(),
+            None => a
+                .file
+                .parent()
+                .map(|p| {
+                    if p.as_os_str().is_empty() {
+                        ".".as_ref()
+                    } else {
+                        p
+                    }
+                })
+                .unwrap_or(".".as_ref())
+                .to_owned(),
+        };
+        Some(context_archive(&dir, &sources)?)
+    };
     let name = match a.name {
         Some(n) => n,
         None => a
@@ -103,6 +137,7 @@ async fn build(g: &Global, a: BuildArgs) -> Result<i32> {
             base_template: a.base,
             recipe,
             healthcheck,
+            context,
         })
         .await
         .with_context(|| format!("build {name}"))?;
@@ -111,4 +146,28 @@ async fn build(g: &Global, a: BuildArgs) -> Result<i32> {
     }
     println!("built template {} ({} bytes)", t.name, t.size_bytes);
     Ok(0)
+}
+
+/// A tar archive of `sources` (files or directories, relative to `dir`),
+/// under the same relative names: what the recipe's `COPY` steps read.
+/// Links are followed, so the archive holds what they point to.
+fn context_archive(dir: &std::path::Path, sources: &[&str]) -> Result<Vec<u8>> {
+    let mut ar = tar::Builder::new(Vec::new());
+    ar.follow_symlinks(true);
+    for src in sources {
+        let path = dir.join(src);
+        let meta = std::fs::metadata(&path)
+            .with_context(|| format!("COPY {src}: {} is not readable", path.display()))?;
+        let name = match src.trim_start_matches("./").trim_end_matches('/') {
+            "" => ".",
+            n => n,
+        };
+        if meta.is_dir() {
+            ar.append_dir_all(name, &path)
+        } else {
+            ar.append_path_with_name(&path, name)
+        }
+        .with_context(|| format!("COPY {src}: archive {}", path.display()))?;
+    }
+    Ok(ar.into_inner()?)
 }

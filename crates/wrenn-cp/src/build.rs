@@ -10,7 +10,11 @@
 //!   template's start command (envd runs it, as the template's default
 //!   user, when a capsule boots: capsules are OCI containers, so processes
 //!   are not kept in the template).
-//! - `COPY` uploads from a build context directory on this machine.
+//! - `COPY` copies from the build context (a directory here: the files of
+//!   an uploaded archive, or a recipe's own directory), which is sent to
+//!   the capsule as one tar and unpacked at [`CONTEXT_DIR`] before the
+//!   steps run, then `cp -r` and `chown -R` to the current user, as
+//!   wrenn's builder does; the directory is removed after the last step.
 //! - The healthcheck runs until it passes before the snapshot is taken.
 //! - CA certificates the host added (`/usr/local/share/ca-certificates`)
 //!   are trusted in the build capsule too, so builds work behind the same
@@ -31,6 +35,9 @@ use crate::hosts::HostConn;
 use crate::model::Status;
 use crate::server::Cp;
 use wrenn_types::recipe::{Healthcheck, Step};
+
+/// Where the build context is unpacked in the build capsule.
+pub const CONTEXT_DIR: &str = "/tmp/build-files";
 
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
@@ -58,6 +65,8 @@ pub enum BuildError {
     },
     #[error("healthcheck did not pass: {0}")]
     Health(String),
+    #[error("build context: {0}")]
+    Context(String),
     #[error("{0}")]
     Api(String),
 }
@@ -164,6 +173,37 @@ impl Ctx<'_> {
     }
 }
 
+/// The build context, archived here and unpacked at [`CONTEXT_DIR`] in the
+/// capsule by its own `tar`.
+async fn send_context(
+    cx: &Ctx<'_>,
+    dir: &Path,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<(), BuildError> {
+    let d = dir.to_owned();
+    let archive = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        let mut ar = tar::Builder::new(Vec::new());
+        ar.append_dir_all(".", &d)?;
+        ar.into_inner()
+    })
+    .await
+    .map_err(|e| BuildError::Context(e.to_string()))?
+    .map_err(|e| BuildError::Context(format!("archive {}: {e}", dir.display())))?;
+    log(format!("context: {} bytes → {CONTEXT_DIR}", archive.len()));
+    let tarball = format!("{CONTEXT_DIR}.tar");
+    cx.upload(&tarball, archive)
+        .await
+        .map_err(BuildError::Context)?;
+    let line = format!(
+        "rm -rf {CONTEXT_DIR} && mkdir -p {CONTEXT_DIR} && tar -xf {tarball} -C {CONTEXT_DIR} && rm -f {tarball}"
+    );
+    match cx.sh(&line, Duration::from_secs(600)).await {
+        Ok((0, _, _)) => Ok(()),
+        Ok((c, o, e)) => Err(BuildError::Context(format!("unpack: exit {c}: {o}{e}"))),
+        Err(e) => Err(BuildError::Context(e)),
+    }
+}
+
 fn tail(s: &str) -> &str {
     let n = s.len();
     let mut i = n.saturating_sub(2000);
@@ -171,20 +211,6 @@ fn tail(s: &str) -> &str {
         i += 1;
     }
     &s[i..]
-}
-
-/// Files under `dir`, relative paths.
-fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let here = root.join(rel);
-    if here.is_file() {
-        out.push(rel.to_owned());
-        return Ok(());
-    }
-    for e in std::fs::read_dir(&here)? {
-        let e = e?;
-        walk(root, &rel.join(e.file_name()), out)?;
-    }
-    Ok(())
 }
 
 async fn run_steps(
@@ -270,42 +296,33 @@ async fn run_steps(
                     spec.steps.len(),
                     sources.join(" ")
                 ));
-                let ctx = spec
-                    .context
-                    .as_ref()
-                    .ok_or_else(|| fail("COPY", "this build has no context directory".into()))?;
+                if spec.context.is_none() {
+                    return Err(fail("COPY", "this build has no context".into()));
+                }
                 let dest = if dest.starts_with('/') {
                     dest.clone()
                 } else {
                     format!("{cwd}/{dest}")
                 };
-                for src in sources {
-                    let mut files = Vec::new();
-                    walk(ctx, Path::new(src), &mut files)
-                        .map_err(|e| fail("COPY", format!("{src}: {e}")))?;
-                    let single =
-                        files.len() == 1 && files[0] == Path::new(src) && ctx.join(src).is_file();
-                    for f in files {
-                        let data = std::fs::read(ctx.join(&f))
-                            .map_err(|e| fail("COPY", format!("{}: {e}", f.display())))?;
-                        let target = if single && !dest.ends_with('/') && sources.len() == 1 {
-                            dest.clone()
-                        } else {
-                            let name = f
-                                .strip_prefix(Path::new(src).parent().unwrap_or(Path::new("")))
-                                .unwrap_or(&f);
-                            format!("{}/{}", dest.trim_end_matches('/'), name.display())
-                        };
-                        cx.upload(&target, data)
-                            .await
-                            .map_err(|e| fail("COPY", e))?;
-                    }
-                }
-                if user != "root" {
-                    let line = format!("chown -R {} {}", quote(&user), quote(&dest));
-                    cx.sh(&line, Duration::from_secs(60))
-                        .await
-                        .map_err(|e| fail("COPY", e))?;
+                // wrenn's semantics: `cp -r` from the unpacked archive, then
+                // the files are the current user's. A trailing `/` names a
+                // directory to copy into; missing parents are made.
+                let parent = if dest.ends_with('/') {
+                    quote(&dest)
+                } else {
+                    format!("\"$(dirname {})\"", quote(&dest))
+                };
+                let srcs: Vec<String> = sources.iter().map(|s| quote(s)).collect();
+                let line = format!(
+                    "mkdir -p {parent} && cd {CONTEXT_DIR} && cp -r -- {} {d} && chown -R {} {d}",
+                    srcs.join(" "),
+                    quote(&user),
+                    d = quote(&dest),
+                );
+                match cx.sh(&line, Duration::from_secs(600)).await {
+                    Ok((0, _, _)) => {}
+                    Ok((c, o, e)) => return Err(fail("COPY", format!("exit {c}: {o}{e}"))),
+                    Err(e) => return Err(fail("COPY", e)),
                 }
             }
             Step::Start { cmd } => {
@@ -404,7 +421,20 @@ pub async fn build(
     };
     let result = async {
         trust_host_cas(&cx, log).await;
+        if let Some(dir) = &spec.context {
+            send_context(&cx, dir, log).await?;
+        }
         let (start, env, user) = run_steps(&cx, &spec, log).await?;
+        if spec.context.is_some() {
+            match cx
+                .sh(&format!("rm -rf {CONTEXT_DIR}"), Duration::from_secs(60))
+                .await
+            {
+                Ok((0, _, _)) => {}
+                Ok((c, o, e)) => return Err(BuildError::Context(format!("rm: exit {c}: {o}{e}"))),
+                Err(e) => return Err(BuildError::Context(e)),
+            }
+        }
         if let Some(h) = &spec.healthcheck {
             wait_healthy(&cx, h, &user, log).await?;
         }

@@ -215,6 +215,9 @@ pub struct Build {
     pub recipe: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<String>,
+    /// What `COPY` steps read: a tar archive of files and directories.
+    #[serde(skip)]
+    pub context: Option<Vec<u8>>,
 }
 
 /// A stream of file contents.
@@ -543,10 +546,27 @@ impl Client {
     /// Build a platform template from a recipe (admin key); waits for it
     /// and returns it with the build's log lines.
     pub async fn build_template(&self, b: &Build) -> Result<(Template, Vec<String>)> {
-        let rb = self
-            .request(reqwest::Method::POST, "/v1/admin/builds")
-            .json(b)
-            .timeout(std::time::Duration::from_secs(3600));
+        let rb = self.request(reqwest::Method::POST, "/v1/admin/builds");
+        let rb = match &b.context {
+            None => rb.json(b),
+            Some(archive) => {
+                let build = serde_json::to_vec(b).map_err(|e| Error::Protocol(e.to_string()))?;
+                let part = |bytes: Vec<u8>, mime: &str| {
+                    reqwest::multipart::Part::bytes(bytes)
+                        .mime_str(mime)
+                        .expect("a valid MIME type")
+                };
+                rb.multipart(
+                    reqwest::multipart::Form::new()
+                        .part("config", part(build, "application/json"))
+                        .part(
+                            "archive",
+                            part(archive.clone(), "application/x-tar").file_name("context.tar"),
+                        ),
+                )
+            }
+        }
+        .timeout(std::time::Duration::from_secs(3600));
         let v: Value = self.json(rb).await?;
         let template = serde_json::from_value(v["template"].clone())
             .map_err(|e| Error::Protocol(e.to_string()))?;
