@@ -15,7 +15,7 @@
 //! - Setup and teardown steps touch the kernel and run runtime CLIs: they
 //!   run on blocking threads.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -132,12 +132,11 @@ pub struct Capsule {
     op: Arc<tokio::sync::Mutex<()>>,
     envd: RwLock<Option<Arc<EnvdClient>>>,
     runtime: Arc<dyn Runtime>,
-    /// The last [`SAMPLES_KEPT`] samples of the metrics sampler.
-    samples: Mutex<VecDeque<CapsuleMetrics>>,
+    /// What the metrics sampler saw ([`crate::history`]).
+    samples: Mutex<crate::history::History>,
 }
 
-/// Samples kept per capsule (10 minutes at the default 5 s interval).
-pub const SAMPLES_KEPT: usize = 120;
+pub use crate::history::SAMPLES_KEPT;
 
 impl Capsule {
     fn state(&self) -> CapsuleState {
@@ -600,7 +599,7 @@ impl Agent {
             op: Arc::new(tokio::sync::Mutex::new(())),
             envd: RwLock::new(None),
             runtime,
-            samples: Mutex::new(VecDeque::new()),
+            samples: Mutex::default(),
         }))
     }
 
@@ -670,7 +669,7 @@ impl Agent {
             op: Arc::new(tokio::sync::Mutex::new(())),
             envd: RwLock::new(warm.envd.read().unwrap().clone()),
             runtime: warm.runtime.clone(),
-            samples: Mutex::new(VecDeque::new()),
+            samples: Mutex::default(),
         });
         let taken = {
             let mut map = self.capsules.write().unwrap();
@@ -1506,25 +1505,17 @@ impl Agent {
             .collect();
         for c in running {
             if let Ok(m) = self.metrics(&c.id).await {
-                let mut q = c.samples.lock().unwrap();
-                if q.len() == SAMPLES_KEPT {
-                    q.pop_front();
-                }
-                q.push_back(m);
+                c.samples.lock().unwrap().push(m);
             }
         }
     }
 
-    /// The sampler's history of a capsule, oldest first.
-    pub fn samples(&self, id: &CapsuleId) -> Result<Vec<CapsuleMetrics>, AgentError> {
-        Ok(self
-            .get(id)?
-            .samples
-            .lock()
-            .unwrap()
-            .iter()
-            .copied()
-            .collect())
+    /// The sampler's history of a capsule, oldest first: every sample, and
+    /// the 30 s and 5 min tiers.
+    pub fn samples(&self, id: &CapsuleId) -> Result<[Vec<CapsuleMetrics>; 3], AgentError> {
+        let c = self.get(id)?;
+        let h = c.samples.lock().unwrap();
+        Ok([h.fine(), h.coarse(0), h.coarse(1)])
     }
 
     /// Run [`Agent::sample_all`] every `sample_interval` until shutdown.
@@ -1761,7 +1752,7 @@ impl Agent {
                 op: Arc::new(tokio::sync::Mutex::new(())),
                 envd: RwLock::new(None),
                 runtime,
-                samples: Mutex::new(VecDeque::new()),
+                samples: Mutex::default(),
             });
             if let Some(slot) = &rec.slot {
                 c.set_envd(self.envd_client(&c, slot)?);

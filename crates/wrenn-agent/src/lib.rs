@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod error;
+pub mod history;
 pub mod network;
 pub mod proxy;
 pub mod record;

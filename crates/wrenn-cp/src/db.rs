@@ -643,18 +643,36 @@ impl Db {
             .bind(id.as_str())
             .execute(&mut *tx)
             .await?;
-        for p in points {
-            sqlx::query(
+        // A day of history is several hundred rows: 100 per statement.
+        for chunk in points.chunks(100) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = i * 5;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${})",
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5
+                    )
+                })
+                .collect();
+            let sql = format!(
                 "INSERT INTO capsule_metrics (capsule_id, at_ms, cpu_pct, mem_bytes, disk_bytes) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(id.as_str())
-            .bind(p.at_ms)
-            .bind(p.cpu_pct)
-            .bind(p.mem_bytes)
-            .bind(p.disk_bytes)
-            .execute(&mut *tx)
-            .await?;
+                 VALUES {}",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for p in chunk {
+                q = q
+                    .bind(id.as_str())
+                    .bind(p.at_ms)
+                    .bind(p.cpu_pct)
+                    .bind(p.mem_bytes)
+                    .bind(p.disk_bytes);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -216,6 +216,22 @@ async fn exercise(db: &Db) {
         (back.len(), back[0].cpu_pct, back[0].disk_bytes),
         (1, 12.5, 7)
     );
+    // a day of tiers (several statements' worth) replaces what was kept
+    let day: Vec<_> = (0..650)
+        .map(|i| wrenn_cp::db::MetricRow {
+            at_ms: now - 86_400_000 + i * 60_000,
+            cpu_pct: i as f64,
+            mem_bytes: i,
+            disk_bytes: 1,
+        })
+        .collect();
+    db.save_metrics(&rows[0].id, &day).await.unwrap();
+    let back = db.saved_metrics(&rows[0].id, 0).await.unwrap();
+    assert_eq!(back.len(), 650);
+    assert!(back
+        .iter()
+        .enumerate()
+        .all(|(i, p)| p.mem_bytes == i as i64));
 
     // templates: the team's own shadows the platform's; upsert replaces
     let mut t = TemplateRow {

@@ -183,22 +183,23 @@ impl pb::Agent for AgentRpc {
     ) -> ServiceResult<pb::Metrics> {
         let id = capsule_id(&request.to_owned_message().id)?;
         let m = self.agent.metrics(&id).await.map_err(agent_error)?;
-        let history = self
-            .agent
-            .samples(&id)
-            .map_err(agent_error)?
-            .into_iter()
-            .map(|p| pb::MetricPoint {
-                at_ms: p.at_ms as i64,
-                cpu_usec: p.usage.cpu_usec,
-                memory_bytes: p.usage.memory_bytes,
-                disk_bytes: p.disk_bytes,
-                pids: p.usage.pids,
-                ..Default::default()
-            })
-            .collect();
+        let [fine, mid, coarse] = self.agent.samples(&id).map_err(agent_error)?;
+        let points = |v: Vec<crate::agent::CapsuleMetrics>| -> Vec<pb::MetricPoint> {
+            v.into_iter()
+                .map(|p| pb::MetricPoint {
+                    at_ms: p.at_ms as i64,
+                    cpu_usec: p.usage.cpu_usec,
+                    memory_bytes: p.usage.memory_bytes,
+                    disk_bytes: p.disk_bytes,
+                    pids: p.usage.pids,
+                    ..Default::default()
+                })
+                .collect()
+        };
         Response::ok(pb::Metrics {
-            history,
+            history: points(fine),
+            history_2h: points(mid),
+            history_24h: points(coarse),
             at_ms: m.at_ms as i64,
             cpu_usec: m.usage.cpu_usec,
             memory_bytes: m.usage.memory_bytes,

@@ -33,6 +33,8 @@ pub struct Point {
     disk_bytes: i64,
 }
 
+const DAY_MS: i64 = 86_400_000;
+
 fn metric_range(r: &str) -> Option<i64> {
     let min = match r {
         "5m" => 5,
@@ -45,6 +47,27 @@ fn metric_range(r: &str) -> Option<i64> {
         _ => return None,
     };
     Some(min * 60_000)
+}
+
+/// The agent's history covering the last `span` ms: the finest of its
+/// tiers (every sample for 10 min, 30 s points for 2 h, 5 min points for
+/// 24 h) that spans it, followed by the finer tiers' newer points.
+pub(crate) fn history_for(
+    m: &wrenn_proto::wrenn::agent::v1::Metrics,
+    span: i64,
+) -> Vec<wrenn_proto::wrenn::agent::v1::MetricPoint> {
+    let tiers = [&m.history_24h, &m.history_2h, &m.history];
+    let first = match span {
+        s if s <= 600_000 => 2,
+        s if s <= 7_200_000 => 1,
+        _ => 0,
+    };
+    let mut out: Vec<wrenn_proto::wrenn::agent::v1::MetricPoint> = Vec::new();
+    for tier in &tiers[first..] {
+        let after = out.last().map_or(i64::MIN, |p| p.at_ms);
+        out.extend(tier.iter().filter(|p| p.at_ms > after).cloned());
+    }
+    out
 }
 
 /// Agent samples → points with CPU % between consecutive samples.
@@ -73,7 +96,7 @@ pub(crate) fn points(
 pub async fn flush_metrics(cp: &Cp, host: &HostConn, c: &CapsuleRow) {
     if let Ok(m) = host.rpc.get_metrics(super::capsules::cref(&c.id)).await {
         let m = m.into_owned();
-        let pts = points(&m.history, c.vcpus);
+        let pts = points(&history_for(&m, DAY_MS), c.vcpus);
         if let Err(e) = cp.db.save_metrics(&c.id, &pts).await {
             tracing::warn!(capsule = %c.id, error = %e, "cannot save metrics");
         }
@@ -101,7 +124,7 @@ pub async fn metrics(
                 .await
                 .map_err(|e| ApiError::agent(&e))?
                 .into_owned();
-            points(&m.history, c.vcpus)
+            points(&history_for(&m, span), c.vcpus)
         }
         Status::Paused => cp.db.saved_metrics(&c.id, since).await?,
         _ => {
@@ -297,5 +320,47 @@ mod tests {
         assert_eq!(points(&h, 1)[0].cpu_pct, 50.0);
         assert_eq!(points(&h, 2)[0].cpu_pct, 25.0);
         assert_eq!(points(&h, 1)[0].mem_bytes, 7);
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+    use wrenn_proto::wrenn::agent::v1::{MetricPoint, Metrics};
+
+    fn at(ms: &[i64]) -> Vec<MetricPoint> {
+        ms.iter()
+            .map(|&at_ms| MetricPoint {
+                at_ms,
+                cpu_usec: at_ms as u64 * 500,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ranges_take_the_tier_that_spans_them() {
+        let m = Metrics {
+            history_24h: at(&[0, 300_000, 600_000]),
+            history_2h: at(&[570_000, 600_000, 630_000]),
+            history: at(&[625_000, 630_000, 635_000, 640_000]),
+            ..Default::default()
+        };
+        let ms = |v: Vec<MetricPoint>| v.iter().map(|p| p.at_ms).collect::<Vec<_>>();
+        assert_eq!(
+            ms(history_for(&m, 600_000)),
+            [625_000, 630_000, 635_000, 640_000]
+        );
+        assert_eq!(
+            ms(history_for(&m, 3_600_000)),
+            [570_000, 600_000, 630_000, 635_000, 640_000]
+        );
+        assert_eq!(
+            ms(history_for(&m, DAY_MS)),
+            [0, 300_000, 600_000, 630_000, 635_000, 640_000]
+        );
+        // half a CPU all along, whatever the tiers' spacing
+        let pts = points(&history_for(&m, DAY_MS), 1);
+        assert!(pts.iter().all(|p| p.cpu_pct == 50.0), "{pts:?}");
     }
 }

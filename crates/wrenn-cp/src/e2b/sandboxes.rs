@@ -684,7 +684,8 @@ async fn samples(cp: &Cp, c: &CapsuleRow) -> E2bResult<Vec<MetricRow>> {
         .await
         .map_err(|e| E2bError::from(crate::error::ApiError::agent(&e)))?
         .into_owned();
-    Ok(crate::api::stats::points(&m.history, c.vcpus))
+    let all = crate::api::stats::history_for(&m, i64::MAX);
+    Ok(crate::api::stats::points(&all, c.vcpus))
 }
 
 /// `GET /sandboxes/{id}/metrics?start=&end=` (Unix seconds).
