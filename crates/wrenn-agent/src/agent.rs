@@ -1535,7 +1535,10 @@ impl Agent {
         name: TemplateName,
         overrides: SnapshotOverrides,
     ) -> Result<TemplateMeta, AgentError> {
-        let (c, _g, from) = self.begin(id, Op::Snapshot).await?;
+        // The guard moves into the blocking work below: should the caller
+        // give up (an RPC deadline), nothing else touches the capsule
+        // until the copy is done.
+        let (c, guard, from) = self.begin(id, Op::Snapshot).await?;
         let r = c.record();
         let base = self.templates.get(&r.template)?;
         let store = self.templates.clone();
@@ -1565,18 +1568,30 @@ impl Agent {
             // (envd syncs the guest's filesystem first) stops it, keeping
             // the capsule's memory as any pause does.
             if from == CapsuleState::Running {
+                // Unlike a pause, a template must not miss what the guest
+                // has not written to its disk yet: envd's sync is required.
+                c.envd()
+                    .prepare_snapshot()
+                    .await
+                    .map_err(|source| AgentError::Envd {
+                        id: c.id.clone(),
+                        what: "could not sync the guest's filesystem",
+                        source: Box::new(source),
+                    })?;
                 self.pause_locked(&c).await?;
             }
             blocking(move || -> Result<TemplateMeta, AgentError> {
-                let disk = VmSpec::written_disk(&cap.dir.bundle())?;
+                let _guard = guard;
+                let (disk, format) = VmSpec::written_disk(&cap.dir.bundle())?;
                 let image = staged.dir().join("vm-root.ext4");
-                vm::image::export_disk(&disk, &image, &staged.layer)?;
+                vm::image::export_disk(&disk, format, &image, &staged.layer)?;
                 Ok(store.commit(staged, meta)?)
             })
             .await?
         } else {
             meta.layers.extend(base.layers.iter().cloned());
             blocking(move || -> Result<TemplateMeta, AgentError> {
+                let _guard = guard;
                 if from == CapsuleState::Running {
                     cap.runtime.pause(&cap.container)?;
                 }

@@ -138,8 +138,19 @@ impl Ctx<'_> {
     /// Write a file as root: the agent writes as the capsule's default
     /// user, so the file is staged in /tmp and moved into place.
     async fn upload(&self, path: &str, data: Vec<u8>) -> Result<(), String> {
+        let chunks: Vec<Vec<u8>> = data.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+        self.upload_stream(path, futures::stream::iter(chunks))
+            .await
+    }
+
+    /// [`Ctx::upload`] of a file that arrives in chunks.
+    async fn upload_stream(
+        &self,
+        path: &str,
+        chunks: impl futures::Stream<Item = Vec<u8>> + Send + 'static,
+    ) -> Result<(), String> {
         let staged = format!("/tmp/.wrenn-upload-{}", crate::auth::random_hex(8));
-        self.write(&staged, data).await?;
+        self.write(&staged, chunks).await?;
         let line = format!(
             "mkdir -p \"$(dirname {p})\" && mv -f {s} {p} && chown root:root {p}",
             p = quote(path),
@@ -151,26 +162,62 @@ impl Ctx<'_> {
         }
     }
 
-    async fn write(&self, path: &str, data: Vec<u8>) -> Result<(), String> {
-        let mut msgs = vec![pb::WriteFileStreamRequest {
+    async fn write(
+        &self,
+        path: &str,
+        chunks: impl futures::Stream<Item = Vec<u8>> + Send + 'static,
+    ) -> Result<(), String> {
+        use futures::StreamExt;
+        let meta = pb::WriteFileStreamRequest {
             msg: Some(Msg::Meta(Box::new(pb::FileMeta {
                 id: self.capsule.id.to_string(),
                 path: path.to_owned(),
                 ..Default::default()
             }))),
             ..Default::default()
-        }];
-        msgs.extend(data.chunks(64 << 10).map(|c| pb::WriteFileStreamRequest {
-            msg: Some(Msg::Chunk(c.to_vec())),
-            ..Default::default()
+        };
+        let msgs = futures::stream::once(async { meta }).chain(chunks.map(|c| {
+            pb::WriteFileStreamRequest {
+                msg: Some(Msg::Chunk(c)),
+                ..Default::default()
+            }
         }));
         self.host
             .rpc
-            .write_file_stream(futures::stream::iter(msgs))
+            .write_file_stream(msgs)
             .await
             .map(|_| ())
             .map_err(|e| e.message.unwrap_or_default())
     }
+}
+
+/// The shell line of a `COPY` to the absolute `dest`, as wrenn runs it:
+/// `cp -r` from the unpacked context, then what was copied (not the
+/// directory it went into) becomes `user`'s, unless that is root (a
+/// root `chown` would clear setuid bits, even of files it leaves alone).
+/// A trailing `/` names a directory to copy into; missing parents are made.
+fn copy_line(context: &str, sources: &[String], dest: &str, user: &str) -> String {
+    let d = quote(dest);
+    let parent = if dest.ends_with('/') {
+        d.clone()
+    } else {
+        format!("\"$(dirname {d})\"")
+    };
+    let srcs: Vec<String> = sources.iter().map(|s| quote(s)).collect();
+    let srcs = srcs.join(" ");
+    let mut line = format!(
+        "mkdir -p {parent} && cd {} && if [ -d {d} ]; then into=1; else into=; fi \
+         && cp -r -- {srcs} {d}",
+        quote(context)
+    );
+    if user != "root" {
+        line.push_str(&format!(
+            " && for s in {srcs}; do if [ -n \"$into\" ]; then t={d}/\"$(basename \"$s\")\"; \
+             else t={d}; fi; chown -R {} \"$t\" || exit 1; done",
+            quote(user)
+        ));
+    }
+    line
 }
 
 /// The build context, archived here and unpacked at [`CONTEXT_DIR`] in the
@@ -180,20 +227,47 @@ async fn send_context(
     dir: &Path,
     log: &mut (dyn FnMut(String) + Send),
 ) -> Result<(), BuildError> {
+    // Archived into a temporary file and streamed from there: a context
+    // may be large, and several builds may run at once.
     let d = dir.to_owned();
-    let archive = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-        let mut ar = tar::Builder::new(Vec::new());
+    let (archive, size) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        use std::io::Seek;
+        let mut ar = tar::Builder::new(tempfile::tempfile()?);
         ar.append_dir_all(".", &d)?;
-        ar.into_inner()
+        let mut f = ar.into_inner()?;
+        let size = f.stream_position()?;
+        f.rewind()?;
+        Ok((f, size))
     })
     .await
     .map_err(|e| BuildError::Context(e.to_string()))?
     .map_err(|e| BuildError::Context(format!("archive {}: {e}", dir.display())))?;
-    log(format!("context: {} bytes → {CONTEXT_DIR}", archive.len()));
+    log(format!("context: {size} bytes → {CONTEXT_DIR}"));
     let tarball = format!("{CONTEXT_DIR}.tar");
-    cx.upload(&tarball, archive)
-        .await
-        .map_err(BuildError::Context)?;
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(None::<std::io::Error>));
+    let chunks = futures::stream::unfold(
+        (tokio::fs::File::from_std(archive), failed.clone()),
+        |(mut f, failed)| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 64 << 10];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((buf, (f, failed)))
+                }
+                Err(e) => {
+                    *failed.lock().unwrap() = Some(e);
+                    None
+                }
+            }
+        },
+    );
+    let sent = cx.upload_stream(&tarball, chunks).await;
+    if let Some(e) = failed.lock().unwrap().take() {
+        return Err(BuildError::Context(format!("read the archive: {e}")));
+    }
+    sent.map_err(BuildError::Context)?;
     let line = format!(
         "rm -rf {CONTEXT_DIR} && mkdir -p {CONTEXT_DIR} && tar -xf {tarball} -C {CONTEXT_DIR} && rm -f {tarball}"
     );
@@ -304,21 +378,7 @@ async fn run_steps(
                 } else {
                     format!("{cwd}/{dest}")
                 };
-                // wrenn's semantics: `cp -r` from the unpacked archive, then
-                // the files are the current user's. A trailing `/` names a
-                // directory to copy into; missing parents are made.
-                let parent = if dest.ends_with('/') {
-                    quote(&dest)
-                } else {
-                    format!("\"$(dirname {})\"", quote(&dest))
-                };
-                let srcs: Vec<String> = sources.iter().map(|s| quote(s)).collect();
-                let line = format!(
-                    "mkdir -p {parent} && cd {CONTEXT_DIR} && cp -r -- {} {d} && chown -R {} {d}",
-                    srcs.join(" "),
-                    quote(&user),
-                    d = quote(&dest),
-                );
+                let line = copy_line(CONTEXT_DIR, sources, &dest, &user);
                 match cx.sh(&line, Duration::from_secs(600)).await {
                     Ok((0, _, _)) => {}
                     Ok((c, o, e)) => return Err(fail("COPY", format!("exit {c}: {o}{e}"))),
@@ -510,5 +570,78 @@ async fn trust_host_cas(cx: &Ctx<'_>, log: &mut (dyn FnMut(String) + Send)) {
         let _ = cx
             .sh("command -v update-ca-certificates >/dev/null && update-ca-certificates >/dev/null 2>&1", Duration::from_secs(60))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn run(line: &str) {
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", line])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line}: {out:?}");
+    }
+
+    /// `COPY` for real, with `/bin/sh`: into an existing directory, to a
+    /// new name, as root and as another user. Only what was copied changes
+    /// owner; the directory it went into (and the setuid bit of a file
+    /// already there) is left alone.
+    #[test]
+    fn copy_changes_only_what_it_copied() {
+        // (/proc/self belongs to the process's effective user)
+        if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+            eprintln!("skipped: chown needs root (CI runs this as root)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (ctx, root) = (t.path().join("ctx"), t.path().join("root"));
+        std::fs::create_dir_all(ctx.join("app/sub")).unwrap();
+        std::fs::write(ctx.join("app/sub/f"), "f").unwrap();
+        std::fs::write(ctx.join("tool"), "t").unwrap();
+        let bin = root.join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let suid = bin.join("sudo");
+        std::fs::write(&suid, "s").unwrap();
+        std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let ctx_s = ctx.display().to_string();
+        let at = |p: &str| format!("{}/{p}", root.display());
+
+        // as a user: into an existing directory
+        run(&copy_line(&ctx_s, &s(&["tool"]), &at("usr/bin"), "nobody"));
+        let nobody = std::fs::metadata(bin.join("tool")).unwrap().uid();
+        assert_ne!(nobody, 0);
+        assert_eq!(
+            std::fs::metadata(&bin).unwrap().uid(),
+            0,
+            "the directory stays root's"
+        );
+        assert_eq!(std::fs::metadata(&suid).unwrap().mode() & 0o7777, 0o4755);
+        // as a user: a directory to a new name (its contents, as cp -r does)
+        run(&copy_line(&ctx_s, &s(&["app"]), &at("opt/app"), "nobody"));
+        assert_eq!(
+            std::fs::read_to_string(root.join("opt/app/sub/f")).unwrap(),
+            "f"
+        );
+        assert_eq!(
+            std::fs::metadata(root.join("opt/app/sub/f")).unwrap().uid(),
+            nobody
+        );
+        assert_eq!(std::fs::metadata(root.join("opt")).unwrap().uid(), 0);
+        // a trailing slash copies into a directory it makes
+        run(&copy_line(
+            &ctx_s,
+            &s(&["tool", "app"]),
+            &at("srv/"),
+            "root",
+        ));
+        assert!(root.join("srv/tool").is_file() && root.join("srv/app/sub/f").is_file());
+        // as root, nothing is chowned: the setuid bit survives
+        run(&copy_line(&ctx_s, &s(&["tool"]), &at("usr/bin/"), "root"));
+        assert_eq!(std::fs::metadata(&suid).unwrap().mode() & 0o7777, 0o4755);
     }
 }

@@ -259,9 +259,11 @@ pub async fn relay_to(
         return plain(StatusCode::BAD_REQUEST, "unparsable path");
     };
     let resp = relay::forward(&route.client, req, uri, strip).await;
-    if resp.status() == StatusCode::BAD_GATEWAY && relay::refusal_kind(&resp).is_some() {
-        // The agent itself may be gone: look the route up again next time
-        // (keeping its token, which streams still open were given).
+    let refused = resp.status() == StatusCode::BAD_GATEWAY && relay::refusal_kind(&resp).is_some();
+    if refused || resp.status() == StatusCode::UNAUTHORIZED {
+        // The agent itself may be gone, or have a new token since the
+        // route was cached: look the route up again next time (keeping its
+        // stop token, which streams still open were given).
         if let Some(r) = cp.proxy_routes.map.lock().unwrap().get_mut(id) {
             r.stale = true;
         }

@@ -156,6 +156,11 @@ async fn serve_connection(
 /// accept, or from the first byte of a later request, until the request's
 /// headers are parsed; a kept-alive connection waiting for that first byte
 /// is only bound by `idle_timeout`. Neither bounds the time spent answering.
+///
+/// One gap: a second request pipelined behind the first (sent before the
+/// first's answer is done) is not timed, since its bytes cannot be told
+/// from the first's body here; such a connection is bound by the idle
+/// timeout only, as one uploading a body slowly is.
 struct ConnState {
     epoch: Instant,
     /// When a byte last moved either way.
@@ -167,11 +172,15 @@ struct ConnState {
     /// HTTP/2: no request heads to time. (An upgraded connection leaves
     /// [`serve_connection`] altogether.)
     framed: AtomicBool,
-    /// Whether the first bytes read were looked at for HTTP/2's preface.
+    /// Whether the first bytes read decided between HTTP/2's preface and not.
     sniffed: AtomicBool,
+    /// The first bytes read, while they could still be the preface.
+    first: std::sync::Mutex<Vec<u8>>,
 }
 
 const NO_HEAD: u64 = u64::MAX;
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl ConnState {
     fn new() -> Self {
@@ -182,6 +191,7 @@ impl ConnState {
             in_flight: AtomicU64::new(0),
             framed: AtomicBool::new(false),
             sniffed: AtomicBool::new(false),
+            first: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -204,12 +214,21 @@ impl ConnState {
     }
 
     /// Bytes arrived: the first bytes of a connection may be HTTP/2's
-    /// preface; on an idle HTTP/1 connection they begin a request head.
+    /// preface (all of it: a head that merely starts like it is HTTP/1's
+    /// and timed); on an idle HTTP/1 connection they begin a request head.
     fn read(&self, bytes: &[u8]) {
         let now = self.now();
         self.last_io.store(now, Ordering::Relaxed);
-        if !self.sniffed.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI ") {
-            self.framed.store(true, Ordering::Relaxed);
+        if !self.sniffed.load(Ordering::Relaxed) {
+            let mut first = self.first.lock().unwrap();
+            let take = (H2_PREFACE.len() - first.len()).min(bytes.len());
+            first.extend_from_slice(&bytes[..take]);
+            if !H2_PREFACE.starts_with(&first) {
+                self.sniffed.store(true, Ordering::Relaxed);
+            } else if first.len() == H2_PREFACE.len() {
+                self.framed.store(true, Ordering::Relaxed);
+                self.sniffed.store(true, Ordering::Relaxed);
+            }
         }
         if self.in_flight.load(Ordering::Relaxed) == 0 {
             let _ = self.head_since.compare_exchange(
@@ -531,5 +550,36 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         assert_eq!(got, b"xy");
+    }
+
+    /// A head that only starts like HTTP/2's preface, or a preface cut
+    /// short, is timed like any HTTP/1 head.
+    #[tokio::test]
+    async fn only_a_whole_preface_is_http2() {
+        let (addr, _stop) = start(ServerConfig {
+            read_header_timeout: Duration::from_millis(200),
+            ..Default::default()
+        })
+        .await;
+        for start in [
+            &b"PRI /x HTTP/1.1\r\nHost: a\r\n"[..],
+            b"PRI * HTTP/2.0\r\n",
+        ] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(start).await.unwrap();
+            assert!(
+                closed_within(&mut s, Duration::from_secs(5)).await,
+                "{:?} held the connection open",
+                String::from_utf8_lossy(start)
+            );
+        }
+        // the whole preface, split across writes, is HTTP/2
+        let mut h2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        h2.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        h2.write_all(b"\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        assert!(!closed_within(&mut h2, Duration::from_millis(800)).await);
     }
 }

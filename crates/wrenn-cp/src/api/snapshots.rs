@@ -20,13 +20,16 @@ use wrenn_types::ids::TemplateName;
 
 use super::{capsule_id, host_of, ApiJson};
 use crate::auth::{random_hex, Caller};
-use crate::db::{now_ms, platform_team, TemplateRow};
+use crate::db::{now_ms, platform_team, CapsuleRow, TemplateRow};
 use crate::error::{ApiError, ApiResult};
 use crate::events::{Actor, Event, Kind, Resource};
+use crate::hosts::HostConn;
 use crate::model::{Status, TemplateJson};
 use crate::server::Cp;
 
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(55);
+/// A VM capsule's snapshot writes its memory out and flattens its disk.
+pub const VM_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Deserialize)]
 pub struct CreateBody {
@@ -134,20 +137,48 @@ pub async fn create(
         name: agent_name.clone(),
         ..Default::default()
     };
-    let opts = connectrpc::client::CallOptions::default().with_timeout(SNAPSHOT_TIMEOUT);
+    let vm = c.metadata.get("engine").is_some_and(|e| e == "vm");
+    let timeout = if vm {
+        VM_SNAPSHOT_TIMEOUT
+    } else {
+        SNAPSHOT_TIMEOUT
+    };
+    let opts = connectrpc::client::CallOptions::default().with_timeout(timeout);
     if c.status == Status::Running {
         crate::api::stats::flush_metrics(&cp, &host, &c).await;
     }
+    // The rest runs on its own: a client that gives up (a VM's snapshot
+    // can outlast an SDK's timeout) still gets its template recorded.
+    let job = cp.tasks.spawn({
+        let cp = cp.clone();
+        async move { record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await }
+    });
+    let row = job.await.map_err(|_| ApiError::internal())??;
+    Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
+}
+
+/// Take the snapshot on the agent and record the template.
+#[allow(clippy::too_many_arguments)]
+async fn record_snapshot(
+    cp: &Cp,
+    caller: &Caller,
+    c: CapsuleRow,
+    host: Arc<HostConn>,
+    req: pb::SnapshotRequest,
+    opts: connectrpc::client::CallOptions,
+    name: TemplateName,
+    agent_name: String,
+) -> ApiResult<TemplateRow> {
     let made = match host.rpc.create_snapshot_with_options(req, opts).await {
         Ok(t) => t.into_owned(),
-        Err(e) => return Err(super::refresh_after(&cp, &c, &host, ApiError::agent(&e)).await),
+        Err(e) => return Err(super::refresh_after(cp, &c, &host, ApiError::agent(&e)).await),
     };
     // The agent leaves the capsule frozen; a running one goes back to
     // running (a live snapshot, as wrenn 0.2 does).
     if c.status == Status::Running {
         if let Err(e) = host.rpc.resume_capsule(super::capsules::cref(&c.id)).await {
             tracing::warn!(capsule = %c.id, error = %e, "resume after snapshot failed");
-            crate::reconcile::refresh_capsule(&cp, &host, &c).await;
+            crate::reconcile::refresh_capsule(cp, &host, &c).await;
         }
     }
     let row = TemplateRow {
@@ -166,8 +197,8 @@ pub async fn create(
     };
     cp.db.put_template(&row).await?;
     cp.events
-        .publish(template_event(Kind::SnapshotCreate, &row, &caller).outcome(Ok(())));
-    Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
+        .publish(template_event(Kind::SnapshotCreate, &row, caller).outcome(Ok(())));
+    Ok(row)
 }
 
 /// `GET /v1/snapshots?type=base|snapshot` — an unknown type lists nothing.

@@ -1,10 +1,11 @@
 //! Numbers: per-capsule metrics (`/metrics`), team stats (`/stats`) and
 //! daily usage (`/usage`).
 //!
-//! Metrics of a running capsule come from the agent's sampler (every 5 s,
-//! the last 120 samples: 10 minutes), so the longer ranges show at most
-//! that; CPU % is the CPU time used between two samples over the wall time
-//! × vCPUs. A paused capsule shows the samples saved when it paused. Stats
+//! Metrics of a running capsule come from the agent's sampler (every 5 s)
+//! in three tiers (10 minutes of samples, 2 h of 30 s points, 24 h of
+//! 5 min points; [`history_for`] picks); CPU % is the CPU time used between
+//! two points over the wall time × vCPUs. A paused capsule shows the
+//! series saved when it paused. Stats
 //! and usage are computed from the ledger of running stretches
 //! (`capsule_runs`) when asked; nothing is rolled up.
 

@@ -419,18 +419,36 @@ pub fn build_root_disk(layers: &[PathBuf], out: &Path, size_mb: u64) -> Result<(
     std::fs::rename(&img, out).map_err(io("rename", &img))
 }
 
+/// How a capsule's disk file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
 /// Make a template from a VM capsule's disk, with the VMM stopped: the
 /// disk flattened into the template's raw root disk at `image` (what VM
 /// capsules of the template boot from, so no `mkfs` is needed), its journal
 /// replayed, and its files copied into `layer` (what OCI capsules of the
 /// template mount).
-pub fn export_disk(disk: &Path, image: &Path, layer: &Path) -> Result<(), ImageError> {
+pub fn export_disk(
+    disk: &Path,
+    format: DiskFormat,
+    image: &Path,
+    layer: &Path,
+) -> Result<(), ImageError> {
     let [disk_s, image_s] = [disk, image].map(|p| p.display().to_string());
+    let format = match format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
     cmd::run(
         "qemu-img",
         [
             "convert",
             "-q",
+            "-f",
+            format,
             "-O",
             "raw",
             disk_s.as_str(),
@@ -452,13 +470,14 @@ pub fn export_disk(disk: &Path, image: &Path, layer: &Path) -> Result<(), ImageE
         .tempdir_in(parent)
         .map_err(io("create a directory in", parent))?;
     let mnt_s = mnt.path().display().to_string();
+    // The filesystem is the guest's making: nothing on it acts on the host.
     cmd::run(
         "mount",
         [
             "-t",
             "ext4",
             "-o",
-            "loop,ro",
+            "loop,ro,nodev,nosuid,noexec",
             image_s.as_str(),
             mnt_s.as_str(),
         ],

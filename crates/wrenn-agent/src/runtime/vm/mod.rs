@@ -68,14 +68,23 @@ impl VmSpec {
         })
     }
 
-    /// The disk the guest of `bundle` writes: QEMU's overlay (the spec's
-    /// disk) or Firecracker's private copy of the spec's image.
-    pub fn written_disk(bundle: &Path) -> Result<PathBuf, RuntimeError> {
+    /// The disk the guest of `bundle` writes and its format: QEMU's qcow2
+    /// overlay (the spec's disk) or Firecracker's raw private copy of the
+    /// spec's image. The format is never guessed from the contents: every
+    /// byte of a raw disk is the guest's, and a qcow2 header written there
+    /// would name host files as backing files.
+    pub fn written_disk(bundle: &Path) -> Result<(PathBuf, image::DiskFormat), RuntimeError> {
         let copy = firecracker::FirecrackerRuntime::raw_disk(bundle);
         if copy.is_file() {
-            return Ok(copy);
+            return Ok((copy, image::DiskFormat::Raw));
         }
-        Ok(Self::load(bundle)?.disk)
+        let disk = Self::load(bundle)?.disk;
+        let format = if disk.extension().is_some_and(|e| e == "qcow2") {
+            image::DiskFormat::Qcow2
+        } else {
+            image::DiskFormat::Raw
+        };
+        Ok((disk, format))
     }
 
     pub fn save(&self, bundle: &Path) -> Result<(), RuntimeError> {
