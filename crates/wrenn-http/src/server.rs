@@ -374,6 +374,31 @@ mod tests {
         (addr, tx)
     }
 
+    /// A server with these timeouts in ms (`None`: the default).
+    async fn start_timed(
+        header_ms: Option<u64>,
+        idle_ms: Option<u64>,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let d = ServerConfig::default();
+        start(ServerConfig {
+            read_header_timeout: header_ms.map_or(d.read_header_timeout, Duration::from_millis),
+            idle_timeout: idle_ms.map_or(d.idle_timeout, Duration::from_millis),
+            ..d
+        })
+        .await
+    }
+
+    /// `GET /` on `s`, answered 200.
+    async fn get_ok(s: &mut tokio::net::TcpStream) {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    }
+
     /// Answers `Upgrade: echo` with 101, then echoes the raw bytes.
     async fn upgrade_to_echo(mut req: axum::extract::Request) -> axum::response::Response {
         let upgrade = hyper::upgrade::on(&mut req);
@@ -405,11 +430,7 @@ mod tests {
 
     #[tokio::test]
     async fn slow_headers_are_cut_off() {
-        let (addr, _stop) = start(ServerConfig {
-            read_header_timeout: Duration::from_millis(200),
-            ..Default::default()
-        })
-        .await;
+        let (addr, _stop) = start_timed(Some(200), None).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
         let mut buf = Vec::new();
@@ -424,18 +445,10 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_closed() {
-        let (addr, _stop) = start(ServerConfig {
-            idle_timeout: Duration::from_millis(300),
-            ..Default::default()
-        })
-        .await;
+        let (addr, _stop) = start_timed(None, Some(300)).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        get_ok(&mut s).await;
         let mut buf = vec![0u8; 1024];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
         let rest = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
             .await
             .expect("idle connection closed");
@@ -447,12 +460,7 @@ mod tests {
     /// not the time spent answering one.
     #[tokio::test]
     async fn slow_handlers_are_not_cut_off() {
-        let (addr, _stop) = start(ServerConfig {
-            read_header_timeout: Duration::from_millis(200),
-            idle_timeout: Duration::from_millis(300),
-            ..Default::default()
-        })
-        .await;
+        let (addr, _stop) = start_timed(Some(200), Some(300)).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
             .await
@@ -472,20 +480,10 @@ mod tests {
     /// them closed under it after a few seconds.
     #[tokio::test]
     async fn keep_alive_outlives_the_header_timeout() {
-        let (addr, _stop) = start(ServerConfig {
-            read_header_timeout: Duration::from_millis(200),
-            ..Default::default()
-        })
-        .await;
+        let (addr, _stop) = start_timed(Some(200), None).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut buf = vec![0u8; 1024];
         for _ in 0..2 {
-            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let n = s.read(&mut buf).await.unwrap();
-            let text = String::from_utf8_lossy(&buf[..n]);
-            assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+            get_ok(&mut s).await;
             tokio::time::sleep(Duration::from_millis(600)).await;
         }
     }
@@ -494,18 +492,9 @@ mod tests {
     /// request on a kept-alive connection.
     #[tokio::test]
     async fn slow_later_headers_are_cut_off() {
-        let (addr, _stop) = start(ServerConfig {
-            read_header_timeout: Duration::from_millis(200),
-            ..Default::default()
-        })
-        .await;
+        let (addr, _stop) = start_timed(Some(200), None).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 1024];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        get_ok(&mut s).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         assert!(closed_within(&mut s, Duration::from_secs(5)).await);
@@ -515,11 +504,7 @@ mod tests {
     /// to time: quiet spells longer than the header-read timeout are fine.
     #[tokio::test]
     async fn framed_connections_are_not_bound_by_the_header_timeout() {
-        let (addr, _stop) = start(ServerConfig {
-            read_header_timeout: Duration::from_millis(200),
-            ..Default::default()
-        })
-        .await;
+        let (addr, _stop) = start_timed(Some(200), None).await;
         // HTTP/2 with prior knowledge: the preface and an empty SETTINGS.
         let mut h2 = tokio::net::TcpStream::connect(addr).await.unwrap();
         h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
@@ -556,11 +541,7 @@ mod tests {
     /// short, is timed like any HTTP/1 head.
     #[tokio::test]
     async fn only_a_whole_preface_is_http2() {
-        let (addr, _stop) = start(ServerConfig {
-            read_header_timeout: Duration::from_millis(200),
-            ..Default::default()
-        })
-        .await;
+        let (addr, _stop) = start_timed(Some(200), None).await;
         for start in [
             &b"PRI /x HTTP/1.1\r\nHost: a\r\n"[..],
             b"PRI * HTTP/2.0\r\n",
