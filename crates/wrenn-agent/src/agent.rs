@@ -1307,6 +1307,11 @@ impl Agent {
                 tracing::debug!(capsule_id = %c.id, error = %e, "envd did not prepare for the snapshot");
             }
         }
+        self.freeze_locked(c).await
+    }
+
+    /// The runtime's pause of `c`, recorded; the caller holds its lock.
+    async fn freeze_locked(&self, c: &Arc<Capsule>) -> Result<CapsuleInfo, AgentError> {
         let rt = c.clone();
         blocking(move || rt.runtime.pause(&rt.container)).await?;
         c.update(|r| r.state = CapsuleState::Paused)?;
@@ -1578,7 +1583,7 @@ impl Agent {
                         what: "could not sync the guest's filesystem",
                         source: Box::new(source),
                     })?;
-                self.pause_locked(&c).await?;
+                self.freeze_locked(&c).await?;
             }
             blocking(move || -> Result<TemplateMeta, AgentError> {
                 let _guard = guard;
