@@ -182,6 +182,16 @@ fn fix_location(h: &mut HeaderMap, route: &Route) {
     }
 }
 
+/// `wrenn up`'s control plane calls its agent's proxy directly.
+impl wrenn_http::relay::LocalProxy for PortProxy {
+    fn serve(
+        self: Arc<Self>,
+        req: Request,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+        Box::pin(self.handle(req))
+    }
+}
+
 /// The axum handler (state: the proxy).
 pub async fn handler(State(proxy): State<Arc<PortProxy>>, req: Request) -> Response {
     proxy.handle(req).await

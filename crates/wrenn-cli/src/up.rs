@@ -322,13 +322,11 @@ async fn up(args: UpArgs) -> Result<()> {
         .with_context(|| format!("listen on {}", args.agent_listen))?;
     let agent_addr = agent_listener.local_addr()?;
     let (agent_stop_tx, agent_stop) = tokio::sync::oneshot::channel::<()>();
-    let agent_task = tokio::spawn(wrenn_agent::server::run(
-        agent.clone(),
-        agent_listener,
-        async {
-            let _ = agent_stop.await;
-        },
-    ));
+    let agent_server = wrenn_agent::server::AgentServer::new(agent.clone());
+    let local_proxy = agent_server.proxy().clone();
+    let agent_task = tokio::spawn(agent_server.run(agent_listener, async {
+        let _ = agent_stop.await;
+    }));
 
     let database_url = args
         .database_url
@@ -344,6 +342,7 @@ async fn up(args: UpArgs) -> Result<()> {
     cp.set_ready(false);
     let facts = wrenn_agent::register::host_facts(&data_dir, agent_addr, agent.token());
     let host = register_agent(&cp, &data_dir, &facts).await?;
+    let _ = cp.local_agent.set((host.clone(), local_proxy));
     publish_template(&cp, agent.templates(), "busybox").await?;
     let first = admin_keys(&cp, &data_dir).await?;
     wrenn_cp::reconcile::reconcile_all(&cp).await;

@@ -1,7 +1,10 @@
 //! User traffic to capsule ports: the subdomain form
 //! `{port}-{capsule}.{domain}` (any domain; `*.localhost` works in browsers
 //! and curl) and the path form `/proxy/{capsule}/{port}/…`, both forwarded
-//! to the capsule's agent's path proxy over the HTTP/1.1-only proxy pool.
+//! to the capsule's agent's path proxy over the HTTP/1.1-only proxy pool
+//! or, when that agent runs in this process (`wrenn up`), handed to its
+//! proxy directly: plain requests take no loopback HTTP hop (WebSocket
+//! upgrades still do, so the agent owns their tunnels either way).
 //!
 //! - Capsule → agent address is cached for [`ROUTE_TTL`] and evicted on
 //!   destroy (which also closes that capsule's WebSocket tunnels) and on a
@@ -31,7 +34,7 @@ use axum::response::Response;
 use http::header::{self, HeaderValue};
 use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
-use wrenn_http::relay::{self, plain};
+use wrenn_http::relay::{self, plain, LocalProxy};
 use wrenn_types::envd::ENVD_PORT;
 use wrenn_types::hosts::AGENT_TOKEN_HEADER;
 use wrenn_types::ids::{CapsuleId, TeamId};
@@ -49,6 +52,8 @@ pub struct Route {
     pub agent: std::net::SocketAddr,
     /// The proxy pool, or (benchmark's shared mode) the agent's RPC client.
     pub client: wrenn_http::ProxyClient,
+    /// The agent's proxy, when the agent runs in this process.
+    pub local: Option<Arc<dyn LocalProxy>>,
     /// The capsule's envd access token.
     pub token: String,
     /// What the agent requires of the control plane.
@@ -140,10 +145,17 @@ pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
     } else {
         cp.proxy.clone()
     };
+    // The seed's shared-transport mode (benchmarks) keeps the HTTP hop.
+    let local = cp
+        .local_agent
+        .get()
+        .filter(|(h, _)| !cp.config.shared_transport && c.host_id.as_ref() == Some(h))
+        .map(|(_, p)| p.clone());
     let route = Route {
         team: c.team_id.clone(),
         agent,
         client,
+        local,
         token: c.access_token.clone(),
         agent_token: host.agent_token.clone(),
         at: Instant::now(),
@@ -241,24 +253,40 @@ pub async fn relay_to(
             h.insert(header::LOCATION, v);
         }
     };
-    let mut req = req;
-    req.headers_mut()
-        .insert(AGENT_TOKEN_HEADER, route.agent_token.clone());
-    if relay::is_upgrade(req.headers()) {
-        return relay::tunnel(
-            req,
-            route.agent,
-            &path_and_query,
-            &cp.tasks,
-            route.stop.clone(),
-            strip,
-        )
-        .await;
-    }
-    let Ok(uri) = format!("http://{}{}", route.agent, path_and_query).parse::<Uri>() else {
-        return plain(StatusCode::BAD_REQUEST, "unparsable path");
+    let upgrade = relay::is_upgrade(req.headers());
+    let resp = match &route.local {
+        Some(local) if !upgrade => {
+            let Ok(uri) = path_and_query.parse::<Uri>() else {
+                return plain(StatusCode::BAD_REQUEST, "unparsable path");
+            };
+            let (mut parts, body) = req.into_parts();
+            parts.uri = uri;
+            let resp = local.clone().serve(Request::from_parts(parts, body)).await;
+            let (mut parts, body) = resp.into_parts();
+            strip(&mut parts.headers);
+            Response::from_parts(parts, body)
+        }
+        _ => {
+            let mut req = req;
+            req.headers_mut()
+                .insert(AGENT_TOKEN_HEADER, route.agent_token.clone());
+            if upgrade {
+                return relay::tunnel(
+                    req,
+                    route.agent,
+                    &path_and_query,
+                    &cp.tasks,
+                    route.stop.clone(),
+                    strip,
+                )
+                .await;
+            }
+            let Ok(uri) = format!("http://{}{}", route.agent, path_and_query).parse::<Uri>() else {
+                return plain(StatusCode::BAD_REQUEST, "unparsable path");
+            };
+            relay::forward(&route.client, req, uri, strip).await
+        }
     };
-    let resp = relay::forward(&route.client, req, uri, strip).await;
     let refused = resp.status() == StatusCode::BAD_GATEWAY && relay::refusal_kind(&resp).is_some();
     if refused || resp.status() == StatusCode::UNAUTHORIZED {
         // The agent itself may be gone, or have a new token since the

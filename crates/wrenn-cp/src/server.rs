@@ -32,6 +32,12 @@ pub struct Cp {
     /// The proxy transport (HTTP/1.1 only), separate from every RPC pool.
     pub proxy: wrenn_http::ProxyClient,
     pub proxy_routes: Routes,
+    /// The agent running in this process (`wrenn up`) and its port proxy,
+    /// which proxied requests to its capsules reach without an HTTP hop.
+    pub local_agent: OnceLock<(
+        wrenn_types::ids::HostId,
+        Arc<dyn wrenn_http::relay::LocalProxy>,
+    )>,
     /// Held while a create picks a host and records its capsule.
     pub placing: tokio::sync::Mutex<()>,
     /// Capsules whose create is in flight in this process (the reconciler
@@ -73,6 +79,7 @@ impl ControlPlane {
             events: Broker::default(),
             proxy: wrenn_http::proxy_client(),
             proxy_routes: Routes::default(),
+            local_agent: OnceLock::new(),
             placing: tokio::sync::Mutex::new(()),
             creating: Mutex::new(Default::default()),
             e2b: Default::default(),

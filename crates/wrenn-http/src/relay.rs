@@ -12,10 +12,14 @@
 //! - A refusal made by a proxy hop itself (rather than passed through from
 //!   the upstream) carries [`PROXY_ERROR`], so the next hop can tell "port
 //!   not open" from an upstream's own 502.
+//! - [`LocalProxy`] is a port proxy in the caller's own process: a control
+//!   plane whose agent runs beside it (`wrenn up`) hands plain requests to
+//!   it directly, with no HTTP hop between them.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -29,6 +33,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ProxyClient;
+
+/// A port proxy living in the caller's process. `serve` answers a plain
+/// (non-`Upgrade`) request whose URI is the path form
+/// `/proxy/{capsule}/{port}/…`, exactly as the proxy's HTTP listener
+/// would, refusals included.
+pub trait LocalProxy: Send + Sync + std::fmt::Debug {
+    fn serve(self: Arc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>>;
+}
 
 /// A plain-text response (proxy errors are not JSON: the caller is a
 /// browser or an arbitrary HTTP client).

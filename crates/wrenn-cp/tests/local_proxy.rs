@@ -1,0 +1,279 @@
+//! The proxy's two ways to an agent: requests for a capsule on the agent
+//! that runs in this process (`wrenn up`) go straight to that agent's
+//! proxy, with no HTTP hop; WebSocket upgrades, and every request for a
+//! capsule on another host, cross HTTP to the agent with its token.
+//!
+//! The control plane is real (router, SQLite, route cache, Location
+//! handling) and served on a socket; the agents around it are stand-ins:
+//! an in-process proxy that records what it is handed, and TCP listeners
+//! that record the request heads they receive.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use wrenn_cp::auth::{create_key, KeyKind};
+use wrenn_cp::db::{now_ms, CapsuleRow, Db, Host, HostRegistration, OnTimeout, Team};
+use wrenn_cp::model::Status;
+use wrenn_cp::{ControlPlane, CpConfig};
+use wrenn_http::relay::LocalProxy;
+use wrenn_types::ids::{CapsuleId, HostId, TeamId};
+
+/// The in-process agent's proxy: records (URI, whether the agent token
+/// came along) and answers with a Location inside the capsule's prefix.
+#[derive(Debug, Default)]
+struct InProcess {
+    seen: Mutex<Vec<(String, bool)>>,
+}
+
+impl LocalProxy for InProcess {
+    fn serve(self: Arc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+        let uri = req.uri().to_string();
+        let token = req.headers().contains_key("x-wrenn-agent-token");
+        self.seen.lock().unwrap().push((uri.clone(), token));
+        let prefix = uri.split('/').take(4).collect::<Vec<_>>().join("/");
+        Box::pin(
+            async move { ([("location", format!("{prefix}/next"))], "in-process").into_response() },
+        )
+    }
+}
+
+/// A remote agent: every request head it receives goes to the channel;
+/// it answers 200 `remote`.
+async fn remote_agent() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                let _ = tx.send(head);
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nremote",
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// One HTTP/1.1 request on a new connection; the whole answer as text.
+async fn get(cp: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut s = TcpStream::connect(cp).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nconnection: close\r\n");
+    if !headers.iter().any(|(n, _)| *n == "host") {
+        req.push_str("host: localhost\r\n");
+    }
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+async fn host(db: &Db, address: std::net::SocketAddr, token: &str) -> Host {
+    let h = Host {
+        id: HostId::random(),
+        status: "pending".into(),
+        address: String::new(),
+        arch: String::new(),
+        cpu_cores: 0,
+        memory_mb: 0,
+        disk_gb: 0,
+        created_at: now_ms(),
+        last_heartbeat: None,
+        agent_token: String::new(),
+    };
+    let reg_hash = format!("{:0>64}", h.id.as_str());
+    db.insert_host(&h, &reg_hash).await.unwrap();
+    let reg = HostRegistration {
+        address: address.to_string(),
+        arch: "x86_64".into(),
+        cpu_cores: 2,
+        memory_mb: 4096,
+        disk_gb: 10,
+        agent_token: token.into(),
+    };
+    db.register_host(&reg_hash, &reg, &format!("host-token-{token}"))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn capsule(team: &TeamId, host: &HostId) -> CapsuleRow {
+    let now = now_ms();
+    CapsuleRow {
+        id: CapsuleId::random(),
+        team_id: team.clone(),
+        host_id: Some(host.clone()),
+        template: "minimal".into(),
+        agent_template: "minimal".into(),
+        status: Status::Running,
+        vcpus: 1,
+        memory_mb: 512,
+        timeout_sec: 0,
+        disk_size_mb: 5120,
+        metadata: BTreeMap::new(),
+        created_at: now,
+        started_at: Some(now),
+        last_active_at: None,
+        last_updated: now,
+        access_token: "envd-token".into(),
+        end_at: None,
+        on_timeout: OnTimeout::Kill,
+    }
+}
+
+#[tokio::test]
+async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("cp.db").display());
+    let plane = ControlPlane::start(CpConfig::new(url)).await.unwrap();
+    let cp = plane.cp.clone();
+
+    let team = Team {
+        id: TeamId::random(),
+        name: "t".into(),
+        slug: "local-proxy".into(),
+        is_admin: false,
+        created_at: now_ms(),
+    };
+    cp.db.insert_team(&team).await.unwrap();
+    let (_, key) = create_key(&cp.db, &team.id, "k", KeyKind::Wrenn)
+        .await
+        .unwrap();
+
+    let (local_addr, mut local_heads) = remote_agent().await;
+    let (remote_addr, mut remote_heads) = remote_agent().await;
+    let local_host = host(&cp.db, local_addr, "local-secret").await;
+    let remote_host = host(&cp.db, remote_addr, "remote-secret").await;
+    for h in [&local_host, &remote_host] {
+        cp.hosts.connect(h).unwrap();
+    }
+    let in_process = Arc::new(InProcess::default());
+    cp.local_agent
+        .set((local_host.id.clone(), in_process.clone()))
+        .unwrap();
+    let here = capsule(&team.id, &local_host.id);
+    let there = capsule(&team.id, &remote_host.id);
+    for c in [&here, &there] {
+        cp.db.insert_capsule(c).await.unwrap();
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wrenn_http::serve(
+        listener,
+        plane.router(),
+        Default::default(),
+        async {
+            let _ = stop.await;
+        },
+    ));
+
+    // 1. The path form, local capsule: handed over in-process, the query
+    //    kept, no agent token needed; Location keeps the path prefix.
+    let id = here.id.as_str();
+    let out = get(
+        addr,
+        &format!("/proxy/{id}/8080/a/b/?x=1"),
+        &[("x-api-key", &key)],
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("in-process"), "{out}");
+    assert!(
+        out.contains(&format!("location: /proxy/{id}/8080/next")),
+        "{out}"
+    );
+    assert_eq!(
+        in_process.seen.lock().unwrap().as_slice(),
+        [(format!("/proxy/{id}/8080/a/b/?x=1"), false)]
+    );
+
+    // 2. The subdomain form: the same, with the prefix taken off Location.
+    let host_header = format!("8080-{id}.localhost");
+    let out = get(addr, "/c", &[("host", &host_header)]).await;
+    assert!(out.ends_with("in-process"), "{out}");
+    assert!(out.contains("location: /next\r\n"), "{out}");
+    assert_eq!(in_process.seen.lock().unwrap().len(), 2);
+
+    // 3. An upgrade for the local capsule crosses HTTP to its agent, with
+    //    the agent's token: the agent owns tunnels.
+    let out = get(
+        addr,
+        "/ws",
+        &[
+            ("host", &host_header),
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let head = local_heads.recv().await.unwrap();
+    assert!(
+        head.starts_with(&format!("GET /proxy/{id}/8080/ws HTTP/1.1")),
+        "{head}"
+    );
+    assert!(head.contains("x-wrenn-agent-token: local-secret"), "{head}");
+    assert_eq!(in_process.seen.lock().unwrap().len(), 2);
+
+    // 4. A capsule on another host: over HTTP with that host's token, and
+    //    the caller's key removed.
+    let other = there.id.as_str();
+    let out = get(
+        addr,
+        &format!("/proxy/{other}/3000/r?q"),
+        &[("x-api-key", &key)],
+    )
+    .await;
+    assert!(out.ends_with("remote"), "{out}");
+    let head = remote_heads.recv().await.unwrap();
+    assert!(
+        head.starts_with(&format!("GET /proxy/{other}/3000/r?q HTTP/1.1")),
+        "{head}"
+    );
+    assert!(
+        head.contains("x-wrenn-agent-token: remote-secret"),
+        "{head}"
+    );
+    assert!(!head.to_ascii_lowercase().contains("x-api-key"), "{head}");
+    assert_eq!(in_process.seen.lock().unwrap().len(), 2);
+    assert!(
+        local_heads.try_recv().is_err(),
+        "no plain request reached the local agent over HTTP"
+    );
+
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+    plane.shutdown().await;
+}
