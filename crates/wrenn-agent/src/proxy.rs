@@ -182,6 +182,12 @@ fn fix_location(h: &mut HeaderMap, route: &Route) {
     }
 }
 
+/// Connections that start with a proxied request are user traffic, served
+/// on the bulk runtime ([`wrenn_http::BulkClass`]); RPC stays on the main one.
+pub fn is_bulk(path: &str, _headers: &HeaderMap) -> bool {
+    parse_target(path).is_some()
+}
+
 /// `wrenn up`'s control plane calls its agent's proxy directly.
 impl wrenn_http::relay::LocalProxy for PortProxy {
     fn serve(

@@ -70,7 +70,10 @@ impl AgentServer {
         let served = wrenn_http::serve(
             listener,
             router,
-            wrenn_http::ServerConfig::default(),
+            wrenn_http::ServerConfig {
+                bulk: Some(wrenn_http::BulkClass::new(proxy::is_bulk)),
+                ..Default::default()
+            },
             shutdown,
         )
         .await;

@@ -339,6 +339,45 @@ async fn egress_is_shaped_to_the_configured_rate() {
     assert!(ms < 20_000, "{ms} ms: far slower than the configured rate");
 }
 
+/// envd's answers to the agent go ahead of the shaper's backlog: exec
+/// round trips stay quick while the capsule saturates its egress. (With one
+/// token bucket for everything, each answer waited behind the queued bulk
+/// data: at 2 MB/s, a backlog of a few hundred KB is 100 ms or more.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envd_answers_skip_the_egress_backlog() {
+    let t = TestAgent::start_with(|cfg| {
+        cfg.network.egress_rate = 2_000_000;
+        cfg.network.egress_burst = 200_000;
+    })
+    .await;
+    let net = Internet::start(&t.cfg.instance[1..], (std::process::id() % 200) as u8 + 29);
+    let id = t.capsule().await;
+    let median_exec = || async {
+        let mut times = Vec::new();
+        for _ in 0..15 {
+            let t0 = std::time::Instant::now();
+            assert_eq!(t.sh(&id, "echo x").await, (0, "x\n".to_string()));
+            times.push(t0.elapsed());
+        }
+        times.sort();
+        times[times.len() / 2]
+    };
+    let quiet = median_exec().await;
+    // 40 MB at 2 MB/s: about 20 s of saturated egress, in the background
+    let bulk = format!(
+        "(head -c 40000000 /dev/zero | nc {} 9001 >/dev/null 2>&1 &); echo started",
+        net.ip
+    );
+    assert_eq!(t.sh(&id, &bulk).await.0, 0);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let loaded = median_exec().await;
+    eprintln!("exec round trip p50: quiet {quiet:?}, egress saturated {loaded:?}");
+    assert!(
+        loaded < quiet + std::time::Duration::from_millis(40),
+        "envd's answers queued behind bulk egress: {loaded:?} against {quiet:?} quiet"
+    );
+}
+
 /// The same shaping on a VM capsule's traffic (it leaves through the same
 /// `eth0`, bridged from the TAP). Slower numbers than above: under TCG the
 /// guest's NIC is slow itself, so the control is the same amount sent into

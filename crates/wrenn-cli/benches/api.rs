@@ -15,7 +15,8 @@
 //!
 //! `cargo bench -p wrenn-cli --bench api [-- --smoke]` (root; needs the
 //! static envd in `ENVD_STATIC_BIN` and the `minimal` template fixture that
-//! the agent's tests build in `target/wrenn-fixtures`).
+//! the agent's tests build in `target/wrenn-fixtures`). `WRENN_BIN` runs
+//! another build of `wrenn` instead of this one (A/B runs).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -88,7 +89,10 @@ struct Server {
 
 impl Server {
     fn start(data: &Path, instance: &str, pool: &str, shared: bool) -> Result<Server> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wrenn"));
+        // WRENN_BIN: another build of `wrenn` to measure (A/B runs).
+        let bin = std::env::var_os("WRENN_BIN")
+            .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wrenn")), PathBuf::from);
+        let mut cmd = Command::new(bin);
         cmd.args([
             "up",
             "--listen",
@@ -240,6 +244,7 @@ async fn pty_echo(s: &Server, id: &str, n: usize) -> Result<Vec<Duration>> {
 
 /// 16 HTTP + 16 WebSocket streams pulling bulk data through the proxy.
 fn start_load(
+    rt: &tokio::runtime::Handle,
     s: &Server,
     id: &str,
     streams: usize,
@@ -252,7 +257,7 @@ fn start_load(
         let port = s.port;
         let id = id.to_owned();
         if i % 2 == 0 {
-            tasks.push(tokio::spawn(async move {
+            tasks.push(rt.spawn(async move {
                 let http = wrenn_http::client(wrenn_http::HttpVersion::Http1);
                 while !stop.load(Ordering::Relaxed) {
                     let req = http::Request::builder()
@@ -276,7 +281,7 @@ fn start_load(
                 }
             }));
         } else {
-            tasks.push(tokio::spawn(async move {
+            tasks.push(rt.spawn(async move {
                 let Ok(mut req) = format!("ws://127.0.0.1:{port}/").into_client_request() else {
                     return;
                 };
@@ -312,7 +317,21 @@ async fn echo_bench(s: &Server, id: &str, sz: &Sizes) -> Result<EchoRun> {
     let idle = pty_echo(s, id, sz.keystrokes).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let bytes = Arc::new(AtomicU64::new(0));
-    let tasks = start_load(s, id, sz.streams, stop.clone(), bytes.clone());
+    // The load clients run on a runtime of their own: they stand for other
+    // users, and must not queue in front of the measured terminal's client
+    // on this process's workers.
+    let load_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let tasks = start_load(
+        load_rt.handle(),
+        s,
+        id,
+        sz.streams,
+        stop.clone(),
+        bytes.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let b0 = bytes.load(Ordering::Relaxed);
     let t0 = Instant::now();
@@ -323,6 +342,7 @@ async fn echo_bench(s: &Server, id: &str, sz: &Sizes) -> Result<EchoRun> {
     for t in tasks {
         t.abort();
     }
+    load_rt.shutdown_background();
     let loaded = loaded?;
     Ok(EchoRun {
         idle_p50: pct(idle.clone(), 50.0),

@@ -299,6 +299,30 @@ pub async fn relay_to(
     relay::cut_on(resp, route.stop.clone())
 }
 
+/// Whether a connection whose first request is this one carries user
+/// traffic to a capsule port (served on the bulk runtime, see
+/// [`wrenn_http::BulkClass`]): the subdomain and path forms and E2B's
+/// routing headers, except to envd's port, which carries E2B's process
+/// and PTY RPC and stays with the API.
+pub fn is_bulk(path: &str, headers: &http::HeaderMap) -> bool {
+    use crate::e2b::dataplane::{SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
+    let user_port = |p: &str| p.trim().parse::<u16>().is_ok_and(|p| p != ENVD_PORT);
+    if headers.contains_key(SANDBOX_ID_HEADER) {
+        return headers
+            .get(SANDBOX_PORT_HEADER)
+            .and_then(|p| p.to_str().ok())
+            .is_some_and(user_port);
+    }
+    if let Some(t) = parse_target(path) {
+        return user_port(t.port);
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    matches!(parse_host(host), HostTarget::Capsule { port, .. } if port != ENVD_PORT)
+}
+
 /// Middleware: E2B's data plane first (routing headers, signed URLs),
 /// then requests whose `Host` names a capsule port are proxied; the rest
 /// go to the API.

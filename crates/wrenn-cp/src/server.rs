@@ -128,7 +128,11 @@ impl ControlPlane {
         if let Ok(a) = listener.local_addr() {
             let _ = self.cp.listen_addr.set(a);
         }
-        let r = wrenn_http::serve(listener, self.router(), Default::default(), shutdown).await;
+        let config = wrenn_http::ServerConfig {
+            bulk: Some(wrenn_http::BulkClass::new(crate::proxy::is_bulk)),
+            ..Default::default()
+        };
+        let r = wrenn_http::serve(listener, self.router(), config, shutdown).await;
         self.shutdown().await;
         r
     }

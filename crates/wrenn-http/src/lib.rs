@@ -18,4 +18,4 @@ pub use client::{
     client, dial_with_retry, proxy_client, rpc_h2_client, ClientBody, HttpClient, HttpVersion,
     ProxyBody, ProxyClient, RetryConnector, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP,
 };
-pub use server::{serve, ServerConfig};
+pub use server::{bulk_runtime, serve, BulkClass, Classify, ServerConfig, BULK_NICE};

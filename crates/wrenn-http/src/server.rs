@@ -1,6 +1,15 @@
 //! The accept loop. Protocol: one task per connection in a `JoinSet`; a
 //! `watch` channel tells every connection to shut down gracefully; connections
 //! that have not finished `shutdown_grace` after that are aborted.
+//!
+//! Traffic classes on the CPU: a server given a [`BulkClass`] looks at each
+//! connection's first request head (peeked, not consumed) and serves the
+//! connections it calls bulk (user traffic to capsule ports) on a runtime of
+//! their own ([`bulk_runtime`]: its own worker threads, niced). Their byte
+//! copying then never queues in front of RPC tasks (a PTY keystroke's
+//! relay) on the main runtime's workers, and the kernel favours the RPC
+//! threads when the CPUs are saturated. A kept-alive connection stays in
+//! the class its first request chose.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +21,7 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -25,6 +34,64 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// How long open connections get to finish after shutdown is asked.
     pub shutdown_grace: Duration,
+    /// Where bulk connections are served, if they are told apart.
+    pub bulk: Option<BulkClass>,
+}
+
+/// Whether a connection whose first request has this path and these
+/// headers carries bulk user traffic.
+pub type Classify = fn(&str, &http::HeaderMap) -> bool;
+
+/// Bulk connections and the runtime that serves them.
+#[derive(Debug, Clone)]
+pub struct BulkClass {
+    pub runtime: tokio::runtime::Handle,
+    pub classify: Classify,
+}
+
+impl BulkClass {
+    /// `classify` on the process's [`bulk_runtime`].
+    pub fn new(classify: Classify) -> BulkClass {
+        BulkClass {
+            runtime: bulk_runtime().clone(),
+            classify,
+        }
+    }
+}
+
+/// How much less CPU weight bulk workers get than the rest of the process
+/// (a nice value: the kernel gives a thread at +5 about a third of the
+/// weight of one at 0).
+pub const BULK_NICE: i32 = 5;
+
+/// The process's runtime for bulk connections: one worker per CPU, named
+/// `wrenn-bulk`, each niced by [`BULK_NICE`]. Started on first use; lives
+/// as long as the process.
+pub fn bulk_runtime() -> &'static tokio::runtime::Handle {
+    static BULK: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    BULK.get_or_init(|| {
+        let nice = std::env::var("WRENN_BULK_NICE")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(BULK_NICE);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("wrenn-bulk")
+            .on_thread_start(move || {
+                // Linux: a thread's nice value is its own (tid as the who).
+                // Raising it needs no privilege; failure only costs priority.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice);
+                }
+            })
+            .enable_all()
+            .build()
+            .expect("start the bulk runtime");
+        let handle = rt.handle().clone();
+        // The runtime is never dropped (dropping it inside another runtime
+        // would panic); its threads end with the process.
+        std::mem::forget(rt);
+        handle
+    })
 }
 
 impl Default for ServerConfig {
@@ -33,6 +100,7 @@ impl Default for ServerConfig {
             read_header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(620),
             shutdown_grace: Duration::from_secs(5),
+            bulk: None,
         }
     }
 }
@@ -61,12 +129,13 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let accepted_at = Instant::now();
                 let _ = stream.set_nodelay(true);
                 let router = router.clone();
                 let config = config.clone();
                 let stop = stop_rx.clone();
                 conns.spawn(async move {
-                    serve_connection(stream, peer, router, config, stop).await;
+                    serve_accepted(stream, peer, router, config, stop, accepted_at).await;
                     tracing::trace!(%peer, "connection closed");
                 });
             }
@@ -83,14 +152,99 @@ pub async fn serve(
     Ok(())
 }
 
+/// Serve one accepted connection here, or on the bulk runtime when its
+/// first request is bulk.
+async fn serve_accepted(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    router: axum::Router,
+    config: ServerConfig,
+    stop: watch::Receiver<bool>,
+    accepted_at: Instant,
+) {
+    let bulk = match &config.bulk {
+        Some(b) => {
+            let deadline = accepted_at + config.read_header_timeout;
+            let is_bulk = first_request_is(&stream, b.classify, deadline).await;
+            is_bulk.then(|| b.runtime.clone())
+        }
+        None => None,
+    };
+    let Some(rt) = bulk else {
+        return serve_connection(stream, peer, router, config, stop, accepted_at).await;
+    };
+    // Re-registered with the bulk runtime's reactor.
+    let std = match stream.into_std() {
+        Ok(s) => s,
+        Err(err) => return tracing::debug!(%err, "cannot move a connection"),
+    };
+    let task = rt.spawn(async move {
+        if let Ok(stream) = TcpStream::from_std(std) {
+            serve_connection(stream, peer, router, config, stop, accepted_at).await;
+        }
+    });
+    let _abort = AbortOnDrop(task.abort_handle());
+    let _ = task.await;
+}
+
+/// Aborts a task served elsewhere when the connection's own task is
+/// dropped (the accept loop's shutdown deadline).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether the first request head on `stream` (peeked, left unread) is
+/// one `classify` calls bulk. No: anything that is not a whole HTTP/1 head
+/// in 8 KiB by `deadline` (HTTP/2's preface, garbage, a slow client), which
+/// is then served, and timed, as usual.
+async fn first_request_is(stream: &TcpStream, classify: Classify, deadline: Instant) -> bool {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline.into(), stream.peek(&mut buf)).await;
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..n]) {
+            Ok(httparse::Status::Complete(_)) => {
+                let mut map = http::HeaderMap::new();
+                for h in req.headers.iter() {
+                    if let (Ok(name), Ok(value)) = (
+                        http::HeaderName::from_bytes(h.name.as_bytes()),
+                        http::HeaderValue::from_bytes(h.value),
+                    ) {
+                        map.append(name, value);
+                    }
+                }
+                return classify(req.path.unwrap_or("/"), &map);
+            }
+            // The rest of the head is on its way: a peek returns at once
+            // while unread bytes wait, so look again a little later.
+            // (A ready peek wins over an expired `timeout_at`: hence the
+            // deadline check here.)
+            Ok(httparse::Status::Partial) if n < buf.len() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            _ => return false,
+        }
+    }
+}
+
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     peer: std::net::SocketAddr,
     router: axum::Router,
     config: ServerConfig,
     mut stop: watch::Receiver<bool>,
+    accepted_at: Instant,
 ) {
-    let state = Arc::new(ConnState::new());
+    let state = Arc::new(ConnState::new(accepted_at));
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         state: state.clone(),
@@ -183,9 +337,10 @@ const NO_HEAD: u64 = u64::MAX;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl ConnState {
-    fn new() -> Self {
+    /// A connection accepted at `epoch`: its first head is timed from then.
+    fn new(epoch: Instant) -> Self {
         Self {
-            epoch: Instant::now(),
+            epoch,
             last_io: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -562,5 +717,96 @@ mod tests {
             .await
             .unwrap();
         assert!(!closed_within(&mut h2, Duration::from_millis(800)).await);
+    }
+
+    /// A server whose connections that begin with `/bulk…` are bulk; every
+    /// route answers the serving thread's name and nice value.
+    async fn start_classified(
+        header_ms: u64,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        async fn whoami() -> String {
+            let t = std::thread::current();
+            let nice =
+                unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+            format!("{} {nice}", t.name().unwrap_or("?"))
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new()
+            .route("/api", axum::routing::get(whoami))
+            .route("/bulk", axum::routing::get(whoami));
+        let config = ServerConfig {
+            read_header_timeout: Duration::from_millis(header_ms),
+            bulk: Some(BulkClass::new(|path, headers| {
+                path.starts_with("/bulk") && headers.contains_key(http::header::HOST)
+            })),
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, router, config, async {
+            let _ = rx.await;
+        }));
+        (addr, tx)
+    }
+
+    /// Send `head` in pieces, read one answer, return its body.
+    async fn ask(s: &mut tokio::net::TcpStream, pieces: &[&str]) -> String {
+        for p in pieces {
+            s.write_all(p.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+        text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_connections_are_served_on_the_niced_bulk_runtime() {
+        let (addr, _stop) = start_classified(10_000).await;
+        let bulk = format!("wrenn-bulk {BULK_NICE}");
+        // a bulk first request: served there, and so is the next one on
+        // the same connection
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(
+            ask(&mut s, &["GET /bulk HTTP/1.1\r\nHost: x\r\n\r\n"]).await,
+            bulk
+        );
+        assert_eq!(
+            ask(&mut s, &["GET /api HTTP/1.1\r\nHost: x\r\n\r\n"]).await,
+            bulk
+        );
+        // an API first request stays on the main runtime
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let main = ask(&mut s, &["GET /api HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert!(
+            !main.starts_with("wrenn-bulk") && main.ends_with(" 0"),
+            "{main}"
+        );
+        assert_eq!(
+            ask(&mut s, &["GET /bulk HTTP/1.1\r\nHost: x\r\n\r\n"]).await,
+            main
+        );
+        // a head that arrives in pieces is classified once it is whole
+        // (the classifier needs the Host header, which comes last)
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let got = ask(&mut s, &["GET /bu", "lk HTTP/1.1\r\n", "Host: x\r\n\r\n"]).await;
+        assert_eq!(got, bulk);
+    }
+
+    /// Classifying waits no longer than the header timeout allows.
+    #[tokio::test]
+    async fn a_slow_head_is_still_cut_off_when_classifying() {
+        let (addr, _stop) = start_classified(300).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /bulk HTTP/1.1\r\n").await.unwrap();
+        let t0 = Instant::now();
+        assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 }

@@ -117,15 +117,17 @@ pub fn create(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
         Some(inside.as_bytes()),
     )
     .map_err(step("configure eth0", &slot.netns))?;
-    // Shape the capsule's egress with a token bucket on eth0. The agent
-    // sets it from outside; without CAP_NET_ADMIN the workload cannot
-    // change it. (Policing on the host end would need act_police, which
-    // kernels built without CONFIG_NET_ACT_POLICE lack; tbf is everywhere.)
-    let shape = format!(
-        "qdisc replace dev eth0 root tbf rate {rate}bit burst {burst} latency 100ms\n",
-        rate = cfg.egress_rate * 8,
-        burst = cfg.egress_burst,
-    );
+    // Shape the capsule's egress on eth0 with HTB (the agent sets it from
+    // outside; without CAP_NET_ADMIN the workload cannot change it). One
+    // class holds the whole budget; under it, envd's answers to the agent
+    // (source port 49983 to the host's address) have the first claim, so
+    // a terminal's echo never waits behind the bulk backlog the shaper
+    // queues (a tbf here held it ~8 ms behind one saturating flow). Those
+    // answers count against the same budget. (Policing on the host end
+    // would need act_police, which kernels built without
+    // CONFIG_NET_ACT_POLICE lack, and without sch_prio — this machine's —
+    // HTB is the classful qdisc there is.)
+    let shape = shaping_script(cfg.egress_rate, cfg.egress_burst, slot.host_ip);
     cmd::run(
         "tc",
         ["-n", &slot.netns, "-batch", "-"],
@@ -133,6 +135,27 @@ pub fn create(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
     )
     .map_err(step("shape egress", &slot.netns))?;
     Ok(())
+}
+
+/// The `tc -batch` lines that shape a capsule's egress: `rate` bytes/s
+/// sustained after `burst` bytes, envd's answers to `host` first.
+fn shaping_script(rate: u64, burst: u64, host: std::net::Ipv4Addr) -> String {
+    let bits = rate * 8;
+    // envd's assured share; it borrows up to the whole rate before the rest
+    let envd = (bits / 100).max(8_000);
+    let rest = bits.saturating_sub(envd).max(8_000);
+    let port = wrenn_types::envd::ENVD_PORT;
+    format!(
+        "qdisc replace dev eth0 root handle 1: htb default 20\n\
+         class add dev eth0 parent 1: classid 1:1 htb rate {bits}bit ceil {bits}bit \
+           burst {burst} cburst {burst} quantum 60000\n\
+         class add dev eth0 parent 1:1 classid 1:10 htb rate {envd}bit ceil {bits}bit \
+           burst {burst} cburst {burst} prio 0 quantum 60000\n\
+         class add dev eth0 parent 1:1 classid 1:20 htb rate {rest}bit ceil {bits}bit \
+           burst {burst} cburst {burst} prio 1 quantum 60000\n\
+         filter add dev eth0 parent 1: protocol ip prio 1 u32 \
+           match ip sport {port} 0xffff match ip dst {host}/32 flowid 1:10\n"
+    )
 }
 
 /// The TAP device a VM capsule's VMM opens, in the capsule's namespace.
