@@ -64,6 +64,11 @@ fn migrator() -> Migrator {
             "agent_token",
             include_str!("../migrations/0003_agent_token.sql"),
         ),
+        (
+            4,
+            "usage_daily",
+            include_str!("../migrations/0004_usage_daily.sql"),
+        ),
     ]
     .into_iter()
     .map(|(version, name, sql)| {
@@ -637,6 +642,126 @@ impl Db {
             .collect()
     }
 
+    /// Record a finished running-time stretch (imports, tests); live
+    /// capsules get theirs from [`Db::transition`].
+    pub async fn insert_run(&self, capsule: &CapsuleId, team: &TeamId, run: &Run) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO capsule_runs (capsule_id, team_id, vcpus, memory_mb, started_at, ended_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(capsule.as_str())
+        .bind(team.as_str())
+        .bind(run.vcpus)
+        .bind(run.memory_mb)
+        .bind(run.started_at)
+        .bind(run.ended_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The latest day rolled up, and the start of the earliest run.
+    pub async fn rollup_bounds(&self) -> Result<(Option<String>, Option<i64>), DbError> {
+        let last = sqlx::query("SELECT MAX(day) AS d FROM usage_rollups")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get::<Option<String>, _>("d")?;
+        let first = sqlx::query("SELECT MIN(started_at) AS s FROM capsule_runs")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get::<Option<i64>, _>("s")?;
+        Ok((last, first))
+    }
+
+    /// Sum every team's usage of the finished day `day`, which spans
+    /// `[start, end)` ms, into `usage_daily`, and mark the day rolled up:
+    /// one transaction, and a day already rolled up is left as it is.
+    pub async fn roll_up_day(&self, day: &str, start: i64, end: i64) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("SELECT day FROM usage_rollups WHERE day = $1")
+            .bind(day)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if done.is_some() {
+            return Ok(());
+        }
+        let rows = sqlx::query(
+            "SELECT team_id, vcpus, memory_mb, started_at, ended_at FROM capsule_runs \
+             WHERE started_at < $1 AND (ended_at IS NULL OR ended_at > $2)",
+        )
+        .bind(end)
+        .bind(start)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut teams: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for r in &rows {
+            let run = Run {
+                vcpus: r.try_get("vcpus")?,
+                memory_mb: r.try_get("memory_mb")?,
+                started_at: r.try_get("started_at")?,
+                ended_at: r.try_get("ended_at")?,
+            };
+            let (cpu, ram) = run.usage_within(start, end, end);
+            let t = teams.entry(r.try_get("team_id")?).or_default();
+            t.0 += cpu;
+            t.1 += ram;
+        }
+        for (team, (cpu, ram)) in teams {
+            sqlx::query(
+                "INSERT INTO usage_daily (team_id, day, cpu_minutes, ram_mb_minutes) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(team)
+            .bind(day)
+            .bind(cpu)
+            .bind(ram)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("INSERT INTO usage_rollups (day, rolled_at) VALUES ($1, $2)")
+            .bind(day)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Of the days in `[from, to]` (YYYY-MM-DD), those rolled up, with
+    /// `team`'s (cpu, ram) minutes for each (zero when it used nothing).
+    pub async fn rolled_usage(
+        &self,
+        team: &TeamId,
+        from: &str,
+        to: &str,
+    ) -> Result<BTreeMap<String, (f64, f64)>, DbError> {
+        let days = sqlx::query("SELECT day FROM usage_rollups WHERE day >= $1 AND day <= $2")
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = BTreeMap::new();
+        for d in &days {
+            out.insert(d.try_get::<String, _>("day")?, (0.0, 0.0));
+        }
+        let rows = sqlx::query(
+            "SELECT day, cpu_minutes, ram_mb_minutes FROM usage_daily \
+             WHERE team_id = $1 AND day >= $2 AND day <= $3",
+        )
+        .bind(team.as_str())
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &rows {
+            out.insert(
+                r.try_get("day")?,
+                (r.try_get("cpu_minutes")?, r.try_get("ram_mb_minutes")?),
+            );
+        }
+        Ok(out)
+    }
+
     pub async fn save_metrics(&self, id: &CapsuleId, points: &[MetricRow]) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM capsule_metrics WHERE capsule_id = $1")
@@ -934,6 +1059,20 @@ pub struct Run {
     pub memory_mb: i64,
     pub started_at: i64,
     pub ended_at: Option<i64>,
+}
+
+impl Run {
+    /// (vCPU minutes, MB minutes) of this run inside `[from, to)`, a run
+    /// still going counted up to `now`.
+    pub fn usage_within(&self, from: i64, to: i64, now: i64) -> (f64, f64) {
+        let s = self.started_at.max(from);
+        let e = self.ended_at.unwrap_or(now).min(to).min(now);
+        if e <= s {
+            return (0.0, 0.0);
+        }
+        let minutes = (e - s) as f64 / 60_000.0;
+        (minutes * self.vcpus as f64, minutes * self.memory_mb as f64)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

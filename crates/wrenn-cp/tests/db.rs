@@ -281,6 +281,74 @@ async fn exercise(db: &Db) {
     assert!(db.template_named_on_host("s-own").await.unwrap());
     assert!(db.delete_template(&team.id, &name).await.unwrap());
     assert!(!db.template_named_on_host("s-own").await.unwrap());
+
+    // usage: a finished day rolls up once, per team, and stays as rolled
+    const DAY: i64 = 86_400_000;
+    // a day long past that no earlier run of this test rolled up
+    let n = 5_000 + (now_ms() / 7) % 10_000;
+    let (start, end) = (n * DAY, (n + 1) * DAY);
+    let date = time::OffsetDateTime::from_unix_timestamp(start / 1000)
+        .unwrap()
+        .date();
+    let day = format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        date.month() as u8,
+        date.day()
+    );
+    let hour = 3_600_000;
+    let run = |vcpus, memory_mb, from: i64, to: i64| wrenn_cp::db::Run {
+        vcpus,
+        memory_mb,
+        started_at: from,
+        ended_at: Some(to),
+    };
+    let spare = CapsuleId::random();
+    for (t, r) in [
+        // 2 h of 2 vCPUs and 1 GiB
+        (&team.id, run(2, 1024, start + 10 * hour, start + 12 * hour)),
+        // from the day before: its last 30 min count
+        (&team.id, run(1, 512, start - hour, start + hour / 2)),
+        // into the next day: its first hour counts
+        (&team.id, run(4, 2048, end - hour, end + hour)),
+        // another team's
+        (&other, run(8, 8192, start, end)),
+    ] {
+        db.insert_run(&spare, t, &r).await.unwrap();
+    }
+    db.roll_up_day(&day, start, end).await.unwrap();
+    let got = db.rolled_usage(&team.id, &day, &day).await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (cpu, ram) = got[&day];
+    assert!((cpu - (240.0 + 30.0 + 240.0)).abs() < 1e-6, "{cpu}");
+    assert!((ram - (122_880.0 + 15_360.0 + 122_880.0)).abs() < 1e-6, "{ram}");
+    assert_eq!(
+        db.rolled_usage(&other, &day, &day).await.unwrap()[&day],
+        (8.0 * 1440.0, 8192.0 * 1440.0)
+    );
+    // a team that used nothing that day: rolled up, zero
+    assert_eq!(
+        db.rolled_usage(&TeamId::random(), &day, &day).await.unwrap()[&day],
+        (0.0, 0.0)
+    );
+    // the day is final: a late run does not change it, a second pass is a no-op
+    db.insert_run(&spare, &team.id, &run(1, 1, start, start + hour))
+        .await
+        .unwrap();
+    db.roll_up_day(&day, start, end).await.unwrap();
+    assert_eq!(
+        db.rolled_usage(&team.id, &day, &day).await.unwrap()[&day],
+        (cpu, ram)
+    );
+    let (last, first) = db.rollup_bounds().await.unwrap();
+    assert!(last.is_some_and(|l| l >= day));
+    assert!(first.is_some_and(|f| f <= start - hour));
+    // days outside the range are not returned
+    assert!(db
+        .rolled_usage(&team.id, "1970-01-01", "1970-01-02")
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]

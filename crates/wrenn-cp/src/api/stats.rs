@@ -36,6 +36,14 @@ pub struct Point {
 
 const DAY_MS: i64 = 86_400_000;
 
+/// Usage dates: `YYYY-MM-DD`.
+const DATE: &[time::format_description::BorrowedFormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]");
+
+fn day_name(d: Date) -> String {
+    d.format(DATE).unwrap_or_default()
+}
+
 fn metric_range(r: &str) -> Option<i64> {
     let min = match r {
         "5m" => 5,
@@ -213,8 +221,63 @@ pub async fn stats(
 }
 
 fn parse_date(s: &str) -> ApiResult<Date> {
-    let fmt = time::macros::format_description!("[year]-[month]-[day]");
-    Date::parse(s, &fmt).map_err(|_| ApiError::invalid(format!("invalid date {s:?} (YYYY-MM-DD)")))
+    Date::parse(s, DATE).map_err(|_| ApiError::invalid(format!("invalid date {s:?} (YYYY-MM-DD)")))
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Usage dates: `YYYY-MM-DD`.
+const DATE: &[time::format_description::BorrowedFormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]");
+
+fn day_name(d: Date) -> String {
+    d.format(DATE).unwrap_or_default()
+}
+
+/// Unix ms of `d`'s midnight, UTC.
+fn day_ms(d: Date) -> i64 {
+    d.midnight().assume_utc().unix_timestamp() * 1000
+}
+
+/// Roll up every finished day not rolled up yet (at most the last 400),
+/// from the first day with a run; then again every hour, until `cp` stops.
+pub async fn run_rollups(cp: Arc<Cp>) {
+    loop {
+        if let Err(e) = roll_up(&cp).await {
+            tracing::warn!(error = %e, "usage rollup failed");
+        }
+        tokio::select! {
+            () = cp.stop.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
+/// One pass of [`run_rollups`].
+pub async fn roll_up(cp: &Cp) -> Result<(), crate::db::DbError> {
+    let Ok(now) = OffsetDateTime::from_unix_timestamp(now_ms() / 1000) else {
+        return Ok(());
+    };
+    let today = now.date();
+    let (last, first_run) = cp.db.rollup_bounds().await?;
+    let after_last = last
+        .and_then(|l| Date::parse(&l, DATE).ok())
+        .and_then(|d| d.next_day());
+    let first = first_run
+        .and_then(|ms| OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
+        .map(|t| t.date());
+    let Some(mut d) = after_last.or(first) else {
+        return Ok(());
+    };
+    d = d.max(today - TimeDuration::days(400));
+    while d < today {
+        cp.db.roll_up_day(&day_name(d), day_ms(d), day_ms(d) + DAY_MS).await?;
+        match d.next_day() {
+            Some(next) => d = next,
+            None => break,
+        }
+    }
+    Ok(())
 }
 
 /// `GET /v1/capsules/usage?from=&to=`
@@ -243,26 +306,39 @@ pub async fn usage(
     if (to - from).whole_days() > 92 {
         return Err(ApiError::invalid("the range spans more than 92 days"));
     }
-    let day_ms = |d: Date| d.midnight().assume_utc().unix_timestamp() * 1000;
-    let (start, end) = (day_ms(from), day_ms(to) + 86_400_000);
-    let runs = cp.db.runs(caller.team_id(), start, end).await?;
-    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    let day = day_name;
+    // Finished days from the rollup where it has them; the rest (today,
+    // and days not rolled up yet) from the run ledger.
+    let rolled = cp
+        .db
+        .rolled_usage(caller.team_id(), &day(from), &day(to))
+        .await?;
+    let mut live_from = from;
+    while live_from < today && live_from <= to && rolled.contains_key(&day(live_from)) {
+        match live_from.next_day() {
+            Some(next) => live_from = next,
+            None => break,
+        }
+    }
+    let runs = if live_from <= to {
+        cp.db
+            .runs(caller.team_id(), day_ms(live_from), day_ms(to) + DAY_MS)
+            .await?
+    } else {
+        Vec::new()
+    };
     let mut out = Vec::new();
     let mut d = from;
     while d <= to {
-        let (a, b) = (day_ms(d), day_ms(d) + 86_400_000);
-        let (mut cpu, mut ram) = (0.0, 0.0);
-        for r in &runs {
-            let s = r.started_at.max(a);
-            let e = r.ended_at.unwrap_or(now).min(b).min(now);
-            if e > s {
-                let minutes = (e - s) as f64 / 60_000.0;
-                cpu += minutes * r.vcpus as f64;
-                ram += minutes * r.memory_mb as f64;
-            }
-        }
+        let (cpu, ram) = match rolled.get(&day(d)).filter(|_| d < today) {
+            Some(&kept) => kept,
+            None => runs.iter().fold((0.0, 0.0), |acc, r| {
+                let (c, m) = r.usage_within(day_ms(d), day_ms(d) + DAY_MS, now);
+                (acc.0 + c, acc.1 + m)
+            }),
+        };
         out.push(json!({
-            "date": d.format(&fmt).unwrap_or_default(),
+            "date": day(d),
             "cpu_minutes": (cpu * 1000.0).round() / 1000.0,
             "ram_mb_minutes": (ram * 1000.0).round() / 1000.0,
         }));
@@ -272,8 +348,8 @@ pub async fn usage(
         }
     }
     Ok(Json(json!({
-        "from": from.format(&fmt).unwrap_or_default(),
-        "to": to.format(&fmt).unwrap_or_default(),
+        "from": day(from),
+        "to": day(to),
         "points": out,
     })))
 }
@@ -281,6 +357,27 @@ pub async fn usage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_counts_the_part_of_a_run_inside_the_window() {
+        let run = |started_at, ended_at| Run {
+            vcpus: 2,
+            memory_mb: 100,
+            started_at,
+            ended_at,
+        };
+        let min = 60_000;
+        // clipped at both ends of the window
+        assert_eq!(run(0, Some(10 * min)).usage_within(2 * min, 5 * min, 99 * min), (6.0, 300.0));
+        // a run still going counts up to now, never past the window
+        assert_eq!(run(4 * min, None).usage_within(0, 10 * min, 7 * min), (6.0, 300.0));
+        assert_eq!(run(4 * min, None).usage_within(0, 5 * min, 7 * min), (2.0, 100.0));
+        // outside the window, or not started yet
+        assert_eq!(run(0, Some(min)).usage_within(min, 2 * min, 9 * min), (0.0, 0.0));
+        assert_eq!(run(5 * min, None).usage_within(0, 9 * min, 4 * min), (0.0, 0.0));
+        assert_eq!(day_name(Date::from_ordinal_date(2026, 334).unwrap()), "2026-11-30");
+        assert_eq!(day_ms(Date::from_ordinal_date(1970, 2).unwrap()), DAY_MS);
+    }
 
     #[test]
     fn series_counts_stretches_running_at_each_bucket() {
