@@ -482,7 +482,7 @@ async fn main() -> Result<()> {
         }
     } else {
         Sizes {
-            keystrokes: 300,
+            keystrokes: 1000,
             execs: 200,
             wrk_secs: 10,
             streams: 32,

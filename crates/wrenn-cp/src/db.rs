@@ -644,7 +644,12 @@ impl Db {
 
     /// Record a finished running-time stretch (imports, tests); live
     /// capsules get theirs from [`Db::transition`].
-    pub async fn insert_run(&self, capsule: &CapsuleId, team: &TeamId, run: &Run) -> Result<(), DbError> {
+    pub async fn insert_run(
+        &self,
+        capsule: &CapsuleId,
+        team: &TeamId,
+        run: &Run,
+    ) -> Result<(), DbError> {
         sqlx::query(
             "INSERT INTO capsule_runs (capsule_id, team_id, vcpus, memory_mb, started_at, ended_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",

@@ -321,14 +321,19 @@ async fn exercise(db: &Db) {
     assert_eq!(got.len(), 1, "{got:?}");
     let (cpu, ram) = got[&day];
     assert!((cpu - (240.0 + 30.0 + 240.0)).abs() < 1e-6, "{cpu}");
-    assert!((ram - (122_880.0 + 15_360.0 + 122_880.0)).abs() < 1e-6, "{ram}");
+    assert!(
+        (ram - (122_880.0 + 15_360.0 + 122_880.0)).abs() < 1e-6,
+        "{ram}"
+    );
     assert_eq!(
         db.rolled_usage(&other, &day, &day).await.unwrap()[&day],
         (8.0 * 1440.0, 8192.0 * 1440.0)
     );
     // a team that used nothing that day: rolled up, zero
     assert_eq!(
-        db.rolled_usage(&TeamId::random(), &day, &day).await.unwrap()[&day],
+        db.rolled_usage(&TeamId::random(), &day, &day)
+            .await
+            .unwrap()[&day],
         (0.0, 0.0)
     );
     // the day is final: a late run does not change it, a second pass is a no-op

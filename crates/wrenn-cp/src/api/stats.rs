@@ -224,16 +224,6 @@ fn parse_date(s: &str) -> ApiResult<Date> {
     Date::parse(s, DATE).map_err(|_| ApiError::invalid(format!("invalid date {s:?} (YYYY-MM-DD)")))
 }
 
-const DAY_MS: i64 = 86_400_000;
-
-/// Usage dates: `YYYY-MM-DD`.
-const DATE: &[time::format_description::BorrowedFormatItem<'static>] =
-    time::macros::format_description!("[year]-[month]-[day]");
-
-fn day_name(d: Date) -> String {
-    d.format(DATE).unwrap_or_default()
-}
-
 /// Unix ms of `d`'s midnight, UTC.
 fn day_ms(d: Date) -> i64 {
     d.midnight().assume_utc().unix_timestamp() * 1000
@@ -271,7 +261,9 @@ pub async fn roll_up(cp: &Cp) -> Result<(), crate::db::DbError> {
     };
     d = d.max(today - TimeDuration::days(400));
     while d < today {
-        cp.db.roll_up_day(&day_name(d), day_ms(d), day_ms(d) + DAY_MS).await?;
+        cp.db
+            .roll_up_day(&day_name(d), day_ms(d), day_ms(d) + DAY_MS)
+            .await?;
         match d.next_day() {
             Some(next) => d = next,
             None => break,
@@ -368,14 +360,32 @@ mod tests {
         };
         let min = 60_000;
         // clipped at both ends of the window
-        assert_eq!(run(0, Some(10 * min)).usage_within(2 * min, 5 * min, 99 * min), (6.0, 300.0));
+        assert_eq!(
+            run(0, Some(10 * min)).usage_within(2 * min, 5 * min, 99 * min),
+            (6.0, 300.0)
+        );
         // a run still going counts up to now, never past the window
-        assert_eq!(run(4 * min, None).usage_within(0, 10 * min, 7 * min), (6.0, 300.0));
-        assert_eq!(run(4 * min, None).usage_within(0, 5 * min, 7 * min), (2.0, 100.0));
+        assert_eq!(
+            run(4 * min, None).usage_within(0, 10 * min, 7 * min),
+            (6.0, 300.0)
+        );
+        assert_eq!(
+            run(4 * min, None).usage_within(0, 5 * min, 7 * min),
+            (2.0, 100.0)
+        );
         // outside the window, or not started yet
-        assert_eq!(run(0, Some(min)).usage_within(min, 2 * min, 9 * min), (0.0, 0.0));
-        assert_eq!(run(5 * min, None).usage_within(0, 9 * min, 4 * min), (0.0, 0.0));
-        assert_eq!(day_name(Date::from_ordinal_date(2026, 334).unwrap()), "2026-11-30");
+        assert_eq!(
+            run(0, Some(min)).usage_within(min, 2 * min, 9 * min),
+            (0.0, 0.0)
+        );
+        assert_eq!(
+            run(5 * min, None).usage_within(0, 9 * min, 4 * min),
+            (0.0, 0.0)
+        );
+        assert_eq!(
+            day_name(Date::from_ordinal_date(2026, 334).unwrap()),
+            "2026-11-30"
+        );
         assert_eq!(day_ms(Date::from_ordinal_date(1970, 2).unwrap()), DAY_MS);
     }
 

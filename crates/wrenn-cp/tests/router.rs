@@ -1,12 +1,13 @@
-//! The proxy's two ways to an agent: requests for a capsule on the agent
-//! that runs in this process (`wrenn up`) go straight to that agent's
-//! proxy, with no HTTP hop; WebSocket upgrades, and every request for a
-//! capsule on another host, cross HTTP to the agent with its token.
+//! The control plane's router, served on a socket over a real SQLite
+//! database, with stand-ins for what lies around it.
 //!
-//! The control plane is real (router, SQLite, route cache, Location
-//! handling) and served on a socket; the agents around it are stand-ins:
-//! an in-process proxy that records what it is handed, and TCP listeners
-//! that record the request heads they receive.
+//! - The proxy's two ways to an agent: requests for a capsule on the agent
+//!   that runs in this process (`wrenn up`) go straight to that agent's
+//!   proxy, with no HTTP hop; WebSocket upgrades, and every request for a
+//!   capsule on another host, cross HTTP to the agent with its token. The
+//!   agents are stand-ins: an in-process proxy that records what it is
+//!   handed, and TCP listeners that record the request heads they receive.
+//! - Usage: finished days come from the daily rollup, today from the ledger.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -149,25 +150,60 @@ fn capsule(team: &TeamId, host: &HostId) -> CapsuleRow {
     }
 }
 
+/// A control plane on a fresh SQLite file, one team and its key.
+struct Plane {
+    plane: ControlPlane,
+    team: Team,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Plane {
+    async fn new() -> Plane {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("cp.db").display());
+        let plane = ControlPlane::start(CpConfig::new(url)).await.unwrap();
+        let team = Team {
+            id: TeamId::random(),
+            name: "t".into(),
+            slug: "router".into(),
+            is_admin: false,
+            created_at: now_ms(),
+        };
+        plane.cp.db.insert_team(&team).await.unwrap();
+        let (_, key) = create_key(&plane.cp.db, &team.id, "k", KeyKind::Wrenn)
+            .await
+            .unwrap();
+        Plane {
+            plane,
+            team,
+            key,
+            _dir: dir,
+        }
+    }
+
+    /// Serve the router (without the background tasks `serve` starts) until
+    /// the sender is used or dropped.
+    async fn serve(&self) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(wrenn_http::serve(
+            listener,
+            self.plane.router(),
+            Default::default(),
+            async {
+                let _ = stop.await;
+            },
+        ));
+        (addr, stop_tx)
+    }
+}
+
 #[tokio::test]
 async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("cp.db").display());
-    let plane = ControlPlane::start(CpConfig::new(url)).await.unwrap();
-    let cp = plane.cp.clone();
-
-    let team = Team {
-        id: TeamId::random(),
-        name: "t".into(),
-        slug: "local-proxy".into(),
-        is_admin: false,
-        created_at: now_ms(),
-    };
-    cp.db.insert_team(&team).await.unwrap();
-    let (_, key) = create_key(&cp.db, &team.id, "k", KeyKind::Wrenn)
-        .await
-        .unwrap();
-
+    let p = Plane::new().await;
+    let (cp, team, key) = (p.plane.cp.clone(), &p.team, &p.key);
     let (local_addr, mut local_heads) = remote_agent().await;
     let (remote_addr, mut remote_heads) = remote_agent().await;
     let local_host = host(&cp.db, local_addr, "local-secret").await;
@@ -185,17 +221,7 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
         cp.db.insert_capsule(c).await.unwrap();
     }
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(wrenn_http::serve(
-        listener,
-        plane.router(),
-        Default::default(),
-        async {
-            let _ = stop.await;
-        },
-    ));
+    let (addr, _stop) = p.serve().await;
 
     // 1. The path form, local capsule: handed over in-process, the query
     //    kept, no agent token needed; Location keeps the path prefix.
@@ -272,8 +298,50 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
         local_heads.try_recv().is_err(),
         "no plain request reached the local agent over HTTP"
     );
+}
 
-    let _ = stop_tx.send(());
-    server.await.unwrap().unwrap();
-    plane.shutdown().await;
+#[tokio::test]
+async fn usage_reads_rolled_up_days_and_counts_today_live() {
+    let p = Plane::new().await;
+    let db = &p.plane.cp.db;
+    let (day, hour) = (86_400_000, 3_600_000);
+    let now = now_ms();
+    let midnight = now - now % day;
+    let spare = CapsuleId::random();
+    let run = |vcpus, from: i64, to: i64| wrenn_cp::db::Run {
+        vcpus,
+        memory_mb: 1000,
+        started_at: from,
+        ended_at: Some(to),
+    };
+    // two hours three days ago, one hour yesterday
+    for r in [
+        run(1, midnight - 3 * day, midnight - 3 * day + 2 * hour),
+        run(2, midnight - day + hour, midnight - day + 2 * hour),
+    ] {
+        db.insert_run(&spare, &p.team.id, &r).await.unwrap();
+    }
+    wrenn_cp::api::stats::roll_up(&p.plane.cp).await.unwrap();
+    // after the rollup: yesterday is final, today is live
+    let late = run(4, midnight - day, midnight - day + hour);
+    db.insert_run(&spare, &p.team.id, &late).await.unwrap();
+    let today = run(1, midnight, midnight + 60_000);
+    db.insert_run(&spare, &p.team.id, &today).await.unwrap();
+
+    let (addr, _stop) = p.serve().await;
+    let out = get(addr, "/v1/capsules/usage", &[("x-api-key", &p.key)]).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let body: serde_json::Value =
+        serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let points = body["points"].as_array().unwrap();
+    assert_eq!(points.len(), 30, "{body}");
+    let cpu: Vec<f64> = points
+        .iter()
+        .map(|p| p["cpu_minutes"].as_f64().unwrap())
+        .collect();
+    let ram = points[29]["ram_mb_minutes"].as_f64().unwrap();
+    // [.., 3 days ago, 2 days ago, yesterday, today]
+    assert_eq!(cpu[26..], [120.0, 0.0, 120.0, 1.0], "{body}");
+    assert_eq!(ram, 1000.0);
+    assert!(cpu[..26].iter().all(|c| *c == 0.0), "{body}");
 }
