@@ -229,7 +229,7 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     let out = get(
         addr,
         &format!("/proxy/{id}/8080/a/b/?x=1"),
-        &[("x-api-key", &key)],
+        &[("x-api-key", key)],
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -279,7 +279,7 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     let out = get(
         addr,
         &format!("/proxy/{other}/3000/r?q"),
-        &[("x-api-key", &key)],
+        &[("x-api-key", key)],
     )
     .await;
     assert!(out.ends_with("remote"), "{out}");
