@@ -28,6 +28,7 @@ use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wrenn_http::relay::{self, is_upgrade, plain, refused};
+use wrenn_types::envd::ENVD_PORT;
 use wrenn_types::ids::CapsuleId;
 use wrenn_types::proxy::{parse_target, rewrite_location};
 
@@ -182,10 +183,12 @@ fn fix_location(h: &mut HeaderMap, route: &Route) {
     }
 }
 
-/// Connections that start with a proxied request are user traffic, served
-/// on the bulk runtime ([`wrenn_http::BulkClass`]); RPC stays on the main one.
+/// Connections that start with a proxied request to a user port are user
+/// traffic, served on the bulk runtime ([`wrenn_http::BulkClass`]); RPC,
+/// and requests to envd's port (E2B's process and PTY RPC, which the
+/// control plane sends on a pool of their own), stay on the main one.
 pub fn is_bulk(path: &str, _headers: &HeaderMap) -> bool {
-    parse_target(path).is_some()
+    parse_target(path).is_some_and(|t| t.port.parse::<u16>().is_ok_and(|p| p != ENVD_PORT))
 }
 
 /// `wrenn up`'s control plane calls its agent's proxy directly.

@@ -368,9 +368,18 @@ async fn envd_answers_skip_the_egress_backlog() {
         "(head -c 40000000 /dev/zero | nc {} 9001 >/dev/null 2>&1 &); echo started",
         net.ip
     );
+    let sent = || async {
+        let (code, out) = t.sh(&id, "cat /sys/class/net/eth0/statistics/tx_bytes").await;
+        assert_eq!(code, 0, "{out}");
+        out.trim().parse::<u64>().unwrap()
+    };
+    let before = sent().await;
     assert_eq!(t.sh(&id, &bulk).await.0, 0);
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let loaded = median_exec().await;
+    // the egress really was saturated meanwhile (2 MB/s for over a second)
+    let moved = sent().await - before;
+    assert!(moved > 1_500_000, "the bulk sender moved only {moved} bytes");
     eprintln!("exec round trip p50: quiet {quiet:?}, egress saturated {loaded:?}");
     assert!(
         loaded < quiet + std::time::Duration::from_millis(40),

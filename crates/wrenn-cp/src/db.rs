@@ -683,11 +683,16 @@ impl Db {
     /// one transaction, and a day already rolled up is left as it is.
     pub async fn roll_up_day(&self, day: &str, start: i64, end: i64) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("SELECT day FROM usage_rollups WHERE day = $1")
-            .bind(day)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if done.is_some() {
+        // Claim the day first: this takes the write lock (SQLite) and
+        // leaves a day another control plane rolls up concurrently alone.
+        let claimed = sqlx::query(
+            "INSERT INTO usage_rollups (day, rolled_at) VALUES ($1, $2) ON CONFLICT (day) DO NOTHING",
+        )
+        .bind(day)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
             return Ok(());
         }
         let rows = sqlx::query(
@@ -723,11 +728,6 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("INSERT INTO usage_rollups (day, rolled_at) VALUES ($1, $2)")
-            .bind(day)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(())
     }

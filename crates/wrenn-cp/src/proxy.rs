@@ -261,6 +261,8 @@ pub async fn relay_to(
             };
             let (mut parts, body) = req.into_parts();
             parts.uri = uri;
+            // (the HTTP path overwrites it, and the agent drops it)
+            parts.headers.remove(AGENT_TOKEN_HEADER);
             let resp = local.clone().serve(Request::from_parts(parts, body)).await;
             let (mut parts, body) = resp.into_parts();
             strip(&mut parts.headers);
@@ -284,7 +286,12 @@ pub async fn relay_to(
             let Ok(uri) = format!("http://{}{}", route.agent, path_and_query).parse::<Uri>() else {
                 return plain(StatusCode::BAD_REQUEST, "unparsable path");
             };
-            relay::forward(&route.client, req, uri, strip).await
+            let client = if port == ENVD_PORT && !cp.config.shared_transport {
+                &cp.envd_proxy
+            } else {
+                &route.client
+            };
+            relay::forward(client, req, uri, strip).await
         }
     };
     let refused = resp.status() == StatusCode::BAD_GATEWAY && relay::refusal_kind(&resp).is_some();

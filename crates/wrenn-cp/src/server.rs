@@ -31,6 +31,10 @@ pub struct Cp {
     pub events: Broker,
     /// The proxy transport (HTTP/1.1 only), separate from every RPC pool.
     pub proxy: wrenn_http::ProxyClient,
+    /// The same transport for requests to envd's port (E2B's process and
+    /// PTY RPC): its own pool, so its connections are never ones an
+    /// agent has classed as bulk.
+    pub envd_proxy: wrenn_http::ProxyClient,
     pub proxy_routes: Routes,
     /// The agent running in this process (`wrenn up`) and its port proxy,
     /// which proxied requests to its capsules reach without an HTTP hop.
@@ -78,6 +82,7 @@ impl ControlPlane {
             hosts: Hosts::default(),
             events: Broker::default(),
             proxy: wrenn_http::proxy_client(),
+            envd_proxy: wrenn_http::proxy_client(),
             proxy_routes: Routes::default(),
             local_agent: OnceLock::new(),
             placing: tokio::sync::Mutex::new(()),

@@ -59,21 +59,24 @@ impl BulkClass {
     }
 }
 
-/// How much less CPU weight bulk workers get than the rest of the process
-/// (a nice value: the kernel gives a thread at +5 about a third of the
-/// weight of one at 0).
+/// How much less CPU weight bulk workers get than the rest of the process:
+/// added to the process's nice value (the kernel gives a thread at +5
+/// about a third of the weight of one at 0). `WRENN_BULK_NICE` overrides
+/// it (benchmarks).
 pub const BULK_NICE: i32 = 5;
 
 /// The process's runtime for bulk connections: one worker per CPU, named
-/// `wrenn-bulk`, each niced by [`BULK_NICE`]. Started on first use; lives
-/// as long as the process.
+/// `wrenn-bulk`, each [`BULK_NICE`] nicer than the process (at most 19).
+/// Started on first use; lives as long as the process.
 pub fn bulk_runtime() -> &'static tokio::runtime::Handle {
     static BULK: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
     BULK.get_or_init(|| {
-        let nice = std::env::var("WRENN_BULK_NICE")
+        let step = std::env::var("WRENN_BULK_NICE")
             .ok()
-            .and_then(|n| n.parse().ok())
+            .and_then(|n| n.parse::<i32>().ok())
             .unwrap_or(BULK_NICE);
+        // nice values are per thread: relative to the thread starting this
+        let nice = (current_nice() + step).clamp(-20, 19);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .thread_name("wrenn-bulk")
             .on_thread_start(move || {
@@ -187,6 +190,21 @@ async fn serve_accepted(
     let _ = task.await;
 }
 
+/// The calling thread's nice value.
+fn current_nice() -> i32 {
+    // SAFETY: plain syscalls on the calling thread. getpriority can return
+    // -1 as a value, so errno tells an error apart.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+        if *libc::__errno_location() != 0 {
+            0
+        } else {
+            n
+        }
+    }
+}
+
 /// Aborts a task served elsewhere when the connection's own task is
 /// dropped (the accept loop's shutdown deadline).
 struct AbortOnDrop(tokio::task::AbortHandle);
@@ -203,6 +221,9 @@ impl Drop for AbortOnDrop {
 /// is then served, and timed, as usual.
 async fn first_request_is(stream: &TcpStream, classify: Classify, deadline: Instant) -> bool {
     let mut buf = vec![0u8; 8192];
+    // Between looks at a partial head: 2 ms, doubling to 100 ms, so a
+    // client that stalls mid-head costs a few peeks a second, not hundreds.
+    let mut pause = Duration::from_millis(2);
     loop {
         let peeked = tokio::time::timeout_at(deadline.into(), stream.peek(&mut buf)).await;
         let n = match peeked {
@@ -229,7 +250,8 @@ async fn first_request_is(stream: &TcpStream, classify: Classify, deadline: Inst
             // (A ready peek wins over an expired `timeout_at`: hence the
             // deadline check here.)
             Ok(httparse::Status::Partial) if n < buf.len() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
             }
             _ => return false,
         }
@@ -765,7 +787,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bulk_connections_are_served_on_the_niced_bulk_runtime() {
         let (addr, _stop) = start_classified(10_000).await;
-        let bulk = format!("wrenn-bulk {BULK_NICE}");
+        let bulk = format!("wrenn-bulk {}", (current_nice() + BULK_NICE).min(19));
+        let own = format!(" {}", current_nice());
         // a bulk first request: served there, and so is the next one on
         // the same connection
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -781,7 +804,7 @@ mod tests {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let main = ask(&mut s, &["GET /api HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
         assert!(
-            !main.starts_with("wrenn-bulk") && main.ends_with(" 0"),
+            !main.starts_with("wrenn-bulk") && main.ends_with(&own),
             "{main}"
         );
         assert_eq!(

@@ -260,7 +260,7 @@ pub async fn roll_up(cp: &Cp) -> Result<(), crate::db::DbError> {
         return Ok(());
     };
     d = d.max(today - TimeDuration::days(400));
-    while d < today {
+    while d < today && !cp.stop.is_cancelled() {
         cp.db
             .roll_up_day(&day_name(d), day_ms(d), day_ms(d) + DAY_MS)
             .await?;
