@@ -369,7 +369,9 @@ async fn envd_answers_skip_the_egress_backlog() {
         net.ip
     );
     let sent = || async {
-        let (code, out) = t.sh(&id, "cat /sys/class/net/eth0/statistics/tx_bytes").await;
+        let (code, out) = t
+            .sh(&id, "cat /sys/class/net/eth0/statistics/tx_bytes")
+            .await;
         assert_eq!(code, 0, "{out}");
         out.trim().parse::<u64>().unwrap()
     };
@@ -379,7 +381,10 @@ async fn envd_answers_skip_the_egress_backlog() {
     let loaded = median_exec().await;
     // the egress really was saturated meanwhile (2 MB/s for over a second)
     let moved = sent().await - before;
-    assert!(moved > 1_500_000, "the bulk sender moved only {moved} bytes");
+    assert!(
+        moved > 1_500_000,
+        "the bulk sender moved only {moved} bytes"
+    );
     eprintln!("exec round trip p50: quiet {quiet:?}, egress saturated {loaded:?}");
     assert!(
         loaded < quiet + std::time::Duration::from_millis(40),
