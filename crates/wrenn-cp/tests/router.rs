@@ -19,10 +19,11 @@ use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use wrenn_cp::api::hosts::{issue_registration, register_host};
 use wrenn_cp::auth::{create_key, KeyKind};
-use wrenn_cp::db::{now_ms, CapsuleRow, Db, Host, HostRegistration, OnTimeout, Team};
+use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, OnTimeout, Team};
 use wrenn_cp::model::Status;
-use wrenn_cp::{ControlPlane, CpConfig};
+use wrenn_cp::{ControlPlane, Cp, CpConfig};
 use wrenn_http::relay::LocalProxy;
 use wrenn_types::ids::{CapsuleId, HostId, TeamId};
 
@@ -97,22 +98,11 @@ async fn get(cp: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> 
     out
 }
 
-async fn host(db: &Db, address: std::net::SocketAddr, token: &str) -> Host {
-    let h = Host {
-        id: HostId::random(),
-        status: "pending".into(),
-        address: String::new(),
-        arch: String::new(),
-        cpu_cores: 0,
-        memory_mb: 0,
-        disk_gb: 0,
-        created_at: now_ms(),
-        last_heartbeat: None,
-        agent_token: String::new(),
-    };
-    let reg_hash = format!("{:0>64}", h.id.as_str());
-    db.insert_host(&h, &reg_hash).await.unwrap();
-    let reg = HostRegistration {
+/// A host registered the way an agent registers, at `address`, requiring
+/// `token`.
+async fn host(cp: &Cp, address: std::net::SocketAddr, token: &str) -> Host {
+    let (_, registration) = issue_registration(cp).await.unwrap();
+    let facts = HostRegistration {
         address: address.to_string(),
         arch: "x86_64".into(),
         cpu_cores: 2,
@@ -120,10 +110,7 @@ async fn host(db: &Db, address: std::net::SocketAddr, token: &str) -> Host {
         disk_gb: 10,
         agent_token: token.into(),
     };
-    db.register_host(&reg_hash, &reg, &format!("host-token-{token}"))
-        .await
-        .unwrap()
-        .unwrap()
+    register_host(cp, &registration, &facts).await.unwrap().0
 }
 
 fn capsule(team: &TeamId, host: &HostId) -> CapsuleRow {
@@ -206,8 +193,8 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     let (cp, team, key) = (p.plane.cp.clone(), &p.team, &p.key);
     let (local_addr, mut local_heads) = remote_agent().await;
     let (remote_addr, mut remote_heads) = remote_agent().await;
-    let local_host = host(&cp.db, local_addr, "local-secret").await;
-    let remote_host = host(&cp.db, remote_addr, "remote-secret").await;
+    let local_host = host(&cp, local_addr, "local-secret").await;
+    let remote_host = host(&cp, remote_addr, "remote-secret").await;
     for h in [&local_host, &remote_host] {
         cp.hosts.connect(h).unwrap();
     }
