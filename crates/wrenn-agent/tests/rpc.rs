@@ -669,10 +669,19 @@ async fn the_agent_wants_its_token() {
 
     // what a capsule's server receives through the proxy
     t.spawn(&id, "nc", "nc -l -p 8000 > /tmp/request").await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // port 8000 is 1F40; state 0A is LISTEN
+    let listening = "i=0; while [ $i -lt 100 ]; do \
+         grep -qs ':1F40 [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 && exit 0; i=$((i+1)); sleep 0.1; done; exit 1";
+    assert_eq!(t.sh(&id, listening).await.0, 0, "nc never listened");
     let short = std::time::Duration::from_secs(2);
     let _ = http_get(addr, &proxied, Some(&token), short).await;
-    let (_, seen) = t.sh(&id, "cat /tmp/request").await;
+    let (_, seen) = t
+        .sh(
+            &id,
+            "i=0; while [ ! -s /tmp/request ] && [ $i -lt 50 ]; do i=$((i+1)); sleep 0.1; done; \
+             cat /tmp/request",
+        )
+        .await;
     assert!(seen.starts_with("GET / HTTP/1.1"), "{seen:?}");
     assert!(
         !seen

@@ -125,7 +125,7 @@ async fn vm_capsule_lifecycle() {
 
     // a background counter, then pause: memory to a file, no VMM left
     let mut bg = ExecRequest::shell(
-        "i=0; while true; do i=$((i+1)); echo $i > /root/counter; sleep 0.2; done",
+        "i=0; while true; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; sleep 0.2; done",
     );
     bg.tag = Some("counter".into());
     drop(envd.exec_stream(bg).await.unwrap());
