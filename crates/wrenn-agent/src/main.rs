@@ -50,6 +50,15 @@ async fn main() {
     let addr = listener.local_addr().expect("bound");
     println!("wrenn-agent listening on {addr}");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = wrenn_agent::server::AgentServer::new(agent.clone());
+    match wrenn_agent::register::restore_tls(&args.agent.data_dir, server.tls()) {
+        Ok(true) => println!("wrenn-agent serves mutual TLS (certificate from host.json)"),
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("wrenn-agent: the certificate in host.json: {e}");
+            std::process::exit(78);
+        }
+    }
     let joined = args.control_plane.clone().map(|cp| {
         let facts = wrenn_agent::register::host_facts(&args.agent.data_dir, addr, agent.token());
         tokio::spawn(wrenn_agent::register::run(
@@ -57,12 +66,13 @@ async fn main() {
             args.registration_token.clone(),
             args.agent.data_dir.clone(),
             facts,
+            server.tls().clone(),
             async {
                 let _ = stop_rx.await;
             },
         ))
     });
-    let served = wrenn_agent::server::run(agent, listener, shutdown()).await;
+    let served = server.run(listener, shutdown()).await;
     let _ = stop_tx.send(());
     if let Some(j) = joined {
         let _ = j.await;

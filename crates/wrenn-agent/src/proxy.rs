@@ -58,7 +58,7 @@ impl PortProxy {
     pub fn new(agent: Arc<Agent>) -> Arc<PortProxy> {
         Arc::new(PortProxy {
             agent,
-            client: wrenn_http::proxy_client(),
+            client: wrenn_http::proxy_client(None),
             routes: Mutex::new(HashMap::new()),
             tunnels: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -163,6 +163,7 @@ impl PortProxy {
         relay::tunnel(
             req,
             route.upstream,
+            None,
             path_and_query,
             &self.tunnels,
             stop,

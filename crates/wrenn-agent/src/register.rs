@@ -4,6 +4,12 @@
 //! then it heartbeats every [`HEARTBEAT_EVERY`] with its current facts
 //! (`POST /v1/hosts/{id}/heartbeat`, `X-Host-Token`), so a restart on a new
 //! address is picked up. Failures are retried; the agent keeps serving.
+//!
+//! Registration hands the agent its TLS certificate and key and the control
+//! plane's CA certificate (kept in `host.json` too). From the moment they
+//! are installed ([`install_tls`]) the agent's listener serves only TLS,
+//! to clients with a certificate from that CA (wrenn-api.md §6). A
+//! heartbeat from a new address is answered with a certificate for it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,10 +48,62 @@ pub fn host_facts(data_dir: &Path, address: SocketAddr, agent_token: &str) -> Ho
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Identity {
     id: String,
     token: String,
+    #[serde(flatten)]
+    tls: Option<TlsFiles>,
+}
+
+/// What the control plane issued: wrenn's field names.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TlsFiles {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_cert_pem: String,
+}
+
+impl TlsFiles {
+    fn from_json(v: &serde_json::Value) -> Option<TlsFiles> {
+        serde_json::from_value(v.clone()).ok()
+    }
+}
+
+/// Serve TLS with `files` on the listener whose slot is `slot`.
+pub fn install_tls(slot: &wrenn_http::tls::TlsSlot, files: &TlsFiles) -> Result<(), String> {
+    let identity = wrenn_http::tls::Identity {
+        cert_pem: files.cert_pem.clone(),
+        key_pem: files.key_pem.clone(),
+    };
+    slot.install(wrenn_http::tls::server_config(
+        &identity,
+        &files.ca_cert_pem,
+    )?);
+    Ok(())
+}
+
+/// Install the TLS this agent was issued before, if `<data-dir>/host.json`
+/// holds it: done before the listener serves anyone.
+pub fn restore_tls(data_dir: &Path, slot: &wrenn_http::tls::TlsSlot) -> Result<bool, String> {
+    let Some(id) = read_identity(data_dir) else {
+        return Ok(false);
+    };
+    match &id.tls {
+        Some(files) => install_tls(slot, files).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+fn read_identity(data_dir: &Path) -> Option<Identity> {
+    let text = std::fs::read_to_string(identity_path(data_dir)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn save_identity(data_dir: &Path, id: &Identity) -> Result<(), String> {
+    let path = identity_path(data_dir);
+    let text = serde_json::to_string(id).map_err(|e| e.to_string())?;
+    write_private(&path, &text).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 fn identity_path(data_dir: &Path) -> PathBuf {
@@ -94,13 +152,13 @@ async fn register(
         ));
     }
     let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    let tls = TlsFiles::from_json(&v).ok_or("the control plane sent no certificate")?;
     let id = Identity {
         id: v["host"]["id"].as_str().unwrap_or_default().to_owned(),
         token: v["token"].as_str().unwrap_or_default().to_owned(),
+        tls: Some(tls),
     };
-    let path = identity_path(data_dir);
-    let text = serde_json::to_string(&id).map_err(|e| e.to_string())?;
-    write_private(&path, &text).map_err(|e| format!("write {}: {e}", path.display()))?;
+    save_identity(data_dir, &id)?;
     Ok(id)
 }
 
@@ -122,21 +180,21 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Register (unless `<data-dir>/host.json` says this agent already is) and
-/// heartbeat until `shutdown`.
+/// heartbeat until `shutdown`; the certificates the control plane issues
+/// go into `tls`.
 pub async fn run(
     cp: String,
     registration_token: Option<String>,
     data_dir: PathBuf,
     facts: HostFacts,
+    tls: wrenn_http::tls::TlsSlot,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
     let cp = cp.trim_end_matches('/').to_owned();
     let client = wrenn_http::client(wrenn_http::HttpVersion::Http1);
-    let known = std::fs::read_to_string(identity_path(&data_dir))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Identity>(&t).ok());
-    let id = match known {
+    let known = read_identity(&data_dir);
+    let mut id = match known {
         Some(id) => id,
         None => loop {
             let Some(token) = registration_token.as_deref() else {
@@ -146,6 +204,11 @@ pub async fn run(
             match register(&client, &cp, token, &facts, &data_dir).await {
                 Ok(id) => {
                     tracing::info!(host = %id.id, control_plane = %cp, "registered");
+                    if let Some(files) = &id.tls {
+                        if let Err(e) = install_tls(&tls, files) {
+                            tracing::error!(error = %e, "cannot use the issued certificate");
+                        }
+                    }
                     break id;
                 }
                 Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
@@ -161,6 +224,25 @@ pub async fn run(
         let url = format!("{cp}/v1/hosts/{}/heartbeat", id.id);
         match post(&client, url, Some(&id.token), body.clone()).await {
             Ok((204, _)) => {}
+            // a new address, and a certificate for it
+            Ok((200, b)) => {
+                let files = serde_json::from_slice(&b)
+                    .ok()
+                    .and_then(|v| TlsFiles::from_json(&v));
+                match files.map(|f| install_tls(&tls, &f).map(|()| f)) {
+                    Some(Ok(files)) => {
+                        id.tls = Some(files);
+                        if let Err(e) = save_identity(&data_dir, &id) {
+                            tracing::warn!(error = %e, "cannot keep the new certificate");
+                        }
+                        tracing::info!(host = %id.id, "new certificate for a new address");
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "bad certificate from the control plane")
+                    }
+                    None => tracing::warn!("heartbeat answered 200 without a certificate"),
+                }
+            }
             Ok((404, _)) => {
                 tracing::error!(host = %id.id, "the control plane no longer knows this host")
             }

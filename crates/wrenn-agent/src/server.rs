@@ -1,6 +1,8 @@
 //! The agent's one listener: the Connect RPC (`/wrenn.agent.v1.Agent/…`),
 //! the port proxy (`/proxy/{capsule}/{port}/…`) and `/health`, on h1 and
-//! h2c. The control plane reaches RPC and proxy through separate pools.
+//! h2c, or over mutual TLS once the control plane has issued this host a
+//! certificate ([`AgentServer::tls`], [`crate::register`]). The control
+//! plane reaches RPC and proxy through separate pools.
 //! All but `/health` need the agent's token ([`crate::auth`]).
 //!
 //! [`run`] owns the reaper, warm-pool and sampler tasks and the proxy's tunnels; when `shutdown`
@@ -28,6 +30,7 @@ async fn health() -> axum::Json<serde_json::Value> {
 pub struct AgentServer {
     agent: Arc<Agent>,
     proxy: Arc<PortProxy>,
+    tls: wrenn_http::tls::TlsSlot,
 }
 
 impl AgentServer {
@@ -40,11 +43,21 @@ impl AgentServer {
                 p.evict(id);
             }
         }));
-        AgentServer { agent, proxy }
+        AgentServer {
+            agent,
+            proxy,
+            tls: Default::default(),
+        }
     }
 
     pub fn proxy(&self) -> &Arc<PortProxy> {
         &self.proxy
+    }
+
+    /// Where the certificate the control plane issues goes: once it is
+    /// installed, the listener serves only mutual TLS.
+    pub fn tls(&self) -> &wrenn_http::tls::TlsSlot {
+        &self.tls
     }
 
     /// Serve until `shutdown` resolves.
@@ -53,7 +66,7 @@ impl AgentServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let AgentServer { agent, proxy } = self;
+        let AgentServer { agent, proxy, tls } = self;
         let stop = CancellationToken::new();
         let reaper = tokio::spawn(agent.clone().run_reaper(stop.clone().cancelled_owned()));
         let warm = tokio::spawn(agent.clone().run_warm_pools(stop.clone().cancelled_owned()));
@@ -72,6 +85,7 @@ impl AgentServer {
             router,
             wrenn_http::ServerConfig {
                 bulk: Some(wrenn_http::BulkClass::new(proxy::is_bulk)),
+                tls,
                 ..Default::default()
             },
             shutdown,

@@ -24,7 +24,7 @@ use wrenn_agent::cli::AgentArgs;
 use wrenn_agent::register::write_private;
 use wrenn_agent::template::{self, TemplateStore};
 use wrenn_agent::Agent;
-use wrenn_cp::api::hosts::{issue_registration, register_host};
+use wrenn_cp::api::hosts::{certify, issue_registration, register_host};
 use wrenn_cp::api::keys::new_team;
 use wrenn_cp::auth::{create_key, KeyKind};
 use wrenn_cp::db::{platform_team, HostRegistration, TemplateRow};
@@ -70,24 +70,44 @@ pub async fn run(args: UpArgs) -> i32 {
     }
 }
 
-/// Register this process's agent (or update the host it registered before).
-async fn register_agent(cp: &Cp, data_dir: &Path, facts: &HostRegistration) -> Result<HostId> {
+/// Register this process's agent (or update the host it registered before)
+/// and have it serve mutual TLS with a certificate for its address, as a
+/// remote agent does.
+async fn register_agent(
+    cp: &Cp,
+    data_dir: &Path,
+    facts: &HostRegistration,
+    tls: &wrenn_http::tls::TlsSlot,
+) -> Result<HostId> {
     let id_file = data_dir.join("host-id");
-    if let Ok(id) = std::fs::read_to_string(&id_file) {
-        if let Ok(id) = id.trim().parse::<HostId>() {
-            if let Some(host) = cp.db.update_host(&id, facts).await? {
-                cp.hosts.connect(&host).map_err(anyhow::Error::msg)?;
-                return Ok(id);
-            }
+    let known = match std::fs::read_to_string(&id_file) {
+        Ok(id) => match id.trim().parse::<HostId>() {
+            Ok(id) => cp.db.update_host(&id, facts).await?,
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    let host = match known {
+        Some(host) => host,
+        None => {
+            let (_, token) = issue_registration(cp)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            let registered = register_host(cp, &token, facts)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            std::fs::write(&id_file, registered.host.id.as_str())?;
+            registered.host
         }
-    }
-    let (_, token) = issue_registration(cp)
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message))?;
-    let (host, _host_token) = register_host(cp, &token, facts)
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message))?;
-    std::fs::write(&id_file, host.id.as_str())?;
+    };
+    let cert = certify(cp, &host).map_err(|e| anyhow::anyhow!(e.message))?;
+    let files = wrenn_agent::register::TlsFiles {
+        cert_pem: cert.identity.cert_pem,
+        key_pem: cert.identity.key_pem,
+        ca_cert_pem: cert.ca_cert_pem,
+    };
+    wrenn_agent::register::install_tls(tls, &files).map_err(anyhow::Error::msg)?;
+    cp.hosts.connect(&host).map_err(anyhow::Error::msg)?;
     Ok(host.id)
 }
 
@@ -324,6 +344,7 @@ async fn up(args: UpArgs) -> Result<()> {
     let (agent_stop_tx, agent_stop) = tokio::sync::oneshot::channel::<()>();
     let agent_server = wrenn_agent::server::AgentServer::new(agent.clone());
     let local_proxy = agent_server.proxy().clone();
+    let agent_tls = agent_server.tls().clone();
     let agent_task = tokio::spawn(agent_server.run(agent_listener, async {
         let _ = agent_stop.await;
     }));
@@ -341,7 +362,7 @@ async fn up(args: UpArgs) -> Result<()> {
     let cp = plane.cp.clone();
     cp.set_ready(false);
     let facts = wrenn_agent::register::host_facts(&data_dir, agent_addr, agent.token());
-    let host = register_agent(&cp, &data_dir, &facts).await?;
+    let host = register_agent(&cp, &data_dir, &facts, &agent_tls).await?;
     let _ = cp.local_agent.set((host.clone(), local_proxy));
     publish_template(&cp, agent.templates(), "busybox").await?;
     let first = admin_keys(&cp, &data_dir).await?;

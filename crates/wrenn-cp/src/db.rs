@@ -69,6 +69,7 @@ fn migrator() -> Migrator {
             "usage_daily",
             include_str!("../migrations/0004_usage_daily.sql"),
         ),
+        (5, "ca", include_str!("../migrations/0005_ca.sql")),
     ]
     .into_iter()
     .map(|(version, name, sql)| {
@@ -335,6 +336,23 @@ impl Db {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.and_then(|r| r.try_get::<Option<String>, _>("token_hash").ok().flatten()))
+    }
+
+    /// The certificate authority (cert, key PEM): the one stored, or else
+    /// `made` (by the first control plane to get here).
+    pub async fn authority(&self, made: (String, String)) -> Result<(String, String), DbError> {
+        sqlx::query(
+            "INSERT INTO authority (id, cert_pem, key_pem) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&made.0)
+        .bind(&made.1)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT cert_pem, key_pem FROM authority WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((row.try_get("cert_pem")?, row.try_get("key_pem")?))
     }
 
     pub async fn set_host_status(&self, id: &HostId, status: &str) -> Result<(), DbError> {

@@ -4,7 +4,9 @@
 //! connection (the RPC class: lifecycle, exec streams, PTYs, files). User
 //! traffic to capsule ports goes through one separate HTTP/1.1-only pool
 //! ([`wrenn_http::proxy_client`]) shared by all hosts: the two classes
-//! never share a transport (DESIGN.md).
+//! never share a transport (DESIGN.md). Both are TLS, with the control
+//! plane's client certificate, checked against its authority
+//! ([`crate::pki`]).
 //!
 //! Placement is least-loaded over online hosts: a host's capacity is its
 //! cores × [`CPU_OVERCOMMIT`] and its memory less [`MEMORY_RESERVE_MB`] ×
@@ -86,15 +88,18 @@ impl std::fmt::Debug for HostConn {
 }
 
 impl HostConn {
-    fn new(host: &Host) -> Result<HostConn, String> {
+    fn new(
+        host: &Host,
+        tls: &Arc<wrenn_http::tls::rustls::ClientConfig>,
+    ) -> Result<HostConn, String> {
         let address = host.address.clone();
-        let uri: http::Uri = format!("http://{address}")
+        let uri: http::Uri = format!("https://{address}")
             .parse()
             .map_err(|e| format!("bad host address {address:?}: {e}"))?;
         let mut agent_token = http::HeaderValue::from_str(&host.agent_token)
             .map_err(|_| "the agent token is not a header value".to_owned())?;
         agent_token.set_sensitive(true);
-        let h2 = wrenn_http::rpc_h2_client();
+        let h2 = wrenn_http::rpc_h2_client(Some(tls.clone()));
         let rpc = AgentClient::new(
             AgentTransport { client: h2.clone() },
             ClientConfig::new(uri)
@@ -112,12 +117,21 @@ impl HostConn {
 }
 
 /// The hosts the control plane knows, by ID.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hosts {
     conns: RwLock<HashMap<HostId, Arc<HostConn>>>,
+    tls: Arc<wrenn_http::tls::rustls::ClientConfig>,
 }
 
 impl Hosts {
+    /// Hosts reached with `tls` (the control plane's client config).
+    pub fn new(tls: Arc<wrenn_http::tls::rustls::ClientConfig>) -> Hosts {
+        Hosts {
+            conns: RwLock::default(),
+            tls,
+        }
+    }
+
     /// (Re)connect to a host at its registered address.
     pub fn connect(&self, host: &Host) -> Result<Arc<HostConn>, String> {
         let mut conns = self.conns.write().unwrap();
@@ -127,7 +141,7 @@ impl Hosts {
         {
             return Ok(c.clone());
         }
-        let c = Arc::new(HostConn::new(host)?);
+        let c = Arc::new(HostConn::new(host, &self.tls)?);
         conns.insert(host.id.clone(), c.clone());
         Ok(c)
     }

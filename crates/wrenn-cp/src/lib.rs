@@ -17,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod hosts;
 pub mod model;
+pub mod pki;
 pub mod proxy;
 pub mod reconcile;
 pub mod server;

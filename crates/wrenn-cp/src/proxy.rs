@@ -276,6 +276,7 @@ pub async fn relay_to(
                 return relay::tunnel(
                     req,
                     route.agent,
+                    Some(&cp.tunnel_tls),
                     &path_and_query,
                     &cp.tasks,
                     route.stop.clone(),
@@ -283,7 +284,8 @@ pub async fn relay_to(
                 )
                 .await;
             }
-            let Ok(uri) = format!("http://{}{}", route.agent, path_and_query).parse::<Uri>() else {
+            let Ok(uri) = format!("https://{}{}", route.agent, path_and_query).parse::<Uri>()
+            else {
                 return plain(StatusCode::BAD_REQUEST, "unparsable path");
             };
             let client = if port == ENVD_PORT && !cp.config.shared_transport {

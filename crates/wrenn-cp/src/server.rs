@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::CpConfig;
-use crate::db::{Db, DbError};
+use crate::db::Db;
 use crate::events::Broker;
 use crate::hosts::Hosts;
 use crate::proxy::Routes;
@@ -29,8 +29,14 @@ pub struct Cp {
     pub db: Db,
     pub hosts: Hosts,
     pub events: Broker,
+    /// The certificate authority agents and the control plane trust.
+    pub pki: crate::pki::Pki,
     /// The proxy transport (HTTP/1.1 only), separate from every RPC pool.
+    /// Over TLS it offers [`wrenn_http::tls::ALPN_BULK`], so an agent serves
+    /// it as bulk.
     pub proxy: wrenn_http::ProxyClient,
+    /// TLS for WebSocket tunnels to agents (bulk, as `proxy`).
+    pub tunnel_tls: Arc<wrenn_http::tls::rustls::ClientConfig>,
     /// The same transport for requests to envd's port (E2B's process and
     /// PTY RPC): its own pool, so its connections are never ones an
     /// agent has classed as bulk.
@@ -74,15 +80,20 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub async fn start(config: CpConfig) -> Result<ControlPlane, DbError> {
+    pub async fn start(config: CpConfig) -> Result<ControlPlane, crate::pki::PkiError> {
+        use wrenn_http::tls::{with_alpn, ALPN_BULK, ALPN_HTTP1};
         let db = Db::open(&config.database_url).await?;
+        let pki = crate::pki::Pki::load(&db).await?;
+        let bulk = with_alpn(&pki.client, ALPN_BULK);
         let cp = Arc::new(Cp {
             config,
             db,
-            hosts: Hosts::default(),
+            hosts: Hosts::new(pki.client.clone()),
             events: Broker::default(),
-            proxy: wrenn_http::proxy_client(),
-            envd_proxy: wrenn_http::proxy_client(),
+            proxy: wrenn_http::proxy_client(Some(bulk.clone())),
+            tunnel_tls: bulk,
+            envd_proxy: wrenn_http::proxy_client(Some(with_alpn(&pki.client, ALPN_HTTP1))),
+            pki,
             proxy_routes: Routes::default(),
             local_agent: OnceLock::new(),
             placing: tokio::sync::Mutex::new(()),

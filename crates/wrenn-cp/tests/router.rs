@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use wrenn_cp::api::hosts::{issue_registration, register_host};
+use wrenn_cp::api::hosts::{certify, issue_registration, register_host};
 use wrenn_cp::auth::{create_key, KeyKind};
 use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, OnTimeout, Team};
 use wrenn_cp::model::Status;
@@ -46,30 +46,54 @@ impl LocalProxy for InProcess {
     }
 }
 
-/// A remote agent: every request head it receives goes to the channel;
-/// it answers 200 `remote`.
-async fn remote_agent() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
+/// What a stand-in agent saw of one connection: the ALPN protocol
+/// negotiated and the request head.
+#[derive(Debug)]
+struct Seen {
+    alpn: String,
+    head: String,
+}
+
+/// A stand-in agent registered with `cp` (requiring `token`): it serves
+/// mutual TLS with the certificate `issuer` gave it (`cp` itself for a
+/// real agent); every request head it receives goes to the channel; it
+/// answers 200 `remote`.
+async fn remote_agent(cp: &Cp, issuer: &Cp, token: &str) -> (Host, mpsc::UnboundedReceiver<Seen>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    let host = host(cp, l.local_addr().unwrap(), token).await;
+    let cert = certify(issuer, &host).unwrap();
+    let tls = wrenn_http::tls::server_config(&cert.identity, &cert.ca_cert_pem).unwrap();
+    let acceptor = wrenn_http::tls::TlsAcceptor::from(tls);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
+        while let Ok((s, _)) = l.accept().await {
+            let (tx, acceptor) = (tx.clone(), acceptor.clone());
             tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let alpn = s.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
                 let head = read_head(&mut s).await;
-                let _ = tx.send(head);
+                if head.is_empty() {
+                    return;
+                }
+                let _ = tx.send(Seen {
+                    alpn: String::from_utf8_lossy(&alpn).into_owned(),
+                    head,
+                });
                 let _ = s
                     .write_all(
                         b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nremote",
                     )
                     .await;
+                let _ = s.shutdown().await;
             });
         }
     });
-    (addr, rx)
+    (host, rx)
 }
 
-async fn read_head(s: &mut TcpStream) -> String {
+async fn read_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     let mut buf = Vec::new();
     let mut b = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -110,7 +134,7 @@ async fn host(cp: &Cp, address: std::net::SocketAddr, token: &str) -> Host {
         disk_gb: 10,
         agent_token: token.into(),
     };
-    register_host(cp, &registration, &facts).await.unwrap().0
+    register_host(cp, &registration, &facts).await.unwrap().host
 }
 
 fn capsule(team: &TeamId, host: &HostId) -> CapsuleRow {
@@ -191,13 +215,8 @@ impl Plane {
 async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     let p = Plane::new().await;
     let (cp, team, key) = (p.plane.cp.clone(), &p.team, &p.key);
-    let (local_addr, mut local_heads) = remote_agent().await;
-    let (remote_addr, mut remote_heads) = remote_agent().await;
-    let local_host = host(&cp, local_addr, "local-secret").await;
-    let remote_host = host(&cp, remote_addr, "remote-secret").await;
-    for h in [&local_host, &remote_host] {
-        cp.hosts.connect(h).unwrap();
-    }
+    let (local_host, mut local_heads) = remote_agent(&cp, &cp, "local-secret").await;
+    let (remote_host, mut remote_heads) = remote_agent(&cp, &cp, "remote-secret").await;
     let in_process = Arc::new(InProcess::default());
     cp.local_agent
         .set((local_host.id.clone(), in_process.clone()))
@@ -252,12 +271,14 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let head = local_heads.recv().await.unwrap();
+    let seen = local_heads.recv().await.unwrap();
+    let head = seen.head;
     assert!(
         head.starts_with(&format!("GET /proxy/{id}/8080/ws HTTP/1.1")),
         "{head}"
     );
     assert!(head.contains("x-wrenn-agent-token: local-secret"), "{head}");
+    assert_eq!(seen.alpn, "wrenn-bulk", "a tunnel is bulk traffic");
     assert_eq!(in_process.seen.lock().unwrap().len(), 2);
 
     // 4. A capsule on another host: over HTTP with that host's token, and
@@ -270,11 +291,13 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     )
     .await;
     assert!(out.ends_with("remote"), "{out}");
-    let head = remote_heads.recv().await.unwrap();
+    let seen = remote_heads.recv().await.unwrap();
+    let head = seen.head;
     assert!(
         head.starts_with(&format!("GET /proxy/{other}/3000/r?q HTTP/1.1")),
         "{head}"
     );
+    assert_eq!(seen.alpn, "wrenn-bulk", "user traffic rides the bulk class");
     assert!(
         head.contains("x-wrenn-agent-token: remote-secret"),
         "{head}"
@@ -285,6 +308,125 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
         local_heads.try_recv().is_err(),
         "no plain request reached the local agent over HTTP"
     );
+
+    // 5. envd's port on another host: the RPC class's HTTP/1.1 pool.
+    let out = get(
+        addr,
+        &format!("/proxy/{other}/49983/health"),
+        &[("x-api-key", key)],
+    )
+    .await;
+    assert!(out.ends_with("remote"), "{out}");
+    let seen = remote_heads.recv().await.unwrap();
+    assert!(seen
+        .head
+        .starts_with(&format!("GET /proxy/{other}/49983/health")));
+    assert_eq!(seen.alpn, "http/1.1");
+}
+
+/// A TLS client towards `addr` trusting `ca_pem`, presenting `me` if any.
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    me: Option<&wrenn_http::tls::Identity>,
+) -> std::io::Result<wrenn_http::Conn> {
+    use wrenn_http::tls::rustls;
+    use wrenn_http::tls::rustls::pki_types::pem::PemObject;
+    let tcp = TcpStream::connect(addr).await?;
+    let config = match me {
+        Some(me) => wrenn_http::tls::client_config(ca_pem, me).unwrap(),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+            )
+        }
+    };
+    let tls = wrenn_http::tls::TlsConnector::from(config);
+    wrenn_http::Conn::tls(tcp, &tls, &addr.ip().to_string()).await
+}
+
+/// A request on `conn`; the answer, or what went wrong.
+async fn ask(mut conn: wrenn_http::Conn) -> Result<String, String> {
+    conn.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    match conn.read_to_end(&mut out).await {
+        Ok(_) if !out.is_empty() => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Ok(_) => Err("closed".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Mutual TLS: the control plane talks only to agents with a certificate
+/// from its authority, for the address it dials; an agent answers only
+/// the control plane's certificate (not a client without one, nor another
+/// agent's).
+#[tokio::test]
+async fn agents_and_the_control_plane_prove_who_they_are() {
+    let p = Plane::new().await;
+    let other = Plane::new().await;
+    let cp = p.plane.cp.clone();
+    let team = &p.team;
+    // one agent with this control plane's certificate, one with another's
+    let (good, mut good_heads) = remote_agent(&cp, &cp, "t").await;
+    let (forged, mut forged_heads) = remote_agent(&cp, &other.plane.cp, "t").await;
+    let (addr, _stop) = p.serve().await;
+    for (h, heads, answered) in [
+        (&good, &mut good_heads, true),
+        (&forged, &mut forged_heads, false),
+    ] {
+        let c = capsule(&team.id, &h.id);
+        cp.db.insert_capsule(&c).await.unwrap();
+        let out = get(
+            addr,
+            &format!("/proxy/{}/80/", c.id),
+            &[("x-api-key", &p.key)],
+        )
+        .await;
+        assert_eq!(out.ends_with("remote"), answered, "{out}");
+        if !answered {
+            assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+            assert!(
+                heads.try_recv().is_err(),
+                "nothing was sent to the impostor"
+            );
+        }
+    }
+    let served = good_heads.recv().await.unwrap();
+    assert!(served.head.starts_with("GET /proxy/"), "{served:?}");
+
+    // the agent's side
+    let agent_addr: std::net::SocketAddr = good.address.parse().unwrap();
+    let ca = cp.pki.ca_cert_pem().to_owned();
+    let anonymous = tls_client(agent_addr, &ca, None).await;
+    let refused = match anonymous {
+        Ok(conn) => ask(conn).await,
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(
+        refused.is_err(),
+        "a client without a certificate: {refused:?}"
+    );
+    // a host's certificate is for serving only
+    let peer = certify(&cp, &good).unwrap();
+    let as_client = tls_client(agent_addr, &ca, Some(&peer.identity)).await;
+    let refused = match as_client {
+        Ok(conn) => ask(conn).await,
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(refused.is_err(), "another agent's certificate: {refused:?}");
+    assert!(good_heads.try_recv().is_err(), "neither got a request in");
 }
 
 #[tokio::test]

@@ -1,12 +1,17 @@
 //! Client construction. Each call to [`client`] makes a new pool: callers own
 //! their transport, so traffic classes never share one by accident.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 
 /// The request body type our clients send.
 pub type ClientBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -43,16 +48,31 @@ pub fn client(version: HttpVersion) -> HttpClient {
 /// A connector that retries refused or failed dials: `attempts` tries in
 /// all, waiting `step`, `2 × step`, … between them (linear backoff). It
 /// bridges the moment between a server starting and its port opening.
-#[derive(Debug, Clone)]
+/// `https` URIs are dialed with its TLS client (an agent, [`crate::tls`]);
+/// without one they are refused.
+#[derive(Clone)]
 pub struct RetryConnector {
     inner: HttpConnector,
     attempts: u32,
     step: Duration,
+    tls: Option<TlsConnector>,
 }
 
+impl std::fmt::Debug for RetryConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryConnector")
+            .field("attempts", &self.attempts)
+            .field("step", &self.step)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl tower::Service<http::Uri> for RetryConnector {
-    type Response = <HttpConnector as tower::Service<http::Uri>>::Response;
-    type Error = <HttpConnector as tower::Service<http::Uri>>::Error;
+    type Response = TokioIo<Conn>;
+    type Error = BoxError;
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
     >;
@@ -61,25 +81,124 @@ impl tower::Service<http::Uri> for RetryConnector {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        tower::Service::<http::Uri>::poll_ready(&mut self.inner, cx)
+        tower::Service::<http::Uri>::poll_ready(&mut self.inner, cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         use tower::ServiceExt;
         let (inner, attempts, step) = (self.inner.clone(), self.attempts.max(1), self.step);
+        let tls = self.tls.clone();
         Box::pin(async move {
+            let secure = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+            let tls = match (secure, tls) {
+                (false, _) => None,
+                (true, Some(tls)) => Some(tls),
+                (true, None) => return Err("https without a TLS client".into()),
+            };
             let mut attempt = 1;
-            loop {
+            let tcp = loop {
                 match inner.clone().oneshot(uri.clone()).await {
-                    Ok(conn) => return Ok(conn),
-                    Err(e) if attempt >= attempts => return Err(e),
+                    Ok(conn) => break conn.into_inner(),
+                    Err(e) if attempt >= attempts => return Err(e.into()),
                     Err(_) => {
                         tokio::time::sleep(step * attempt).await;
                         attempt += 1;
                     }
                 }
-            }
+            };
+            let conn = match tls {
+                None => Conn::plain(tcp),
+                Some(tls) => Conn::tls(tcp, &tls, uri.host().unwrap_or_default()).await?,
+            };
+            Ok(TokioIo::new(conn))
         })
+    }
+}
+
+/// A connection a [`RetryConnector`] made: plain TCP, or TLS over it.
+pub struct Conn(Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Either::Left(_) => "Conn::Plain",
+            Either::Right(_) => "Conn::Tls",
+        })
+    }
+}
+
+impl Conn {
+    pub fn plain(tcp: TcpStream) -> Conn {
+        Conn(Either::Left(tcp))
+    }
+
+    /// TLS over `tcp`, checking the server's certificate names `host`.
+    pub async fn tls(tcp: TcpStream, tls: &TlsConnector, host: &str) -> std::io::Result<Conn> {
+        let name = crate::tls::server_name(host).map_err(std::io::Error::other)?;
+        Ok(Conn(Either::Right(tls.connect(name, tcp).await?)))
+    }
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        match &self.0 {
+            Either::Left(tcp) => tcp.connected(),
+            Either::Right(tls) => {
+                let (tcp, session) = tls.get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
     }
 }
 
@@ -98,23 +217,26 @@ pub const PROXY_DIAL_STEP: Duration = Duration::from_millis(500);
 
 /// A plain-HTTP connector (`TCP_NODELAY`, 5 s connect timeout) whose dials
 /// are retried `attempts` times with linear backoff of `step`.
-fn retrying(attempts: u32, step: Duration) -> RetryConnector {
+fn retrying(attempts: u32, step: Duration, tls: Option<Arc<ClientConfig>>) -> RetryConnector {
     let mut inner = HttpConnector::new();
     inner.set_nodelay(true);
     inner.set_connect_timeout(Some(Duration::from_secs(5)));
-    inner.enforce_http(true);
+    // https reaches it too: TLS is layered on in `call`
+    inner.enforce_http(false);
     RetryConnector {
         inner,
         attempts,
         step,
+        tls: tls.map(TlsConnector::from),
     }
 }
 
 /// The proxy transport: HTTP/1.1 only (HTTP/2 disabled), its own pool of
 /// at most 20 idle connections per host kept 120 s, `TCP_NODELAY`, and
 /// dials retried with linear backoff for ports that are just coming up.
-pub fn proxy_client() -> ProxyClient {
-    let connector = retrying(PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP);
+/// `tls` (with the class's ALPN, [`crate::tls::with_alpn`]) dials `https`.
+pub fn proxy_client(tls: Option<Arc<ClientConfig>>) -> ProxyClient {
+    let connector = retrying(PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP, tls);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(120))
         .pool_max_idle_per_host(20)
@@ -127,8 +249,10 @@ pub fn proxy_client() -> ProxyClient {
 /// multiplexed connection per host, `TCP_NODELAY`, with the proxy client's
 /// body type so that the control plane's benchmark can, on purpose, send
 /// proxied requests over the same connection as RPC streams (the seed's bug).
-pub fn rpc_h2_client() -> ProxyClient {
-    let connector = retrying(2, Duration::from_millis(100));
+/// `tls` dials `https` (offering `h2`).
+pub fn rpc_h2_client(tls: Option<Arc<ClientConfig>>) -> ProxyClient {
+    let tls = tls.map(|t| crate::tls::with_alpn(&t, crate::tls::ALPN_H2));
+    let connector = retrying(2, Duration::from_millis(100), tls);
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .http2_keep_alive_interval(Duration::from_secs(20))

@@ -9,13 +9,16 @@
 //! Clients: [`client`] builds a hyper client with its **own** connection pool
 //! (never a process-wide default), `TCP_NODELAY` on, pinned to the HTTP
 //! version a traffic class needs.
+//!
+//! Between the control plane and its agents: mutual TLS ([`tls`]).
 
 mod client;
 pub mod relay;
 mod server;
+pub mod tls;
 
 pub use client::{
-    client, dial_with_retry, proxy_client, rpc_h2_client, ClientBody, HttpClient, HttpVersion,
-    ProxyBody, ProxyClient, RetryConnector, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP,
+    client, dial_with_retry, proxy_client, rpc_h2_client, ClientBody, Conn, HttpClient,
+    HttpVersion, ProxyBody, ProxyClient, RetryConnector, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP,
 };
 pub use server::{bulk_runtime, serve, BulkClass, Classify, ServerConfig, BULK_NICE};

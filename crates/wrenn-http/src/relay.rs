@@ -205,15 +205,28 @@ impl http_body::Body for CutBody {
 /// Relay an `Upgrade` request to `upstream` at `path_and_query`. The
 /// connection to the upstream and, after its 101, the byte tunnel are
 /// tasks on `tasks`, ended when `stop` is cancelled.
+/// With `tls` the tunnel's connection is TLS, checked against the
+/// upstream's IP address.
 pub async fn tunnel(
     mut req: Request,
     upstream: SocketAddr,
+    tls: Option<&std::sync::Arc<crate::tls::rustls::ClientConfig>>,
     path_and_query: &str,
     tasks: &TaskTracker,
     stop: CancellationToken,
     fix: impl FnOnce(&mut HeaderMap),
 ) -> Response {
-    let stream = match crate::dial_with_retry(upstream).await {
+    let dialed = match crate::dial_with_retry(upstream).await {
+        Ok(tcp) => match tls {
+            None => Ok(crate::Conn::plain(tcp)),
+            Some(tls) => {
+                let tls = crate::tls::TlsConnector::from(tls.clone());
+                crate::Conn::tls(tcp, &tls, &upstream.ip().to_string()).await
+            }
+        },
+        Err(e) => Err(e),
+    };
+    let stream = match dialed {
         Ok(s) => s,
         Err(e) => {
             return refused(

@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Where bulk connections are served, if they are told apart.
     pub bulk: Option<BulkClass>,
+    /// TLS, once installed: from then on every connection must be TLS.
+    pub tls: crate::tls::TlsSlot,
 }
 
 /// Whether a connection whose first request has this path and these
@@ -104,6 +106,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(620),
             shutdown_grace: Duration::from_secs(5),
             bulk: None,
+            tls: Default::default(),
         }
     }
 }
@@ -156,7 +159,9 @@ pub async fn serve(
 }
 
 /// Serve one accepted connection here, or on the bulk runtime when its
-/// first request is bulk.
+/// first request is bulk (under TLS: when its client offers
+/// [`ALPN_BULK`](crate::tls::ALPN_BULK)). The TLS handshake is made where
+/// the connection is served, within the read-header timeout.
 async fn serve_accepted(
     stream: TcpStream,
     peer: std::net::SocketAddr,
@@ -165,16 +170,20 @@ async fn serve_accepted(
     stop: watch::Receiver<bool>,
     accepted_at: Instant,
 ) {
+    let tls = config.tls.current();
+    let deadline = accepted_at + config.read_header_timeout;
     let bulk = match &config.bulk {
         Some(b) => {
-            let deadline = accepted_at + config.read_header_timeout;
-            let is_bulk = first_request_is(&stream, b.classify, deadline).await;
+            let is_bulk = match &tls {
+                None => first_request_is(&stream, b.classify, deadline).await,
+                Some(_) => hello_offers_bulk(&stream, deadline).await,
+            };
             is_bulk.then(|| b.runtime.clone())
         }
         None => None,
     };
     let Some(rt) = bulk else {
-        return serve_connection(stream, peer, router, config, stop, accepted_at).await;
+        return serve_maybe_tls(stream, tls, peer, router, config, stop, accepted_at).await;
     };
     // Re-registered with the bulk runtime's reactor.
     let std = match stream.into_std() {
@@ -183,11 +192,31 @@ async fn serve_accepted(
     };
     let task = rt.spawn(async move {
         if let Ok(stream) = TcpStream::from_std(std) {
-            serve_connection(stream, peer, router, config, stop, accepted_at).await;
+            serve_maybe_tls(stream, tls, peer, router, config, stop, accepted_at).await;
         }
     });
     let _abort = AbortOnDrop(task.abort_handle());
     let _ = task.await;
+}
+
+async fn serve_maybe_tls(
+    stream: TcpStream,
+    tls: Option<crate::tls::TlsAcceptor>,
+    peer: std::net::SocketAddr,
+    router: axum::Router,
+    config: ServerConfig,
+    stop: watch::Receiver<bool>,
+    accepted_at: Instant,
+) {
+    let Some(tls) = tls else {
+        return serve_connection(stream, peer, router, config, stop, accepted_at).await;
+    };
+    let deadline = accepted_at + config.read_header_timeout;
+    match tokio::time::timeout_at(deadline.into(), tls.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(stream, peer, router, config, stop, accepted_at).await,
+        Ok(Err(err)) => tracing::debug!(%peer, %err, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake too slow: closing"),
+    }
 }
 
 /// The calling thread's nice value.
@@ -215,11 +244,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Whether the first request head on `stream` (peeked, left unread) is
-/// one `classify` calls bulk. No: anything that is not a whole HTTP/1 head
-/// in 8 KiB by `deadline` (HTTP/2's preface, garbage, a slow client), which
-/// is then served, and timed, as usual.
-async fn first_request_is(stream: &TcpStream, classify: Classify, deadline: Instant) -> bool {
+/// What `judge` makes of the first bytes on `stream` (peeked, left
+/// unread): it answers `None` while they are not enough to tell. No
+/// verdict in 8 KiB, or by `deadline`, is `false`: the connection is then
+/// served, and timed, as usual.
+async fn peek_until(
+    stream: &TcpStream,
+    deadline: Instant,
+    mut judge: impl FnMut(&[u8]) -> Option<bool>,
+) -> bool {
     let mut buf = vec![0u8; 8192];
     // Between looks at a partial head: 2 ms, doubling to 100 ms, so a
     // client that stalls mid-head costs a few peeks a second, not hundreds.
@@ -230,9 +263,27 @@ async fn first_request_is(stream: &TcpStream, classify: Classify, deadline: Inst
             Ok(Ok(n)) if n > 0 => n,
             _ => return false,
         };
+        if let Some(verdict) = judge(&buf[..n]) {
+            return verdict;
+        }
+        // The rest is on its way: a peek returns at once while unread
+        // bytes wait, so look again a little later. (A ready peek wins
+        // over an expired `timeout_at`: hence the deadline check here.)
+        if n == buf.len() || Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Whether the first request head on `stream` is one `classify` calls
+/// bulk; anything but a whole HTTP/1 head (HTTP/2's preface, garbage) is not.
+async fn first_request_is(stream: &TcpStream, classify: Classify, deadline: Instant) -> bool {
+    peek_until(stream, deadline, |bytes| {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..n]) {
+        match req.parse(bytes) {
             Ok(httparse::Status::Complete(_)) => {
                 let mut map = http::HeaderMap::new();
                 for h in req.headers.iter() {
@@ -243,23 +294,29 @@ async fn first_request_is(stream: &TcpStream, classify: Classify, deadline: Inst
                         map.append(name, value);
                     }
                 }
-                return classify(req.path.unwrap_or("/"), &map);
+                Some(classify(req.path.unwrap_or("/"), &map))
             }
-            // The rest of the head is on its way: a peek returns at once
-            // while unread bytes wait, so look again a little later.
-            // (A ready peek wins over an expired `timeout_at`: hence the
-            // deadline check here.)
-            Ok(httparse::Status::Partial) if n < buf.len() && Instant::now() < deadline => {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(100));
-            }
-            _ => return false,
+            Ok(httparse::Status::Partial) => None,
+            Err(_) => Some(false),
         }
-    }
+    })
+    .await
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Whether the TLS ClientHello on `stream` offers [`crate::tls::ALPN_BULK`].
+async fn hello_offers_bulk(stream: &TcpStream, deadline: Instant) -> bool {
+    peek_until(stream, deadline, |bytes| {
+        match crate::tls::hello_offers(bytes) {
+            Ok(Some(alpn)) => Some(alpn.iter().any(|p| p == crate::tls::ALPN_BULK)),
+            Ok(None) => None,
+            Err(()) => Some(false),
+        }
+    })
+    .await
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     peer: std::net::SocketAddr,
     router: axum::Router,
     config: ServerConfig,

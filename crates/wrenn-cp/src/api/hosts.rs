@@ -3,6 +3,12 @@
 //! /v1/hosts/register`, no API key) and gets a host token, then
 //! heartbeats with `X-Host-Token`. `wrenn up` registers its own agent
 //! through the same functions.
+//!
+//! Registration also hands the agent its TLS certificate, key and the
+//! control plane's CA certificate (`cert_pem`, `key_pem`, `ca_cert_pem`,
+//! as wrenn's API names them; see [`crate::pki`]). A heartbeat announcing
+//! a new IP address is answered 200 with a new set for that address
+//! instead of 204.
 
 use std::sync::Arc;
 
@@ -19,6 +25,7 @@ use crate::auth::{random_hex, sha256_hex, Caller};
 use crate::db::{now_ms, Host, HostRegistration};
 use crate::error::{ApiError, ApiResult};
 use crate::model::rfc3339;
+use crate::pki::HostCert;
 use crate::server::Cp;
 
 fn host_json(h: &Host) -> Value {
@@ -62,12 +69,36 @@ fn check_facts(reg: &HostRegistration) -> ApiResult<()> {
     Ok(())
 }
 
-/// Register the agent holding `token`; returns the host and its token.
-pub async fn register_host(
-    cp: &Cp,
-    token: &str,
-    reg: &HostRegistration,
-) -> ApiResult<(Host, String)> {
+/// A registered host, its token (for heartbeats) and its certificate.
+#[derive(Debug)]
+pub struct Registered {
+    pub host: Host,
+    pub token: String,
+    pub cert: HostCert,
+}
+
+/// A certificate for `host` at the IP address it registered.
+pub fn certify(cp: &Cp, host: &Host) -> ApiResult<HostCert> {
+    let addr: std::net::SocketAddr = host
+        .address
+        .parse()
+        .map_err(|_| ApiError::invalid("address must be ip:port"))?;
+    cp.pki.issue_host(&host.id, addr.ip()).map_err(|e| {
+        tracing::error!(error = %e, "cannot issue a host certificate");
+        ApiError::internal()
+    })
+}
+
+fn cert_json(c: &HostCert) -> Value {
+    json!({
+        "cert_pem": c.identity.cert_pem,
+        "key_pem": c.identity.key_pem,
+        "ca_cert_pem": c.ca_cert_pem,
+    })
+}
+
+/// Register the agent holding `token`.
+pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiResult<Registered> {
     check_facts(reg)?;
     let host_token = random_hex(32);
     let host = cp
@@ -75,9 +106,14 @@ pub async fn register_host(
         .register_host(&sha256_hex(token), reg, &sha256_hex(&host_token))
         .await?
         .ok_or_else(|| ApiError::unauthorized("invalid or used registration token"))?;
+    let cert = certify(cp, &host)?;
     cp.hosts.connect(&host).map_err(ApiError::invalid)?;
     tracing::info!(host = %host.id, address = %host.address, "host registered");
-    Ok((host, host_token))
+    Ok(Registered {
+        host,
+        token: host_token,
+        cert,
+    })
 }
 
 /// `POST /v1/hosts` (admin) — 201 `{host, registration_token}`.
@@ -101,16 +137,17 @@ pub struct RegisterBody {
     reg: HostRegistration,
 }
 
-/// `POST /v1/hosts/register` — 201 `{host, token}`.
+/// `POST /v1/hosts/register` — 201 `{host, token, cert_pem, key_pem,
+/// ca_cert_pem}`.
 pub async fn register(
     State(cp): State<Arc<Cp>>,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let (host, token) = register_host(&cp, &body.token, &body.reg).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"host": host_json(&host), "token": token})),
-    ))
+    let r = register_host(&cp, &body.token, &body.reg).await?;
+    let mut out = cert_json(&r.cert);
+    out["host"] = host_json(&r.host);
+    out["token"] = Value::String(r.token);
+    Ok((StatusCode::CREATED, Json(out)))
 }
 
 /// `GET /v1/hosts` (admin)
@@ -193,13 +230,15 @@ pub struct HeartbeatBody {
 }
 
 /// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
-/// JSON body with the agent's facts updates its address and size.
+/// JSON body with the agent's facts updates its address and size. A new
+/// IP address gets 200 and a certificate for it.
 pub async fn heartbeat(
     State(cp): State<Arc<Cp>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<HeartbeatBody>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
     let id: HostId = id
         .parse()
         .map_err(|_| ApiError::invalid("invalid host ID"))?;
@@ -216,6 +255,8 @@ pub async fn heartbeat(
     cp.db.heartbeat(&id).await?;
     // An agent that restarted on another address says so here.
     if let Some(address) = body.address.filter(|a| !a.is_empty()) {
+        let ip = |a: &str| a.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        let before = cp.db.host(&id).await?.and_then(|h| ip(&h.address));
         let facts = HostRegistration {
             address,
             arch: body.arch,
@@ -227,7 +268,11 @@ pub async fn heartbeat(
         check_facts(&facts)?;
         if let Some(host) = cp.db.update_host(&id, &facts).await? {
             cp.hosts.connect(&host).map_err(ApiError::invalid)?;
+            if before != ip(&host.address) {
+                let cert = certify(&cp, &host)?;
+                return Ok((StatusCode::OK, Json(cert_json(&cert))).into_response());
+            }
         }
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

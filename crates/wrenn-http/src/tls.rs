@@ -1,0 +1,165 @@
+//! Mutual TLS between the control plane and its agents (wrenn-api.md §1.2
+//! and §6): the control plane is a certificate authority; it issues each
+//! host a server certificate when the host registers, and itself a client
+//! certificate. An agent that holds its certificate serves only TLS and
+//! only to clients whose certificate chains to that authority; the control
+//! plane only talks to agents whose certificate does, for the address it
+//! dials.
+//!
+//! The traffic class rides on ALPN, since an agent cannot read a request
+//! inside TLS before accepting it: the control plane's user-traffic pool
+//! offers [`ALPN_BULK`], its RPC pool `h2`, its pool for envd's port
+//! `http/1.1`. The agent peeks at the ClientHello (without consuming it)
+//! and serves bulk connections on its bulk runtime (see the server).
+
+use std::sync::{Arc, RwLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+pub use rustls;
+pub use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// HTTP/2 (RPC streams).
+pub const ALPN_H2: &[u8] = b"h2";
+/// HTTP/1.1 in the RPC class (envd's port through an agent).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// HTTP/1.1 carrying user traffic to capsule ports: served as bulk.
+pub const ALPN_BULK: &[u8] = b"wrenn-bulk";
+
+/// A certificate chain and its private key, PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad certificate PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in the PEM".into());
+    }
+    Ok(certs)
+}
+
+fn key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| format!("bad private key PEM: {e}"))
+}
+
+fn roots(ca_pem: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca_pem)? {
+        roots
+            .add(c)
+            .map_err(|e| format!("bad CA certificate: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// An agent's TLS: `identity` as the server; clients must present a
+/// certificate for client authentication that chains to `ca_pem`.
+pub fn server_config(identity: &Identity, ca_pem: &str) -> Result<Arc<ServerConfig>, String> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+            .build()
+            .map_err(|e| e.to_string())?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&identity.cert_pem)?, key(&identity.key_pem)?)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_BULK.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The control plane's TLS towards agents: servers must present a
+/// certificate that chains to `ca_pem` and names the dialed address; it
+/// authenticates with `identity`. No ALPN yet: see [`with_alpn`].
+pub fn client_config(ca_pem: &str, identity: &Identity) -> Result<Arc<ClientConfig>, String> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(certs(&identity.cert_pem)?, key(&identity.key_pem)?)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
+/// `config` offering exactly `protocol` (a pool's traffic class).
+pub fn with_alpn(config: &Arc<ClientConfig>, protocol: &[u8]) -> Arc<ClientConfig> {
+    let mut c = ClientConfig::clone(config);
+    c.alpn_protocols = vec![protocol.to_vec()];
+    Arc::new(c)
+}
+
+/// The name a TLS client checks the server's certificate against: the
+/// host of `authority` (an IP address for agents).
+pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned()).map_err(|e| format!("bad TLS server name {host:?}: {e}"))
+}
+
+/// Where a server finds its TLS configuration for the next connection:
+/// empty serves plain HTTP; an agent fills it once the control plane has
+/// issued its certificate, and from then on accepts only TLS.
+#[derive(Clone, Default)]
+pub struct TlsSlot(Arc<RwLock<Option<TlsAcceptor>>>);
+
+impl std::fmt::Debug for TlsSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TlsSlot").field(&self.is_set()).finish()
+    }
+}
+
+impl TlsSlot {
+    pub fn install(&self, config: Arc<ServerConfig>) {
+        *self.0.write().unwrap() = Some(TlsAcceptor::from(config));
+    }
+
+    pub fn current(&self) -> Option<TlsAcceptor> {
+        self.0.read().unwrap().clone()
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.read().unwrap().is_some()
+    }
+}
+
+/// The ALPN protocols a ClientHello at the start of `bytes` offers:
+/// `Ok(None)` while the hello is incomplete, `Err` if it is not one.
+pub(crate) fn hello_offers(bytes: &[u8]) -> Result<Option<Vec<Vec<u8>>>, ()> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match acceptor.read_tls(&mut rest) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => Ok(Some(
+            accepted
+                .client_hello()
+                .alpn()
+                .map(|a| a.map(<[u8]>::to_vec).collect())
+                .unwrap_or_default(),
+        )),
+        Ok(None) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
