@@ -6,8 +6,10 @@ deleted once it has no capsules."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 import wrenn_up  # noqa: E402
@@ -99,20 +102,33 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         assert on_new, f"no capsule landed on the second host: {made}"
         r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo hi"]})
         assert r.status_code == 200 and r.json()["stdout"] == "hi\n", r.text
-        # the agent itself answers nobody without its token (the control
-        # plane learned it at registration): RPC and port proxy alike
-        agent_token = (data / "agent-token").read_text().strip()
+        # the agent answers only mutual TLS, with the certificate the control
+        # plane issued it for its address (kept in host.json, 0600); its
+        # token stays a second check (in the file only it reads)
         assert stat.S_IMODE((data / "agent-token").stat().st_mode) == 0o600
-        rpc = f"http://{addr}/wrenn.agent.v1.Agent/ListCapsules"
-        for headers in ({}, {"X-Wrenn-Agent-Token": "0" * 64}):
-            r = httpx.post(rpc, content=b"{}", headers={"Content-Type": "application/json", **headers})
-            assert r.status_code == 401 and r.json()["code"] == "unauthenticated", r.text
-            r = httpx.get(f"http://{addr}/proxy/{on_new}/8000/", headers=headers)
-            assert r.status_code == 401, r.text
-        r = httpx.post(rpc, content=b"{}", headers={"Content-Type": "application/json",
-                                                     "X-Wrenn-Agent-Token": agent_token})
-        assert r.status_code == 200 and on_new in r.text, r.text
-        assert httpx.get(f"http://{addr}/health").status_code == 200
+        issued = json.loads(ident.read_text())
+        for field in ("cert_pem", "ca_cert_pem"):
+            assert issued[field].startswith("-----BEGIN CERTIFICATE-----"), issued.keys()
+        assert issued["key_pem"].startswith("-----BEGIN PRIVATE KEY-----")
+        pems = Path(tempfile.mkdtemp(prefix="wrenn-pems-"))
+        try:
+            for field in ("cert_pem", "key_pem", "ca_cert_pem"):
+                (pems / field).write_text(issued[field])
+            # plain HTTP is not served any more
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://{addr}/health", timeout=5)
+            # the agent's certificate is good for its address (the TLS
+            # handshake's server check passes), but a client without a
+            # certificate, or with a host's (for serving only), gets nothing
+            anonymous = ssl.create_default_context(cafile=str(pems / "ca_cert_pem"))
+            posing = ssl.create_default_context(cafile=str(pems / "ca_cert_pem"))
+            posing.load_cert_chain(str(pems / "cert_pem"), str(pems / "key_pem"))
+            for ctx in (anonymous, posing):
+                with pytest.raises(httpx.HTTPError) as refused:
+                    httpx.get(f"https://{addr}/health", verify=ctx, timeout=5)
+                assert "CERTIFICATE_VERIFY_FAILED" not in str(refused.value), refused.value
+        finally:
+            shutil.rmtree(pems)
 
         # a restart on another port: no token needed, the heartbeat moves it
         stop(proc)

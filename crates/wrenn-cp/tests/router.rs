@@ -476,3 +476,93 @@ async fn usage_reads_rolled_up_days_and_counts_today_live() {
     assert!((ram - 1000.0 * today_minutes).abs() < 1.0, "{body}");
     assert!(cpu[..26].iter().all(|c| *c == 0.0), "{body}");
 }
+
+/// One JSON POST on a new connection; the whole answer as text.
+async fn post(
+    cp: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> String {
+    let mut s = TcpStream::connect(cp).await.unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Whether the control plane's TLS client accepts a server at `ip` with
+/// `cert`.
+async fn trusted_at(cp: &Cp, ip: &str, cert: &wrenn_cp::pki::HostCert) -> bool {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = wrenn_http::tls::TlsAcceptor::from(
+        wrenn_http::tls::server_config(&cert.identity, &cert.ca_cert_pem).unwrap(),
+    );
+    let server = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let _ = acceptor.accept(s).await;
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = wrenn_http::tls::TlsConnector::from(cp.pki.client.clone());
+    let ok = wrenn_http::Conn::tls(tcp, &tls, ip).await.is_ok();
+    server.abort();
+    ok
+}
+
+/// A heartbeat from another port of the same IP needs no new certificate
+/// (204); one from another IP gets one for that IP (200), which the
+/// control plane then trusts there, as it does not the old one.
+#[tokio::test]
+async fn a_host_on_a_new_ip_gets_a_new_certificate() {
+    let p = Plane::new().await;
+    let cp = p.plane.cp.clone();
+    let (_, registration) = issue_registration(&cp).await.unwrap();
+    let facts = HostRegistration {
+        address: "127.0.0.1:7001".into(),
+        arch: "x86_64".into(),
+        cpu_cores: 2,
+        memory_mb: 4096,
+        disk_gb: 10,
+        agent_token: "t".into(),
+    };
+    let r = register_host(&cp, &registration, &facts).await.unwrap();
+    assert!(trusted_at(&cp, "127.0.0.1", &r.cert).await);
+    let (addr, _stop) = p.serve().await;
+    let path = format!("/v1/hosts/{}/heartbeat", r.host.id);
+    let beat = |address: &str| {
+        let body = serde_json::json!({ "address": address }).to_string();
+        let (path, token) = (path.clone(), r.token.clone());
+        async move { post(addr, &path, &[("x-host-token", &token)], &body).await }
+    };
+    let out = beat("127.0.0.1:7002").await;
+    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    let out = beat("127.0.0.2:7002").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let moved = wrenn_cp::pki::HostCert {
+        identity: wrenn_http::tls::Identity {
+            cert_pem: v["cert_pem"].as_str().unwrap().into(),
+            key_pem: v["key_pem"].as_str().unwrap().into(),
+        },
+        ca_cert_pem: v["ca_cert_pem"].as_str().unwrap().into(),
+    };
+    assert_eq!(moved.ca_cert_pem, cp.pki.ca_cert_pem());
+    assert!(trusted_at(&cp, "127.0.0.2", &moved).await);
+    assert!(
+        !trusted_at(&cp, "127.0.0.2", &r.cert).await,
+        "the old certificate names the old IP"
+    );
+    let out = beat("127.0.0.2:7002").await;
+    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+}

@@ -803,6 +803,13 @@ mod tests {
     async fn start_classified(
         header_ms: u64,
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        start_classified_tls(header_ms, Default::default()).await
+    }
+
+    async fn start_classified_tls(
+        header_ms: u64,
+        tls: crate::tls::TlsSlot,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         async fn whoami() -> String {
             let t = std::thread::current();
             let nice =
@@ -819,6 +826,7 @@ mod tests {
             bulk: Some(BulkClass::new(|path, headers| {
                 path.starts_with("/bulk") && headers.contains_key(http::header::HOST)
             })),
+            tls,
             ..Default::default()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -829,7 +837,7 @@ mod tests {
     }
 
     /// Send `head` in pieces, read one answer, return its body.
-    async fn ask(s: &mut tokio::net::TcpStream, pieces: &[&str]) -> String {
+    async fn ask(s: &mut (impl AsyncRead + AsyncWrite + Unpin), pieces: &[&str]) -> String {
         for p in pieces {
             s.write_all(p.as_bytes()).await.unwrap();
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -888,5 +896,89 @@ mod tests {
             "{:?}",
             t0.elapsed()
         );
+    }
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate.
+    fn pki() -> (String, crate::tls::Identity, crate::tls::Identity) {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca, &ca_key);
+        let leaf = |sans: Vec<String>, usage| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.extended_key_usages = vec![usage];
+            crate::tls::Identity {
+                cert_pem: p.signed_by(&key, &issuer).unwrap().pem(),
+                key_pem: key.serialize_pem(),
+            }
+        };
+        let server = leaf(vec!["127.0.0.1".into()], Eku::ServerAuth);
+        let client = leaf(vec![], Eku::ClientAuth);
+        (ca_pem, server, client)
+    }
+
+    /// Under TLS the ClientHello's ALPN picks the class, whatever the
+    /// path: `wrenn-bulk` is served on the bulk runtime, `http/1.1` on the
+    /// main one. Plain HTTP is no longer served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_tls_the_client_hello_picks_the_class() {
+        use crate::tls::{client_config, with_alpn, ALPN_BULK, ALPN_HTTP1};
+        let (ca, server, client) = pki();
+        let slot = crate::tls::TlsSlot::default();
+        slot.install(crate::tls::server_config(&server, &ca).unwrap());
+        let (addr, _stop) = start_classified_tls(10_000, slot).await;
+        let bulk = format!("wrenn-bulk {}", (current_nice() + BULK_NICE).min(19));
+        let config = client_config(&ca, &client).unwrap();
+        let dial = |alpn: &'static [u8]| {
+            let tls = crate::tls::TlsConnector::from(with_alpn(&config, alpn));
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                crate::Conn::tls(tcp, &tls, "127.0.0.1").await.unwrap()
+            }
+        };
+        let mut s = dial(ALPN_BULK).await;
+        assert_eq!(
+            ask(&mut s, &["GET /api HTTP/1.1\r\nHost: x\r\n\r\n"]).await,
+            bulk
+        );
+        let mut s = dial(ALPN_HTTP1).await;
+        let main = ask(&mut s, &["GET /bulk HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert!(!main.starts_with("wrenn-bulk"), "{main}");
+        // a ClientHello that arrives in pieces is classified once whole
+        let trickle = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let trickle_addr = trickle.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (client, _) = trickle.accept().await.unwrap();
+            let server = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+            let mut buf = [0u8; 64];
+            while let Ok(n) = cr.read(&mut buf).await {
+                if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let tcp = tokio::net::TcpStream::connect(trickle_addr).await.unwrap();
+        let tls = crate::tls::TlsConnector::from(with_alpn(&config, ALPN_BULK));
+        let mut s = crate::Conn::tls(tcp, &tls, "127.0.0.1").await.unwrap();
+        assert_eq!(
+            ask(&mut s, &["GET /api HTTP/1.1\r\nHost: x\r\n\r\n"]).await,
+            bulk
+        );
+        // plain HTTP gets nothing
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(b"GET /api HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut buf)).await;
+        assert!(!String::from_utf8_lossy(&buf).contains("200 OK"), "{buf:?}");
     }
 }
