@@ -261,7 +261,8 @@ def test_cp_files(cli, capsule: str, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(20 << 20))
     big.chmod(0o640)
-    cli.run("cp", str(big), f"{capsule}:/tmp/")  # into a directory
+    r = cli.run("cp", str(big), f"{capsule}:/tmp/")  # into a directory
+    assert b"MiB" not in r.stderr, "no progress bar when stderr is not a terminal"
     assert cli.out("exec", capsule, "--", "stat", "-c", "%s %a", "/tmp/big.bin").split() == [str(20 << 20), "640"]
     cli.run("cp", str(big), f"{capsule}:/tmp/renamed.bin")
     out = tmp_path / "out"

@@ -5,6 +5,7 @@ The local terminal must come back out of raw mode."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -101,3 +102,22 @@ def test_shell_unknown_tag(tmux: Tmux, cli, capsule: str) -> None:
     s = _session(tmux, cli, "bad", ["shell", capsule, "--attach", "pty-doesnotexist"])
     tmux.wait_for(s, r"wrenn-exit:1")
     tmux.wait_for(s, r"(?m)^icanon$")
+
+
+def test_cp_shows_progress_for_big_files_on_a_terminal(tmux: Tmux, cli, capsule: str, tmp_path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(40 << 20))
+    up = _session(tmux, cli, "cp-up", ["cp", str(big), f"{capsule}:/tmp/progress.bin"], x=160)
+    tmux.wait_for(up, r"wrenn-exit:0", timeout=120)
+    bar = r"\[=+\] 40\.00 MiB/40\.00 MiB"
+    tmux.wait_for(up, r"/tmp/progress\.bin " + bar, timeout=1)
+    down = _session(tmux, cli, "cp-down", ["cp", f"{capsule}:/tmp/progress.bin", str(tmp_path / "back.bin")], x=160)
+    tmux.wait_for(down, r"wrenn-exit:0", timeout=120)
+    tmux.wait_for(down, r"/tmp/progress\.bin " + bar, timeout=1)
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+    # a small file shows none
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 1000)
+    quiet = _session(tmux, cli, "cp-small", ["cp", str(small), f"{capsule}:/tmp/small.bin"], x=160)
+    tmux.wait_for(quiet, r"wrenn-exit:0", timeout=60)
+    assert "MiB" not in tmux.screen(quiet) and "KiB" not in tmux.screen(quiet), tmux.screen(quiet)

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import os
 import re
 import sys
+import tarfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -627,6 +629,32 @@ def test_live_responses_match_the_document(server, spec: dict) -> None:
         api.call("POST", "/v1/capsules/{id}/files/read", id=cid, json={"path": f"{d}/none"}, expect=404)
         api.call("POST", "/v1/capsules/{id}/files/stream/read", id=cid, json={"path": f"{d}/big.bin"}, expect=200)
         api.call("POST", "/v1/capsules/{id}/files/stream/read", id=cid, json={"path": f"{d}/none"}, expect=404)
+        # directories as tar streams, both ways
+        r = api.call("GET", "/v1/capsules/{id}/files/tar", id=cid, params={"path": d}, expect=200)
+        if r.status_code == 200:
+            with tarfile.open(fileobj=io.BytesIO(r.content)) as tf:
+                names = sorted(n.lstrip("./") for n in tf.getnames())
+            if "a.txt" not in names or "big.bin" not in names:
+                chk.fail(f"files/tar: the archive holds {names}")
+        api.call("GET", "/v1/capsules/{id}/files/tar", id=cid, params={"path": f"{d}/none"}, expect=404)
+        api.call("GET", "/v1/capsules/{id}/files/tar", id=cid, params={"path": f"{d}/a.txt"}, expect=404,
+                 label="a file")
+        api.call("GET", "/v1/capsules/{id}/files/tar", id=cid, expect=400, label="no path")
+        packed = io.BytesIO()
+        with tarfile.open(fileobj=packed, mode="w") as tf:
+            blob = bytes(range(256)) * 64
+            info = tarfile.TarInfo("sub/bin.dat")
+            info.size, info.mode = len(blob), 0o750
+            tf.addfile(info, io.BytesIO(blob))
+        api.call("PUT", "/v1/capsules/{id}/files/tar", id=cid, params={"path": f"{d}/unpacked"},
+                 content=packed.getvalue(), headers={"Content-Type": "application/x-tar"}, expect=204)
+        r = api.call("POST", "/v1/capsules/{id}/files/read", id=cid, json={"path": f"{d}/unpacked/sub/bin.dat"},
+                     expect=200, label="unpacked")
+        if r.status_code == 200 and r.content != blob:
+            chk.fail("files/tar PUT: the unpacked file differs")
+        api.call("PUT", "/v1/capsules/{id}/files/tar", id=cid, params={"path": f"{d}/junk"},
+                 content=os.urandom(4096), headers={"Content-Type": "application/x-tar"}, expect=400,
+                 label="not a tar")
         api.call("POST", "/v1/capsules/{id}/files/remove", id=cid, json={"path": d}, expect=204)
         api.call("POST", "/v1/capsules/{id}/files/remove", id=cid, json={"path": d}, expect=404, label="gone")
 

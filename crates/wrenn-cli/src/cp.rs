@@ -1,9 +1,11 @@
 //! `wrenn cp SRC DST`, one side `ID:/path` in a capsule, as `docker cp`:
 //! a file goes into a directory that exists (or to the path named); a
 //! directory travels as a tar stream (modes kept) and lands as `DST` if that
-//! does not exist, else inside it. Files of 16 MiB and more show a progress
-//! bar on a terminal. In the capsule `tar`, `stat` and `sh` do the
-//! unpacking and inspecting (busybox and Debian have them).
+//! does not exist, else inside it: packed while it is sent and unpacked while
+//! it arrives (`…/files/tar`), never staged in a file. Files of 16 MiB and
+//! more show a progress bar on a terminal, left on the screen when done. In the capsule `tar`, `stat` and
+//! `sh` do the packing, unpacking and inspecting (busybox and Debian have
+//! them).
 
 use std::io::IsTerminal;
 use std::os::unix::fs::PermissionsExt;
@@ -95,14 +97,6 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-fn scratch(ext: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("/tmp/.wrenn-cp-{}-{nanos}.{ext}", std::process::id())
-}
-
 pub async fn run(g: &Global, a: CpArgs) -> Result<i32> {
     match (remote(&a.src), remote(&a.dst)) {
         (None, Some((id, dst))) => upload(&g.client()?, Path::new(&a.src), id, dst).await?,
@@ -125,7 +119,7 @@ async fn upload_file(client: &Client, local: &Path, id: &str, target: &str) -> R
     let body = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10)
         .inspect_ok(move |b: &Bytes| bar2.inc(b.len() as u64));
     client.write_file(id, target, body).await?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(())
 }
 
@@ -147,28 +141,69 @@ async fn upload(client: &Client, src: &Path, id: &str, dst: &str) -> Result<()> 
     if !meta.is_dir() {
         bail!("{} is neither a file nor a directory", src.display());
     }
-    // A directory: its contents as a tar file, unpacked into `target`.
-    let local_tar = tempfile::NamedTempFile::new()?;
-    let (dir, tar_path) = (src.to_owned(), local_tar.path().to_owned());
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut b = tar::Builder::new(std::fs::File::create(&tar_path)?);
+    // A directory: packed as it is sent, unpacked in the capsule as it
+    // arrives (nothing staged on either side).
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
+    let dir = src.to_owned();
+    let packer = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut b = tar::Builder::new(ChannelWriter::new(tx.clone()));
         b.follow_symlinks(false);
-        b.append_dir_all(".", &dir)
-            .with_context(|| format!("pack {}", dir.display()))?;
-        b.finish()?;
-        Ok(())
-    })
-    .await??;
-    let remote_tar = scratch("tar");
-    upload_file(client, local_tar.path(), id, &remote_tar).await?;
-    let (t, r) = (quote(&target), quote(&remote_tar));
-    sh(
-        client,
-        id,
-        &format!("mkdir -p {t} && tar -xpf {r} -C {t}; rc=$?; rm -f {r}; exit $rc"),
-    )
-    .await?;
+        let packed = b
+            .append_dir_all(".", &dir)
+            .and_then(|()| b.into_inner())
+            .and_then(|mut w| std::io::Write::flush(&mut w))
+            .with_context(|| format!("pack {}", dir.display()));
+        if let Err(e) = &packed {
+            // fails the upload: the capsule's tar is stopped
+            let _ = tx.blocking_send(Err(std::io::Error::other(format!("{e:#}"))));
+        }
+        packed
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let sent = client.write_tar(id, &target, body).await;
+    packer.await??;
+    sent?;
     Ok(())
+}
+
+/// The packer's output, in 256 KiB pieces, to the upload's body.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    const PIECE: usize = 256 << 10;
+
+    fn new(tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>) -> ChannelWriter {
+        ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(Self::PIECE),
+        }
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= Self::PIECE {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(Self::PIECE),
+        ));
+        self.tx.blocking_send(Ok(piece)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped")
+        })
+    }
 }
 
 async fn download_to(client: &Client, id: &str, src: &str, local: &Path, len: u64) -> Result<()> {
@@ -183,7 +218,7 @@ async fn download_to(client: &Client, id: &str, src: &str, local: &Path, len: u6
         file.write_all(&chunk).await?;
     }
     file.flush().await?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(())
 }
 
@@ -201,17 +236,13 @@ async fn download(client: &Client, id: &str, src: &str, dst: &Path) -> Result<()
             std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
         }
         Remote::Dir => {
-            let remote_tar = scratch("tar");
-            let (s, r) = (quote(src), quote(&remote_tar));
-            sh(client, id, &format!("tar -cf {r} -C {s} .")).await?;
-            let local_tar = tempfile::NamedTempFile::new()?;
-            let fetched = download_to(client, id, &remote_tar, local_tar.path(), 0).await;
-            let _ = sh(client, id, &format!("rm -f {r}")).await;
-            fetched?;
-            let tar_path = local_tar.path().to_owned();
+            // unpacked as it arrives
+            let stream = client.read_tar(id, src).await?;
+            let reader = tokio_util::io::StreamReader::new(stream.map_err(std::io::Error::other));
+            let reader = tokio_util::io::SyncIoBridge::new(reader);
             tokio::task::spawn_blocking(move || -> Result<()> {
                 std::fs::create_dir_all(&target)?;
-                let mut ar = tar::Archive::new(std::fs::File::open(&tar_path)?);
+                let mut ar = tar::Archive::new(reader);
                 ar.set_preserve_permissions(true);
                 ar.unpack(&target)
                     .with_context(|| format!("unpack into {}", target.display()))?;

@@ -496,6 +496,33 @@ impl Client {
         .await
     }
 
+    /// A directory's contents as a tar stream, made in the capsule as it
+    /// is read (`GET …/files/tar`, a Wrenn addition).
+    pub async fn read_tar(&self, id: &str, dir: &str) -> Result<ByteStream> {
+        let resp = self
+            .send(
+                self.request(reqwest::Method::GET, &capsule_path(id, "/files/tar"))
+                    .query(&[("path", dir)]),
+            )
+            .await?;
+        Ok(Box::pin(resp.bytes_stream().map_err(Error::Http)))
+    }
+
+    /// Unpack a tar stream into a directory of the capsule (created if
+    /// missing, modes kept) as it is sent (`PUT …/files/tar`).
+    pub async fn write_tar<S>(&self, id: &str, dir: &str, tar: S) -> Result<()>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        self.empty(
+            self.request(reqwest::Method::PUT, &capsule_path(id, "/files/tar"))
+                .query(&[("path", dir)])
+                .header("content-type", "application/x-tar")
+                .body(reqwest::Body::wrap_stream(tar)),
+        )
+        .await
+    }
+
     pub async fn list_dir(&self, id: &str, path: &str, depth: u32) -> Result<Vec<FileEntry>> {
         let v: Value = self
             .json(

@@ -27,6 +27,7 @@ pub mod keys;
 pub mod pty;
 pub mod snapshots;
 pub mod stats;
+pub mod tar;
 pub mod ws;
 
 /// Every `/v1` route.
@@ -62,6 +63,10 @@ pub fn routes() -> Router<Arc<Cp>> {
             post(files::stream_write),
         )
         .route("/v1/capsules/{id}/files/stream/read", post(files::read))
+        .route(
+            "/v1/capsules/{id}/files/tar",
+            get(tar::read).put(tar::write),
+        )
         .route(
             "/v1/snapshots",
             post(snapshots::create).get(snapshots::list),
