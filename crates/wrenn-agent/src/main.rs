@@ -51,6 +51,10 @@ async fn main() {
     println!("wrenn-agent listening on {addr}");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = wrenn_agent::server::AgentServer::new(agent.clone());
+    if args.control_plane.is_some() {
+        // a control plane's agent never serves plain HTTP
+        server.tls().require();
+    }
     match wrenn_agent::register::restore_tls(&args.agent.data_dir, server.tls()) {
         Ok(true) => println!("wrenn-agent serves mutual TLS (certificate from host.json)"),
         Ok(false) => {}

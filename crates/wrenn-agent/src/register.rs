@@ -6,17 +6,21 @@
 //! address is picked up. Failures are retried; the agent keeps serving.
 //!
 //! Registration hands the agent its TLS certificate and key and the control
-//! plane's CA certificate (kept in `host.json` too). From the moment they
-//! are installed ([`install_tls`]) the agent's listener serves only TLS,
-//! to clients with a certificate from that CA (wrenn-api.md §6). A
-//! heartbeat from a new address is answered with a certificate for it.
+//! plane's CA certificate (kept in `host.json` too). An agent that belongs
+//! to a control plane serves nothing but mutual TLS, and nothing at all
+//! until it has them ([`install_tls`], [`restore_tls`]): only clients with
+//! a certificate from that CA get in (wrenn-api.md §6). The certificate
+//! names the host, not its address, so a host that moves keeps it.
+//!
+//! The control plane is reached with `reqwest` (rustls, the system's
+//! roots, `SSL_CERT_FILE` honoured): give an `https://` URL wherever the
+//! network between them is not trusted, since registration carries the
+//! agent's token and key.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use wrenn_types::hosts::HostFacts;
 
@@ -52,7 +56,8 @@ pub fn host_facts(data_dir: &Path, address: SocketAddr, agent_token: &str) -> Ho
 struct Identity {
     id: String,
     token: String,
-    #[serde(flatten)]
+    /// (absent in an identity from before mutual TLS)
+    #[serde(default)]
     tls: Option<TlsFiles>,
 }
 
@@ -64,35 +69,40 @@ pub struct TlsFiles {
     pub ca_cert_pem: String,
 }
 
-impl TlsFiles {
-    fn from_json(v: &serde_json::Value) -> Option<TlsFiles> {
-        serde_json::from_value(v.clone()).ok()
-    }
-}
-
-/// Serve TLS with `files` on the listener whose slot is `slot`.
+/// Serve mutual TLS with `files` on the listener whose slot is `slot`.
 pub fn install_tls(slot: &wrenn_http::tls::TlsSlot, files: &TlsFiles) -> Result<(), String> {
     let identity = wrenn_http::tls::Identity {
         cert_pem: files.cert_pem.clone(),
         key_pem: files.key_pem.clone(),
     };
-    slot.install(wrenn_http::tls::server_config(
-        &identity,
-        &files.ca_cert_pem,
-    )?);
+    slot.install(wrenn_http::tls::server_config(&identity, &files.ca_cert_pem)?);
     Ok(())
 }
 
-/// Install the TLS this agent was issued before, if `<data-dir>/host.json`
-/// holds it: done before the listener serves anyone.
+/// Before the listener serves anyone: install the TLS this agent was
+/// issued, if `<data-dir>/host.json` holds it (true). A `host.json` that
+/// cannot be read or used is an error, never plain HTTP.
 pub fn restore_tls(data_dir: &Path, slot: &wrenn_http::tls::TlsSlot) -> Result<bool, String> {
-    let Some(id) = read_identity(data_dir) else {
-        return Ok(false);
+    let path = identity_path(data_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(format!("read {}: {e}", path.display())),
     };
+    let id: Identity =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     match &id.tls {
         Some(files) => install_tls(slot, files).map(|()| true),
-        None => Ok(false),
+        None => Err(format!(
+            "{} is from before mutual TLS: register this host again \
+             (remove the file, start with a new --registration-token)",
+            path.display()
+        )),
     }
+}
+
+fn identity_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("host.json")
 }
 
 fn read_identity(data_dir: &Path) -> Option<Identity> {
@@ -100,43 +110,29 @@ fn read_identity(data_dir: &Path) -> Option<Identity> {
     serde_json::from_str(&text).ok()
 }
 
-fn save_identity(data_dir: &Path, id: &Identity) -> Result<(), String> {
-    let path = identity_path(data_dir);
-    let text = serde_json::to_string(id).map_err(|e| e.to_string())?;
-    write_private(&path, &text).map_err(|e| format!("write {}: {e}", path.display()))
-}
-
-fn identity_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("host.json")
-}
-
+/// POST `body` as JSON; (status, body).
 async fn post(
-    client: &wrenn_http::HttpClient,
+    client: &reqwest::Client,
     url: String,
     token: Option<&str>,
-    body: serde_json::Value,
-) -> Result<(u16, Bytes), String> {
-    let mut req = http::Request::post(url).header("content-type", "application/json");
+    body: &serde_json::Value,
+) -> Result<(u16, Vec<u8>), String> {
+    let mut req = client.post(url).json(body);
     if let Some(t) = token {
         req = req.header("x-host-token", t);
     }
-    let body = Full::new(Bytes::from(body.to_string()))
-        .map_err(|e| match e {})
-        .boxed();
-    let req = req.body(body).map_err(|e| e.to_string())?;
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let resp = req.send().await.map_err(|e| error_chain(&e))?;
     let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, bytes))
+    let bytes = resp.bytes().await.map_err(|e| error_chain(&e))?;
+    Ok((status, bytes.to_vec()))
+}
+
+fn error_chain(e: &reqwest::Error) -> String {
+    wrenn_http::relay::error_chain(e)
 }
 
 async fn register(
-    client: &wrenn_http::HttpClient,
+    client: &reqwest::Client,
     cp: &str,
     token: &str,
     facts: &HostFacts,
@@ -144,7 +140,7 @@ async fn register(
 ) -> Result<Identity, String> {
     let mut body = serde_json::to_value(facts).map_err(|e| e.to_string())?;
     body["token"] = serde_json::Value::String(token.to_owned());
-    let (status, bytes) = post(client, format!("{cp}/v1/hosts/register"), None, body).await?;
+    let (status, bytes) = post(client, format!("{cp}/v1/hosts/register"), None, &body).await?;
     if status != 201 {
         return Err(format!(
             "register: {status} {}",
@@ -152,13 +148,16 @@ async fn register(
         ));
     }
     let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-    let tls = TlsFiles::from_json(&v).ok_or("the control plane sent no certificate")?;
+    let tls: TlsFiles = serde_json::from_value(v.clone())
+        .map_err(|e| format!("the control plane sent no usable certificate: {e}"))?;
     let id = Identity {
         id: v["host"]["id"].as_str().unwrap_or_default().to_owned(),
         token: v["token"].as_str().unwrap_or_default().to_owned(),
         tls: Some(tls),
     };
-    save_identity(data_dir, &id)?;
+    let path = identity_path(data_dir);
+    let text = serde_json::to_string(&id).map_err(|e| e.to_string())?;
+    write_private(&path, &text).map_err(|e| format!("write {}: {e}", path.display()))?;
     Ok(id)
 }
 
@@ -180,8 +179,8 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Register (unless `<data-dir>/host.json` says this agent already is) and
-/// heartbeat until `shutdown`; the certificates the control plane issues
-/// go into `tls`.
+/// heartbeat until `shutdown`; the certificate the control plane issues at
+/// registration goes into `tls`.
 pub async fn run(
     cp: String,
     registration_token: Option<String>,
@@ -192,9 +191,15 @@ pub async fn run(
 ) {
     tokio::pin!(shutdown);
     let cp = cp.trim_end_matches('/').to_owned();
-    let client = wrenn_http::client(wrenn_http::HttpVersion::Http1);
-    let known = read_identity(&data_dir);
-    let mut id = match known {
+    let client = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return tracing::error!(error = %e, "no HTTP client for the control plane"),
+    };
+    let id = match read_identity(&data_dir) {
         Some(id) => id,
         None => loop {
             let Some(token) = registration_token.as_deref() else {
@@ -206,6 +211,7 @@ pub async fn run(
                     tracing::info!(host = %id.id, control_plane = %cp, "registered");
                     if let Some(files) = &id.tls {
                         if let Err(e) = install_tls(&tls, files) {
+                            // TLS is required: the agent serves nothing
                             tracing::error!(error = %e, "cannot use the issued certificate");
                         }
                     }
@@ -222,27 +228,8 @@ pub async fn run(
     let body = serde_json::to_value(&facts).unwrap_or_default();
     loop {
         let url = format!("{cp}/v1/hosts/{}/heartbeat", id.id);
-        match post(&client, url, Some(&id.token), body.clone()).await {
+        match post(&client, url, Some(&id.token), &body).await {
             Ok((204, _)) => {}
-            // a new address, and a certificate for it
-            Ok((200, b)) => {
-                let files = serde_json::from_slice(&b)
-                    .ok()
-                    .and_then(|v| TlsFiles::from_json(&v));
-                match files.map(|f| install_tls(&tls, &f).map(|()| f)) {
-                    Some(Ok(files)) => {
-                        id.tls = Some(files);
-                        if let Err(e) = save_identity(&data_dir, &id) {
-                            tracing::warn!(error = %e, "cannot keep the new certificate");
-                        }
-                        tracing::info!(host = %id.id, "new certificate for a new address");
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "bad certificate from the control plane")
-                    }
-                    None => tracing::warn!("heartbeat answered 200 without a certificate"),
-                }
-            }
             Ok((404, _)) => {
                 tracing::error!(host = %id.id, "the control plane no longer knows this host")
             }

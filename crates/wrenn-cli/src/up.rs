@@ -345,6 +345,9 @@ async fn up(args: UpArgs) -> Result<()> {
     let agent_server = wrenn_agent::server::AgentServer::new(agent.clone());
     let local_proxy = agent_server.proxy().clone();
     let agent_tls = agent_server.tls().clone();
+    // mutual TLS only, as a remote agent: nothing is served until the
+    // control plane has issued the certificate (`register_agent`)
+    agent_tls.require();
     let agent_task = tokio::spawn(agent_server.run(agent_listener, async {
         let _ = agent_stop.await;
     }));

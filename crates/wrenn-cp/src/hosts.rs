@@ -6,7 +6,9 @@
 //! ([`wrenn_http::proxy_client`]) shared by all hosts: the two classes
 //! never share a transport (DESIGN.md). Both are TLS, with the control
 //! plane's client certificate, checked against its authority
-//! ([`crate::pki`]).
+//! ([`crate::pki`]); both dial a host by its name
+//! ([`crate::pki::agent_name`]), which [`Hosts::names`] maps to the address
+//! it registered or last heartbeated.
 //!
 //! Placement is least-loaded over online hosts: a host's capacity is its
 //! cores × [`CPU_OVERCOMMIT`] and its memory less [`MEMORY_RESERVE_MB`] ×
@@ -70,6 +72,8 @@ pub struct HostConn {
     pub id: HostId,
     /// `ip:port` of the agent's listener (RPC and `/proxy/`).
     pub address: String,
+    /// The name its certificate carries and it is dialed by.
+    pub name: String,
     /// The agent's secret, sent as `X-Wrenn-Agent-Token` with every RPC
     /// (by `rpc`) and every proxied request (by the proxy).
     pub agent_token: http::HeaderValue,
@@ -109,6 +113,7 @@ impl HostConn {
         Ok(HostConn {
             id: host.id.clone(),
             address,
+            name,
             agent_token,
             rpc,
             h2,
@@ -120,7 +125,7 @@ impl HostConn {
 #[derive(Debug)]
 pub struct Hosts {
     conns: RwLock<HashMap<HostId, Arc<HostConn>>>,
-    tls: Arc<wrenn_http::tls::rustls::ClientConfig>,
+    tls: wrenn_http::tls::AgentTls,
 }
 
 impl Hosts {
@@ -128,8 +133,16 @@ impl Hosts {
     pub fn new(tls: Arc<wrenn_http::tls::rustls::ClientConfig>) -> Hosts {
         Hosts {
             conns: RwLock::default(),
-            tls,
+            tls: wrenn_http::tls::AgentTls {
+                config: tls,
+                names: Default::default(),
+            },
         }
+    }
+
+    /// Where each host's name is now: every pool to agents resolves by it.
+    pub fn names(&self) -> &wrenn_http::tls::NameMap {
+        &self.tls.names
     }
 
     /// (Re)connect to a host at its registered address.
@@ -149,6 +162,7 @@ impl Hosts {
     /// Drop a deleted host's connection.
     pub fn forget(&self, id: &HostId) {
         self.conns.write().unwrap().remove(id);
+        self.tls.names.remove(&crate::pki::agent_name(id));
     }
 
     pub fn get(&self, id: &HostId) -> Option<Arc<HostConn>> {

@@ -4,19 +4,18 @@
 //!   made by the first control plane to start on a database and kept in
 //!   it (`authority`), so every control plane sharing the database trusts
 //!   and is trusted by the same agents.
-//! - A host's certificate, issued when it registers (and again when it
-//!   comes back on another address): its key is made here and handed over
-//!   once, with the CA certificate. It names the host's IP address (what
-//!   the control plane dials) and is good for server authentication only,
-//!   so one agent cannot pose as the control plane to another.
+//! - A host's certificate, issued when it registers: its key is made here
+//!   and handed over once, with the CA certificate. It names the host by
+//!   its ID ([`agent_name`]), which is what the control plane checks when
+//!   it dials the host, wherever the host is now; so a host can pose
+//!   neither as another host (even one on the same address) nor, since it
+//!   is good for server authentication only, as the control plane.
 //! - The control plane's own client certificate, made at each start, good
 //!   for client authentication only.
 //!
 //! Certificates last [`VALIDITY_DAYS`]; there is no rotation yet (wrenn's
-//! `/v1/hosts/auth/refresh`): a host re-registers, or re-announces its
-//! address, to get a new one.
+//! `/v1/hosts/auth/refresh`): a host re-registers to get a new one.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use rcgen::{
@@ -31,6 +30,12 @@ use crate::db::{Db, DbError};
 pub const VALIDITY_DAYS: i64 = 3650;
 const CA_NAME: &str = "Wrenn control plane CA";
 
+/// The name host `id`'s certificate carries and the control plane dials
+/// it by (resolved by the pools' [`wrenn_http::tls::NameMap`]).
+pub fn agent_name(id: &HostId) -> String {
+    format!("{id}.hosts.wrenn")
+}
+
 /// What a host gets at registration: its identity and the CA certificate
 /// (wrenn's `cert_pem`, `key_pem`, `ca_cert_pem`).
 #[derive(Debug, Clone)]
@@ -43,6 +48,8 @@ pub struct HostCert {
 pub struct Pki {
     ca_cert_pem: String,
     ca_key: KeyPair,
+    /// The control plane's client certificate and key.
+    me: Identity,
     /// Verifies agents against the authority; presents the control
     /// plane's client certificate. (No ALPN: each pool sets its own.)
     pub client: Arc<tls::rustls::ClientConfig>,
@@ -139,23 +146,24 @@ impl Pki {
         let me = issue(
             &ca_key,
             "wrenn control plane",
-            &[],
+            None,
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
         let client = tls::client_config(&ca_cert_pem, &me).map_err(PkiError::Cert)?;
         Ok(Pki {
             ca_cert_pem,
             ca_key,
+            me,
             client,
         })
     }
 
-    /// A server certificate for host `id` reached at `ip`.
-    pub fn issue_host(&self, id: &HostId, ip: IpAddr) -> Result<HostCert, PkiError> {
+    /// A server certificate for host `id` (naming [`agent_name`]).
+    pub fn issue_host(&self, id: &HostId) -> Result<HostCert, PkiError> {
         let identity = issue(
             &self.ca_key,
             id.as_str(),
-            &[ip],
+            Some(&agent_name(id)),
             ExtendedKeyUsagePurpose::ServerAuth,
         )?;
         Ok(HostCert {
@@ -166,5 +174,10 @@ impl Pki {
 
     pub fn ca_cert_pem(&self) -> &str {
         &self.ca_cert_pem
+    }
+
+    /// What the control plane presents to agents.
+    pub fn client_identity(&self) -> &Identity {
+        &self.me
     }
 }

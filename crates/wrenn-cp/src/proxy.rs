@@ -50,6 +50,8 @@ pub const ROUTE_TTL: Duration = Duration::from_secs(120);
 pub struct Route {
     pub team: TeamId,
     pub agent: std::net::SocketAddr,
+    /// The name the agent is dialed by (its certificate's).
+    pub agent_name: String,
     /// The proxy pool, or (benchmark's shared mode) the agent's RPC client.
     pub client: wrenn_http::ProxyClient,
     /// The agent's proxy, when the agent runs in this process.
@@ -154,6 +156,7 @@ pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
     let route = Route {
         team: c.team_id.clone(),
         agent,
+        agent_name: host.name.clone(),
         client,
         local,
         token: c.access_token.clone(),
@@ -276,7 +279,7 @@ pub async fn relay_to(
                 return relay::tunnel(
                     req,
                     route.agent,
-                    Some(&cp.tunnel_tls),
+                    Some((&cp.tunnel_tls, &route.agent_name)),
                     &path_and_query,
                     &cp.tasks,
                     route.stop.clone(),
@@ -284,7 +287,12 @@ pub async fn relay_to(
                 )
                 .await;
             }
-            let Ok(uri) = format!("https://{}{}", route.agent, path_and_query).parse::<Uri>()
+            let Ok(uri) = format!(
+                "https://{}:{}{}",
+                route.agent_name,
+                route.agent.port(),
+                path_and_query
+            ).parse::<Uri>()
             else {
                 return plain(StatusCode::BAD_REQUEST, "unparsable path");
             };

@@ -85,14 +85,23 @@ impl ControlPlane {
         let db = Db::open(&config.database_url).await?;
         let pki = crate::pki::Pki::load(&db).await?;
         let bulk = with_alpn(&pki.client, ALPN_BULK);
+        let hosts = Hosts::new(pki.client.clone());
+        let agents = |config| {
+            Some(wrenn_http::tls::AgentTls {
+                config,
+                names: hosts.names().clone(),
+            })
+        };
+        let proxy = wrenn_http::proxy_client(agents(bulk.clone()));
+        let envd_proxy = wrenn_http::proxy_client(agents(with_alpn(&pki.client, ALPN_HTTP1)));
         let cp = Arc::new(Cp {
             config,
             db,
-            hosts: Hosts::new(pki.client.clone()),
+            hosts,
             events: Broker::default(),
-            proxy: wrenn_http::proxy_client(Some(bulk.clone())),
+            proxy,
             tunnel_tls: bulk,
-            envd_proxy: wrenn_http::proxy_client(Some(with_alpn(&pki.client, ALPN_HTTP1))),
+            envd_proxy,
             pki,
             proxy_routes: Routes::default(),
             local_agent: OnceLock::new(),

@@ -19,7 +19,8 @@ use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use wrenn_cp::api::hosts::{certify, issue_registration, register_host};
+use wrenn_cp::api::hosts::{certify, issue_registration, register_host, Registered};
+use wrenn_cp::pki::{agent_name, HostCert};
 use wrenn_cp::auth::{create_key, KeyKind};
 use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, OnTimeout, Team};
 use wrenn_cp::model::Status;
@@ -54,14 +55,23 @@ struct Seen {
     head: String,
 }
 
-/// A stand-in agent registered with `cp` (requiring `token`): it serves
-/// mutual TLS with the certificate `issuer` gave it (`cp` itself for a
-/// real agent); every request head it receives goes to the channel; it
-/// answers 200 `remote`.
-async fn remote_agent(cp: &Cp, issuer: &Cp, token: &str) -> (Host, mpsc::UnboundedReceiver<Seen>) {
+/// A stand-in agent registered with `cp` (requiring `token`), serving the
+/// certificate `cert_of` picks for it (`certify(cp, host)` for a real
+/// agent). Its host token comes along.
+async fn remote_agent(
+    cp: &Cp,
+    token: &str,
+    cert_of: impl FnOnce(&Host) -> HostCert,
+) -> (Registered, mpsc::UnboundedReceiver<Seen>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = host(cp, l.local_addr().unwrap(), token).await;
-    let cert = certify(issuer, &host).unwrap();
+    let registered = host(cp, l.local_addr().unwrap(), token).await;
+    let rx = stand_in(l, cert_of(&registered.host));
+    (registered, rx)
+}
+
+/// Serve mutual TLS with `cert` on `l`: every request head received goes
+/// to the channel; each is answered 200 `remote`.
+fn stand_in(l: TcpListener, cert: HostCert) -> mpsc::UnboundedReceiver<Seen> {
     let tls = wrenn_http::tls::server_config(&cert.identity, &cert.ca_cert_pem).unwrap();
     let acceptor = wrenn_http::tls::TlsAcceptor::from(tls);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -90,7 +100,7 @@ async fn remote_agent(cp: &Cp, issuer: &Cp, token: &str) -> (Host, mpsc::Unbound
             });
         }
     });
-    (host, rx)
+    rx
 }
 
 async fn read_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
@@ -124,7 +134,7 @@ async fn get(cp: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> 
 
 /// A host registered the way an agent registers, at `address`, requiring
 /// `token`.
-async fn host(cp: &Cp, address: std::net::SocketAddr, token: &str) -> Host {
+async fn host(cp: &Cp, address: std::net::SocketAddr, token: &str) -> Registered {
     let (_, registration) = issue_registration(cp).await.unwrap();
     let facts = HostRegistration {
         address: address.to_string(),
@@ -134,7 +144,7 @@ async fn host(cp: &Cp, address: std::net::SocketAddr, token: &str) -> Host {
         disk_gb: 10,
         agent_token: token.into(),
     };
-    register_host(cp, &registration, &facts).await.unwrap().host
+    register_host(cp, &registration, &facts).await.unwrap()
 }
 
 fn capsule(team: &TeamId, host: &HostId) -> CapsuleRow {
@@ -215,8 +225,10 @@ impl Plane {
 async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     let p = Plane::new().await;
     let (cp, team, key) = (p.plane.cp.clone(), &p.team, &p.key);
-    let (local_host, mut local_heads) = remote_agent(&cp, &cp, "local-secret").await;
-    let (remote_host, mut remote_heads) = remote_agent(&cp, &cp, "remote-secret").await;
+    let real = |h: &Host| certify(&cp, h).unwrap();
+    let (local, mut local_heads) = remote_agent(&cp, "local-secret", real).await;
+    let (remote, mut remote_heads) = remote_agent(&cp, "remote-secret", real).await;
+    let (local_host, remote_host) = (local.host, remote.host);
     let in_process = Arc::new(InProcess::default());
     cp.local_agent
         .set((local_host.id.clone(), in_process.clone()))
@@ -324,9 +336,11 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     assert_eq!(seen.alpn, "http/1.1");
 }
 
-/// A TLS client towards `addr` trusting `ca_pem`, presenting `me` if any.
+/// A TLS client towards `addr`, known as `name`, trusting `ca_pem`,
+/// presenting `me` if any.
 async fn tls_client(
     addr: std::net::SocketAddr,
+    name: &str,
     ca_pem: &str,
     me: Option<&wrenn_http::tls::Identity>,
 ) -> std::io::Result<wrenn_http::Conn> {
@@ -352,7 +366,7 @@ async fn tls_client(
         }
     };
     let tls = wrenn_http::tls::TlsConnector::from(config);
-    wrenn_http::Conn::tls(tcp, &tls, &addr.ip().to_string()).await
+    wrenn_http::Conn::tls(tcp, &tls, name).await
 }
 
 /// A request on `conn`; the answer, or what went wrong.
@@ -368,59 +382,59 @@ async fn ask(mut conn: wrenn_http::Conn) -> Result<String, String> {
     }
 }
 
-/// Mutual TLS: the control plane talks only to agents with a certificate
-/// from its authority, for the address it dials; an agent answers only
-/// the control plane's certificate (not a client without one, nor another
-/// agent's).
+/// Mutual TLS: the control plane talks only to an agent whose certificate
+/// comes from its authority and names that very host (not another host's,
+/// even on the same address); an agent answers only the control plane's
+/// certificate (not a client without one, nor another agent's).
 #[tokio::test]
 async fn agents_and_the_control_plane_prove_who_they_are() {
     let p = Plane::new().await;
     let other = Plane::new().await;
     let cp = p.plane.cp.clone();
     let team = &p.team;
-    // one agent with this control plane's certificate, one with another's
-    let (good, mut good_heads) = remote_agent(&cp, &cp, "t").await;
-    let (forged, mut forged_heads) = remote_agent(&cp, &other.plane.cp, "t").await;
+    let real = |h: &Host| certify(&cp, h).unwrap();
+    let (good, mut good_heads) = remote_agent(&cp, "t", real).await;
+    let good = good.host;
+    // another control plane's certificate for this host
+    let (forged, mut forged_heads) =
+        remote_agent(&cp, "t", |h| certify(&other.plane.cp, h).unwrap()).await;
+    // this control plane's certificate, but for `good`, on the same IP
+    let (twin, mut twin_heads) = remote_agent(&cp, "t", |_| certify(&cp, &good).unwrap()).await;
     let (addr, _stop) = p.serve().await;
-    for (h, heads, answered) in [
+    let cases = [
         (&good, &mut good_heads, true),
-        (&forged, &mut forged_heads, false),
-    ] {
+        (&forged.host, &mut forged_heads, false),
+        (&twin.host, &mut twin_heads, false),
+    ];
+    for (h, heads, answered) in cases {
         let c = capsule(&team.id, &h.id);
         cp.db.insert_capsule(&c).await.unwrap();
-        let out = get(
-            addr,
-            &format!("/proxy/{}/80/", c.id),
-            &[("x-api-key", &p.key)],
-        )
-        .await;
+        let out = get(addr, &format!("/proxy/{}/80/", c.id), &[("x-api-key", &p.key)]).await;
         assert_eq!(out.ends_with("remote"), answered, "{out}");
         if !answered {
             assert!(out.starts_with("HTTP/1.1 502"), "{out}");
-            assert!(
-                heads.try_recv().is_err(),
-                "nothing was sent to the impostor"
-            );
+            assert!(heads.try_recv().is_err(), "nothing was sent to the impostor");
         }
     }
     let served = good_heads.recv().await.unwrap();
     assert!(served.head.starts_with("GET /proxy/"), "{served:?}");
 
-    // the agent's side
+    // the agent's side (its certificate checked as the control plane does)
     let agent_addr: std::net::SocketAddr = good.address.parse().unwrap();
+    let name = agent_name(&good.id);
     let ca = cp.pki.ca_cert_pem().to_owned();
-    let anonymous = tls_client(agent_addr, &ca, None).await;
+    let us = tls_client(agent_addr, &name, &ca, Some(cp.pki.client_identity())).await;
+    assert!(ask(us.unwrap()).await.unwrap().ends_with("remote"));
+    assert!(good_heads.recv().await.is_some());
+    let anonymous = tls_client(agent_addr, &name, &ca, None).await;
     let refused = match anonymous {
         Ok(conn) => ask(conn).await,
         Err(e) => Err(e.to_string()),
     };
-    assert!(
-        refused.is_err(),
-        "a client without a certificate: {refused:?}"
-    );
+    assert!(refused.is_err(), "a client without a certificate: {refused:?}");
     // a host's certificate is for serving only
     let peer = certify(&cp, &good).unwrap();
-    let as_client = tls_client(agent_addr, &ca, Some(&peer.identity)).await;
+    let as_client = tls_client(agent_addr, &name, &ca, Some(&peer.identity)).await;
     let refused = match as_client {
         Ok(conn) => ask(conn).await,
         Err(e) => Err(e.to_string()),
@@ -429,61 +443,8 @@ async fn agents_and_the_control_plane_prove_who_they_are() {
     assert!(good_heads.try_recv().is_err(), "neither got a request in");
 }
 
-#[tokio::test]
-async fn usage_reads_rolled_up_days_and_counts_today_live() {
-    let p = Plane::new().await;
-    let db = &p.plane.cp.db;
-    let (day, hour) = (86_400_000, 3_600_000);
-    let now = now_ms();
-    let midnight = now - now % day;
-    let spare = CapsuleId::random();
-    let run = |vcpus, from: i64, to: i64| wrenn_cp::db::Run {
-        vcpus,
-        memory_mb: 1000,
-        started_at: from,
-        ended_at: Some(to),
-    };
-    // two hours three days ago, one hour yesterday
-    for r in [
-        run(1, midnight - 3 * day, midnight - 3 * day + 2 * hour),
-        run(2, midnight - day + hour, midnight - day + 2 * hour),
-    ] {
-        db.insert_run(&spare, &p.team.id, &r).await.unwrap();
-    }
-    wrenn_cp::api::stats::roll_up(&p.plane.cp).await.unwrap();
-    // after the rollup: yesterday is final, today is live
-    let late = run(4, midnight - day, midnight - day + hour);
-    db.insert_run(&spare, &p.team.id, &late).await.unwrap();
-    // a minute today (less in the day's first minute)
-    let today = run(1, midnight, (midnight + 60_000).min(now));
-    db.insert_run(&spare, &p.team.id, &today).await.unwrap();
-    let today_minutes = ((today.ended_at.unwrap() - midnight) as f64 / 60.0).round() / 1000.0;
-
-    let (addr, _stop) = p.serve().await;
-    let out = get(addr, "/v1/capsules/usage", &[("x-api-key", &p.key)]).await;
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let body: serde_json::Value =
-        serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    let points = body["points"].as_array().unwrap();
-    assert_eq!(points.len(), 30, "{body}");
-    let cpu: Vec<f64> = points
-        .iter()
-        .map(|p| p["cpu_minutes"].as_f64().unwrap())
-        .collect();
-    let ram = points[29]["ram_mb_minutes"].as_f64().unwrap();
-    // [.., 3 days ago, 2 days ago, yesterday, today]
-    assert_eq!(cpu[26..], [120.0, 0.0, 120.0, today_minutes], "{body}");
-    assert!((ram - 1000.0 * today_minutes).abs() < 1.0, "{body}");
-    assert!(cpu[..26].iter().all(|c| *c == 0.0), "{body}");
-}
-
 /// One JSON POST on a new connection; the whole answer as text.
-async fn post(
-    cp: std::net::SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> String {
+async fn post(cp: std::net::SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> String {
     let mut s = TcpStream::connect(cp).await.unwrap();
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
@@ -501,68 +462,44 @@ async fn post(
     out
 }
 
-/// Whether the control plane's TLS client accepts a server at `ip` with
-/// `cert`.
-async fn trusted_at(cp: &Cp, ip: &str, cert: &wrenn_cp::pki::HostCert) -> bool {
-    let l = TcpListener::bind((ip, 0)).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let acceptor = wrenn_http::tls::TlsAcceptor::from(
-        wrenn_http::tls::server_config(&cert.identity, &cert.ca_cert_pem).unwrap(),
-    );
-    let server = tokio::spawn(async move {
-        let (s, _) = l.accept().await.unwrap();
-        let _ = acceptor.accept(s).await;
-    });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = wrenn_http::tls::TlsConnector::from(cp.pki.client.clone());
-    let ok = wrenn_http::Conn::tls(tcp, &tls, ip).await.is_ok();
-    server.abort();
-    ok
-}
-
-/// A heartbeat from another port of the same IP needs no new certificate
-/// (204); one from another IP gets one for that IP (200), which the
-/// control plane then trusts there, as it does not the old one.
+/// The certificate names the host, not its address: an agent that comes
+/// back on another IP (its heartbeat says where) is reached there with
+/// the certificate it has.
 #[tokio::test]
-async fn a_host_on_a_new_ip_gets_a_new_certificate() {
+async fn a_host_that_moves_keeps_its_certificate() {
     let p = Plane::new().await;
     let cp = p.plane.cp.clone();
-    let (_, registration) = issue_registration(&cp).await.unwrap();
-    let facts = HostRegistration {
-        address: "127.0.0.1:7001".into(),
-        arch: "x86_64".into(),
-        cpu_cores: 2,
-        memory_mb: 4096,
-        disk_gb: 10,
-        agent_token: "t".into(),
-    };
-    let r = register_host(&cp, &registration, &facts).await.unwrap();
-    assert!(trusted_at(&cp, "127.0.0.1", &r.cert).await);
+    let cert = std::cell::RefCell::new(None);
+    let (reg, mut first) = remote_agent(&cp, "t", |h| {
+        let c = certify(&cp, h).unwrap();
+        *cert.borrow_mut() = Some(c.clone());
+        c
+    })
+    .await;
+    let c = capsule(&p.team.id, &reg.host.id);
+    cp.db.insert_capsule(&c).await.unwrap();
     let (addr, _stop) = p.serve().await;
-    let path = format!("/v1/hosts/{}/heartbeat", r.host.id);
-    let beat = |address: &str| {
-        let body = serde_json::json!({ "address": address }).to_string();
-        let (path, token) = (path.clone(), r.token.clone());
-        async move { post(addr, &path, &[("x-host-token", &token)], &body).await }
-    };
-    let out = beat("127.0.0.1:7002").await;
+    let path = format!("/proxy/{}/80/", c.id);
+    let out = get(addr, &path, &[("x-api-key", &p.key)]).await;
+    assert!(out.ends_with("remote"), "{out}");
+    assert!(first.recv().await.is_some());
+
+    let moved = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let moved_addr = moved.local_addr().unwrap();
+    let mut second = stand_in(moved, cert.into_inner().unwrap());
+    let beat = serde_json::json!({ "address": moved_addr.to_string() }).to_string();
+    let out = post(
+        addr,
+        &format!("/v1/hosts/{}/heartbeat", reg.host.id),
+        &[("x-host-token", &reg.token)],
+        &beat,
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 204"), "{out}");
-    let out = beat("127.0.0.2:7002").await;
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let v: serde_json::Value = serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    let moved = wrenn_cp::pki::HostCert {
-        identity: wrenn_http::tls::Identity {
-            cert_pem: v["cert_pem"].as_str().unwrap().into(),
-            key_pem: v["key_pem"].as_str().unwrap().into(),
-        },
-        ca_cert_pem: v["ca_cert_pem"].as_str().unwrap().into(),
-    };
-    assert_eq!(moved.ca_cert_pem, cp.pki.ca_cert_pem());
-    assert!(trusted_at(&cp, "127.0.0.2", &moved).await);
-    assert!(
-        !trusted_at(&cp, "127.0.0.2", &r.cert).await,
-        "the old certificate names the old IP"
-    );
-    let out = beat("127.0.0.2:7002").await;
-    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    // (the cached route still names the old address until it is refreshed)
+    cp.proxy_routes.evict(&c.id);
+    let out = get(addr, &path, &[("x-api-key", &p.key)]).await;
+    assert!(out.ends_with("remote"), "{out}");
+    assert!(second.recv().await.is_some(), "the request went to the new address");
+    assert!(first.try_recv().is_err());
 }

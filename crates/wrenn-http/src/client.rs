@@ -8,7 +8,7 @@ use bytes::Bytes;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::ClientConfig;
+use crate::tls::AgentTls;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
@@ -52,7 +52,7 @@ pub fn client(version: HttpVersion) -> HttpClient {
 /// without one they are refused.
 #[derive(Clone)]
 pub struct RetryConnector {
-    inner: HttpConnector,
+    inner: HttpConnector<crate::tls::NameMap>,
     attempts: u32,
     step: Duration,
     tls: Option<TlsConnector>,
@@ -108,7 +108,15 @@ impl tower::Service<http::Uri> for RetryConnector {
             };
             let conn = match tls {
                 None => Conn::plain(tcp),
-                Some(tls) => Conn::tls(tcp, &tls, uri.host().unwrap_or_default()).await?,
+                Some(tls) => {
+                    let host = uri.host().unwrap_or_default();
+                    tokio::time::timeout(
+                        crate::tls::HANDSHAKE_TIMEOUT,
+                        Conn::tls(tcp, &tls, host),
+                    )
+                    .await
+                    .map_err(|_| format!("TLS handshake with {host} timed out"))??
+                }
             };
             Ok(TokioIo::new(conn))
         })
@@ -217,8 +225,12 @@ pub const PROXY_DIAL_STEP: Duration = Duration::from_millis(500);
 
 /// A plain-HTTP connector (`TCP_NODELAY`, 5 s connect timeout) whose dials
 /// are retried `attempts` times with linear backoff of `step`.
-fn retrying(attempts: u32, step: Duration, tls: Option<Arc<ClientConfig>>) -> RetryConnector {
-    let mut inner = HttpConnector::new();
+fn retrying(attempts: u32, step: Duration, tls: Option<AgentTls>) -> RetryConnector {
+    let (tls, names) = match tls {
+        Some(t) => (Some(t.config), t.names),
+        None => (None, Default::default()),
+    };
+    let mut inner = HttpConnector::new_with_resolver(names);
     inner.set_nodelay(true);
     inner.set_connect_timeout(Some(Duration::from_secs(5)));
     // https reaches it too: TLS is layered on in `call`
@@ -234,8 +246,9 @@ fn retrying(attempts: u32, step: Duration, tls: Option<Arc<ClientConfig>>) -> Re
 /// The proxy transport: HTTP/1.1 only (HTTP/2 disabled), its own pool of
 /// at most 20 idle connections per host kept 120 s, `TCP_NODELAY`, and
 /// dials retried with linear backoff for ports that are just coming up.
-/// `tls` (with the class's ALPN, [`crate::tls::with_alpn`]) dials `https`.
-pub fn proxy_client(tls: Option<Arc<ClientConfig>>) -> ProxyClient {
+/// `tls` (with the class's ALPN, [`crate::tls::with_alpn`]) dials `https`
+/// to agents by name.
+pub fn proxy_client(tls: Option<AgentTls>) -> ProxyClient {
     let connector = retrying(PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP, tls);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(120))
@@ -249,9 +262,12 @@ pub fn proxy_client(tls: Option<Arc<ClientConfig>>) -> ProxyClient {
 /// multiplexed connection per host, `TCP_NODELAY`, with the proxy client's
 /// body type so that the control plane's benchmark can, on purpose, send
 /// proxied requests over the same connection as RPC streams (the seed's bug).
-/// `tls` dials `https` (offering `h2`).
-pub fn rpc_h2_client(tls: Option<Arc<ClientConfig>>) -> ProxyClient {
-    let tls = tls.map(|t| crate::tls::with_alpn(&t, crate::tls::ALPN_H2));
+/// `tls` dials `https` to agents by name (offering `h2`).
+pub fn rpc_h2_client(tls: Option<AgentTls>) -> ProxyClient {
+    let tls = tls.map(|t| AgentTls {
+        config: crate::tls::with_alpn(&t.config, crate::tls::ALPN_H2),
+        names: t.names,
+    });
     let connector = retrying(2, Duration::from_millis(100), tls);
     Client::builder(TokioExecutor::new())
         .http2_only(true)

@@ -205,12 +205,12 @@ impl http_body::Body for CutBody {
 /// Relay an `Upgrade` request to `upstream` at `path_and_query`. The
 /// connection to the upstream and, after its 101, the byte tunnel are
 /// tasks on `tasks`, ended when `stop` is cancelled.
-/// With `tls` the tunnel's connection is TLS, checked against the
-/// upstream's IP address.
+/// With `tls` the tunnel's connection is TLS, the upstream's certificate
+/// checked against the name given with it.
 pub async fn tunnel(
     mut req: Request,
     upstream: SocketAddr,
-    tls: Option<&std::sync::Arc<crate::tls::rustls::ClientConfig>>,
+    tls: Option<(&std::sync::Arc<crate::tls::rustls::ClientConfig>, &str)>,
     path_and_query: &str,
     tasks: &TaskTracker,
     stop: CancellationToken,
@@ -219,9 +219,13 @@ pub async fn tunnel(
     let dialed = match crate::dial_with_retry(upstream).await {
         Ok(tcp) => match tls {
             None => Ok(crate::Conn::plain(tcp)),
-            Some(tls) => {
+            Some((tls, name)) => {
                 let tls = crate::tls::TlsConnector::from(tls.clone());
-                crate::Conn::tls(tcp, &tls, &upstream.ip().to_string()).await
+                let handshake = crate::Conn::tls(tcp, &tls, name);
+                match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(conn) => conn,
+                    Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
+                }
             }
         },
         Err(e) => Err(e),

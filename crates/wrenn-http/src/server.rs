@@ -171,6 +171,9 @@ async fn serve_accepted(
     accepted_at: Instant,
 ) {
     let tls = config.tls.current();
+    if tls.is_none() && config.tls.is_required() {
+        return tracing::debug!(%peer, "no TLS configuration yet: closing");
+    }
     let deadline = accepted_at + config.read_header_timeout;
     let bulk = match &config.bulk {
         Some(b) => {
@@ -980,5 +983,26 @@ mod tests {
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut buf)).await;
         assert!(!String::from_utf8_lossy(&buf).contains("200 OK"), "{buf:?}");
+    }
+
+    /// A server that requires TLS serves nobody until it has it.
+    #[tokio::test]
+    async fn required_tls_serves_nothing_before_it_is_installed() {
+        let slot = crate::tls::TlsSlot::default();
+        slot.require();
+        let (addr, _stop) = start_classified_tls(10_000, slot.clone()).await;
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(b"GET /api HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed_within(&mut plain, Duration::from_secs(5)).await);
+        let (ca, server, client) = pki();
+        slot.install(crate::tls::server_config(&server, &ca).unwrap());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tls = crate::tls::TlsConnector::from(crate::tls::client_config(&ca, &client).unwrap());
+        let mut s = crate::Conn::tls(tcp, &tls, "127.0.0.1").await.unwrap();
+        let who = ask(&mut s, &["GET /api HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert!(!who.is_empty());
     }
 }

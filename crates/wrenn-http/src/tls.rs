@@ -6,12 +6,21 @@
 //! plane only talks to agents whose certificate does, for the address it
 //! dials.
 //!
+//! Agents are known by name, not address: a host's certificate names
+//! `{host-id}.hosts.wrenn` (see the control plane's `pki`), the control
+//! plane dials `https://{that name}:{port}`, and a [`NameMap`] (the pools'
+//! resolver) says which IP address the name is at now. A host can so
+//! move, and can never pass for another, even one on the same address.
+//!
 //! The traffic class rides on ALPN, since an agent cannot read a request
 //! inside TLS before accepting it: the control plane's user-traffic pool
 //! offers [`ALPN_BULK`], its RPC pool `h2`, its pool for envd's port
 //! `http/1.1`. The agent peeks at the ClientHello (without consuming it)
 //! and serves bulk connections on its bulk runtime (see the server).
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::pem::PemObject;
@@ -88,7 +97,7 @@ pub fn server_config(identity: &Identity, ca_pem: &str) -> Result<Arc<ServerConf
 }
 
 /// The control plane's TLS towards agents: servers must present a
-/// certificate that chains to `ca_pem` and names the dialed address; it
+/// certificate that chains to `ca_pem` and names the agent dialed; it
 /// authenticates with `identity`. No ALPN yet: see [`with_alpn`].
 pub fn client_config(ca_pem: &str, identity: &Identity) -> Result<Arc<ClientConfig>, String> {
     let config = ClientConfig::builder_with_provider(provider())
@@ -107,38 +116,118 @@ pub fn with_alpn(config: &Arc<ClientConfig>, protocol: &[u8]) -> Arc<ClientConfi
     Arc::new(c)
 }
 
-/// The name a TLS client checks the server's certificate against: the
-/// host of `authority` (an IP address for agents).
+/// The name a TLS client checks the server's certificate against (an
+/// agent's name, or an IP address).
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_owned()).map_err(|e| format!("bad TLS server name {host:?}: {e}"))
 }
 
 /// Where a server finds its TLS configuration for the next connection:
-/// empty serves plain HTTP; an agent fills it once the control plane has
-/// issued its certificate, and from then on accepts only TLS.
+/// empty serves plain HTTP, unless TLS is [required](TlsSlot::require),
+/// when every connection is closed until a configuration is installed. An
+/// agent that belongs to a control plane requires it from the start and
+/// fills it once the control plane has issued its certificate.
 #[derive(Clone, Default)]
-pub struct TlsSlot(Arc<RwLock<Option<TlsAcceptor>>>);
+pub struct TlsSlot(Arc<SlotInner>);
+
+#[derive(Default)]
+struct SlotInner {
+    acceptor: RwLock<Option<TlsAcceptor>>,
+    required: AtomicBool,
+}
 
 impl std::fmt::Debug for TlsSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("TlsSlot").field(&self.is_set()).finish()
+        f.debug_struct("TlsSlot")
+            .field("set", &self.is_set())
+            .field("required", &self.is_required())
+            .finish()
     }
 }
 
 impl TlsSlot {
     pub fn install(&self, config: Arc<ServerConfig>) {
-        *self.0.write().unwrap() = Some(TlsAcceptor::from(config));
+        *self.0.acceptor.write().unwrap() = Some(TlsAcceptor::from(config));
+    }
+
+    /// From now on, never serve plain HTTP.
+    pub fn require(&self) {
+        self.0.required.store(true, Ordering::SeqCst);
     }
 
     pub fn current(&self) -> Option<TlsAcceptor> {
-        self.0.read().unwrap().clone()
+        self.0.acceptor.read().unwrap().clone()
     }
 
     pub fn is_set(&self) -> bool {
-        self.0.read().unwrap().is_some()
+        self.0.acceptor.read().unwrap().is_some()
+    }
+
+    pub fn is_required(&self) -> bool {
+        self.0.required.load(Ordering::SeqCst)
     }
 }
+
+/// Agents' names and the IP addresses they are at: the resolver of every
+/// [`RetryConnector`](crate::RetryConnector) (IP literals never reach it;
+/// an unknown name fails the dial).
+#[derive(Clone, Default)]
+pub struct NameMap(Arc<RwLock<HashMap<String, IpAddr>>>);
+
+impl std::fmt::Debug for NameMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.0.read().unwrap().iter()).finish()
+    }
+}
+
+impl NameMap {
+    pub fn set(&self, name: &str, ip: IpAddr) {
+        self.0.write().unwrap().insert(name.to_owned(), ip);
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.0.write().unwrap().remove(name);
+    }
+}
+
+type Lookup = std::future::Ready<Result<std::vec::IntoIter<SocketAddr>, std::io::Error>>;
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for NameMap {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Lookup;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Lookup {
+        let found = self.0.read().unwrap().get(name.as_str()).copied();
+        std::future::ready(match found {
+            // the connector puts the URI's port in
+            Some(ip) => Ok(vec![SocketAddr::new(ip, 0)].into_iter()),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no agent is known as {}", name.as_str()),
+            )),
+        })
+    }
+}
+
+/// How a pool reaches agents: its TLS client (with the pool's ALPN) and
+/// the names agents are known by.
+#[derive(Clone, Debug)]
+pub struct AgentTls {
+    pub config: Arc<ClientConfig>,
+    pub names: NameMap,
+}
+
+/// How long a TLS handshake with an agent may take.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The ALPN protocols a ClientHello at the start of `bytes` offers:
 /// `Ok(None)` while the hello is incomplete, `Err` if it is not one.

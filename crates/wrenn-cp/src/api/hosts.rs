@@ -6,9 +6,8 @@
 //!
 //! Registration also hands the agent its TLS certificate, key and the
 //! control plane's CA certificate (`cert_pem`, `key_pem`, `ca_cert_pem`,
-//! as wrenn's API names them; see [`crate::pki`]). A heartbeat announcing
-//! a new IP address is answered 200 with a new set for that address
-//! instead of 204.
+//! as wrenn's API names them; see [`crate::pki`]). The certificate names
+//! the host, not its address: a host that moves keeps it.
 
 use std::sync::Arc;
 
@@ -77,13 +76,9 @@ pub struct Registered {
     pub cert: HostCert,
 }
 
-/// A certificate for `host` at the IP address it registered.
+/// A certificate for `host`.
 pub fn certify(cp: &Cp, host: &Host) -> ApiResult<HostCert> {
-    let addr: std::net::SocketAddr = host
-        .address
-        .parse()
-        .map_err(|_| ApiError::invalid("address must be ip:port"))?;
-    cp.pki.issue_host(&host.id, addr.ip()).map_err(|e| {
+    cp.pki.issue_host(&host.id).map_err(|e| {
         tracing::error!(error = %e, "cannot issue a host certificate");
         ApiError::internal()
     })
@@ -230,15 +225,13 @@ pub struct HeartbeatBody {
 }
 
 /// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
-/// JSON body with the agent's facts updates its address and size. A new
-/// IP address gets 200 and a certificate for it.
+/// JSON body with the agent's facts updates its address and size.
 pub async fn heartbeat(
     State(cp): State<Arc<Cp>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<HeartbeatBody>,
-) -> ApiResult<axum::response::Response> {
-    use axum::response::IntoResponse;
+) -> ApiResult<StatusCode> {
     let id: HostId = id
         .parse()
         .map_err(|_| ApiError::invalid("invalid host ID"))?;
@@ -255,8 +248,6 @@ pub async fn heartbeat(
     cp.db.heartbeat(&id).await?;
     // An agent that restarted on another address says so here.
     if let Some(address) = body.address.filter(|a| !a.is_empty()) {
-        let ip = |a: &str| a.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
-        let before = cp.db.host(&id).await?.and_then(|h| ip(&h.address));
         let facts = HostRegistration {
             address,
             arch: body.arch,
@@ -268,11 +259,7 @@ pub async fn heartbeat(
         check_facts(&facts)?;
         if let Some(host) = cp.db.update_host(&id, &facts).await? {
             cp.hosts.connect(&host).map_err(ApiError::invalid)?;
-            if before != ip(&host.address) {
-                let cert = certify(&cp, &host)?;
-                return Ok((StatusCode::OK, Json(cert_json(&cert))).into_response());
-            }
         }
     }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(StatusCode::NO_CONTENT)
 }
