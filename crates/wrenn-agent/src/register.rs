@@ -75,7 +75,10 @@ pub fn install_tls(slot: &wrenn_http::tls::TlsSlot, files: &TlsFiles) -> Result<
         cert_pem: files.cert_pem.clone(),
         key_pem: files.key_pem.clone(),
     };
-    slot.install(wrenn_http::tls::server_config(&identity, &files.ca_cert_pem)?);
+    slot.install(wrenn_http::tls::server_config(
+        &identity,
+        &files.ca_cert_pem,
+    )?);
     Ok(())
 }
 

@@ -159,7 +159,8 @@ async fn upload(client: &Client, src: &Path, id: &str, dst: &str) -> Result<()> 
         }
         packed
     });
-    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let body =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     let sent = client.write_tar(id, &target, body).await;
     packer.await??;
     sent?;
@@ -200,9 +201,9 @@ impl std::io::Write for ChannelWriter {
             &mut self.buf,
             Vec::with_capacity(Self::PIECE),
         ));
-        self.tx.blocking_send(Ok(piece)).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped")
-        })
+        self.tx
+            .blocking_send(Ok(piece))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
     }
 }
 

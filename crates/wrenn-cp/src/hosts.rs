@@ -92,14 +92,16 @@ impl std::fmt::Debug for HostConn {
 }
 
 impl HostConn {
-    fn new(
-        host: &Host,
-        tls: &Arc<wrenn_http::tls::rustls::ClientConfig>,
-    ) -> Result<HostConn, String> {
+    fn new(host: &Host, tls: &wrenn_http::tls::AgentTls) -> Result<HostConn, String> {
         let address = host.address.clone();
-        let uri: http::Uri = format!("https://{address}")
+        let addr: std::net::SocketAddr = address
             .parse()
             .map_err(|e| format!("bad host address {address:?}: {e}"))?;
+        let name = crate::pki::agent_name(&host.id);
+        tls.names.set(&name, addr.ip());
+        let uri: http::Uri = format!("https://{name}:{}", addr.port())
+            .parse()
+            .map_err(|e| format!("bad host name {name:?}: {e}"))?;
         let mut agent_token = http::HeaderValue::from_str(&host.agent_token)
             .map_err(|_| "the agent token is not a header value".to_owned())?;
         agent_token.set_sensitive(true);

@@ -112,15 +112,15 @@ fn leaf(name: &str, usage: ExtendedKeyUsagePurpose) -> CertificateParams {
 fn issue(
     ca_key: &KeyPair,
     name: &str,
-    ips: &[IpAddr],
+    dns: Option<&str>,
     usage: ExtendedKeyUsagePurpose,
 ) -> Result<Identity, PkiError> {
     let key = KeyPair::generate().map_err(cert_err)?;
     let mut params = leaf(name, usage);
-    params.subject_alt_names = ips
-        .iter()
-        .map(|ip| rcgen::SanType::IpAddress(*ip))
-        .collect();
+    if let Some(dns) = dns {
+        let dns = dns.to_owned().try_into().map_err(cert_err)?;
+        params.subject_alt_names = vec![rcgen::SanType::DnsName(dns)];
+    }
     let cert = params
         .signed_by(&key, &Issuer::new(ca_params(), ca_key))
         .map_err(cert_err)?;

@@ -292,8 +292,8 @@ pub async fn relay_to(
                 route.agent_name,
                 route.agent.port(),
                 path_and_query
-            ).parse::<Uri>()
-            else {
+            )
+            .parse::<Uri>() else {
                 return plain(StatusCode::BAD_REQUEST, "unparsable path");
             };
             let client = if port == ENVD_PORT && !cp.config.shared_transport {

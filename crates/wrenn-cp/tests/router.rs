@@ -20,10 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use wrenn_cp::api::hosts::{certify, issue_registration, register_host, Registered};
-use wrenn_cp::pki::{agent_name, HostCert};
 use wrenn_cp::auth::{create_key, KeyKind};
 use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, OnTimeout, Team};
 use wrenn_cp::model::Status;
+use wrenn_cp::pki::{agent_name, HostCert};
 use wrenn_cp::{ControlPlane, Cp, CpConfig};
 use wrenn_http::relay::LocalProxy;
 use wrenn_types::ids::{CapsuleId, HostId, TeamId};
@@ -409,11 +409,19 @@ async fn agents_and_the_control_plane_prove_who_they_are() {
     for (h, heads, answered) in cases {
         let c = capsule(&team.id, &h.id);
         cp.db.insert_capsule(&c).await.unwrap();
-        let out = get(addr, &format!("/proxy/{}/80/", c.id), &[("x-api-key", &p.key)]).await;
+        let out = get(
+            addr,
+            &format!("/proxy/{}/80/", c.id),
+            &[("x-api-key", &p.key)],
+        )
+        .await;
         assert_eq!(out.ends_with("remote"), answered, "{out}");
         if !answered {
             assert!(out.starts_with("HTTP/1.1 502"), "{out}");
-            assert!(heads.try_recv().is_err(), "nothing was sent to the impostor");
+            assert!(
+                heads.try_recv().is_err(),
+                "nothing was sent to the impostor"
+            );
         }
     }
     let served = good_heads.recv().await.unwrap();
@@ -431,7 +439,10 @@ async fn agents_and_the_control_plane_prove_who_they_are() {
         Ok(conn) => ask(conn).await,
         Err(e) => Err(e.to_string()),
     };
-    assert!(refused.is_err(), "a client without a certificate: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a client without a certificate: {refused:?}"
+    );
     // a host's certificate is for serving only
     let peer = certify(&cp, &good).unwrap();
     let as_client = tls_client(agent_addr, &name, &ca, Some(&peer.identity)).await;
@@ -444,7 +455,12 @@ async fn agents_and_the_control_plane_prove_who_they_are() {
 }
 
 /// One JSON POST on a new connection; the whole answer as text.
-async fn post(cp: std::net::SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+async fn post(
+    cp: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> String {
     let mut s = TcpStream::connect(cp).await.unwrap();
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
@@ -500,6 +516,57 @@ async fn a_host_that_moves_keeps_its_certificate() {
     cp.proxy_routes.evict(&c.id);
     let out = get(addr, &path, &[("x-api-key", &p.key)]).await;
     assert!(out.ends_with("remote"), "{out}");
-    assert!(second.recv().await.is_some(), "the request went to the new address");
+    assert!(
+        second.recv().await.is_some(),
+        "the request went to the new address"
+    );
     assert!(first.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn usage_reads_rolled_up_days_and_counts_today_live() {
+    let p = Plane::new().await;
+    let db = &p.plane.cp.db;
+    let (day, hour) = (86_400_000, 3_600_000);
+    let now = now_ms();
+    let midnight = now - now % day;
+    let spare = CapsuleId::random();
+    let run = |vcpus, from: i64, to: i64| wrenn_cp::db::Run {
+        vcpus,
+        memory_mb: 1000,
+        started_at: from,
+        ended_at: Some(to),
+    };
+    // two hours three days ago, one hour yesterday
+    for r in [
+        run(1, midnight - 3 * day, midnight - 3 * day + 2 * hour),
+        run(2, midnight - day + hour, midnight - day + 2 * hour),
+    ] {
+        db.insert_run(&spare, &p.team.id, &r).await.unwrap();
+    }
+    wrenn_cp::api::stats::roll_up(&p.plane.cp).await.unwrap();
+    // after the rollup: yesterday is final, today is live
+    let late = run(4, midnight - day, midnight - day + hour);
+    db.insert_run(&spare, &p.team.id, &late).await.unwrap();
+    // a minute today (less in the day's first minute)
+    let today = run(1, midnight, (midnight + 60_000).min(now));
+    db.insert_run(&spare, &p.team.id, &today).await.unwrap();
+    let today_minutes = ((today.ended_at.unwrap() - midnight) as f64 / 60.0).round() / 1000.0;
+
+    let (addr, _stop) = p.serve().await;
+    let out = get(addr, "/v1/capsules/usage", &[("x-api-key", &p.key)]).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let body: serde_json::Value =
+        serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let points = body["points"].as_array().unwrap();
+    assert_eq!(points.len(), 30, "{body}");
+    let cpu: Vec<f64> = points
+        .iter()
+        .map(|p| p["cpu_minutes"].as_f64().unwrap())
+        .collect();
+    let ram = points[29]["ram_mb_minutes"].as_f64().unwrap();
+    // [.., 3 days ago, 2 days ago, yesterday, today]
+    assert_eq!(cpu[26..], [120.0, 0.0, 120.0, today_minutes], "{body}");
+    assert!((ram - 1000.0 * today_minutes).abs() < 1.0, "{body}");
+    assert!(cpu[..26].iter().all(|c| *c == 0.0), "{body}");
 }

@@ -1,14 +1,13 @@
 //! Client construction. Each call to [`client`] makes a new pool: callers own
 //! their transport, so traffic classes never share one by accident.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::AgentTls;
 use bytes::Bytes;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use crate::tls::AgentTls;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
@@ -110,12 +109,9 @@ impl tower::Service<http::Uri> for RetryConnector {
                 None => Conn::plain(tcp),
                 Some(tls) => {
                     let host = uri.host().unwrap_or_default();
-                    tokio::time::timeout(
-                        crate::tls::HANDSHAKE_TIMEOUT,
-                        Conn::tls(tcp, &tls, host),
-                    )
-                    .await
-                    .map_err(|_| format!("TLS handshake with {host} timed out"))??
+                    tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, Conn::tls(tcp, &tls, host))
+                        .await
+                        .map_err(|_| format!("TLS handshake with {host} timed out"))??
                 }
             };
             Ok(TokioIo::new(conn))

@@ -49,7 +49,9 @@ pub struct TarQuery {
 
 fn checked(q: &TarQuery) -> ApiResult<&str> {
     if q.path.is_empty() || q.path.len() > 4096 || q.path.contains('\0') {
-        return Err(ApiError::invalid("path must be 1 to 4096 bytes, without NUL"));
+        return Err(ApiError::invalid(
+            "path must be 1 to 4096 bytes, without NUL",
+        ));
     }
     Ok(&q.path)
 }
@@ -121,9 +123,11 @@ pub async fn read(
                 _ => {}
             },
             Some(Err(e)) => return Err(ApiError::agent(&e)),
-            None => return Err(ApiError::agent(&connectrpc::ConnectError::internal(
-                "the agent ended the stream early",
-            ))),
+            None => {
+                return Err(ApiError::agent(&connectrpc::ConnectError::internal(
+                    "the agent ended the stream early",
+                )))
+            }
         }
     };
     let rest = futures::stream::unfold(Some((events, stderr)), |state| async move {
@@ -226,7 +230,12 @@ pub async fn write(
         let chunk = chunk.map_err(|e| ApiError::invalid(format!("upload failed: {e}")))?;
         let mut refused = false;
         for piece in chunk.chunks(CHUNK) {
-            if host.rpc.send_stdin(stdin(piece.to_vec(), false)).await.is_err() {
+            if host
+                .rpc
+                .send_stdin(stdin(piece.to_vec(), false))
+                .await
+                .is_err()
+            {
                 // tar is gone (a bad archive): its end says why
                 refused = true;
                 break;
