@@ -246,13 +246,18 @@ pub async fn write(
             break;
         }
     }
-    if sent_all {
-        host.rpc
-            .send_stdin(stdin(Vec::new(), true))
+    // Closing fails when tar has already finished (at the archive's end
+    // marker): its end says how. Otherwise it is not waited for long.
+    let closed = !sent_all || host.rpc.send_stdin(stdin(Vec::new(), true)).await.is_ok();
+    let ended = if closed {
+        done.recv().await
+    } else {
+        tokio::time::timeout(std::time::Duration::from_secs(30), done.recv())
             .await
-            .map_err(|e| ApiError::agent(&e))?;
-    }
-    let ended = done.recv().await.unwrap_or_else(|| {
+            .ok()
+            .flatten()
+    };
+    let ended = ended.unwrap_or_else(|| {
         Err(ApiError::agent(&connectrpc::ConnectError::internal(
             "the agent ended the stream early",
         )))
