@@ -30,6 +30,7 @@ import re
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -655,6 +656,25 @@ def test_live_responses_match_the_document(server, spec: dict) -> None:
         api.call("PUT", "/v1/capsules/{id}/files/tar", id=cid, params={"path": f"{d}/junk"},
                  content=os.urandom(4096), headers={"Content-Type": "application/x-tar"}, expect=400,
                  label="not a tar")
+        # a client that goes away mid-upload leaves no tar running (it
+        # would wait on its stdin for ever)
+        def half_then_gone():
+            yield packed.getvalue()[:1024]
+            time.sleep(0.5)
+            raise ConnectionAbortedError("the client went away")
+        with pytest.raises(Exception):
+            h.put(f"/v1/capsules/{cid}/files/tar", params={"path": f"{d}/half"}, content=half_then_gone(),
+                  headers={"Content-Type": "application/x-tar"})
+        deadline = time.monotonic() + 15
+        while True:
+            procs = h.get(f"/v1/capsules/{cid}/processes").json()["processes"]
+            left = [p for p in procs if str(p.get("tag") or "").startswith("tar-")]
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                chk.fail(f"files/tar PUT: tar left running after the client went away: {left}")
+                break
+            time.sleep(0.2)
         api.call("POST", "/v1/capsules/{id}/files/remove", id=cid, json={"path": d}, expect=204)
         api.call("POST", "/v1/capsules/{id}/files/remove", id=cid, json={"path": d}, expect=404, label="gone")
 

@@ -162,9 +162,20 @@ async fn upload(client: &Client, src: &Path, id: &str, dst: &str) -> Result<()> 
     let body =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     let sent = client.write_tar(id, &target, body).await;
-    packer.await??;
-    sent?;
-    Ok(())
+    // Whichever side failed first says why: a refused upload stops the
+    // packer ("the upload stopped"), a failed packing fails the upload.
+    match (packer.await?, sent) {
+        (Ok(()), sent) => Ok(sent?),
+        (Err(packing), Err(upload)) if stopped_by_upload(&packing) => Err(upload.into()),
+        (Err(packing), _) => Err(packing),
+    }
+}
+
+fn stopped_by_upload(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The packer's output, in 256 KiB pieces, to the upload's body.
@@ -245,8 +256,12 @@ async fn download(client: &Client, id: &str, src: &str, dst: &Path) -> Result<()
                 std::fs::create_dir_all(&target)?;
                 let mut ar = tar::Archive::new(reader);
                 ar.set_preserve_permissions(true);
-                ar.unpack(&target)
-                    .with_context(|| format!("unpack into {}", target.display()))?;
+                let partly = || format!("unpack into {} (it may be partly filled)", target.display());
+                ar.unpack(&target).with_context(partly)?;
+                // Past the archive's end marker: a stream the server cut
+                // (tar failed in the capsule, say on an unreadable file)
+                // is an error, not a complete copy.
+                std::io::copy(&mut ar.into_inner(), &mut std::io::sink()).with_context(partly)?;
                 Ok(())
             })
             .await??;

@@ -6,9 +6,9 @@
 //! ([`wrenn_http::proxy_client`]) shared by all hosts: the two classes
 //! never share a transport (DESIGN.md). Both are TLS, with the control
 //! plane's client certificate, checked against its authority
-//! ([`crate::pki`]); both dial a host by its name
-//! ([`crate::pki::agent_name`]), which [`Hosts::names`] maps to the address
-//! it registered or last heartbeated.
+//! ([`crate::pki`]) for the name ([`crate::pki::agent_name`]) that
+//! [`Hosts::names`] has for the address a host registered or last
+//! heartbeated.
 //!
 //! Placement is least-loaded over online hosts: a host's capacity is its
 //! cores × [`CPU_OVERCOMMIT`] and its memory less [`MEMORY_RESERVE_MB`] ×
@@ -98,14 +98,15 @@ impl HostConn {
             .parse()
             .map_err(|e| format!("bad host address {address:?}: {e}"))?;
         let name = crate::pki::agent_name(&host.id);
-        tls.names.set(&name, addr.ip());
-        let uri: http::Uri = format!("https://{name}:{}", addr.port())
+        let uri: http::Uri = format!("https://{addr}")
             .parse()
-            .map_err(|e| format!("bad host name {name:?}: {e}"))?;
+            .map_err(|e| format!("bad host address {address:?}: {e}"))?;
         let mut agent_token = http::HeaderValue::from_str(&host.agent_token)
             .map_err(|_| "the agent token is not a header value".to_owned())?;
         agent_token.set_sensitive(true);
         let h2 = wrenn_http::rpc_h2_client(Some(tls.clone()));
+        // last: nothing above failed
+        tls.names.set(addr, &name);
         let rpc = AgentClient::new(
             AgentTransport { client: h2.clone() },
             ClientConfig::new(uri)
@@ -142,7 +143,8 @@ impl Hosts {
         }
     }
 
-    /// Where each host's name is now: every pool to agents resolves by it.
+    /// Which host is at which address: every pool to agents checks the
+    /// certificate it is shown against the name found here.
     pub fn names(&self) -> &wrenn_http::tls::NameMap {
         &self.tls.names
     }
@@ -157,14 +159,26 @@ impl Hosts {
             return Ok(c.clone());
         }
         let c = Arc::new(HostConn::new(host, &self.tls)?);
-        conns.insert(host.id.clone(), c.clone());
+        if let Some(old) = conns.insert(host.id.clone(), c.clone()) {
+            self.unname(&old, &c.address);
+        }
         Ok(c)
+    }
+
+    /// Forget the name at `old`'s address, unless `kept` is that address.
+    fn unname(&self, old: &HostConn, kept: &str) {
+        if old.address != kept {
+            if let Ok(addr) = old.address.parse() {
+                self.tls.names.remove(addr);
+            }
+        }
     }
 
     /// Drop a deleted host's connection.
     pub fn forget(&self, id: &HostId) {
-        self.conns.write().unwrap().remove(id);
-        self.tls.names.remove(&crate::pki::agent_name(id));
+        if let Some(old) = self.conns.write().unwrap().remove(id) {
+            self.unname(&old, "");
+        }
     }
 
     pub fn get(&self, id: &HostId) -> Option<Arc<HostConn>> {

@@ -30,8 +30,9 @@ use crate::db::{Db, DbError};
 pub const VALIDITY_DAYS: i64 = 3650;
 const CA_NAME: &str = "Wrenn control plane CA";
 
-/// The name host `id`'s certificate carries and the control plane dials
-/// it by (resolved by the pools' [`wrenn_http::tls::NameMap`]).
+/// The name host `id`'s certificate carries, which the control plane
+/// checks when it dials the host's address (the pools look it up in
+/// [`wrenn_http::tls::NameMap`]).
 pub fn agent_name(id: &HostId) -> String {
     format!("{id}.hosts.wrenn")
 }

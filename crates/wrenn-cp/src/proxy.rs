@@ -287,12 +287,7 @@ pub async fn relay_to(
                 )
                 .await;
             }
-            let Ok(uri) = format!(
-                "https://{}:{}{}",
-                route.agent_name,
-                route.agent.port(),
-                path_and_query
-            )
+            let Ok(uri) = format!("https://{}{}", route.agent, path_and_query)
             .parse::<Uri>() else {
                 return plain(StatusCode::BAD_REQUEST, "unparsable path");
             };

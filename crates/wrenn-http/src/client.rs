@@ -51,10 +51,11 @@ pub fn client(version: HttpVersion) -> HttpClient {
 /// without one they are refused.
 #[derive(Clone)]
 pub struct RetryConnector {
-    inner: HttpConnector<crate::tls::NameMap>,
+    inner: HttpConnector,
     attempts: u32,
     step: Duration,
     tls: Option<TlsConnector>,
+    names: crate::tls::NameMap,
 }
 
 impl std::fmt::Debug for RetryConnector {
@@ -87,6 +88,7 @@ impl tower::Service<http::Uri> for RetryConnector {
         use tower::ServiceExt;
         let (inner, attempts, step) = (self.inner.clone(), self.attempts.max(1), self.step);
         let tls = self.tls.clone();
+        let names = self.names.clone();
         Box::pin(async move {
             let secure = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
             let tls = match (secure, tls) {
@@ -108,10 +110,14 @@ impl tower::Service<http::Uri> for RetryConnector {
             let conn = match tls {
                 None => Conn::plain(tcp),
                 Some(tls) => {
-                    let host = uri.host().unwrap_or_default();
-                    tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, Conn::tls(tcp, &tls, host))
+                    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+                    let name = names
+                        .name_at(authority)
+                        .ok_or_else(|| format!("no agent is known at {authority}"))?;
+                    let handshake = Conn::tls(tcp, &tls, &name);
+                    tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, handshake)
                         .await
-                        .map_err(|_| format!("TLS handshake with {host} timed out"))??
+                        .map_err(|_| format!("TLS handshake with {name} timed out"))??
                 }
             };
             Ok(TokioIo::new(conn))
@@ -226,7 +232,7 @@ fn retrying(attempts: u32, step: Duration, tls: Option<AgentTls>) -> RetryConnec
         Some(t) => (Some(t.config), t.names),
         None => (None, Default::default()),
     };
-    let mut inner = HttpConnector::new_with_resolver(names);
+    let mut inner = HttpConnector::new();
     inner.set_nodelay(true);
     inner.set_connect_timeout(Some(Duration::from_secs(5)));
     // https reaches it too: TLS is layered on in `call`
@@ -236,6 +242,7 @@ fn retrying(attempts: u32, step: Duration, tls: Option<AgentTls>) -> RetryConnec
         attempts,
         step,
         tls: tls.map(TlsConnector::from),
+        names,
     }
 }
 
@@ -243,7 +250,7 @@ fn retrying(attempts: u32, step: Duration, tls: Option<AgentTls>) -> RetryConnec
 /// at most 20 idle connections per host kept 120 s, `TCP_NODELAY`, and
 /// dials retried with linear backoff for ports that are just coming up.
 /// `tls` (with the class's ALPN, [`crate::tls::with_alpn`]) dials `https`
-/// to agents by name.
+/// to agents, checked against the names it maps their addresses to.
 pub fn proxy_client(tls: Option<AgentTls>) -> ProxyClient {
     let connector = retrying(PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP, tls);
     Client::builder(TokioExecutor::new())
@@ -258,7 +265,7 @@ pub fn proxy_client(tls: Option<AgentTls>) -> ProxyClient {
 /// multiplexed connection per host, `TCP_NODELAY`, with the proxy client's
 /// body type so that the control plane's benchmark can, on purpose, send
 /// proxied requests over the same connection as RPC streams (the seed's bug).
-/// `tls` dials `https` to agents by name (offering `h2`).
+/// `tls` dials `https` to agents (offering `h2`), as [`proxy_client`].
 pub fn rpc_h2_client(tls: Option<AgentTls>) -> ProxyClient {
     let tls = tls.map(|t| AgentTls {
         config: crate::tls::with_alpn(&t.config, crate::tls::ALPN_H2),

@@ -6,11 +6,12 @@
 //! plane only talks to agents whose certificate does, for the address it
 //! dials.
 //!
-//! Agents are known by name, not address: a host's certificate names
-//! `{host-id}.hosts.wrenn` (see the control plane's `pki`), the control
-//! plane dials `https://{that name}:{port}`, and a [`NameMap`] (the pools'
-//! resolver) says which IP address the name is at now. A host can so
-//! move, and can never pass for another, even one on the same address.
+//! An agent's certificate names the host, not its address:
+//! `{host-id}.hosts.wrenn` (see the control plane's `pki`). The control
+//! plane dials `https://ip:port` and checks the certificate against the
+//! name its [`NameMap`] has for that address (the host registered or last
+//! heartbeated there). A host can so move and keep its certificate, and can
+//! never pass for another, even one on the same IP.
 //!
 //! The traffic class rides on ALPN, since an agent cannot read a request
 //! inside TLS before accepting it: the control plane's user-traffic pool
@@ -19,7 +20,7 @@
 //! and serves bulk connections on its bulk runtime (see the server).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -169,54 +170,30 @@ impl TlsSlot {
     }
 }
 
-/// Agents' names and the IP addresses they are at: the resolver of every
-/// [`RetryConnector`](crate::RetryConnector) (IP literals never reach it;
-/// an unknown name fails the dial).
+/// Which agent is at which address: the name a TLS client checks an
+/// agent's certificate against when it dials `ip:port`.
 #[derive(Clone, Default)]
-pub struct NameMap(Arc<RwLock<HashMap<String, IpAddr>>>);
+pub struct NameMap(Arc<RwLock<HashMap<SocketAddr, String>>>);
 
 impl std::fmt::Debug for NameMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map()
-            .entries(self.0.read().unwrap().iter())
-            .finish()
+        f.debug_map().entries(self.0.read().unwrap().iter()).finish()
     }
 }
 
 impl NameMap {
-    pub fn set(&self, name: &str, ip: IpAddr) {
-        self.0.write().unwrap().insert(name.to_owned(), ip);
+    pub fn set(&self, addr: SocketAddr, name: &str) {
+        self.0.write().unwrap().insert(addr, name.to_owned());
     }
 
-    pub fn remove(&self, name: &str) {
-        self.0.write().unwrap().remove(name);
-    }
-}
-
-type Lookup = std::future::Ready<Result<std::vec::IntoIter<SocketAddr>, std::io::Error>>;
-
-impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for NameMap {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = Lookup;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
+    pub fn remove(&self, addr: SocketAddr) {
+        self.0.write().unwrap().remove(&addr);
     }
 
-    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Lookup {
-        let found = self.0.read().unwrap().get(name.as_str()).copied();
-        std::future::ready(match found {
-            // the connector puts the URI's port in
-            Some(ip) => Ok(vec![SocketAddr::new(ip, 0)].into_iter()),
-            None => Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("no agent is known as {}", name.as_str()),
-            )),
-        })
+    /// The name of the agent at `authority` (`ip:port`).
+    pub fn name_at(&self, authority: &str) -> Option<String> {
+        let addr: SocketAddr = authority.parse().ok()?;
+        self.0.read().unwrap().get(&addr).cloned()
     }
 }
 

@@ -106,7 +106,7 @@ pub async fn write(
 /// Read (and drop) a refused upload's body before answering, so a client
 /// that is still sending sees the error instead of a reset connection.
 /// Bounded: at most [`DRAIN_LIMIT`] bytes or [`DRAIN_TIME`].
-async fn drain(req: Request, err: ApiError) -> ApiError {
+pub(crate) async fn drain(req: Request, err: ApiError) -> ApiError {
     use http_body_util::BodyExt;
     let mut body = req.into_body();
     let mut seen = 0usize;
