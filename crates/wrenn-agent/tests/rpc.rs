@@ -670,7 +670,8 @@ async fn the_agent_wants_its_token() {
     // what a capsule's server receives through the proxy
     // (nc's stdin stays open: at its end busybox nc hangs up, which under
     // load came before the request had been read)
-    t.spawn(&id, "nc", "sleep 60 | nc -l -p 8000 > /tmp/request").await;
+    t.spawn(&id, "nc", "sleep 60 | nc -l -p 8000 > /tmp/request")
+        .await;
     // port 8000 is 1F40; state 0A is LISTEN
     let listening = "i=0; while [ $i -lt 100 ]; do \
          grep -qs ':1F40 [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 && exit 0; i=$((i+1)); sleep 0.1; done; exit 1";

@@ -256,7 +256,8 @@ async fn download(client: &Client, id: &str, src: &str, dst: &Path) -> Result<()
                 std::fs::create_dir_all(&target)?;
                 let mut ar = tar::Archive::new(reader);
                 ar.set_preserve_permissions(true);
-                let partly = || format!("unpack into {} (it may be partly filled)", target.display());
+                let partly =
+                    || format!("unpack into {} (it may be partly filled)", target.display());
                 ar.unpack(&target).with_context(partly)?;
                 // Past the archive's end marker: a stream the server cut
                 // (tar failed in the capsule, say on an unreadable file)

@@ -287,8 +287,8 @@ pub async fn relay_to(
                 )
                 .await;
             }
-            let Ok(uri) = format!("https://{}{}", route.agent, path_and_query)
-            .parse::<Uri>() else {
+            let Ok(uri) = format!("https://{}{}", route.agent, path_and_query).parse::<Uri>()
+            else {
                 return plain(StatusCode::BAD_REQUEST, "unparsable path");
             };
             let client = if port == ENVD_PORT && !cp.config.shared_transport {

@@ -177,7 +177,9 @@ pub struct NameMap(Arc<RwLock<HashMap<SocketAddr, String>>>);
 
 impl std::fmt::Debug for NameMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map().entries(self.0.read().unwrap().iter()).finish()
+        f.debug_map()
+            .entries(self.0.read().unwrap().iter())
+            .finish()
     }
 }
 

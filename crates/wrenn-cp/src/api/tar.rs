@@ -54,7 +54,9 @@ pub struct TarQuery {
 fn checked(q: &TarQuery) -> ApiResult<String> {
     let p = &q.path;
     if p.is_empty() || p.len() > 4096 || p.contains('\0') {
-        return Err(ApiError::invalid("path must be 1 to 4096 bytes, without NUL"));
+        return Err(ApiError::invalid(
+            "path must be 1 to 4096 bytes, without NUL",
+        ));
     }
     Ok(if p.starts_with('/') {
         p.clone()
@@ -269,7 +271,12 @@ pub async fn write(
     'body: while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| ApiError::invalid(format!("upload failed: {e}")))?;
         for piece in chunk.chunks(CHUNK) {
-            if host.rpc.send_stdin(stdin(piece.to_vec(), false)).await.is_err() {
+            if host
+                .rpc
+                .send_stdin(stdin(piece.to_vec(), false))
+                .await
+                .is_err()
+            {
                 // tar is gone (a bad archive), or the agent is: its end,
                 // or the wait below, says which
                 sent_all = false;
@@ -286,9 +293,9 @@ pub async fn write(
         Ok(Some(ended)) => ended?,
         Ok(None) => return Err(ended_early()),
         Err(_) => {
-            return Err(ApiError::agent(&connectrpc::ConnectError::deadline_exceeded(
-                "tar did not finish",
-            )))
+            return Err(ApiError::agent(
+                &connectrpc::ConnectError::deadline_exceeded("tar did not finish"),
+            ))
         }
     };
     guard.disarm();
