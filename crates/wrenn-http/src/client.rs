@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use crate::tls::AgentTls;
 use bytes::Bytes;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
@@ -11,6 +10,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
+
+use crate::tls::AgentTls;
 
 /// The request body type our clients send.
 pub type ClientBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -225,8 +226,9 @@ pub type ProxyClient = Client<RetryConnector, ProxyBody>;
 pub const PROXY_DIAL_ATTEMPTS: u32 = 3;
 pub const PROXY_DIAL_STEP: Duration = Duration::from_millis(500);
 
-/// A plain-HTTP connector (`TCP_NODELAY`, 5 s connect timeout) whose dials
-/// are retried `attempts` times with linear backoff of `step`.
+/// A connector (`TCP_NODELAY`, 5 s connect timeout; TLS to agents with
+/// `tls`) whose dials are retried `attempts` times with linear backoff of
+/// `step`.
 fn retrying(attempts: u32, step: Duration, tls: Option<AgentTls>) -> RetryConnector {
     let (tls, names) = match tls {
         Some(t) => (Some(t.config), t.names),

@@ -36,7 +36,7 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Where bulk connections are served, if they are told apart.
     pub bulk: Option<BulkClass>,
-    /// TLS, once installed: from then on every connection must be TLS.
+    /// TLS: once it is installed, or required, nothing is served plain.
     pub tls: crate::tls::TlsSlot,
 }
 
