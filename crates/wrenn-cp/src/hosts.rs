@@ -32,7 +32,7 @@ use crate::error::{ApiError, ApiResult};
 
 pub type Rpc = AgentClient<AgentTransport>;
 
-/// The agent RPC transport: a hyper HTTP/2 (h2c) client of our own (see
+/// The agent RPC transport: a hyper HTTP/2 client (over mutual TLS) of our own (see
 /// [`wrenn_http::rpc_h2_client`]), so that its connection can be named and,
 /// in the benchmark's shared mode only, reused for proxied traffic.
 #[derive(Clone)]

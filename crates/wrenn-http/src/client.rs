@@ -263,7 +263,7 @@ pub fn proxy_client(tls: Option<AgentTls>) -> ProxyClient {
         .build(connector)
 }
 
-/// An RPC transport: HTTP/2 with prior knowledge (h2c) only, one
+/// An RPC transport: HTTP/2 only (h2c, or h2 over TLS to agents), one
 /// multiplexed connection per host, `TCP_NODELAY`, with the proxy client's
 /// body type so that the control plane's benchmark can, on purpose, send
 /// proxied requests over the same connection as RPC streams (the seed's bug).
