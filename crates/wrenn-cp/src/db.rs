@@ -338,9 +338,20 @@ impl Db {
         Ok(row.and_then(|r| r.try_get::<Option<String>, _>("token_hash").ok().flatten()))
     }
 
-    /// The certificate authority (cert, key PEM): the one stored, or else
-    /// `made` (by the first control plane to get here).
-    pub async fn authority(&self, made: (String, String)) -> Result<(String, String), DbError> {
+    /// The certificate authority (cert, key PEM), once one was made.
+    pub async fn authority(&self) -> Result<Option<(String, String)>, DbError> {
+        let row = sqlx::query("SELECT cert_pem, key_pem FROM authority WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Some((r.try_get("cert_pem")?, r.try_get("key_pem")?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Store `made` as the certificate authority unless another control
+    /// plane got there first; the one stored either way.
+    pub async fn set_authority(&self, made: (String, String)) -> Result<(String, String), DbError> {
         sqlx::query(
             "INSERT INTO authority (id, cert_pem, key_pem) VALUES (1, $1, $2) \
              ON CONFLICT (id) DO NOTHING",
@@ -349,10 +360,7 @@ impl Db {
         .bind(&made.1)
         .execute(&self.pool)
         .await?;
-        let row = sqlx::query("SELECT cert_pem, key_pem FROM authority WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok((row.try_get("cert_pem")?, row.try_get("key_pem")?))
+        Ok(self.authority().await?.ok_or(sqlx::Error::RowNotFound)?)
     }
 
     pub async fn set_host_status(&self, id: &HostId, status: &str) -> Result<(), DbError> {

@@ -135,14 +135,16 @@ impl Pki {
     /// The database's authority (made now if it has none) and a fresh
     /// client certificate signed by it.
     pub async fn load(db: &Db) -> Result<Pki, PkiError> {
-        let made = {
-            let key = KeyPair::generate().map_err(cert_err)?;
-            let mut params = ca_params();
-            valid_now(&mut params);
-            let cert = params.self_signed(&key).map_err(cert_err)?;
-            (cert.pem(), key.serialize_pem())
+        let (ca_cert_pem, ca_key_pem) = match db.authority().await? {
+            Some(stored) => stored,
+            None => {
+                let key = KeyPair::generate().map_err(cert_err)?;
+                let mut params = ca_params();
+                valid_now(&mut params);
+                let cert = params.self_signed(&key).map_err(cert_err)?;
+                db.set_authority((cert.pem(), key.serialize_pem())).await?
+            }
         };
-        let (ca_cert_pem, ca_key_pem) = db.authority(made).await?;
         let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(cert_err)?;
         let me = issue(
             &ca_key,

@@ -570,3 +570,32 @@ async fn usage_reads_rolled_up_days_and_counts_today_live() {
     assert!((ram - 1000.0 * today_minutes).abs() < 1.0, "{body}");
     assert!(cpu[..26].iter().all(|c| *c == 0.0), "{body}");
 }
+
+/// Control planes on one database share the authority the first one made:
+/// an agent's certificate is good for all of them.
+#[tokio::test]
+async fn control_planes_on_one_database_share_the_authority() {
+    let p = Plane::new().await;
+    let url = format!("sqlite:{}", p._dir.path().join("cp.db").display());
+    let second = ControlPlane::start(CpConfig::new(url)).await.unwrap();
+    let first = &p.plane.cp.pki;
+    assert_eq!(first.ca_cert_pem(), second.cp.pki.ca_cert_pem());
+    assert_ne!(
+        first.client_identity().cert_pem,
+        second.cp.pki.client_identity().cert_pem,
+        "each has its own client certificate"
+    );
+    // the second one's client certificate is one a host of the first trusts
+    let (good, mut heads) =
+        remote_agent(&p.plane.cp, "t", |h| certify(&p.plane.cp, h).unwrap()).await;
+    let addr: std::net::SocketAddr = good.host.address.parse().unwrap();
+    let name = agent_name(&good.host.id);
+    let conn = tls_client(
+        addr,
+        &name,
+        first.ca_cert_pem(),
+        Some(second.cp.pki.client_identity()),
+    );
+    assert!(ask(conn.await.unwrap()).await.unwrap().ends_with("remote"));
+    assert!(heads.recv().await.is_some());
+}
