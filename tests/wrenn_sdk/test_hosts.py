@@ -106,7 +106,11 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         # plane issued it (kept in host.json, 0600), which names the host;
         # its token stays a second check (in the file only it reads)
         assert stat.S_IMODE((data / "agent-token").stat().st_mode) == 0o600
-        issued = json.loads(ident.read_text())["tls"]
+        kept = json.loads(ident.read_text())
+        issued = kept["tls"]
+        # a host token (a JWT) and a refresh token (64 hex) for when it expires
+        assert kept["token"].count(".") == 2, kept["token"]
+        assert len(kept["refresh_token"]) == 64 and int(kept["refresh_token"], 16) >= 0
         for field in ("cert_pem", "ca_cert_pem"):
             assert issued[field].startswith("-----BEGIN CERTIFICATE-----"), issued.keys()
         assert issued["key_pem"].startswith("-----BEGIN PRIVATE KEY-----")

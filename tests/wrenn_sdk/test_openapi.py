@@ -776,12 +776,12 @@ def test_live_responses_match_the_document(server, spec: dict) -> None:
         if host_id:
             api.call("GET", "/v1/hosts/{id}", id=host_id, expect=200)
             api_anon.call("POST", "/v1/hosts/{id}/heartbeat", id=host_id, expect=401, label="no token")
-            api_anon.call("POST", "/v1/hosts/{id}/heartbeat", id=host_id, expect=403, label="wrong token",
+            api_anon.call("POST", "/v1/hosts/{id}/heartbeat", id=host_id, expect=401, label="not a host token",
                           headers={"X-Host-Token": "0" * 64})
         api.call("GET", "/v1/hosts/{id}", id="host-nope", expect=400)
         api.call("GET", "/v1/hosts/{id}", id="host-" + "0" * 25, expect=404)
-        api_anon.call("POST", "/v1/hosts/{id}/heartbeat", id="host-" + "0" * 25, expect=404,
-                      headers={"X-Host-Token": "0" * 64}, label="unknown host")
+        api_anon.call("POST", "/v1/hosts/{id}/heartbeat", id="host-" + "0" * 25, expect=401,
+                      headers={"X-Host-Token": "0" * 64}, label="unknown host, not a host token")
         api_anon.call("POST", "/v1/hosts/{id}/heartbeat", id="host-nope", expect=400,
                       headers={"X-Host-Token": "0" * 64}, label="bad id")
         api.call("POST", "/v1/hosts", expect=201)
@@ -790,6 +790,9 @@ def test_live_responses_match_the_document(server, spec: dict) -> None:
         api_anon.call("POST", "/v1/hosts/register", json={"token": "0" * 64, "address": "nowhere"},
                       expect=400, label="bad address")
         api_anon.call("POST", "/v1/hosts/register", json={"token": "0" * 64}, expect=400, label="no address")
+        api_anon.call("POST", "/v1/hosts/auth/refresh", json={"refresh_token": "0" * 64}, expect=401,
+                      label="unknown refresh token")
+        api_anon.call("POST", "/v1/hosts/auth/refresh", json={}, expect=400, label="no refresh token")
 
         # -- the path-form proxy (plain-text refusals) ------------------------ #
         api.call("GET", PROXY_SPEC_PATH, raw_path=f"/proxy/{cid}/8080/", expect=502, label="nothing listening")

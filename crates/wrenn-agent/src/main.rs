@@ -71,6 +71,7 @@ async fn main() {
             args.agent.data_dir.clone(),
             facts,
             server.tls().clone(),
+            wrenn_agent::register::HEARTBEAT_EVERY,
             async {
                 let _ = stop_rx.await;
             },

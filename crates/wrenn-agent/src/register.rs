@@ -1,9 +1,15 @@
 //! A remote agent joins a control plane: `--control-plane URL
 //! --registration-token T` registers it once (`POST /v1/hosts/register`;
-//! the host ID and host token are kept in `<data-dir>/host.json`, 0600),
-//! then it heartbeats every [`HEARTBEAT_EVERY`] with its current facts
-//! (`POST /v1/hosts/{id}/heartbeat`, `X-Host-Token`), so a restart on a new
+//! the host ID, host token and refresh token are kept in
+//! `<data-dir>/host.json`, 0600), then it heartbeats every
+//! [`HEARTBEAT_EVERY`] with its current facts (`POST
+//! /v1/hosts/{id}/heartbeat`, `X-Host-Token`), so a restart on a new
 //! address is picked up. Failures are retried; the agent keeps serving.
+//!
+//! Host tokens expire (a week): a heartbeat refused with 401 or 403 makes
+//! the agent trade its refresh token for a new pair and a new certificate
+//! (`POST /v1/hosts/auth/refresh`), which it keeps and serves at once. A
+//! refused refresh token means the host must be registered again.
 //!
 //! Registration hands the agent its TLS certificate and key and the control
 //! plane's CA certificate (kept in `host.json` too). An agent that belongs
@@ -56,9 +62,34 @@ pub fn host_facts(data_dir: &Path, address: SocketAddr, agent_token: &str) -> Ho
 struct Identity {
     id: String,
     token: String,
+    /// (absent in an identity from before host tokens expired)
+    #[serde(default)]
+    refresh_token: String,
     /// (absent in an identity from before mutual TLS)
     #[serde(default)]
     tls: Option<TlsFiles>,
+}
+
+impl Identity {
+    /// From a registration's or a refresh's answer.
+    fn from_answer(bytes: &[u8]) -> Result<Identity, String> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let tls: TlsFiles = serde_json::from_value(v.clone())
+            .map_err(|e| format!("the control plane sent no usable certificate: {e}"))?;
+        let text = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        Ok(Identity {
+            id: v["host"]["id"].as_str().unwrap_or_default().to_owned(),
+            token: text("token"),
+            refresh_token: text("refresh_token"),
+            tls: Some(tls),
+        })
+    }
+
+    fn save(&self, data_dir: &Path) -> Result<(), String> {
+        let path = identity_path(data_dir);
+        let text = serde_json::to_string(self).map_err(|e| e.to_string())?;
+        write_private(&path, &text).map_err(|e| format!("write {}: {e}", path.display()))
+    }
 }
 
 /// What the control plane issued: wrenn's field names.
@@ -95,10 +126,10 @@ pub fn restore_tls(data_dir: &Path, slot: &wrenn_http::tls::TlsSlot) -> Result<b
     let id: Identity =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     match &id.tls {
-        Some(files) => install_tls(slot, files).map(|()| true),
-        None => Err(format!(
-            "{} is from before mutual TLS: register this host again \
-             (remove the file, start with a new --registration-token)",
+        Some(files) if !id.refresh_token.is_empty() => install_tls(slot, files).map(|()| true),
+        _ => Err(format!(
+            "{} is from before mutual TLS and expiring host tokens: register this \
+             host again (remove the file, start with a new --registration-token)",
             path.display()
         )),
     }
@@ -150,18 +181,36 @@ async fn register(
             String::from_utf8_lossy(&bytes)
         ));
     }
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-    let tls: TlsFiles = serde_json::from_value(v.clone())
-        .map_err(|e| format!("the control plane sent no usable certificate: {e}"))?;
-    let id = Identity {
-        id: v["host"]["id"].as_str().unwrap_or_default().to_owned(),
-        token: v["token"].as_str().unwrap_or_default().to_owned(),
-        tls: Some(tls),
-    };
-    let path = identity_path(data_dir);
-    let text = serde_json::to_string(&id).map_err(|e| e.to_string())?;
-    write_private(&path, &text).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let id = Identity::from_answer(&bytes)?;
+    id.save(data_dir)?;
     Ok(id)
+}
+
+/// Trade `id`'s refresh token for a new identity: kept in `host.json`, its
+/// certificate served from now on.
+async fn refresh(
+    client: &reqwest::Client,
+    cp: &str,
+    id: &Identity,
+    data_dir: &Path,
+    tls: &wrenn_http::tls::TlsSlot,
+) -> Result<Identity, String> {
+    let body = serde_json::json!({"refresh_token": id.refresh_token});
+    let (status, bytes) = post(client, format!("{cp}/v1/hosts/auth/refresh"), None, &body).await?;
+    if status != 200 {
+        return Err(format!(
+            "refresh: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        ));
+    }
+    let new = Identity::from_answer(&bytes)?;
+    // Kept before it is used: a crash in between must not leave the agent
+    // with only the used-up refresh token.
+    new.save(data_dir)?;
+    if let Some(files) = &new.tls {
+        install_tls(tls, files)?;
+    }
+    Ok(new)
 }
 
 /// Write a file only its owner can read (0600), whole or not at all
@@ -182,14 +231,15 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Register (unless `<data-dir>/host.json` says this agent already is) and
-/// heartbeat until `shutdown`; the certificate the control plane issues at
-/// registration goes into `tls`.
+/// heartbeat every `every` until `shutdown`; the certificate the control
+/// plane issues at registration (and at each refresh) goes into `tls`.
 pub async fn run(
     cp: String,
     registration_token: Option<String>,
     data_dir: PathBuf,
     facts: HostFacts,
     tls: wrenn_http::tls::TlsSlot,
+    every: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -202,7 +252,7 @@ pub async fn run(
         Ok(c) => c,
         Err(e) => return tracing::error!(error = %e, "no HTTP client for the control plane"),
     };
-    let id = match read_identity(&data_dir) {
+    let mut id = match read_identity(&data_dir) {
         Some(id) => id,
         None => loop {
             let Some(token) = registration_token.as_deref() else {
@@ -229,6 +279,7 @@ pub async fn run(
         },
     };
     let body = serde_json::to_value(&facts).unwrap_or_default();
+    let mut renewed = false;
     loop {
         let url = format!("{cp}/v1/hosts/{}/heartbeat", id.id);
         match post(&client, url, Some(&id.token), &body).await {
@@ -236,13 +287,30 @@ pub async fn run(
             Ok((404, _)) => {
                 tracing::error!(host = %id.id, "the control plane no longer knows this host")
             }
+            // (once per beat: a token refused as soon as it is issued, by a
+            // clock far off, must not spin)
+            Ok((401 | 403, _)) if !renewed => {
+                match refresh(&client, &cp, &id, &data_dir, &tls).await {
+                    Ok(new) => {
+                        tracing::info!(host = %new.id, "host token and certificate renewed");
+                        id = new;
+                        renewed = true;
+                        // heartbeat with the new token now
+                        continue;
+                    }
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "cannot renew the host token: register this host again"
+                    ),
+                }
+            }
             Ok((status, b)) => {
                 tracing::warn!(status, body = %String::from_utf8_lossy(&b), "heartbeat refused")
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+            _ = tokio::time::sleep(every) => renewed = false,
             () = &mut shutdown => return,
         }
     }

@@ -100,15 +100,47 @@ async fn register_agent(
             registered.host
         }
     };
-    let cert = certify(cp, &host).map_err(|e| anyhow::anyhow!(e.message))?;
+    install_cert(cp, &host, tls)?;
+    cp.hosts.connect(&host).map_err(anyhow::Error::msg)?;
+    Ok(host.id)
+}
+
+/// Give the agent a new certificate for `host`.
+fn install_cert(cp: &Cp, host: &wrenn_cp::db::Host, tls: &wrenn_http::tls::TlsSlot) -> Result<()> {
+    let cert = certify(cp, host).map_err(|e| anyhow::anyhow!(e.message))?;
     let files = wrenn_agent::register::TlsFiles {
         cert_pem: cert.identity.cert_pem,
         key_pem: cert.identity.key_pem,
         ca_cert_pem: cert.ca_cert_pem,
     };
-    wrenn_agent::register::install_tls(tls, &files).map_err(anyhow::Error::msg)?;
-    cp.hosts.connect(&host).map_err(anyhow::Error::msg)?;
-    Ok(host.id)
+    wrenn_agent::register::install_tls(tls, &files).map_err(anyhow::Error::msg)
+}
+
+/// How often `wrenn up` renews its own agent's certificate, well inside
+/// the certificate's life ([`wrenn_cp::pki::HOST_VALIDITY_DAYS`]), as a
+/// remote agent's refresh does.
+const RECERTIFY_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Renew the local agent's certificate every [`RECERTIFY_EVERY`] until
+/// the control plane stops.
+fn recertify(cp: Arc<Cp>, host: HostId, tls: wrenn_http::tls::TlsSlot) {
+    let stop = cp.stop.clone();
+    cp.tasks.clone().spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(RECERTIFY_EVERY) => {}
+                () = stop.cancelled() => return,
+            }
+            let renewed = match cp.db.host(&host).await {
+                Ok(Some(h)) => install_cert(&cp, &h, &tls),
+                Ok(None) => Err(anyhow::anyhow!("the host is gone")),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = renewed {
+                tracing::error!(error = %e, "cannot renew the agent's certificate");
+            }
+        }
+    });
 }
 
 /// The admin team and its keys, made on first start.
@@ -366,6 +398,7 @@ async fn up(args: UpArgs) -> Result<()> {
     cp.set_ready(false);
     let facts = wrenn_agent::register::host_facts(&data_dir, agent_addr, agent.token());
     let host = register_agent(&cp, &data_dir, &facts, &agent_tls).await?;
+    recertify(cp.clone(), host.clone(), agent_tls.clone());
     let _ = cp.local_agent.set((host.clone(), local_proxy));
     publish_template(&cp, agent.templates(), "busybox").await?;
     let first = admin_keys(&cp, &data_dir).await?;

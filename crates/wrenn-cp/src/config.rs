@@ -19,6 +19,10 @@ pub struct CpConfig {
     /// connection (one shared HTTP/2 client for both traffic classes, as
     /// the seed system did) to measure what separate transports buy.
     pub shared_transport: bool,
+    /// How long host tokens and refresh tokens are good for (tests
+    /// shorten them; [`crate::host_tokens`]).
+    pub host_token_ttl: Duration,
+    pub host_refresh_ttl: Duration,
 }
 
 impl CpConfig {
@@ -30,6 +34,8 @@ impl CpConfig {
             max_json_body: 1 << 20,
             max_file_body: 100 << 20,
             shared_transport: false,
+            host_token_ttl: crate::host_tokens::TOKEN_TTL,
+            host_refresh_ttl: crate::host_tokens::REFRESH_TTL,
         }
     }
 }

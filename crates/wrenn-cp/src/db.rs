@@ -70,6 +70,11 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0004_usage_daily.sql"),
         ),
         (5, "ca", include_str!("../migrations/0005_ca.sql")),
+        (
+            6,
+            "host_credentials",
+            include_str!("../migrations/0006_host_credentials.sql"),
+        ),
     ]
     .into_iter()
     .map(|(version, name, sql)| {
@@ -258,23 +263,33 @@ impl Db {
         Ok(())
     }
 
+    /// The pending host a registration token belongs to.
+    pub async fn pending_host(&self, registration_hash: &str) -> Result<Option<HostId>, DbError> {
+        let row = sqlx::query("SELECT id FROM hosts WHERE registration_hash = $1")
+            .bind(registration_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse(r.try_get::<String, _>("id")?))
+            .transpose()
+    }
+
     /// Consume a registration token: the pending host it belongs to
-    /// becomes `online` at `address` with a host token. None when no
-    /// pending host has that token.
+    /// becomes `online` at `address`, with a refresh token (`refresh`: its
+    /// hash and expiry). None when no pending host has that token.
     pub async fn register_host(
         &self,
         registration_hash: &str,
         reg: &HostRegistration,
-        token_hash: &str,
+        refresh: (&str, i64),
     ) -> Result<Option<Host>, DbError> {
         let row = sqlx::query(
-            "UPDATE hosts SET status = 'online', address = $1, token_hash = $2, arch = $3, \
+            "UPDATE hosts SET status = 'online', address = $1, refresh_hash = $2, arch = $3, \
                     cpu_cores = $4, memory_mb = $5, disk_gb = $6, last_heartbeat = $7, \
-                    registration_hash = NULL, agent_token = $9 \
+                    registration_hash = NULL, agent_token = $9, refresh_expires_at = $10 \
              WHERE registration_hash = $8 RETURNING id",
         )
         .bind(&reg.address)
-        .bind(token_hash)
+        .bind(refresh.0)
         .bind(&reg.arch)
         .bind(reg.cpu_cores)
         .bind(reg.memory_mb)
@@ -282,6 +297,7 @@ impl Db {
         .bind(now_ms())
         .bind(registration_hash)
         .bind(&reg.agent_token)
+        .bind(refresh.1)
         .fetch_optional(&self.pool)
         .await?;
         let Some(r) = row else { return Ok(None) };
@@ -329,13 +345,42 @@ impl Db {
         rows.iter().map(host_row).collect()
     }
 
-    /// The SHA-256 of a host's token.
-    pub async fn host_token_hash(&self, id: &HostId) -> Result<Option<String>, DbError> {
-        let row = sqlx::query("SELECT token_hash FROM hosts WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.and_then(|r| r.try_get::<Option<String>, _>("token_hash").ok().flatten()))
+    /// Use a refresh token (`old`, its hash) once: replaced by `new` (hash,
+    /// expiry) if it is a host's and has not expired. The host, or None.
+    pub async fn rotate_refresh(
+        &self,
+        old: &str,
+        new: (&str, i64),
+    ) -> Result<Option<Host>, DbError> {
+        let row = sqlx::query(
+            "UPDATE hosts SET refresh_hash = $1, refresh_expires_at = $2 \
+             WHERE refresh_hash = $3 AND refresh_expires_at > $4 RETURNING id",
+        )
+        .bind(new.0)
+        .bind(new.1)
+        .bind(old)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let id: HostId = parse(r.try_get::<String, _>("id")?)?;
+        self.host(&id).await
+    }
+
+    /// The key host tokens are signed with (hex), made by `make` and
+    /// stored if the database has none yet; the stored one either way.
+    pub async fn host_signing_key(&self, make: impl FnOnce() -> String) -> Result<String, DbError> {
+        let read = || sqlx::query("SELECT key_hex FROM host_signing_key WHERE id = 1");
+        if let Some(r) = read().fetch_optional(&self.pool).await? {
+            return Ok(r.try_get("key_hex")?);
+        }
+        sqlx::query(
+            "INSERT INTO host_signing_key (id, key_hex) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(make())
+        .execute(&self.pool)
+        .await?;
+        Ok(read().fetch_one(&self.pool).await?.try_get("key_hex")?)
     }
 
     /// The certificate authority (cert, key PEM), once one was made.

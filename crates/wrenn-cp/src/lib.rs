@@ -15,6 +15,7 @@ pub mod db;
 pub mod e2b;
 pub mod error;
 pub mod events;
+pub mod host_tokens;
 pub mod hosts;
 pub mod model;
 pub mod pki;

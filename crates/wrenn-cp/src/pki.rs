@@ -13,8 +13,12 @@
 //! - The control plane's own client certificate, made at each start, good
 //!   for client authentication only.
 //!
-//! Certificates last [`VALIDITY_DAYS`]; there is no rotation yet (wrenn's
-//! `/v1/hosts/auth/refresh`): a host re-registers to get a new one.
+//! The authority and the control plane's certificate last
+//! [`VALIDITY_DAYS`]; a host's lasts [`HOST_VALIDITY_DAYS`], as long as its
+//! refresh token, and a new one comes with every refresh
+//! (`/v1/hosts/auth/refresh`, about weekly, when the host token expires;
+//! see [`crate::host_tokens`]). A key taken from a host is therefore good
+//! for at most that long; a deleted host is not dialed at all.
 
 use std::sync::Arc;
 
@@ -28,6 +32,7 @@ use wrenn_types::ids::HostId;
 use crate::db::{Db, DbError};
 
 pub const VALIDITY_DAYS: i64 = 3650;
+pub const HOST_VALIDITY_DAYS: i64 = 60;
 const CA_NAME: &str = "Wrenn control plane CA";
 
 /// The name host `id`'s certificate carries, which the control plane
@@ -90,14 +95,14 @@ fn ca_params() -> CertificateParams {
     p
 }
 
-/// From an hour ago (clocks differ a little) for [`VALIDITY_DAYS`].
-fn valid_now(p: &mut CertificateParams) {
+/// From an hour ago (clocks differ a little) for `days`.
+fn valid_now(p: &mut CertificateParams, days: i64) {
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::hours(1);
-    p.not_after = now + time::Duration::days(VALIDITY_DAYS);
+    p.not_after = now + time::Duration::days(days);
 }
 
-fn leaf(name: &str, usage: ExtendedKeyUsagePurpose) -> CertificateParams {
+fn leaf(name: &str, usage: ExtendedKeyUsagePurpose, days: i64) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -105,7 +110,7 @@ fn leaf(name: &str, usage: ExtendedKeyUsagePurpose) -> CertificateParams {
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![usage];
     p.use_authority_key_identifier_extension = true;
-    valid_now(&mut p);
+    valid_now(&mut p, days);
     p
 }
 
@@ -115,9 +120,10 @@ fn issue(
     name: &str,
     dns: Option<&str>,
     usage: ExtendedKeyUsagePurpose,
+    days: i64,
 ) -> Result<Identity, PkiError> {
     let key = KeyPair::generate().map_err(cert_err)?;
-    let mut params = leaf(name, usage);
+    let mut params = leaf(name, usage, days);
     if let Some(dns) = dns {
         let dns = dns.to_owned().try_into().map_err(cert_err)?;
         params.subject_alt_names = vec![rcgen::SanType::DnsName(dns)];
@@ -140,7 +146,7 @@ impl Pki {
             None => {
                 let key = KeyPair::generate().map_err(cert_err)?;
                 let mut params = ca_params();
-                valid_now(&mut params);
+                valid_now(&mut params, VALIDITY_DAYS);
                 let cert = params.self_signed(&key).map_err(cert_err)?;
                 db.set_authority((cert.pem(), key.serialize_pem())).await?
             }
@@ -151,6 +157,7 @@ impl Pki {
             "wrenn control plane",
             None,
             ExtendedKeyUsagePurpose::ClientAuth,
+            VALIDITY_DAYS,
         )?;
         let client = tls::client_config(&ca_cert_pem, &me).map_err(PkiError::Cert)?;
         Ok(Pki {
@@ -168,6 +175,7 @@ impl Pki {
             id.as_str(),
             Some(&agent_name(id)),
             ExtendedKeyUsagePurpose::ServerAuth,
+            HOST_VALIDITY_DAYS,
         )?;
         Ok(HostCert {
             identity,

@@ -31,6 +31,8 @@ pub struct Cp {
     pub events: Broker,
     /// The certificate authority agents and the control plane trust.
     pub pki: crate::pki::Pki,
+    /// Signs and checks the tokens agents call the control plane with.
+    pub host_tokens: crate::host_tokens::HostTokens,
     /// The proxy transport (HTTP/1.1 only), separate from every RPC pool.
     /// Over TLS it offers [`wrenn_http::tls::ALPN_BULK`], so an agent serves
     /// it as bulk.
@@ -84,6 +86,12 @@ impl ControlPlane {
         use wrenn_http::tls::{with_alpn, ALPN_BULK, ALPN_HTTP1};
         let db = Db::open(&config.database_url).await?;
         let pki = crate::pki::Pki::load(&db).await?;
+        let host_tokens = crate::host_tokens::HostTokens::load(
+            &db,
+            config.host_token_ttl,
+            config.host_refresh_ttl,
+        )
+        .await?;
         let bulk = with_alpn(&pki.client, ALPN_BULK);
         let hosts = Hosts::new(pki.client.clone());
         let agents = |config| {
@@ -103,6 +111,7 @@ impl ControlPlane {
             tunnel_tls: bulk,
             envd_proxy,
             pki,
+            host_tokens,
             proxy_routes: Routes::default(),
             local_agent: OnceLock::new(),
             placing: tokio::sync::Mutex::new(()),

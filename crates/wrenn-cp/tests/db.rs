@@ -70,11 +70,15 @@ async fn exercise(db: &Db) {
         disk_gb: 10,
         agent_token: "agent-secret".into(),
     };
+    let pending = db.pending_host(&reg_hash).await.unwrap();
+    let later = now_ms() + 60_000;
     let h = db
-        .register_host(&reg_hash, &reg, "tok")
+        .register_host(&reg_hash, &reg, ("refresh-1", later))
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(pending.as_ref(), Some(&h.id));
+    assert_eq!(db.pending_host(&reg_hash).await.unwrap(), None, "used up");
     assert_eq!((h.status.as_str(), h.cpu_cores), ("online", 2));
     assert_eq!(h.agent_token, "agent-secret");
     // a heartbeat without a token keeps it; one with a new token replaces it
@@ -86,12 +90,27 @@ async fn exercise(db: &Db) {
     let h2 = db.update_host(&h.id, &beat).await.unwrap().unwrap();
     assert_eq!(h2.agent_token, "rotated");
     assert!(
-        db.register_host(&reg_hash, &reg, "tok")
+        db.register_host(&reg_hash, &reg, ("refresh-x", later))
             .await
             .unwrap()
             .is_none(),
         "one use"
     );
+    // refresh tokens: each is good once, and not after it expires
+    let r = db.rotate_refresh("refresh-1", ("refresh-2", later)).await;
+    assert_eq!(r.unwrap().map(|h| h.id), Some(h.id.clone()));
+    let again = db.rotate_refresh("refresh-1", ("refresh-3", later)).await;
+    assert!(again.unwrap().is_none(), "a used refresh token");
+    let r = db
+        .rotate_refresh("refresh-2", ("refresh-4", now_ms() - 1))
+        .await;
+    assert!(r.unwrap().is_some());
+    let dead = db.rotate_refresh("refresh-4", ("refresh-5", later)).await;
+    assert!(dead.unwrap().is_none(), "an expired refresh token");
+    // the signing key is made once and then read
+    let key = db.host_signing_key(|| "k1".into()).await.unwrap();
+    assert_eq!(key, "k1");
+    assert_eq!(db.host_signing_key(|| "k2".into()).await.unwrap(), "k1");
 
     // capsules: insert, scoped reads, transitions and the running ledger
     let now = now_ms();

@@ -1,8 +1,10 @@
 //! Hosts: the admin team issues a one-time registration token
 //! (`POST /v1/hosts`), an agent registers with it (`POST
-//! /v1/hosts/register`, no API key) and gets a host token, then
-//! heartbeats with `X-Host-Token`. `wrenn up` registers its own agent
-//! through the same functions.
+//! /v1/hosts/register`, no API key) and gets a host token and a refresh
+//! token ([`crate::host_tokens`]), then heartbeats with `X-Host-Token`.
+//! When the host token is refused it trades the refresh token for a new
+//! pair and a new certificate (`POST /v1/hosts/auth/refresh`). `wrenn up`
+//! registers its own agent through the same functions.
 //!
 //! Registration also hands the agent its TLS certificate, key and the
 //! control plane's CA certificate (`cert_pem`, `key_pem`, `ca_cert_pem`,
@@ -23,6 +25,7 @@ use super::ApiJson;
 use crate::auth::{random_hex, sha256_hex, Caller};
 use crate::db::{now_ms, Host, HostRegistration};
 use crate::error::{ApiError, ApiResult};
+use crate::host_tokens::Refused;
 use crate::model::rfc3339;
 use crate::pki::HostCert;
 use crate::server::Cp;
@@ -68,17 +71,42 @@ fn check_facts(reg: &HostRegistration) -> ApiResult<()> {
     Ok(())
 }
 
-/// A registered host, its token (for heartbeats) and its certificate.
+/// A registered (or refreshed) host, its host token (for heartbeats), its
+/// refresh token and its certificate.
 #[derive(Debug)]
 pub struct Registered {
     pub host: Host,
     pub token: String,
+    pub refresh_token: String,
     pub cert: HostCert,
+}
+
+impl Registered {
+    /// wrenn's answer: `{host, token, refresh_token, cert_pem, key_pem,
+    /// ca_cert_pem}`.
+    fn json(&self) -> Value {
+        let mut out = cert_json(&self.cert);
+        out["host"] = host_json(&self.host);
+        out["token"] = Value::String(self.token.clone());
+        out["refresh_token"] = Value::String(self.refresh_token.clone());
+        out
+    }
+}
+
+fn host_token(cp: &Cp, id: &HostId) -> ApiResult<String> {
+    cp.host_tokens.sign(id).map_err(|e| {
+        tracing::error!(error = %e, "cannot sign a host token");
+        ApiError::internal()
+    })
 }
 
 /// A certificate for `host`.
 pub fn certify(cp: &Cp, host: &Host) -> ApiResult<HostCert> {
-    cp.pki.issue_host(&host.id).map_err(|e| {
+    certify_id(cp, &host.id)
+}
+
+fn certify_id(cp: &Cp, id: &HostId) -> ApiResult<HostCert> {
+    cp.pki.issue_host(id).map_err(|e| {
         tracing::error!(error = %e, "cannot issue a host certificate");
         ApiError::internal()
     })
@@ -92,21 +120,54 @@ fn cert_json(c: &HostCert) -> Value {
     })
 }
 
-/// Register the agent holding `token`.
+/// Register the agent holding `token`. Its credentials are made before
+/// the token is used up, so a failure to make them leaves it usable.
 pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiResult<Registered> {
     check_facts(reg)?;
-    let host_token = random_hex(32);
+    let used = || ApiError::unauthorized("invalid or used registration token");
+    let hash = sha256_hex(token);
+    let id = cp.db.pending_host(&hash).await?.ok_or_else(used)?;
+    let token = host_token(cp, &id)?;
+    let refresh = cp.host_tokens.refresh();
+    let cert = certify_id(cp, &id)?;
     let host = cp
         .db
-        .register_host(&sha256_hex(token), reg, &sha256_hex(&host_token))
+        .register_host(&hash, reg, (&refresh.hash, refresh.expires_at))
         .await?
-        .ok_or_else(|| ApiError::unauthorized("invalid or used registration token"))?;
-    let cert = certify(cp, &host)?;
+        .ok_or_else(used)?;
     cp.hosts.connect(&host).map_err(ApiError::invalid)?;
     tracing::info!(host = %host.id, address = %host.address, "host registered");
     Ok(Registered {
         host,
-        token: host_token,
+        token,
+        refresh_token: refresh.token,
+        cert,
+    })
+}
+
+/// Trade a refresh token for a new pair and a new certificate. The old
+/// refresh token is used up; an unknown, used or expired one is 401.
+pub async fn refresh_host(cp: &Cp, refresh_token: &str) -> ApiResult<Registered> {
+    let refused = || ApiError::unauthorized("invalid, used or expired refresh token");
+    if refresh_token.len() != 64 {
+        return Err(refused());
+    }
+    let refresh = cp.host_tokens.refresh();
+    let host = cp
+        .db
+        .rotate_refresh(
+            &sha256_hex(refresh_token),
+            (&refresh.hash, refresh.expires_at),
+        )
+        .await?
+        .ok_or_else(refused)?;
+    let token = host_token(cp, &host.id)?;
+    let cert = certify(cp, &host)?;
+    tracing::info!(host = %host.id, "host credentials refreshed");
+    Ok(Registered {
+        host,
+        token,
+        refresh_token: refresh.token,
         cert,
     })
 }
@@ -139,10 +200,21 @@ pub async fn register(
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let r = register_host(&cp, &body.token, &body.reg).await?;
-    let mut out = cert_json(&r.cert);
-    out["host"] = host_json(&r.host);
-    out["token"] = Value::String(r.token);
-    Ok((StatusCode::CREATED, Json(out)))
+    Ok((StatusCode::CREATED, Json(r.json())))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RefreshBody {
+    refresh_token: String,
+}
+
+/// `POST /v1/hosts/auth/refresh` `{refresh_token}` — 200 with a new pair
+/// and certificate, as registration answers.
+pub async fn refresh(
+    State(cp): State<Arc<Cp>>,
+    ApiJson(body): ApiJson<RefreshBody>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(refresh_host(&cp, &body.refresh_token).await?.json()))
 }
 
 /// `GET /v1/hosts` (admin)
@@ -225,7 +297,9 @@ pub struct HeartbeatBody {
 }
 
 /// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
-/// JSON body with the agent's facts updates its address and size.
+/// JSON body with the agent's facts updates its address and size. A
+/// missing, foreign or expired token is 401 (the agent refreshes), another
+/// host's 403, a deleted host 404.
 pub async fn heartbeat(
     State(cp): State<Arc<Cp>>,
     Path(id): Path<String>,
@@ -239,11 +313,15 @@ pub async fn heartbeat(
         .get("x-host-token")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::unauthorized("missing X-Host-Token header"))?;
-    let Some(stored) = cp.db.host_token_hash(&id).await? else {
-        return Err(ApiError::not_found("host not found"));
-    };
-    if !bool::from(stored.as_bytes().ct_eq(sha256_hex(presented).as_bytes())) {
+    let named = cp.host_tokens.verify(presented).map_err(|r| match r {
+        Refused::Expired => ApiError::unauthorized("the host token has expired"),
+        Refused::Invalid => ApiError::unauthorized("invalid host token"),
+    })?;
+    if !bool::from(named.as_bytes().ct_eq(id.as_str().as_bytes())) {
         return Err(ApiError::forbidden("the token is not this host's"));
+    }
+    if cp.db.host(&id).await?.is_none() {
+        return Err(ApiError::not_found("host not found"));
     }
     cp.db.heartbeat(&id).await?;
     // An agent that restarted on another address says so here.

@@ -80,6 +80,7 @@ pub fn routes() -> Router<Arc<Cp>> {
         .route("/v1/admin/builds", post(builds::create))
         .route("/v1/hosts", post(hosts::create).get(hosts::list))
         .route("/v1/hosts/register", post(hosts::register))
+        .route("/v1/hosts/auth/refresh", post(hosts::refresh))
         .route("/v1/hosts/{id}", get(hosts::get).delete(hosts::delete))
         .route("/v1/hosts/{id}/heartbeat", post(hosts::heartbeat))
 }

@@ -1,0 +1,291 @@
+//! Host credentials over real HTTP against a control plane on a real
+//! SQLite file: host tokens (JWTs) that expire, refresh tokens that are good
+//! once, certificates that come anew with each refresh; and a real agent's
+//! heartbeat loop renewing its credentials when its token expires.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use wrenn_cp::api::hosts::issue_registration;
+use wrenn_cp::pki::agent_name;
+use wrenn_cp::{ControlPlane, CpConfig};
+use wrenn_http::tls::rustls::pki_types::pem::PemObject;
+use wrenn_http::tls::rustls::pki_types::{CertificateDer, ServerName};
+use wrenn_types::ids::HostId;
+
+/// A control plane whose host tokens live `token_ttl`, served on a socket.
+struct Served {
+    plane: ControlPlane,
+    base: String,
+    http: reqwest::Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    async fn new(token_ttl: Duration) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CpConfig::new(format!("sqlite:{}", dir.path().join("cp.db").display()));
+        config.host_token_ttl = token_ttl;
+        let plane = ControlPlane::start(config).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(wrenn_http::serve(
+            listener,
+            plane.router(),
+            Default::default(),
+            async {
+                let _ = stop.await;
+            },
+        ));
+        Served {
+            plane,
+            base,
+            http: reqwest::Client::new(),
+            _stop: stop_tx,
+            _dir: dir,
+        }
+    }
+
+    /// POST `body`, with `X-Host-Token` if given: (status, JSON body).
+    async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(t) = token {
+            req = req.header("x-host-token", t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Register a new host as an agent does: 201's body.
+    async fn register(&self) -> Value {
+        let (_, token) = issue_registration(&self.plane.cp).await.unwrap();
+        let (status, body) = self
+            .post("/v1/hosts/register", None, &registration(&token))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    async fn heartbeat(&self, id: &str, token: Option<&str>) -> (u16, Value) {
+        self.post(&format!("/v1/hosts/{id}/heartbeat"), token, &json!({}))
+            .await
+    }
+
+    async fn refresh(&self, refresh_token: &str) -> (u16, Value) {
+        self.post(
+            "/v1/hosts/auth/refresh",
+            None,
+            &json!({ "refresh_token": refresh_token }),
+        )
+        .await
+    }
+}
+
+fn registration(token: &str) -> Value {
+    json!({
+        "token": token, "address": "127.0.0.1:9", "arch": "x86_64",
+        "cpu_cores": 2, "memory_mb": 1024, "disk_gb": 10,
+    })
+}
+
+fn s(v: &Value, k: &str) -> String {
+    v[k].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn host_tokens_expire_and_refresh_tokens_are_good_once() {
+    let cp = Served::new(Duration::from_secs(2)).await;
+    let a = cp.register().await;
+    let (id, token, refresh) = (s(&a["host"], "id"), s(&a, "token"), s(&a, "refresh_token"));
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    assert!(refresh.len() == 64 && refresh.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(cp.heartbeat(&id, Some(&token)).await.0, 204);
+
+    // missing, foreign and tampered tokens: 401 with wrenn's error JSON
+    let (status, body) = cp.heartbeat(&id, None).await;
+    assert_eq!(
+        (status, s(&body["error"], "code")),
+        (401, "unauthorized".into())
+    );
+    assert_eq!(cp.heartbeat(&id, Some("not-a-jwt")).await.0, 401);
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(cp.heartbeat(&id, Some(&tampered)).await.0, 401);
+    // a token signed with another database's key
+    let other = Served::new(Duration::from_secs(60)).await;
+    let foreign = other
+        .plane
+        .cp
+        .host_tokens
+        .sign(&id.parse().unwrap())
+        .unwrap();
+    assert_eq!(cp.heartbeat(&id, Some(&foreign)).await.0, 401);
+
+    // another host's token: 403
+    let b = cp.register().await;
+    let (b_id, b_token) = (s(&b["host"], "id"), s(&b, "token"));
+    assert_eq!(cp.heartbeat(&b_id, Some(&token)).await.0, 403);
+
+    // the token expires; the refresh token buys a new pair and certificate
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = cp.heartbeat(&id, Some(&token)).await;
+    assert_eq!(status, 401);
+    assert_eq!(s(&body["error"], "message"), "the host token has expired");
+    let (status, r) = cp.refresh(&refresh).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(s(&r["host"], "id"), id);
+    assert_ne!(s(&r, "refresh_token"), refresh);
+    assert_ne!(s(&r, "cert_pem"), s(&a, "cert_pem"), "a new certificate");
+    assert_ne!(s(&r, "key_pem"), s(&a, "key_pem"), "with a new key");
+    assert_eq!(s(&r, "ca_cert_pem"), s(&a, "ca_cert_pem"));
+    assert_eq!(cp.heartbeat(&id, Some(&s(&r, "token"))).await.0, 204);
+    let (status, body) = cp.refresh(&refresh).await;
+    assert_eq!(
+        (status, s(&body["error"], "code")),
+        (401, "unauthorized".into()),
+        "used up"
+    );
+
+    // bad refresh bodies
+    assert_eq!(cp.refresh("short").await.0, 401);
+    assert_eq!(cp.refresh(&"0".repeat(64)).await.0, 401);
+    for bad in [json!({}), json!({"refresh_token": 7}), json!([])] {
+        let (status, _) = cp.post("/v1/hosts/auth/refresh", None, &bad).await;
+        assert_eq!(status, 400, "{bad}");
+    }
+
+    // a deleted host: its heartbeat is 404 (the agent's cue), its refresh
+    // token is dead
+    // (b's first token has expired too)
+    assert_eq!(cp.heartbeat(&b_id, Some(&b_token)).await.0, 401);
+    let (status, b) = cp.refresh(&s(&b, "refresh_token")).await;
+    assert_eq!(status, 200);
+    let b_host: HostId = b_id.parse().unwrap();
+    cp.plane.cp.db.delete_host(&b_host).await.unwrap();
+    assert_eq!(cp.heartbeat(&b_id, Some(&s(&b, "token"))).await.0, 404);
+    assert_eq!(cp.refresh(&s(&b, "refresh_token")).await.0, 401);
+
+    // a registration token is good once
+    let (_, reg) = issue_registration(&cp.plane.cp).await.unwrap();
+    assert_eq!(
+        cp.post("/v1/hosts/register", None, &registration(&reg))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        cp.post("/v1/hosts/register", None, &registration(&reg))
+            .await
+            .0,
+        401
+    );
+}
+
+/// The certificate a TLS server with `acceptor` presents to the control
+/// plane's client, which must accept it for host `id`.
+async fn served_cert(
+    acceptor: wrenn_http::tls::TlsAcceptor,
+    cp: &wrenn_cp::Cp,
+    id: &HostId,
+) -> Vec<u8> {
+    let (client, server) = tokio::io::duplex(64 << 10);
+    let accepting = tokio::spawn(async move { acceptor.accept(server).await.map(|_| ()) });
+    let connector = wrenn_http::tls::TlsConnector::from(cp.pki.client.clone());
+    let name = ServerName::try_from(agent_name(id)).unwrap();
+    let tls = connector
+        .connect(name, client)
+        .await
+        .expect("the control plane accepts it");
+    accepting.await.unwrap().unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+fn host_json(dir: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("host.json")).unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
+    let cp = Served::new(Duration::from_secs(2)).await;
+    let data = tempfile::tempdir().unwrap();
+    let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
+    let facts = wrenn_agent::register::host_facts(data.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let slot = wrenn_http::tls::TlsSlot::default();
+    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(wrenn_agent::register::run(
+        cp.base.clone(),
+        Some(registration),
+        data.path().to_owned(),
+        facts,
+        slot.clone(),
+        Duration::from_millis(200),
+        async {
+            let _ = stop.await;
+        },
+    ));
+
+    let first = loop {
+        let v = host_json(data.path());
+        if v["refresh_token"].is_string() && slot.is_set() {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let id: HostId = s(&first, "id").parse().unwrap();
+    let served = served_cert(slot.current().unwrap(), &cp.plane.cp, &id).await;
+    assert_eq!(served, der(&s(&first["tls"], "cert_pem")));
+
+    // past the token's life the agent refreshes: host.json and the served
+    // certificate change, and the heartbeats go on with the new token
+    let renewed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let v = host_json(data.path());
+            if v["refresh_token"].is_string() && v["refresh_token"] != first["refresh_token"] {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the agent renewed its credentials");
+    assert_ne!(renewed["token"], first["token"]);
+    let new_cert = der(&s(&renewed["tls"], "cert_pem"));
+    assert_ne!(new_cert, der(&s(&first["tls"], "cert_pem")));
+    // (host.json is written just before the certificate is installed)
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while served_cert(slot.current().unwrap(), &cp.plane.cp, &id).await != new_cert {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the agent serves its new certificate");
+    let renewed_at = wrenn_cp::db::now_ms();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let host = cp.plane.cp.db.host(&id).await.unwrap().unwrap();
+    assert!(
+        host.last_heartbeat.unwrap() >= renewed_at,
+        "heartbeats continue after the renewal"
+    );
+    assert_eq!(
+        cp.heartbeat(id.as_str(), Some(&s(&renewed, "token")))
+            .await
+            .0,
+        204
+    );
+
+    let _ = stop_tx.send(());
+    agent.await.unwrap();
+}
