@@ -27,11 +27,12 @@ import wrenn_up  # noqa: E402
 LISTENING = "wrenn-agent listening on "
 
 
-def start_agent(binary: str, up: wrenn_up.WrennUp, control_plane: str, token: str | None) -> tuple[subprocess.Popen, str]:
+def start_agent(binary: str, up: wrenn_up.WrennUp, control_plane: str, token: str | None,
+                extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     cmd = [
         binary, "--listen", "127.0.0.1:0", "--data-dir", str(up.data_dir), "--envd", up.envd,
         "--instance", up.instance, "--pool", up.pool, "--net-pool", "1",
-        "--control-plane", control_plane,
+        "--control-plane", control_plane, *extra,
     ]
     if token:
         cmd += ["--registration-token", token]
@@ -142,7 +143,7 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
 
         # a restart on another port: no token needed, the heartbeat moves it
         stop(proc)
-        proc, addr2 = start_agent(agent_bin, up, server.base_url, None)
+        proc, addr2 = start_agent(agent_bin, up, server.base_url, None, ("--heartbeat-interval", "1s"))
         wait_host(h, host_id, addr2)
         r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo again"]})
         assert r.status_code == 200 and r.json()["stdout"] == "again\n", r.text
@@ -152,15 +153,20 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         assert r.status_code == 409, r.text
         assert r.json()["error"]["code"] == "host_has_capsules" and on_new in r.json()["capsule_ids"]
         for cid in made:
-            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        made.clear()
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+            if cid != on_new:
+                assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made[:] = [on_new]
+        # forced: the control plane forgets the host and its capsule; told so
+        # by its next heartbeat (404), the agent destroys the capsule, gives
+        # back its network slots and leaves, and forgets its registration
+        assert h.delete(f"/v1/hosts/{host_id}", params={"force": "true"}).status_code == 204
         assert h.get(f"/v1/hosts/{host_id}").status_code == 404
-        # the agent keeps prepared network slots while it runs; on SIGTERM
-        # it gives them back, and nothing of its capsules is left
-        stop(proc)
+        assert proc.wait(60) == 0, (data / "agent.log").read_text()[-2000:]
         proc = None
+        made.clear()
+        assert on_new not in up.runc_containers()
         assert up.capsule_objects() == {}, up.capsule_objects()
+        assert not (data / "host.json").exists()
     finally:
         for cid in made:
             h.delete(f"/v1/capsules/{cid}")

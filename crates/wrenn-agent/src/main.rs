@@ -19,6 +19,9 @@ struct Args {
     /// One-time token from `POST /v1/hosts` (first start only).
     #[arg(long, env = "WRENN_REGISTRATION_TOKEN")]
     registration_token: Option<String>,
+    /// How often the control plane hears from this agent (tests shorten it).
+    #[arg(long, hide = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: std::time::Duration,
     #[command(flatten)]
     agent: AgentArgs,
 }
@@ -63,24 +66,47 @@ async fn main() {
             std::process::exit(78);
         }
     }
+    // cancelled when the control plane says this host was deleted
+    let deleted = tokio_util::sync::CancellationToken::new();
     let joined = args.control_plane.clone().map(|cp| {
         let facts = wrenn_agent::register::host_facts(&args.agent.data_dir, addr, agent.token());
-        tokio::spawn(wrenn_agent::register::run(
+        let heartbeats = wrenn_agent::register::run(
             cp,
             args.registration_token.clone(),
             args.agent.data_dir.clone(),
             facts,
             server.tls().clone(),
-            wrenn_agent::register::HEARTBEAT_EVERY,
+            args.heartbeat_interval,
             async {
                 let _ = stop_rx.await;
             },
-        ))
+        );
+        let deleted = deleted.clone();
+        tokio::spawn(async move {
+            if heartbeats.await == wrenn_agent::register::Ended::Deleted {
+                deleted.cancel();
+            }
+        })
     });
-    let served = server.run(listener, shutdown()).await;
+    let served = server
+        .run(listener, async {
+            tokio::select! {
+                () = shutdown() => {}
+                () = deleted.cancelled() => {}
+            }
+        })
+        .await;
     let _ = stop_tx.send(());
     if let Some(j) = joined {
         let _ = j.await;
+    }
+    if deleted.is_cancelled() {
+        // Its capsules are the control plane's no more: none may outlive
+        // it. Its registration goes too (a restart needs a new token).
+        eprintln!("wrenn-agent: the control plane deleted this host; destroying its capsules");
+        agent.destroy_all().await;
+        let _ = std::fs::remove_file(args.agent.data_dir.join("host.json"));
+        return;
     }
     if let Err(e) = served {
         eprintln!("wrenn-agent: {e}");

@@ -11,6 +11,10 @@
 //! (`POST /v1/hosts/auth/refresh`), which it keeps and serves at once. A
 //! refused refresh token means the host must be registered again.
 //!
+//! A heartbeat answered 404 `not_found` means the control plane deleted
+//! this host: [`run`] ends with [`Ended::Deleted`], and the agent destroys
+//! its capsules and leaves (wrenn-api.md §5).
+//!
 //! Registration hands the agent its TLS certificate and key and the control
 //! plane's CA certificate (kept in `host.json` too). An agent that belongs
 //! to a control plane serves nothing but mutual TLS, and nothing at all
@@ -62,7 +66,8 @@ pub fn host_facts(data_dir: &Path, address: SocketAddr, agent_token: &str) -> Ho
 struct Identity {
     id: String,
     token: String,
-    /// (absent in an identity from before host tokens expired)
+    /// (absent in an identity from before host tokens expired: the old
+    /// host token then serves as the refresh token, once)
     #[serde(default)]
     refresh_token: String,
     /// (absent in an identity from before mutual TLS)
@@ -89,6 +94,18 @@ impl Identity {
         let path = identity_path(data_dir);
         let text = serde_json::to_string(self).map_err(|e| e.to_string())?;
         write_private(&path, &text).map_err(|e| format!("write {}: {e}", path.display()))
+    }
+
+    /// Keep it in `host.json`; a failure is logged, not returned: the
+    /// control plane has used up what it replaced, so the agent goes on
+    /// with it in memory (and writes it again at the next renewal).
+    fn keep(&self, data_dir: &Path) {
+        if let Err(e) = self.save(data_dir) {
+            tracing::error!(
+                error = %e,
+                "cannot keep the host's credentials; a restart will need a new registration"
+            );
+        }
     }
 }
 
@@ -126,10 +143,10 @@ pub fn restore_tls(data_dir: &Path, slot: &wrenn_http::tls::TlsSlot) -> Result<b
     let id: Identity =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     match &id.tls {
-        Some(files) if !id.refresh_token.is_empty() => install_tls(slot, files).map(|()| true),
-        _ => Err(format!(
-            "{} is from before mutual TLS and expiring host tokens: register this \
-             host again (remove the file, start with a new --registration-token)",
+        Some(files) => install_tls(slot, files).map(|()| true),
+        None => Err(format!(
+            "{} is from before mutual TLS: register this host again \
+             (remove the file, start with a new --registration-token)",
             path.display()
         )),
     }
@@ -182,8 +199,15 @@ async fn register(
         ));
     }
     let id = Identity::from_answer(&bytes)?;
-    id.save(data_dir)?;
+    id.keep(data_dir);
     Ok(id)
+}
+
+/// Why a refresh failed: `refused` when the control plane will not take
+/// the refresh token (the host must be registered again).
+struct RefreshFailed {
+    refused: bool,
+    message: String,
 }
 
 /// Trade `id`'s refresh token for a new identity: kept in `host.json`, its
@@ -194,21 +218,29 @@ async fn refresh(
     id: &Identity,
     data_dir: &Path,
     tls: &wrenn_http::tls::TlsSlot,
-) -> Result<Identity, String> {
-    let body = serde_json::json!({"refresh_token": id.refresh_token});
-    let (status, bytes) = post(client, format!("{cp}/v1/hosts/auth/refresh"), None, &body).await?;
+) -> Result<Identity, RefreshFailed> {
+    let failed = |refused, message| RefreshFailed { refused, message };
+    let refresh_token = if id.refresh_token.is_empty() {
+        &id.token
+    } else {
+        &id.refresh_token
+    };
+    let body = serde_json::json!({ "refresh_token": refresh_token });
+    let (status, bytes) = post(client, format!("{cp}/v1/hosts/auth/refresh"), None, &body)
+        .await
+        .map_err(|e| failed(false, e))?;
     if status != 200 {
-        return Err(format!(
-            "refresh: {status} {}",
-            String::from_utf8_lossy(&bytes)
-        ));
+        let text = format!("refresh: {status} {}", String::from_utf8_lossy(&bytes));
+        return Err(failed(status == 401, text));
     }
-    let new = Identity::from_answer(&bytes)?;
-    // Kept before it is used: a crash in between must not leave the agent
+    let new = Identity::from_answer(&bytes).map_err(|e| failed(false, e))?;
+    // Kept before it is served: a crash in between must not leave the agent
     // with only the used-up refresh token.
-    new.save(data_dir)?;
+    new.keep(data_dir);
     if let Some(files) = &new.tls {
-        install_tls(tls, files)?;
+        if let Err(e) = install_tls(tls, files) {
+            tracing::error!(error = %e, "cannot serve the renewed certificate");
+        }
     }
     Ok(new)
 }
@@ -230,9 +262,26 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// `shutdown` came, or the agent could not join at all.
+    Stopped,
+    /// The control plane no longer knows this host: it was deleted.
+    Deleted,
+}
+
+/// Whether a heartbeat's 404 is the control plane's "host not found" (and
+/// not, say, a proxy in front of it that knows no such path).
+fn says_deleted(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v["error"]["code"] == "not_found")
+}
+
 /// Register (unless `<data-dir>/host.json` says this agent already is) and
-/// heartbeat every `every` until `shutdown`; the certificate the control
-/// plane issues at registration (and at each refresh) goes into `tls`.
+/// heartbeat every `every` until `shutdown` or until the control plane
+/// says the host was deleted; the certificate the control plane issues at
+/// registration (and at each refresh) goes into `tls`.
 pub async fn run(
     cp: String,
     registration_token: Option<String>,
@@ -241,7 +290,7 @@ pub async fn run(
     tls: wrenn_http::tls::TlsSlot,
     every: Duration,
     shutdown: impl std::future::Future<Output = ()>,
-) {
+) -> Ended {
     tokio::pin!(shutdown);
     let cp = cp.trim_end_matches('/').to_owned();
     let client = match reqwest::Client::builder()
@@ -250,14 +299,17 @@ pub async fn run(
         .build()
     {
         Ok(c) => c,
-        Err(e) => return tracing::error!(error = %e, "no HTTP client for the control plane"),
+        Err(e) => {
+            tracing::error!(error = %e, "no HTTP client for the control plane");
+            return Ended::Stopped;
+        }
     };
     let mut id = match read_identity(&data_dir) {
         Some(id) => id,
         None => loop {
             let Some(token) = registration_token.as_deref() else {
                 tracing::error!("not registered yet and no --registration-token given");
-                return;
+                return Ended::Stopped;
             };
             match register(&client, &cp, token, &facts, &data_dir).await {
                 Ok(id) => {
@@ -274,7 +326,7 @@ pub async fn run(
             }
             tokio::select! {
                 _ = tokio::time::sleep(RETRY) => {}
-                () = &mut shutdown => return,
+                () = &mut shutdown => return Ended::Stopped,
             }
         },
     };
@@ -284,8 +336,9 @@ pub async fn run(
         let url = format!("{cp}/v1/hosts/{}/heartbeat", id.id);
         match post(&client, url, Some(&id.token), &body).await {
             Ok((204, _)) => {}
-            Ok((404, _)) => {
-                tracing::error!(host = %id.id, "the control plane no longer knows this host")
+            Ok((404, b)) if says_deleted(&b) => {
+                tracing::error!(host = %id.id, "the control plane deleted this host");
+                return Ended::Deleted;
             }
             // (once per beat: a token refused as soon as it is issued, by a
             // clock far off, must not spin)
@@ -298,10 +351,13 @@ pub async fn run(
                         // heartbeat with the new token now
                         continue;
                     }
-                    Err(e) => tracing::error!(
-                        error = %e,
-                        "cannot renew the host token: register this host again"
+                    Err(e) if e.refused => tracing::error!(
+                        error = %e.message,
+                        "the refresh token was refused: register this host again"
                     ),
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "cannot renew the host token; retrying")
+                    }
                 }
             }
             Ok((status, b)) => {
@@ -311,7 +367,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => renewed = false,
-            () = &mut shutdown => return,
+            () = &mut shutdown => return Ended::Stopped,
         }
     }
 }

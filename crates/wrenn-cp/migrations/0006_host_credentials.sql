@@ -6,8 +6,15 @@
 --   database, as the authority is; the first to start makes it.
 -- hosts.refresh_hash / refresh_expires_at: the SHA-256 of the host's
 --   refresh token (64 hex, 60 days) and when it expires (Unix ms). Each
---   use replaces it. hosts.token_hash (host tokens before JWTs) is no
---   longer read.
+--   use replaces it.
+-- hosts.prev_refresh_hash / prev_refresh_until: the one it replaced, still
+--   taken until then (a few minutes), for an agent that never got the
+--   answer to its refresh.
+--
+-- A host registered before this keeps working: its old host token (64
+-- hex, stored as the same kind of hash) becomes its refresh token, good
+-- until its first use (the agent sends it when it has no refresh token).
+-- hosts.token_hash is no longer read after that.
 
 CREATE TABLE host_signing_key (
     id       INTEGER PRIMARY KEY,
@@ -16,3 +23,9 @@ CREATE TABLE host_signing_key (
 
 ALTER TABLE hosts ADD COLUMN refresh_hash TEXT;
 ALTER TABLE hosts ADD COLUMN refresh_expires_at BIGINT;
+ALTER TABLE hosts ADD COLUMN prev_refresh_hash TEXT;
+ALTER TABLE hosts ADD COLUMN prev_refresh_until BIGINT;
+
+-- (9999-12-31: until first used)
+UPDATE hosts SET refresh_hash = token_hash, refresh_expires_at = 253402300799000
+    WHERE token_hash IS NOT NULL;

@@ -19,10 +19,11 @@ pub struct CpConfig {
     /// connection (one shared HTTP/2 client for both traffic classes, as
     /// the seed system did) to measure what separate transports buy.
     pub shared_transport: bool,
-    /// How long host tokens and refresh tokens are good for (tests
-    /// shorten them; [`crate::host_tokens`]).
+    /// How long host tokens and refresh tokens are good for, and a used
+    /// refresh token's grace (tests shorten them; [`crate::host_tokens`]).
     pub host_token_ttl: Duration,
     pub host_refresh_ttl: Duration,
+    pub host_refresh_grace: Duration,
 }
 
 impl CpConfig {
@@ -36,6 +37,7 @@ impl CpConfig {
             shared_transport: false,
             host_token_ttl: crate::host_tokens::TOKEN_TTL,
             host_refresh_ttl: crate::host_tokens::REFRESH_TTL,
+            host_refresh_grace: crate::host_tokens::REFRESH_GRACE,
         }
     }
 }

@@ -55,6 +55,10 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A host row whose refresh token hashes to `$1` at time `$2`.
+const REFRESHABLE: &str = "(refresh_hash = $1 AND refresh_expires_at > $2) \
+     OR (prev_refresh_hash = $1 AND prev_refresh_until > $2)";
+
 fn migrator() -> Migrator {
     let migrations = [
         (1, "init", include_str!("../migrations/0001_init.sql")),
@@ -345,26 +349,48 @@ impl Db {
         rows.iter().map(host_row).collect()
     }
 
-    /// Use a refresh token (`old`, its hash) once: replaced by `new` (hash,
-    /// expiry) if it is a host's and has not expired. The host, or None.
+    /// The host whose refresh token hashes to `hash`: its current one, not
+    /// expired, or the one it replaced, within its grace.
+    pub async fn refreshable_host(&self, hash: &str) -> Result<Option<HostId>, DbError> {
+        let row = sqlx::query(&format!("SELECT id FROM hosts WHERE {REFRESHABLE}"))
+            .bind(hash)
+            .bind(now_ms())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse(r.try_get::<String, _>("id")?)).transpose()
+    }
+
+    /// Use refresh token `old` (its hash) of host `id`: replaced by `new`
+    /// (hash, expiry). A current token becomes the previous one, taken until
+    /// `grace_until`; a previous one is used up with no further grace. The
+    /// host, or None when `old` is no longer good.
     pub async fn rotate_refresh(
         &self,
+        id: &HostId,
         old: &str,
         new: (&str, i64),
+        grace_until: i64,
     ) -> Result<Option<Host>, DbError> {
-        let row = sqlx::query(
-            "UPDATE hosts SET refresh_hash = $1, refresh_expires_at = $2 \
-             WHERE refresh_hash = $3 AND refresh_expires_at > $4 RETURNING id",
-        )
-        .bind(new.0)
-        .bind(new.1)
+        // (SET expressions read the row as it was)
+        let r = sqlx::query(&format!(
+            "UPDATE hosts SET \
+               prev_refresh_hash = CASE WHEN refresh_hash = $1 THEN refresh_hash END, \
+               prev_refresh_until = CASE WHEN refresh_hash = $1 THEN CAST($5 AS BIGINT) END, \
+               refresh_hash = $3, refresh_expires_at = $4 \
+             WHERE id = $6 AND ({REFRESHABLE})"
+        ))
         .bind(old)
         .bind(now_ms())
-        .fetch_optional(&self.pool)
+        .bind(new.0)
+        .bind(new.1)
+        .bind(grace_until)
+        .bind(id.as_str())
+        .execute(&self.pool)
         .await?;
-        let Some(r) = row else { return Ok(None) };
-        let id: HostId = parse(r.try_get::<String, _>("id")?)?;
-        self.host(&id).await
+        if r.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.host(id).await
     }
 
     /// The key host tokens are signed with (hex), made by `make` and

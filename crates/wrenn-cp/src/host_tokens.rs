@@ -7,7 +7,9 @@
 //!   shared by every control plane on it.
 //! - The refresh token: 64 hex characters, good for [`REFRESH_TTL`], kept
 //!   as a SHA-256. `POST /v1/hosts/auth/refresh` takes it once and answers
-//!   with a new pair and a new certificate; the old one is then refused.
+//!   with a new pair and a new certificate; the old one is then refused,
+//!   but for one more use within [`REFRESH_GRACE`] (an agent that never got
+//!   the answer tries again with it).
 //!
 //! An agent whose host token is refused (401, or 403) refreshes; one
 //! whose refresh token is refused must be registered again.
@@ -25,6 +27,9 @@ use crate::db::{now_ms, Db, DbError};
 pub const TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a refresh token is good for (wrenn's: 60 days).
 pub const REFRESH_TTL: Duration = Duration::from_secs(60 * 24 * 3600);
+/// How long a used refresh token is still taken, once: for an agent whose
+/// refresh answer was lost on the way (it retries with the old token).
+pub const REFRESH_GRACE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {

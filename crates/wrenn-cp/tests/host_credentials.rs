@@ -14,7 +14,8 @@ use wrenn_http::tls::rustls::pki_types::pem::PemObject;
 use wrenn_http::tls::rustls::pki_types::{CertificateDer, ServerName};
 use wrenn_types::ids::HostId;
 
-/// A control plane whose host tokens live `token_ttl`, served on a socket.
+/// A control plane whose host tokens live `token_ttl` and whose used
+/// refresh tokens are taken again for `grace`, served on a socket.
 struct Served {
     plane: ControlPlane,
     base: String,
@@ -24,10 +25,11 @@ struct Served {
 }
 
 impl Served {
-    async fn new(token_ttl: Duration) -> Served {
+    async fn new(token_ttl: Duration, grace: Duration) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let mut config = CpConfig::new(format!("sqlite:{}", dir.path().join("cp.db").display()));
         config.host_token_ttl = token_ttl;
+        config.host_refresh_grace = grace;
         let plane = ControlPlane::start(config).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -99,12 +101,19 @@ fn s(v: &Value, k: &str) -> String {
 
 #[tokio::test]
 async fn host_tokens_expire_and_refresh_tokens_are_good_once() {
-    let cp = Served::new(Duration::from_secs(2)).await;
+    // (made first: tokens live 2 s from here)
+    let other = Served::new(Duration::from_secs(60), Duration::ZERO).await;
+    let cp = Served::new(Duration::from_secs(2), Duration::ZERO).await;
     let a = cp.register().await;
     let (id, token, refresh) = (s(&a["host"], "id"), s(&a, "token"), s(&a, "refresh_token"));
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
     assert!(refresh.len() == 64 && refresh.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(cp.heartbeat(&id, Some(&token)).await.0, 204);
+
+    // another host's token: 403
+    let b = cp.register().await;
+    let (b_id, b_token) = (s(&b["host"], "id"), s(&b, "token"));
+    assert_eq!(cp.heartbeat(&b_id, Some(&token)).await.0, 403);
 
     // missing, foreign and tampered tokens: 401 with wrenn's error JSON
     let (status, body) = cp.heartbeat(&id, None).await;
@@ -118,7 +127,6 @@ async fn host_tokens_expire_and_refresh_tokens_are_good_once() {
     tampered.push(if last == 'A' { 'B' } else { 'A' });
     assert_eq!(cp.heartbeat(&id, Some(&tampered)).await.0, 401);
     // a token signed with another database's key
-    let other = Served::new(Duration::from_secs(60)).await;
     let foreign = other
         .plane
         .cp
@@ -126,11 +134,6 @@ async fn host_tokens_expire_and_refresh_tokens_are_good_once() {
         .sign(&id.parse().unwrap())
         .unwrap();
     assert_eq!(cp.heartbeat(&id, Some(&foreign)).await.0, 401);
-
-    // another host's token: 403
-    let b = cp.register().await;
-    let (b_id, b_token) = (s(&b["host"], "id"), s(&b, "token"));
-    assert_eq!(cp.heartbeat(&b_id, Some(&token)).await.0, 403);
 
     // the token expires; the refresh token buys a new pair and certificate
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -218,8 +221,26 @@ fn host_json(dir: &std::path::Path) -> Value {
 }
 
 #[tokio::test]
+async fn a_used_refresh_token_is_taken_once_more_within_its_grace() {
+    let cp = Served::new(Duration::from_secs(60), Duration::from_secs(60)).await;
+    let a = cp.register().await;
+    let r1 = s(&a, "refresh_token");
+    // the answer to this refresh is "lost": the agent tries r1 again
+    let (status, lost) = cp.refresh(&r1).await;
+    assert_eq!(status, 200);
+    let (status, got) = cp.refresh(&r1).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(cp.refresh(&r1).await.0, 401, "only once more");
+    assert_eq!(cp.refresh(&s(&lost, "refresh_token")).await.0, 401, "replaced");
+    let (status, next) = cp.refresh(&s(&got, "refresh_token")).await;
+    assert_eq!(status, 200);
+    let id = s(&a["host"], "id");
+    assert_eq!(cp.heartbeat(&id, Some(&s(&next, "token"))).await.0, 204);
+}
+
+#[tokio::test]
 async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
-    let cp = Served::new(Duration::from_secs(2)).await;
+    let cp = Served::new(Duration::from_secs(2), Duration::ZERO).await;
     let data = tempfile::tempdir().unwrap();
     let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
     let facts = wrenn_agent::register::host_facts(data.path(), "127.0.0.1:9".parse().unwrap(), "");
@@ -237,13 +258,17 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
         },
     ));
 
-    let first = loop {
-        let v = host_json(data.path());
-        if v["refresh_token"].is_string() && slot.is_set() {
-            break v;
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let v = host_json(data.path());
+            if v["refresh_token"].is_string() && slot.is_set() {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await
+    .expect("the agent registered");
     let id: HostId = s(&first, "id").parse().unwrap();
     let served = served_cert(slot.current().unwrap(), &cp.plane.cp, &id).await;
     assert_eq!(served, der(&s(&first["tls"], "cert_pem")));
@@ -279,13 +304,42 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
         host.last_heartbeat.unwrap() >= renewed_at,
         "heartbeats continue after the renewal"
     );
-    assert_eq!(
-        cp.heartbeat(id.as_str(), Some(&s(&renewed, "token")))
-            .await
-            .0,
-        204
-    );
+    // (the token in host.json now: it may have been renewed again since)
+    let current = s(&host_json(data.path()), "token");
+    assert_eq!(cp.heartbeat(id.as_str(), Some(&current)).await.0, 204);
 
     let _ = stop_tx.send(());
-    agent.await.unwrap();
+    assert_eq!(agent.await.unwrap(), wrenn_agent::register::Ended::Stopped);
+}
+
+#[tokio::test]
+async fn an_agent_hears_that_its_host_was_deleted() {
+    let cp = Served::new(Duration::from_secs(60), Duration::ZERO).await;
+    let data = tempfile::tempdir().unwrap();
+    let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
+    let facts = wrenn_agent::register::host_facts(data.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let agent = tokio::spawn(wrenn_agent::register::run(
+        cp.base.clone(),
+        Some(registration),
+        data.path().to_owned(),
+        facts,
+        wrenn_http::tls::TlsSlot::default(),
+        Duration::from_millis(100),
+        std::future::pending(),
+    ));
+    let id: HostId = loop {
+        if let Some(id) = host_json(data.path())["id"].as_str() {
+            break id.parse().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // it keeps beating while the host exists
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!agent.is_finished());
+    cp.plane.cp.db.delete_host(&id).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), agent)
+        .await
+        .expect("the heartbeat loop ends")
+        .unwrap();
+    assert_eq!(ended, wrenn_agent::register::Ended::Deleted);
 }

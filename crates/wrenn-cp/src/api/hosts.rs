@@ -146,23 +146,26 @@ pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiR
 }
 
 /// Trade a refresh token for a new pair and a new certificate. The old
-/// refresh token is used up; an unknown, used or expired one is 401.
+/// refresh token is used up, though still taken for a short grace
+/// ([`crate::host_tokens::REFRESH_GRACE`]) in case this answer is lost; an
+/// unknown, used or expired one is 401. Everything is made before the old
+/// token is used up, so a failure to make it leaves that token good.
 pub async fn refresh_host(cp: &Cp, refresh_token: &str) -> ApiResult<Registered> {
     let refused = || ApiError::unauthorized("invalid, used or expired refresh token");
     if refresh_token.len() != 64 {
         return Err(refused());
     }
+    let old = sha256_hex(refresh_token);
+    let id = cp.db.refreshable_host(&old).await?.ok_or_else(refused)?;
+    let token = host_token(cp, &id)?;
+    let cert = certify_id(cp, &id)?;
     let refresh = cp.host_tokens.refresh();
+    let grace_until = now_ms() + cp.config.host_refresh_grace.as_millis() as i64;
     let host = cp
         .db
-        .rotate_refresh(
-            &sha256_hex(refresh_token),
-            (&refresh.hash, refresh.expires_at),
-        )
+        .rotate_refresh(&id, &old, (&refresh.hash, refresh.expires_at), grace_until)
         .await?
         .ok_or_else(refused)?;
-    let token = host_token(cp, &host.id)?;
-    let cert = certify(cp, &host)?;
     tracing::info!(host = %host.id, "host credentials refreshed");
     Ok(Registered {
         host,
