@@ -27,9 +27,13 @@ struct Served {
 impl Served {
     async fn new(token_ttl: Duration, grace: Duration) -> Served {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = CpConfig::new(format!("sqlite:{}", dir.path().join("cp.db").display()));
+        let mut config = CpConfig::new(sqlite_url(&dir));
         config.host_token_ttl = token_ttl;
         config.host_refresh_grace = grace;
+        Served::start(config, dir).await
+    }
+
+    async fn start(config: CpConfig, dir: tempfile::TempDir) -> Served {
         let plane = ControlPlane::start(config).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -86,6 +90,10 @@ impl Served {
         )
         .await
     }
+}
+
+fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite:{}", dir.path().join("cp.db").display())
 }
 
 fn registration(token: &str) -> Value {
@@ -188,6 +196,63 @@ async fn host_tokens_expire_and_refresh_tokens_are_good_once() {
             .0,
         401
     );
+}
+
+#[tokio::test]
+async fn a_host_registered_before_expiring_tokens_refreshes_with_its_old_token() {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    use std::borrow::Cow;
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(&dir);
+    let (id, old_token) = (HostId::random(), "ab".repeat(32));
+    // the schema as it was (migrations 1 to 5), and a host registered then
+    {
+        let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+        let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
+            .await
+            .unwrap();
+        let sql = [
+            include_str!("../migrations/0001_init.sql"),
+            include_str!("../migrations/0002_e2b.sql"),
+            include_str!("../migrations/0003_agent_token.sql"),
+            include_str!("../migrations/0004_usage_daily.sql"),
+            include_str!("../migrations/0005_ca.sql"),
+        ];
+        let then = Migrator {
+            migrations: Cow::Owned(
+                (1..)
+                    .zip(sql)
+                    .map(|(v, sql)| {
+                        let name = Cow::Owned(format!("v{v}"));
+                        Migration::new(v, name, MigrationType::Simple, Cow::Borrowed(sql), false)
+                    })
+                    .collect(),
+            ),
+            ..Migrator::DEFAULT
+        };
+        then.run(&pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO hosts (id, status, address, token_hash, created_at) \
+             VALUES ($1, 'online', '127.0.0.1:9', $2, 0)",
+        )
+        .bind(id.as_str())
+        .bind(wrenn_cp::auth::sha256_hex(&old_token))
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    // a control plane of now migrates it; the agent, which has no refresh
+    // token, sends its old host token, once
+    let mut config = CpConfig::new(url);
+    config.host_refresh_grace = Duration::ZERO;
+    let cp = Served::start(config, dir).await;
+    let (status, r) = cp.refresh(&old_token).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(s(&r["host"], "id"), id.as_str());
+    assert_eq!(cp.heartbeat(id.as_str(), Some(&s(&r, "token"))).await.0, 204);
+    assert_eq!(cp.refresh(&old_token).await.0, 401);
+    assert_eq!(cp.heartbeat(id.as_str(), Some(&old_token)).await.0, 401);
 }
 
 /// The certificate a TLS server with `acceptor` presents to the control
