@@ -357,7 +357,8 @@ impl Db {
             .bind(now_ms())
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| parse(r.try_get::<String, _>("id")?)).transpose()
+        row.map(|r| parse(r.try_get::<String, _>("id")?))
+            .transpose()
     }
 
     /// Use refresh token `old` (its hash) of host `id`: replaced by `new`

@@ -101,22 +101,38 @@ async fn exercise(db: &Db) {
     let none = now_ms() - 1;
     let found = db.refreshable_host("refresh-1").await.unwrap();
     assert_eq!(found.as_ref(), Some(&h.id));
-    let r = db.rotate_refresh(&h.id, "refresh-1", ("refresh-2", later), none).await;
+    let r = db
+        .rotate_refresh(&h.id, "refresh-1", ("refresh-2", later), none)
+        .await;
     assert_eq!(r.unwrap().map(|h| h.id), Some(h.id.clone()));
     assert_eq!(db.refreshable_host("refresh-1").await.unwrap(), None);
-    let again = db.rotate_refresh(&h.id, "refresh-1", ("refresh-3", later), none).await;
+    let again = db
+        .rotate_refresh(&h.id, "refresh-1", ("refresh-3", later), none)
+        .await;
     assert!(again.unwrap().is_none(), "a used refresh token");
-    let r = db.rotate_refresh(&h.id, "refresh-2", ("refresh-4", none), later).await;
+    let r = db
+        .rotate_refresh(&h.id, "refresh-2", ("refresh-4", none), later)
+        .await;
     assert!(r.unwrap().is_some());
-    assert_eq!(db.refreshable_host("refresh-4").await.unwrap(), None, "expired");
-    let dead = db.rotate_refresh(&h.id, "refresh-4", ("refresh-5", later), none).await;
+    assert_eq!(
+        db.refreshable_host("refresh-4").await.unwrap(),
+        None,
+        "expired"
+    );
+    let dead = db
+        .rotate_refresh(&h.id, "refresh-4", ("refresh-5", later), none)
+        .await;
     assert!(dead.unwrap().is_none(), "an expired refresh token");
     // refresh-2 (used, in its grace) is good once more, and is then gone
-    let r = db.rotate_refresh(&h.id, "refresh-2", ("refresh-6", later), later).await;
+    let r = db
+        .rotate_refresh(&h.id, "refresh-2", ("refresh-6", later), later)
+        .await;
     assert!(r.unwrap().is_some(), "within the grace");
     assert_eq!(db.refreshable_host("refresh-2").await.unwrap(), None);
-    let other = HostId::random();
-    let r = db.rotate_refresh(&other, "refresh-6", ("refresh-7", later), none).await;
+    let stranger = HostId::random();
+    let r = db
+        .rotate_refresh(&stranger, "refresh-6", ("refresh-7", later), none)
+        .await;
     assert!(r.unwrap().is_none(), "another host's refresh token");
     // the signing key is made once and then read
     let key = db.host_signing_key(|| "k1".into()).await.unwrap();

@@ -250,7 +250,10 @@ async fn a_host_registered_before_expiring_tokens_refreshes_with_its_old_token()
     let (status, r) = cp.refresh(&old_token).await;
     assert_eq!(status, 200, "{r}");
     assert_eq!(s(&r["host"], "id"), id.as_str());
-    assert_eq!(cp.heartbeat(id.as_str(), Some(&s(&r, "token"))).await.0, 204);
+    assert_eq!(
+        cp.heartbeat(id.as_str(), Some(&s(&r, "token"))).await.0,
+        204
+    );
     assert_eq!(cp.refresh(&old_token).await.0, 401);
     assert_eq!(cp.heartbeat(id.as_str(), Some(&old_token)).await.0, 401);
 }
@@ -296,7 +299,11 @@ async fn a_used_refresh_token_is_taken_once_more_within_its_grace() {
     let (status, got) = cp.refresh(&r1).await;
     assert_eq!(status, 200, "{got}");
     assert_eq!(cp.refresh(&r1).await.0, 401, "only once more");
-    assert_eq!(cp.refresh(&s(&lost, "refresh_token")).await.0, 401, "replaced");
+    assert_eq!(
+        cp.refresh(&s(&lost, "refresh_token")).await.0,
+        401,
+        "replaced"
+    );
     let (status, next) = cp.refresh(&s(&got, "refresh_token")).await;
     assert_eq!(status, 200);
     let id = s(&a["host"], "id");
