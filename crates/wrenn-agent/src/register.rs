@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use wrenn_types::hosts::HostFacts;
+use wrenn_types::hosts::{HostFacts, HOST_NOT_FOUND};
 
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(30);
 const RETRY: Duration = Duration::from_secs(5);
@@ -272,10 +272,11 @@ pub enum Ended {
 }
 
 /// Whether a heartbeat's 404 is the control plane's "host not found" (and
-/// not, say, a proxy in front of it that knows no such path).
+/// not a 404 for a path it has no route for, as a wrong URL or a proxy in
+/// front of it would get).
 fn says_deleted(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(body)
-        .is_ok_and(|v| v["error"]["code"] == "not_found")
+        .is_ok_and(|v| v["error"]["code"] == "not_found" && v["error"]["message"] == HOST_NOT_FOUND)
 }
 
 /// Register (unless `<data-dir>/host.json` says this agent already is) and
@@ -311,7 +312,11 @@ pub async fn run(
                 tracing::error!("not registered yet and no --registration-token given");
                 return Ended::Stopped;
             };
-            match register(&client, &cp, token, &facts, &data_dir).await {
+            let registered = tokio::select! {
+                r = register(&client, &cp, token, &facts, &data_dir) => r,
+                () = &mut shutdown => return Ended::Stopped,
+            };
+            match registered {
                 Ok(id) => {
                     tracing::info!(host = %id.id, control_plane = %cp, "registered");
                     if let Some(files) = &id.tls {
@@ -334,7 +339,12 @@ pub async fn run(
     let mut renewed = false;
     loop {
         let url = format!("{cp}/v1/hosts/{}/heartbeat", id.id);
-        match post(&client, url, Some(&id.token), &body).await {
+        // (a call in flight does not hold up shutdown)
+        let beat = tokio::select! {
+            r = post(&client, url, Some(&id.token), &body) => r,
+            () = &mut shutdown => return Ended::Stopped,
+        };
+        match beat {
             Ok((204, _)) => {}
             Ok((404, b)) if says_deleted(&b) => {
                 tracing::error!(host = %id.id, "the control plane deleted this host");
@@ -343,7 +353,11 @@ pub async fn run(
             // (once per beat: a token refused as soon as it is issued, by a
             // clock far off, must not spin)
             Ok((401 | 403, _)) if !renewed => {
-                match refresh(&client, &cp, &id, &data_dir, &tls).await {
+                let renewal = tokio::select! {
+                    r = refresh(&client, &cp, &id, &data_dir, &tls) => r,
+                    () = &mut shutdown => return Ended::Stopped,
+                };
+                match renewal {
                     Ok(new) => {
                         tracing::info!(host = %new.id, "host token and certificate renewed");
                         id = new;
@@ -369,5 +383,21 @@ pub async fn run(
             _ = tokio::time::sleep(every) => renewed = false,
             () = &mut shutdown => return Ended::Stopped,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::says_deleted;
+
+    #[test]
+    fn only_the_host_not_found_404_means_deleted() {
+        let deleted = br#"{"error":{"code":"not_found","message":"host not found"}}"#;
+        assert!(says_deleted(deleted));
+        // the control plane's 404 for a path it has no route for
+        let no_route = br#"{"error":{"code":"not_found","message":"no such route"}}"#;
+        assert!(!says_deleted(no_route));
+        assert!(!says_deleted(b"<html>404 Not Found</html>"));
+        assert!(!says_deleted(b""));
     }
 }

@@ -38,13 +38,16 @@ struct Claims {
     exp: u64,
 }
 
-/// Why a host token was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    /// Not a token of ours: malformed, or signed with another key.
-    Invalid,
-    Expired,
+/// A host token of ours: the host it names, and whether its time is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub host: String,
+    pub expired: bool,
 }
+
+/// Not a token of ours: malformed, or signed with another key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Invalid;
 
 /// Signs and checks host tokens; makes refresh tokens.
 pub struct HostTokens {
@@ -82,10 +85,10 @@ impl HostTokens {
         let key_hex = db.host_signing_key(|| random_hex(32)).await?;
         let key = key_hex.as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
-        // Both ends read the same clocks' seconds: a token is dead when it
-        // says so (jsonwebtoken's default grants another minute).
-        validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // Expiry is judged in `verify`: an expired token still says which
+        // host it names (a deleted host is told so even then).
+        validation.validate_exp = false;
         Ok(HostTokens {
             encoding: EncodingKey::from_secret(key),
             decoding: DecodingKey::from_secret(key),
@@ -116,13 +119,16 @@ impl HostTokens {
         }
     }
 
-    /// The host a token names, if it is ours and alive.
-    pub fn verify(&self, token: &str) -> Result<String, Refused> {
-        use jsonwebtoken::errors::ErrorKind;
-        match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
-            Ok(data) => Ok(data.claims.sub),
-            Err(e) if *e.kind() == ErrorKind::ExpiredSignature => Err(Refused::Expired),
-            Err(_) => Err(Refused::Invalid),
-        }
+    /// The host a token names, if it is ours, and whether it has expired
+    /// (at its `exp` second, with no leeway: both ends read the same
+    /// clock's seconds).
+    pub fn verify(&self, token: &str) -> Result<Verified, Invalid> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|_| Invalid)?;
+        let now = now_ms() as u64 / 1000;
+        Ok(Verified {
+            host: data.claims.sub,
+            expired: data.claims.exp <= now,
+        })
     }
 }

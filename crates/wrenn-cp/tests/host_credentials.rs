@@ -118,10 +118,13 @@ async fn host_tokens_expire_and_refresh_tokens_are_good_once() {
     assert!(refresh.len() == 64 && refresh.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(cp.heartbeat(&id, Some(&token)).await.0, 204);
 
-    // another host's token: 403
     let b = cp.register().await;
     let (b_id, b_token) = (s(&b["host"], "id"), s(&b, "token"));
-    assert_eq!(cp.heartbeat(&b_id, Some(&token)).await.0, 403);
+    // another host's token: 403 (on `other`, whose tokens outlive any
+    // stall of this machine)
+    let (x, y) = (other.register().await, other.register().await);
+    let (x_id, y_token) = (s(&x["host"], "id"), s(&y, "token"));
+    assert_eq!(other.heartbeat(&x_id, Some(&y_token)).await.0, 403);
 
     // missing, foreign and tampered tokens: 401 with wrenn's error JSON
     let (status, body) = cp.heartbeat(&id, None).await;
@@ -171,16 +174,19 @@ async fn host_tokens_expire_and_refresh_tokens_are_good_once() {
         assert_eq!(status, 400, "{bad}");
     }
 
-    // a deleted host: its heartbeat is 404 (the agent's cue), its refresh
-    // token is dead
-    // (b's first token has expired too)
-    assert_eq!(cp.heartbeat(&b_id, Some(&b_token)).await.0, 401);
-    let (status, b) = cp.refresh(&s(&b, "refresh_token")).await;
+    // a deleted host: its heartbeat is 404 "host not found" (the agent's
+    // cue), even with an expired token (an agent back after a week); its
+    // refresh token is dead
+    let (status, b2) = cp.refresh(&s(&b, "refresh_token")).await;
     assert_eq!(status, 200);
     let b_host: HostId = b_id.parse().unwrap();
     cp.plane.cp.db.delete_host(&b_host).await.unwrap();
-    assert_eq!(cp.heartbeat(&b_id, Some(&s(&b, "token"))).await.0, 404);
-    assert_eq!(cp.refresh(&s(&b, "refresh_token")).await.0, 401);
+    for t in [s(&b2, "token"), b_token] {
+        let (status, body) = cp.heartbeat(&b_id, Some(&t)).await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(s(&body["error"], "message"), "host not found");
+    }
+    assert_eq!(cp.refresh(&s(&b2, "refresh_token")).await.0, 401);
 
     // a registration token is good once
     let (_, reg) = issue_registration(&cp.plane.cp).await.unwrap();
@@ -242,18 +248,55 @@ async fn a_host_registered_before_expiring_tokens_refreshes_with_its_old_token()
         .unwrap();
         pool.close().await;
     }
-    // a control plane of now migrates it; the agent, which has no refresh
-    // token, sends its old host token, once
+    // a control plane of now migrates it; its agent, whose host.json has
+    // no refresh token, is refused its old host token and sends it as the
+    // refresh token, once
     let mut config = CpConfig::new(url);
     config.host_refresh_grace = Duration::ZERO;
     let cp = Served::start(config, dir).await;
-    let (status, r) = cp.refresh(&old_token).await;
-    assert_eq!(status, 200, "{r}");
-    assert_eq!(s(&r["host"], "id"), id.as_str());
-    assert_eq!(
-        cp.heartbeat(id.as_str(), Some(&s(&r, "token"))).await.0,
-        204
+    let data = tempfile::tempdir().unwrap();
+    let old = json!({"id": id.as_str(), "token": old_token});
+    std::fs::write(data.path().join("host.json"), old.to_string()).unwrap();
+    let facts = wrenn_agent::register::host_facts(data.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let slot = wrenn_http::tls::TlsSlot::default();
+    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(wrenn_agent::register::run(
+        cp.base.clone(),
+        None,
+        data.path().to_owned(),
+        facts,
+        slot.clone(),
+        Duration::from_millis(100),
+        async {
+            let _ = stop.await;
+        },
+    ));
+    let now = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let v = host_json(data.path());
+            if v["refresh_token"].is_string() {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the agent renewed its credentials");
+    assert_eq!(s(&now, "id"), id.as_str());
+    assert!(
+        slot.is_set(),
+        "and serves the certificate that came with them"
     );
+    let renewed_at = wrenn_cp::db::now_ms();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let host = cp.plane.cp.db.host(&id).await.unwrap().unwrap();
+    assert!(
+        host.last_heartbeat.unwrap() >= renewed_at,
+        "heartbeats go on"
+    );
+    let _ = stop_tx.send(());
+    assert_eq!(agent.await.unwrap(), wrenn_agent::register::Ended::Stopped);
+    // the old token is used up, as a refresh token and as a host token
     assert_eq!(cp.refresh(&old_token).await.0, 401);
     assert_eq!(cp.heartbeat(id.as_str(), Some(&old_token)).await.0, 401);
 }
@@ -399,12 +442,16 @@ async fn an_agent_hears_that_its_host_was_deleted() {
         Duration::from_millis(100),
         std::future::pending(),
     ));
-    let id: HostId = loop {
-        if let Some(id) = host_json(data.path())["id"].as_str() {
-            break id.parse().unwrap();
+    let id: HostId = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(id) = host_json(data.path())["id"].as_str() {
+                break id.parse().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await
+    .expect("the agent registered");
     // it keeps beating while the host exists
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!agent.is_finished());

@@ -23,3 +23,8 @@ pub struct HostFacts {
 
 /// The header carrying [`HostFacts::agent_token`] to the agent.
 pub const AGENT_TOKEN_HEADER: &str = "x-wrenn-agent-token";
+
+/// The message of the control plane's 404 (code `not_found`) for a host it
+/// does not know. An agent whose heartbeat gets it was deleted, and
+/// leaves; a 404 with any other message (a wrong URL) is not that.
+pub const HOST_NOT_FOUND: &str = "host not found";

@@ -19,13 +19,14 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
+use wrenn_types::hosts::HOST_NOT_FOUND;
 use wrenn_types::ids::HostId;
 
 use super::ApiJson;
 use crate::auth::{random_hex, sha256_hex, Caller};
 use crate::db::{now_ms, Host, HostRegistration};
 use crate::error::{ApiError, ApiResult};
-use crate::host_tokens::Refused;
+use crate::host_tokens::Verified;
 use crate::model::rfc3339;
 use crate::pki::HostCert;
 use crate::server::Cp;
@@ -240,7 +241,7 @@ pub async fn get(
         .db
         .host(&id)
         .await?
-        .ok_or_else(|| ApiError::not_found("host not found"))?;
+        .ok_or_else(|| ApiError::not_found(HOST_NOT_FOUND))?;
     Ok(Json(host_json(&h)))
 }
 
@@ -260,7 +261,7 @@ pub async fn delete(
         .parse()
         .map_err(|_| ApiError::invalid("invalid host ID"))?;
     if cp.db.host(&id).await?.is_none() {
-        return Err(ApiError::not_found("host not found"));
+        return Err(ApiError::not_found(HOST_NOT_FOUND));
     }
     let live = cp.db.capsules_on(&id).await?;
     let force = q.get("force").is_some_and(|v| v == "true");
@@ -316,15 +317,23 @@ pub async fn heartbeat(
         .get("x-host-token")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::unauthorized("missing X-Host-Token header"))?;
-    let named = cp.host_tokens.verify(presented).map_err(|r| match r {
-        Refused::Expired => ApiError::unauthorized("the host token has expired"),
-        Refused::Invalid => ApiError::unauthorized("invalid host token"),
-    })?;
+    let Verified {
+        host: named,
+        expired,
+    } = cp
+        .host_tokens
+        .verify(presented)
+        .map_err(|_| ApiError::unauthorized("invalid host token"))?;
     if !bool::from(named.as_bytes().ct_eq(id.as_str().as_bytes())) {
         return Err(ApiError::forbidden("the token is not this host's"));
     }
+    // (before expiry: an agent away for a week still learns its host is
+    // gone, where a refresh would only be refused)
     if cp.db.host(&id).await?.is_none() {
-        return Err(ApiError::not_found("host not found"));
+        return Err(ApiError::not_found(HOST_NOT_FOUND));
+    }
+    if expired {
+        return Err(ApiError::unauthorized("the host token has expired"));
     }
     cp.db.heartbeat(&id).await?;
     // An agent that restarted on another address says so here.
