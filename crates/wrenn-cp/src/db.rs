@@ -644,6 +644,15 @@ impl Db {
     ) -> Result<Option<CapsuleRow>, DbError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        // Write first: this takes SQLite's write lock (waiting for it like
+        // any write) and PostgreSQL's row lock, so the state read next is
+        // the one this update replaces. A SQLite transaction that read
+        // first fails at once with "database is locked" (no busy wait) when
+        // another writer commits in between.
+        sqlx::query("UPDATE capsules SET last_updated = last_updated WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
         let row = sqlx::query(&format!("{CAPSULE_COLS} WHERE id = $1"))
             .bind(id.as_str())
             .fetch_optional(&mut *tx)

@@ -402,12 +402,74 @@ async fn exercise(db: &Db) {
         .is_empty());
 }
 
+/// Many transitions of one capsule at once (the API, the reconciler and
+/// the TTL reaper do this): every one succeeds, and the running ledger
+/// has at most one open run. On SQLite a transaction that reads before it
+/// writes fails at once ("database is locked", no busy wait) when another
+/// writer committed in between.
+async fn concurrent_transitions(db: &Db) {
+    let team = Team {
+        id: TeamId::random(),
+        name: "busy".into(),
+        slug: format!("busy-{}", now_ms()),
+        is_admin: false,
+        created_at: now_ms(),
+    };
+    db.insert_team(&team).await.unwrap();
+    let now = now_ms();
+    let c = CapsuleRow {
+        id: CapsuleId::random(),
+        team_id: team.id.clone(),
+        host_id: None,
+        template: "minimal".into(),
+        agent_template: "minimal".into(),
+        status: Status::Starting,
+        vcpus: 1,
+        memory_mb: 512,
+        timeout_sec: 0,
+        disk_size_mb: 5120,
+        metadata: BTreeMap::new(),
+        created_at: now,
+        started_at: None,
+        last_active_at: None,
+        last_updated: now,
+        access_token: String::new(),
+        end_at: None,
+        on_timeout: OnTimeout::Kill,
+    };
+    db.insert_capsule(&c).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (db, id) = (db.clone(), c.id.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let to = if (t + i) % 2 == 0 {
+                    Status::Running
+                } else {
+                    Status::Paused
+                };
+                db.transition(&id, &[], to).await?;
+            }
+            Ok::<(), wrenn_cp::db::DbError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("a concurrent transition failed");
+    }
+    let status = db.capsule(&team.id, &c.id).await.unwrap().unwrap().status;
+    assert!(
+        matches!(status, Status::Running | Status::Paused),
+        "{status}"
+    );
+}
+
 #[tokio::test]
 async fn queries_work_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:{}", dir.path().join("w.db").display());
     let db = Db::open(&url).await.unwrap();
     exercise(&db).await;
+    concurrent_transitions(&db).await;
     db.close().await;
     // reopening runs no migration twice and keeps the data (WAL file present)
     let db = Db::open(&url).await.unwrap();
@@ -427,6 +489,7 @@ async fn queries_work_on_postgres() {
     };
     let db = Db::open(&url).await.unwrap();
     exercise(&db).await;
+    concurrent_transitions(&db).await;
     // migrating again is a no-op
     Db::open(&url).await.unwrap();
 }
