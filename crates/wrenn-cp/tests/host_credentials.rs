@@ -3,10 +3,12 @@
 //! once, certificates that come anew with each refresh; and a real agent's
 //! heartbeat loop renewing its credentials when its token expires.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use wrenn_agent::register::Ended;
 use wrenn_cp::api::hosts::issue_registration;
 use wrenn_cp::pki::agent_name;
 use wrenn_cp::{ControlPlane, CpConfig};
@@ -257,34 +259,14 @@ async fn a_host_registered_before_expiring_tokens_refreshes_with_its_old_token()
     let data = tempfile::tempdir().unwrap();
     let old = json!({"id": id.as_str(), "token": old_token});
     std::fs::write(data.path().join("host.json"), old.to_string()).unwrap();
-    let facts = wrenn_agent::register::host_facts(data.path(), "127.0.0.1:9".parse().unwrap(), "");
-    let slot = wrenn_http::tls::TlsSlot::default();
-    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(wrenn_agent::register::run(
-        cp.base.clone(),
-        None,
-        data.path().to_owned(),
-        facts,
-        slot.clone(),
-        Duration::from_millis(100),
-        async {
-            let _ = stop.await;
-        },
-    ));
-    let now = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let v = host_json(data.path());
-            if v["refresh_token"].is_string() {
-                break v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let agent = Agent::start(&cp, None, data.path(), Duration::from_millis(100));
+    let now = host_json_when(data.path(), "the agent renewed its credentials", |v| {
+        v["refresh_token"].is_string()
     })
-    .await
-    .expect("the agent renewed its credentials");
+    .await;
     assert_eq!(s(&now, "id"), id.as_str());
     assert!(
-        slot.is_set(),
+        agent.slot.is_set(),
         "and serves the certificate that came with them"
     );
     let renewed_at = wrenn_cp::db::now_ms();
@@ -294,8 +276,7 @@ async fn a_host_registered_before_expiring_tokens_refreshes_with_its_old_token()
         host.last_heartbeat.unwrap() >= renewed_at,
         "heartbeats go on"
     );
-    let _ = stop_tx.send(());
-    assert_eq!(agent.await.unwrap(), wrenn_agent::register::Ended::Stopped);
+    assert_eq!(agent.end().await, Ended::Stopped);
     // the old token is used up, as a refresh token and as a host token
     assert_eq!(cp.refresh(&old_token).await.0, 401);
     assert_eq!(cp.heartbeat(id.as_str(), Some(&old_token)).await.0, 401);
@@ -326,7 +307,57 @@ fn der(pem: &str) -> Vec<u8> {
         .to_vec()
 }
 
-fn host_json(dir: &std::path::Path) -> Value {
+/// A real agent's registration and heartbeat loop against `cp`, beating
+/// every `every`, keeping `host.json` in `data`, serving TLS from `slot`.
+struct Agent {
+    slot: wrenn_http::tls::TlsSlot,
+    task: tokio::task::JoinHandle<Ended>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Agent {
+    fn start(cp: &Served, registration: Option<String>, data: &Path, every: Duration) -> Agent {
+        let facts = wrenn_agent::register::host_facts(data, "127.0.0.1:9".parse().unwrap(), "");
+        let slot = wrenn_http::tls::TlsSlot::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(wrenn_agent::register::run(
+            cp.base.clone(),
+            registration,
+            data.to_owned(),
+            facts,
+            slot.clone(),
+            every,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Agent { slot, task, stop }
+    }
+
+    /// Stop it; how its loop ended.
+    async fn end(self) -> Ended {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
+/// `host.json` in `data` once `ready` holds for it (within 10 s).
+async fn host_json_when(data: &Path, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let wait = async {
+        loop {
+            let v = host_json(data);
+            if ready(&v) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: host.json is {}", host_json(data)))
+}
+
+fn host_json(dir: &Path) -> Value {
     let text = std::fs::read_to_string(dir.join("host.json")).unwrap_or_default();
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
@@ -358,49 +389,27 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
     let cp = Served::new(Duration::from_secs(2), Duration::ZERO).await;
     let data = tempfile::tempdir().unwrap();
     let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
-    let facts = wrenn_agent::register::host_facts(data.path(), "127.0.0.1:9".parse().unwrap(), "");
-    let slot = wrenn_http::tls::TlsSlot::default();
-    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(wrenn_agent::register::run(
-        cp.base.clone(),
+    let agent = Agent::start(
+        &cp,
         Some(registration),
-        data.path().to_owned(),
-        facts,
-        slot.clone(),
+        data.path(),
         Duration::from_millis(200),
-        async {
-            let _ = stop.await;
-        },
-    ));
-
-    let first = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let v = host_json(data.path());
-            if v["refresh_token"].is_string() && slot.is_set() {
-                break v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    );
+    let slot = agent.slot.clone();
+    let first = host_json_when(data.path(), "the agent registered", |v| {
+        v["refresh_token"].is_string() && slot.is_set()
     })
-    .await
-    .expect("the agent registered");
+    .await;
     let id: HostId = s(&first, "id").parse().unwrap();
     let served = served_cert(slot.current().unwrap(), &cp.plane.cp, &id).await;
     assert_eq!(served, der(&s(&first["tls"], "cert_pem")));
 
     // past the token's life the agent refreshes: host.json and the served
     // certificate change, and the heartbeats go on with the new token
-    let renewed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let v = host_json(data.path());
-            if v["refresh_token"].is_string() && v["refresh_token"] != first["refresh_token"] {
-                break v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let renewed = host_json_when(data.path(), "the agent renewed its credentials", |v| {
+        v["refresh_token"].is_string() && v["refresh_token"] != first["refresh_token"]
     })
-    .await
-    .expect("the agent renewed its credentials");
+    .await;
     assert_ne!(renewed["token"], first["token"]);
     let new_cert = der(&s(&renewed["tls"], "cert_pem"));
     assert_ne!(new_cert, der(&s(&first["tls"], "cert_pem")));
@@ -423,8 +432,7 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
     let current = s(&host_json(data.path()), "token");
     assert_eq!(cp.heartbeat(id.as_str(), Some(&current)).await.0, 204);
 
-    let _ = stop_tx.send(());
-    assert_eq!(agent.await.unwrap(), wrenn_agent::register::Ended::Stopped);
+    assert_eq!(agent.end().await, Ended::Stopped);
 }
 
 #[tokio::test]
@@ -432,33 +440,22 @@ async fn an_agent_hears_that_its_host_was_deleted() {
     let cp = Served::new(Duration::from_secs(60), Duration::ZERO).await;
     let data = tempfile::tempdir().unwrap();
     let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
-    let facts = wrenn_agent::register::host_facts(data.path(), "127.0.0.1:9".parse().unwrap(), "");
-    let agent = tokio::spawn(wrenn_agent::register::run(
-        cp.base.clone(),
+    let agent = Agent::start(
+        &cp,
         Some(registration),
-        data.path().to_owned(),
-        facts,
-        wrenn_http::tls::TlsSlot::default(),
+        data.path(),
         Duration::from_millis(100),
-        std::future::pending(),
-    ));
-    let id: HostId = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(id) = host_json(data.path())["id"].as_str() {
-                break id.parse().unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the agent registered");
+    );
+    let registered =
+        host_json_when(data.path(), "the agent registered", |v| v["id"].is_string()).await;
+    let id: HostId = s(&registered, "id").parse().unwrap();
     // it keeps beating while the host exists
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!agent.is_finished());
+    assert!(!agent.task.is_finished());
     cp.plane.cp.db.delete_host(&id).await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), agent)
+    let ended = tokio::time::timeout(Duration::from_secs(10), agent.task)
         .await
         .expect("the heartbeat loop ends")
         .unwrap();
-    assert_eq!(ended, wrenn_agent::register::Ended::Deleted);
+    assert_eq!(ended, Ended::Deleted);
 }
