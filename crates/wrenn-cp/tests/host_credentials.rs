@@ -334,6 +334,12 @@ impl Agent {
         Agent { slot, task, stop }
     }
 
+    /// One given a new registration token.
+    async fn register(cp: &Served, data: &Path, every: Duration) -> Agent {
+        let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
+        Agent::start(cp, Some(registration), data, every)
+    }
+
     /// Stop it; how its loop ended.
     async fn end(self) -> Ended {
         let _ = self.stop.send(());
@@ -388,13 +394,7 @@ async fn a_used_refresh_token_is_taken_once_more_within_its_grace() {
 async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
     let cp = Served::new(Duration::from_secs(2), Duration::ZERO).await;
     let data = tempfile::tempdir().unwrap();
-    let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
-    let agent = Agent::start(
-        &cp,
-        Some(registration),
-        data.path(),
-        Duration::from_millis(200),
-    );
+    let agent = Agent::register(&cp, data.path(), Duration::from_millis(200)).await;
     let slot = agent.slot.clone();
     let first = host_json_when(data.path(), "the agent registered", |v| {
         v["refresh_token"].is_string() && slot.is_set()
@@ -439,13 +439,7 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
 async fn an_agent_hears_that_its_host_was_deleted() {
     let cp = Served::new(Duration::from_secs(60), Duration::ZERO).await;
     let data = tempfile::tempdir().unwrap();
-    let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
-    let agent = Agent::start(
-        &cp,
-        Some(registration),
-        data.path(),
-        Duration::from_millis(100),
-    );
+    let agent = Agent::register(&cp, data.path(), Duration::from_millis(100)).await;
     let registered =
         host_json_when(data.path(), "the agent registered", |v| v["id"].is_string()).await;
     let id: HostId = s(&registered, "id").parse().unwrap();
