@@ -1428,17 +1428,15 @@ impl Agent {
     /// Where the proxy reaches `port` of a running capsule (not activity).
     pub fn proxy_target(&self, id: &CapsuleId, port: u16) -> Result<SocketAddr, AgentError> {
         let c = self.get(id)?;
-        transition(c.state(), Op::Use).map_err(|i| AgentError::illegal(id, i))?;
-        let ip = c.slot().ok_or_else(|| {
-            AgentError::illegal(
-                id,
-                crate::state::Illegal {
-                    op: Op::Use,
-                    state: c.state(),
-                },
-            )
-        })?;
-        Ok(SocketAddr::from((ip.capsule_ip, port)))
+        // One look at the record (every proxied request comes here).
+        let (state, ip) = {
+            let r = c.rec.lock().unwrap();
+            (r.state, r.slot.as_ref().map(|s| s.capsule_ip))
+        };
+        transition(state, Op::Use).map_err(|i| AgentError::illegal(id, i))?;
+        let ip = ip
+            .ok_or_else(|| AgentError::illegal(id, crate::state::Illegal { op: Op::Use, state }))?;
+        Ok(SocketAddr::from((ip, port)))
     }
 
     /// Turn internet access on or off.

@@ -49,7 +49,7 @@ pub struct Route {
 pub struct PortProxy {
     agent: Arc<Agent>,
     client: wrenn_http::ProxyClient,
-    routes: Mutex<HashMap<(CapsuleId, u16), Route>>,
+    routes: Mutex<HashMap<(CapsuleId, u16), Arc<Route>>>,
     tunnels: TaskTracker,
     stop: CancellationToken,
 }
@@ -86,23 +86,22 @@ impl PortProxy {
         self.tunnels.wait().await;
     }
 
-    fn route(&self, id: &CapsuleId, port: u16) -> Result<Route, AgentError> {
-        // The state check and the address lookup run on every request; the
-        // cache holds what is derived from them, refreshed each time, so an
-        // entry can never point at an address the capsule no longer has.
+    fn route(&self, id: &CapsuleId, port: u16) -> Result<Arc<Route>, AgentError> {
+        // The state check and the address lookup run on every request; an
+        // entry is used only while it names the capsule's address, so it can
+        // never point at an address the capsule no longer has.
         let upstream = self.agent.proxy_target(id, port)?;
+        let key = (id.clone(), port);
         let mut routes = self.routes.lock().unwrap();
-        let stop = routes
-            .get(&(id.clone(), port))
-            .filter(|r| r.upstream == upstream)
-            .map(|r| r.stop.clone())
-            .unwrap_or_else(|| self.stop.child_token());
-        let route = Route {
+        if let Some(r) = routes.get(&key).filter(|r| r.upstream == upstream) {
+            return Ok(r.clone());
+        }
+        let route = Arc::new(Route {
             upstream,
             prefix: format!("/proxy/{id}/{port}"),
-            stop,
-        };
-        routes.insert((id.clone(), port), route.clone());
+            stop: self.stop.child_token(),
+        });
+        routes.insert(key, route.clone());
         Ok(route)
     }
 
@@ -149,7 +148,7 @@ impl PortProxy {
         self.forward(req, route, &path_and_query).await
     }
 
-    async fn forward(&self, req: Request, route: Route, path_and_query: &str) -> Response {
+    async fn forward(&self, req: Request, route: Arc<Route>, path_and_query: &str) -> Response {
         let Ok(uri) = format!("http://{}{}", route.upstream, path_and_query).parse::<Uri>() else {
             return plain(StatusCode::BAD_REQUEST, "unparsable path");
         };
@@ -158,7 +157,7 @@ impl PortProxy {
         relay::cut_on(resp, stop)
     }
 
-    async fn tunnel(&self, req: Request, route: Route, path_and_query: &str) -> Response {
+    async fn tunnel(&self, req: Request, route: Arc<Route>, path_and_query: &str) -> Response {
         let stop = route.stop.clone();
         relay::tunnel(
             req,

@@ -25,6 +25,7 @@
 //! - Proxy traffic does not count as capsule activity.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,7 +47,7 @@ use crate::server::Cp;
 
 pub const ROUTE_TTL: Duration = Duration::from_secs(120);
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Route {
     pub team: TeamId,
     pub agent: std::net::SocketAddr,
@@ -62,15 +63,15 @@ pub struct Route {
     pub agent_token: HeaderValue,
     at: Instant,
     /// Looked up again on next use (the agent refused a dial).
-    stale: bool,
+    stale: AtomicBool,
     /// Cancelled on eviction: ends the capsule's tunnels and streams.
     pub stop: CancellationToken,
 }
 
-/// Cached capsule → agent routes.
+/// Cached capsule → agent routes (shared, not copied, by each request).
 #[derive(Debug, Default)]
 pub struct Routes {
-    map: Mutex<HashMap<CapsuleId, Route>>,
+    map: Mutex<HashMap<CapsuleId, Arc<Route>>>,
 }
 
 impl Routes {
@@ -119,10 +120,10 @@ impl Refusal {
 }
 
 /// The route to a running capsule.
-pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
+pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Arc<Route>, Refusal> {
     let previous = cp.proxy_routes.map.lock().unwrap().get(id).cloned();
     if let Some(r) = &previous {
-        if !r.stale && r.at.elapsed() < ROUTE_TTL {
+        if !r.stale.load(Ordering::Relaxed) && r.at.elapsed() < ROUTE_TTL {
             return Ok(r.clone());
         }
     }
@@ -153,7 +154,7 @@ pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
         .get()
         .filter(|(h, _)| !cp.config.shared_transport && c.host_id.as_ref() == Some(h))
         .map(|(_, p)| p.clone());
-    let route = Route {
+    let route = Arc::new(Route {
         team: c.team_id.clone(),
         agent,
         agent_name: host.name.clone(),
@@ -162,11 +163,11 @@ pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Route, Refusal> {
         token: c.access_token.clone(),
         agent_token: host.agent_token.clone(),
         at: Instant::now(),
-        stale: false,
+        stale: AtomicBool::new(false),
         // A refreshed route keeps its token: eviction must still reach
         // the streams opened before the refresh.
-        stop: previous.map_or_else(|| cp.stop.child_token(), |r| r.stop),
-    };
+        stop: previous.map_or_else(|| cp.stop.child_token(), |r| r.stop.clone()),
+    });
     cp.proxy_routes
         .map
         .lock()
@@ -304,8 +305,8 @@ pub async fn relay_to(
         // The agent itself may be gone, or have a new token since the
         // route was cached: look the route up again next time (keeping its
         // stop token, which streams still open were given).
-        if let Some(r) = cp.proxy_routes.map.lock().unwrap().get_mut(id) {
-            r.stale = true;
+        if let Some(r) = cp.proxy_routes.map.lock().unwrap().get(id) {
+            r.stale.store(true, Ordering::Relaxed);
         }
     }
     relay::cut_on(resp, route.stop.clone())

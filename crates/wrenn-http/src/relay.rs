@@ -73,31 +73,37 @@ pub fn refusal_kind(resp: &Response) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Typed names: removing by `&str` parses the name again on every call.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Remove the headers that belong to one hop (RFC 9110 §7.6.1), including
 /// those the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
 }
@@ -128,9 +134,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn add_forwarded(h: &mut HeaderMap) {
     if let Some(host) = h.get(header::HOST).cloned() {
-        h.entry("x-forwarded-host").or_insert(host);
+        h.entry(X_FORWARDED_HOST).or_insert(host);
     }
-    h.entry("x-forwarded-proto")
+    h.entry(X_FORWARDED_PROTO)
         .or_insert(HeaderValue::from_static("http"));
 }
 
@@ -148,7 +154,7 @@ pub async fn forward(
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove("x-api-key");
+    parts.headers.remove(X_API_KEY);
     add_forwarded(&mut parts.headers);
     let body = body.map_err(std::io::Error::other).boxed_unsync();
     match client.request(http::Request::from_parts(parts, body)).await {
@@ -256,7 +262,7 @@ pub async fn tunnel(
         .method(req.method().clone())
         .uri(path_and_query);
     for (k, v) in req.headers() {
-        if k != "x-api-key" {
+        if k != X_API_KEY {
             up = up.header(k, v);
         }
     }
