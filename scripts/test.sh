@@ -17,39 +17,39 @@ start_postgres
 trap stop_postgres EXIT
 trap 'exit 130' INT TERM   # runs the EXIT trap: PostgreSQL is stopped on Ctrl-C / kill too
 
-echo "==> cargo fmt --check"
+echo "==> [${SECONDS}s] cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "==> cargo clippy"
+echo "==> [${SECONDS}s] cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "==> static envd"
+echo "==> [${SECONDS}s] static envd"
 ENVD_STATIC_BIN=$(build_static_envd | tail -n 1)
 export ENVD_STATIC_BIN
 if ldd "$ENVD_STATIC_BIN" 2>&1 | grep -q '=>'; then
   echo "envd is not static:"; ldd "$ENVD_STATIC_BIN"; exit 1
 fi
 
-echo "==> guest kernel for VM capsules"
+echo "==> [${SECONDS}s] guest kernel for VM capsules"
 mkdir -p target/wrenn-fixtures
 fetch_guest_kernel "$PWD/target/wrenn-fixtures/vm-kernel"
 export WRENN_VM_KERNEL="$PWD/target/wrenn-fixtures/vm-kernel"
 ls "$WRENN_VM_KERNEL"/boot/
 
-echo "==> cargo test"
+echo "==> [${SECONDS}s] cargo test"
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
 # (libtest hides what a passing test printed: say whether Firecracker ran)
 cargo test -q -p wrenn-agent --test firecracker -- --nocapture 2>&1 | grep -E "SKIPPED|passed" || true
 disk_report
 
-echo "==> e2b SDK against envd"
+echo "==> [${SECONDS}s] e2b SDK against envd"
 venv=target/sdk-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade -r tests/e2b_sdk/requirements.txt
 ENVD_BIN="$ENVD_STATIC_BIN" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2b_sdk
 
-echo "==> wrenn SDK against wrenn up (SQLite, then PostgreSQL)"
+echo "==> [${SECONDS}s] wrenn SDK against wrenn up (SQLite, then PostgreSQL)"
 venv=target/wrenn-sdk-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --ignore-requires-python -r tests/wrenn_sdk/requirements.txt
@@ -60,11 +60,11 @@ env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
 ENVD_BIN="$ENVD_STATIC_BIN" WRENN_TEST_DATABASE_URL="$WRENN_SDK_DATABASE_URL" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
 
-echo "==> the wrenn command against wrenn up (wrenn shell in tmux)"
+echo "==> [${SECONDS}s] the wrenn command against wrenn up (wrenn shell in tmux)"
 env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
   target/wrenn-sdk-venv/bin/python -m pytest -q -p no:cacheprovider tests/cli
 
-echo "==> E2B SDKs (Python and npm) against wrenn up"
+echo "==> [${SECONDS}s] E2B SDKs (Python and npm) against wrenn up"
 venv=target/e2b-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q -r tests/e2b_cp/requirements.txt
@@ -72,24 +72,27 @@ venv=target/e2b-venv
 env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2b_cp
 
-echo "==> benchmark (smoke): the SDKs' first command"
+echo "==> [${SECONDS}s] benchmark (smoke): the SDKs' first command"
 ENVD_BIN="$ENVD_STATIC_BIN" target/e2b-venv/bin/python bench/sdk_first_command.py --smoke
+
+# The smoke runs only prove that each benchmark still runs: the debug build
+# that the tests made serves (a release build of the workspace would cost CI
+# another ten minutes). Measurements use `cargo bench` (bench/RESULTS.md).
+echo "==> [${SECONDS}s] benchmarks (smoke)"
+cargo run -q -p wrenn-bench -- all --smoke --envd "$ENVD_STATIC_BIN"
+cargo bench -q --profile dev -p wrenn-agent --bench capsules -- --smoke
+cargo bench -q --profile dev -p wrenn-cli --bench api -- --smoke
 
 disk_report
 if [ "${CI:-}" = true ]; then
-  # Nothing below uses the debug build; a CI disk is not big enough for it,
-  # the fuzz builds and the release build at once.
+  # Nothing below uses the debug build; a CI disk is not big enough for it
+  # and the fuzz builds at once.
   echo "==> CI: removing the debug build"
   cargo clean -q --profile dev
 fi
 
-echo "==> fuzz targets (build + short run)"
+echo "==> [${SECONDS}s] fuzz targets (build + short run)"
 scripts/fuzz.sh smoke
 
-echo "==> benchmarks (smoke)"
-cargo run --release -q -p wrenn-bench -- all --smoke --envd "$ENVD_STATIC_BIN"
-cargo bench -q -p wrenn-agent --bench capsules -- --smoke
-cargo bench -q -p wrenn-cli --bench api -- --smoke
 disk_report
-
-echo "==> all tests passed"
+echo "==> all tests passed in ${SECONDS}s"
