@@ -11,6 +11,8 @@
 //! - `warm`: the same create → first exec served from a warm pool. Goal
 //!   p50 ≤ 0.25× cold.
 //! - `concurrent`: N creates at once. Goal p95 ≤ 3× the serial create p50.
+//!   Then the same burst met by a warm pool of N (filled untimed): how far
+//!   a pool sized for a burst absorbs it.
 //! - `pause`: pause and resume p50.
 //! - `idle`: memory per idle capsule (what its cgroup is charged: envd and
 //!   the kernel objects it owns; the agent's RSS; the host's
@@ -272,7 +274,7 @@ fn main() -> Result<()> {
         println!("  cold / raw runc p50 ratio: {cold_ratio:.2}× (goal ≤ 1.5×)");
 
         // warm pool: refill untimed, then claim → first exec
-        let mut warm = Vec::new();
+        let (mut warm, mut warm_create) = (Vec::new(), Vec::new());
         let busybox = "busybox".parse().expect("valid");
         for _ in 0..o.iterations {
             fill_one(&agent).await?;
@@ -281,6 +283,7 @@ fn main() -> Result<()> {
             let id = req.id.clone();
             let started = Instant::now();
             agent.create(req).await?;
+            warm_create.push(started.elapsed());
             first_exec(&agent, &id).await?;
             warm.push(started.elapsed());
             agent.destroy(&id).await?;
@@ -290,33 +293,33 @@ fn main() -> Result<()> {
         println!("  warm / cold p50 ratio: {warm_ratio:.3}× (goal ≤ 0.25×)");
 
         // concurrent creates vs the serial create p50
-        let started = Instant::now();
-        let handles: Vec<_> = (0..o.concurrent)
-            .map(|_| {
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    let req = request("busybox");
-                    let id = req.id.clone();
-                    let t = Instant::now();
-                    let r = agent.create(req).await.map(|_| t.elapsed());
-                    (id, r)
-                })
-            })
-            .collect();
-        let mut conc = Vec::new();
-        let mut ids = Vec::new();
-        for h in handles {
-            let (id, r) = h.await?;
-            conc.push(r?);
-            ids.push(id);
-        }
-        let wall = started.elapsed();
+        let (conc, wall) = burst(&agent, o.concurrent).await?;
         line(&format!("{} concurrent creates", o.concurrent), &conc);
         let conc_ratio = ms(pct(&conc, 0.95)) / ms(pct(&create_only, 0.5));
         println!("  concurrent p95 / serial create p50: {conc_ratio:.2}× (goal ≤ 3×); all done in {:.0} ms", ms(wall));
-        for id in &ids {
-            agent.destroy(id).await?;
-        }
+
+        // the same burst met by a warm pool of its size (filled untimed)
+        agent
+            .fill_warm_pools_to(&busybox, o.concurrent)
+            .await;
+        anyhow::ensure!(
+            agent.warm_count(&busybox) == o.concurrent,
+            "the warm pool holds {} of {}",
+            agent.warm_count(&busybox),
+            o.concurrent
+        );
+        let (warm_burst, warm_wall) = burst(&agent, o.concurrent).await?;
+        line(
+            &format!("{} concurrent creates, warm pool of {}", o.concurrent, o.concurrent),
+            &warm_burst,
+        );
+        line("warm create alone (serial)", &warm_create);
+        let warm_burst_ratio = ms(pct(&warm_burst, 0.95)) / ms(pct(&create_only, 0.5));
+        println!(
+            "  warm burst p95 / serial cold create p50: {warm_burst_ratio:.2}×; / serial warm create p50: {:.2}×; all done in {:.0} ms",
+            ms(pct(&warm_burst, 0.95)) / ms(pct(&warm_create, 0.5)),
+            ms(warm_wall)
+        );
 
         // pause / resume
         let req = request("busybox");
@@ -380,6 +383,8 @@ fn main() -> Result<()> {
             "concurrent": o.concurrent,
             "concurrent_p95_ms": ms(pct(&conc, 0.95)),
             "concurrent_p95_over_serial_p50": conc_ratio,
+            "warm_burst_p95_ms": ms(pct(&warm_burst, 0.95)),
+            "warm_burst_p95_over_serial_p50": warm_burst_ratio,
             "pause_p50_ms": ms(pct(&pauses, 0.5)),
             "resume_p50_ms": ms(pct(&resumes, 0.5)),
             "idle_cgroup_kib": cgroup_kib,
@@ -393,6 +398,37 @@ fn main() -> Result<()> {
         println!("{j}");
     }
     Ok(())
+}
+
+/// `n` creates started at once, each destroyed afterwards: how long each
+/// create took, and the whole burst.
+async fn burst(agent: &Arc<Agent>, n: usize) -> Result<(Vec<Duration>, Duration)> {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let req = request("busybox");
+                let id = req.id.clone();
+                let t = Instant::now();
+                let r = agent.create(req).await.map(|_| t.elapsed());
+                (id, r)
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for h in handles {
+        done.push(h.await?);
+    }
+    let wall = started.elapsed();
+    let mut times = Vec::new();
+    for (id, r) in done {
+        if r.is_ok() {
+            agent.destroy(&id).await?;
+        }
+        times.push(r?);
+    }
+    Ok((times, wall))
 }
 
 /// Top the (size-1) warm pool up by hand, so refills stay out of the timing.
