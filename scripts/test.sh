@@ -87,7 +87,7 @@ disk_report
 if [ "${CI:-}" = true ]; then
   # Nothing below uses the debug build; a CI disk is not big enough for it
   # and the fuzz builds at once.
-  echo "==> CI: removing the debug build"
+  echo "==> [${SECONDS}s] CI: removing the debug build"
   cargo clean -q --profile dev
 fi
 

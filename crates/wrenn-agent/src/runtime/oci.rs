@@ -3,8 +3,9 @@
 //!
 //! Every call passes `--root` (a state directory private to this agent
 //! instance) and `--log` (a JSON log per capsule, read back for error
-//! messages). `create` hands the container the capsule's log file as
-//! stdio, never a pipe to the agent: containers outlive the agent.
+//! messages). `run --detach` (and `create`, `restore`) hand the container
+//! the capsule's log file as stdio, never a pipe to the agent: containers
+//! outlive the agent.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,8 +25,9 @@ pub struct OciRuntime {
     /// Run the CLI in a private mount namespace without
     /// `/sys/fs/cgroup/unified`: crun refuses hybrid cgroup hosts otherwise.
     hide_unified: bool,
-    /// Run `create` inside the capsule's network namespace: gVisor's
-    /// runsc sets its netstack up from the namespace it starts in. (Gets
+    /// Start containers (`run`, `create`) inside the capsule's network
+    /// namespace: gVisor's runsc sets its netstack up from the namespace it
+    /// starts in. (Gets
     /// runsc past its root-namespace check; its sandbox still dies at boot
     /// here, so runsc is not a supported runtime yet.)
     enter_netns: bool,
@@ -123,7 +125,7 @@ impl OciRuntime {
         }
     }
 
-    /// Run a detaching command (`create`, `restore`) whose stdio the
+    /// Run a detaching command (`run --detach`, `create`, `restore`) whose stdio the
     /// container keeps: output goes to `stdio`, errors are read back from
     /// the runtime's log.
     fn detached(
