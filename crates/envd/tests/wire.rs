@@ -16,8 +16,8 @@ use tempfile::TempDir;
 use common::proto::{self, Field};
 use common::{
     assert_timestamp, chunk, encode_base64, envelope, json_envelope, multipart, query_escape,
-    raw_exchange, signature, unix_now, EndEvent, Envd, Envelope, Http, ProcessRun, Transport,
-    CONNECT_JSON, CONNECT_PROTO, END_STREAM, JSON, JSON_UTF8, PROTO,
+    raw_exchange, signature, unix_now, within, EndEvent, Envd, Envelope, Http, ProcessRun,
+    Transport, CONNECT_JSON, CONNECT_PROTO, END_STREAM, JSON, JSON_UTF8, PROTO,
 };
 
 const STAT: &str = "/filesystem.Filesystem/Stat";
@@ -721,6 +721,66 @@ async fn access_token_guards_rpcs() {
     reply.expect_http_error(StatusCode::UNAUTHORIZED, Some(UNAUTHORIZED));
 
     envd.assert_healthy().await; // /health needs no token
+}
+
+/// A refused request's body is still read after the 401, as Go's server
+/// reads it: the connection then serves the next request, instead of being
+/// closed with request bytes on their way (which the kernel answers with a
+/// reset that a proxy still writing the body can take for "envd is
+/// unreachable", losing the 401).
+#[tokio::test]
+async fn a_refused_body_is_read_after_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One response (head and `Content-Length` body) off `sock`, as text.
+    async fn response(sock: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().expect("a length"));
+                if got.len() >= end + 4 + len {
+                    return String::from_utf8_lossy(&got[..end + 4 + len]).into_owned();
+                }
+            }
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return String::from_utf8_lossy(&got).into_owned();
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    let envd = Envd::start_with_token(TOKEN).await;
+    let body = json_envelope(&start_request("exit 0"));
+    let mut sock = tokio::net::TcpStream::connect(envd.addr()).await.unwrap();
+    let head = format!(
+        "POST {START} HTTP/1.1\r\nHost: envd\r\nContent-Type: {CONNECT_JSON}\r\n\
+         Connect-Protocol-Version: 1\r\nX-Access-Token: wrong\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    // The answer comes at once, before the body is sent...
+    let refused = within("the 401", Duration::from_secs(10), response(&mut sock)).await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    assert!(refused.contains(UNAUTHORIZED), "{refused}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // ... and the body sent after it is read: the connection goes on.
+    sock.write_all(&body).await.unwrap();
+    sock.write_all(b"GET /health HTTP/1.1\r\nHost: envd\r\n\r\n")
+        .await
+        .unwrap();
+    let next = within(
+        "the next answer",
+        Duration::from_secs(10),
+        response(&mut sock),
+    )
+    .await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next:?}");
 }
 
 #[tokio::test]

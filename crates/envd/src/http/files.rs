@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 use tower::ServiceExt;
 use wrenn_types::envd::{file_signature, FileOp, WrittenEntry};
 
-use super::error_response;
+use super::{error_response, DRAIN_TIME};
 use crate::auth;
 use crate::fs::{chown_to, make_parents, write_metadata, FsError};
 use crate::paths;
@@ -310,10 +310,8 @@ pub async fn upload(
 }
 
 /// After a failed upload, at most this much more of the body is read and
-/// discarded before answering.
+/// discarded before answering (for at most [`DRAIN_TIME`]).
 const DRAIN_LIMIT: u64 = 256 << 20;
-/// ... and for at most this long.
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Read `body` on a task that forwards it through a bounded channel while
 /// the returned stream is alive, then discards up to [`DRAIN_LIMIT`] more.
