@@ -3,6 +3,8 @@
 //! required in CI, skipped with a message elsewhere). The same assertions
 //! run on both, so a query that only one dialect accepts fails here.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use wrenn_cp::auth::{authenticate, create_key, KeyKind};
@@ -144,24 +146,10 @@ async fn exercise(db: &Db) {
     let mut rows = Vec::new();
     for i in 0..3 {
         let c = CapsuleRow {
-            id: CapsuleId::random(),
-            team_id: team.id.clone(),
-            host_id: Some(h.id.clone()),
-            template: "minimal".into(),
-            agent_template: "minimal".into(),
-            status: Status::Starting,
-            vcpus: 1,
-            memory_mb: 512,
-            timeout_sec: 0,
-            disk_size_mb: 5120,
             metadata: BTreeMap::from([("k".to_owned(), format!("v{i}"))]),
             created_at: now + i,
-            started_at: None,
-            last_active_at: None,
-            last_updated: now,
             access_token: format!("token-{i}"),
-            end_at: None,
-            on_timeout: OnTimeout::Kill,
+            ..common::capsule_row(&team.id, Some(&h.id), Status::Starting, now)
         };
         db.insert_capsule(&c).await.unwrap();
         rows.push(c);
@@ -416,27 +404,7 @@ async fn concurrent_transitions(db: &Db) {
         created_at: now_ms(),
     };
     db.insert_team(&team).await.unwrap();
-    let now = now_ms();
-    let c = CapsuleRow {
-        id: CapsuleId::random(),
-        team_id: team.id.clone(),
-        host_id: None,
-        template: "minimal".into(),
-        agent_template: "minimal".into(),
-        status: Status::Starting,
-        vcpus: 1,
-        memory_mb: 512,
-        timeout_sec: 0,
-        disk_size_mb: 5120,
-        metadata: BTreeMap::new(),
-        created_at: now,
-        started_at: None,
-        last_active_at: None,
-        last_updated: now,
-        access_token: String::new(),
-        end_at: None,
-        on_timeout: OnTimeout::Kill,
-    };
+    let c = common::capsule_row(&team.id, None, Status::Starting, now_ms());
     db.insert_capsule(&c).await.unwrap();
     let mut tasks = Vec::new();
     for t in 0..8 {

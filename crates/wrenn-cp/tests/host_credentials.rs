@@ -269,13 +269,7 @@ async fn a_host_registered_before_expiring_tokens_refreshes_with_its_old_token()
         agent.slot.is_set(),
         "and serves the certificate that came with them"
     );
-    let renewed_at = wrenn_cp::db::now_ms();
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let host = cp.plane.cp.db.host(&id).await.unwrap().unwrap();
-    assert!(
-        host.last_heartbeat.unwrap() >= renewed_at,
-        "heartbeats go on"
-    );
+    heartbeats_go_on(&cp, &id, Duration::from_millis(400)).await;
     assert_eq!(agent.end().await, Ended::Stopped);
     // the old token is used up, as a refresh token and as a host token
     assert_eq!(cp.refresh(&old_token).await.0, 401);
@@ -299,6 +293,17 @@ async fn served_cert(
         .expect("the control plane accepts it");
     accepting.await.unwrap().unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A heartbeat from host `id` lands within `within` from now.
+async fn heartbeats_go_on(cp: &Served, id: &HostId, within: Duration) {
+    let since = wrenn_cp::db::now_ms();
+    tokio::time::sleep(within).await;
+    let host = cp.plane.cp.db.host(id).await.unwrap().unwrap();
+    assert!(
+        host.last_heartbeat.unwrap() >= since,
+        "heartbeats go on after the renewal"
+    );
 }
 
 fn der(pem: &str) -> Vec<u8> {
@@ -421,13 +426,7 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
     })
     .await
     .expect("the agent serves its new certificate");
-    let renewed_at = wrenn_cp::db::now_ms();
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let host = cp.plane.cp.db.host(&id).await.unwrap().unwrap();
-    assert!(
-        host.last_heartbeat.unwrap() >= renewed_at,
-        "heartbeats continue after the renewal"
-    );
+    heartbeats_go_on(&cp, &id, Duration::from_millis(600)).await;
     // (the token in host.json now: it may have been renewed again since)
     let current = s(&host_json(data.path()), "token");
     assert_eq!(cp.heartbeat(id.as_str(), Some(&current)).await.0, 204);

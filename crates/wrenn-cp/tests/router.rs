@@ -9,7 +9,8 @@
 //!   handed, and TCP listeners that record the request heads they receive.
 //! - Usage: finished days come from the daily rollup, today from the ledger.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use wrenn_cp::api::hosts::{certify, issue_registration, register_host, Registered};
 use wrenn_cp::auth::{create_key, KeyKind};
-use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, OnTimeout, Team};
+use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, Team};
 use wrenn_cp::model::Status;
 use wrenn_cp::pki::{agent_name, HostCert};
 use wrenn_cp::{ControlPlane, Cp, CpConfig};
@@ -150,24 +151,9 @@ async fn host(cp: &Cp, address: std::net::SocketAddr, token: &str) -> Registered
 fn capsule(team: &TeamId, host: &HostId) -> CapsuleRow {
     let now = now_ms();
     CapsuleRow {
-        id: CapsuleId::random(),
-        team_id: team.clone(),
-        host_id: Some(host.clone()),
-        template: "minimal".into(),
-        agent_template: "minimal".into(),
-        status: Status::Running,
-        vcpus: 1,
-        memory_mb: 512,
-        timeout_sec: 0,
-        disk_size_mb: 5120,
-        metadata: BTreeMap::new(),
-        created_at: now,
         started_at: Some(now),
-        last_active_at: None,
-        last_updated: now,
         access_token: "envd-token".into(),
-        end_at: None,
-        on_timeout: OnTimeout::Kill,
+        ..common::capsule_row(team, Some(host), Status::Running, now)
     }
 }
 
