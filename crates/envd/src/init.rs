@@ -5,6 +5,8 @@
 use std::ffi::CStr;
 use std::path::Path;
 
+use wrenn_types::envd::ENVD_PRIORITY_BOOST;
+
 struct MountSpec {
     target: &'static CStr,
     fstype: &'static CStr,
@@ -112,6 +114,20 @@ pub fn raise_fd_limit() {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+/// Lower envd's nice value by [`ENVD_PRIORITY_BOOST`] where it may (with
+/// `CAP_SYS_NICE`: in a VM; in a container the agent does it from
+/// outside), so that its answers do not queue behind a workload that keeps
+/// the CPUs busy. It sets the calling thread's value, which threads started
+/// later inherit.
+pub fn raise_priority() {
+    let nice = (wrenn_http::thread_nice(0) - ENVD_PRIORITY_BOOST).max(-20);
+    // SAFETY: a plain syscall on the calling thread (who = 0).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } < 0 {
+        let err = std::io::Error::last_os_error();
+        tracing::debug!(%err, "envd keeps its nice value");
     }
 }
 

@@ -39,8 +39,13 @@ pub fn main(config: Config) -> anyhow::Result<()> {
     let config = config.validate()?;
     init_tracing();
     let pid1 = !config.dev && std::process::id() == 1;
+    // Workloads start at envd's nice value as it is now, whatever priority
+    // envd is given later (by itself below, or by the agent).
+    process::set_workload_nice(wrenn_http::thread_nice(0));
     if pid1 {
         init::prepare_rootfs();
+        // Before any thread starts: threads take their starter's nice value.
+        init::raise_priority();
     }
     init::raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()

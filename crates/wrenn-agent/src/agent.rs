@@ -1092,6 +1092,13 @@ impl Agent {
             })?;
         let healthy = t0.elapsed();
         let r = c.record();
+        if r.engine == Engine::Oci {
+            // envd's threads exist now (and later ones inherit)
+            let bundle = c.dir.bundle();
+            if let Err(e) = crate::runtime::raise_envd_priority(&bundle, &self.cfg.envd_bin) {
+                tracing::debug!(capsule_id = %c.id, error = %e, "envd keeps its nice value");
+            }
+        }
         let body = InitRequest {
             env_vars: Some(r.env.clone()),
             default_user: r.default_user.clone(),

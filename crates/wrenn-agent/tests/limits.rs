@@ -93,3 +93,25 @@ async fn cpu_limit_is_applied() {
         "1 vCPU = 100 ms per 100 ms period: {quota}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envd_outranks_its_workloads() {
+    let t = TestAgent::start().await;
+    let id = t.capsule().await;
+    // The nice value is the 19th field of /proc/<pid>/stat: the 17th after
+    // the command name's closing parenthesis.
+    let script = "nice_of() { sed 's/.*) //' \"$1\" | cut -d' ' -f17; }; \
+        for t in /proc/1/task/*; do nice_of $t/stat; done | sort -u; \
+        echo workload $(nice_of /proc/self/stat); \
+        nice -n -1 true 2>/dev/null && echo lowered || echo refused";
+    let (code, out) = t.sh(&id, script).await;
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    let [envd, workload, lowered] = lines[..] else {
+        panic!("one nice value for every envd thread expected: {out}");
+    };
+    let workload: i32 = workload.strip_prefix("workload ").unwrap().parse().unwrap();
+    let boost = wrenn_types::envd::ENVD_PRIORITY_BOOST;
+    assert_eq!(envd.parse::<i32>().unwrap(), workload - boost, "{out}");
+    assert_eq!(lowered, "refused", "a workload lowered its nice value");
+}

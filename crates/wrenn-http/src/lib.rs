@@ -21,4 +21,4 @@ pub use client::{
     client, dial_with_retry, proxy_client, rpc_h2_client, ClientBody, Conn, HttpClient,
     HttpVersion, ProxyBody, ProxyClient, RetryConnector, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP,
 };
-pub use server::{bulk_runtime, serve, BulkClass, Classify, ServerConfig, BULK_NICE};
+pub use server::{bulk_runtime, serve, thread_nice, BulkClass, Classify, ServerConfig, BULK_NICE};

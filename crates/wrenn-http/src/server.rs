@@ -78,7 +78,7 @@ pub fn bulk_runtime() -> &'static tokio::runtime::Handle {
             .and_then(|n| n.parse::<i32>().ok())
             .unwrap_or(BULK_NICE);
         // nice values are per thread: relative to the thread starting this
-        let nice = (current_nice() + step).clamp(-20, 19);
+        let nice = (thread_nice(0) + step).clamp(-20, 19);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .thread_name("wrenn-bulk")
             .on_thread_start(move || {
@@ -222,13 +222,14 @@ async fn serve_maybe_tls(
     }
 }
 
-/// The calling thread's nice value.
-fn current_nice() -> i32 {
-    // SAFETY: plain syscalls on the calling thread. getpriority can return
-    // -1 as a value, so errno tells an error apart.
+/// The nice value of thread `tid` (0: the calling thread), or 0 when it
+/// cannot be read.
+pub fn thread_nice(tid: u32) -> i32 {
+    // SAFETY: plain syscalls. getpriority can return -1 as a value, so
+    // errno tells an error apart.
     unsafe {
         *libc::__errno_location() = 0;
-        let n = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+        let n = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
         if *libc::__errno_location() != 0 {
             0
         } else {
@@ -855,8 +856,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bulk_connections_are_served_on_the_niced_bulk_runtime() {
         let (addr, _stop) = start_classified(10_000).await;
-        let bulk = format!("wrenn-bulk {}", (current_nice() + BULK_NICE).min(19));
-        let own = format!(" {}", current_nice());
+        let bulk = format!("wrenn-bulk {}", (thread_nice(0) + BULK_NICE).min(19));
+        let own = format!(" {}", thread_nice(0));
         // a bulk first request: served there, and so is the next one on
         // the same connection
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -933,7 +934,7 @@ mod tests {
         let slot = crate::tls::TlsSlot::default();
         slot.install(crate::tls::server_config(&server, &ca).unwrap());
         let (addr, _stop) = start_classified_tls(10_000, slot).await;
-        let bulk = format!("wrenn-bulk {}", (current_nice() + BULK_NICE).min(19));
+        let bulk = format!("wrenn-bulk {}", (thread_nice(0) + BULK_NICE).min(19));
         let config = client_config(&ca, &client).unwrap();
         let dial = |alpn: &'static [u8]| {
             let tls = crate::tls::TlsConnector::from(with_alpn(&config, alpn));

@@ -14,6 +14,13 @@ pub const ENVD_PORT: u16 = 49983;
 /// (`e2b-compat.md` §5.6), so control planes report it as `envdVersion`.
 pub const ENVD_PROTOCOL_VERSION: &str = "0.6.13";
 
+/// How much lower envd's nice value is than its workloads': the capsule's
+/// own processes can then keep its CPUs busy without queueing envd's
+/// answers (a terminal's echo, an exec's events) behind them. The agent
+/// lowers it from outside (a container has no `CAP_SYS_NICE`), envd itself
+/// where it may (in a VM); envd starts its children at its original value.
+pub const ENVD_PRIORITY_BOOST: i32 = 5;
+
 /// Header carrying the access token once `/init` set one.
 pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::users::User;
 
-pub use spawn::SpawnError;
+pub use spawn::{set_workload_nice, SpawnError};
 
 /// Capacity of every subscriber's event channel.
 pub const EVENT_BUFFER: usize = 256;

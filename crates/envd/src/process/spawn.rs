@@ -51,6 +51,15 @@ pub struct Spawned {
     pub exit: oneshot::Receiver<ExitStatus>,
 }
 
+/// The nice value children start at: envd's own before it was raised
+/// ([`wrenn_types::envd::ENVD_PRIORITY_BOOST`]).
+static WORKLOAD_NICE: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
+/// Children from now on start at nice `nice`.
+pub fn set_workload_nice(nice: i32) {
+    let _ = WORKLOAD_NICE.set(nice);
+}
+
 /// Start `spec`'s process.
 pub fn spawn(reaper: &Reaper, spec: &ProcessSpec) -> Result<Spawned, SpawnError> {
     if !spec.cwd.is_dir() {
@@ -95,6 +104,7 @@ pub fn spawn(reaper: &Reaper, spec: &ProcessSpec) -> Result<Spawned, SpawnError>
     }
 
     let pty = spec.pty.is_some();
+    let workload_nice = WORKLOAD_NICE.get().copied();
     let (uid, gid) = (spec.user.uid, spec.user.gid);
     let groups: Vec<libc::gid_t> = spec.user.groups.clone();
     // SAFETY: the closure runs between fork and exec and only makes raw
@@ -116,6 +126,11 @@ pub fn spawn(reaper: &Reaper, spec: &ProcessSpec) -> Result<Spawned, SpawnError>
             if fd >= 0 {
                 libc::write(fd, b"100".as_ptr().cast(), 3);
                 libc::close(fd);
+            }
+            if let Some(nice) = workload_nice {
+                // Back below envd (raising a nice value needs no privilege;
+                // failing only costs envd its lead).
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
             }
             if switch_user
                 && (libc::setgroups(groups.len(), groups.as_ptr()) < 0

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::Deserialize;
+use wrenn_types::envd::ENVD_PRIORITY_BOOST;
 use wrenn_types::ids::CapsuleId;
 
 use super::{ContainerState, ContainerStatus, Runtime, RuntimeError};
@@ -170,10 +171,7 @@ impl OciRuntime {
         c.arg(op)
             .args(extra)
             .arg(format!("--bundle={}", bundle.display()))
-            .arg(format!(
-                "--pid-file={}",
-                bundle.join("container.pid").display()
-            ))
+            .arg(format!("--pid-file={}", pid_file(bundle).display()))
             .arg(id.as_str())
             .stdin(Stdio::null())
             .stdout(out)
@@ -336,6 +334,53 @@ impl Runtime for OciRuntime {
 /// Whether CRIU can checkpoint on this host (`criu check` passes).
 pub fn criu_works() -> bool {
     cmd::run("criu", ["check"], None).is_ok()
+}
+
+/// Where `run`, `create` and `restore` write the container's host PID.
+fn pid_file(bundle: &Path) -> PathBuf {
+    bundle.join("container.pid")
+}
+
+/// Give envd CPU priority over the workloads of its capsule: every thread
+/// of the container's process gets a nice value [`ENVD_PRIORITY_BOOST`]
+/// below the agent's (a container cannot do this itself: it has no
+/// `CAP_SYS_NICE`). envd starts its children at its original value, and
+/// threads it starts later inherit the new one. Only when that process is
+/// `envd` itself (runc, crun, youki): a runtime's own sandbox process
+/// (runsc, kata) runs the whole capsule, which must not outrank the host.
+/// Best effort: returns how many threads were changed.
+pub fn raise_envd_priority(bundle: &Path, envd: &Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let pid: u32 = std::fs::read_to_string(pid_file(bundle))?
+        .trim()
+        .parse()
+        .map_err(std::io::Error::other)?;
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    // The same file (a bind mount keeps device and inode), by any name.
+    let (exe, bin) = (
+        std::fs::metadata(proc.join("exe"))?,
+        std::fs::metadata(envd)?,
+    );
+    if (exe.dev(), exe.ino()) != (bin.dev(), bin.ino()) {
+        return Ok(0);
+    }
+    // Relative to the agent's main thread (its bulk workers are niced).
+    let nice = (wrenn_http::thread_nice(std::process::id()) - ENVD_PRIORITY_BOOST).max(-20);
+    let mut changed = 0;
+    for task in std::fs::read_dir(proc.join("task"))? {
+        let Some(tid) = task?
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: a plain syscall; a thread gone meanwhile fails with ESRCH.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } == 0 {
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 #[cfg(test)]
