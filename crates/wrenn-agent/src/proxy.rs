@@ -127,16 +127,7 @@ impl PortProxy {
         };
         let route = match self.route(&id, port) {
             Ok(r) => r,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return refused(StatusCode::NOT_FOUND, "not-found", e.to_string())
-            }
-            Err(e) => {
-                return refused(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not-running",
-                    format!("capsule is not available: {e}"),
-                )
-            }
+            Err(e) => return refusal(&e),
         };
         let path_and_query = match req.uri().query() {
             Some(q) => format!("{}?{q}", t.rest),
@@ -145,16 +136,30 @@ impl PortProxy {
         if is_upgrade(req.headers()) {
             return self.tunnel(req, route, &path_and_query).await;
         }
-        self.forward(req, route, &path_and_query).await
+        self.forward(req, route, &path_and_query, true).await
     }
 
-    async fn forward(&self, req: Request, route: Arc<Route>, path_and_query: &str) -> Response {
+    /// Relay a plain request; `prefixed`: `Location` headers get the
+    /// path-form prefix.
+    fn forward(
+        self: Arc<Self>,
+        req: Request,
+        route: Arc<Route>,
+        path_and_query: &str,
+        prefixed: bool,
+    ) -> wrenn_http::Answer {
         let Ok(uri) = format!("http://{}{}", route.upstream, path_and_query).parse::<Uri>() else {
-            return plain(StatusCode::BAD_REQUEST, "unparsable path");
+            return Box::pin(std::future::ready(plain(
+                StatusCode::BAD_REQUEST,
+                "unparsable path",
+            )));
         };
-        let stop = route.stop.clone();
-        let resp = relay::forward(&self.client, req, uri, |h| fix_location(h, &route)).await;
-        relay::cut_on(resp, stop)
+        Box::pin(async move {
+            let stop = route.stop.clone();
+            let fix = |h: &mut HeaderMap| fix_location(h, &route, prefixed);
+            let resp = relay::forward(&self.client, req, uri, fix).await;
+            relay::cut_on(resp, stop)
+        })
     }
 
     async fn tunnel(&self, req: Request, route: Arc<Route>, path_and_query: &str) -> Response {
@@ -166,17 +171,31 @@ impl PortProxy {
             path_and_query,
             &self.tunnels,
             stop,
-            |h| fix_location(h, &route),
+            |h| fix_location(h, &route, true),
         )
         .await
     }
 }
 
-fn fix_location(h: &mut HeaderMap, route: &Route) {
+/// The proxy's answer when a capsule's port cannot be reached.
+fn refusal(e: &AgentError) -> Response {
+    if e.kind() == ErrorKind::NotFound {
+        refused(StatusCode::NOT_FOUND, "not-found", e.to_string())
+    } else {
+        refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-running",
+            format!("capsule is not available: {e}"),
+        )
+    }
+}
+
+fn fix_location(h: &mut HeaderMap, route: &Route, prefixed: bool) {
+    let prefix = if prefixed { route.prefix.as_str() } else { "" };
     let new = h
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|l| rewrite_location(l, route.upstream, &route.prefix))
+        .and_then(|l| rewrite_location(l, route.upstream, prefix))
         .and_then(|l| HeaderValue::from_str(&l).ok());
     if let Some(v) = new {
         h.insert(header::LOCATION, v);
@@ -193,11 +212,25 @@ pub fn is_bulk(path: &str, _headers: &HeaderMap) -> bool {
 
 /// `wrenn up`'s control plane calls its agent's proxy directly.
 impl wrenn_http::relay::LocalProxy for PortProxy {
-    fn serve(
-        self: Arc<Self>,
-        req: Request,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+    fn serve(self: Arc<Self>, req: Request) -> wrenn_http::Answer {
         Box::pin(self.handle(req))
+    }
+
+    fn serve_port(
+        self: Arc<Self>,
+        capsule: &str,
+        port: u16,
+        path_and_query: &str,
+        req: Request,
+    ) -> wrenn_http::Answer {
+        let refused = match capsule.parse::<CapsuleId>() {
+            Ok(id) => match self.route(&id, port) {
+                Ok(route) => return self.forward(req, route, path_and_query, false),
+                Err(e) => refusal(&e),
+            },
+            Err(e) => plain(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        Box::pin(std::future::ready(refused))
     }
 }
 

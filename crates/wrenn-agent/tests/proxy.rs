@@ -130,6 +130,31 @@ impl Served {
         (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// `path` on `port` of `id` through [`LocalProxy::serve_port`]:
+    /// status, Location, body.
+    async fn by_port(&self, id: &CapsuleId, port: u16, path: &str) -> (u16, String, String) {
+        use wrenn_http::relay::LocalProxy;
+        let req = axum::extract::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let answer = self.proxy.clone().serve_port(id.as_str(), port, path, req);
+        let resp = tokio::time::timeout(Duration::from_secs(20), answer)
+            .await
+            .expect("no hang");
+        let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get("location")
+            .map(|l| l.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            location,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
     async fn shutdown(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
@@ -165,6 +190,12 @@ async fn the_port_proxy_end_to_end() {
     let (status, _, body) = s.get(&format!("{base}/docs/")).await;
     assert_eq!(status, 200);
     assert!(body.contains("href=\"a.txt\""), "{body}");
+    // in-process by port (the control plane of `wrenn up`): the capsule's
+    // own Location, for a subdomain client
+    let (status, location, body) = s.by_port(&id, 8000, "/docs?x=1").await;
+    assert_eq!((status, location.as_str()), (301, "/docs/?x=1"), "{body}");
+    let (status, _, body) = s.by_port(&id, 8000, "/docs/a.txt").await;
+    assert_eq!((status, body.as_str()), (200, "file a\n"));
     let (status, _, body) = s.get(&format!("{base}/docs/a.txt?download=1")).await;
     assert_eq!((status, body.as_str()), (200, "file a\n"));
     let (status, _, _) = s.get(&format!("{base}/docs/missing.txt")).await;
@@ -265,6 +296,7 @@ async fn the_port_proxy_end_to_end() {
     assert!(s.proxy.cached_routes() >= 4);
     s.t.agent.pause(&id).await.unwrap();
     assert_eq!(s.get(&format!("{base}/docs/a.txt")).await.0, 503);
+    assert_eq!(s.by_port(&id, 8000, "/docs/a.txt").await.0, 503);
     s.t.agent.resume(&id).await.unwrap();
     assert_eq!(s.get(&format!("{base}/docs/a.txt")).await.0, 200);
 
@@ -279,5 +311,6 @@ async fn the_port_proxy_end_to_end() {
         "{end:?}"
     );
     assert_eq!(s.get(&format!("{base}/docs/a.txt")).await.0, 404);
+    assert_eq!(s.by_port(&id, 8000, "/docs/a.txt").await.0, 404);
     s.shutdown().await;
 }

@@ -82,6 +82,13 @@ impl Routes {
         }
     }
 
+    /// The cached route of `id`, while it may be used without a lookup.
+    fn fresh(&self, id: &str) -> Option<Arc<Route>> {
+        let map = self.map.lock().unwrap();
+        let r = map.get(id)?;
+        (!r.stale.load(Ordering::Relaxed) && r.at.elapsed() < ROUTE_TTL).then(|| r.clone())
+    }
+
     pub fn len(&self) -> usize {
         self.map.lock().unwrap().len()
     }
@@ -121,12 +128,10 @@ impl Refusal {
 
 /// The route to a running capsule.
 pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Arc<Route>, Refusal> {
-    let previous = cp.proxy_routes.map.lock().unwrap().get(id).cloned();
-    if let Some(r) = &previous {
-        if !r.stale.load(Ordering::Relaxed) && r.at.elapsed() < ROUTE_TTL {
-            return Ok(r.clone());
-        }
+    if let Some(r) = cp.proxy_routes.fresh(id.as_str()) {
+        return Ok(r);
     }
+    let previous = cp.proxy_routes.map.lock().unwrap().get(id).cloned();
     let c = match cp.db.capsule_any(id).await {
         Ok(Some(c)) if c.status != Status::Stopped => c,
         Ok(_) => return Err(Refusal::Unknown),
@@ -300,6 +305,12 @@ pub async fn relay_to(
             relay::forward(client, req, uri, strip).await
         }
     };
+    settle(cp, id.as_str(), route, resp)
+}
+
+/// The last step of every relay: a refusal by the agent marks the route
+/// for a new lookup, and the answer's body ends when the route is evicted.
+fn settle(cp: &Cp, id: &str, route: &Route, resp: Response) -> Response {
     let refused = resp.status() == StatusCode::BAD_GATEWAY && relay::refusal_kind(&resp).is_some();
     if refused || resp.status() == StatusCode::UNAUTHORIZED {
         // The agent itself may be gone, or have a new token since the
@@ -310,6 +321,52 @@ pub async fn relay_to(
         }
     }
     relay::cut_on(resp, route.stop.clone())
+}
+
+/// The subdomain proxy's hot path, in front of the router: a plain
+/// request whose Host names a port of a capsule whose route is cached,
+/// and whose agent runs in this process, goes straight to that agent's
+/// proxy. It answers exactly as [`subdomain`] would, which takes every
+/// other request: those with a key (checked there) or E2B's routing
+/// headers, upgrades, a capsule's first request (which fills the cache).
+#[derive(Debug)]
+pub struct FastLane(pub Arc<Cp>);
+
+impl wrenn_http::Front for FastLane {
+    fn take(&self, req: Request) -> Result<wrenn_http::Answer, Request> {
+        use crate::e2b::dataplane::{self, SANDBOX_ID_HEADER};
+        let h = req.headers();
+        let routed_elsewhere = h.contains_key(SANDBOX_ID_HEADER)
+            || h.contains_key(&relay::X_API_KEY)
+            || h.contains_key(AGENT_TOKEN_HEADER)
+            || relay::is_upgrade(h);
+        if routed_elsewhere {
+            return Err(req);
+        }
+        let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+        let Some(HostTarget::Capsule { port, id }) = host.map(parse_host) else {
+            return Err(req);
+        };
+        let Some(route) = self.0.proxy_routes.fresh(id) else {
+            return Err(req);
+        };
+        let Some(local) = route.local.clone() else {
+            return Err(req);
+        };
+        let id = id.to_owned();
+        let path = req.uri().path_and_query().cloned();
+        let path = path.as_ref().map_or("/", |p| p.as_str());
+        let answer = local.serve_port(&id, port, path, req);
+        let cp = self.0.clone();
+        Ok(Box::pin(async move {
+            let resp = settle(&cp, &id, &route, answer.await);
+            if port == ENVD_PORT {
+                dataplane::as_e2b(resp, &id, port)
+            } else {
+                resp
+            }
+        }))
+    }
 }
 
 /// Whether a connection whose first request is this one carries user

@@ -147,6 +147,16 @@ impl ControlPlane {
             .with_state(self.cp.clone())
     }
 
+    /// How the API's listener serves: proxied user traffic on the bulk
+    /// runtime, the subdomain proxy's hot path in front of the router.
+    pub fn server_config(&self) -> wrenn_http::ServerConfig {
+        wrenn_http::ServerConfig {
+            bulk: Some(wrenn_http::BulkClass::new(crate::proxy::is_bulk)),
+            front: Some(Arc::new(crate::proxy::FastLane(self.cp.clone()))),
+            ..Default::default()
+        }
+    }
+
     /// Serve on `listener` until `shutdown`, then stop background work.
     pub async fn serve(
         &self,
@@ -165,11 +175,7 @@ impl ControlPlane {
         if let Ok(a) = listener.local_addr() {
             let _ = self.cp.listen_addr.set(a);
         }
-        let config = wrenn_http::ServerConfig {
-            bulk: Some(wrenn_http::BulkClass::new(crate::proxy::is_bulk)),
-            ..Default::default()
-        };
-        let r = wrenn_http::serve(listener, self.router(), config, shutdown).await;
+        let r = wrenn_http::serve(listener, self.router(), self.server_config(), shutdown).await;
         self.shutdown().await;
         r
     }

@@ -29,8 +29,10 @@ use wrenn_cp::{ControlPlane, Cp, CpConfig};
 use wrenn_http::relay::LocalProxy;
 use wrenn_types::ids::{CapsuleId, HostId, TeamId};
 
-/// The in-process agent's proxy: records (URI, whether the agent token
-/// came along) and answers with a Location inside the capsule's prefix.
+/// The in-process agent's proxy: records (what it was handed, whether the
+/// agent token came along) and answers with a Location inside the
+/// capsule: with its path-form prefix from `serve`, without from
+/// `serve_port`, as the agent's proxy does.
 #[derive(Debug, Default)]
 struct InProcess {
     seen: Mutex<Vec<(String, bool)>>,
@@ -39,12 +41,32 @@ struct InProcess {
 impl LocalProxy for InProcess {
     fn serve(self: Arc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>> {
         let uri = req.uri().to_string();
-        let token = req.headers().contains_key("x-wrenn-agent-token");
-        self.seen.lock().unwrap().push((uri.clone(), token));
         let prefix = uri.split('/').take(4).collect::<Vec<_>>().join("/");
-        Box::pin(
-            async move { ([("location", format!("{prefix}/next"))], "in-process").into_response() },
-        )
+        self.answer(uri, &req, format!("{prefix}/next"))
+    }
+
+    fn serve_port(
+        self: Arc<Self>,
+        capsule: &str,
+        port: u16,
+        path_and_query: &str,
+        req: Request,
+    ) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+        let seen = format!("port {port} of {capsule}: {path_and_query}");
+        self.answer(seen, &req, "/next".into())
+    }
+}
+
+impl InProcess {
+    fn answer(
+        &self,
+        seen: String,
+        req: &Request,
+        location: String,
+    ) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+        let token = req.headers().contains_key("x-wrenn-agent-token");
+        self.seen.lock().unwrap().push((seen, token));
+        Box::pin(async move { ([("location", location)], "in-process").into_response() })
     }
 }
 
@@ -198,7 +220,7 @@ impl Plane {
         tokio::spawn(wrenn_http::serve(
             listener,
             self.plane.router(),
-            Default::default(),
+            self.plane.server_config(),
             async {
                 let _ = stop.await;
             },
@@ -247,12 +269,29 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
         [(format!("/proxy/{id}/8080/a/b/?x=1"), false)]
     );
 
-    // 2. The subdomain form: the same, with the prefix taken off Location.
+    // 2. The subdomain form, the route now cached: handed over by port
+    //    without the router (the hot path), the query kept, Location
+    //    without the prefix.
     let host_header = format!("8080-{id}.localhost");
-    let out = get(addr, "/c", &[("host", &host_header)]).await;
+    let out = get(addr, "/c?y=2", &[("host", &host_header)]).await;
     assert!(out.ends_with("in-process"), "{out}");
     assert!(out.contains("location: /next\r\n"), "{out}");
-    assert_eq!(in_process.seen.lock().unwrap().len(), 2);
+    assert_eq!(
+        in_process.seen.lock().unwrap()[1],
+        (format!("port 8080 of {id}: /c?y=2"), false)
+    );
+    //    With a key to check, or a made-up agent token, it takes the
+    //    router's way: the same answer, and the token does not come along.
+    for extra in [("x-api-key", key.as_str()), ("x-wrenn-agent-token", "mine")] {
+        let out = get(addr, "/c", &[("host", &host_header), extra]).await;
+        assert!(out.ends_with("in-process"), "{out}");
+        assert!(out.contains("location: /next\r\n"), "{out}");
+        assert_eq!(
+            in_process.seen.lock().unwrap().last().unwrap(),
+            &(format!("/proxy/{id}/8080/c"), false)
+        );
+    }
+    assert_eq!(in_process.seen.lock().unwrap().len(), 4);
 
     // 3. An upgrade for the local capsule crosses HTTP to its agent, with
     //    the agent's token: the agent owns tunnels.
@@ -277,7 +316,7 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     );
     assert!(head.contains("x-wrenn-agent-token: local-secret"), "{head}");
     assert_eq!(seen.alpn, "wrenn-bulk", "a tunnel is bulk traffic");
-    assert_eq!(in_process.seen.lock().unwrap().len(), 2);
+    assert_eq!(in_process.seen.lock().unwrap().len(), 4);
 
     // 4. A capsule on another host: over HTTP with that host's token, and
     //    the caller's key removed.
@@ -301,7 +340,7 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
         "{head}"
     );
     assert!(!head.to_ascii_lowercase().contains("x-api-key"), "{head}");
-    assert_eq!(in_process.seen.lock().unwrap().len(), 2);
+    assert_eq!(in_process.seen.lock().unwrap().len(), 4);
     assert!(
         local_heads.try_recv().is_err(),
         "no plain request reached the local agent over HTTP"

@@ -39,7 +39,19 @@ use crate::ProxyClient;
 /// `/proxy/{capsule}/{port}/…`, exactly as the proxy's HTTP listener
 /// would, refusals included.
 pub trait LocalProxy: Send + Sync + std::fmt::Debug {
-    fn serve(self: Arc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>>;
+    fn serve(self: Arc<Self>, req: Request) -> crate::Answer;
+
+    /// The same for a request already known to be for `port` of
+    /// `capsule` at `path_and_query`, its `Location` headers left in the
+    /// capsule's own terms (no path-form prefix: what a subdomain client
+    /// needs).
+    fn serve_port(
+        self: Arc<Self>,
+        capsule: &str,
+        port: u16,
+        path_and_query: &str,
+        req: Request,
+    ) -> crate::Answer;
 }
 
 /// A plain-text response (proxy errors are not JSON: the caller is a
@@ -84,7 +96,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The API key header, which no proxy hop passes on.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 

@@ -38,6 +38,20 @@ pub struct ServerConfig {
     pub bulk: Option<BulkClass>,
     /// TLS: once it is installed, or required, nothing is served plain.
     pub tls: crate::tls::TlsSlot,
+    /// Tried on every request before the router.
+    pub front: Option<Arc<dyn Front>>,
+}
+
+/// A response on its way.
+pub type Answer = Pin<Box<dyn Future<Output = axum::response::Response> + Send>>;
+
+/// A handler in front of the router: it answers the requests it takes (a
+/// proxy's hot path, spared the router's dispatch and middleware) and
+/// hands the others back, untouched, to the router.
+pub trait Front: Send + Sync + std::fmt::Debug {
+    // (The request is handed back by value, as tower's services take it.)
+    #[allow(clippy::result_large_err)]
+    fn take(&self, req: axum::extract::Request) -> Result<Answer, axum::extract::Request>;
 }
 
 /// Whether a connection whose first request has this path and these
@@ -107,6 +121,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             bulk: None,
             tls: Default::default(),
+            front: None,
         }
     }
 }
@@ -338,6 +353,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     // both are enforced below instead.
     builder.http1().header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
+    let front = config.front.clone();
     let service = hyper::service::service_fn({
         let state = state.clone();
         move |mut req: http::Request<hyper::body::Incoming>| {
@@ -345,9 +361,17 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
             let in_flight = InFlight::start(&state);
-            let answer = tower::ServiceExt::oneshot(router.clone(), req);
+            let req = req.map(axum::body::Body::new);
+            let routed = |req| tower::ServiceExt::oneshot(router.clone(), req);
+            let answer = match &front {
+                Some(front) => front.take(req).map_err(routed),
+                None => Err(routed(req)),
+            };
             async move {
-                let res = answer.await?;
+                let res = match answer {
+                    Ok(taken) => taken.await,
+                    Err(routed) => routed.await?,
+                };
                 Ok::<_, std::convert::Infallible>(res.map(|body| {
                     axum::body::Body::new(Tracked {
                         inner: body,

@@ -48,6 +48,13 @@ macro_rules! string_newtype_impls {
                 &self.0
             }
         }
+        // (Hash and Eq are the string's: maps keyed by the ID can be
+        // searched by `&str`.)
+        impl std::borrow::Borrow<str> for $t {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
         impl TryFrom<String> for $t {
             type Error = InvalidId;
             fn try_from(s: String) -> Result<Self, InvalidId> {

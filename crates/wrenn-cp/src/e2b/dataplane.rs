@@ -150,6 +150,12 @@ pub async fn serve(cp: &Cp, mut req: Request, id: &str, port: u16) -> Response {
     }
     let path = req.uri().path().to_owned();
     let resp = proxy::relay_to(cp, req, &cid, &route, port, &path, true).await;
+    as_e2b(resp, id, port)
+}
+
+/// A relayed answer as E2B's proxy gives it: the hops' own refusals
+/// become its JSON 502s.
+pub fn as_e2b(resp: Response, id: &str, port: u16) -> Response {
     match relay::refusal_kind(&resp) {
         None => resp,
         Some("unreachable") => port_not_open(id, port),
