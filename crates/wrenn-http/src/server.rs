@@ -47,7 +47,8 @@ pub type Answer = Pin<Box<dyn Future<Output = axum::response::Response> + Send>>
 
 /// A handler in front of the router: it answers the requests it takes (a
 /// proxy's hot path, spared the router's dispatch and middleware) and
-/// hands the others back, untouched, to the router.
+/// hands the others back, untouched, to the router. (Requests it is
+/// shown carry no `ConnectInfo`; the router's get it.)
 pub trait Front: Send + Sync + std::fmt::Debug {
     // (The request is handed back by value, as tower's services take it.)
     #[allow(clippy::result_large_err)]
@@ -356,13 +357,15 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let front = config.front.clone();
     let service = hyper::service::service_fn({
         let state = state.clone();
-        move |mut req: http::Request<hyper::body::Incoming>| {
-            // Handlers may ask for the peer (`ConnectInfo<SocketAddr>`).
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
+        move |req: http::Request<hyper::body::Incoming>| {
             let in_flight = InFlight::start(&state);
             let req = req.map(axum::body::Body::new);
-            let routed = |req| tower::ServiceExt::oneshot(router.clone(), req);
+            let routed = |mut req: axum::extract::Request| {
+                // Handlers may ask for the peer (`ConnectInfo<SocketAddr>`).
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(router.clone(), req)
+            };
             let answer = match &front {
                 Some(front) => front.take(req).map_err(routed),
                 None => Err(routed(req)),
