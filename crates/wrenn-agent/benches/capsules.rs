@@ -13,6 +13,10 @@
 //! - `concurrent`: N creates at once. Goal p95 ≤ 3× the serial create p50.
 //!   Then the same burst met by a warm pool of N (filled untimed): how far
 //!   a pool sized for a burst absorbs it.
+//! - `busy`: exec of `true` in a capsule whose own workload keeps its
+//!   CPUs busy (four shell loops, 2 vCPUs), with envd at its priority
+//!   (nice 5 below the agent) and, interleaved in blocks, at the agent's
+//!   nice value: what envd's lead over its workloads buys.
 //! - `pause`: pause and resume p50.
 //! - `idle`: memory per idle capsule (what its cgroup is charged: envd and
 //!   the kernel objects it owns; the agent's RSS; the host's
@@ -321,6 +325,13 @@ fn main() -> Result<()> {
             ms(warm_wall)
         );
 
+        // exec beside a busy workload: envd ahead of it, and level with it
+        let (boosted, level) = busy(&agent, o.pauses).await?;
+        line("exec beside 4 busy loops", &boosted);
+        line("  the same, envd not ahead", &level);
+        let busy_ratio = ms(pct(&boosted, 0.5)) / ms(pct(&level, 0.5));
+        println!("  envd ahead / level p50 ratio: {busy_ratio:.2}×");
+
         // pause / resume
         let req = request("busybox");
         let id = req.id.clone();
@@ -385,6 +396,9 @@ fn main() -> Result<()> {
             "concurrent_p95_over_serial_p50": conc_ratio,
             "warm_burst_p95_ms": ms(pct(&warm_burst, 0.95)),
             "warm_burst_p95_over_serial_p50": warm_burst_ratio,
+            "busy_exec_p50_ms": ms(pct(&boosted, 0.5)),
+            "busy_exec_level_p50_ms": ms(pct(&level, 0.5)),
+            "busy_ahead_over_level": busy_ratio,
             "pause_p50_ms": ms(pct(&pauses, 0.5)),
             "resume_p50_ms": ms(pct(&resumes, 0.5)),
             "idle_cgroup_kib": cgroup_kib,
@@ -398,6 +412,38 @@ fn main() -> Result<()> {
         println!("{j}");
     }
     Ok(())
+}
+
+/// `n` execs of `true` each way in a capsule running four busy loops: with
+/// envd at its priority, and at the agent's (blocks of 5, interleaved).
+async fn busy(agent: &Arc<Agent>, n: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let mut req = request("busybox");
+    req.vcpus = 2;
+    let id = req.id.clone();
+    agent.create(req).await?;
+    let c = agent.running(&id)?;
+    let mut hog = ExecRequest::shell("for i in 1 2 3 4; do (while :; do :; done) & done; wait");
+    hog.tag = Some("hog".into());
+    let _hog = c.envd().exec_stream(hog).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut ahead, mut level) = (Vec::new(), Vec::new());
+    while ahead.len() < n || level.len() < n {
+        for (boost, out) in [
+            (wrenn_types::envd::ENVD_PRIORITY_BOOST, &mut ahead),
+            (0, &mut level),
+        ] {
+            if agent.set_envd_priority(&id, boost)? == 0 {
+                bail!("envd's priority could not be set");
+            }
+            for _ in 0..5.min(n) {
+                let t = Instant::now();
+                first_exec(agent, &id).await?;
+                out.push(t.elapsed());
+            }
+        }
+    }
+    agent.destroy(&id).await?;
+    Ok((ahead, level))
 }
 
 /// `n` creates started at once, each destroyed afterwards: how long each

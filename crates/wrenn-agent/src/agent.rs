@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use envd_client::EnvdClient;
-use wrenn_types::envd::InitRequest;
+use wrenn_types::envd::{InitRequest, ENVD_PRIORITY_BOOST};
 use wrenn_types::ids::{CapsuleId, TemplateName};
 
 use crate::cgroup::{Cgroups, Usage};
@@ -1092,13 +1092,8 @@ impl Agent {
             })?;
         let healthy = t0.elapsed();
         let r = c.record();
-        if r.engine == Engine::Oci {
-            // envd's threads exist now (and later ones inherit)
-            let bundle = c.dir.bundle();
-            if let Err(e) = crate::runtime::raise_envd_priority(&bundle, &self.cfg.envd_bin) {
-                tracing::debug!(capsule_id = %c.id, error = %e, "envd keeps its nice value");
-            }
-        }
+        // envd's threads exist now (and later ones inherit)
+        self.prioritise_envd(c, ENVD_PRIORITY_BOOST);
         let body = InitRequest {
             env_vars: Some(r.env.clone()),
             default_user: r.default_user.clone(),
@@ -1119,6 +1114,24 @@ impl Agent {
             self.wait_ready(c, &envd, cmd).await?;
         }
         Ok(())
+    }
+
+    /// Give capsule `id`'s envd a nice value `boost` below the agent's
+    /// (every capsule starts with [`ENVD_PRIORITY_BOOST`]; benchmarks
+    /// compare with 0). Returns how many of its threads changed.
+    pub fn set_envd_priority(&self, id: &CapsuleId, boost: i32) -> Result<usize, AgentError> {
+        Ok(self.prioritise_envd(&*self.running(id)?, boost))
+    }
+
+    fn prioritise_envd(&self, c: &Capsule, boost: i32) -> usize {
+        if c.record().engine != Engine::Oci {
+            return 0;
+        }
+        let bundle = c.dir.bundle();
+        crate::runtime::set_envd_priority(&bundle, &self.cfg.envd_bin, boost).unwrap_or_else(|e| {
+            tracing::debug!(capsule_id = %c.id, error = %e, "envd keeps its nice value");
+            0
+        })
     }
 
     /// After a VM comes back from a snapshot: `/init` again, so the guest's

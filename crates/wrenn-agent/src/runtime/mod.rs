@@ -14,7 +14,7 @@ pub mod vm;
 
 use std::path::Path;
 
-pub use oci::{criu_works, raise_envd_priority, OciRuntime};
+pub use oci::{criu_works, set_envd_priority, OciRuntime};
 use wrenn_types::ids::CapsuleId;
 
 /// What the runtime says about a container.

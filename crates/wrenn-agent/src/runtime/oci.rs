@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::Deserialize;
-use wrenn_types::envd::ENVD_PRIORITY_BOOST;
 use wrenn_types::ids::CapsuleId;
 
 use super::{ContainerState, ContainerStatus, Runtime, RuntimeError};
@@ -342,14 +341,14 @@ fn pid_file(bundle: &Path) -> PathBuf {
 }
 
 /// Give envd CPU priority over the workloads of its capsule: every thread
-/// of the container's process gets a nice value [`ENVD_PRIORITY_BOOST`]
-/// below the agent's (a container cannot do this itself: it has no
-/// `CAP_SYS_NICE`). envd starts its children at its original value, and
-/// threads it starts later inherit the new one. Only when that process is
-/// `envd` itself (runc, crun, youki): a runtime's own sandbox process
-/// (runsc, kata) runs the whole capsule, which must not outrank the host.
-/// Best effort: returns how many threads were changed.
-pub fn raise_envd_priority(bundle: &Path, envd: &Path) -> std::io::Result<usize> {
+/// of the container's process gets a nice value `boost` below the agent's
+/// ([`ENVD_PRIORITY_BOOST`](wrenn_types::envd::ENVD_PRIORITY_BOOST) when it starts; a container cannot do this
+/// itself: it has no `CAP_SYS_NICE`). envd starts its children at its
+/// original value, and threads it starts later inherit the new one. Only
+/// when that process is `envd` itself (runc, crun, youki): a runtime's own
+/// sandbox process (runsc, kata) runs the whole capsule, which must not
+/// outrank the host. Best effort: returns how many threads were changed.
+pub fn set_envd_priority(bundle: &Path, envd: &Path, boost: i32) -> std::io::Result<usize> {
     use std::os::unix::fs::MetadataExt;
     let pid: u32 = std::fs::read_to_string(pid_file(bundle))?
         .trim()
@@ -365,7 +364,7 @@ pub fn raise_envd_priority(bundle: &Path, envd: &Path) -> std::io::Result<usize>
         return Ok(0);
     }
     // Relative to the agent's main thread (its bulk workers are niced).
-    let nice = (wrenn_http::thread_nice(std::process::id()) - ENVD_PRIORITY_BOOST).max(-20);
+    let nice = (wrenn_http::thread_nice(std::process::id()) - boost).clamp(-20, 19);
     let mut changed = 0;
     for task in std::fs::read_dir(proc.join("task"))? {
         let Some(tid) = task?
