@@ -135,7 +135,7 @@ impl FromRequestParts<Arc<Cp>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, cp: &Arc<Cp>) -> Result<Self, ApiError> {
-        let Some(value) = parts.headers.get("x-api-key") else {
+        let Some(value) = parts.headers.get(&wrenn_http::relay::X_API_KEY) else {
             return Err(ApiError::unauthorized("missing X-API-Key header"));
         };
         let presented = value

@@ -217,7 +217,7 @@ async fn proxy(
     };
     let key = req
         .headers()
-        .get("x-api-key")
+        .get(&relay::X_API_KEY)
         .map(|v| v.to_str().unwrap_or_default().to_owned());
     if let Err(resp) = allowed(cp, key, &route.team, !subdomain).await {
         return resp;

@@ -128,7 +128,7 @@ impl FromRequestParts<Arc<Cp>> for E2bCaller {
 
     async fn from_request_parts(parts: &mut Parts, cp: &Arc<Cp>) -> Result<Self, E2bError> {
         let unauthorized = |m: &str| E2bError::new(StatusCode::UNAUTHORIZED, m);
-        let Some(value) = parts.headers.get("x-api-key") else {
+        let Some(value) = parts.headers.get(&wrenn_http::relay::X_API_KEY) else {
             return Err(unauthorized("missing X-API-KEY header"));
         };
         let presented = value
