@@ -342,7 +342,7 @@ fn pid_file(bundle: &Path) -> PathBuf {
 
 /// Give envd CPU priority over the workloads of its capsule: every thread
 /// of the container's process gets a nice value `boost` below the agent's
-/// ([`ENVD_PRIORITY_BOOST`](wrenn_types::envd::ENVD_PRIORITY_BOOST) when it starts; a container cannot do this
+/// (`ENVD_PRIORITY_BOOST` when it starts; a container cannot do this
 /// itself: it has no `CAP_SYS_NICE`). envd starts its children at its
 /// original value, and threads it starts later inherit the new one. Only
 /// when that process is `envd` itself (runc, crun, youki): a runtime's own
