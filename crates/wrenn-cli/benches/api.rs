@@ -16,7 +16,10 @@
 //! `cargo bench -p wrenn-cli --bench api [-- --smoke]` (root; needs the
 //! static envd in `ENVD_STATIC_BIN` and the `minimal` template fixture that
 //! the agent's tests build in `target/wrenn-fixtures`). `WRENN_BIN` runs
-//! another build of `wrenn` instead of this one (A/B runs).
+//! another build of `wrenn` instead of this one (A/B runs). To look for
+//! where the loaded PTY tail comes from, `WRENN_BENCH_LOAD_NICE=N` runs the
+//! load clients at nice N and `WRENN_BENCH_SERVER_NICE=N` starts the
+//! capsule's bulk servers under `nice -n N` (diagnostics; off by default).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -322,6 +325,13 @@ async fn echo_bench(s: &Server, id: &str, sz: &Sizes) -> Result<EchoRun> {
     // on this process's workers.
     let load_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(|| {
+            let nice = std::env::var("WRENN_BENCH_LOAD_NICE").ok();
+            if let Some(n) = nice.and_then(|n| n.parse().ok()) {
+                // SAFETY: a plain syscall on the calling thread (who = 0).
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) };
+            }
+        })
         .enable_all()
         .build()?;
     let tasks = start_load(
@@ -604,7 +614,11 @@ async fn run(
         ("http", "python3 -m http.server 8080 -d /srv"),
         ("ws", "python3 /srv/ws.py 8081"),
     ] {
-        api.exec_background(id, &wrenn_sdk::Command::shell(cmd), Some(tag))
+        let cmd = match std::env::var("WRENN_BENCH_SERVER_NICE") {
+            Ok(n) => format!("nice -n {n} {cmd}"),
+            Err(_) => cmd.to_owned(),
+        };
+        api.exec_background(id, &wrenn_sdk::Command::shell(&cmd), Some(tag))
             .await?;
     }
     let ip = sh(
