@@ -27,7 +27,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wrenn_http::relay::{self, is_upgrade, plain, refused};
+use wrenn_http::relay::{self, is_upgrade, plain, refused, PortTarget};
 use wrenn_types::envd::ENVD_PORT;
 use wrenn_types::ids::CapsuleId;
 use wrenn_types::proxy::{parse_target, rewrite_location};
@@ -216,16 +216,10 @@ impl wrenn_http::relay::LocalProxy for PortProxy {
         Box::pin(self.handle(req))
     }
 
-    fn serve_port(
-        self: Arc<Self>,
-        capsule: &str,
-        port: u16,
-        path_and_query: &str,
-        req: Request,
-    ) -> wrenn_http::Answer {
-        let refused = match capsule.parse::<CapsuleId>() {
-            Ok(id) => match self.route(&id, port) {
-                Ok(route) => return self.forward(req, route, path_and_query, false),
+    fn serve_port(self: Arc<Self>, to: PortTarget<'_>, req: Request) -> wrenn_http::Answer {
+        let refused = match to.capsule.parse::<CapsuleId>() {
+            Ok(id) => match self.route(&id, to.port) {
+                Ok(route) => return self.forward(req, route, to.path_and_query, false),
                 Err(e) => refusal(&e),
             },
             Err(e) => plain(StatusCode::BAD_REQUEST, e.to_string()),

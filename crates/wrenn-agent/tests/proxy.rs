@@ -137,7 +137,12 @@ impl Served {
         let req = axum::extract::Request::get(path)
             .body(axum::body::Body::empty())
             .unwrap();
-        let answer = self.proxy.clone().serve_port(id.as_str(), port, path, req);
+        let to = wrenn_http::relay::PortTarget {
+            capsule: id.as_str(),
+            port,
+            path_and_query: path,
+        };
+        let answer = self.proxy.clone().serve_port(to, req);
         let resp = tokio::time::timeout(Duration::from_secs(20), answer)
             .await
             .expect("no hang");

@@ -356,7 +356,12 @@ impl wrenn_http::Front for FastLane {
         let id = id.to_owned();
         let path = req.uri().path_and_query().cloned();
         let path = path.as_ref().map_or("/", |p| p.as_str());
-        let answer = local.serve_port(&id, port, path, req);
+        let to = relay::PortTarget {
+            capsule: &id,
+            port,
+            path_and_query: path,
+        };
+        let answer = local.serve_port(to, req);
         let cp = self.0.clone();
         Ok(Box::pin(async move {
             let resp = settle(&cp, &id, &route, answer.await);

@@ -11,12 +11,10 @@
 
 mod common;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::Request;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -26,7 +24,7 @@ use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, Team};
 use wrenn_cp::model::Status;
 use wrenn_cp::pki::{agent_name, HostCert};
 use wrenn_cp::{ControlPlane, Cp, CpConfig};
-use wrenn_http::relay::LocalProxy;
+use wrenn_http::relay::{LocalProxy, PortTarget};
 use wrenn_types::ids::{CapsuleId, HostId, TeamId};
 
 /// The in-process agent's proxy: records (what it was handed, whether the
@@ -39,31 +37,20 @@ struct InProcess {
 }
 
 impl LocalProxy for InProcess {
-    fn serve(self: Arc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+    fn serve(self: Arc<Self>, req: Request) -> wrenn_http::Answer {
         let uri = req.uri().to_string();
         let prefix = uri.split('/').take(4).collect::<Vec<_>>().join("/");
         self.answer(uri, &req, format!("{prefix}/next"))
     }
 
-    fn serve_port(
-        self: Arc<Self>,
-        capsule: &str,
-        port: u16,
-        path_and_query: &str,
-        req: Request,
-    ) -> Pin<Box<dyn Future<Output = Response> + Send>> {
-        let seen = format!("port {port} of {capsule}: {path_and_query}");
+    fn serve_port(self: Arc<Self>, to: PortTarget<'_>, req: Request) -> wrenn_http::Answer {
+        let seen = format!("port {} of {}: {}", to.port, to.capsule, to.path_and_query);
         self.answer(seen, &req, "/next".into())
     }
 }
 
 impl InProcess {
-    fn answer(
-        &self,
-        seen: String,
-        req: &Request,
-        location: String,
-    ) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+    fn answer(&self, seen: String, req: &Request, location: String) -> wrenn_http::Answer {
         let token = req.headers().contains_key("x-wrenn-agent-token");
         self.seen.lock().unwrap().push((seen, token));
         Box::pin(async move { ([("location", location)], "in-process").into_response() })

@@ -41,17 +41,18 @@ use crate::ProxyClient;
 pub trait LocalProxy: Send + Sync + std::fmt::Debug {
     fn serve(self: Arc<Self>, req: Request) -> crate::Answer;
 
-    /// The same for a request already known to be for `port` of
-    /// `capsule` at `path_and_query`, its `Location` headers left in the
-    /// capsule's own terms (no path-form prefix: what a subdomain client
-    /// needs).
-    fn serve_port(
-        self: Arc<Self>,
-        capsule: &str,
-        port: u16,
-        path_and_query: &str,
-        req: Request,
-    ) -> crate::Answer;
+    /// The same for a request already known to be for `to`, its
+    /// `Location` headers left in the capsule's own terms (no path-form
+    /// prefix: what a subdomain client needs).
+    fn serve_port(self: Arc<Self>, to: PortTarget<'_>, req: Request) -> crate::Answer;
+}
+
+/// Where in a capsule a request goes.
+#[derive(Debug, Clone, Copy)]
+pub struct PortTarget<'a> {
+    pub capsule: &'a str,
+    pub port: u16,
+    pub path_and_query: &'a str,
 }
 
 /// A plain-text response (proxy errors are not JSON: the caller is a
