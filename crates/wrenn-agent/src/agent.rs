@@ -1118,7 +1118,7 @@ impl Agent {
 
     /// Give capsule `id`'s envd a nice value `boost` below the agent's
     /// (every capsule starts with [`ENVD_PRIORITY_BOOST`]; benchmarks
-    /// compare with 0). Returns how many of its threads changed.
+    /// compare with 0). Returns how many of its threads it found.
     pub fn set_envd_priority(&self, id: &CapsuleId, boost: i32) -> Result<usize, AgentError> {
         Ok(self.prioritise_envd(&*self.running(id)?, boost))
     }

@@ -8,6 +8,8 @@
 //!   normalising: trailing slashes and `%2F` survive), with the query.
 //! - `Location` headers keep the prefix: a root-relative one gets it, an
 //!   absolute one naming the capsule's own address becomes prefix + path.
+//!   (`LocalProxy::serve_port`, for a subdomain client in this process,
+//!   makes the same rewrite with no prefix.)
 //! - WebSocket (any `Upgrade`) requests get a connection of their own and,
 //!   after the upstream's 101, a byte tunnel. Tunnels are tasks owned by
 //!   the proxy's tracker and cancelled with it.

@@ -21,7 +21,8 @@
 //!   one of the owning team's. The path form always needs the owner's key.
 //!   `X-API-Key` is removed before forwarding.
 //! - Location headers: the agent prefixes them with `/proxy/{id}/{port}`;
-//!   for subdomain clients that prefix is removed again.
+//!   for subdomain clients that prefix is removed again (the hot path,
+//!   [`FastLane`], asks the agent for them without it).
 //! - Proxy traffic does not count as capsule activity.
 
 use std::collections::HashMap;
@@ -343,7 +344,9 @@ impl wrenn_http::Front for FastLane {
         if routed_elsewhere {
             return Err(req);
         }
+        // (as `subdomain` reads it: the header, else HTTP/2's authority)
         let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+        let host = host.or_else(|| req.uri().host());
         let Some(HostTarget::Capsule { port, id }) = host.map(parse_host) else {
             return Err(req);
         };
@@ -353,9 +356,13 @@ impl wrenn_http::Front for FastLane {
         let Some(local) = route.local.clone() else {
             return Err(req);
         };
-        let id = id.to_owned();
         let path = req.uri().path_and_query().cloned();
         let path = path.as_ref().map_or("/", |p| p.as_str());
+        if !path.starts_with('/') {
+            // (`OPTIONS *` and the like: the router's refusal)
+            return Err(req);
+        }
+        let id = id.to_owned();
         let to = relay::PortTarget {
             capsule: &id,
             port,

@@ -14,6 +14,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::Request;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +25,7 @@ use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, Team};
 use wrenn_cp::model::Status;
 use wrenn_cp::pki::{agent_name, HostCert};
 use wrenn_cp::{ControlPlane, Cp, CpConfig};
-use wrenn_http::relay::{LocalProxy, PortTarget};
+use wrenn_http::relay::{self, LocalProxy, PortTarget};
 use wrenn_types::ids::{CapsuleId, HostId, TeamId};
 
 /// The in-process agent's proxy: records (what it was handed, whether the
@@ -45,6 +46,12 @@ impl LocalProxy for InProcess {
 
     fn serve_port(self: Arc<Self>, to: PortTarget<'_>, req: Request) -> wrenn_http::Answer {
         let seen = format!("port {} of {}: {}", to.port, to.capsule, to.path_and_query);
+        if to.path_and_query == "/closed" {
+            // what the agent's proxy says when nothing listens
+            self.seen.lock().unwrap().push((seen, false));
+            let refused = relay::refused(StatusCode::BAD_GATEWAY, "unreachable", "proxy error");
+            return Box::pin(std::future::ready(refused));
+        }
         self.answer(seen, &req, "/next".into())
     }
 }
@@ -280,6 +287,21 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     }
     assert_eq!(in_process.seen.lock().unwrap().len(), 4);
 
+    //    envd's port: a refusal on the hot path is E2B's JSON 502, and the
+    //    route is looked up again (through the router) before the hot path
+    //    serves it again.
+    let envd_host = format!("49983-{id}.localhost");
+    let last = || in_process.seen.lock().unwrap().last().unwrap().0.clone();
+    let out = get(addr, "/closed", &[("host", &envd_host)]).await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    assert!(out.contains("port is not open"), "{out}");
+    assert_eq!(last(), format!("port 49983 of {id}: /closed"));
+    get(addr, "/after", &[("host", &envd_host)]).await;
+    assert_eq!(last(), format!("/proxy/{id}/49983/after"));
+    get(addr, "/again", &[("host", &envd_host)]).await;
+    assert_eq!(last(), format!("port 49983 of {id}: /again"));
+    assert_eq!(in_process.seen.lock().unwrap().len(), 7);
+
     // 3. An upgrade for the local capsule crosses HTTP to its agent, with
     //    the agent's token: the agent owns tunnels.
     let out = get(
@@ -303,7 +325,7 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     );
     assert!(head.contains("x-wrenn-agent-token: local-secret"), "{head}");
     assert_eq!(seen.alpn, "wrenn-bulk", "a tunnel is bulk traffic");
-    assert_eq!(in_process.seen.lock().unwrap().len(), 4);
+    assert_eq!(in_process.seen.lock().unwrap().len(), 7);
 
     // 4. A capsule on another host: over HTTP with that host's token, and
     //    the caller's key removed.
@@ -327,7 +349,7 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
         "{head}"
     );
     assert!(!head.to_ascii_lowercase().contains("x-api-key"), "{head}");
-    assert_eq!(in_process.seen.lock().unwrap().len(), 4);
+    assert_eq!(in_process.seen.lock().unwrap().len(), 7);
     assert!(
         local_heads.try_recv().is_err(),
         "no plain request reached the local agent over HTTP"

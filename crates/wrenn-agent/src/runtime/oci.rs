@@ -347,7 +347,7 @@ fn pid_file(bundle: &Path) -> PathBuf {
 /// original value, and threads it starts later inherit the new one. Only
 /// when that process is `envd` itself (runc, crun, youki): a runtime's own
 /// sandbox process (runsc, kata) runs the whole capsule, which must not
-/// outrank the host. Best effort: returns how many threads were changed.
+/// outrank the host. Best effort: returns how many threads it found.
 pub fn set_envd_priority(bundle: &Path, envd: &Path, boost: i32) -> std::io::Result<usize> {
     use std::os::unix::fs::MetadataExt;
     let pid: u32 = std::fs::read_to_string(pid_file(bundle))?
@@ -365,21 +365,30 @@ pub fn set_envd_priority(bundle: &Path, envd: &Path, boost: i32) -> std::io::Res
     }
     // Relative to the agent's main thread (its bulk workers are niced).
     let nice = (wrenn_http::thread_nice(std::process::id()) - boost).clamp(-20, 19);
-    let mut changed = 0;
-    for task in std::fs::read_dir(proc.join("task"))? {
-        let Some(tid) = task?
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: a plain syscall; a thread gone meanwhile fails with ESRCH.
-        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } == 0 {
-            changed += 1;
+    // A thread started during a pass by one not yet changed has the old
+    // value: pass again until a pass finds no new thread.
+    let mut done = std::collections::HashSet::new();
+    loop {
+        let mut new = false;
+        for task in std::fs::read_dir(proc.join("task"))? {
+            let Some(tid) = task?
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if done.insert(tid) {
+                new = true;
+                // SAFETY: a plain syscall; a thread gone meanwhile fails
+                // with ESRCH.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+            }
+        }
+        if !new {
+            return Ok(done.len());
         }
     }
-    Ok(changed)
 }
 
 #[cfg(test)]
