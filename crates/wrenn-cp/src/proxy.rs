@@ -69,6 +69,14 @@ pub struct Route {
     pub stop: CancellationToken,
 }
 
+impl Route {
+    /// Usable without a lookup: not refused since, and younger than
+    /// [`ROUTE_TTL`].
+    fn fresh(&self) -> bool {
+        !self.stale.load(Ordering::Relaxed) && self.at.elapsed() < ROUTE_TTL
+    }
+}
+
 /// Cached capsule → agent routes (shared, not copied, by each request).
 #[derive(Debug, Default)]
 pub struct Routes {
@@ -85,9 +93,12 @@ impl Routes {
 
     /// The cached route of `id`, while it may be used without a lookup.
     fn fresh(&self, id: &str) -> Option<Arc<Route>> {
-        let map = self.map.lock().unwrap();
-        let r = map.get(id)?;
-        (!r.stale.load(Ordering::Relaxed) && r.at.elapsed() < ROUTE_TTL).then(|| r.clone())
+        self.map
+            .lock()
+            .unwrap()
+            .get(id)
+            .filter(|r| r.fresh())
+            .cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -129,10 +140,10 @@ impl Refusal {
 
 /// The route to a running capsule.
 pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Arc<Route>, Refusal> {
-    if let Some(r) = cp.proxy_routes.fresh(id.as_str()) {
-        return Ok(r);
-    }
     let previous = cp.proxy_routes.map.lock().unwrap().get(id).cloned();
+    if let Some(r) = previous.as_ref().filter(|r| r.fresh()) {
+        return Ok(r.clone());
+    }
     let c = match cp.db.capsule_any(id).await {
         Ok(Some(c)) if c.status != Status::Stopped => c,
         Ok(_) => return Err(Refusal::Unknown),
