@@ -138,17 +138,18 @@ impl PortProxy {
         if is_upgrade(req.headers()) {
             return self.tunnel(req, route, &path_and_query).await;
         }
-        self.forward(req, route, &path_and_query, true).await
+        self.forward(req, route, &path_and_query, true, None).await
     }
 
-    /// Relay a plain request; `prefixed`: `Location` headers get the
-    /// path-form prefix.
+    /// Relay a plain request (over `pair` when it is free); `prefixed`:
+    /// `Location` headers get the path-form prefix.
     fn forward(
         self: Arc<Self>,
         req: Request,
         route: Arc<Route>,
         path_and_query: &str,
         prefixed: bool,
+        pair: Option<Arc<wrenn_http::Pair>>,
     ) -> wrenn_http::Answer {
         let Ok(uri) = format!("http://{}{}", route.upstream, path_and_query).parse::<Uri>() else {
             return Box::pin(std::future::ready(plain(
@@ -159,7 +160,8 @@ impl PortProxy {
         Box::pin(async move {
             let stop = route.stop.clone();
             let fix = |h: &mut HeaderMap| fix_location(h, &route, prefixed);
-            let resp = relay::forward(&self.client, req, uri, fix).await;
+            let pair = pair.as_deref().map(|p| (p, &stop));
+            let resp = relay::forward(&self.client, pair, req, uri, fix).await;
             relay::cut_on(resp, stop)
         })
     }
@@ -218,10 +220,15 @@ impl wrenn_http::relay::LocalProxy for PortProxy {
         Box::pin(self.handle(req))
     }
 
-    fn serve_port(self: Arc<Self>, to: PortTarget<'_>, req: Request) -> wrenn_http::Answer {
+    fn serve_port(
+        self: Arc<Self>,
+        to: PortTarget<'_>,
+        req: Request,
+        pair: Arc<wrenn_http::Pair>,
+    ) -> wrenn_http::Answer {
         let refused = match to.capsule.parse::<CapsuleId>() {
             Ok(id) => match self.route(&id, to.port) {
-                Ok(route) => return self.forward(req, route, to.path_and_query, false),
+                Ok(route) => return self.forward(req, route, to.path_and_query, false, Some(pair)),
                 Err(e) => refusal(&e),
             },
             Err(e) => plain(StatusCode::BAD_REQUEST, e.to_string()),

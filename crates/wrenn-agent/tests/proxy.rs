@@ -142,22 +142,28 @@ impl Served {
             port,
             path_and_query: path,
         };
-        let answer = self.proxy.clone().serve_port(to, req);
-        let resp = tokio::time::timeout(Duration::from_secs(20), answer)
+        // (the pair's connection is driven as a server drives it: by the
+        // task that waits for the answer)
+        let pair = Arc::new(wrenn_http::Pair::default());
+        let answer = self.proxy.clone().serve_port(to, req, pair.clone());
+        let answered = pair.driving(Box::pin(async {
+            let resp = answer.await;
+            let status = resp.status().as_u16();
+            let location = resp
+                .headers()
+                .get("location")
+                .map(|l| l.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                location,
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        }));
+        tokio::time::timeout(Duration::from_secs(20), answered)
             .await
-            .expect("no hang");
-        let status = resp.status().as_u16();
-        let location = resp
-            .headers()
-            .get("location")
-            .map(|l| l.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            location,
-            String::from_utf8_lossy(&body).into_owned(),
-        )
+            .expect("no hang")
     }
 
     async fn shutdown(mut self) {

@@ -314,7 +314,7 @@ pub async fn relay_to(
             } else {
                 &route.client
             };
-            relay::forward(client, req, uri, strip).await
+            relay::forward(client, None, req, uri, strip).await
         }
     };
     settle(cp, id.as_str(), route, resp)
@@ -345,7 +345,11 @@ fn settle(cp: &Cp, id: &str, route: &Route, resp: Response) -> Response {
 pub struct FastLane(pub Arc<Cp>);
 
 impl wrenn_http::Front for FastLane {
-    fn take(&self, req: Request) -> Result<wrenn_http::Answer, Request> {
+    fn take(
+        &self,
+        req: Request,
+        pair: &Arc<wrenn_http::Pair>,
+    ) -> Result<wrenn_http::Answer, Request> {
         use crate::e2b::dataplane::{self, SANDBOX_ID_HEADER};
         let h = req.headers();
         let routed_elsewhere = h.contains_key(SANDBOX_ID_HEADER)
@@ -379,7 +383,7 @@ impl wrenn_http::Front for FastLane {
             port,
             path_and_query: path,
         };
-        let answer = local.serve_port(to, req);
+        let answer = local.serve_port(to, req, pair.clone());
         let cp = self.0.clone();
         Ok(Box::pin(async move {
             let resp = settle(&cp, &id, &route, answer.await);

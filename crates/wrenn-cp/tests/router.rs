@@ -44,7 +44,12 @@ impl LocalProxy for InProcess {
         self.answer(uri, &req, format!("{prefix}/next"))
     }
 
-    fn serve_port(self: Arc<Self>, to: PortTarget<'_>, req: Request) -> wrenn_http::Answer {
+    fn serve_port(
+        self: Arc<Self>,
+        to: PortTarget<'_>,
+        req: Request,
+        _pair: Arc<wrenn_http::Pair>,
+    ) -> wrenn_http::Answer {
         let seen = format!("port {} of {}: {}", to.port, to.capsule, to.path_and_query);
         if to.path_and_query == "/closed" {
             // what the agent's proxy says when nothing listens

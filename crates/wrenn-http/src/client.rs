@@ -236,7 +236,7 @@ fn retrying(attempts: u32, step: Duration, tls: Option<AgentTls>) -> RetryConnec
     };
     let mut inner = HttpConnector::new();
     inner.set_nodelay(true);
-    inner.set_connect_timeout(Some(Duration::from_secs(5)));
+    inner.set_connect_timeout(Some(DIAL_TIMEOUT));
     // https reaches it too: TLS is layered on in `call`
     inner.enforce_http(false);
     RetryConnector {
@@ -291,12 +291,19 @@ pub fn rpc_h2_client(tls: Option<AgentTls>) -> ProxyClient {
         .build(connector)
 }
 
-/// Dial `addr` with the proxy's retry policy (for upgrade tunnels, which
-/// need a connection of their own).
+/// How long one dial of [`dial_with_retry`] may take (the proxy pool's
+/// connect timeout).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Dial `addr` with the proxy's retry policy (for upgrade tunnels and
+/// [`Pair`](crate::Pair)s, which need a connection of their own).
 pub async fn dial_with_retry(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let mut attempt = 1;
     loop {
-        match tokio::net::TcpStream::connect(addr).await {
+        let dialed = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+        match dialed {
             Ok(s) => {
                 s.set_nodelay(true)?;
                 return Ok(s);

@@ -9,11 +9,14 @@
 //!
 //! Clients: [`client`] builds a hyper client with its **own** connection pool
 //! (never a process-wide default), `TCP_NODELAY` on, pinned to the HTTP
-//! version a traffic class needs.
+//! version a traffic class needs. A [`Pair`] is a downstream connection's
+//! own upstream connection, driven by that connection's task (a proxy's
+//! hot path).
 //!
 //! Between the control plane and its agents: mutual TLS ([`tls`]).
 
 mod client;
+mod pair;
 pub mod relay;
 mod server;
 pub mod tls;
@@ -22,6 +25,7 @@ pub use client::{
     client, dial_with_retry, proxy_client, rpc_h2_client, ClientBody, Conn, HttpClient,
     HttpVersion, ProxyBody, ProxyClient, RetryConnector, PROXY_DIAL_ATTEMPTS, PROXY_DIAL_STEP,
 };
+pub use pair::Pair;
 pub use server::{
     bulk_runtime, serve, thread_nice, Answer, BulkClass, Classify, Front, ServerConfig, BULK_NICE,
 };

@@ -2,7 +2,8 @@
 //! (the agent's port proxy, the control plane's subdomain proxy) shares.
 //!
 //! - [`forward`] sends a plain request through a pooled [`ProxyClient`]
-//!   with hop-by-hop headers and `X-API-Key` removed.
+//!   (or a downstream connection's [`Pair`](crate::Pair)) with hop-by-hop
+//!   headers and `X-API-Key` removed.
 //! - [`tunnel`] handles `Upgrade` requests (WebSockets): a connection of
 //!   its own, the upstream's 101 passed back, then a byte tunnel owned by
 //!   the caller's [`TaskTracker`] and ended by its [`CancellationToken`].
@@ -43,8 +44,14 @@ pub trait LocalProxy: Send + Sync + std::fmt::Debug {
 
     /// The same for a request already known to be for `to`, its
     /// `Location` headers left in the capsule's own terms (no path-form
-    /// prefix: what a subdomain client needs).
-    fn serve_port(self: Arc<Self>, to: PortTarget<'_>, req: Request) -> crate::Answer;
+    /// prefix: what a subdomain client needs), sent over `pair` (the
+    /// downstream connection's own upstream connection) when it is free.
+    fn serve_port(
+        self: Arc<Self>,
+        to: PortTarget<'_>,
+        req: Request,
+        pair: Arc<crate::Pair>,
+    ) -> crate::Answer;
 }
 
 /// Where in a capsule a request goes.
@@ -154,12 +161,15 @@ fn add_forwarded(h: &mut HeaderMap) {
         .or_insert(HeaderValue::from_static("http"));
 }
 
-/// Send `req` to `uri` (absolute) through `client`. A failure to reach
-/// the upstream is a 502 `proxy error: …` (clients such as wrenn's code
-/// runner retry on 5xx and give up on 4xx). `fix` edits the upstream's
-/// response headers (Location rewriting).
+/// Send `req` to `uri` (absolute) through `client`, or over `pair` (a
+/// downstream connection's own upstream connection, dialed with its
+/// token) when it is free. A failure to reach the upstream is a 502
+/// `proxy error: …` (clients such as wrenn's code runner retry on 5xx and
+/// give up on 4xx). `fix` edits the upstream's response headers
+/// (Location rewriting).
 pub async fn forward(
     client: &ProxyClient,
+    pair: Option<(&crate::Pair, &CancellationToken)>,
     req: Request,
     uri: Uri,
     fix: impl FnOnce(&mut HeaderMap),
@@ -171,7 +181,12 @@ pub async fn forward(
     parts.headers.remove(X_API_KEY);
     add_forwarded(&mut parts.headers);
     let body = body.map_err(std::io::Error::other).boxed_unsync();
-    match client.request(http::Request::from_parts(parts, body)).await {
+    let req = http::Request::from_parts(parts, body);
+    let sent = match pair {
+        Some((pair, stop)) => pair.send(client, req, stop).await,
+        None => client.request(req).await.map_err(Into::into),
+    };
+    match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -181,24 +196,42 @@ pub async fn forward(
         Err(e) => refused(
             StatusCode::BAD_GATEWAY,
             "unreachable",
-            format!("proxy error: {}", error_chain(&e)),
+            format!("proxy error: {}", error_chain(&*e)),
         ),
     }
 }
 
-/// `resp` with a body that fails once `stop` is cancelled.
+/// `resp` with a body that fails once `stop` is cancelled (an empty one
+/// has nothing to cut).
 pub fn cut_on(resp: Response, stop: CancellationToken) -> Response {
     let (parts, body) = resp.into_parts();
+    if http_body::Body::is_end_stream(&body) {
+        return Response::from_parts(parts, body);
+    }
     let cut = CutBody {
         inner: body,
-        stop: Box::pin(stop.cancelled_owned()),
+        stop,
+        waiting: None,
     };
     Response::from_parts(parts, Body::new(cut))
 }
 
+/// The token is watched from the first time the body has to wait (a body
+/// whose upstream vanished waits forever), and from then on before each
+/// frame; a small answer that is there at once never touches it (its
+/// waiter list is shared by every request to the capsule).
 struct CutBody {
     inner: Body,
-    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    stop: CancellationToken,
+    waiting: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+}
+
+impl CutBody {
+    fn cut() -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        Poll::Ready(Some(Err(axum::Error::new(std::io::Error::other(
+            "the capsule went away",
+        )))))
+    }
 }
 
 impl http_body::Body for CutBody {
@@ -209,12 +242,27 @@ impl http_body::Body for CutBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
-        if self.stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::other(
-                "the capsule went away",
-            )))));
+        let this = &mut *self;
+        if let Some(waiting) = this.waiting.as_mut() {
+            if waiting.as_mut().poll(cx).is_ready() {
+                return CutBody::cut();
+            }
         }
-        Pin::new(&mut self.inner).poll_frame(cx)
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.waiting.is_none() {
+            let mut waiting = Box::pin(this.stop.clone().cancelled_owned());
+            if waiting.as_mut().poll(cx).is_ready() {
+                return CutBody::cut();
+            }
+            this.waiting = Some(waiting);
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

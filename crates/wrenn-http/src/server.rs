@@ -48,11 +48,17 @@ pub type Answer = Pin<Box<dyn Future<Output = axum::response::Response> + Send>>
 /// A handler in front of the router: it answers the requests it takes (a
 /// proxy's hot path, spared the router's dispatch and middleware) and
 /// hands the others back, untouched, to the router. (Requests it is
-/// shown carry no `ConnectInfo`; the router's get it.)
+/// shown carry no `ConnectInfo`; the router's get it.) `pair` is the
+/// connection's own upstream connection, driven by its task, for the
+/// requests it relays.
 pub trait Front: Send + Sync + std::fmt::Debug {
     // (The request is handed back by value, as tower's services take it.)
     #[allow(clippy::result_large_err)]
-    fn take(&self, req: axum::extract::Request) -> Result<Answer, axum::extract::Request>;
+    fn take(
+        &self,
+        req: axum::extract::Request,
+        pair: &Arc<crate::Pair>,
+    ) -> Result<Answer, axum::extract::Request>;
 }
 
 /// Whether a connection whose first request has this path and these
@@ -355,8 +361,10 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     builder.http1().header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     let front = config.front.clone();
+    let pair = Arc::new(crate::Pair::default());
     let service = hyper::service::service_fn({
         let state = state.clone();
+        let pair = pair.clone();
         move |req: http::Request<hyper::body::Incoming>| {
             let in_flight = InFlight::start(&state);
             let req = req.map(axum::body::Body::new);
@@ -367,7 +375,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 tower::ServiceExt::oneshot(router.clone(), req)
             };
             let answer = match &front {
-                Some(front) => front.take(req).map_err(routed),
+                Some(front) => front.take(req, &pair).map_err(routed),
                 None => Err(routed(req)),
             };
             async move {
@@ -391,7 +399,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let mut shutting_down = false;
     loop {
         tokio::select! {
-            res = conn.as_mut() => {
+            res = pair.driving(conn.as_mut()) => {
                 if let Err(err) = res {
                     tracing::debug!(%err, "connection ended with error");
                 }

@@ -1,0 +1,230 @@
+//! A downstream connection's own upstream connection.
+//!
+//! A proxied request sent through a pooled client crosses two tasks: the
+//! server connection's, which hands it over, and the pooled connection's,
+//! which writes it and reads the answer; on a busy machine the two
+//! tasks run on different workers and every request costs wake-ups
+//! across threads. A [`Pair`] is one HTTP/1.1 connection to one upstream
+//! that belongs to one downstream connection and is polled by that
+//! connection's task ([`Pair::driving`]): a request and its answer then
+//! move through one task, as they do through one nginx worker.
+//!
+//! - One request at a time. While the pair is in use (HTTP/2's concurrent
+//!   streams), or still reading an earlier answer's body, a request goes
+//!   through the pooled client instead: no request waits for another.
+//! - The pair follows the requests: one for another upstream, while the
+//!   pair is idle, closes it and dials the new one (with the pool's dial
+//!   retries). Its connection closes when the downstream connection ends,
+//!   when the upstream closes it, or when the token it was dialed with is
+//!   cancelled (the capsule was destroyed).
+//! - A request the upstream had closed the connection under before it was
+//!   sent goes again on a new connection, as the pool retries it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+
+use http::header::{self, HeaderValue};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ProxyBody, ProxyClient};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// See the module's documentation.
+#[derive(Default)]
+pub struct Pair {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The connection's upstream and its sender; taken while a request
+    /// has it.
+    conn: Option<(SocketAddr, SendRequest<ProxyBody>)>,
+    /// A request has the pair.
+    busy: bool,
+    /// The connection, driven by the downstream connection's task.
+    driver: Option<Driver>,
+    /// That task.
+    waker: Option<Waker>,
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.inner.lock().unwrap();
+        f.debug_struct("Pair")
+            .field("upstream", &g.conn.as_ref().map(|c| c.0))
+            .field("busy", &g.busy)
+            .field("connected", &g.driver.is_some())
+            .finish()
+    }
+}
+
+/// [`Pair::driving`]'s future.
+pub struct Driving<'a, F> {
+    pair: &'a Pair,
+    f: F,
+}
+
+impl<F: Future + Unpin> Future for Driving<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.pair.poll_drive(cx);
+        Pin::new(&mut self.f).poll(cx)
+    }
+}
+
+/// What a request finds the pair doing.
+enum Claim {
+    /// Idle and connected to the request's upstream.
+    Ready(SendRequest<ProxyBody>),
+    /// Idle, and not connected there (or not any more).
+    Dial,
+    /// Serving another request.
+    Busy,
+}
+
+/// Releases a claim, also when the request is dropped half-way.
+struct Held<'a>(&'a Pair);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.inner.lock().unwrap().busy = false;
+    }
+}
+
+impl Pair {
+    /// Run `f` (the downstream connection), driving the pair's connection
+    /// in the same task: before `f` on every poll, so that an answer the
+    /// pair has read is ready for the request waiting on it.
+    pub fn driving<F: Future + Unpin>(&self, f: F) -> Driving<'_, F> {
+        Driving { pair: self, f }
+    }
+
+    fn poll_drive(&self, cx: &mut Context<'_>) {
+        let mut g = self.inner.lock().unwrap();
+        if !g.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            g.waker = Some(cx.waker().clone());
+        }
+        if let Some(driver) = g.driver.as_mut() {
+            if driver.as_mut().poll(cx).is_ready() {
+                g.driver = None;
+                g.conn = None;
+            }
+        }
+    }
+
+    /// Send `req` (absolute URI, `http://{address}/…`) over the pair, or
+    /// through `client` while the pair is busy. `stop` ends a connection
+    /// dialed for it.
+    pub async fn send(
+        &self,
+        client: &ProxyClient,
+        req: http::Request<ProxyBody>,
+        stop: &CancellationToken,
+    ) -> Result<http::Response<Incoming>, BoxError> {
+        let addr = req.uri().authority().and_then(|a| a.as_str().parse().ok());
+        let Some(addr) = addr else {
+            return Ok(client.request(req).await?);
+        };
+        let claim = self.claim(addr);
+        let mut tx = match claim {
+            Claim::Busy => return Ok(client.request(req).await?),
+            Claim::Ready(tx) => Some(tx),
+            Claim::Dial => None,
+        };
+        let _held = Held(self);
+        let mut req = origin_form(req);
+        // One retry: the upstream may have closed a kept connection just
+        // as the request went out.
+        for _ in 0..2 {
+            let mut sender = match tx.take() {
+                Some(s) => s,
+                None => self.dial(addr, stop).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.inner.lock().unwrap().conn = Some((addr, sender));
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        Err("the upstream closed the connection twice before the request was sent".into())
+    }
+
+    fn claim(&self, addr: SocketAddr) -> Claim {
+        let mut g = self.inner.lock().unwrap();
+        if g.busy {
+            return Claim::Busy;
+        }
+        let claim = match g.conn.take() {
+            Some((a, tx)) if a == addr && tx.is_ready() => Claim::Ready(tx),
+            // still reading an earlier answer's body
+            Some(c) if !c.1.is_closed() && !c.1.is_ready() => {
+                g.conn = Some(c);
+                Claim::Busy
+            }
+            _ => Claim::Dial,
+        };
+        g.busy = !matches!(claim, Claim::Busy);
+        claim
+    }
+
+    /// A new connection to `addr`, which replaces the pair's.
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        stop: &CancellationToken,
+    ) -> Result<SendRequest<ProxyBody>, BoxError> {
+        let tcp = crate::dial_with_retry(addr).await?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        let stop = stop.clone();
+        let driver = async move {
+            tokio::select! {
+                res = conn => if let Err(err) = res {
+                    tracing::debug!(%err, %addr, "paired upstream connection failed");
+                },
+                () = stop.cancelled() => {}
+            }
+        };
+        let mut g = self.inner.lock().unwrap();
+        g.driver = Some(Box::pin(driver));
+        // The downstream connection's task polls it from its next run on.
+        if let Some(w) = &g.waker {
+            w.wake_by_ref();
+        }
+        Ok(tx)
+    }
+}
+
+/// `req` as an HTTP/1.1 client sends it: the target in origin form, and
+/// a `Host` header (the authority's, unless the request has one), as the
+/// pooled client makes it.
+fn origin_form(mut req: http::Request<ProxyBody>) -> http::Request<ProxyBody> {
+    let uri = req.uri().clone();
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(v) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(origin) = path.parse() {
+        *req.uri_mut() = origin;
+    }
+    req
+}
