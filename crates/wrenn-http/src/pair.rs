@@ -12,11 +12,14 @@
 //! - One request at a time. While the pair is in use (HTTP/2's concurrent
 //!   streams), or still reading an earlier answer's body, a request goes
 //!   through the pooled client instead: no request waits for another.
-//! - The pair follows the requests: one for another upstream, while the
-//!   pair is idle, closes it and dials the new one (with the pool's dial
-//!   retries). Its connection closes when the downstream connection ends,
-//!   when the upstream closes it, or when the token it was dialed with is
-//!   cancelled (the capsule was destroyed).
+//! - The pair keeps to the upstream it was dialed for. A request for
+//!   another (a front proxy may send many hosts' requests over one
+//!   connection) goes through the pool, so that alternating upstreams
+//!   never cost a dial each. The pair's connection closes when the
+//!   downstream connection ends, when the upstream closes it, or when the
+//!   token it was dialed with is cancelled (the capsule was destroyed);
+//!   the next request dials anew, for its own upstream (with the pool's
+//!   dial retries).
 //! - A request the upstream had closed the connection under before it was
 //!   sent goes again on a new connection, as the pool retries it.
 
@@ -86,9 +89,9 @@ impl<F: Future + Unpin> Future for Driving<'_, F> {
 enum Claim {
     /// Idle and connected to the request's upstream.
     Ready(SendRequest<ProxyBody>),
-    /// Idle, and not connected there (or not any more).
+    /// Not connected (any more).
     Dial,
-    /// Serving another request.
+    /// Serving another request, or connected to another upstream.
     Busy,
 }
 
@@ -170,19 +173,20 @@ impl Pair {
             return Claim::Busy;
         }
         let claim = match g.conn.take() {
+            None => Claim::Dial,
+            Some((_, tx)) if tx.is_closed() => Claim::Dial,
             Some((a, tx)) if a == addr && tx.is_ready() => Claim::Ready(tx),
-            // still reading an earlier answer's body
-            Some(c) if !c.1.is_closed() && !c.1.is_ready() => {
-                g.conn = Some(c);
+            // still reading an earlier answer's body, or another upstream's
+            Some(kept) => {
+                g.conn = Some(kept);
                 Claim::Busy
             }
-            _ => Claim::Dial,
         };
         g.busy = !matches!(claim, Claim::Busy);
         claim
     }
 
-    /// A new connection to `addr`, which replaces the pair's.
+    /// A new connection to `addr`, which replaces the pair's (closed) one.
     async fn dial(
         &self,
         addr: SocketAddr,

@@ -82,18 +82,20 @@ impl Upstream {
     }
 }
 
-/// Relays every request to the upstream, over the connection's pair
-/// when it is free, dialing with the current token.
+/// Relays every request to the upstream (the second one when it
+/// carries `x-to: 1`), over the connection's pair when it is free,
+/// dialing with the current token.
 #[derive(Debug)]
 struct Relay {
-    upstream: SocketAddr,
+    upstreams: Vec<SocketAddr>,
     client: ProxyClient,
     stop: Mutex<CancellationToken>,
 }
 
 impl Front for Relay {
     fn take(&self, req: Request, pair: &Arc<Pair>) -> Result<Answer, Request> {
-        let uri: http::Uri = format!("http://{}{}", self.upstream, req.uri().path())
+        let to = usize::from(req.headers().contains_key("x-to"));
+        let uri: http::Uri = format!("http://{}{}", self.upstreams[to], req.uri().path())
             .parse()
             .unwrap();
         let client = self.client.clone();
@@ -112,10 +114,14 @@ struct Proxy {
 }
 
 async fn proxy_to(upstream: SocketAddr) -> Proxy {
+    proxy_to_all(vec![upstream]).await
+}
+
+async fn proxy_to_all(upstreams: Vec<SocketAddr>) -> Proxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let front = Arc::new(Relay {
-        upstream,
+        upstreams,
         client: wrenn_http::proxy_client(None),
         stop: Mutex::new(CancellationToken::new()),
     });
@@ -153,11 +159,20 @@ async fn connect(proxy: &Proxy) -> Sender {
 
 /// `GET path` on `tx`: status and body.
 async fn get(tx: &mut Sender, path: &str) -> (u16, String) {
+    get_from(tx, path, false).await
+}
+
+/// `GET path` on `tx`, for the second upstream if `second`.
+async fn get_from(tx: &mut Sender, path: &str, second: bool) -> (u16, String) {
     tx.ready().await.unwrap();
-    let req = hyper::Request::get(path)
+    let mut req = hyper::Request::get(path)
         .header("host", "test")
         .body(http_body_util::Empty::new())
         .unwrap();
+    if second {
+        req.headers_mut()
+            .insert("x-to", http::HeaderValue::from_static("1"));
+    }
     let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
         .await
         .expect("no hang")
@@ -198,6 +213,36 @@ async fn each_client_connection_has_one_upstream_connection() {
     drop(a);
     assert!(eventually(|| up.open() == 1).await, "open: {}", up.open());
     assert_eq!(get(&mut b, "/peer").await, other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pair_keeps_to_its_upstream() {
+    let (first, first_addr) = Upstream::start().await;
+    let (second, second_addr) = Upstream::start().await;
+    let proxy = proxy_to_all(vec![first_addr, second_addr]).await;
+    // one client connection for both (a front proxy's, say)
+    let mut a = connect(&proxy).await;
+    let paired = get(&mut a, "/peer").await;
+    for _ in 0..3 {
+        let (status, _) = get_from(&mut a, "/peer", true).await;
+        assert_eq!(status, 200);
+        assert_eq!(get(&mut a, "/peer").await, paired, "still paired");
+    }
+    // the pool's connection to the second was kept and reused
+    assert_eq!(first.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(second.accepted.load(Ordering::SeqCst), 1);
+    // once the pair's connection is gone, it is dialed for the next request
+    get(&mut a, "/close").await;
+    assert!(eventually(|| first.open() == 0).await);
+    let (status, _) = get_from(&mut a, "/close", true).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        second.accepted.load(Ordering::SeqCst),
+        2,
+        "dialed as the pair"
+    );
+    // (left open: the pool's idle connection)
+    assert!(eventually(|| second.open() == 1).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
