@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{Request, State};
 use axum::response::Response;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,6 +42,8 @@ use crate::error::{AgentError, ErrorKind};
 #[derive(Debug, Clone)]
 pub struct Route {
     pub upstream: SocketAddr,
+    /// `upstream` as a URI's authority (formatted once, not per request).
+    authority: Authority,
     pub prefix: String,
     /// Cancelled when the capsule is destroyed: ends its tunnels (a
     /// deleted netns never resets their upstream sockets).
@@ -98,8 +101,11 @@ impl PortProxy {
         if let Some(r) = routes.get(&key).filter(|r| r.upstream == upstream) {
             return Ok(r.clone());
         }
+        let authority = Authority::try_from(upstream.to_string())
+            .map_err(|e| AgentError::Invalid(format!("capsule address {upstream}: {e}")))?;
         let route = Arc::new(Route {
             upstream,
+            authority,
             prefix: format!("/proxy/{id}/{port}"),
             stop: self.stop.child_token(),
         });
@@ -151,7 +157,17 @@ impl PortProxy {
         prefixed: bool,
         pair: Option<Arc<wrenn_http::Pair>>,
     ) -> wrenn_http::Answer {
-        let Ok(uri) = format!("http://{}{}", route.upstream, path_and_query).parse::<Uri>() else {
+        // (the request's own target, when it is the one to send, is
+        // shared rather than parsed again)
+        let pq = match req.uri().path_and_query() {
+            Some(pq) if pq.as_str() == path_and_query => Ok(pq.clone()),
+            _ => path_and_query.parse::<PathAndQuery>(),
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(route.authority.clone());
+        parts.path_and_query = pq.ok();
+        let Ok(uri) = Uri::from_parts(parts) else {
             return Box::pin(std::future::ready(plain(
                 StatusCode::BAD_REQUEST,
                 "unparsable path",
@@ -160,8 +176,12 @@ impl PortProxy {
         Box::pin(async move {
             let stop = route.stop.clone();
             let fix = |h: &mut HeaderMap| fix_location(h, &route, prefixed);
-            let pair = pair.as_deref().map(|p| (p, &stop));
-            let resp = relay::forward(&self.client, pair, req, uri, fix).await;
+            let via = pair.as_deref().map(|pair| relay::Via {
+                pair,
+                upstream: route.upstream,
+                stop: &stop,
+            });
+            let resp = relay::forward(&self.client, via, req, uri, fix).await;
             relay::cut_on(resp, stop)
         })
     }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
 use wrenn_http::relay::{self, plain, LocalProxy};
@@ -351,10 +351,13 @@ impl wrenn_http::Front for FastLane {
         pair: &Arc<wrenn_http::Pair>,
     ) -> Result<wrenn_http::Answer, Request> {
         use crate::e2b::dataplane::{self, SANDBOX_ID_HEADER};
+        // (typed: a `&str` name is parsed again on every lookup)
+        const SANDBOX_ID: HeaderName = HeaderName::from_static(SANDBOX_ID_HEADER);
+        const AGENT_TOKEN: HeaderName = HeaderName::from_static(AGENT_TOKEN_HEADER);
         let h = req.headers();
-        let routed_elsewhere = h.contains_key(SANDBOX_ID_HEADER)
+        let routed_elsewhere = h.contains_key(&SANDBOX_ID)
             || h.contains_key(&relay::X_API_KEY)
-            || h.contains_key(AGENT_TOKEN_HEADER)
+            || h.contains_key(&AGENT_TOKEN)
             || relay::is_upgrade(h);
         if routed_elsewhere {
             return Err(req);

@@ -30,6 +30,7 @@ use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
 use http::header::{self, HeaderValue};
+use http::Uri;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -125,19 +126,16 @@ impl Pair {
         }
     }
 
-    /// Send `req` (absolute URI, `http://{address}/…`) over the pair, or
+    /// Send `req` (absolute URI, `http://{addr}/…`) over the pair, or
     /// through `client` while the pair is busy. `stop` ends a connection
     /// dialed for it.
     pub async fn send(
         &self,
         client: &ProxyClient,
         req: http::Request<ProxyBody>,
+        addr: SocketAddr,
         stop: &CancellationToken,
     ) -> Result<http::Response<Incoming>, BoxError> {
-        let addr = req.uri().authority().and_then(|a| a.as_str().parse().ok());
-        let Some(addr) = addr else {
-            return Ok(client.request(req).await?);
-        };
         let claim = self.claim(addr);
         let mut tx = match claim {
             Claim::Busy => return Ok(client.request(req).await?),
@@ -217,7 +215,7 @@ impl Pair {
 /// a `Host` header (the authority's, unless the request has one), as the
 /// pooled client makes it.
 fn origin_form(mut req: http::Request<ProxyBody>) -> http::Request<ProxyBody> {
-    let uri = req.uri().clone();
+    let uri = std::mem::take(req.uri_mut());
     if !req.headers().contains_key(header::HOST) {
         if let Some(v) = uri
             .authority()
@@ -226,9 +224,7 @@ fn origin_form(mut req: http::Request<ProxyBody>) -> http::Request<ProxyBody> {
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    if let Ok(origin) = path.parse() {
-        *req.uri_mut() = origin;
-    }
+    let path = uri.into_parts().path_and_query;
+    *req.uri_mut() = path.map_or_else(|| Uri::from_static("/"), Uri::from);
     req
 }

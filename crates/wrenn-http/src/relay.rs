@@ -161,15 +161,24 @@ fn add_forwarded(h: &mut HeaderMap) {
         .or_insert(HeaderValue::from_static("http"));
 }
 
-/// Send `req` to `uri` (absolute) through `client`, or over `pair` (a
-/// downstream connection's own upstream connection, dialed with its
-/// token) when it is free. A failure to reach the upstream is a 502
-/// `proxy error: …` (clients such as wrenn's code runner retry on 5xx and
-/// give up on 4xx). `fix` edits the upstream's response headers
-/// (Location rewriting).
+/// A downstream connection's [`Pair`](crate::Pair), for a request to
+/// `upstream` (the authority of the request's URI); a connection dialed
+/// for it ends when `stop` is cancelled.
+#[derive(Debug, Clone, Copy)]
+pub struct Via<'a> {
+    pub pair: &'a crate::Pair,
+    pub upstream: SocketAddr,
+    pub stop: &'a CancellationToken,
+}
+
+/// Send `req` to `uri` (absolute) through `client`, or `via` a downstream
+/// connection's own upstream connection when it is free. A failure to
+/// reach the upstream is a 502 `proxy error: …` (clients such as wrenn's
+/// code runner retry on 5xx and give up on 4xx). `fix` edits the
+/// upstream's response headers (Location rewriting).
 pub async fn forward(
     client: &ProxyClient,
-    pair: Option<(&crate::Pair, &CancellationToken)>,
+    via: Option<Via<'_>>,
     req: Request,
     uri: Uri,
     fix: impl FnOnce(&mut HeaderMap),
@@ -182,8 +191,8 @@ pub async fn forward(
     add_forwarded(&mut parts.headers);
     let body = body.map_err(std::io::Error::other).boxed_unsync();
     let req = http::Request::from_parts(parts, body);
-    let sent = match pair {
-        Some((pair, stop)) => pair.send(client, req, stop).await,
+    let sent = match via {
+        Some(via) => via.pair.send(client, req, via.upstream, via.stop).await,
         None => client.request(req).await.map_err(Into::into),
     };
     match sent {

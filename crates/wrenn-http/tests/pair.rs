@@ -94,15 +94,20 @@ struct Relay {
 
 impl Front for Relay {
     fn take(&self, req: Request, pair: &Arc<Pair>) -> Result<Answer, Request> {
-        let to = usize::from(req.headers().contains_key("x-to"));
-        let uri: http::Uri = format!("http://{}{}", self.upstreams[to], req.uri().path())
+        let upstream = self.upstreams[usize::from(req.headers().contains_key("x-to"))];
+        let uri: http::Uri = format!("http://{upstream}{}", req.uri().path())
             .parse()
             .unwrap();
         let client = self.client.clone();
         let pair = pair.clone();
         let stop = self.stop.lock().unwrap().clone();
         Ok(Box::pin(async move {
-            relay::forward(&client, Some((&pair, &stop)), req, uri, |_| {}).await
+            let via = relay::Via {
+                pair: &pair,
+                upstream,
+                stop: &stop,
+            };
+            relay::forward(&client, Some(via), req, uri, |_| {}).await
         }))
     }
 }
