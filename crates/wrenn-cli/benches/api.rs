@@ -24,6 +24,9 @@
 //! where the loaded PTY tail comes from, `WRENN_BENCH_LOAD_NICE=N` runs the
 //! load clients at nice N and `WRENN_BENCH_SERVER_NICE=N` starts the
 //! capsule's bulk servers under `nice -n N` (diagnostics; off by default).
+//! `WRENN_PROXY_PAIR=off` (passed on to `wrenn up`) sends every proxied
+//! request through the proxy pool instead of the client connection's own
+//! upstream connection (`wrenn_http::Pair`), for A/B runs of one build.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -390,7 +393,15 @@ struct Wrk {
 
 fn wrk(url: &str, headers: &[String], secs: u32) -> Result<Wrk> {
     let mut cmd = Command::new("wrk");
-    cmd.args(["-t2", "-c32", &format!("-d{secs}s"), "--latency"]);
+    // (an 8 MiB answer under this load can take over wrk's default 2 s)
+    cmd.args([
+        "-t2",
+        "-c32",
+        &format!("-d{secs}s"),
+        "--latency",
+        "--timeout",
+        "10s",
+    ]);
     for h in headers {
         cmd.args(["-H", h]);
     }

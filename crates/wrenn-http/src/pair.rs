@@ -167,7 +167,7 @@ impl Pair {
 
     fn claim(&self, addr: SocketAddr) -> Claim {
         let mut g = self.inner.lock().unwrap();
-        if g.busy {
+        if g.busy || !enabled() {
             return Claim::Busy;
         }
         let claim = match g.conn.take() {
@@ -209,6 +209,13 @@ impl Pair {
         }
         Ok(tx)
     }
+}
+
+/// Whether pairs are used: `WRENN_PROXY_PAIR=off` sends every request
+/// through the pool (benchmarks' A/B runs).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("WRENN_PROXY_PAIR").map_or(true, |v| v != "off"))
 }
 
 /// `req` as an HTTP/1.1 client sends it: the target in origin form, and
