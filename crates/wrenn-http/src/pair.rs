@@ -20,7 +20,7 @@
 //!   token it was dialed with is cancelled (the capsule was destroyed);
 //!   the next request dials anew, for its own upstream (with the pool's
 //!   dial retries).
-//! - A request the upstream had closed the connection under before it was
+//! - A request the upstream closed a kept connection under before it was
 //!   sent goes again on a new connection, as the pool retries it.
 
 use std::future::Future;
@@ -62,7 +62,7 @@ struct Inner {
 
 impl std::fmt::Debug for Pair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let g = self.inner.lock().unwrap();
+        let g = self.lock();
         f.debug_struct("Pair")
             .field("upstream", &g.conn.as_ref().map(|c| c.0))
             .field("busy", &g.busy)
@@ -101,7 +101,7 @@ struct Held<'a>(&'a Pair);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.inner.lock().unwrap().busy = false;
+        self.0.lock().busy = false;
     }
 }
 
@@ -114,7 +114,7 @@ impl Pair {
     }
 
     fn poll_drive(&self, cx: &mut Context<'_>) {
-        let mut g = self.inner.lock().unwrap();
+        let mut g = self.lock();
         if !g.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             g.waker = Some(cx.waker().clone());
         }
@@ -137,36 +137,46 @@ impl Pair {
         stop: &CancellationToken,
     ) -> Result<http::Response<Incoming>, BoxError> {
         let claim = self.claim(addr);
-        let mut tx = match claim {
+        let mut kept = match claim {
             Claim::Busy => return Ok(client.request(req).await?),
             Claim::Ready(tx) => Some(tx),
             Claim::Dial => None,
         };
         let _held = Held(self);
         let mut req = origin_form(req);
-        // One retry: the upstream may have closed a kept connection just
-        // as the request went out.
-        for _ in 0..2 {
-            let mut sender = match tx.take() {
+        loop {
+            // (a kept connection the upstream closed just as the request
+            // went out is retried once on a new one, as the pool does; a
+            // new connection is not)
+            let reused = kept.is_some();
+            let mut sender = match kept.take() {
                 Some(s) => s,
                 None => self.dial(addr, stop).await?,
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.inner.lock().unwrap().conn = Some((addr, sender));
+                    self.lock().conn = Some((addr, sender));
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(e.into_error().into()),
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(e.into_error().into()),
                 },
             }
         }
-        Err("the upstream closed the connection twice before the request was sent".into())
+    }
+
+    /// The pair's state. (A panic while it is held, in hyper's code
+    /// driving the connection, leaves it as consistent as any other
+    /// moment: it is used on.)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn claim(&self, addr: SocketAddr) -> Claim {
-        let mut g = self.inner.lock().unwrap();
+        let mut g = self.lock();
         if g.busy || !enabled() {
             return Claim::Busy;
         }
@@ -201,7 +211,7 @@ impl Pair {
                 () = stop.cancelled() => {}
             }
         };
-        let mut g = self.inner.lock().unwrap();
+        let mut g = self.lock();
         g.driver = Some(Box::pin(driver));
         // The downstream connection's task polls it from its next run on.
         if let Some(w) = &g.waker {
@@ -224,14 +234,56 @@ fn enabled() -> bool {
 fn origin_form(mut req: http::Request<ProxyBody>) -> http::Request<ProxyBody> {
     let uri = std::mem::take(req.uri_mut());
     if !req.headers().contains_key(header::HOST) {
-        if let Some(v) = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
+        // (without http's default port, as the pooled client writes it)
+        let host = uri.authority().map(|a| match a.port_u16() {
+            Some(80) | None => a.host(),
+            Some(_) => a.as_str(),
+        });
+        if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
             req.headers_mut().insert(header::HOST, v);
         }
     }
     let path = uri.into_parts().path_and_query;
     *req.uri_mut() = path.map_or_else(|| Uri::from_static("/"), Uri::from);
     req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn request(uri: &str, host: Option<&str>) -> http::Request<ProxyBody> {
+        let mut req = http::Request::get(uri);
+        if let Some(h) = host {
+            req = req.header(header::HOST, h);
+        }
+        let body = http_body_util::Empty::new().map_err(|e| match e {});
+        req.body(body.boxed_unsync()).unwrap()
+    }
+
+    fn host(req: &http::Request<ProxyBody>) -> &str {
+        req.headers()[header::HOST].to_str().unwrap()
+    }
+
+    #[test]
+    fn requests_go_out_in_origin_form_with_a_host() {
+        let req = origin_form(request("http://10.0.0.2:8080/a/b/?x=1", None));
+        assert_eq!(req.uri(), "/a/b/?x=1");
+        assert_eq!(host(&req), "10.0.0.2:8080");
+        // http's default port is left out, as the pooled client does
+        let req = origin_form(request("http://10.0.0.2:80/", None));
+        assert_eq!(host(&req), "10.0.0.2");
+        // the client's own Host is kept
+        let req = origin_form(request(
+            "http://10.0.0.2:49983/health",
+            Some("49983-x.localhost"),
+        ));
+        assert_eq!(
+            (req.uri().to_string().as_str(), host(&req)),
+            ("/health", "49983-x.localhost")
+        );
+        let req = origin_form(request("http://10.0.0.2:3000", None));
+        assert_eq!(req.uri(), "/");
+    }
 }
