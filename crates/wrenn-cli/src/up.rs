@@ -24,7 +24,7 @@ use wrenn_agent::cli::AgentArgs;
 use wrenn_agent::register::write_private;
 use wrenn_agent::template::{self, TemplateStore};
 use wrenn_agent::Agent;
-use wrenn_cp::api::hosts::{certify, issue_registration, register_host};
+use wrenn_cp::api::hosts::{adopt_cert, certify, issue_registration, register_host};
 use wrenn_cp::api::keys::new_team;
 use wrenn_cp::auth::{create_key, KeyKind};
 use wrenn_cp::db::{platform_team, HostRegistration, TemplateRow};
@@ -100,20 +100,28 @@ async fn register_agent(
             registered.host
         }
     };
-    install_cert(cp, &host, tls)?;
+    install_cert(cp, &host, tls).await?;
     cp.hosts.connect(&host).map_err(anyhow::Error::msg)?;
     Ok(host.id)
 }
 
-/// Give the agent a new certificate for `host`.
-fn install_cert(cp: &Cp, host: &wrenn_cp::db::Host, tls: &wrenn_http::tls::TlsSlot) -> Result<()> {
+/// Give the agent a new certificate for `host`; once it serves that one,
+/// the one before is revoked.
+async fn install_cert(
+    cp: &Cp,
+    host: &wrenn_cp::db::Host,
+    tls: &wrenn_http::tls::TlsSlot,
+) -> Result<()> {
     let cert = certify(cp, host).map_err(|e| anyhow::anyhow!(e.message))?;
     let files = wrenn_agent::register::TlsFiles {
-        cert_pem: cert.identity.cert_pem,
-        key_pem: cert.identity.key_pem,
-        ca_cert_pem: cert.ca_cert_pem,
+        cert_pem: cert.identity.cert_pem.clone(),
+        key_pem: cert.identity.key_pem.clone(),
+        ca_cert_pem: cert.ca_cert_pem.clone(),
     };
-    wrenn_agent::register::install_tls(tls, &files).map_err(anyhow::Error::msg)
+    wrenn_agent::register::install_tls(tls, &files).map_err(anyhow::Error::msg)?;
+    adopt_cert(cp, &host.id, &cert)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))
 }
 
 /// How often `wrenn up` renews its own agent's certificate, well inside
@@ -132,7 +140,7 @@ fn recertify(cp: Arc<Cp>, host: HostId, tls: wrenn_http::tls::TlsSlot) {
                 () = stop.cancelled() => return,
             }
             let renewed = match cp.db.host(&host).await {
-                Ok(Some(h)) => install_cert(&cp, &h, &tls),
+                Ok(Some(h)) => install_cert(&cp, &h, &tls).await,
                 Ok(None) => Err(anyhow::anyhow!("the host is gone")),
                 Err(e) => Err(e.into()),
             };

@@ -18,19 +18,36 @@ use crate::server::Cp;
 
 /// Lowercase hex of SHA-256.
 pub fn sha256_hex(s: &str) -> String {
-    let d = Sha256::digest(s.as_bytes());
-    let mut out = String::with_capacity(64);
-    for b in d {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    hex(&Sha256::digest(s.as_bytes()))
 }
 
 /// `n` random bytes as lowercase hex.
 pub fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     getrandom::fill(&mut b).expect("the OS random source works");
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex(&b)
+}
+
+/// `bytes` in lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The bytes lowercase or uppercase hex `s` spells; None if it is not hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    // (from_str_radix alone would take a sign: "+1")
+    if s.is_empty() || !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +166,17 @@ impl FromRequestParts<Arc<Cp>> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_round_trips_and_refuses_what_is_not_hex() {
+        let bytes = [0x00, 0x7f, 0x80, 0xff, 0x0a];
+        assert_eq!(hex(&bytes), "007f80ff0a");
+        assert_eq!(unhex("007f80ff0a").as_deref(), Some(&bytes[..]));
+        assert_eq!(unhex("007F80FF0A").as_deref(), Some(&bytes[..]));
+        for bad in ["", "0", "0g", "+1", "é0", "0é"] {
+            assert_eq!(unhex(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn key_shapes() {

@@ -55,6 +55,13 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Revoke host `$1`'s newest certificate (if one is known) at time `$2`.
+/// (The `WHERE` keeps SQLite from reading `ON CONFLICT` as a join.)
+const REVOKE_CURRENT: &str = "INSERT INTO revoked_certs (serial, host_id, revoked_at, expires_at) \
+     SELECT cert_serial, id, $2, cert_expires_at FROM hosts \
+     WHERE id = $1 AND cert_serial IS NOT NULL AND cert_expires_at IS NOT NULL \
+     ON CONFLICT (serial) DO NOTHING";
+
 /// A host row whose refresh token hashes to `$1` at time `$2`.
 const REFRESHABLE: &str = "(refresh_hash = $1 AND refresh_expires_at > $2) \
      OR (prev_refresh_hash = $1 AND prev_refresh_until > $2)";
@@ -78,6 +85,11 @@ fn migrator() -> Migrator {
             6,
             "host_credentials",
             include_str!("../migrations/0006_host_credentials.sql"),
+        ),
+        (
+            7,
+            "revocation",
+            include_str!("../migrations/0007_revocation.sql"),
         ),
     ]
     .into_iter()
@@ -453,12 +465,60 @@ impl Db {
         Ok(())
     }
 
+    /// Forget host `id`, revoking its newest certificate.
     pub async fn delete_host(&self, id: &HostId) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(REVOKE_CURRENT)
+            .bind(id.as_str())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM hosts WHERE id = $1")
             .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Host `id`'s newest certificate is now `serial` (hex), expiring at
+    /// `expires_at`; the one it had before is revoked.
+    pub async fn replace_host_cert(
+        &self,
+        id: &HostId,
+        serial: &str,
+        expires_at: i64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(REVOKE_CURRENT)
+            .bind(id.as_str())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE hosts SET cert_serial = $1, cert_expires_at = $2 WHERE id = $3")
+            .bind(serial)
+            .bind(expires_at)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The revoked certificates that have not expired at `now`: (serial
+    /// hex, revoked at), oldest revocation first. Expired ones are dropped.
+    pub async fn revoked_certs(&self, now: i64) -> Result<Vec<(String, i64)>, DbError> {
+        sqlx::query("DELETE FROM revoked_certs WHERE expires_at <= $1")
+            .bind(now)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        let rows =
+            sqlx::query("SELECT serial, revoked_at FROM revoked_certs ORDER BY revoked_at, serial")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("serial")?, r.try_get("revoked_at")?)))
+            .collect()
     }
 
     /// Resources reserved on a host: (running vCPUs, running MiB, paused

@@ -17,18 +17,28 @@
 //! [`VALIDITY_DAYS`]; a host's lasts [`HOST_VALIDITY_DAYS`], as long as its
 //! refresh token, and a new one comes with every refresh
 //! (`/v1/hosts/auth/refresh`, about weekly, when the host token expires;
-//! see [`crate::host_tokens`]). A key taken from a host is therefore good
-//! for at most that long; a deleted host is not dialed at all.
+//! see [`crate::host_tokens`]).
+//!
+//! Revocation: the database keeps each host's newest certificate
+//! (`hosts.cert_serial`). Issuing the next one, or deleting the host,
+//! revokes it (`revoked_certs`), and the control plane checks agents
+//! against a revocation list it signs from those rows ([`Pki::revoke`]):
+//! at once where the change was made, within a reconcile interval on
+//! every other control plane on the database. A key taken from a host is
+//! so good only until the host's next certificate, at most
+//! [`HOST_VALIDITY_DAYS`].
 
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SerialNumber,
 };
-use wrenn_http::tls::{self, Identity};
+use wrenn_http::tls::{self, AgentVerifier, Identity};
 use wrenn_types::ids::HostId;
 
+use crate::auth::{hex, unhex};
 use crate::db::{Db, DbError};
 
 pub const VALIDITY_DAYS: i64 = 3650;
@@ -43,11 +53,14 @@ pub fn agent_name(id: &HostId) -> String {
 }
 
 /// What a host gets at registration: its identity and the CA certificate
-/// (wrenn's `cert_pem`, `key_pem`, `ca_cert_pem`).
+/// (wrenn's `cert_pem`, `key_pem`, `ca_cert_pem`), and what the database
+/// keeps of it: its serial (hex) and when it expires (Unix ms).
 #[derive(Debug, Clone)]
 pub struct HostCert {
     pub identity: Identity,
     pub ca_cert_pem: String,
+    pub serial: String,
+    pub expires_at: i64,
 }
 
 /// The authority, and the control plane's TLS client configuration.
@@ -56,8 +69,10 @@ pub struct Pki {
     ca_key: KeyPair,
     /// The control plane's client certificate and key.
     me: Identity,
-    /// Verifies agents against the authority; presents the control
-    /// plane's client certificate. (No ALPN: each pool sets its own.)
+    /// Checks agents' certificates: the authority's, and not revoked.
+    agents: Arc<AgentVerifier>,
+    /// Verifies agents with `agents`; presents the control plane's client
+    /// certificate. (No ALPN: each pool sets its own.)
     pub client: Arc<tls::rustls::ClientConfig>,
 }
 
@@ -114,27 +129,47 @@ fn leaf(name: &str, usage: ExtendedKeyUsagePurpose, days: i64) -> CertificatePar
     p
 }
 
-/// A new key and a certificate for it, signed by the authority's key.
+/// A certificate the authority issued: its identity, serial and expiry.
+struct Issued {
+    identity: Identity,
+    serial: String,
+    expires_at: i64,
+}
+
+/// A new key and a certificate for it, signed by the authority's key,
+/// with a random serial (positive, 16 bytes: RFC 5280 allows up to 20).
 fn issue(
     ca_key: &KeyPair,
     name: &str,
     dns: Option<&str>,
     usage: ExtendedKeyUsagePurpose,
     days: i64,
-) -> Result<Identity, PkiError> {
+) -> Result<Issued, PkiError> {
     let key = KeyPair::generate().map_err(cert_err)?;
     let mut params = leaf(name, usage, days);
     if let Some(dns) = dns {
         let dns = dns.to_owned().try_into().map_err(cert_err)?;
         params.subject_alt_names = vec![rcgen::SanType::DnsName(dns)];
     }
+    let mut serial = [0u8; 16];
+    getrandom::fill(&mut serial).map_err(cert_err)?;
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     let cert = params
         .signed_by(&key, &Issuer::new(ca_params(), ca_key))
         .map_err(cert_err)?;
-    Ok(Identity {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
+    Ok(Issued {
+        identity: Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        },
+        serial: hex(&serial),
+        expires_at: (params.not_after.unix_timestamp_nanos() / 1_000_000) as i64,
     })
+}
+
+fn ms_time(ms: i64) -> Result<time::OffsetDateTime, PkiError> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).map_err(cert_err)
 }
 
 impl Pki {
@@ -158,19 +193,26 @@ impl Pki {
             None,
             ExtendedKeyUsagePurpose::ClientAuth,
             VALIDITY_DAYS,
-        )?;
-        let client = tls::client_config(&ca_cert_pem, &me).map_err(PkiError::Cert)?;
-        Ok(Pki {
+        )?
+        .identity;
+        let agents = AgentVerifier::new(&ca_cert_pem).map_err(PkiError::Cert)?;
+        let client = tls::client_config(&agents, &me).map_err(PkiError::Cert)?;
+        let pki = Pki {
             ca_cert_pem,
             ca_key,
             me,
+            agents,
             client,
-        })
+        };
+        pki.revoke(&db.revoked_certs(crate::db::now_ms()).await?)?;
+        Ok(pki)
     }
 
-    /// A server certificate for host `id` (naming [`agent_name`]).
+    /// A server certificate for host `id` (naming [`agent_name`]). Nothing
+    /// is revoked until the database is told it replaces the host's last
+    /// one (`Db::replace_host_cert`).
     pub fn issue_host(&self, id: &HostId) -> Result<HostCert, PkiError> {
-        let identity = issue(
+        let issued = issue(
             &self.ca_key,
             id.as_str(),
             Some(&agent_name(id)),
@@ -178,9 +220,56 @@ impl Pki {
             HOST_VALIDITY_DAYS,
         )?;
         Ok(HostCert {
-            identity,
+            identity: issued.identity,
             ca_cert_pem: self.ca_cert_pem.clone(),
+            serial: issued.serial,
+            expires_at: issued.expires_at,
         })
+    }
+
+    /// The authority's revocation list of `revoked` ((serial hex, revoked
+    /// at) rows, see `Db::revoked_certs`), DER; good for a day, though a
+    /// control plane makes a new one every reconcile interval.
+    pub fn revocation_list(&self, revoked: &[(String, i64)]) -> Result<Vec<u8>, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        let revoked_certs = revoked
+            .iter()
+            .map(|(serial, at)| {
+                let serial = unhex(serial).ok_or_else(|| {
+                    PkiError::Cert(format!("stored serial {serial:?} is not hex"))
+                })?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial),
+                    revocation_time: ms_time(*at)?,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, PkiError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&Issuer::new(ca_params(), &self.ca_key))
+            .map_err(cert_err)?;
+        Ok(crl.der().to_vec())
+    }
+
+    /// Check agents against `revoked` from the next handshake on.
+    pub fn revoke(&self, revoked: &[(String, i64)]) -> Result<(), PkiError> {
+        let crl = self.revocation_list(revoked)?;
+        self.agents.revoke(crl).map_err(PkiError::Cert)
+    }
+
+    /// What checks agents' certificates (for tests and tools that dial an
+    /// agent as the control plane does).
+    pub fn agents(&self) -> &Arc<AgentVerifier> {
+        &self.agents
     }
 
     pub fn ca_cert_pem(&self) -> &str {

@@ -182,13 +182,19 @@ pub async fn reconcile_all(cp: &Cp) {
     }
 }
 
-/// The reconciler loop: now, then every interval until shutdown.
+/// The reconciler loop: now, then every interval until shutdown. Each
+/// round first takes up the certificates other control planes revoked.
 pub async fn run(cp: Arc<Cp>) {
     let mut tick = tokio::time::interval(cp.config.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => reconcile_all(&cp).await,
+            _ = tick.tick() => {
+                if let Err(e) = cp.reload_revocations().await {
+                    tracing::warn!(error = %e, "cannot reload the revoked certificates");
+                }
+                reconcile_all(&cp).await
+            }
             () = cp.stop.cancelled() => return,
         }
     }

@@ -74,6 +74,14 @@ impl Cp {
     pub fn set_progress(&self, v: Value) {
         *self.progress.lock().unwrap() = v;
     }
+
+    /// Check agents against the certificates the database says are revoked,
+    /// from the next handshake on (after this control plane revoked one, and
+    /// every reconcile interval for those other control planes revoked).
+    pub async fn reload_revocations(&self) -> Result<(), crate::pki::PkiError> {
+        let revoked = self.db.revoked_certs(crate::db::now_ms()).await?;
+        self.pki.revoke(&revoked)
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use wrenn_cp::auth::{authenticate, create_key, KeyKind};
+use wrenn_cp::auth::{authenticate, create_key, random_hex, KeyKind};
 use wrenn_cp::db::{
     now_ms, platform_team, CapsuleRow, Db, HostRegistration, OnTimeout, Team, TemplateRow,
 };
@@ -136,6 +136,39 @@ async fn exercise(db: &Db) {
         .rotate_refresh(&stranger, "refresh-6", ("refresh-7", later), none)
         .await;
     assert!(r.unwrap().is_none(), "another host's refresh token");
+    // certificates: a host's new one revokes its last, deleting the host
+    // revokes its newest, and expired ones leave the list
+    let certified = wrenn_cp::db::Host {
+        id: HostId::random(),
+        ..host.clone()
+    };
+    db.insert_host(&certified, &format!("{:064}", now_ms() + 1))
+        .await
+        .unwrap();
+    let serials = |all: Vec<(String, i64)>| all.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+    let (first, second) = (random_hex(16), random_hex(16));
+    let soon = now_ms() + 60_000;
+    db.replace_host_cert(&certified.id, &first, soon)
+        .await
+        .unwrap();
+    let listed = serials(db.revoked_certs(now_ms()).await.unwrap());
+    assert!(!listed.contains(&first), "the newest is good");
+    db.replace_host_cert(&certified.id, &second, soon + 1000)
+        .await
+        .unwrap();
+    let listed = serials(db.revoked_certs(now_ms()).await.unwrap());
+    assert!(listed.contains(&first) && !listed.contains(&second));
+    db.delete_host(&certified.id).await.unwrap();
+    let revoked = db.revoked_certs(now_ms()).await.unwrap();
+    let at = revoked
+        .iter()
+        .find(|(s, _)| *s == second)
+        .map(|(_, at)| *at);
+    assert!(at.is_some_and(|at| at <= now_ms()), "{revoked:?}");
+    let listed = serials(db.revoked_certs(soon + 500).await.unwrap());
+    assert!(!listed.contains(&first) && listed.contains(&second));
+    let listed = serials(db.revoked_certs(now_ms()).await.unwrap());
+    assert!(!listed.contains(&first), "an expired one is gone for good");
     // the signing key is made once and then read
     let key = db.host_signing_key(|| "k1".into()).await.unwrap();
     assert_eq!(key, "k1");

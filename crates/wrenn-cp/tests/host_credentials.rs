@@ -283,16 +283,25 @@ async fn served_cert(
     cp: &wrenn_cp::Cp,
     id: &HostId,
 ) -> Vec<u8> {
+    try_served_cert(acceptor, cp, id)
+        .await
+        .expect("the control plane accepts it")
+}
+
+/// The certificate a TLS server with `acceptor` presents to the control
+/// plane's client, or None if the client refuses it for host `id`.
+async fn try_served_cert(
+    acceptor: wrenn_http::tls::TlsAcceptor,
+    cp: &wrenn_cp::Cp,
+    id: &HostId,
+) -> Option<Vec<u8>> {
     let (client, server) = tokio::io::duplex(64 << 10);
     let accepting = tokio::spawn(async move { acceptor.accept(server).await.map(|_| ()) });
     let connector = wrenn_http::tls::TlsConnector::from(cp.pki.client.clone());
     let name = ServerName::try_from(agent_name(id)).unwrap();
-    let tls = connector
-        .connect(name, client)
-        .await
-        .expect("the control plane accepts it");
-    accepting.await.unwrap().unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    let tls = connector.connect(name, client).await.ok()?;
+    accepting.await.unwrap().ok()?;
+    Some(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
 }
 
 /// A heartbeat from host `id` lands within `within` from now.
@@ -418,14 +427,26 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
     assert_ne!(renewed["token"], first["token"]);
     let new_cert = der(&s(&renewed["tls"], "cert_pem"));
     assert_ne!(new_cert, der(&s(&first["tls"], "cert_pem")));
-    // (host.json is written just before the certificate is installed)
+    // (host.json is written just before the certificate is installed; the
+    // one it replaces is refused from the refresh on)
     tokio::time::timeout(Duration::from_secs(5), async {
-        while served_cert(slot.current().unwrap(), &cp.plane.cp, &id).await != new_cert {
+        while try_served_cert(slot.current().unwrap(), &cp.plane.cp, &id).await
+            != Some(new_cert.clone())
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
     .expect("the agent serves its new certificate");
+    // the certificate it replaced is revoked
+    let tls = &first["tls"];
+    let replaced = wrenn_http::tls::Identity {
+        cert_pem: s(tls, "cert_pem"),
+        key_pem: s(tls, "key_pem"),
+    };
+    let replaced = wrenn_http::tls::server_config(&replaced, &s(tls, "ca_cert_pem")).unwrap();
+    let refused = try_served_cert(replaced.into(), &cp.plane.cp, &id).await;
+    assert!(refused.is_none(), "the replaced certificate was taken");
     heartbeats_go_on(&cp, &id, Duration::from_millis(600)).await;
     // (the token in host.json now: it may have been renewed again since)
     let current = s(&host_json(data.path()), "token");

@@ -7,6 +7,7 @@
 //!   capsule on another host, cross HTTP to the agent with its token. The
 //!   agents are stand-ins: an in-process proxy that records what it is
 //!   handed, and TCP listeners that record the request heads they receive.
+//! - Mutual TLS: who may talk to whom, and revoked certificates refused.
 //! - Usage: finished days come from the daily rollup, today from the ledger.
 
 mod common;
@@ -19,7 +20,7 @@ use axum::response::IntoResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use wrenn_cp::api::hosts::{certify, issue_registration, register_host, Registered};
+use wrenn_cp::api::hosts::{certify, issue_registration, refresh_host, register_host, Registered};
 use wrenn_cp::auth::{create_key, KeyKind};
 use wrenn_cp::db::{now_ms, CapsuleRow, Host, HostRegistration, Team};
 use wrenn_cp::model::Status;
@@ -387,7 +388,10 @@ async fn tls_client(
     use wrenn_http::tls::rustls::pki_types::pem::PemObject;
     let tcp = TcpStream::connect(addr).await?;
     let config = match me {
-        Some(me) => wrenn_http::tls::client_config(ca_pem, me).unwrap(),
+        Some(me) => {
+            let agents = wrenn_http::tls::AgentVerifier::new(ca_pem).unwrap();
+            wrenn_http::tls::client_config(&agents, me).unwrap()
+        }
         None => {
             let mut roots = rustls::RootCertStore::empty();
             for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -637,4 +641,119 @@ async fn control_planes_on_one_database_share_the_authority() {
     );
     assert!(ask(conn.await.unwrap()).await.unwrap().ends_with("remote"));
     assert!(heads.recv().await.is_some());
+}
+
+/// A request to the agent at `addr` (known as `name`) over the TLS the
+/// control plane `cp` dials agents with; the answer, or what went wrong.
+async fn dial_as(cp: &Cp, addr: std::net::SocketAddr, name: &str) -> Result<String, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = wrenn_http::tls::TlsConnector::from(cp.pki.client.clone());
+    let conn = wrenn_http::Conn::tls(tcp, &tls, name)
+        .await
+        .map_err(|e| e.to_string())?;
+    ask(conn).await
+}
+
+/// A host's certificate is revoked when the next one is issued (a
+/// refresh) and when the host is deleted: the control plane that did it
+/// refuses it from the next handshake, the others on the database once
+/// they reload the list (every reconcile interval).
+#[tokio::test]
+async fn replaced_and_deleted_hosts_certificates_are_revoked() {
+    let p = Plane::new().await;
+    let cp = p.plane.cp.clone();
+    let url = format!("sqlite:{}", p._dir.path().join("cp.db").display());
+    let second = ControlPlane::start(CpConfig::new(url)).await.unwrap();
+    let admin = Team {
+        id: TeamId::random(),
+        name: "admin".into(),
+        slug: "admin".into(),
+        is_admin: true,
+        created_at: now_ms(),
+    };
+    cp.db.insert_team(&admin).await.unwrap();
+    let (_, admin_key) = create_key(&cp.db, &admin.id, "k", KeyKind::Wrenn)
+        .await
+        .unwrap();
+
+    // the agent serves what its registration brought
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reg = host(&cp, l.local_addr().unwrap(), "t").await;
+    let mut first = stand_in(l, reg.cert.clone());
+    let first_addr: std::net::SocketAddr = reg.host.address.parse().unwrap();
+    let name = agent_name(&reg.host.id);
+    let c = capsule(&p.team.id, &reg.host.id);
+    cp.db.insert_capsule(&c).await.unwrap();
+    let (addr, _stop) = p.serve().await;
+    let path = format!("/proxy/{}/80/", c.id);
+    let out = get(addr, &path, &[("x-api-key", &p.key)]).await;
+    assert!(out.ends_with("remote"), "{out}");
+    assert!(first.recv().await.is_some());
+    let by_second = dial_as(&second.cp, first_addr, &name).await;
+    assert!(by_second.unwrap().ends_with("remote"));
+    assert!(first.recv().await.is_some());
+
+    // a refresh brings a new certificate: the old one, still served here,
+    // is refused
+    let refreshed = refresh_host(&cp, &reg.refresh_token).await.unwrap();
+    assert_ne!(refreshed.cert.serial, reg.cert.serial);
+    let out = get(addr, &path, &[("x-api-key", &p.key)]).await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    let by_first = dial_as(&cp, first_addr, &name).await;
+    assert!(by_first.is_err(), "{by_first:?}");
+    second.cp.reload_revocations().await.unwrap();
+    let by_second = dial_as(&second.cp, first_addr, &name).await;
+    assert!(by_second.is_err(), "{by_second:?}");
+    assert!(
+        first.try_recv().is_err(),
+        "nothing reached the old certificate"
+    );
+
+    // the new one is taken (the agent is back, on another address)
+    let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let renewed_addr = l.local_addr().unwrap();
+    let mut renewed = stand_in(l, refreshed.cert.clone());
+    let beat = serde_json::json!({ "address": renewed_addr.to_string() }).to_string();
+    let out = post(
+        addr,
+        &format!("/v1/hosts/{}/heartbeat", reg.host.id),
+        &[("x-host-token", &refreshed.token)],
+        &beat,
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    cp.proxy_routes.evict(&c.id);
+    let out = get(addr, &path, &[("x-api-key", &p.key)]).await;
+    assert!(out.ends_with("remote"), "{out}");
+    assert!(renewed.recv().await.is_some());
+    let by_second = dial_as(&second.cp, renewed_addr, &name).await;
+    assert!(by_second.unwrap().ends_with("remote"));
+    assert!(renewed.recv().await.is_some());
+
+    // deleting the host revokes it as well
+    let out = delete(
+        addr,
+        &format!("/v1/hosts/{}?force=true", reg.host.id),
+        &admin_key,
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    let by_first = dial_as(&cp, renewed_addr, &name).await;
+    assert!(by_first.is_err(), "{by_first:?}");
+    second.cp.reload_revocations().await.unwrap();
+    let by_second = dial_as(&second.cp, renewed_addr, &name).await;
+    assert!(by_second.is_err(), "{by_second:?}");
+    assert!(renewed.try_recv().is_err());
+}
+
+/// One DELETE with `key` on a new connection; the whole answer as text.
+async fn delete(cp: std::net::SocketAddr, path: &str, key: &str) -> String {
+    let mut s = TcpStream::connect(cp).await.unwrap();
+    let req = format!(
+        "DELETE {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\nx-api-key: {key}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }

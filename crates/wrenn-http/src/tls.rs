@@ -24,10 +24,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 pub use rustls;
 pub use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -97,16 +101,118 @@ pub fn server_config(identity: &Identity, ca_pem: &str) -> Result<Arc<ServerConf
     Ok(Arc::new(config))
 }
 
-/// The control plane's TLS towards agents: servers must present a
-/// certificate that chains to `ca_pem` and names the agent dialed; it
-/// authenticates with `identity`. No ALPN yet: see [`with_alpn`].
-pub fn client_config(ca_pem: &str, identity: &Identity) -> Result<Arc<ClientConfig>, String> {
-    let config = ClientConfig::builder_with_provider(provider())
+/// How the control plane checks an agent's certificate: it must chain to
+/// the authority, name the agent dialed, and not be on the authority's
+/// revocation list ([`AgentVerifier::revoke`]). Every pool's configuration
+/// shares one, so a new list applies to the next handshake of each;
+/// connections already open are not closed.
+pub struct AgentVerifier {
+    roots: Arc<RootCertStore>,
+    current: RwLock<Arc<WebPkiServerVerifier>>,
+}
+
+impl std::fmt::Debug for AgentVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentVerifier").finish_non_exhaustive()
+    }
+}
+
+impl AgentVerifier {
+    /// Certificates of the authority `ca_pem`, none revoked yet.
+    pub fn new(ca_pem: &str) -> Result<Arc<AgentVerifier>, String> {
+        let roots = Arc::new(roots(ca_pem)?);
+        let current = RwLock::new(Self::build(&roots, Vec::new())?);
+        Ok(Arc::new(AgentVerifier { roots, current }))
+    }
+
+    fn build(
+        roots: &Arc<RootCertStore>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Arc<WebPkiServerVerifier>, String> {
+        WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(crls)
+            // (agents' certificates come straight from the root)
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
+    /// From the next handshake on, refuse the certificates `crl` (DER, signed
+    /// by the authority) lists. It replaces the list installed before.
+    pub fn revoke(&self, crl: Vec<u8>) -> Result<(), String> {
+        let next = Self::build(&self.roots, vec![CertificateRevocationListDer::from(crl)])?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<WebPkiServerVerifier> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ServerCertVerifier for AgentVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.current().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// The control plane's TLS towards agents: servers are checked by
+/// `agents` (see [`AgentVerifier`]); it authenticates with `identity`. No
+/// ALPN yet: see [`with_alpn`].
+///
+/// Sessions are not resumed: a resumed handshake checks no certificate,
+/// so a revoked one would still pass on every dial after the first. (The
+/// pools keep their connections, so full handshakes are rare.)
+pub fn client_config(
+    agents: &Arc<AgentVerifier>,
+    identity: &Identity,
+) -> Result<Arc<ClientConfig>, String> {
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots(ca_pem)?)
+        .dangerous()
+        .with_custom_certificate_verifier(agents.clone())
         .with_client_auth_cert(certs(&identity.cert_pem)?, key(&identity.key_pem)?)
         .map_err(|e| e.to_string())?;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

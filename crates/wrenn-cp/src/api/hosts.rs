@@ -113,6 +113,22 @@ fn certify_id(cp: &Cp, id: &HostId) -> ApiResult<HostCert> {
     })
 }
 
+/// `cert` is now host `id`'s: the one it had before is revoked, and no
+/// longer accepted from the next handshake on.
+pub async fn adopt_cert(cp: &Cp, id: &HostId, cert: &HostCert) -> ApiResult<()> {
+    cp.db
+        .replace_host_cert(id, &cert.serial, cert.expires_at)
+        .await?;
+    reload_revocations(cp).await
+}
+
+async fn reload_revocations(cp: &Cp) -> ApiResult<()> {
+    cp.reload_revocations().await.map_err(|e| {
+        tracing::error!(error = %e, "cannot install the revocation list");
+        ApiError::internal()
+    })
+}
+
 fn cert_json(c: &HostCert) -> Value {
     json!({
         "cert_pem": c.identity.cert_pem,
@@ -136,6 +152,7 @@ pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiR
         .register_host(&hash, reg, (&refresh.hash, refresh.expires_at))
         .await?
         .ok_or_else(used)?;
+    adopt_cert(cp, &host.id, &cert).await?;
     cp.hosts.connect(&host).map_err(ApiError::invalid)?;
     tracing::info!(host = %host.id, address = %host.address, "host registered");
     Ok(Registered {
@@ -167,6 +184,7 @@ pub async fn refresh_host(cp: &Cp, refresh_token: &str) -> ApiResult<Registered>
         .rotate_refresh(&id, &old, (&refresh.hash, refresh.expires_at), grace_until)
         .await?
         .ok_or_else(refused)?;
+    adopt_cert(cp, &host.id, &cert).await?;
     tracing::info!(host = %host.id, "host credentials refreshed");
     Ok(Registered {
         host,
@@ -281,6 +299,7 @@ pub async fn delete(
     }
     cp.db.delete_host(&id).await?;
     cp.hosts.forget(&id);
+    reload_revocations(&cp).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
