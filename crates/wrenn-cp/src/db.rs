@@ -55,12 +55,46 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Lock host `$1`'s row until the transaction ends (a write that changes
+/// nothing; SQLite locks the whole database for it).
+const LOCK_HOST: &str = "UPDATE hosts SET cert_serial = cert_serial WHERE id = $1";
+
 /// Revoke host `$1`'s newest certificate (if one is known) at time `$2`.
 /// (The `WHERE` keeps SQLite from reading `ON CONFLICT` as a join.)
 const REVOKE_CURRENT: &str = "INSERT INTO revoked_certs (serial, host_id, revoked_at, expires_at) \
      SELECT cert_serial, id, $2, cert_expires_at FROM hosts \
      WHERE id = $1 AND cert_serial IS NOT NULL AND cert_expires_at IS NOT NULL \
      ON CONFLICT (serial) DO NOTHING";
+
+/// In `tx`: host `id`'s newest certificate becomes `cert` (serial hex,
+/// expiry) and the one before is revoked. The row is locked first, so two
+/// swaps take turns and each revokes what the other recorded. False if
+/// there is no such host.
+async fn swap_cert(
+    tx: &mut sqlx::AnyConnection,
+    id: &HostId,
+    cert: (&str, i64),
+) -> Result<bool, DbError> {
+    let locked = sqlx::query(LOCK_HOST)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    if locked.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(REVOKE_CURRENT)
+        .bind(id.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE hosts SET cert_serial = $1, cert_expires_at = $2 WHERE id = $3")
+        .bind(cert.0)
+        .bind(cert.1)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    Ok(true)
+}
 
 /// A host row whose refresh token hashes to `$1` at time `$2`.
 const REFRESHABLE: &str = "(refresh_hash = $1 AND refresh_expires_at > $2) \
@@ -297,11 +331,13 @@ impl Db {
         registration_hash: &str,
         reg: &HostRegistration,
         refresh: (&str, i64),
+        cert: (&str, i64),
     ) -> Result<Option<Host>, DbError> {
         let row = sqlx::query(
             "UPDATE hosts SET status = 'online', address = $1, refresh_hash = $2, arch = $3, \
                     cpu_cores = $4, memory_mb = $5, disk_gb = $6, last_heartbeat = $7, \
-                    registration_hash = NULL, agent_token = $9, refresh_expires_at = $10 \
+                    registration_hash = NULL, agent_token = $9, refresh_expires_at = $10, \
+                    cert_serial = $11, cert_expires_at = $12 \
              WHERE registration_hash = $8 RETURNING id",
         )
         .bind(&reg.address)
@@ -314,6 +350,8 @@ impl Db {
         .bind(registration_hash)
         .bind(&reg.agent_token)
         .bind(refresh.1)
+        .bind(cert.0)
+        .bind(cert.1)
         .fetch_optional(&self.pool)
         .await?;
         let Some(r) = row else { return Ok(None) };
@@ -374,17 +412,22 @@ impl Db {
     }
 
     /// Use refresh token `old` (its hash) of host `id`: replaced by `new`
-    /// (hash, expiry). A current token becomes the previous one, taken until
-    /// `grace_until`; a previous one is used up with no further grace. The
-    /// host, or None when `old` is no longer good.
+    /// (hash, expiry), and the host's certificate by `cert` (serial,
+    /// expiry), the one before revoked, in one transaction. A current token
+    /// becomes the previous one, taken until `grace_until`; a previous one
+    /// is used up with no further grace. The host, or None when `old` is no
+    /// longer good (and then nothing changed).
     pub async fn rotate_refresh(
         &self,
         id: &HostId,
         old: &str,
         new: (&str, i64),
         grace_until: i64,
+        cert: (&str, i64),
     ) -> Result<Option<Host>, DbError> {
-        // (SET expressions read the row as it was)
+        let mut tx = self.pool.begin().await?;
+        // (SET expressions read the row as it was. The row stays locked:
+        // a second refresh of the host waits, then sees this one's token.)
         let r = sqlx::query(&format!(
             "UPDATE hosts SET \
                prev_refresh_hash = CASE WHEN refresh_hash = $1 THEN refresh_hash END, \
@@ -398,11 +441,13 @@ impl Db {
         .bind(new.1)
         .bind(grace_until)
         .bind(id.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if r.rows_affected() == 0 {
             return Ok(None);
         }
+        swap_cert(&mut tx, id, cert).await?;
+        tx.commit().await?;
         self.host(id).await
     }
 
@@ -468,6 +513,12 @@ impl Db {
     /// Forget host `id`, revoking its newest certificate.
     pub async fn delete_host(&self, id: &HostId) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
+        // (locked first, as in `swap_cert`: a certificate recorded by a
+        // refresh that got there first is the one revoked)
+        sqlx::query(LOCK_HOST)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(REVOKE_CURRENT)
             .bind(id.as_str())
             .bind(now_ms())
@@ -481,28 +532,13 @@ impl Db {
         Ok(())
     }
 
-    /// Host `id`'s newest certificate is now `serial` (hex), expiring at
-    /// `expires_at`; the one it had before is revoked.
-    pub async fn replace_host_cert(
-        &self,
-        id: &HostId,
-        serial: &str,
-        expires_at: i64,
-    ) -> Result<(), DbError> {
+    /// Host `id`'s newest certificate is now `cert` (serial hex, expiry);
+    /// the one it had before is revoked. False if there is no such host.
+    pub async fn replace_host_cert(&self, id: &HostId, cert: (&str, i64)) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(REVOKE_CURRENT)
-            .bind(id.as_str())
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE hosts SET cert_serial = $1, cert_expires_at = $2 WHERE id = $3")
-            .bind(serial)
-            .bind(expires_at)
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        let found = swap_cert(&mut tx, id, cert).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(found)
     }
 
     /// The revoked certificates that have not expired at `now`: (serial

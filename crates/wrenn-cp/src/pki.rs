@@ -71,6 +71,9 @@ pub struct Pki {
     me: Identity,
     /// Checks agents' certificates: the authority's, and not revoked.
     agents: Arc<AgentVerifier>,
+    /// The revoked certificates `agents` checks against, once a list was
+    /// installed.
+    installed: std::sync::Mutex<Option<Vec<(String, i64)>>>,
     /// Verifies agents with `agents`; presents the control plane's client
     /// certificate. (No ALPN: each pool sets its own.)
     pub client: Arc<tls::rustls::ClientConfig>,
@@ -202,6 +205,7 @@ impl Pki {
             ca_key,
             me,
             agents,
+            installed: Default::default(),
             client,
         };
         pki.revoke(&db.revoked_certs(crate::db::now_ms()).await?)?;
@@ -228,24 +232,29 @@ impl Pki {
     }
 
     /// The authority's revocation list of `revoked` ((serial hex, revoked
-    /// at) rows, see `Db::revoked_certs`), DER; good for a day, though a
-    /// control plane makes a new one every reconcile interval.
+    /// at) rows, see `Db::revoked_certs`), DER. Its next update is a day
+    /// away (the list's age is not checked: a control plane makes a new one
+    /// whenever the rows change).
     pub fn revocation_list(&self, revoked: &[(String, i64)]) -> Result<Vec<u8>, PkiError> {
         let now = time::OffsetDateTime::now_utc();
+        // (a row this control plane could not have written is left out,
+        // not allowed to stop every later list)
         let revoked_certs = revoked
             .iter()
-            .map(|(serial, at)| {
-                let serial = unhex(serial).ok_or_else(|| {
-                    PkiError::Cert(format!("stored serial {serial:?} is not hex"))
-                })?;
-                Ok(RevokedCertParams {
+            .filter_map(|(serial, at)| {
+                let entry = unhex(serial).zip(ms_time(*at).ok());
+                if entry.is_none() {
+                    tracing::warn!(serial, revoked_at = at, "a corrupt revoked_certs row");
+                }
+                let (serial, revocation_time) = entry?;
+                Some(RevokedCertParams {
                     serial_number: SerialNumber::from_slice(&serial),
-                    revocation_time: ms_time(*at)?,
+                    revocation_time,
                     reason_code: None,
                     invalidity_date: None,
                 })
             })
-            .collect::<Result<Vec<_>, PkiError>>()?;
+            .collect();
         let params = CertificateRevocationListParams {
             this_update: now - time::Duration::hours(1),
             next_update: now + time::Duration::days(1),
@@ -260,10 +269,18 @@ impl Pki {
         Ok(crl.der().to_vec())
     }
 
-    /// Check agents against `revoked` from the next handshake on.
+    /// Check agents against `revoked` from the next handshake on (nothing
+    /// to do when it is the list installed last: a new one would only make
+    /// the sessions with agents start over).
     pub fn revoke(&self, revoked: &[(String, i64)]) -> Result<(), PkiError> {
+        let mut installed = self.installed.lock().unwrap_or_else(|e| e.into_inner());
+        if installed.as_deref() == Some(revoked) {
+            return Ok(());
+        }
         let crl = self.revocation_list(revoked)?;
-        self.agents.revoke(crl).map_err(PkiError::Cert)
+        self.agents.revoke(crl).map_err(PkiError::Cert)?;
+        *installed = Some(revoked.to_vec());
+        Ok(())
     }
 
     /// What checks agents' certificates (for tests and tools that dial an

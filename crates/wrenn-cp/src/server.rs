@@ -31,6 +31,8 @@ pub struct Cp {
     pub events: Broker,
     /// The certificate authority agents and the control plane trust.
     pub pki: crate::pki::Pki,
+    /// Taken while the revocation list is read and installed.
+    revocations: tokio::sync::Mutex<()>,
     /// Signs and checks the tokens agents call the control plane with.
     pub host_tokens: crate::host_tokens::HostTokens,
     /// The proxy transport (HTTP/1.1 only), separate from every RPC pool.
@@ -79,6 +81,9 @@ impl Cp {
     /// from the next handshake on (after this control plane revoked one, and
     /// every reconcile interval for those other control planes revoked).
     pub async fn reload_revocations(&self) -> Result<(), crate::pki::PkiError> {
+        // (one at a time: a list read before another's change committed
+        // must not be installed after the list read since)
+        let _turn = self.revocations.lock().await;
         let revoked = self.db.revoked_certs(crate::db::now_ms()).await?;
         self.pki.revoke(&revoked)
     }
@@ -119,6 +124,7 @@ impl ControlPlane {
             tunnel_tls: bulk,
             envd_proxy,
             pki,
+            revocations: Default::default(),
             host_tokens,
             proxy_routes: Routes::default(),
             local_agent: OnceLock::new(),

@@ -73,9 +73,15 @@ async fn exercise(db: &Db) {
         agent_token: "agent-secret".into(),
     };
     let pending = db.pending_host(&reg_hash).await.unwrap();
+    let registered_cert = random_hex(16);
     let later = now_ms() + 60_000;
     let h = db
-        .register_host(&reg_hash, &reg, ("refresh-1", later))
+        .register_host(
+            &reg_hash,
+            &reg,
+            ("refresh-1", later),
+            (&registered_cert, later),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -92,28 +98,70 @@ async fn exercise(db: &Db) {
     let h2 = db.update_host(&h.id, &beat).await.unwrap().unwrap();
     assert_eq!(h2.agent_token, "rotated");
     assert!(
-        db.register_host(&reg_hash, &reg, ("refresh-x", later))
-            .await
-            .unwrap()
-            .is_none(),
+        db.register_host(
+            &reg_hash,
+            &reg,
+            ("refresh-x", later),
+            (&random_hex(16), later)
+        )
+        .await
+        .unwrap()
+        .is_none(),
         "one use"
     );
     // refresh tokens: each is good once (no grace here), and not after it
     // expires; with a grace, a used one is good once more
     let none = now_ms() - 1;
+    let (refreshed_cert, refused_cert) = (random_hex(16), random_hex(16));
     let found = db.refreshable_host("refresh-1").await.unwrap();
     assert_eq!(found.as_ref(), Some(&h.id));
     let r = db
-        .rotate_refresh(&h.id, "refresh-1", ("refresh-2", later), none)
+        .rotate_refresh(
+            &h.id,
+            "refresh-1",
+            ("refresh-2", later),
+            none,
+            (&refreshed_cert, later),
+        )
         .await;
     assert_eq!(r.unwrap().map(|h| h.id), Some(h.id.clone()));
+    // with the token, the certificate: the one from the registration is revoked
+    let revoked: Vec<String> = db
+        .revoked_certs(now_ms())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert!(revoked.contains(&registered_cert) && !revoked.contains(&refreshed_cert));
     assert_eq!(db.refreshable_host("refresh-1").await.unwrap(), None);
     let again = db
-        .rotate_refresh(&h.id, "refresh-1", ("refresh-3", later), none)
+        .rotate_refresh(
+            &h.id,
+            "refresh-1",
+            ("refresh-3", later),
+            none,
+            (&refused_cert, later),
+        )
         .await;
     assert!(again.unwrap().is_none(), "a used refresh token");
+    // (a refused refresh changes no certificate)
+    let revoked: Vec<String> = db
+        .revoked_certs(now_ms())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert!(!revoked.contains(&refreshed_cert) && !revoked.contains(&refused_cert));
     let r = db
-        .rotate_refresh(&h.id, "refresh-2", ("refresh-4", none), later)
+        .rotate_refresh(
+            &h.id,
+            "refresh-2",
+            ("refresh-4", none),
+            later,
+            (&random_hex(16), later),
+        )
         .await;
     assert!(r.unwrap().is_some());
     assert_eq!(
@@ -122,18 +170,36 @@ async fn exercise(db: &Db) {
         "expired"
     );
     let dead = db
-        .rotate_refresh(&h.id, "refresh-4", ("refresh-5", later), none)
+        .rotate_refresh(
+            &h.id,
+            "refresh-4",
+            ("refresh-5", later),
+            none,
+            (&random_hex(16), later),
+        )
         .await;
     assert!(dead.unwrap().is_none(), "an expired refresh token");
     // refresh-2 (used, in its grace) is good once more, and is then gone
     let r = db
-        .rotate_refresh(&h.id, "refresh-2", ("refresh-6", later), later)
+        .rotate_refresh(
+            &h.id,
+            "refresh-2",
+            ("refresh-6", later),
+            later,
+            (&random_hex(16), later),
+        )
         .await;
     assert!(r.unwrap().is_some(), "within the grace");
     assert_eq!(db.refreshable_host("refresh-2").await.unwrap(), None);
     let stranger = HostId::random();
     let r = db
-        .rotate_refresh(&stranger, "refresh-6", ("refresh-7", later), none)
+        .rotate_refresh(
+            &stranger,
+            "refresh-6",
+            ("refresh-7", later),
+            none,
+            (&random_hex(16), later),
+        )
         .await;
     assert!(r.unwrap().is_none(), "another host's refresh token");
     // certificates: a host's new one revokes its last, deleting the host
@@ -148,14 +214,16 @@ async fn exercise(db: &Db) {
     let serials = |all: Vec<(String, i64)>| all.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
     let (first, second) = (random_hex(16), random_hex(16));
     let soon = now_ms() + 60_000;
-    db.replace_host_cert(&certified.id, &first, soon)
+    assert!(db
+        .replace_host_cert(&certified.id, (&first, soon))
         .await
-        .unwrap();
+        .unwrap());
     let listed = serials(db.revoked_certs(now_ms()).await.unwrap());
     assert!(!listed.contains(&first), "the newest is good");
-    db.replace_host_cert(&certified.id, &second, soon + 1000)
+    assert!(db
+        .replace_host_cert(&certified.id, (&second, soon + 1000))
         .await
-        .unwrap();
+        .unwrap());
     let listed = serials(db.revoked_certs(now_ms()).await.unwrap());
     assert!(listed.contains(&first) && !listed.contains(&second));
     db.delete_host(&certified.id).await.unwrap();
@@ -169,6 +237,9 @@ async fn exercise(db: &Db) {
     assert!(!listed.contains(&first) && listed.contains(&second));
     let listed = serials(db.revoked_certs(now_ms()).await.unwrap());
     assert!(!listed.contains(&first), "an expired one is gone for good");
+    let third = random_hex(16);
+    let gone = db.replace_host_cert(&certified.id, (&third, soon));
+    assert!(!gone.await.unwrap(), "a deleted host is certified no more");
     // the signing key is made once and then read
     let key = db.host_signing_key(|| "k1".into()).await.unwrap();
     assert_eq!(key, "k1");

@@ -285,23 +285,26 @@ async fn served_cert(
 ) -> Vec<u8> {
     try_served_cert(acceptor, cp, id)
         .await
-        .expect("the control plane accepts it")
+        .expect("the control plane refused it")
 }
 
 /// The certificate a TLS server with `acceptor` presents to the control
-/// plane's client, or None if the client refuses it for host `id`.
+/// plane's client, or why the client refused it for host `id`.
 async fn try_served_cert(
     acceptor: wrenn_http::tls::TlsAcceptor,
     cp: &wrenn_cp::Cp,
     id: &HostId,
-) -> Option<Vec<u8>> {
+) -> Result<Vec<u8>, String> {
     let (client, server) = tokio::io::duplex(64 << 10);
     let accepting = tokio::spawn(async move { acceptor.accept(server).await.map(|_| ()) });
     let connector = wrenn_http::tls::TlsConnector::from(cp.pki.client.clone());
     let name = ServerName::try_from(agent_name(id)).unwrap();
-    let tls = connector.connect(name, client).await.ok()?;
-    accepting.await.unwrap().ok()?;
-    Some(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+    let tls = connector
+        .connect(name, client)
+        .await
+        .map_err(|e| e.to_string())?;
+    accepting.await.unwrap().map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
 }
 
 /// A heartbeat from host `id` lands within `within` from now.
@@ -430,8 +433,10 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
     // (host.json is written just before the certificate is installed; the
     // one it replaces is refused from the refresh on)
     tokio::time::timeout(Duration::from_secs(5), async {
-        while try_served_cert(slot.current().unwrap(), &cp.plane.cp, &id).await
-            != Some(new_cert.clone())
+        while try_served_cert(slot.current().unwrap(), &cp.plane.cp, &id)
+            .await
+            .as_ref()
+            != Ok(&new_cert)
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -446,7 +451,8 @@ async fn an_agent_renews_its_token_and_certificate_when_the_token_expires() {
     };
     let replaced = wrenn_http::tls::server_config(&replaced, &s(tls, "ca_cert_pem")).unwrap();
     let refused = try_served_cert(replaced.into(), &cp.plane.cp, &id).await;
-    assert!(refused.is_none(), "the replaced certificate was taken");
+    let refused = refused.expect_err("the replaced certificate was taken");
+    assert!(refused.contains("Revoked"), "{refused}");
     heartbeats_go_on(&cp, &id, Duration::from_millis(600)).await;
     // (the token in host.json now: it may have been renewed again since)
     let current = s(&host_json(data.path()), "token");

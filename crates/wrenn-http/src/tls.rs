@@ -25,13 +25,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
+    Tls13ClientSessionValue, WebPkiServerVerifier,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
 };
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, NamedGroup, RootCertStore, ServerConfig, SignatureScheme,
+};
 
 pub use rustls;
 pub use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -106,9 +111,77 @@ pub fn server_config(identity: &Identity, ca_pem: &str) -> Result<Arc<ServerConf
 /// revocation list ([`AgentVerifier::revoke`]). Every pool's configuration
 /// shares one, so a new list applies to the next handshake of each;
 /// connections already open are not closed.
+///
+/// A resumed TLS session checks no certificate, so the sessions to resume
+/// are kept here too ([`Sessions`]) and forgotten with each new list.
 pub struct AgentVerifier {
     roots: Arc<RootCertStore>,
     current: RwLock<Arc<WebPkiServerVerifier>>,
+    sessions: Arc<Sessions>,
+}
+
+/// How many agents' sessions the control plane keeps to resume.
+const SESSIONS: usize = 256;
+
+/// The TLS sessions the control plane may resume with agents: rustls's
+/// in-memory cache, replaced by an empty one when the revocation list
+/// changes (a session with an agent whose certificate is now revoked must
+/// not be resumed).
+#[derive(Debug)]
+struct Sessions(RwLock<Arc<ClientSessionMemoryCache>>);
+
+impl Sessions {
+    fn new() -> Sessions {
+        Sessions(RwLock::new(Arc::new(ClientSessionMemoryCache::new(
+            SESSIONS,
+        ))))
+    }
+
+    fn current(&self) -> Arc<ClientSessionMemoryCache> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn forget(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(ClientSessionMemoryCache::new(SESSIONS));
+    }
+}
+
+impl ClientSessionStore for Sessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.current().set_kx_hint(server_name, group)
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.current().kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.current().set_tls12_session(server_name, value)
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.current().tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.current().remove_tls12_session(server_name)
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.current().insert_tls13_ticket(server_name, value)
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.current().take_tls13_ticket(server_name)
+    }
 }
 
 impl std::fmt::Debug for AgentVerifier {
@@ -122,7 +195,11 @@ impl AgentVerifier {
     pub fn new(ca_pem: &str) -> Result<Arc<AgentVerifier>, String> {
         let roots = Arc::new(roots(ca_pem)?);
         let current = RwLock::new(Self::build(&roots, Vec::new())?);
-        Ok(Arc::new(AgentVerifier { roots, current }))
+        Ok(Arc::new(AgentVerifier {
+            roots,
+            current,
+            sessions: Arc::new(Sessions::new()),
+        }))
     }
 
     fn build(
@@ -138,10 +215,12 @@ impl AgentVerifier {
     }
 
     /// From the next handshake on, refuse the certificates `crl` (DER, signed
-    /// by the authority) lists. It replaces the list installed before.
+    /// by the authority) lists. It replaces the list installed before, and
+    /// no session from before is resumed.
     pub fn revoke(&self, crl: Vec<u8>) -> Result<(), String> {
         let next = Self::build(&self.roots, vec![CertificateRevocationListDer::from(crl)])?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        self.sessions.forget();
         Ok(())
     }
 
@@ -198,9 +277,8 @@ impl ServerCertVerifier for AgentVerifier {
 /// `agents` (see [`AgentVerifier`]); it authenticates with `identity`. No
 /// ALPN yet: see [`with_alpn`].
 ///
-/// Sessions are not resumed: a resumed handshake checks no certificate,
-/// so a revoked one would still pass on every dial after the first. (The
-/// pools keep their connections, so full handshakes are rare.)
+/// Sessions are resumed only until the next revocation list (see
+/// [`AgentVerifier`]).
 pub fn client_config(
     agents: &Arc<AgentVerifier>,
     identity: &Identity,
@@ -212,7 +290,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(agents.clone())
         .with_client_auth_cert(certs(&identity.cert_pem)?, key(&identity.key_pem)?)
         .map_err(|e| e.to_string())?;
-    config.resumption = rustls::client::Resumption::disabled();
+    config.resumption = Resumption::store(agents.sessions.clone());
     Ok(Arc::new(config))
 }
 

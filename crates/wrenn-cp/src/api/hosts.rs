@@ -116,17 +116,24 @@ fn certify_id(cp: &Cp, id: &HostId) -> ApiResult<HostCert> {
 /// `cert` is now host `id`'s: the one it had before is revoked, and no
 /// longer accepted from the next handshake on.
 pub async fn adopt_cert(cp: &Cp, id: &HostId, cert: &HostCert) -> ApiResult<()> {
-    cp.db
-        .replace_host_cert(id, &cert.serial, cert.expires_at)
-        .await?;
-    reload_revocations(cp).await
+    if !cp.db.replace_host_cert(id, cert_row(cert)).await? {
+        return Err(ApiError::not_found(HOST_NOT_FOUND));
+    }
+    reload_revocations(cp).await;
+    Ok(())
 }
 
-async fn reload_revocations(cp: &Cp) -> ApiResult<()> {
-    cp.reload_revocations().await.map_err(|e| {
+/// What the database keeps of `cert`: its serial and expiry.
+fn cert_row(cert: &HostCert) -> (&str, i64) {
+    (&cert.serial, cert.expires_at)
+}
+
+/// Take up a revocation just stored. Should it fail, the reconciler's next
+/// round does it (the revocation itself is in the database).
+async fn reload_revocations(cp: &Cp) {
+    if let Err(e) = cp.reload_revocations().await {
         tracing::error!(error = %e, "cannot install the revocation list");
-        ApiError::internal()
-    })
+    }
 }
 
 fn cert_json(c: &HostCert) -> Value {
@@ -149,10 +156,14 @@ pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiR
     let cert = certify_id(cp, &id)?;
     let host = cp
         .db
-        .register_host(&hash, reg, (&refresh.hash, refresh.expires_at))
+        .register_host(
+            &hash,
+            reg,
+            (&refresh.hash, refresh.expires_at),
+            cert_row(&cert),
+        )
         .await?
         .ok_or_else(used)?;
-    adopt_cert(cp, &host.id, &cert).await?;
     cp.hosts.connect(&host).map_err(ApiError::invalid)?;
     tracing::info!(host = %host.id, address = %host.address, "host registered");
     Ok(Registered {
@@ -181,10 +192,16 @@ pub async fn refresh_host(cp: &Cp, refresh_token: &str) -> ApiResult<Registered>
     let grace_until = now_ms() + cp.config.host_refresh_grace.as_millis() as i64;
     let host = cp
         .db
-        .rotate_refresh(&id, &old, (&refresh.hash, refresh.expires_at), grace_until)
+        .rotate_refresh(
+            &id,
+            &old,
+            (&refresh.hash, refresh.expires_at),
+            grace_until,
+            cert_row(&cert),
+        )
         .await?
         .ok_or_else(refused)?;
-    adopt_cert(cp, &host.id, &cert).await?;
+    reload_revocations(cp).await;
     tracing::info!(host = %host.id, "host credentials refreshed");
     Ok(Registered {
         host,
@@ -299,7 +316,7 @@ pub async fn delete(
     }
     cp.db.delete_host(&id).await?;
     cp.hosts.forget(&id);
-    reload_revocations(&cp).await?;
+    reload_revocations(&cp).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
