@@ -24,17 +24,37 @@ install_packages() {
     e2fsprogs                       # mkfs.ext4 -d: VM capsules' root disks
     kmod                            # depmod: the guest kernel's modules.dep
   )
-  local missing=()
-  for p in "${pkgs[@]}"; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-  done
+  local missing
+  mapfile -t missing < <(not_installed "${pkgs[@]}")
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "==> installing: ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Installing one package can remove another (an image with a
+    # backported qemu-utils lost it to Debian's qemu-system-x86): once
+    # more for whatever is missing now.
+    mapfile -t missing < <(not_installed "${pkgs[@]}")
+    if [ "${#missing[@]}" -gt 0 ]; then
+      echo "==> installing (removed by the first pass): ${missing[*]}"
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    mapfile -t missing < <(not_installed "${pkgs[@]}")
+    if [ "${#missing[@]}" -gt 0 ]; then
+      echo "cannot install: ${missing[*]}" >&2
+      return 1
+    fi
     # Debian starts the nginx service on install; the benchmark runs its own.
     $SUDO service nginx stop >/dev/null 2>&1 || true
   fi
+}
+
+# The packages of "$@" that are not installed, one per line (a package
+# removed with its configuration files kept counts as not installed).
+not_installed() {
+  local p
+  for p in "$@"; do
+    [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null)" = "ii " ] || echo "$p"
+  done
 }
 
 # envd as the static binary capsules run (static-pie glibc, no NSS).

@@ -10,12 +10,15 @@
 //!   it dials the host, wherever the host is now; so a host can pose
 //!   neither as another host (even one on the same address) nor, since it
 //!   is good for server authentication only, as the control plane.
-//! - The control plane's own client certificate, made at each start, good
-//!   for client authentication only.
+//! - The control plane's own client certificate, good for client
+//!   authentication only, made at each start and renewed every
+//!   [`CLIENT_RENEW_EVERY`] while it runs ([`renew_client_cert`]). It
+//!   lives only in the control plane's memory.
 //!
-//! The authority and the control plane's certificate last
-//! [`VALIDITY_DAYS`]; a host's lasts [`HOST_VALIDITY_DAYS`], as long as its
-//! refresh token, and a new one comes with every refresh
+//! The authority lasts [`VALIDITY_DAYS`]; the control plane's certificate
+//! [`CLIENT_VALIDITY_DAYS`], so one taken from a control plane's memory is
+//! good for at most that long; a host's lasts [`HOST_VALIDITY_DAYS`], as
+//! long as its refresh token, and a new one comes with every refresh
 //! (`/v1/hosts/auth/refresh`, about weekly, when the host token expires;
 //! see [`crate::host_tokens`]).
 //!
@@ -35,7 +38,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
     RevokedCertParams, SerialNumber,
 };
-use wrenn_http::tls::{self, AgentVerifier, Identity};
+use wrenn_http::tls::{self, AgentVerifier, ClientCert, Identity};
 use wrenn_types::ids::HostId;
 
 use crate::auth::{hex, unhex};
@@ -43,6 +46,10 @@ use crate::db::{Db, DbError};
 
 pub const VALIDITY_DAYS: i64 = 3650;
 pub const HOST_VALIDITY_DAYS: i64 = 60;
+pub const CLIENT_VALIDITY_DAYS: i64 = 7;
+/// How often a running control plane renews its client certificate, well
+/// inside the certificate's life.
+pub const CLIENT_RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 const CA_NAME: &str = "Wrenn control plane CA";
 
 /// The name host `id`'s certificate carries, which the control plane
@@ -67,8 +74,10 @@ pub struct HostCert {
 pub struct Pki {
     ca_cert_pem: String,
     ca_key: KeyPair,
-    /// The control plane's client certificate and key.
-    me: Identity,
+    /// The control plane's client certificate and key, and what presents
+    /// them to agents.
+    me: std::sync::RwLock<Identity>,
+    presented: Arc<ClientCert>,
     /// Checks agents' certificates: the authority's, and not revoked.
     agents: Arc<AgentVerifier>,
     /// The revoked certificates `agents` checks against, once a list was
@@ -190,20 +199,15 @@ impl Pki {
             }
         };
         let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(cert_err)?;
-        let me = issue(
-            &ca_key,
-            "wrenn control plane",
-            None,
-            ExtendedKeyUsagePurpose::ClientAuth,
-            VALIDITY_DAYS,
-        )?
-        .identity;
+        let me = issue_client(&ca_key)?;
+        let presented = ClientCert::new(&me).map_err(PkiError::Cert)?;
         let agents = AgentVerifier::new(&ca_cert_pem).map_err(PkiError::Cert)?;
-        let client = tls::client_config(&agents, &me).map_err(PkiError::Cert)?;
+        let client = tls::client_config(&agents, &presented).map_err(PkiError::Cert)?;
         let pki = Pki {
             ca_cert_pem,
             ca_key,
-            me,
+            me: std::sync::RwLock::new(me),
+            presented,
             agents,
             installed: Default::default(),
             client,
@@ -294,7 +298,47 @@ impl Pki {
     }
 
     /// What the control plane presents to agents.
-    pub fn client_identity(&self) -> &Identity {
-        &self.me
+    pub fn client_identity(&self) -> Identity {
+        self.me.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A new client certificate, presented from the next handshake on (no
+    /// session is resumed across the change: a resumed one would go on
+    /// with the certificate it began with).
+    pub fn renew_client(&self) -> Result<(), PkiError> {
+        let me = issue_client(&self.ca_key)?;
+        self.presented.set(&me).map_err(PkiError::Cert)?;
+        self.agents.forget_sessions();
+        *self.me.write().unwrap_or_else(|e| e.into_inner()) = me;
+        Ok(())
+    }
+}
+
+/// A client certificate for the control plane.
+fn issue_client(ca_key: &KeyPair) -> Result<Identity, PkiError> {
+    let issued = issue(
+        ca_key,
+        "wrenn control plane",
+        None,
+        ExtendedKeyUsagePurpose::ClientAuth,
+        CLIENT_VALIDITY_DAYS,
+    )?;
+    Ok(issued.identity)
+}
+
+/// Renew the control plane's client certificate every
+/// [`CLIENT_RENEW_EVERY`] until it stops.
+pub async fn renew_client_cert(cp: Arc<crate::server::Cp>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(CLIENT_RENEW_EVERY) => {}
+            () = cp.stop.cancelled() => return,
+        }
+        match cp.pki.renew_client() {
+            Ok(()) => tracing::info!("the control plane's client certificate was renewed"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot renew the control plane's client certificate")
+            }
+        }
     }
 }

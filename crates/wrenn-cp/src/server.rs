@@ -186,6 +186,9 @@ impl ControlPlane {
         self.cp
             .tasks
             .spawn(crate::api::stats::run_rollups(self.cp.clone()));
+        self.cp
+            .tasks
+            .spawn(crate::pki::renew_client_cert(self.cp.clone()));
         if let Ok(a) = listener.local_addr() {
             let _ = self.cp.listen_addr.set(a);
         }

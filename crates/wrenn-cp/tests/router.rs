@@ -76,6 +76,8 @@ impl InProcess {
 struct Seen {
     alpn: String,
     head: String,
+    /// The client's certificate, DER.
+    client: Vec<u8>,
 }
 
 /// A stand-in agent registered with `cp` (requiring `token`), serving the
@@ -106,6 +108,8 @@ fn stand_in(l: TcpListener, cert: HostCert) -> mpsc::UnboundedReceiver<Seen> {
                     return;
                 };
                 let alpn = s.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
+                let client = s.get_ref().1.peer_certificates().unwrap_or_default();
+                let client = client.first().map(|c| c.to_vec()).unwrap_or_default();
                 let head = read_head(&mut s).await;
                 if head.is_empty() {
                     return;
@@ -113,6 +117,7 @@ fn stand_in(l: TcpListener, cert: HostCert) -> mpsc::UnboundedReceiver<Seen> {
                 let _ = tx.send(Seen {
                     alpn: String::from_utf8_lossy(&alpn).into_owned(),
                     head,
+                    client,
                 });
                 let _ = s
                     .write_all(
@@ -390,7 +395,8 @@ async fn tls_client(
     let config = match me {
         Some(me) => {
             let agents = wrenn_http::tls::AgentVerifier::new(ca_pem).unwrap();
-            wrenn_http::tls::client_config(&agents, me).unwrap()
+            let me = wrenn_http::tls::ClientCert::new(me).unwrap();
+            wrenn_http::tls::client_config(&agents, &me).unwrap()
         }
         None => {
             let mut roots = rustls::RootCertStore::empty();
@@ -474,7 +480,7 @@ async fn agents_and_the_control_plane_prove_who_they_are() {
     let agent_addr: std::net::SocketAddr = good.address.parse().unwrap();
     let name = agent_name(&good.id);
     let ca = cp.pki.ca_cert_pem().to_owned();
-    let us = tls_client(agent_addr, &name, &ca, Some(cp.pki.client_identity())).await;
+    let us = tls_client(agent_addr, &name, &ca, Some(&cp.pki.client_identity())).await;
     assert!(ask(us.unwrap()).await.unwrap().ends_with("remote"));
     assert!(good_heads.recv().await.is_some());
     let anonymous = tls_client(agent_addr, &name, &ca, None).await;
@@ -633,12 +639,8 @@ async fn control_planes_on_one_database_share_the_authority() {
         remote_agent(&p.plane.cp, "t", |h| certify(&p.plane.cp, h).unwrap()).await;
     let addr: std::net::SocketAddr = good.host.address.parse().unwrap();
     let name = agent_name(&good.host.id);
-    let conn = tls_client(
-        addr,
-        &name,
-        first.ca_cert_pem(),
-        Some(second.cp.pki.client_identity()),
-    );
+    let seconds = second.cp.pki.client_identity();
+    let conn = tls_client(addr, &name, first.ca_cert_pem(), Some(&seconds));
     assert!(ask(conn.await.unwrap()).await.unwrap().ends_with("remote"));
     assert!(heads.recv().await.is_some());
 }
@@ -762,4 +764,66 @@ async fn delete(cp: std::net::SocketAddr, path: &str, key: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// The control plane renews its client certificate while it runs: agents
+/// are shown the new one from the next connection on. Each is good for
+/// `CLIENT_VALIDITY_DAYS` (checked as an agent checks it).
+#[tokio::test]
+async fn the_control_plane_renews_its_client_certificate() {
+    use wrenn_http::tls::rustls;
+    use wrenn_http::tls::rustls::pki_types::pem::PemObject;
+    use wrenn_http::tls::rustls::pki_types::{CertificateDer, UnixTime};
+    let p = Plane::new().await;
+    let cp = p.plane.cp.clone();
+    let (agent, mut heads) = remote_agent(&cp, "t", |h| certify(&cp, h).unwrap()).await;
+    let addr: std::net::SocketAddr = agent.host.address.parse().unwrap();
+    let name = agent_name(&agent.host.id);
+    let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+
+    let first = cp.pki.client_identity();
+    assert!(dial_as(&cp, addr, &name).await.unwrap().ends_with("remote"));
+    assert_eq!(
+        heads.recv().await.unwrap().client,
+        der(&first.cert_pem).to_vec()
+    );
+    cp.pki.renew_client().unwrap();
+    let second = cp.pki.client_identity();
+    assert_ne!(second.cert_pem, first.cert_pem);
+    assert!(dial_as(&cp, addr, &name).await.unwrap().ends_with("remote"));
+    assert_eq!(
+        heads.recv().await.unwrap().client,
+        der(&second.cert_pem).to_vec()
+    );
+
+    // how long it is good for, to the agent's client verifier
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(cp.pki.ca_cert_pem())).unwrap();
+    let agents_check = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let day = 24 * 3600;
+    let at = |days: i64| {
+        let secs = now_ms() / 1000 + days * day;
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs as u64))
+    };
+    let days = wrenn_cp::pki::CLIENT_VALIDITY_DAYS;
+    let cert = der(&second.cert_pem);
+    assert!(agents_check.verify_client_cert(&cert, &[], at(0)).is_ok());
+    assert!(agents_check
+        .verify_client_cert(&cert, &[], at(days - 1))
+        .is_ok());
+    let expired = agents_check.verify_client_cert(&cert, &[], at(days + 1));
+    assert!(
+        matches!(
+            expired,
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. }
+            ))
+        ),
+        "{expired:?}"
+    );
 }

@@ -971,7 +971,8 @@ mod tests {
         let (addr, _stop) = start_classified_tls(10_000, slot).await;
         let bulk = format!("wrenn-bulk {}", (thread_nice(0) + BULK_NICE).min(19));
         let agents = crate::tls::AgentVerifier::new(&ca).unwrap();
-        let config = client_config(&agents, &client).unwrap();
+        let me = crate::tls::ClientCert::new(&client).unwrap();
+        let config = client_config(&agents, &me).unwrap();
         let dial = |alpn: &'static [u8]| {
             let tls = crate::tls::TlsConnector::from(with_alpn(&config, alpn));
             async move {
@@ -1038,8 +1039,8 @@ mod tests {
         slot.install(crate::tls::server_config(&server, &ca).unwrap());
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let agents = crate::tls::AgentVerifier::new(&ca).unwrap();
-        let tls =
-            crate::tls::TlsConnector::from(crate::tls::client_config(&agents, &client).unwrap());
+        let me = crate::tls::ClientCert::new(&client).unwrap();
+        let tls = crate::tls::TlsConnector::from(crate::tls::client_config(&agents, &me).unwrap());
         let mut s = crate::Conn::tls(tcp, &tls, "127.0.0.1").await.unwrap();
         let who = ask(&mut s, &["GET /api HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
         assert!(!who.is_empty());

@@ -26,14 +26,15 @@ use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{
-    ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
-    Tls13ClientSessionValue, WebPkiServerVerifier,
+    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption,
+    Tls12ClientSessionValue, Tls13ClientSessionValue, WebPkiServerVerifier,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
 };
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::{
     ClientConfig, DigitallySignedStruct, NamedGroup, RootCertStore, ServerConfig, SignatureScheme,
 };
@@ -224,6 +225,12 @@ impl AgentVerifier {
         Ok(())
     }
 
+    /// Resume no session from before: the next handshake with each agent
+    /// is a full one (after the control plane's certificate changed).
+    pub fn forget_sessions(&self) {
+        self.sessions.forget();
+    }
+
     fn current(&self) -> Arc<WebPkiServerVerifier> {
         self.current
             .read()
@@ -273,23 +280,70 @@ impl ServerCertVerifier for AgentVerifier {
     }
 }
 
+/// The certificate the control plane presents to agents. It renews it
+/// while it runs ([`ClientCert::set`]); every pool's configuration shares
+/// this, so the next handshake of each presents the new one.
+pub struct ClientCert(RwLock<Arc<CertifiedKey>>);
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCert").finish_non_exhaustive()
+    }
+}
+
+impl ClientCert {
+    pub fn new(identity: &Identity) -> Result<Arc<ClientCert>, String> {
+        Ok(Arc::new(ClientCert(RwLock::new(Self::load(identity)?))))
+    }
+
+    /// Present `identity` from the next handshake on.
+    pub fn set(&self, identity: &Identity) -> Result<(), String> {
+        let next = Self::load(identity)?;
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    fn load(identity: &Identity) -> Result<Arc<CertifiedKey>, String> {
+        CertifiedKey::from_der(
+            certs(&identity.cert_pem)?,
+            key(&identity.key_pem)?,
+            &provider(),
+        )
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The control plane's TLS towards agents: servers are checked by
-/// `agents` (see [`AgentVerifier`]); it authenticates with `identity`. No
-/// ALPN yet: see [`with_alpn`].
+/// `agents` (see [`AgentVerifier`]); it authenticates with `me`. No ALPN
+/// yet: see [`with_alpn`].
 ///
 /// Sessions are resumed only until the next revocation list (see
 /// [`AgentVerifier`]).
 pub fn client_config(
     agents: &Arc<AgentVerifier>,
-    identity: &Identity,
+    me: &Arc<ClientCert>,
 ) -> Result<Arc<ClientConfig>, String> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(agents.clone())
-        .with_client_auth_cert(certs(&identity.cert_pem)?, key(&identity.key_pem)?)
-        .map_err(|e| e.to_string())?;
+        .with_client_cert_resolver(me.clone());
     config.resumption = Resumption::store(agents.sessions.clone());
     Ok(Arc::new(config))
 }
