@@ -53,7 +53,9 @@ install_packages() {
 not_installed() {
   local p
   for p in "$@"; do
-    [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null)" = "ii " ] || echo "$p"
+    # (second letter: the state, i = installed; the first is the wanted
+    # action, h for a held package)
+    [[ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null)" == ?i* ]] || echo "$p"
   done
 }
 

@@ -13,11 +13,13 @@
 //! - The control plane's own client certificate, good for client
 //!   authentication only, made at each start and renewed every
 //!   [`CLIENT_RENEW_EVERY`] while it runs ([`renew_client_cert`]). It
-//!   lives only in the control plane's memory.
+//!   lives only in the control plane's memory (as does the authority's
+//!   key).
 //!
 //! The authority lasts [`VALIDITY_DAYS`]; the control plane's certificate
-//! [`CLIENT_VALIDITY_DAYS`], so one taken from a control plane's memory is
-//! good for at most that long; a host's lasts [`HOST_VALIDITY_DAYS`], as
+//! [`CLIENT_VALIDITY_DAYS`] (an agent's TLS sessions with the control
+//! plane can be resumed past that: rustls does not check a resumed
+//! client's certificate again); a host's lasts [`HOST_VALIDITY_DAYS`], as
 //! long as its refresh token, and a new one comes with every refresh
 //! (`/v1/hosts/auth/refresh`, about weekly, when the host token expires;
 //! see [`crate::host_tokens`]).
@@ -327,15 +329,25 @@ fn issue_client(ca_key: &KeyPair) -> Result<Identity, PkiError> {
 }
 
 /// Renew the control plane's client certificate every
-/// [`CLIENT_RENEW_EVERY`] until it stops.
+/// [`CLIENT_RENEW_EVERY`] until it stops. The age is read off the wall
+/// clock once an hour: tokio's timers stand still while the machine
+/// sleeps, a certificate's life does not.
 pub async fn renew_client_cert(cp: Arc<crate::server::Cp>) {
+    let mut renewed = std::time::SystemTime::now();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(CLIENT_RENEW_EVERY) => {}
+            () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
             () = cp.stop.cancelled() => return,
         }
+        let age = renewed.elapsed().unwrap_or_default();
+        if age < CLIENT_RENEW_EVERY {
+            continue;
+        }
         match cp.pki.renew_client() {
-            Ok(()) => tracing::info!("the control plane's client certificate was renewed"),
+            Ok(()) => {
+                renewed = std::time::SystemTime::now();
+                tracing::info!("the control plane's client certificate was renewed");
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot renew the control plane's client certificate")
             }

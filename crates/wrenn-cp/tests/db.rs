@@ -113,6 +113,7 @@ async fn exercise(db: &Db) {
     // expires; with a grace, a used one is good once more
     let none = now_ms() - 1;
     let (refreshed_cert, refused_cert) = (random_hex(16), random_hex(16));
+    let serials = |all: Vec<(String, i64)>| all.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
     let found = db.refreshable_host("refresh-1").await.unwrap();
     assert_eq!(found.as_ref(), Some(&h.id));
     let r = db
@@ -164,6 +165,11 @@ async fn exercise(db: &Db) {
         )
         .await;
     assert!(r.unwrap().is_some());
+    let revoked = serials(db.revoked_certs(now_ms()).await.unwrap());
+    assert!(
+        revoked.contains(&refreshed_cert),
+        "replaced by this refresh"
+    );
     assert_eq!(
         db.refreshable_host("refresh-4").await.unwrap(),
         None,
@@ -211,7 +217,6 @@ async fn exercise(db: &Db) {
     db.insert_host(&certified, &format!("{:064}", now_ms() + 1))
         .await
         .unwrap();
-    let serials = |all: Vec<(String, i64)>| all.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
     let (first, second) = (random_hex(16), random_hex(16));
     let soon = now_ms() + 60_000;
     assert!(db
@@ -240,6 +245,33 @@ async fn exercise(db: &Db) {
     let third = random_hex(16);
     let gone = db.replace_host_cert(&certified.id, (&third, soon));
     assert!(!gone.await.unwrap(), "a deleted host is certified no more");
+    // two refreshes of one host at once (an agent retrying within its
+    // grace): both are taken, one after the other, and only the later
+    // one's certificate is good
+    let raced = wrenn_cp::db::Host {
+        id: HostId::random(),
+        ..host.clone()
+    };
+    let raced_registration = format!("{:064}", now_ms() + 2);
+    db.insert_host(&raced, &raced_registration).await.unwrap();
+    let (token, next_a, next_b) = (random_hex(32), random_hex(32), random_hex(32));
+    let (issued, cert_a, cert_b) = (random_hex(16), random_hex(16), random_hex(16));
+    let registered = db
+        .register_host(&raced_registration, &reg, (&token, later), (&issued, later))
+        .await
+        .unwrap();
+    assert!(registered.is_some());
+    let (a, b) = tokio::join!(
+        db.rotate_refresh(&raced.id, &token, (&next_a, later), later, (&cert_a, later)),
+        db.rotate_refresh(&raced.id, &token, (&next_b, later), later, (&cert_b, later)),
+    );
+    assert!(a.unwrap().is_some() && b.unwrap().is_some());
+    let listed = serials(db.revoked_certs(now_ms()).await.unwrap());
+    assert!(listed.contains(&issued));
+    assert!(
+        listed.contains(&cert_a) != listed.contains(&cert_b),
+        "exactly one of the two is current"
+    );
     // the signing key is made once and then read
     let key = db.host_signing_key(|| "k1".into()).await.unwrap();
     assert_eq!(key, "k1");

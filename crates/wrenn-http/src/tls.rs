@@ -124,49 +124,73 @@ pub struct AgentVerifier {
 /// How many agents' sessions the control plane keeps to resume.
 const SESSIONS: usize = 256;
 
-/// The TLS sessions the control plane may resume with agents: rustls's
-/// in-memory cache, replaced by an empty one when the revocation list
-/// changes (a session with an agent whose certificate is now revoked must
-/// not be resumed).
+/// The TLS sessions the control plane may resume with agents, one
+/// [`Round`] per revocation list (and client certificate): replaced by an
+/// empty one when either changes, since a resumed session checks no
+/// certificate and presents none.
 #[derive(Debug)]
-struct Sessions(RwLock<Arc<ClientSessionMemoryCache>>);
+struct Sessions(RwLock<Arc<Round>>);
+
+/// Sessions begun under one revocation list: rustls's in-memory cache,
+/// and the agents whose certificates were checked against that list. A
+/// session is kept only for those: a handshake checked against the list
+/// before may hand over its ticket after the list changed.
+#[derive(Debug)]
+struct Round {
+    cache: ClientSessionMemoryCache,
+    checked: std::sync::Mutex<std::collections::HashSet<ServerName<'static>>>,
+}
+
+impl Round {
+    fn new() -> Arc<Round> {
+        Arc::new(Round {
+            cache: ClientSessionMemoryCache::new(SESSIONS),
+            checked: Default::default(),
+        })
+    }
+
+    fn checked(&self, server_name: &ServerName<'_>) -> bool {
+        let checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        checked.contains(server_name)
+    }
+}
 
 impl Sessions {
     fn new() -> Sessions {
-        Sessions(RwLock::new(Arc::new(ClientSessionMemoryCache::new(
-            SESSIONS,
-        ))))
+        Sessions(RwLock::new(Round::new()))
     }
 
-    fn current(&self) -> Arc<ClientSessionMemoryCache> {
+    fn current(&self) -> Arc<Round> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn forget(&self) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(ClientSessionMemoryCache::new(SESSIONS));
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Round::new();
     }
 }
 
 impl ClientSessionStore for Sessions {
     fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
-        self.current().set_kx_hint(server_name, group)
+        self.current().cache.set_kx_hint(server_name, group)
     }
 
     fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
-        self.current().kx_hint(server_name)
+        self.current().cache.kx_hint(server_name)
     }
 
     fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
-        self.current().set_tls12_session(server_name, value)
+        let round = self.current();
+        if round.checked(&server_name) {
+            round.cache.set_tls12_session(server_name, value)
+        }
     }
 
     fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
-        self.current().tls12_session(server_name)
+        self.current().cache.tls12_session(server_name)
     }
 
     fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
-        self.current().remove_tls12_session(server_name)
+        self.current().cache.remove_tls12_session(server_name)
     }
 
     fn insert_tls13_ticket(
@@ -174,14 +198,17 @@ impl ClientSessionStore for Sessions {
         server_name: ServerName<'static>,
         value: Tls13ClientSessionValue,
     ) {
-        self.current().insert_tls13_ticket(server_name, value)
+        let round = self.current();
+        if round.checked(&server_name) {
+            round.cache.insert_tls13_ticket(server_name, value)
+        }
     }
 
     fn take_tls13_ticket(
         &self,
         server_name: &ServerName<'static>,
     ) -> Option<Tls13ClientSessionValue> {
-        self.current().take_tls13_ticket(server_name)
+        self.current().cache.take_tls13_ticket(server_name)
     }
 }
 
@@ -248,13 +275,23 @@ impl ServerCertVerifier for AgentVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.current().verify_server_cert(
+        // (the round is taken first: `revoke` installs the new list before
+        // it starts a new round, so a check by the old list is never
+        // counted in the new round)
+        let round = self.sessions.current();
+        let verified = self.current().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
             ocsp_response,
             now,
-        )
+        )?;
+        round
+            .checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(server_name.to_owned());
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
