@@ -127,13 +127,7 @@ async fn exercise(db: &Db) {
         .await;
     assert_eq!(r.unwrap().map(|h| h.id), Some(h.id.clone()));
     // with the token, the certificate: the one from the registration is revoked
-    let revoked: Vec<String> = db
-        .revoked_certs(now_ms())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
+    let revoked = serials(db.revoked_certs(now_ms()).await.unwrap());
     assert!(revoked.contains(&registered_cert) && !revoked.contains(&refreshed_cert));
     assert_eq!(db.refreshable_host("refresh-1").await.unwrap(), None);
     let again = db
@@ -147,13 +141,7 @@ async fn exercise(db: &Db) {
         .await;
     assert!(again.unwrap().is_none(), "a used refresh token");
     // (a refused refresh changes no certificate)
-    let revoked: Vec<String> = db
-        .revoked_certs(now_ms())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
+    let revoked = serials(db.revoked_certs(now_ms()).await.unwrap());
     assert!(!revoked.contains(&refreshed_cert) && !revoked.contains(&refused_cert));
     let r = db
         .rotate_refresh(

@@ -510,9 +510,21 @@ async fn post(
     headers: &[(&str, &str)],
     body: &str,
 ) -> String {
+    send(cp, "POST", path, headers, body).await
+}
+
+/// One request with a JSON body on a new connection; the whole answer as
+/// text.
+async fn send(
+    cp: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> String {
     let mut s = TcpStream::connect(cp).await.unwrap();
     let mut req = format!(
-        "POST {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
          content-type: application/json\r\ncontent-length: {}\r\n",
         body.len()
     );
@@ -525,6 +537,25 @@ async fn post(
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// Host `id`'s agent comes back serving `cert` on another address, and
+/// says so in a heartbeat (with host token `token`) to the control plane
+/// at `cp`: that address, and what the new stand-in receives.
+async fn moves(
+    cp: std::net::SocketAddr,
+    id: &HostId,
+    token: &str,
+    cert: HostCert,
+) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    let heads = stand_in(l, cert);
+    let beat = serde_json::json!({ "address": at.to_string() }).to_string();
+    let path = format!("/v1/hosts/{id}/heartbeat");
+    let out = post(cp, &path, &[("x-host-token", token)], &beat).await;
+    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    (at, heads)
 }
 
 /// The certificate names the host, not its address: an agent that comes
@@ -549,18 +580,8 @@ async fn a_host_that_moves_keeps_its_certificate() {
     assert!(out.ends_with("remote"), "{out}");
     assert!(first.recv().await.is_some());
 
-    let moved = TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let moved_addr = moved.local_addr().unwrap();
-    let mut second = stand_in(moved, cert.into_inner().unwrap());
-    let beat = serde_json::json!({ "address": moved_addr.to_string() }).to_string();
-    let out = post(
-        addr,
-        &format!("/v1/hosts/{}/heartbeat", reg.host.id),
-        &[("x-host-token", &reg.token)],
-        &beat,
-    )
-    .await;
-    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    let moved = cert.into_inner().unwrap();
+    let (_, mut second) = moves(addr, &reg.host.id, &reg.token, moved).await;
     // (the cached route still names the old address until it is refreshed)
     cp.proxy_routes.evict(&c.id);
     let out = get(addr, &path, &[("x-api-key", &p.key)]).await;
@@ -718,18 +739,8 @@ async fn replaced_and_deleted_hosts_certificates_are_revoked() {
     );
 
     // the new one is taken (the agent is back, on another address)
-    let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let renewed_addr = l.local_addr().unwrap();
-    let mut renewed = stand_in(l, refreshed.cert.clone());
-    let beat = serde_json::json!({ "address": renewed_addr.to_string() }).to_string();
-    let out = post(
-        addr,
-        &format!("/v1/hosts/{}/heartbeat", reg.host.id),
-        &[("x-host-token", &refreshed.token)],
-        &beat,
-    )
-    .await;
-    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    let (renewed_addr, mut renewed) =
+        moves(addr, &reg.host.id, &refreshed.token, refreshed.cert.clone()).await;
     cp.proxy_routes.evict(&c.id);
     let out = get(addr, &path, &[("x-api-key", &p.key)]).await;
     assert!(out.ends_with("remote"), "{out}");
@@ -739,12 +750,8 @@ async fn replaced_and_deleted_hosts_certificates_are_revoked() {
     assert!(renewed.recv().await.is_some());
 
     // deleting the host revokes it as well
-    let out = delete(
-        addr,
-        &format!("/v1/hosts/{}?force=true", reg.host.id),
-        &admin_key,
-    )
-    .await;
+    let path = format!("/v1/hosts/{}?force=true", reg.host.id);
+    let out = send(addr, "DELETE", &path, &[("x-api-key", &admin_key)], "").await;
     assert!(out.starts_with("HTTP/1.1 204"), "{out}");
     let by_first = dial_as(&cp, renewed_addr, &name).await;
     assert_revoked(by_first);
@@ -752,18 +759,6 @@ async fn replaced_and_deleted_hosts_certificates_are_revoked() {
     let by_second = dial_as(&second.cp, renewed_addr, &name).await;
     assert_revoked(by_second);
     assert!(renewed.try_recv().is_err());
-}
-
-/// One DELETE with `key` on a new connection; the whole answer as text.
-async fn delete(cp: std::net::SocketAddr, path: &str, key: &str) -> String {
-    let mut s = TcpStream::connect(cp).await.unwrap();
-    let req = format!(
-        "DELETE {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\nx-api-key: {key}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// The control plane renews its client certificate while it runs: agents
