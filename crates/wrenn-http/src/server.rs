@@ -367,7 +367,8 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let pair = pair.clone();
         move |req: http::Request<hyper::body::Incoming>| {
             let in_flight = InFlight::start(&state);
-            let req = req.map(axum::body::Body::new);
+            let version = req.version();
+            let (req, read) = ReadToEnd::watch(req);
             let routed = |mut req: axum::extract::Request| {
                 // Handlers may ask for the peer (`ConnectInfo<SocketAddr>`).
                 req.extensions_mut()
@@ -383,6 +384,10 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     Ok(taken) => taken.await,
                     Err(routed) => routed.await?,
                 };
+                let mut res = res;
+                if version <= http::Version::HTTP_11 && !read.done() {
+                    keep_no_connection(&mut res);
+                }
                 Ok::<_, std::convert::Infallible>(res.map(|body| {
                     axum::body::Body::new(Tracked {
                         inner: body,
@@ -528,6 +533,77 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a request's body was read to its end (or had none).
+#[derive(Clone)]
+struct ReadToEnd(Arc<AtomicBool>);
+
+impl ReadToEnd {
+    /// The request with a body that reports when it has been read to its end.
+    fn watch(req: http::Request<hyper::body::Incoming>) -> (axum::extract::Request, ReadToEnd) {
+        let read = ReadToEnd(Arc::new(AtomicBool::new(http_body::Body::is_end_stream(
+            req.body(),
+        ))));
+        let watched = read.clone();
+        let req = req.map(|inner| {
+            axum::body::Body::new(Watched {
+                inner,
+                read: watched,
+            })
+        });
+        (req, read)
+    }
+
+    fn done(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An HTTP/1 answer given before its request's body was read (an error
+/// found in the head, a proxy's upstream that answered early): hyper then
+/// drops the connection once the answer is out, so the client must be told
+/// not to send its next request on it. Otherwise a pooled client can write
+/// that request into a connection that is closing and see "connection
+/// closed before message completed" (E2B's SDK did, after a 502 for a
+/// paused sandbox). Upgrades are left alone.
+fn keep_no_connection(res: &mut http::Response<axum::body::Body>) {
+    if res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        res.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+}
+
+/// A request body that flags its end on a [`ReadToEnd`].
+struct Watched {
+    inner: hyper::body::Incoming,
+    read: ReadToEnd,
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.0.store(true, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
