@@ -17,7 +17,7 @@ use base64::Engine as _;
 use http::{HeaderMap, Method, StatusCode};
 use wrenn_types::envd::ACCESS_TOKEN_HEADER;
 
-use crate::http::{drain_later, error_response, REFUSED_BODY_LIMIT};
+use crate::http::error_response;
 use crate::state::Envd;
 
 /// The message SDKs show for a missing or wrong token.
@@ -37,7 +37,6 @@ pub async fn require_token(State(state): State<Arc<Envd>>, req: Request, next: N
         || path == "/init"
         || req.method() == Method::OPTIONS;
     if !exempt && !state.token_ok(presented_token(req.headers())) {
-        drain_later(req.into_body(), REFUSED_BODY_LIMIT);
         return error_response(StatusCode::UNAUTHORIZED, UNAUTHORIZED);
     }
     next.run(req).await

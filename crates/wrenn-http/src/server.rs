@@ -369,6 +369,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             let in_flight = InFlight::start(&state);
             let version = req.version();
             let (req, read) = ReadToEnd::watch(req);
+            let declared = http_body::Body::size_hint(req.body()).lower();
             let routed = |mut req: axum::extract::Request| {
                 // Handlers may ask for the peer (`ConnectInfo<SocketAddr>`).
                 req.extensions_mut()
@@ -386,7 +387,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 };
                 let mut res = res;
                 if version <= http::Version::HTTP_11 && !read.done() {
-                    keep_no_connection(&mut res);
+                    close_if_undrainable(&mut res, declared);
                 }
                 Ok::<_, std::convert::Infallible>(res.map(|body| {
                     axum::body::Body::new(Tracked {
@@ -536,12 +537,18 @@ impl Drop for InFlight {
     }
 }
 
+/// What is read of a request body its handler dropped unread, at most.
+pub const DRAIN_LIMIT: u64 = 1 << 20;
+/// How long such a body is read.
+pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+
 /// Whether a request's body was read to its end (or had none).
 #[derive(Clone)]
 struct ReadToEnd(Arc<AtomicBool>);
 
 impl ReadToEnd {
-    /// The request with a body that reports when it has been read to its end.
+    /// The request with a body that reports when it has been read to its
+    /// end, and is drained if dropped before ([`Watched`]).
     fn watch(req: http::Request<hyper::body::Incoming>) -> (axum::extract::Request, ReadToEnd) {
         let read = ReadToEnd(Arc::new(AtomicBool::new(http_body::Body::is_end_stream(
             req.body(),
@@ -549,7 +556,7 @@ impl ReadToEnd {
         let watched = read.clone();
         let req = req.map(|inner| {
             axum::body::Body::new(Watched {
-                inner,
+                inner: Some(inner),
                 read: watched,
             })
         });
@@ -561,15 +568,13 @@ impl ReadToEnd {
     }
 }
 
-/// An HTTP/1 answer given before its request's body was read (an error
-/// found in the head, a proxy's upstream that answered early): hyper then
-/// drops the connection once the answer is out, so the client must be told
-/// not to send its next request on it. Otherwise a pooled client can write
-/// that request into a connection that is closing and see "connection
-/// closed before message completed" (E2B's SDK did, after a 502 for a
-/// paused sandbox). Upgrades are left alone.
-fn keep_no_connection(res: &mut http::Response<axum::body::Body>) {
-    if res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+/// An HTTP/1 answer given while its request's body is unread and longer
+/// than [`DRAIN_LIMIT`]: hyper drops the connection once the answer is
+/// out (the drain gives up), so the client is told not to send its next
+/// request there: a pooled client that did would see "connection closed
+/// before message completed". Upgrades are left alone.
+fn close_if_undrainable(res: &mut http::Response<axum::body::Body>, remaining: u64) {
+    if remaining > DRAIN_LIMIT && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         res.headers_mut().insert(
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
@@ -577,9 +582,16 @@ fn keep_no_connection(res: &mut http::Response<axum::body::Body>) {
     }
 }
 
-/// A request body that flags its end on a [`ReadToEnd`].
+/// A request body that flags its end on a [`ReadToEnd`]. Dropped unread
+/// (a handler that answered from the head: a refusal, a 502 for a paused
+/// capsule), it goes on being read after the answer, up to [`DRAIN_LIMIT`]
+/// for [`DRAIN_TIME`], as Go's server does. hyper would otherwise close
+/// the connection after the answer, which a pooled client may already be
+/// sending its next request on (E2B's SDK did, after such a 502), and
+/// which, with body bytes still arriving, the kernel turns into a reset
+/// that can cost the client the answer itself.
 struct Watched {
-    inner: hyper::body::Incoming,
+    inner: Option<hyper::body::Incoming>,
     read: ReadToEnd,
 }
 
@@ -591,19 +603,54 @@ impl http_body::Body for Watched {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(frame, Poll::Ready(None)) || self.inner.is_end_stream() {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = Pin::new(&mut *inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || inner.is_end_stream() {
             self.read.0.store(true, Ordering::Relaxed);
         }
         frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if self.read.done() {
+            return;
+        }
+        let (Some(body), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if http_body::Body::size_hint(&body).lower() > DRAIN_LIMIT {
+            return; // closed at once ([`close_if_undrainable`])
+        }
+        rt.spawn(async move {
+            let mut body = body;
+            let mut read = 0u64;
+            let drained = tokio::time::timeout(DRAIN_TIME, async {
+                while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if read > DRAIN_LIMIT {
+                        break;
+                    }
+                }
+            });
+            if drained.await.is_err() {
+                tracing::debug!("unread request body not drained in time");
+            }
+        });
     }
 }
 

@@ -1,8 +1,9 @@
-//! An answer given before the request's body was read closes the
-//! connection and says so (`Connection: close`), so that a pooled client
-//! never writes its next request into a connection the server is dropping;
-//! an answer after the body was read keeps the connection. Raw HTTP/1.1
-//! over TCP against the real `serve`.
+//! An answer given before the request's body was read: the body is read
+//! on after it (up to `DRAIN_LIMIT`), so the connection serves the next
+//! request, as Go's server does; a longer declared body closes the
+//! connection and the answer says so (`Connection: close`), so that a
+//! pooled client never writes its next request into a connection being
+//! dropped. Raw HTTP/1.1 over TCP against the real `serve`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -70,7 +71,7 @@ async fn closes(tcp: &mut TcpStream) -> bool {
 const HEAD: &str = "Host: test\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n";
 
 #[tokio::test]
-async fn an_answer_before_the_body_closes_the_connection_and_says_so() {
+async fn a_body_sent_after_the_answer_is_read_and_the_connection_goes_on() {
     let (addr, _stop) = server().await;
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     // the head alone; the body follows the answer, as a streaming client's does
@@ -79,8 +80,32 @@ async fn an_answer_before_the_body_closes_the_connection_and_says_so() {
         .unwrap();
     let head = answer(&mut tcp).await;
     assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tcp.write_all(b"hello").await.unwrap();
+    tcp.write_all(b"POST /read HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let head = answer(&mut tcp).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "the next request is served: {head}"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_before_a_body_too_long_to_drain_closes_and_says_so() {
+    let (addr, _stop) = server().await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let len = wrenn_http::DRAIN_LIMIT + 1;
+    tcp.write_all(
+        format!("POST /early HTTP/1.1\r\nHost: test\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = answer(&mut tcp).await;
+    assert!(head.starts_with("http/1.1 502"), "{head}");
     assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
-    let _ = tcp.write_all(b"hello").await;
     assert!(
         closes(&mut tcp).await,
         "the connection is dropped as announced"

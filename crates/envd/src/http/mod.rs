@@ -39,36 +39,10 @@ pub fn router(state: Arc<Envd>) -> Router {
         .with_state(state)
 }
 
-/// How long a request body is read after envd has refused it (here and
-/// after a failed upload, [`files`]).
+/// How long an upload's body is still read after it failed ([`files`]).
+/// (A refused request's unread body is read on after the answer by
+/// `wrenn_http`'s server, as Go's server, which E2B's envd runs on, does.)
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// What is read of a refused RPC's body after the answer, at most.
-pub const REFUSED_BODY_LIMIT: u64 = 1 << 20;
-
-/// Go on reading a refused request's body after the answer (at most `limit`
-/// bytes, for at most [`DRAIN_TIME`]), then drop it; Go's server, which
-/// E2B's envd runs on, does the same. A connection closed while request
-/// bytes are still arriving is reset by the kernel, and a proxy still
-/// writing the body can then lose the answer and report envd unreachable.
-pub fn drain_later(body: axum::body::Body, limit: u64) {
-    use futures::StreamExt;
-    tokio::spawn(async move {
-        let mut body = body.into_data_stream();
-        let mut read = 0u64;
-        let drained = tokio::time::timeout(DRAIN_TIME, async {
-            while let Some(Ok(chunk)) = body.next().await {
-                read += chunk.len() as u64;
-                if read > limit {
-                    break;
-                }
-            }
-        });
-        if drained.await.is_err() {
-            tracing::debug!("refused request body not drained in time");
-        }
-    });
-}
 
 /// envd's error JSON.
 pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
@@ -102,7 +76,6 @@ async fn health() -> Response {
 async fn init(State(state): State<Arc<Envd>>, req: axum::extract::Request) -> Response {
     // Once a token is set, only its holder may change it.
     if !state.token_ok(auth::presented_token(req.headers())) {
-        drain_later(req.into_body(), REFUSED_BODY_LIMIT);
         return error_response(StatusCode::UNAUTHORIZED, auth::UNAUTHORIZED);
     }
     let bytes = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
