@@ -267,6 +267,10 @@ def test_metrics(sandbox: Sandbox) -> None:
     assert abs((m.timestamp - now()).total_seconds()) < 900
     # a time window
     assert isinstance(sandbox.get_metrics(start=now() - timedelta(minutes=5), end=now()), list)
+    # one point per 5 s, as E2B collects them (the agent samples every 500 ms)
+    two = poll(lambda: len(m := sandbox.get_metrics()) >= 2 and m, timeout=60, interval=1, what="two metrics")
+    gaps = [(b.timestamp - a.timestamp).total_seconds() for a, b in zip(two, two[1:])]
+    assert min(gaps) >= 4.9, gaps
 
 
 def test_same_capsule_in_wrenn_api(sandbox: Sandbox, server) -> None:

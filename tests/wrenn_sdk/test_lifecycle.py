@@ -343,6 +343,15 @@ def test_metrics(client: WrennClient, capsule: Capsule) -> None:
     stamps = [p.timestamp_unix for p in m.points]
     assert stamps == sorted(stamps), "points are oldest first"
 
+    # wrenn samples every 500 ms: a few seconds give points a second or less apart
+    def dense() -> CapsuleMetrics | None:
+        m = client.capsules.metrics(capsule.capsule_id, range="5m")
+        return m if len(m.points) >= 6 else None
+
+    recent = poll(dense, 20, 0.5, "six metrics points").points[-6:]
+    gaps = [b.timestamp_unix - a.timestamp_unix for a, b in zip(recent, recent[1:])]
+    assert max(gaps) <= 2, f"seconds between samples: {gaps}"
+
     for r in ("5m", "10m", "1h", "2h", "6h", "12h", "24h"):
         mr = client.capsules.metrics(capsule.capsule_id, range=r)
         assert mr.range == r and isinstance(mr.points, list)

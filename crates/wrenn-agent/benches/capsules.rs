@@ -21,6 +21,9 @@
 //! - `idle`: memory per idle capsule (what its cgroup is charged: envd and
 //!   the kernel objects it owns; the agent's RSS; the host's
 //!   MemAvailable), and how many idle capsules would fit.
+//! - `sampler`: one round of the metrics sampler (every 500 ms) over those
+//!   idle capsules, their upper dirs walked (as every 5 s) against the
+//!   rounds between, which reuse the last walk.
 //! - `vm`: VM capsules (QEMU microvm; TCG where KVM cannot run guests) next
 //!   to OCI ones, interleaved: create → first exec, pause, resume, and
 //!   memory per idle capsule. Runs when QEMU is installed; the guest
@@ -373,6 +376,25 @@ fn main() -> Result<()> {
             avail_before / 1024,
             1u64 << (30 - cfg.network.pool.prefix_len())
         );
+        let (mut walked, mut cached) = (Vec::new(), Vec::new());
+        for _ in 0..o.idle {
+            let t = Instant::now();
+            for id in &ids {
+                agent.metrics(id).await?;
+            }
+            walked.push(t.elapsed());
+            agent.sample_all().await; // walks where the last walk is 5 s old
+            let t = Instant::now();
+            agent.sample_all().await;
+            cached.push(t.elapsed());
+        }
+        line(&format!("sampler round, {n} capsules, walked"), &walked);
+        line(&format!("sampler round, {n} capsules"), &cached);
+        let sampler_ratio = ms(pct(&cached, 0.5)) / ms(pct(&walked, 0.5));
+        let sampler_share = ms(pct(&cached, 0.5)) / 500.0 * 100.0;
+        println!(
+            "  sampler round / walked round p50: {sampler_ratio:.2}×; at 500 ms, {sampler_share:.2}% of one core for {n} capsules"
+        );
         for id in &ids {
             agent.destroy(id).await?;
         }
@@ -405,6 +427,8 @@ fn main() -> Result<()> {
             "idle_agent_rss_kib": agent_kib,
             "idle_host_kib": host_kib,
             "idle_fit": fit,
+            "sampler_round_p50_ms": ms(pct(&cached, 0.5)),
+            "sampler_round_over_walked": sampler_ratio,
         }));
         anyhow::Ok(())
     })?;

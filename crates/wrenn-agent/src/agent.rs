@@ -1496,6 +1496,11 @@ impl Agent {
 
     pub async fn metrics(&self, id: &CapsuleId) -> Result<CapsuleMetrics, AgentError> {
         let c = self.get(id)?;
+        Ok(self.measure(&c, None).await)
+    }
+
+    /// A capsule's counters now; its disk use walked unless `disk` is given.
+    async fn measure(&self, c: &Capsule, disk: Option<u64>) -> CapsuleMetrics {
         let cg = self.cgroups.clone();
         let path = self.cgroup_path(&c.container);
         let upper = c.dir.upper();
@@ -1505,18 +1510,20 @@ impl Agent {
             let vm = std::fs::metadata(&vm_disk).map_or(0, |m| m.blocks() * 512);
             (
                 cg.usage(&path).unwrap_or_default(),
-                template::dir_size(&upper) + vm,
+                disk.unwrap_or_else(|| template::dir_size(&upper) + vm),
             )
         })
         .await;
-        Ok(CapsuleMetrics {
+        CapsuleMetrics {
             at_ms: now_ms(),
             usage,
             disk_bytes: disk,
-        })
+        }
     }
 
-    /// Sample every running capsule once (CPU, memory, pids, disk).
+    /// Sample every running capsule once (CPU, memory, pids; disk when the
+    /// last walk of its upper dir is older than
+    /// [`crate::history::DISK_FRESH_MS`]).
     pub async fn sample_all(&self) {
         let running: Vec<Arc<Capsule>> = self
             .capsules
@@ -1527,9 +1534,13 @@ impl Agent {
             .cloned()
             .collect();
         for c in running {
-            if let Ok(m) = self.metrics(&c.id).await {
-                c.samples.lock().unwrap().push(m);
+            let fresh = c.samples.lock().unwrap().fresh_disk(now_ms());
+            let m = self.measure(&c, fresh).await;
+            let mut h = c.samples.lock().unwrap();
+            if fresh.is_none() {
+                h.disk_measured(m.at_ms, m.disk_bytes);
             }
+            h.push(m);
         }
     }
 

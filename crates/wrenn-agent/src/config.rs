@@ -128,7 +128,7 @@ impl AgentConfig {
             },
             instance,
             reaper_interval: Duration::from_secs(1),
-            sample_interval: Duration::from_secs(5),
+            sample_interval: Duration::from_millis(500),
             envd_ready_timeout: Duration::from_secs(10),
             ready_timeout: Duration::from_secs(120),
             default_pids: 4096,

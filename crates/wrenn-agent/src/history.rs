@@ -9,9 +9,13 @@ use std::collections::VecDeque;
 
 use crate::agent::CapsuleMetrics;
 
-/// The finest tier: [`SAMPLES_KEPT`] samples (10 minutes at the default
-/// 5 s interval).
-pub const SAMPLES_KEPT: usize = 120;
+/// The finest tier: every sample of the last [`FINE_SPAN_MS`], at most
+/// [`SAMPLES_KEPT`] of them (10 minutes at the default 500 ms interval).
+pub const SAMPLES_KEPT: usize = 1200;
+pub const FINE_SPAN_MS: u64 = 600_000;
+/// How long a walk of a capsule's upper dir stands for its disk use: the
+/// sampler's other reads are a few cgroup files, this one a whole tree.
+pub const DISK_FRESH_MS: u64 = 5_000;
 /// (span of one point in ms, points kept) of the coarser tiers.
 pub const TIERS: [(u64, usize); 2] = [(30_000, 240), (300_000, 288)];
 
@@ -19,6 +23,8 @@ pub const TIERS: [(u64, usize); 2] = [(30_000, 240), (300_000, 288)];
 pub struct History {
     fine: VecDeque<CapsuleMetrics>,
     coarse: [Tier; 2],
+    /// (when, bytes) of the last walk of the upper dir.
+    disk: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -60,13 +66,30 @@ impl Tier {
 
 impl History {
     pub fn push(&mut self, s: CapsuleMetrics) {
-        if self.fine.len() == SAMPLES_KEPT {
+        self.fine.push_back(s);
+        while self.fine.len() > SAMPLES_KEPT
+            || self
+                .fine
+                .front()
+                .is_some_and(|f| f.at_ms + FINE_SPAN_MS <= s.at_ms)
+        {
             self.fine.pop_front();
         }
-        self.fine.push_back(s);
         for (tier, (span, keep)) in self.coarse.iter_mut().zip(TIERS) {
             tier.push(s, span, keep);
         }
+    }
+
+    /// The disk use measured less than [`DISK_FRESH_MS`] before `now_ms`.
+    pub fn fresh_disk(&self, now_ms: u64) -> Option<u64> {
+        self.disk
+            .filter(|(at, _)| now_ms.saturating_sub(*at) < DISK_FRESH_MS)
+            .map(|(_, bytes)| bytes)
+    }
+
+    /// Record a walk of the upper dir.
+    pub fn disk_measured(&mut self, at_ms: u64, bytes: u64) {
+        self.disk = Some((at_ms, bytes));
     }
 
     /// Every sample of the finest tier, oldest first.
@@ -101,14 +124,19 @@ mod tests {
     #[test]
     fn tiers_keep_their_spans() {
         let mut h = History::default();
-        // 3 hours of 5 s samples: 1 CPU second per second, memory rising
-        let n = 3 * 3600 / 5;
+        // 3 hours of 500 ms samples: 1 CPU second per second, memory rising
+        let n = 3 * 3600 * 2;
         for i in 0..n {
-            h.push(sample(i * 5_000, i * 5_000_000, i));
+            h.push(sample(i * 500, i * 500_000, i));
         }
         let fine = h.fine();
         assert_eq!(fine.len(), SAMPLES_KEPT);
-        assert_eq!(fine.last().unwrap().at_ms, (n - 1) * 5_000);
+        assert_eq!(fine.last().unwrap().at_ms, (n - 1) * 500);
+        assert_eq!(
+            fine.last().unwrap().at_ms - fine[0].at_ms,
+            FINE_SPAN_MS - 500,
+            "every sample of the last 10 minutes"
+        );
 
         let mid = h.coarse(0);
         assert_eq!(mid.len(), 240, "2 hours of 30 s points");
@@ -117,12 +145,15 @@ mod tests {
             // the CPU counter's difference over a span is the span's CPU
             assert_eq!(w[1].usage.cpu_usec - w[0].usage.cpu_usec, 30_000_000);
         }
-        // a point ends its span (the last of its six samples) and averages
+        // a point ends its span (the last of its 60 samples) and averages
         // their memory
         let p = mid.last().unwrap();
-        assert_eq!(p.at_ms % 30_000, 25_000);
-        let i_last = p.at_ms / 5_000;
-        assert_eq!(p.usage.memory_bytes, (i_last - 5..=i_last).sum::<u64>() / 6);
+        assert_eq!(p.at_ms % 30_000, 29_500);
+        let i_last = p.at_ms / 500;
+        assert_eq!(
+            p.usage.memory_bytes,
+            (i_last - 59..=i_last).sum::<u64>() / 60
+        );
 
         let coarse = h.coarse(1);
         assert_eq!(
@@ -133,9 +164,31 @@ mod tests {
         assert_eq!(coarse[1].at_ms - coarse[0].at_ms, 300_000);
 
         // and 24 hours is where the coarsest tier stops
-        for i in n..(26 * 3600 / 5) {
-            h.push(sample(i * 5_000, i * 5_000_000, i));
+        for i in n..(26 * 3600 * 2) {
+            h.push(sample(i * 500, i * 500_000, i));
         }
         assert_eq!(h.coarse(1).len(), 288);
+    }
+
+    #[test]
+    fn the_fine_tier_is_ten_minutes_whatever_the_interval() {
+        let mut h = History::default();
+        // a slower sampler (5 s) and a gap of 20 minutes
+        for i in 0..300 {
+            h.push(sample(i * 5_000, 0, 0));
+        }
+        assert_eq!(h.fine().len(), 120);
+        h.push(sample(299 * 5_000 + 1_200_000, 0, 0));
+        assert_eq!(h.fine().len(), 1, "samples older than 10 minutes go");
+    }
+
+    #[test]
+    fn a_disk_walk_stands_for_five_seconds() {
+        let mut h = History::default();
+        assert_eq!(h.fresh_disk(1_000), None);
+        h.disk_measured(1_000, 42);
+        assert_eq!(h.fresh_disk(1_000), Some(42));
+        assert_eq!(h.fresh_disk(1_000 + DISK_FRESH_MS - 1), Some(42));
+        assert_eq!(h.fresh_disk(1_000 + DISK_FRESH_MS), None);
     }
 }

@@ -1,7 +1,7 @@
 //! Numbers: per-capsule metrics (`/metrics`), team stats (`/stats`) and
 //! daily usage (`/usage`).
 //!
-//! Metrics of a running capsule come from the agent's sampler (every 5 s)
+//! Metrics of a running capsule come from the agent's sampler (every 500 ms)
 //! in three tiers (10 minutes of samples, 2 h of 30 s points, 24 h of
 //! 5 min points; [`history_for`] picks); CPU % is the CPU time used between
 //! two points over the wall time × vCPUs. A paused capsule shows the
@@ -96,6 +96,21 @@ pub(crate) fn points(
                 mem_bytes: w[1].memory_bytes as i64,
                 disk_bytes: w[1].disk_bytes as i64,
             }
+        })
+        .collect()
+}
+
+/// Every point at least `step` ms after the previous one kept (E2B shows a
+/// point every 5 s; the agent samples every 500 ms).
+pub(crate) fn thin(rows: Vec<MetricRow>, step: i64) -> Vec<MetricRow> {
+    let mut last = i64::MIN;
+    rows.into_iter()
+        .filter(|p| {
+            let keep = p.at_ms.saturating_sub(last) >= step;
+            if keep {
+                last = p.at_ms;
+            }
+            keep
         })
         .collect()
 }
@@ -412,6 +427,23 @@ mod tests {
         let s = series(&runs, 10_000, 10_000, 1_000);
         assert_eq!(s.len(), 10);
         assert_eq!(s.last().unwrap().0, 10_000);
+    }
+
+    #[test]
+    fn thinning_keeps_a_point_every_step() {
+        let row = |at_ms| MetricRow {
+            at_ms,
+            cpu_pct: 0.0,
+            mem_bytes: 0,
+            disk_bytes: 0,
+        };
+        // 500 ms samples, then the coarse tiers' 30 s points
+        let rows: Vec<MetricRow> = (0..25)
+            .map(|i| row(i * 500))
+            .chain([row(40_000), row(70_000)])
+            .collect();
+        let kept: Vec<i64> = thin(rows, 5_000).iter().map(|p| p.at_ms).collect();
+        assert_eq!(kept, [0, 5_000, 10_000, 40_000, 70_000]);
     }
 
     #[test]

@@ -671,11 +671,16 @@ fn metric_json(c: &CapsuleRow, p: &MetricRow) -> Value {
     })
 }
 
-/// A sandbox's samples: the agent's while it runs, the saved ones when
-/// paused.
+/// What E2B shows every: its metrics are collected every 5 s.
+const E2B_METRIC_STEP_MS: i64 = 5_000;
+
+/// A sandbox's samples, one per 5 s as E2B's: the agent's while it runs,
+/// the saved ones when paused.
 async fn samples(cp: &Cp, c: &CapsuleRow) -> E2bResult<Vec<MetricRow>> {
+    use crate::api::stats::thin;
     if c.status != Status::Running {
-        return Ok(cp.db.saved_metrics(&c.id, 0).await?);
+        let saved = cp.db.saved_metrics(&c.id, 0).await?;
+        return Ok(thin(saved, E2B_METRIC_STEP_MS));
     }
     let host = crate::api::host_of(cp, c)?;
     let m = host
@@ -685,7 +690,10 @@ async fn samples(cp: &Cp, c: &CapsuleRow) -> E2bResult<Vec<MetricRow>> {
         .map_err(|e| E2bError::from(crate::error::ApiError::agent(&e)))?
         .into_owned();
     let all = crate::api::stats::history_for(&m, i64::MAX);
-    Ok(crate::api::stats::points(&all, c.vcpus))
+    Ok(thin(
+        crate::api::stats::points(&all, c.vcpus),
+        E2B_METRIC_STEP_MS,
+    ))
 }
 
 /// `GET /sandboxes/{id}/metrics?start=&end=` (Unix seconds).
