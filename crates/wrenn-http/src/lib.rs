@@ -28,5 +28,5 @@ pub use client::{
 pub use pair::Pair;
 pub use server::{
     bulk_runtime, serve, thread_nice, Answer, BulkClass, Classify, Front, ServerConfig, BULK_NICE,
-    DRAIN_LIMIT, DRAIN_TIME,
+    DRAIN_LIMIT,
 };

@@ -540,7 +540,7 @@ impl Drop for InFlight {
 /// What is read of a request body its handler dropped unread, at most.
 pub const DRAIN_LIMIT: u64 = 1 << 20;
 /// How long such a body is read.
-pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 /// Whether a request's body was read to its end (or had none).
 #[derive(Clone)]

@@ -101,14 +101,15 @@ pub(crate) fn points(
 }
 
 /// Every point at least `step` ms after the previous one kept (E2B shows a
-/// point every 5 s; the agent samples every 500 ms).
-pub(crate) fn thin(rows: Vec<MetricRow>, step: i64) -> Vec<MetricRow> {
+/// point every 5 s; the agent samples every 500 ms). Thinned before
+/// [`points`], a point's CPU % is the mean over the step it ends.
+pub(crate) fn thin<T>(v: Vec<T>, step: i64, at_ms: impl Fn(&T) -> i64) -> Vec<T> {
     let mut last = i64::MIN;
-    rows.into_iter()
+    v.into_iter()
         .filter(|p| {
-            let keep = p.at_ms.saturating_sub(last) >= step;
+            let keep = at_ms(p).saturating_sub(last) >= step;
             if keep {
-                last = p.at_ms;
+                last = at_ms(p);
             }
             keep
         })
@@ -442,7 +443,10 @@ mod tests {
             .map(|i| row(i * 500))
             .chain([row(40_000), row(70_000)])
             .collect();
-        let kept: Vec<i64> = thin(rows, 5_000).iter().map(|p| p.at_ms).collect();
+        let kept: Vec<i64> = thin(rows, 5_000, |p| p.at_ms)
+            .iter()
+            .map(|p| p.at_ms)
+            .collect();
         assert_eq!(kept, [0, 5_000, 10_000, 40_000, 70_000]);
     }
 

@@ -680,7 +680,7 @@ async fn samples(cp: &Cp, c: &CapsuleRow) -> E2bResult<Vec<MetricRow>> {
     use crate::api::stats::thin;
     if c.status != Status::Running {
         let saved = cp.db.saved_metrics(&c.id, 0).await?;
-        return Ok(thin(saved, E2B_METRIC_STEP_MS));
+        return Ok(thin(saved, E2B_METRIC_STEP_MS, |p| p.at_ms));
     }
     let host = crate::api::host_of(cp, c)?;
     let m = host
@@ -689,11 +689,13 @@ async fn samples(cp: &Cp, c: &CapsuleRow) -> E2bResult<Vec<MetricRow>> {
         .await
         .map_err(|e| E2bError::from(crate::error::ApiError::agent(&e)))?
         .into_owned();
-    let all = crate::api::stats::history_for(&m, i64::MAX);
-    Ok(thin(
-        crate::api::stats::points(&all, c.vcpus),
+    // thinned before the CPU % is taken, so that it is the mean of each 5 s
+    let all = thin(
+        crate::api::stats::history_for(&m, i64::MAX),
         E2B_METRIC_STEP_MS,
-    ))
+        |p| p.at_ms,
+    );
+    Ok(crate::api::stats::points(&all, c.vcpus))
 }
 
 /// `GET /sandboxes/{id}/metrics?start=&end=` (Unix seconds).
