@@ -32,6 +32,17 @@ pub fn load_or_create(data_dir: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
+fn matches(presented: &http::HeaderValue, token: &str) -> bool {
+    bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
+}
+
+/// Whether `headers` carry `token` (for handlers in front of [`require`]).
+pub fn presents(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get(AGENT_TOKEN_HEADER)
+        .is_some_and(|v| matches(v, token))
+}
+
 /// Middleware: pass requests that carry `token` (minus the header) and
 /// `/health`; answer the rest 401 in Connect's error shape, which RPC
 /// clients read as `unauthenticated` and anyone else can read too.
@@ -40,8 +51,7 @@ pub async fn require(State(token): State<Arc<str>>, mut req: Request, next: Next
     if req.uri().path() == "/health" {
         return next.run(req).await;
     }
-    let ok = presented.is_some_and(|v| bool::from(v.as_bytes().ct_eq(token.as_bytes())));
-    if ok {
+    if presented.is_some_and(|v| matches(&v, &token)) {
         return next.run(req).await;
     }
     (

@@ -113,7 +113,12 @@ impl PortProxy {
         Ok(route)
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request) -> Response {
+    /// Relay a `/proxy/…` request; plain ones over `pair` when it is free.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request,
+        pair: Option<Arc<wrenn_http::Pair>>,
+    ) -> Response {
         let path = req.uri().path().to_owned();
         let Some(t) = parse_target(&path) else {
             return plain(StatusCode::NOT_FOUND, "not a proxy path");
@@ -144,7 +149,7 @@ impl PortProxy {
         if is_upgrade(req.headers()) {
             return self.tunnel(req, route, &path_and_query).await;
         }
-        self.forward(req, route, &path_and_query, true, None).await
+        self.forward(req, route, &path_and_query, true, pair).await
     }
 
     /// Relay a plain request (over `pair` when it is free); `prefixed`:
@@ -237,7 +242,7 @@ pub fn is_bulk(path: &str, _headers: &HeaderMap) -> bool {
 /// `wrenn up`'s control plane calls its agent's proxy directly.
 impl wrenn_http::relay::LocalProxy for PortProxy {
     fn serve(self: Arc<Self>, req: Request) -> wrenn_http::Answer {
-        Box::pin(self.handle(req))
+        Box::pin(self.handle(req, None))
     }
 
     fn serve_port(
@@ -259,5 +264,35 @@ impl wrenn_http::relay::LocalProxy for PortProxy {
 
 /// The axum handler (state: the proxy).
 pub async fn handler(State(proxy): State<Arc<PortProxy>>, req: Request) -> Response {
-    proxy.handle(req).await
+    proxy.handle(req, None).await
+}
+
+/// The agent listener's hot path, in front of its router: a plain
+/// `/proxy/…` request that carries the agent's token goes straight to the
+/// proxy, over the client connection's own upstream connection (as the
+/// control plane's subdomain proxy does, see [`wrenn_http::Pair`]),
+/// sparing the router and its middleware. Everything else — upgrades, and
+/// requests without the right token, which the router's middleware
+/// refuses — is handed back.
+#[derive(Debug)]
+pub struct FastLane {
+    pub proxy: Arc<PortProxy>,
+    pub token: Arc<str>,
+}
+
+impl wrenn_http::Front for FastLane {
+    fn take(
+        &self,
+        mut req: Request,
+        pair: &Arc<wrenn_http::Pair>,
+    ) -> Result<wrenn_http::Answer, Request> {
+        if !req.uri().path().starts_with("/proxy/")
+            || is_upgrade(req.headers())
+            || !crate::auth::presents(req.headers(), &self.token)
+        {
+            return Err(req);
+        }
+        req.headers_mut().remove(crate::auth::AGENT_TOKEN_HEADER);
+        Ok(Box::pin(self.proxy.clone().handle(req, Some(pair.clone()))))
+    }
 }

@@ -86,6 +86,10 @@ impl AgentServer {
             wrenn_http::ServerConfig {
                 bulk: Some(wrenn_http::BulkClass::new(proxy::is_bulk)),
                 tls,
+                front: Some(Arc::new(proxy::FastLane {
+                    proxy: proxy.clone(),
+                    token: agent.token().clone(),
+                })),
                 ..Default::default()
             },
             shutdown,

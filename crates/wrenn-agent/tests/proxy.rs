@@ -55,6 +55,23 @@ while True:
     threading.Thread(target=handle, args=(c,), daemon=True).start()
 "#;
 
+/// Answers every GET with its peer's port and the agent token it saw.
+const WHO: &str = r#"
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+class Who(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_GET(self):
+        seen = self.headers.get('X-Wrenn-Agent-Token', '-')
+        body = ('%d %s' % (self.client_address[1], seen)).encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(('0.0.0.0', 8010), Who).serve_forever()
+"#;
+
 struct Served {
     t: TestAgent,
     addr: SocketAddr,
@@ -109,11 +126,25 @@ impl Served {
 
     async fn get(&self, path: &str) -> (u16, http::HeaderMap, String) {
         let client = wrenn_http::client(wrenn_http::HttpVersion::Http1);
-        let req = http::Request::get(format!("http://{}{path}", self.addr))
-            .header(
+        self.get_on(&client, path, true).await
+    }
+
+    /// `path` through `client` (its pool keeps its connection), with the
+    /// agent's token if `token`.
+    async fn get_on(
+        &self,
+        client: &wrenn_http::HttpClient,
+        path: &str,
+        token: bool,
+    ) -> (u16, http::HeaderMap, String) {
+        let mut req = http::Request::get(format!("http://{}{path}", self.addr));
+        if token {
+            req = req.header(
                 wrenn_agent::auth::AGENT_TOKEN_HEADER,
                 &*self.t.agent.token().to_string(),
-            )
+            );
+        }
+        let req = req
             .body(
                 Empty::<Bytes>::new()
                     .map_err(|never| match never {})
@@ -247,6 +278,30 @@ async fn the_port_proxy_end_to_end() {
     // nothing listens: 502 after the retries, never 404
     let (status, _, body) = s.get(&format!("/proxy/{id}/9999/")).await;
     assert_eq!(status, 502, "{body}");
+
+    // each client connection has its own upstream connection (its pair):
+    // through a shared pool, b's request would take a's idle one; and the
+    // agent's token goes no further than the agent
+    envd.envd()
+        .write_file("/srv/who.py", Bytes::from_static(WHO.as_bytes()))
+        .await
+        .unwrap();
+    s.t.spawn(&id, "who", "exec python3 /srv/who.py").await;
+    let who = format!("/proxy/{id}/8010/");
+    let (a, b) = (
+        wrenn_http::client(wrenn_http::HttpVersion::Http1),
+        wrenn_http::client(wrenn_http::HttpVersion::Http1),
+    );
+    let (status, _, a1) = s.get_on(&a, &who, true).await;
+    assert_eq!(status, 200, "{a1}");
+    let (_, _, b1) = s.get_on(&b, &who, true).await;
+    let (_, _, a2) = s.get_on(&a, &who, true).await;
+    assert!(a1.ends_with(" -"), "the token was forwarded: {a1}");
+    assert_eq!(a1, a2, "a client connection keeps its upstream connection");
+    assert_ne!(a1, b1, "another client connection has its own");
+    // without the token: refused, not proxied
+    let (status, _, body) = s.get_on(&a, &who, false).await;
+    assert_eq!(status, 401, "{body}");
 
     // WebSocket echo through the tunnel
     s.t.spawn(&id, "ws", "exec python3 /srv/ws.py").await;
