@@ -17,6 +17,11 @@
 //!   CPUs busy (four shell loops, 2 vCPUs), with envd at its priority
 //!   (nice 5 below the agent) and, interleaved in blocks, at the agent's
 //!   nice value: what envd's lead over its workloads buys.
+//! - `network`: a slot's network as the agent builds it (rtnetlink
+//!   in-process, then one `tc`), against the same steps through iproute2
+//!   processes (`ip netns add`, `ip -batch`, `ip -n … -batch`, the same
+//!   `tc`), as the agent took them before: one slot at a time,
+//!   interleaved, then bursts of N slots on N threads at once, in turns.
 //! - `pause`: pause and resume p50.
 //! - `idle`: memory per idle capsule (what its cgroup is charged: envd and
 //!   the kernel objects it owns; the agent's RSS; the host's
@@ -40,6 +45,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use envd_client::ExecRequest;
 use wrenn_agent::config::WarmPool;
+use wrenn_agent::network::{self, NetworkConfig, Slot};
 use wrenn_agent::{Agent, AgentConfig, CreateRequest};
 use wrenn_types::ids::CapsuleId;
 
@@ -335,6 +341,9 @@ fn main() -> Result<()> {
         let busy_ratio = ms(pct(&boosted, 0.5)) / ms(pct(&level, 0.5));
         println!("  envd ahead / level p50 ratio: {busy_ratio:.2}×");
 
+        // a slot's network: in-process against iproute2 processes
+        let net = net_setup(&cfg.network, o.iterations, o.concurrent.min(20) as u32)?;
+
         // pause / resume
         let req = request("busybox");
         let id = req.id.clone();
@@ -430,12 +439,153 @@ fn main() -> Result<()> {
             "sampler_round_p50_ms": ms(pct(&cached, 0.5)),
             "sampler_round_over_walked": sampler_ratio,
         }));
+        json.push(net);
         anyhow::Ok(())
     })?;
     for j in json {
         println!("{j}");
     }
     Ok(())
+}
+
+/// How a slot's network is set up in [`net_setup`].
+#[derive(Clone, Copy)]
+enum Plumbing {
+    /// What the agent does: `network::create`.
+    Agent,
+    /// The same through `ip` processes, then the agent's `tc` step.
+    Iproute2,
+}
+
+fn plumb(how: Plumbing, cfg: &NetworkConfig, slot: &Slot) -> Result<()> {
+    match how {
+        Plumbing::Agent => network::create(cfg, slot)?,
+        Plumbing::Iproute2 => {
+            let ip = |args: &[&str], stdin: String| {
+                wrenn_agent::cmd::run("ip", args, Some(stdin.as_bytes())).map(drop)
+            };
+            let (ns, veth) = (slot.netns.as_str(), slot.veth.as_str());
+            ip(&["netns", "add", ns], String::new())?;
+            ip(
+                &["-batch", "-"],
+                format!(
+                    "link add {veth} txqueuelen 5000 type veth peer name eth0 netns {ns}\n\
+                     addr add {}/30 dev {veth}\nlink set {veth} up\n",
+                    slot.host_ip
+                ),
+            )?;
+            ip(
+                &["-n", ns, "-batch", "-"],
+                format!(
+                    "link set lo up\nlink set eth0 txqueuelen 5000\n\
+                     addr add {}/30 dev eth0\nlink set eth0 up\n\
+                     route add default via {}\n",
+                    slot.capsule_ip, slot.host_ip
+                ),
+            )?;
+            network::shape(cfg, slot)?;
+        }
+    }
+    Ok(())
+}
+
+/// Set up and tear down slots `0..n` on `n` threads at once: each thread's
+/// setup time, and the wall time of the whole burst.
+fn net_burst(how: Plumbing, cfg: &NetworkConfig, n: u32) -> Result<(Vec<Duration>, Duration)> {
+    let started = Instant::now();
+    let times = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || {
+                    let slot = Slot::new(&cfg.instance, i, &cfg.pool);
+                    let t = Instant::now();
+                    let made = plumb(how, cfg, &slot).map(|()| t.elapsed());
+                    network::destroy(&slot)?;
+                    made
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("no panic"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    Ok((times, started.elapsed()))
+}
+
+/// A slot's network, the agent's way against iproute2's: `n` serial
+/// setups each way interleaved, then `rounds` bursts of `burst` slots at
+/// once each way, in turns (untimed teardown after each).
+fn net_setup(agent_net: &NetworkConfig, n: usize, burst: u32) -> Result<serde_json::Value> {
+    let cfg = NetworkConfig {
+        instance: "wbnet".into(),
+        pool: "10.234.0.0/16".parse().expect("valid"),
+        ..agent_net.clone()
+    };
+    let _swept = SweepSlots(cfg.clone());
+    let (mut ours, mut ip) = (Vec::new(), Vec::new());
+    let slot = Slot::new(&cfg.instance, 0, &cfg.pool);
+    for _ in 0..n {
+        for (how, into) in [(Plumbing::Agent, &mut ours), (Plumbing::Iproute2, &mut ip)] {
+            let t = Instant::now();
+            plumb(how, &cfg, &slot)?;
+            into.push(t.elapsed());
+            network::destroy(&slot)?;
+        }
+    }
+    line("network slot, in-process (agent)", &ours);
+    line("network slot, ip processes", &ip);
+    let serial_ratio = ms(pct(&ours, 0.5)) / ms(pct(&ip, 0.5));
+    println!("  in-process / ip p50: {serial_ratio:.2}×");
+    let (mut ours_b, mut ip_b, mut ours_wall, mut ip_wall) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let rounds = n.div_ceil(10).max(1);
+    for _ in 0..rounds {
+        let (t, w) = net_burst(Plumbing::Agent, &cfg, burst)?;
+        ours_b.extend(t);
+        ours_wall.push(w);
+        let (t, w) = net_burst(Plumbing::Iproute2, &cfg, burst)?;
+        ip_b.extend(t);
+        ip_wall.push(w);
+    }
+    line(
+        &format!("network slots, {burst} at once, in-process"),
+        &ours_b,
+    );
+    line(
+        &format!("network slots, {burst} at once, ip processes"),
+        &ip_b,
+    );
+    let burst_ratio = ms(pct(&ours_b, 0.95)) / ms(pct(&ip_b, 0.95));
+    println!(
+        "  in-process / ip burst p95: {burst_ratio:.2}×; a burst with teardown, p50 {:.0} against {:.0} ms",
+        ms(pct(&ours_wall, 0.5)),
+        ms(pct(&ip_wall, 0.5))
+    );
+    Ok(serde_json::json!({
+        "bench": "network_slot",
+        "in_process_p50_ms": ms(pct(&ours, 0.5)),
+        "iproute2_p50_ms": ms(pct(&ip, 0.5)),
+        "in_process_over_iproute2": serial_ratio,
+        "burst": burst,
+        "burst_in_process_p95_ms": ms(pct(&ours_b, 0.95)),
+        "burst_iproute2_p95_ms": ms(pct(&ip_b, 0.95)),
+        "burst_in_process_over_iproute2": burst_ratio,
+    }))
+}
+
+/// Tears down what [`net_setup`] may leave when it fails half-way.
+struct SweepSlots(NetworkConfig);
+
+impl Drop for SweepSlots {
+    fn drop(&mut self) {
+        for (i, _) in network::list_netns(&self.0.instance) {
+            let _ = network::destroy(&Slot::new(&self.0.instance, i, &self.0.pool));
+        }
+        for (i, _) in network::list_links(&self.0.instance) {
+            let _ = network::destroy(&Slot::new(&self.0.instance, i, &self.0.pool));
+        }
+    }
 }
 
 /// `n` execs of `true` each way in a capsule running four busy loops: with

@@ -6,18 +6,22 @@
 //! Names derive from the agent's instance name and the capsule's slot
 //! (`{instance}-{slot}` for both the netns and the host-side veth, which
 //! stays under the kernel's 15-byte limit), so resources left behind by a
-//! crash can be recognised and swept. Everything here is synchronous and
-//! shells out to iproute2 and nftables; callers run it on blocking threads.
+//! crash can be recognised and swept. Everything here is synchronous:
+//! namespaces, links, addresses and routes over rtnetlink in-process
+//! ([`netlink`]), shaping and the firewall through `tc` and `nft`; callers
+//! run it on blocking threads.
 
+mod netlink;
 mod nft;
 mod pool;
 
 use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cmd::{self, CmdError};
+use crate::cmd;
 
 pub use nft::Firewall;
 pub use pool::{Pool, PoolError};
@@ -60,9 +64,10 @@ impl Slot {
         }
     }
 
-    /// Where iproute2 keeps the named namespace (handed to the runtime).
+    /// Where the named namespace is mounted, as iproute2 keeps it (handed
+    /// to the runtime).
     pub fn netns_path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.netns)
+        netlink::netns_path(&self.netns)
     }
 }
 
@@ -74,50 +79,51 @@ pub enum NetError {
         step: &'static str,
         name: String,
         #[source]
-        source: CmdError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
-fn step<'a>(step: &'static str, name: &'a str) -> impl FnOnce(CmdError) -> NetError + 'a {
+fn step<'a, E: std::error::Error + Send + Sync + 'static>(
+    step: &'static str,
+    name: &'a str,
+) -> impl FnOnce(E) -> NetError + 'a {
     move |source| NetError::Step {
         step,
         name: name.to_owned(),
-        source,
+        source: Box::new(source),
     }
 }
 
 /// Create the namespace and the veth pair, address both ends, route the
 /// capsule through the host end and shape its egress.
 pub fn create(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
-    let plen = 30;
-    cmd::run("ip", ["netns", "add", &slot.netns], None)
-        .map_err(step("create netns", &slot.netns))?;
-    let host = format!(
-        "link add {veth} txqueuelen 5000 type veth peer name eth0 netns {ns}\n\
-         addr add {hip}/{plen} dev {veth}\n\
-         link set {veth} up\n",
-        veth = slot.veth,
-        ns = slot.netns,
-        hip = slot.host_ip,
-    );
-    cmd::run("ip", ["-batch", "-"], Some(host.as_bytes()))
-        .map_err(step("create veth", &slot.veth))?;
-    let inside = format!(
-        "link set lo up\n\
-         link set eth0 txqueuelen 5000\n\
-         addr add {cip}/{plen} dev eth0\n\
-         link set eth0 up\n\
-         route add default via {hip}\n",
-        cip = slot.capsule_ip,
-        hip = slot.host_ip,
-    );
-    cmd::run(
-        "ip",
-        ["-n", &slot.netns, "-batch", "-"],
-        Some(inside.as_bytes()),
-    )
-    .map_err(step("configure eth0", &slot.netns))?;
-    // Shape the capsule's egress on eth0 with HTB (the agent sets it from
+    const PLEN: u8 = 30;
+    const TXQUEUELEN: u32 = 5000;
+    let (ns, mut inside) =
+        netlink::add_netns(&slot.netns).map_err(step("create netns", &slot.netns))?;
+    let host = || -> std::io::Result<()> {
+        let mut rtnl = netlink::Rtnl::open()?;
+        rtnl.add_veth(&slot.veth, "eth0", ns.as_fd(), TXQUEUELEN)?;
+        let veth = rtnl.link_index(&slot.veth)?;
+        rtnl.add_address(veth, slot.host_ip, PLEN)?;
+        rtnl.set_up(veth)
+    };
+    host().map_err(step("create veth", &slot.veth))?;
+    let mut capsule = || -> std::io::Result<()> {
+        let lo = inside.link_index("lo")?;
+        inside.set_up(lo)?;
+        let eth0 = inside.link_index("eth0")?;
+        inside.add_address(eth0, slot.capsule_ip, PLEN)?;
+        inside.set_up(eth0)?;
+        inside.add_default_route(slot.host_ip)
+    };
+    capsule().map_err(step("configure eth0", &slot.netns))?;
+    shape(cfg, slot)
+}
+
+/// Shape the egress of `slot`'s eth0 (the last step of [`create`]).
+pub fn shape(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
+    // The capsule's egress is shaped on eth0 with HTB (the agent sets it from
     // outside; without CAP_NET_ADMIN the workload cannot change it). One
     // class holds the whole budget; under it, envd's answers to the agent
     // (source port 49983 to the host's address) have the first claim, so
@@ -127,11 +133,11 @@ pub fn create(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
     // would need act_police, which kernels built without
     // CONFIG_NET_ACT_POLICE lack, and without sch_prio — this machine's —
     // HTB is the classful qdisc there is.)
-    let shape = shaping_script(cfg.egress_rate, cfg.egress_burst, slot.host_ip);
+    let script = shaping_script(cfg.egress_rate, cfg.egress_burst, slot.host_ip);
     cmd::run(
         "tc",
         ["-n", &slot.netns, "-batch", "-"],
-        Some(shape.as_bytes()),
+        Some(script.as_bytes()),
     )
     .map_err(step("shape egress", &slot.netns))?;
     Ok(())
@@ -191,18 +197,14 @@ pub fn attach_tap(slot: &Slot) -> Result<(), NetError> {
 /// then the host end in case the namespace was already gone. Missing
 /// pieces are not errors: teardown must be repeatable.
 pub fn destroy(slot: &Slot) -> Result<(), NetError> {
-    if slot.netns_path().exists() {
-        cmd::run("ip", ["netns", "delete", &slot.netns], None)
-            .map_err(step("delete netns", &slot.netns))?;
-    }
+    netlink::delete_netns(&slot.netns).map_err(step("delete netns", &slot.netns))?;
     if link_exists(&slot.veth) {
         // Deleting the netns destroys the pair asynchronously: the link may
-        // vanish between the check and the delete, which is what we wanted.
-        if let Err(e) = cmd::run("ip", ["link", "delete", &slot.veth], None) {
-            if link_exists(&slot.veth) {
-                return Err(step("delete veth", &slot.veth)(e));
-            }
-        }
+        // vanish between the check and the delete, which is what we wanted
+        // (and `delete_link` takes a link that is gone as deleted).
+        netlink::Rtnl::open()
+            .and_then(|mut rtnl| rtnl.delete_link(&slot.veth))
+            .map_err(step("delete veth", &slot.veth))?;
     }
     Ok(())
 }
@@ -214,7 +216,7 @@ fn link_exists(name: &str) -> bool {
 /// Namespaces named like this instance's slots (for sweeping leftovers).
 pub fn list_netns(instance: &str) -> Vec<(u32, String)> {
     let prefix = format!("{instance}-");
-    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+    let Ok(dir) = std::fs::read_dir(netlink::NETNS_DIR) else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok())

@@ -133,10 +133,6 @@ impl Firewall {
     fn apply(&self, script: &str, step: &'static str) -> Result<(), NetError> {
         cmd::run("nft", ["-f", "-"], Some(script.as_bytes()))
             .map(|_| ())
-            .map_err(|source| NetError::Step {
-                step,
-                name: self.table.clone(),
-                source,
-            })
+            .map_err(super::step(step, &self.table))
     }
 }

@@ -1,0 +1,137 @@
+//! A capsule's network as `network::create` builds it in-process over
+//! rtnetlink, read back with iproute2 (what an operator would look at),
+//! used for a real connection, and undone by `network::destroy`.
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+use wrenn_agent::network::{self, Slot};
+
+fn ip(args: &[&str]) -> Value {
+    let out = Command::new("ip").arg("-j").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The one link `ip -j [-n ns] addr show dev` names.
+fn link(ns: Option<&str>, dev: &str) -> Value {
+    let mut args = Vec::new();
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["addr", "show", "dev", dev]);
+    ip(&args)[0].clone()
+}
+
+fn is_up(link: &Value) -> bool {
+    link["flags"].as_array().unwrap().iter().any(|f| f == "UP")
+}
+
+fn inet(link: &Value) -> Vec<(String, u64)> {
+    link["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["family"] == "inet")
+        .map(|a| {
+            (
+                a["local"].as_str().unwrap().to_owned(),
+                a["prefixlen"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn mounted(path: &std::path::Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = path.display().to_string();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+/// Undoes the slot if the test fails half-way.
+struct Undo(Slot);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = network::destroy(&self.0);
+    }
+}
+
+#[test]
+fn a_slot_is_built_as_iproute2_shows_it_and_undone() {
+    let data = tempfile::tempdir().unwrap();
+    let cfg = common::test_config(data.path()).network;
+    let slot = Slot::new(&cfg.instance, 2, &cfg.pool);
+    let undo = Undo(slot.clone());
+    network::create(&cfg, &slot).unwrap();
+
+    // the namespace is a named one, where `ip netns` and runtimes look
+    let ns = slot.netns.as_str();
+    assert!(mounted(&slot.netns_path()), "{:?}", slot.netns_path());
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(ns));
+
+    // host end: address, up, queue length
+    let host = link(None, &slot.veth);
+    assert!(is_up(&host), "{host}");
+    assert_eq!(host["txqlen"], 5000, "{host}");
+    assert_eq!(inet(&host), [(slot.host_ip.to_string(), 30)]);
+
+    // capsule end: eth0 addressed and up, lo up, the default route via the host
+    let eth0 = link(Some(ns), "eth0");
+    assert!(is_up(&eth0), "{eth0}");
+    assert_eq!(eth0["txqlen"], 5000, "{eth0}");
+    assert_eq!(inet(&eth0), [(slot.capsule_ip.to_string(), 30)]);
+    assert!(is_up(&link(Some(ns), "lo")));
+    let routes = ip(&["-n", ns, "route", "show", "default"]);
+    assert_eq!(routes.as_array().unwrap().len(), 1, "{routes}");
+    assert_eq!(routes[0]["gateway"], slot.host_ip.to_string(), "{routes}");
+    assert_eq!(routes[0]["dev"], "eth0", "{routes}");
+    // shaping is still tc's, on eth0
+    let qdisc = Command::new("tc")
+        .args(["-n", ns, "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&qdisc.stdout).contains("htb"));
+
+    // and it carries a connection from the capsule side to the host end
+    let listener = std::net::TcpListener::bind((slot.host_ip, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connect = format!(
+        "import socket; s = socket.create_connection(('{}', {port}), timeout=5); s.sendall(b'hi')",
+        slot.host_ip
+    );
+    let client = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &connect])
+        .spawn()
+        .unwrap();
+    let (mut conn, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(slot.capsule_ip));
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut got).unwrap();
+    assert_eq!(got, "hi");
+    assert!(client.wait_with_output().unwrap().status.success());
+
+    // a slot that is taken is refused, and the refusal takes nothing down
+    let err = network::create(&cfg, &slot).unwrap_err();
+    assert!(err.to_string().contains("create netns"), "{err}");
+    assert!(std::error::Error::source(&err)
+        .unwrap()
+        .to_string()
+        .contains("exists"));
+    assert_eq!(
+        inet(&link(Some(ns), "eth0")),
+        [(slot.capsule_ip.to_string(), 30)]
+    );
+
+    // destroy undoes it all, and again is no error
+    network::destroy(&slot).unwrap();
+    assert!(!slot.netns_path().exists());
+    assert!(!mounted(&slot.netns_path()));
+    assert_eq!(network::list_links(&cfg.instance), []);
+    network::destroy(&slot).unwrap();
+    drop(undo);
+}
