@@ -18,9 +18,9 @@
 //!   (nice 5 below the agent) and, interleaved in blocks, at the agent's
 //!   nice value: what envd's lead over its workloads buys.
 //! - `network`: a slot's network as the agent builds it (rtnetlink
-//!   in-process, then one `tc`), against the same steps through iproute2
-//!   processes (`ip netns add`, `ip -batch`, `ip -n … -batch`, the same
-//!   `tc`), as the agent took them before: one slot at a time,
+//!   in-process, shaping included), against the same steps through
+//!   iproute2 processes (`ip netns add`, `ip -batch`, `ip -n … -batch`,
+//!   `tc -n … -batch`), as the agent took them before: one slot at a time,
 //!   interleaved, then bursts of N slots on N threads at once, in turns.
 //! - `pause`: pause and resume p50.
 //! - `idle`: memory per idle capsule (what its cgroup is charged: envd and
@@ -453,7 +453,7 @@ fn main() -> Result<()> {
 enum Plumbing {
     /// What the agent does: `network::create`.
     Agent,
-    /// The same through `ip` processes, then the agent's `tc` step.
+    /// The same through `ip` and `tc` processes, as the agent did before.
     Iproute2,
 }
 
@@ -483,7 +483,12 @@ fn plumb(how: Plumbing, cfg: &NetworkConfig, slot: &Slot) -> Result<()> {
                     slot.capsule_ip, slot.host_ip
                 ),
             )?;
-            network::shape(cfg, slot)?;
+            let shaping = network::Shaping::new(cfg.egress_rate, cfg.egress_burst, slot.host_ip);
+            wrenn_agent::cmd::run(
+                "tc",
+                ["-n", ns, "-batch", "-"],
+                Some(shaping.tc_script().as_bytes()),
+            )?;
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::process::Command;
 
 use serde_json::Value;
@@ -44,11 +45,80 @@ fn inet(link: &Value) -> Vec<(String, u64)> {
         .collect()
 }
 
+fn sh(script: &str) {
+    let out = Command::new("sh").args(["-c", script]).output().unwrap();
+    assert!(out.status.success(), "{script}: {out:?}");
+}
+
+/// `tc -d {what} show dev eth0` in `ns`, lines sorted, the qdisc's
+/// reference count (which the namespace's other users move) left out.
+fn tc_show(ns: &str, what: &str) -> String {
+    let out = Command::new("tc")
+        .args(["-n", ns, "-d", what, "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let mut kept = Vec::new();
+            let mut skip = false;
+            for w in words {
+                if skip {
+                    skip = false;
+                } else if w == "refcnt" {
+                    skip = true;
+                } else {
+                    kept.push(w);
+                }
+            }
+            kept.join(" ")
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
 fn mounted(path: &std::path::Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let p = path.display().to_string();
     info.lines()
         .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+/// `slot`'s shaping against what `tc` makes of the same plan in a
+/// reference namespace (slot `reference` of the pool).
+fn shaped_like_tc(cfg: &network::NetworkConfig, slot: &Slot, reference: u32) {
+    let reference = Slot::new(&cfg.instance, reference, &cfg.pool);
+    let _undo = Undo(reference.clone());
+    let shaping = network::Shaping::new(cfg.egress_rate, cfg.egress_burst, slot.host_ip);
+    let rns = reference.netns.as_str();
+    sh(&format!(
+        "set -e; ip netns add {rns}; ip link add {v} type veth peer name eth0 netns {rns}; \
+         ip -n {rns} link set eth0 txqueuelen 5000 up; ip -n {rns} link set lo up",
+        v = reference.veth
+    ));
+    let mut tc = Command::new("tc")
+        .args(["-n", rns, "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tc.stdin
+        .take()
+        .unwrap()
+        .write_all(shaping.tc_script().as_bytes())
+        .unwrap();
+    assert!(tc.wait().unwrap().success(), "{}", shaping.tc_script());
+    for what in ["qdisc", "class", "filter"] {
+        let ours = tc_show(&slot.netns, what);
+        assert!(
+            ours.contains("htb") || ours.contains("u32"),
+            "{what}: {ours}"
+        );
+        assert_eq!(ours, tc_show(rns, what), "{what}");
+    }
 }
 
 /// Undoes the slot if the test fails half-way.
@@ -90,12 +160,18 @@ fn a_slot_is_built_as_iproute2_shows_it_and_undone() {
     assert_eq!(routes.as_array().unwrap().len(), 1, "{routes}");
     assert_eq!(routes[0]["gateway"], slot.host_ip.to_string(), "{routes}");
     assert_eq!(routes[0]["dev"], "eth0", "{routes}");
-    // shaping is still tc's, on eth0
-    let qdisc = Command::new("tc")
-        .args(["-n", ns, "qdisc", "show", "dev", "eth0"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&qdisc.stdout).contains("htb"));
+    // shaping: the same qdisc, classes and filter as `tc` makes of the
+    // same plan; also at a rate past 32 bits of bytes per second
+    shaped_like_tc(&cfg, &slot, 3);
+    let fast = network::NetworkConfig {
+        egress_rate: 5_000_000_000,
+        ..cfg.clone()
+    };
+    let fast_slot = Slot::new(&cfg.instance, 4, &cfg.pool);
+    let _undo_fast = Undo(fast_slot.clone());
+    network::create(&fast, &fast_slot).unwrap();
+    shaped_like_tc(&fast, &fast_slot, 5);
+    network::destroy(&fast_slot).unwrap();
 
     // and it carries a connection from the capsule side to the host end
     let listener = std::net::TcpListener::bind((slot.host_ip, 0)).unwrap();

@@ -7,9 +7,9 @@
 //! (`{instance}-{slot}` for both the netns and the host-side veth, which
 //! stays under the kernel's 15-byte limit), so resources left behind by a
 //! crash can be recognised and swept. Everything here is synchronous:
-//! namespaces, links, addresses and routes over rtnetlink in-process
-//! ([`netlink`]), shaping and the firewall through `tc` and `nft`; callers
-//! run it on blocking threads.
+//! namespaces, links, addresses, routes and egress shaping over rtnetlink
+//! in-process ([`netlink`]), the firewall through `nft`; callers run it on
+//! blocking threads.
 
 mod netlink;
 mod nft;
@@ -19,7 +19,9 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
+use netlink_packet_route::tc::TcHandle;
 use serde::{Deserialize, Serialize};
+use wrenn_types::envd::ENVD_PORT;
 
 use crate::cmd;
 
@@ -118,50 +120,107 @@ pub fn create(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
         inside.add_default_route(slot.host_ip)
     };
     capsule().map_err(step("configure eth0", &slot.netns))?;
-    shape(cfg, slot)
+    let shaping = Shaping::new(cfg.egress_rate, cfg.egress_burst, slot.host_ip);
+    inside
+        .link_index("eth0")
+        .and_then(|eth0| shaping.apply(&mut inside, eth0))
+        .map_err(step("shape egress", &slot.netns))
 }
 
-/// Shape the egress of `slot`'s eth0 (the last step of [`create`]).
-pub fn shape(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
-    // The capsule's egress is shaped on eth0 with HTB (the agent sets it from
-    // outside; without CAP_NET_ADMIN the workload cannot change it). One
-    // class holds the whole budget; under it, envd's answers to the agent
-    // (source port 49983 to the host's address) have the first claim, so
-    // a terminal's echo never waits behind the bulk backlog the shaper
-    // queues (a tbf here held it ~8 ms behind one saturating flow). Those
-    // answers count against the same budget. (Policing on the host end
-    // would need act_police, which kernels built without
-    // CONFIG_NET_ACT_POLICE lack, and without sch_prio — this machine's —
-    // HTB is the classful qdisc there is.)
-    let script = shaping_script(cfg.egress_rate, cfg.egress_burst, slot.host_ip);
-    cmd::run(
-        "tc",
-        ["-n", &slot.netns, "-batch", "-"],
-        Some(script.as_bytes()),
-    )
-    .map_err(step("shape egress", &slot.netns))?;
-    Ok(())
+/// How a capsule's egress is shaped, on its eth0, with HTB (set from
+/// outside: without CAP_NET_ADMIN the workload cannot change it). One
+/// class holds the whole budget (`rate` bytes/s sustained after `burst`
+/// bytes); under it, envd's answers to the agent (source port 49983 to
+/// the host end's address, matched by u32) have the first claim, so a
+/// terminal's echo never waits behind the bulk backlog the shaper queues
+/// (a tbf here held it ~8 ms behind one saturating flow); those answers
+/// count against the same budget. (Policing on the host end would need
+/// act_police, which kernels built without CONFIG_NET_ACT_POLICE lack,
+/// and without sch_prio — this machine's — HTB is the classful qdisc
+/// there is.)
+#[derive(Debug, Clone)]
+pub struct Shaping {
+    classes: [netlink::HtbClass; 3],
+    host: Ipv4Addr,
 }
 
-/// The `tc -batch` lines that shape a capsule's egress: `rate` bytes/s
-/// sustained after `burst` bytes, envd's answers to `host` first.
-fn shaping_script(rate: u64, burst: u64, host: std::net::Ipv4Addr) -> String {
-    let bits = rate * 8;
-    // envd's assured share; it borrows up to the whole rate before the rest
-    let envd = (bits / 100).max(8_000);
-    let rest = bits.saturating_sub(envd).max(8_000);
-    let port = wrenn_types::envd::ENVD_PORT;
-    format!(
-        "qdisc replace dev eth0 root handle 1: htb default 20\n\
-         class add dev eth0 parent 1: classid 1:1 htb rate {bits}bit ceil {bits}bit \
-           burst {burst} cburst {burst} quantum 60000\n\
-         class add dev eth0 parent 1:1 classid 1:10 htb rate {envd}bit ceil {bits}bit \
-           burst {burst} cburst {burst} prio 0 quantum 60000\n\
-         class add dev eth0 parent 1:1 classid 1:20 htb rate {rest}bit ceil {bits}bit \
-           burst {burst} cburst {burst} prio 1 quantum 60000\n\
-         filter add dev eth0 parent 1: protocol ip prio 1 u32 \
-           match ip sport {port} 0xffff match ip dst {host}/32 flowid 1:10\n"
-    )
+/// The qdisc's handle (`1:`).
+const HTB_ROOT: TcHandle = TcHandle { major: 1, minor: 0 };
+/// The class of everything but envd's answers (`1:20`, the default).
+const HTB_DEFAULT: u16 = 0x20;
+/// The class of envd's answers (`1:10`).
+const HTB_ENVD: u16 = 0x10;
+const HTB_QUANTUM: u32 = 60_000;
+
+impl Shaping {
+    pub fn new(rate: u64, burst: u64, host: Ipv4Addr) -> Shaping {
+        // envd's assured share; it borrows up to the whole rate before the rest
+        let envd = (rate / 100).max(1_000);
+        let rest = rate.saturating_sub(envd).max(1_000);
+        // every class may borrow up to the whole rate
+        let class = |parent, minor, assured, prio| netlink::HtbClass {
+            parent,
+            id: TcHandle { major: 1, minor },
+            rate: assured,
+            ceil: rate,
+            burst,
+            quantum: HTB_QUANTUM,
+            prio,
+        };
+        let top = TcHandle { major: 1, minor: 1 };
+        let classes = [
+            class(HTB_ROOT, 1, rate, 0),
+            class(top, HTB_ENVD, envd, 0),
+            class(top, HTB_DEFAULT, rest, 1),
+        ];
+        Shaping { classes, host }
+    }
+
+    /// Set it up on link `eth0` of `rtnl`'s namespace.
+    fn apply(&self, rtnl: &mut netlink::Rtnl, eth0: u32) -> std::io::Result<()> {
+        rtnl.htb_qdisc(eth0, HTB_ROOT, HTB_DEFAULT)?;
+        for c in &self.classes {
+            rtnl.htb_class(eth0, c)?;
+        }
+        let envd = TcHandle {
+            major: 1,
+            minor: HTB_ENVD,
+        };
+        rtnl.u32_filter(eth0, HTB_ROOT, 1, ENVD_PORT, self.host, envd)
+    }
+
+    /// The same as `tc -batch` lines for eth0 (what the agent ran before it
+    /// spoke netlink; the bench's baseline and the test's reference).
+    pub fn tc_script(&self) -> String {
+        let mut s = format!("qdisc replace dev eth0 root handle 1: htb default {HTB_DEFAULT:x}\n");
+        for c in &self.classes {
+            let prio = if c.parent == HTB_ROOT {
+                String::new()
+            } else {
+                format!(" prio {}", c.prio)
+            };
+            let parent = match c.parent.minor {
+                0 => format!("{:x}:", c.parent.major),
+                m => format!("{:x}:{m:x}", c.parent.major),
+            };
+            s.push_str(&format!(
+                "class add dev eth0 parent {parent} classid {:x}:{:x} htb rate {}bit ceil {}bit \
+                 burst {b} cburst {b}{prio} quantum {}\n",
+                c.id.major,
+                c.id.minor,
+                c.rate * 8,
+                c.ceil * 8,
+                c.quantum,
+                b = c.burst,
+            ));
+        }
+        s.push_str(&format!(
+            "filter add dev eth0 parent 1: protocol ip prio 1 u32 \
+             match ip sport {ENVD_PORT} 0xffff match ip dst {}/32 flowid 1:{HTB_ENVD:x}\n",
+            self.host
+        ));
+        s
+    }
 }
 
 /// The TAP device a VM capsule's VMM opens, in the capsule's namespace.

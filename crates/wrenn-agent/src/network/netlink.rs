@@ -12,6 +12,13 @@
 //! socket that configures the inside; a socket stays in the namespace it
 //! was made in, whichever thread uses it later.
 //!
+//! Egress shaping is spoken here too ([`Rtnl::htb_qdisc`],
+//! [`Rtnl::htb_class`], [`Rtnl::u32_filter`]): the route crate has u32
+//! filters but no HTB, whose two structs (`tc_htb_glob`, `tc_htb_opt`)
+//! are laid out here as the kernel's `pkt_sched.h` declares them, with
+//! rates in bytes per second and bursts in scheduler ticks as `tc`
+//! computes them; the test compares the result with what `tc` builds.
+//!
 //! Requests are synchronous (send, then read until the kernel's ack), as
 //! the rest of the network code is: callers are on blocking threads.
 
@@ -22,8 +29,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE,
-    NLM_F_EXCL, NLM_F_REQUEST,
+    DefaultNla, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK,
+    NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
@@ -31,6 +38,10 @@ use netlink_packet_route::link::{
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::tc::{
+    TcAttribute, TcFilterU32Option, TcHandle, TcMessage, TcOption, TcU32Key, TcU32Selector,
+    TcU32SelectorFlags,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -202,6 +213,152 @@ impl Rtnl {
     }
 }
 
+/// One HTB class: `rate` assured and up to `ceil` borrowed (bytes per
+/// second), `burst` bytes at line rate, and its priority among siblings.
+#[derive(Debug, Clone, Copy)]
+pub struct HtbClass {
+    pub parent: TcHandle,
+    pub id: TcHandle,
+    pub rate: u64,
+    pub ceil: u64,
+    pub burst: u64,
+    pub quantum: u32,
+    pub prio: u32,
+}
+
+// pkt_sched.h
+const TCA_HTB_PARMS: u16 = 1;
+const TCA_HTB_INIT: u16 = 2;
+const TCA_HTB_RATE64: u16 = 6;
+const TCA_HTB_CEIL64: u16 = 7;
+const TC_HTB_PROTOVER: u32 = 3;
+const TC_LINKLAYER_ETHERNET: u8 = 1;
+/// The kernel's scheduler tick (`PSCHED_SHIFT` = 6: 64 ns).
+const PSCHED_TICK_NS: u128 = 64;
+
+impl Rtnl {
+    fn tc(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+        self.call(msg, NLM_F_ACK | flags).map(drop)
+    }
+
+    /// `qdisc replace dev {index} root handle {handle} htb default {default}`.
+    pub fn htb_qdisc(&mut self, index: u32, handle: TcHandle, default: u16) -> io::Result<()> {
+        // struct tc_htb_glob: version, rate2quantum, defcls, debug, direct_pkts
+        let glob = [TC_HTB_PROTOVER, 10, u32::from(default), 0, 0];
+        let mut m = TcMessage::with_index(index as i32);
+        m.header.handle = handle;
+        m.header.parent = TcHandle::ROOT;
+        m.attributes = vec![
+            TcAttribute::Kind("htb".into()),
+            TcAttribute::Options(vec![TcOption::Other(DefaultNla::new(
+                TCA_HTB_INIT,
+                glob.iter().flat_map(|v| v.to_ne_bytes()).collect(),
+            ))]),
+        ];
+        self.tc(
+            RouteNetlinkMessage::NewQueueDiscipline(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// `class add dev {index} parent … classid … htb rate … ceil … burst …
+    /// cburst … prio … quantum …`.
+    pub fn htb_class(&mut self, index: u32, c: &HtbClass) -> io::Result<()> {
+        let mut opt = Vec::with_capacity(44);
+        // struct tc_ratespec (rate, then ceil): cell_log, linklayer,
+        // overhead, cell_align, mpu, rate (32 bits; RATE64 beyond)
+        for r in [c.rate, c.ceil] {
+            opt.extend([0u8, TC_LINKLAYER_ETHERNET]);
+            opt.extend(0u16.to_ne_bytes());
+            opt.extend(0i16.to_ne_bytes());
+            opt.extend(0u16.to_ne_bytes());
+            opt.extend((r.min(u64::from(u32::MAX)) as u32).to_ne_bytes());
+        }
+        // buffer, cbuffer (ticks at rate and ceil), quantum, level, prio
+        for v in [
+            ticks(c.burst, c.rate),
+            ticks(c.burst, c.ceil),
+            c.quantum,
+            0,
+            c.prio,
+        ] {
+            opt.extend(v.to_ne_bytes());
+        }
+        let mut options = vec![TcOption::Other(DefaultNla::new(TCA_HTB_PARMS, opt))];
+        for (kind, r) in [(TCA_HTB_RATE64, c.rate), (TCA_HTB_CEIL64, c.ceil)] {
+            if r > u64::from(u32::MAX) {
+                options.push(TcOption::Other(DefaultNla::new(
+                    kind,
+                    r.to_ne_bytes().to_vec(),
+                )));
+            }
+        }
+        let mut m = TcMessage::with_index(index as i32);
+        m.header.handle = c.id;
+        m.header.parent = c.parent;
+        m.attributes = vec![
+            TcAttribute::Kind("htb".into()),
+            TcAttribute::Options(options),
+        ];
+        self.tc(
+            RouteNetlinkMessage::NewTrafficClass(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// `filter add dev {index} parent {parent} protocol ip prio {prio} u32
+    /// match ip sport {sport} 0xffff match ip dst {dst}/32 flowid {flow}`.
+    pub fn u32_filter(
+        &mut self,
+        index: u32,
+        parent: TcHandle,
+        prio: u16,
+        sport: u16,
+        dst: Ipv4Addr,
+        flow: TcHandle,
+    ) -> io::Result<()> {
+        const ETH_P_IP: u16 = 0x0800;
+        let key = |val: u32, mask: u32, off: i32| {
+            let mut k = TcU32Key::default();
+            (k.val, k.mask, k.off) = (val, mask, off);
+            k
+        };
+        let mut sel = TcU32Selector::default();
+        sel.flags = TcU32SelectorFlags::Terminal;
+        // offsets into an IPv4 header without options, as tc's `match
+        // ip` takes them: the source port right after it (20), the
+        // destination address at 16
+        sel.keys = vec![
+            key(u32::from(sport) << 16, 0xffff_0000, 20),
+            key(u32::from(dst), u32::MAX, 16),
+        ];
+        sel.nkeys = sel.keys.len() as u8;
+        let mut m = TcMessage::with_index(index as i32);
+        m.header.parent = parent;
+        // the filter's priority above, its protocol (network order) below
+        m.header.info = (u32::from(prio) << 16) | u32::from(ETH_P_IP.to_be());
+        m.attributes = vec![
+            TcAttribute::Kind("u32".into()),
+            TcAttribute::Options(vec![
+                TcOption::U32(TcFilterU32Option::ClassId(flow)),
+                TcOption::U32(TcFilterU32Option::Selector(sel)),
+            ]),
+        ];
+        self.tc(
+            RouteNetlinkMessage::NewTrafficFilter(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+}
+
+/// Scheduler ticks to send `bytes` at `rate` bytes/s, at most what the
+/// field holds; rounded as `tc` rounds (`tc_calc_xmittime`: whole
+/// microseconds first).
+fn ticks(bytes: u64, rate: u64) -> u32 {
+    let us = u128::from(bytes) * 1_000_000 / u128::from(rate.max(1));
+    (us * 1_000 / PSCHED_TICK_NS).min(u128::from(u32::MAX)) as u32
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
@@ -252,5 +409,21 @@ pub fn delete_netns(name: &str) -> io::Result<()> {
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ticks;
+
+    #[test]
+    fn bursts_become_ticks_as_tc_rounds_them() {
+        // 100 MB at 200 MB/s: half a second of 64 ns ticks
+        assert_eq!(ticks(100_000_000, 200_000_000), 7_812_500);
+        // tc drops the fraction of a microsecond first (505050.5 µs)
+        assert_eq!(ticks(100_000_000, 198_000_000), 7_891_406);
+        // a burst too long for the field is the longest it holds
+        assert_eq!(ticks(u64::MAX, 1), u32::MAX);
+        assert_eq!(ticks(1, 0), 15_625_000);
     }
 }
