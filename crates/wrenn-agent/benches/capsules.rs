@@ -21,7 +21,9 @@
 //!   in-process, shaping included), against the same steps through
 //!   iproute2 processes (`ip netns add`, `ip -batch`, `ip -n … -batch`,
 //!   `tc -n … -batch`), as the agent took them before: one slot at a time,
-//!   interleaved, then bursts of N slots on N threads at once, in turns.
+//!   interleaved, then bursts of N slots on N threads at once, in turns;
+//!   and a capsule's firewall elements added and removed in-process
+//!   against the same through `nft -f`.
 //! - `pause`: pause and resume p50.
 //! - `idle`: memory per idle capsule (what its cgroup is charged: envd and
 //!   the kernel objects it owns; the agent's RSS; the host's
@@ -544,6 +546,35 @@ fn net_setup(agent_net: &NetworkConfig, n: usize, burst: u32) -> Result<serde_js
     println!("  in-process / ip p50: {serial_ratio:.2}×");
     let (mut ours_b, mut ip_b, mut ours_wall, mut ip_wall) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // a capsule's firewall elements (bound, internet) added and removed:
+    // one nf_tables batch each way from the agent, against `nft -f`
+    let fw = network::Firewall::new(&cfg.instance, cfg.pool);
+    fw.install([])?;
+    let (mut fw_ours, mut fw_nft) = (Vec::new(), Vec::new());
+    let nft = |verb: &str| {
+        let t = fw.table();
+        let script = format!(
+            "{verb} element inet {t} bound {{ \"{}\" . {} }}\n\
+             {verb} element inet {t} internet {{ {} }}\n",
+            slot.veth, slot.capsule_ip, slot.capsule_ip
+        );
+        wrenn_agent::cmd::run("nft", ["-f", "-"], Some(script.as_bytes())).map(drop)
+    };
+    for _ in 0..n {
+        let t = Instant::now();
+        fw.add(&slot, true)?;
+        fw.remove(&slot, true)?;
+        fw_ours.push(t.elapsed());
+        let t = Instant::now();
+        nft("add")?;
+        nft("delete")?;
+        fw_nft.push(t.elapsed());
+    }
+    fw.uninstall()?;
+    line("firewall add + remove, in-process", &fw_ours);
+    line("firewall add + remove, nft processes", &fw_nft);
+    let fw_ratio = ms(pct(&fw_ours, 0.5)) / ms(pct(&fw_nft, 0.5));
+    println!("  in-process / nft p50: {fw_ratio:.2}×");
     let rounds = n.div_ceil(10).max(1);
     for _ in 0..rounds {
         let (t, w) = net_burst(Plumbing::Agent, &cfg, burst)?;
@@ -572,6 +603,9 @@ fn net_setup(agent_net: &NetworkConfig, n: usize, burst: u32) -> Result<serde_js
         "in_process_p50_ms": ms(pct(&ours, 0.5)),
         "iproute2_p50_ms": ms(pct(&ip, 0.5)),
         "in_process_over_iproute2": serial_ratio,
+        "firewall_in_process_p50_ms": ms(pct(&fw_ours, 0.5)),
+        "firewall_nft_p50_ms": ms(pct(&fw_nft, 0.5)),
+        "firewall_in_process_over_nft": fw_ratio,
         "burst": burst,
         "burst_in_process_p95_ms": ms(pct(&ours_b, 0.95)),
         "burst_iproute2_p95_ms": ms(pct(&ip_b, 0.95)),
@@ -584,6 +618,7 @@ struct SweepSlots(NetworkConfig);
 
 impl Drop for SweepSlots {
     fn drop(&mut self) {
+        let _ = network::Firewall::new(&self.0.instance, self.0.pool).uninstall();
         for (i, _) in network::list_netns(&self.0.instance) {
             let _ = network::destroy(&Slot::new(&self.0.instance, i, &self.0.pool));
         }

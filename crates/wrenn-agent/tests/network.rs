@@ -211,3 +211,85 @@ fn a_slot_is_built_as_iproute2_shows_it_and_undone() {
     network::destroy(&slot).unwrap();
     drop(undo);
 }
+
+/// The set elements of `table`'s `set`, as `nft` lists them.
+fn nft_elements(table: &str, set: &str) -> String {
+    let out = Command::new("nft")
+        .args(["list", "set", "inet", table, set])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // (a long list wraps over several lines)
+    let text = String::from_utf8(out.stdout).unwrap();
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.split_once("elements = ") {
+        Some((_, rest)) => rest[..=rest.find('}').unwrap()].to_owned(),
+        None => String::new(),
+    }
+}
+
+/// Removes the test's firewall table however the test ends.
+struct Uninstall(network::Firewall);
+
+impl Drop for Uninstall {
+    fn drop(&mut self) {
+        let _ = self.0.uninstall();
+    }
+}
+
+#[test]
+fn firewall_elements_are_sent_as_nft_would_write_them() {
+    let data = tempfile::tempdir().unwrap();
+    let cfg = common::test_config(data.path()).network;
+    let fw = network::Firewall::new(&cfg.instance, cfg.pool);
+    let table = fw.table().to_owned();
+    fw.install([]).unwrap();
+    let fw = Uninstall(fw);
+    let a = Slot::new(&cfg.instance, 7, &cfg.pool);
+    let b = Slot::new(&cfg.instance, 12, &cfg.pool);
+
+    fw.0.add(&a, true).unwrap();
+    fw.0.add(&b, false).unwrap();
+    let bound = |s: &Slot| format!("\"{}\" . {}", s.veth, s.capsule_ip);
+    let listed = nft_elements(&table, "bound");
+    assert!(
+        listed.contains(&bound(&a)) && listed.contains(&bound(&b)),
+        "{listed}"
+    );
+    assert_eq!(
+        nft_elements(&table, "internet"),
+        format!("{{ {} }}", a.capsule_ip)
+    );
+    // adding what is there already is no error (nft's `add element`)
+    fw.0.add(&a, true).unwrap();
+
+    // internet switched for one capsule, the other untouched
+    fw.0.set_internet(&b, true).unwrap();
+    fw.0.set_internet(&a, false).unwrap();
+    assert_eq!(
+        nft_elements(&table, "internet"),
+        format!("{{ {} }}", b.capsule_ip)
+    );
+    // switching off what is off is refused, with the kernel's reason
+    let err = fw.0.set_internet(&a, false).unwrap_err();
+    let why = std::error::Error::source(&err).unwrap().to_string();
+    assert!(why.contains("No such file"), "{why}");
+
+    // removal: all of a capsule's elements; again is no error, even when
+    // the batch as a whole is refused (a's internet element is gone)
+    fw.0.remove(&a, true).unwrap();
+    fw.0.remove(&a, true).unwrap();
+    let listed = nft_elements(&table, "bound");
+    assert!(
+        !listed.contains(&bound(&a)) && listed.contains(&bound(&b)),
+        "{listed}"
+    );
+    fw.0.remove(&b, true).unwrap();
+    assert_eq!(nft_elements(&table, "bound"), "");
+    assert_eq!(nft_elements(&table, "internet"), "");
+
+    // a table that is not there: a clear error, nothing half done
+    fw.0.uninstall().unwrap();
+    let err = fw.0.add(&a, true).unwrap_err();
+    assert!(err.to_string().contains("add capsule rules"), "{err}");
+}

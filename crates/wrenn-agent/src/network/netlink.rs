@@ -29,8 +29,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use netlink_packet_core::{
-    DefaultNla, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK,
-    NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+    DefaultNla, NetlinkBuffer, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
@@ -49,24 +50,81 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 /// Where named namespaces live (iproute2's directory).
 pub const NETNS_DIR: &str = "/run/netns";
 
-/// A route netlink socket, in the namespace it was opened in.
-pub struct Rtnl {
+/// A netlink socket of one family (`protocol`), in the namespace it was
+/// opened in, spoken synchronously.
+pub struct Link {
     sock: Socket,
     seq: u32,
     buf: Vec<u8>,
 }
 
-impl Rtnl {
+impl Link {
     /// A socket in the calling thread's network namespace.
-    pub fn open() -> io::Result<Rtnl> {
-        let mut sock = Socket::new(NETLINK_ROUTE)?;
+    pub fn open(protocol: isize) -> io::Result<Link> {
+        let mut sock = Socket::new(protocol)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
-        Ok(Rtnl {
+        Ok(Link {
             sock,
             seq: 0,
             buf: Vec::with_capacity(16 * 1024),
         })
+    }
+
+    /// Send `packets` in one write, numbered from the next sequence number
+    /// on; returns the first one's number.
+    pub fn send<M: NetlinkSerializable>(
+        &mut self,
+        packets: Vec<NetlinkMessage<M>>,
+    ) -> io::Result<u32> {
+        let first = self.seq.wrapping_add(1);
+        let mut out = Vec::new();
+        for mut packet in packets {
+            self.seq = self.seq.wrapping_add(1);
+            packet.header.sequence_number = self.seq;
+            packet.finalize();
+            let at = out.len();
+            out.resize(at + packet.buffer_len(), 0);
+            packet.serialize(&mut out[at..]);
+        }
+        self.sock.send(&out, 0)?;
+        Ok(first)
+    }
+
+    /// Read messages, passing each to `each`, until it says it has seen
+    /// enough (`true`).
+    pub fn receive<M: NetlinkDeserializable>(
+        &mut self,
+        mut each: impl FnMut(NetlinkMessage<M>) -> bool,
+    ) -> io::Result<()> {
+        loop {
+            self.buf.clear();
+            let n = self.sock.recv(&mut self.buf, 0)?;
+            let mut at = 0;
+            while at < n {
+                let bytes = &self.buf[at..n];
+                let len = NetlinkBuffer::new_checked(bytes)
+                    .map_err(|e| invalid(format!("netlink reply: {e}")))?
+                    .length() as usize;
+                let msg = NetlinkMessage::<M>::deserialize(&bytes[..len])
+                    .map_err(|e| invalid(format!("netlink reply: {e}")))?;
+                // netlink pads each message to 4 bytes
+                at += (len + 3) & !3;
+                if each(msg) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A route netlink socket, in the namespace it was opened in.
+pub struct Rtnl(Link);
+
+impl Rtnl {
+    /// A socket in the calling thread's network namespace.
+    pub fn open() -> io::Result<Rtnl> {
+        Link::open(NETLINK_ROUTE).map(Rtnl)
     }
 
     /// Send `msg` and wait for its answer: `Ok(Some(reply))` for a request
@@ -77,51 +135,33 @@ impl Rtnl {
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> io::Result<Option<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        packet.finalize();
-        let mut out = vec![0; packet.buffer_len()];
-        packet.serialize(&mut out);
-        self.sock.send(&out, 0)?;
+        let seq = self.0.send(vec![NetlinkMessage::new(
+            header,
+            NetlinkPayload::InnerMessage(msg),
+        )])?;
         let mut reply = None;
-        loop {
-            self.buf.clear();
-            let n = self.sock.recv(&mut self.buf, 0)?;
-            let mut at = 0;
-            while at < n {
-                let bytes = &self.buf[at..n];
-                let len = NetlinkBuffer::new_checked(bytes)
-                    .map_err(|e| invalid(format!("netlink reply: {e}")))?
-                    .length() as usize;
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[..len])
-                    .map_err(|e| invalid(format!("netlink reply: {e}")))?;
-                // netlink pads each message to 4 bytes
-                at += (len + 3) & !3;
-                if msg.header.sequence_number != self.seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(reply),
-                            Some(_) => Err(e.to_io()),
-                        }
-                    }
-                    NetlinkPayload::Done(_) => return Ok(reply),
-                    NetlinkPayload::InnerMessage(m) => {
-                        reply = Some(m);
-                        // a request without NLM_F_ACK ends with its reply
-                        if flags & NLM_F_ACK == 0 {
-                            return Ok(reply);
-                        }
-                    }
-                    _ => {}
-                }
+        let mut failed = None;
+        self.0.receive(|msg: NetlinkMessage<RouteNetlinkMessage>| {
+            if msg.header.sequence_number != seq {
+                return false;
             }
-        }
+            match msg.payload {
+                NetlinkPayload::Error(e) => {
+                    failed = e.code.map(|_| e.to_io());
+                    true
+                }
+                NetlinkPayload::Done(_) => true,
+                NetlinkPayload::InnerMessage(m) => {
+                    reply = Some(m);
+                    // a request without NLM_F_ACK ends with its reply
+                    flags & NLM_F_ACK == 0
+                }
+                _ => false,
+            }
+        })?;
+        failed.map_or(Ok(reply), Err)
     }
 
     fn create(&mut self, msg: RouteNetlinkMessage) -> io::Result<()> {

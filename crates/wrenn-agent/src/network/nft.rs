@@ -1,6 +1,8 @@
 //! The agent's nftables table (`inet {instance}`): installed whole at start
 //! (one atomic `nft -f`), then edited per capsule by adding and removing set
-//! elements, so a create or destroy is a single `nft` call.
+//! elements. Those edits are nf_tables batches the agent sends itself over
+//! a netfilter netlink socket (what `nft add element` sends, without the
+//! process), so a create or destroy runs no `nft`.
 //!
 //! Policy, for traffic entering from any capsule veth:
 //! - to the host itself (input hook): only replies to connections the host
@@ -12,7 +14,18 @@
 //! - nothing from outside may open a connection to a capsule.
 
 use std::fmt::Write as _;
+use std::io;
 
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
+use netlink_packet_netfilter::nftables::{
+    DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
+    SetElementMessage,
+};
+use netlink_packet_netfilter::none::ControlMessage;
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+use netlink_sys::protocols::NETLINK_NETFILTER;
+
+use super::netlink::Link;
 use super::{NetError, Slot};
 use crate::cmd;
 
@@ -77,35 +90,89 @@ impl Firewall {
 
     /// Let a capsule's traffic through (to the internet only if `internet`).
     pub fn add(&self, slot: &Slot, internet: bool) -> Result<(), NetError> {
-        self.apply(&self.elements("add", slot, internet), "add capsule rules")
+        self.change(true, &keys(slot, internet))
+            .map_err(super::step("add capsule rules", &self.table))
     }
 
     /// Forget a capsule; missing elements are fine (teardown is repeatable).
     pub fn remove(&self, slot: &Slot, internet: bool) -> Result<(), NetError> {
         // One atomic batch normally; if it fails because an element is
-        // already gone (nft 1.0.6 has no `destroy`), one at a time.
-        self.apply(
-            &self.elements("delete", slot, internet),
-            "remove capsule rules",
-        )
-        .or_else(|_| {
-            for (set, el) in self.element_list(slot, internet) {
-                let _ = self.apply(
-                    &format!("delete element inet {} {set} {{ {el} }}\n", self.table),
-                    "remove",
-                );
+        // already gone, one at a time, each missing one taken as removed.
+        let all = keys(slot, internet);
+        if self.change(false, &all).is_ok() {
+            return Ok(());
+        }
+        for key in all {
+            match self.change(false, &[key]) {
+                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                    return Err(super::step("remove capsule rules", &self.table)(e))
+                }
+                _ => {}
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     pub fn set_internet(&self, slot: &Slot, on: bool) -> Result<(), NetError> {
-        let verb = if on { "add" } else { "delete" };
-        let s = format!(
-            "{verb} element inet {} internet {{ {} }}\n",
-            self.table, slot.capsule_ip
-        );
-        self.apply(&s, "switch internet")
+        self.change(on, &[internet_key(slot)])
+            .map_err(super::step("switch internet", &self.table))
+    }
+
+    /// Add (`add`) or delete set elements, as one nf_tables batch: all of
+    /// them or, when the kernel refuses one, none. The first refusal is
+    /// the error.
+    fn change(&self, add: bool, elements: &[(&'static str, Vec<u8>)]) -> io::Result<()> {
+        let nftables = |inner: NetfilterMessage| NetlinkMessage::from(inner);
+        let control = |m: ControlMessage| {
+            // batch delimiters name the subsystem in the resource ID
+            let header = NetfilterHeader::new(
+                NetfilterProtoFamily::Unspec,
+                0,
+                libc::NFNL_SUBSYS_NFTABLES as u16,
+            );
+            let mut p = nftables(NetfilterMessage::new(header, m));
+            p.header.flags = NLM_F_REQUEST;
+            p
+        };
+        let mut packets = vec![control(ControlMessage::BatchBegin)];
+        for (set, key) in elements {
+            let list = SetElementMessage {
+                attributes: vec![
+                    SetElementList::Table(self.table.clone()),
+                    SetElementList::Set((*set).to_owned()),
+                    SetElementList::Elements(vec![ListAttribute::Element(vec![
+                        SetElementAttribute::Key(DataAttribute::Value(key.clone())),
+                    ])]),
+                ],
+            };
+            let msg = if add {
+                NfTablesMessage::NewSetElement(list)
+            } else {
+                NfTablesMessage::DeleteSetElement(list)
+            };
+            let header = NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0);
+            let mut p = nftables(NetfilterMessage::new(header, msg));
+            p.header.flags = NLM_F_REQUEST | NLM_F_ACK | if add { NLM_F_CREATE } else { 0 };
+            packets.push(p);
+        }
+        packets.push(control(ControlMessage::BatchEnd));
+        let mut link = Link::open(NETLINK_NETFILTER)?;
+        let first = link.send(packets)?;
+        // one answer (an ack or an error) per element, after the batch
+        let (asked, mut answered) = (first + 1..first + 1 + elements.len() as u32, 0);
+        let mut refused = None;
+        link.receive(|msg: NetlinkMessage<NetfilterMessage>| {
+            if let NetlinkPayload::Error(e) = msg.payload {
+                if asked.contains(&msg.header.sequence_number) {
+                    answered += 1;
+                    if e.code.is_some() && refused.is_none() {
+                        refused = Some(e.to_io());
+                    }
+                }
+            }
+            answered == elements.len()
+        })?;
+        refused.map_or(Ok(()), Err)
     }
 
     /// Remove the whole table (agent uninstall, tests).
@@ -114,6 +181,7 @@ impl Firewall {
         self.apply(&s, "remove firewall")
     }
 
+    /// The elements of `slot` as `nft` script text (for [`Firewall::install`]).
     fn element_list(&self, slot: &Slot, internet: bool) -> Vec<(&'static str, String)> {
         let mut v = vec![("bound", format!("\"{}\" . {}", slot.veth, slot.capsule_ip))];
         if internet {
@@ -135,4 +203,23 @@ impl Firewall {
             .map(|_| ())
             .map_err(super::step(step, &self.table))
     }
+}
+
+/// `slot`'s set elements as the kernel keys them: `bound` is `ifname .
+/// ipv4_addr`, the name zero-padded to IFNAMSIZ (16) then the address in
+/// network order; `internet` the address.
+fn keys(slot: &Slot, internet: bool) -> Vec<(&'static str, Vec<u8>)> {
+    let mut bound = [0u8; 20];
+    let name = slot.veth.as_bytes();
+    bound[..name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+    bound[16..].copy_from_slice(&slot.capsule_ip.octets());
+    let mut v = vec![("bound", bound.to_vec())];
+    if internet {
+        v.push(internet_key(slot));
+    }
+    v
+}
+
+fn internet_key(slot: &Slot) -> (&'static str, Vec<u8>) {
+    ("internet", slot.capsule_ip.octets().to_vec())
 }
