@@ -560,21 +560,29 @@ fn net_setup(agent_net: &NetworkConfig, n: usize, burst: u32) -> Result<serde_js
         );
         wrenn_agent::cmd::run("nft", ["-f", "-"], Some(script.as_bytes())).map(drop)
     };
+    // (CPU: this process's, and its waited-for children's, in ms)
+    let (mut cpu_ours, mut cpu_nft) = (0.0, 0.0);
     for _ in 0..n {
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), cpu_ms());
         fw.add(&slot, true)?;
         fw.remove(&slot, true)?;
         fw_ours.push(t.elapsed());
-        let t = Instant::now();
+        cpu_ours += cpu_ms() - c;
+        let (t, c) = (Instant::now(), cpu_ms());
         nft("add")?;
         nft("delete")?;
         fw_nft.push(t.elapsed());
+        cpu_nft += cpu_ms() - c;
     }
     fw.uninstall()?;
     line("firewall add + remove, in-process", &fw_ours);
     line("firewall add + remove, nft processes", &fw_nft);
     let fw_ratio = ms(pct(&fw_ours, 0.5)) / ms(pct(&fw_nft, 0.5));
-    println!("  in-process / nft p50: {fw_ratio:.2}×");
+    let (cpu_ours, cpu_nft) = (cpu_ours / n as f64, cpu_nft / n as f64);
+    println!(
+        "  in-process / nft p50: {fw_ratio:.2}×; CPU per add + remove {cpu_ours:.2} against {cpu_nft:.2} ms ({:.2}×)",
+        cpu_ours / cpu_nft
+    );
     let rounds = n.div_ceil(10).max(1);
     for _ in 0..rounds {
         let (t, w) = net_burst(Plumbing::Agent, &cfg, burst)?;
@@ -606,11 +614,25 @@ fn net_setup(agent_net: &NetworkConfig, n: usize, burst: u32) -> Result<serde_js
         "firewall_in_process_p50_ms": ms(pct(&fw_ours, 0.5)),
         "firewall_nft_p50_ms": ms(pct(&fw_nft, 0.5)),
         "firewall_in_process_over_nft": fw_ratio,
+        "firewall_cpu_in_process_ms": cpu_ours,
+        "firewall_cpu_nft_ms": cpu_nft,
         "burst": burst,
         "burst_in_process_p95_ms": ms(pct(&ours_b, 0.95)),
         "burst_iproute2_p95_ms": ms(pct(&ip_b, 0.95)),
         "burst_in_process_over_iproute2": burst_ratio,
     }))
+}
+
+/// CPU time used so far by this process and its waited-for children, ms.
+fn cpu_ms() -> f64 {
+    let used = |who| {
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct it is given.
+        unsafe { libc::getrusage(who, &mut u) };
+        let t = |v: libc::timeval| v.tv_sec as f64 * 1e3 + v.tv_usec as f64 / 1e3;
+        t(u.ru_utime) + t(u.ru_stime)
+    };
+    used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN)
 }
 
 /// Tears down what [`net_setup`] may leave when it fails half-way.
