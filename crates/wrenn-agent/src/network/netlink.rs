@@ -19,8 +19,9 @@
 //! rates in bytes per second and bursts in scheduler ticks as `tc`
 //! computes them; the test compares the result with what `tc` builds.
 //!
-//! Requests are synchronous (send, then read until the kernel's ack), as
-//! the rest of the network code is: callers are on blocking threads.
+//! Requests are synchronous (send, then read until the kernel's ack, 10 s
+//! at most), as the rest of the network code is: callers are on blocking
+//! threads. The firewall's nf_tables batches use the same socket ([`Link`]).
 
 use std::fs::File;
 use std::io;
@@ -50,8 +51,12 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 /// Where named namespaces live (iproute2's directory).
 pub const NETNS_DIR: &str = "/run/netns";
 
+/// How long a netlink request may wait for its answer.
+const REPLY_TIMEOUT_SECS: libc::time_t = 10;
+
 /// A netlink socket of one family (`protocol`), in the namespace it was
-/// opened in, spoken synchronously.
+/// opened in, spoken synchronously (rtnetlink here, nf_tables batches in
+/// the firewall).
 pub struct Link {
     sock: Socket,
     seq: u32,
@@ -64,6 +69,25 @@ impl Link {
         let mut sock = Socket::new(protocol)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
+        // The kernel answers at once; a reply that never comes is an error
+        // after this long, not a blocked thread.
+        let timeout = libc::timeval {
+            tv_sec: REPLY_TIMEOUT_SECS,
+            tv_usec: 0,
+        };
+        // SAFETY: a timeval of the size given, for a socket we own.
+        let set = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Link {
             sock,
             seq: 0,

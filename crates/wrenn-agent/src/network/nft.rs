@@ -158,19 +158,25 @@ impl Firewall {
         packets.push(control(ControlMessage::BatchEnd));
         let mut link = Link::open(NETLINK_NETFILTER)?;
         let first = link.send(packets)?;
-        // one answer (an ack or an error) per element, after the batch
-        let (asked, mut answered) = (first + 1..first + 1 + elements.len() as u32, 0);
+        // one answer (an ack or an error) per element, after the batch; an
+        // error for the batch's begin or end (no nf_tables, say) ends it
+        let n = elements.len() as u32;
+        let (asked, mut answered) = (first + 1..first + 1 + n, 0);
         let mut refused = None;
         link.receive(|msg: NetlinkMessage<NetfilterMessage>| {
-            if let NetlinkPayload::Error(e) = msg.payload {
-                if asked.contains(&msg.header.sequence_number) {
-                    answered += 1;
-                    if e.code.is_some() && refused.is_none() {
-                        refused = Some(e.to_io());
-                    }
-                }
+            let NetlinkPayload::Error(e) = msg.payload else {
+                return false;
+            };
+            let seq = msg.header.sequence_number;
+            if e.code.is_some() && refused.is_none() {
+                refused = Some(e.to_io());
             }
-            answered == elements.len()
+            if asked.contains(&seq) {
+                answered += 1;
+                answered == n
+            } else {
+                e.code.is_some() && (first..=first + n + 1).contains(&seq)
+            }
         })?;
         refused.map_or(Ok(()), Err)
     }
