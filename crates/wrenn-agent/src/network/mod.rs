@@ -8,8 +8,9 @@
 //! stays under the kernel's 15-byte limit), so resources left behind by a
 //! crash can be recognised and swept. Everything here is synchronous:
 //! namespaces, links, addresses, routes and egress shaping over rtnetlink
-//! in-process ([`netlink`]), the firewall through `nft`; callers run it on
-//! blocking threads.
+//! in-process ([`netlink`]), the firewall's per-capsule elements as
+//! nf_tables batches over netlink (its table installed once by `nft`);
+//! callers run it on blocking threads.
 
 mod netlink;
 mod nft;
@@ -111,19 +112,18 @@ pub fn create(cfg: &NetworkConfig, slot: &Slot) -> Result<(), NetError> {
         rtnl.set_up(veth)
     };
     host().map_err(step("create veth", &slot.veth))?;
-    let mut capsule = || -> std::io::Result<()> {
+    let mut capsule = || -> std::io::Result<u32> {
         let lo = inside.link_index("lo")?;
         inside.set_up(lo)?;
         let eth0 = inside.link_index("eth0")?;
         inside.add_address(eth0, slot.capsule_ip, PLEN)?;
         inside.set_up(eth0)?;
-        inside.add_default_route(slot.host_ip)
+        inside.add_default_route(slot.host_ip)?;
+        Ok(eth0)
     };
-    capsule().map_err(step("configure eth0", &slot.netns))?;
-    let shaping = Shaping::new(cfg.egress_rate, cfg.egress_burst, slot.host_ip);
-    inside
-        .link_index("eth0")
-        .and_then(|eth0| shaping.apply(&mut inside, eth0))
+    let eth0 = capsule().map_err(step("configure eth0", &slot.netns))?;
+    Shaping::new(cfg.egress_rate, cfg.egress_burst, slot.host_ip)
+        .apply(&mut inside, eth0)
         .map_err(step("shape egress", &slot.netns))
 }
 

@@ -83,7 +83,7 @@ impl Firewall {
              }}\n"
         );
         for (slot, internet) in capsules {
-            script.push_str(&self.elements("add", slot, internet));
+            script.push_str(&self.add_script(slot, internet));
         }
         self.apply(&script, "install firewall")
     }
@@ -122,7 +122,6 @@ impl Firewall {
     /// them or, when the kernel refuses one, none. The first refusal is
     /// the error.
     fn change(&self, add: bool, elements: &[(&'static str, Vec<u8>)]) -> io::Result<()> {
-        let nftables = |inner: NetfilterMessage| NetlinkMessage::from(inner);
         let control = |m: ControlMessage| {
             // batch delimiters name the subsystem in the resource ID
             let header = NetfilterHeader::new(
@@ -130,7 +129,7 @@ impl Firewall {
                 0,
                 libc::NFNL_SUBSYS_NFTABLES as u16,
             );
-            let mut p = nftables(NetfilterMessage::new(header, m));
+            let mut p = NetlinkMessage::from(NetfilterMessage::new(header, m));
             p.header.flags = NLM_F_REQUEST;
             p
         };
@@ -151,7 +150,7 @@ impl Firewall {
                 NfTablesMessage::DeleteSetElement(list)
             };
             let header = NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0);
-            let mut p = nftables(NetfilterMessage::new(header, msg));
+            let mut p = NetlinkMessage::from(NetfilterMessage::new(header, msg));
             p.header.flags = NLM_F_REQUEST | NLM_F_ACK | if add { NLM_F_CREATE } else { 0 };
             packets.push(p);
         }
@@ -187,19 +186,15 @@ impl Firewall {
         self.apply(&s, "remove firewall")
     }
 
-    /// The elements of `slot` as `nft` script text (for [`Firewall::install`]).
-    fn element_list(&self, slot: &Slot, internet: bool) -> Vec<(&'static str, String)> {
-        let mut v = vec![("bound", format!("\"{}\" . {}", slot.veth, slot.capsule_ip))];
+    /// `nft` script lines adding `slot`'s elements (for [`Firewall::install`]).
+    fn add_script(&self, slot: &Slot, internet: bool) -> String {
+        let t = &self.table;
+        let mut s = format!(
+            "add element inet {t} bound {{ \"{}\" . {} }}\n",
+            slot.veth, slot.capsule_ip
+        );
         if internet {
-            v.push(("internet", slot.capsule_ip.to_string()));
-        }
-        v
-    }
-
-    fn elements(&self, verb: &str, slot: &Slot, internet: bool) -> String {
-        let mut s = String::new();
-        for (set, el) in self.element_list(slot, internet) {
-            let _ = writeln!(s, "{verb} element inet {} {set} {{ {el} }}", self.table);
+            let _ = writeln!(s, "add element inet {t} internet {{ {} }}", slot.capsule_ip);
         }
         s
     }
