@@ -2,7 +2,8 @@
 instance and address pool) joins the running control plane with a
 registration token, heartbeats, takes capsules by least-loaded placement,
 moves to a new address across a restart (its heartbeat says so), and can be
-deleted once it has no capsules."""
+deleted once it has no capsules. A host that stops heartbeating is
+``unreachable`` and its capsules ``missing`` until it is back."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from wrenn import Capsule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 import wrenn_up  # noqa: E402
@@ -62,6 +64,109 @@ def stop(proc: subprocess.Popen | None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def wait_status(h: httpx.Client, path: str, want: str, limit: float) -> dict:
+    deadline = time.monotonic() + limit
+    while True:
+        r = h.get(path)
+        assert r.status_code == 200, r.text
+        if r.json()["status"] == want:
+            return r.json()
+        assert time.monotonic() < deadline, f"{path} never {want}: {r.json()}"
+        time.sleep(0.1)
+
+
+# The host monitor made quick for the test below (the defaults: 90 s, 15 s;
+# `wrenn up`'s own agent heartbeats every 30 s), and the reconciler's rounds
+# slow (a minute, from the start): a host that is back must be reconciled by
+# its heartbeat.
+QUICK_MONITOR = ["--host-heartbeat-timeout", "4s", "--host-monitor-interval", "500ms",
+                 "--heartbeat-interval", "1s", "--reconcile-interval", "60s"]
+
+
+def test_a_silent_host_is_unreachable_and_its_capsules_missing_until_it_returns(request) -> None:
+    """The spec's host monitor (§3): a host with no heartbeat for the
+    timeout becomes ``unreachable`` and its running capsules ``missing``;
+    the SDK's wait fails on them and data-plane calls are refused, while
+    capsules on other hosts go on. Its first heartbeat back brings the host
+    ``online`` and its capsules in line at once: a capsule whose container
+    outlived the agent is ``running`` again, its files intact.
+
+    A private ``wrenn up`` (SQLite) with ``QUICK_MONITOR``, and a second
+    agent heartbeating every second that is SIGKILLed (its runc containers
+    outlive it) and started again on the same data dir."""
+    wrenn_bin, envd = wrenn_up.resolve_binaries()
+    agent_bin = os.environ.get("WRENN_AGENT_BIN") or str(Path(wrenn_bin).with_name("wrenn-agent"))
+    data = Path(tempfile.mkdtemp(prefix="wrenn-sdk-agent-", dir="/var/tmp"))
+    wrenn_up._link_fixture_templates(data, ())
+    agent_up = wrenn_up.WrennUp(data, binary=wrenn_bin, envd=envd)
+    proc = None
+    with wrenn_up.WrennUp.serving(request, failed_attr="wrenn_failed", extra_args=QUICK_MONITOR,
+                                  prefix="wrenn-sdk-monitor-", code_runner=False) as up:
+        server = up.server
+        started = time.monotonic()  # (the reconciler's first round)
+        h = server.http()
+        made: list[str] = []
+        try:
+            reg = h.post("/v1/hosts")
+            assert reg.status_code == 201, reg.text
+            host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+            proc, addr = start_agent(agent_bin, agent_up, server.base_url, token,
+                                     ("--heartbeat-interval", "1s"))
+            wait_host(h, host_id, addr)
+            # least-loaded placement alternates between the two empty hosts
+            for _ in range(4):
+                r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+                assert r.status_code == 201, r.text
+                made.append(r.json()["id"])
+            away = [c for c in made if c in agent_up.runc_containers()]
+            home = [c for c in made if c not in away]
+            assert away and home, f"placement put all of {made} on one host"
+            r = h.post(f"/v1/capsules/{away[0]}/files/write", data={"path": "/root/marker"},
+                       files={"file": ("upload", b"still here", "application/octet-stream")})
+            assert r.status_code < 300, r.text
+
+            proc.kill()
+            proc.wait()
+            proc = None
+            host = wait_status(h, f"/v1/hosts/{host_id}", "unreachable", 15)
+            for cid in away:
+                wait_status(h, f"/v1/capsules/{cid}", "missing", 5)
+            # the SDK's connect waits for running and fails on missing
+            with pytest.raises(RuntimeError, match="missing"):
+                Capsule.connect(away[0], api_key=server.api_key, base_url=server.base_url)
+            r = h.post(f"/v1/capsules/{away[0]}/exec", json={"cmd": "/bin/true"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_state", r.text
+            # the other host's capsules are untouched
+            for cid in home:
+                r = h.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
+                assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
+            assert h.get(f"/v1/hosts/{host_id}").json()["last_heartbeat"] == host["last_heartbeat"]
+
+            # back: its first heartbeat reconciles it at once (the
+            # reconciler's next round is a minute away)
+            proc, addr = start_agent(agent_bin, agent_up, server.base_url, None,
+                                     ("--heartbeat-interval", "1s"))
+            wait_host(h, host_id, addr, limit=15)
+            for cid in away:
+                wait_status(h, f"/v1/capsules/{cid}", "running", 10)
+            assert time.monotonic() - started < 55, "too slow to tell the heartbeat from a round"
+            r = h.post(f"/v1/capsules/{away[0]}/files/read", json={"path": "/root/marker"})
+            assert r.status_code == 200 and r.content == b"still here", r.text
+            for cid in made:
+                assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+            made.clear()
+            assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+            assert proc.wait(60) == 0, (data / "agent.log").read_text()[-2000:]
+            proc = None
+        finally:
+            for cid in made:
+                h.delete(f"/v1/capsules/{cid}")
+            h.close()
+            stop(proc)
+            agent_up.purge()
+            shutil.rmtree(data, ignore_errors=True)
 
 
 def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:

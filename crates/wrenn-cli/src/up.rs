@@ -56,6 +56,20 @@ pub struct UpArgs {
     /// Domain of subdomain proxy URLs (`{port}-{capsule}.{domain}`).
     #[arg(long, env = "WRENN_PROXY_DOMAIN")]
     proxy_domain: Option<String>,
+    /// How often this process's agent tells the control plane it lives
+    /// (a call over its RPC, as a remote agent's heartbeat).
+    #[arg(long, hide = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: std::time::Duration,
+    /// How often the database is compared with what the agents report.
+    #[arg(long, hide = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    reconcile_interval: std::time::Duration,
+    /// How long a host may go without a heartbeat before it is
+    /// `unreachable` and its capsules `missing` (tests shorten it).
+    #[arg(long, hide = true, default_value = "90s", value_parser = humantime::parse_duration)]
+    host_heartbeat_timeout: std::time::Duration,
+    /// How often the control plane looks for silent hosts.
+    #[arg(long, hide = true, default_value = "15s", value_parser = humantime::parse_duration)]
+    host_monitor_interval: std::time::Duration,
     #[command(flatten)]
     agent: AgentArgs,
 }
@@ -399,6 +413,9 @@ async fn up(args: UpArgs) -> Result<()> {
     let mut config = CpConfig::new(database_url);
     config.proxy_domain = args.proxy_domain.clone();
     config.shared_transport = args.shared_transport;
+    config.reconcile_interval = args.reconcile_interval;
+    config.host_heartbeat_timeout = args.host_heartbeat_timeout;
+    config.host_monitor_interval = args.host_monitor_interval;
     let plane = ControlPlane::start(config)
         .await
         .context("open the database")?;
@@ -407,6 +424,11 @@ async fn up(args: UpArgs) -> Result<()> {
     let facts = wrenn_agent::register::host_facts(&data_dir, agent_addr, agent.token());
     let host = register_agent(&cp, &data_dir, &facts, &agent_tls).await?;
     recertify(cp.clone(), host.clone(), agent_tls.clone());
+    cp.tasks.spawn(wrenn_cp::reconcile::heartbeat_for(
+        cp.clone(),
+        host.clone(),
+        args.heartbeat_interval,
+    ));
     let _ = cp.local_agent.set((host.clone(), local_proxy));
     publish_template(&cp, agent.templates(), "busybox").await?;
     let first = admin_keys(&cp, &data_dir).await?;

@@ -11,6 +11,10 @@ pub struct CpConfig {
     pub proxy_domain: Option<String>,
     /// How often the database is compared with what agents report.
     pub reconcile_interval: Duration,
+    /// How often the host monitor looks for silent hosts, and how long a
+    /// host may go without a sign of life before it is `unreachable`.
+    pub host_monitor_interval: Duration,
+    pub host_heartbeat_timeout: Duration,
     /// JSON request bodies larger than this are refused (413).
     pub max_json_body: usize,
     /// `files/write` bodies larger than this are refused (413).
@@ -32,6 +36,8 @@ impl CpConfig {
             database_url: database_url.into(),
             proxy_domain: None,
             reconcile_interval: Duration::from_secs(30),
+            host_monitor_interval: Duration::from_secs(15),
+            host_heartbeat_timeout: Duration::from_secs(90),
             max_json_body: 1 << 20,
             max_file_body: 100 << 20,
             shared_transport: false,

@@ -492,22 +492,53 @@ impl Db {
         Ok(self.authority().await?.ok_or(sqlx::Error::RowNotFound)?)
     }
 
-    pub async fn set_host_status(&self, id: &HostId, status: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE hosts SET status = $1 WHERE id = $2")
-            .bind(status)
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Record a sign of life: the host is `online` as of now. True when it
+    /// was `unreachable` until now (its capsules want reconciling).
+    pub async fn heartbeat(&self, id: &HostId) -> Result<bool, DbError> {
+        let now = now_ms();
+        let revived = sqlx::query(
+            "UPDATE hosts SET status = 'online', last_heartbeat = $1 \
+             WHERE id = $2 AND status = 'unreachable'",
+        )
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1;
+        if !revived {
+            sqlx::query("UPDATE hosts SET status = 'online', last_heartbeat = $1 WHERE id = $2")
+                .bind(now)
+                .bind(id.as_str())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(revived)
     }
 
-    pub async fn heartbeat(&self, id: &HostId) -> Result<(), DbError> {
-        sqlx::query("UPDATE hosts SET status = 'online', last_heartbeat = $1 WHERE id = $2")
-            .bind(now_ms())
-            .bind(id.as_str())
+    /// Mark `unreachable` the online hosts with no sign of life since
+    /// `before` (ms); returns them. A heartbeat that lands between the
+    /// two statements keeps its host online.
+    pub async fn mark_silent_hosts(&self, before: i64) -> Result<Vec<HostId>, DbError> {
+        const SILENT: &str = "status = 'online' AND COALESCE(last_heartbeat, created_at) < $1";
+        let ids: Vec<String> = sqlx::query_scalar(&format!("SELECT id FROM hosts WHERE {SILENT}"))
+            .bind(before)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut marked = Vec::with_capacity(ids.len());
+        for id in ids {
+            let done = sqlx::query(&format!(
+                "UPDATE hosts SET status = 'unreachable' WHERE {SILENT} AND id = $2"
+            ))
+            .bind(before)
+            .bind(&id)
             .execute(&self.pool)
             .await?;
-        Ok(())
+            if done.rows_affected() == 1 {
+                marked.extend(id.parse::<HostId>().ok());
+            }
+        }
+        Ok(marked)
     }
 
     /// Forget host `id`, revoking its newest certificate.

@@ -7,22 +7,34 @@
 //! - a capsule the agent no longer has becomes `stopped` (`reason:
 //!   orphaned`); one whose create a restart cut off is destroyed (`reason:
 //!   cleanup_after_create_error`); one it has that the database calls stopped is destroyed
-//!   (a destroy that failed half way);
-//! - a host that cannot be reached is `unreachable` and its running
-//!   capsules `missing`, until it answers again.
+//!   (a destroy that failed half way).
+//!
+//! Liveness is the host monitor's ([`monitor`]): every
+//! `host_monitor_interval` (15 s), a host with no sign of life for
+//! `host_heartbeat_timeout` (90 s) becomes `unreachable` and its running,
+//! starting and pending capsules `missing` (`reason: host_failure`). A sign
+//! of life is an agent's heartbeat or a call the reconciler got through; one
+//! failed call is not one (a capsule the SDK sees `missing` fails its
+//! waits, so a timeout under load must not make it so). The first heartbeat
+//! after that reconciles the host at once: what it still runs is `running`
+//! again, what it no longer has `stopped`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use wrenn_proto::wrenn::agent::v1 as pb;
-use wrenn_types::ids::CapsuleId;
+use wrenn_types::ids::{CapsuleId, HostId};
 
 use crate::api::capsules::{capsule_event, cref};
-use crate::db::CapsuleRow;
-use crate::events::{Actor, Kind};
+use crate::db::{now_ms, CapsuleRow};
+use crate::events::{Actor, Event, Kind, Resource};
 use crate::hosts::HostConn;
 use crate::model::Status;
 use crate::server::Cp;
+
+/// How long the reconciler waits for a host's list of capsules.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The status the API shows for an agent state (`hibernated` is shown as
 /// `paused`: the SDK only resumes paused capsules).
@@ -90,22 +102,19 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
         Ok(r) => r,
         Err(e) => return tracing::warn!(error = %e, "reconcile: database"),
     };
-    let listed = match host
-        .rpc
-        .list_capsules(pb::ListCapsulesRequest::default())
-        .await
-    {
-        Ok(l) => l.into_owned(),
-        Err(e) => {
-            tracing::warn!(host = %host.id, error = %e, "reconcile: host unreachable");
-            let _ = cp.db.set_host_status(&host.id, "unreachable").await;
-            for c in rows.iter().filter(|c| c.status == Status::Running) {
-                set(cp, c, Status::Missing, "host_failure").await;
-            }
-            return;
+    let asked = host.rpc.list_capsules(pb::ListCapsulesRequest::default());
+    let listed = match tokio::time::timeout(LIST_TIMEOUT, asked).await {
+        Ok(Ok(l)) => l.into_owned(),
+        Ok(Err(e)) => {
+            return tracing::warn!(host = %host.id, error = %e, "reconcile: host did not answer")
+        }
+        Err(_) => {
+            return tracing::warn!(host = %host.id, "reconcile: host did not answer in {LIST_TIMEOUT:?}")
         }
     };
-    let _ = cp.db.heartbeat(&host.id).await;
+    if let Ok(true) = cp.db.heartbeat(&host.id).await {
+        host_event(cp, Kind::HostUp, &host.id).await;
+    }
     let auto_paused: Vec<&str> = listed.auto_paused_ids.iter().map(String::as_str).collect();
     let on_agent: HashMap<&str, &pb::Capsule> =
         listed.capsules.iter().map(|c| (c.id.as_str(), c)).collect();
@@ -175,10 +184,106 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
     }
 }
 
-/// Reconcile every host now.
+/// Reconcile every host now, all at once (a host that hangs holds up no
+/// other: `wrenn up`'s own agent has no heartbeat but these calls).
 pub async fn reconcile_all(cp: &Cp) {
-    for host in cp.hosts.all() {
-        reconcile_host(cp, &host).await;
+    let hosts = cp.hosts.all();
+    futures::future::join_all(hosts.iter().map(|h| reconcile_host(cp, h))).await;
+}
+
+/// `host.up` or `host.down` for the admin team (hosts are the platform's).
+async fn host_event(cp: &Cp, kind: Kind, host: &HostId) {
+    if let Ok(Some(admin)) = cp.db.admin_team().await {
+        let resource = Resource {
+            id: host.to_string(),
+            kind: "host",
+        };
+        let ev =
+            Event::new(kind, &admin.id, Actor::system(), resource).meta("host_id", host.as_str());
+        cp.events.publish(ev);
+    }
+}
+
+/// A heartbeat came from a host the monitor had marked unreachable: bring
+/// its capsules back in line now rather than at the next round.
+pub async fn host_revived(cp: Arc<Cp>, id: HostId) {
+    tracing::info!(host = %id, "host is back");
+    host_event(&cp, Kind::HostUp, &id).await;
+    if let Some(host) = cp.hosts.get(&id) {
+        reconcile_host(&cp, &host).await;
+    }
+}
+
+/// The heartbeat of an agent that sends none of its own (`wrenn up`'s, in
+/// the same process): every `every`, a call over its RPC; an answer is a
+/// sign of life, as an agent's heartbeat is.
+pub async fn heartbeat_for(cp: Arc<Cp>, id: HostId, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cp.stop.cancelled() => return,
+        }
+        let Some(host) = cp.hosts.get(&id) else {
+            continue;
+        };
+        let asked = host.rpc.list_capsules(pb::ListCapsulesRequest::default());
+        match tokio::time::timeout(LIST_TIMEOUT, asked).await {
+            Ok(Ok(_)) => match cp.db.heartbeat(&id).await {
+                Ok(true) => host_revived(cp.clone(), id.clone()).await,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot record a heartbeat"),
+            },
+            Ok(Err(e)) => tracing::warn!(host = %id, error = %e, "own agent did not answer"),
+            Err(_) => tracing::warn!(host = %id, "own agent did not answer in {LIST_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// One round of the host monitor: hosts silent since `timeout` ago become
+/// `unreachable`, and their live capsules `missing` (those whose create is
+/// still in flight are left to it: its answer settles them). Nobody is
+/// judged before the monitor has watched for `timeout` (`watching_since`,
+/// ms): a control plane that was down heard no heartbeats either.
+pub async fn mark_silent_hosts(cp: &Cp, watching_since: i64) {
+    let before = now_ms() - cp.config.host_heartbeat_timeout.as_millis() as i64;
+    if before <= watching_since {
+        return;
+    }
+    let silent = match cp.db.mark_silent_hosts(before).await {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "host monitor: database"),
+    };
+    for id in silent {
+        tracing::warn!(host = %id, "host unreachable: no heartbeat within {:?}", cp.config.host_heartbeat_timeout);
+        host_event(cp, Kind::HostDown, &id).await;
+        let rows = match cp.db.capsules_on(&id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "host monitor: database");
+                continue;
+            }
+        };
+        let live = [Status::Running, Status::Starting, Status::Pending];
+        for c in rows.iter().filter(|c| live.contains(&c.status)) {
+            if !cp.creating.lock().unwrap().contains(&c.id) {
+                set(cp, c, Status::Missing, "host_failure").await;
+            }
+        }
+    }
+}
+
+/// The host monitor loop, until shutdown.
+pub async fn monitor(cp: Arc<Cp>) {
+    let since = now_ms();
+    let mut tick = tokio::time::interval(cp.config.host_monitor_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => mark_silent_hosts(&cp, since).await,
+            () = cp.stop.cancelled() => return,
+        }
     }
 }
 

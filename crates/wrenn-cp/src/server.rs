@@ -182,6 +182,9 @@ impl ControlPlane {
         self.cp.tasks.spawn(crate::reconcile::run(self.cp.clone()));
         self.cp
             .tasks
+            .spawn(crate::reconcile::monitor(self.cp.clone()));
+        self.cp
+            .tasks
             .spawn(crate::e2b::deadline::run(self.cp.clone()));
         self.cp
             .tasks

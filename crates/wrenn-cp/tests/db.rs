@@ -97,6 +97,29 @@ async fn exercise(db: &Db) {
     beat.agent_token = "rotated".into();
     let h2 = db.update_host(&h.id, &beat).await.unwrap().unwrap();
     assert_eq!(h2.agent_token, "rotated");
+    // the host monitor: a host heard from at `heard` is not silent since
+    // then; since a moment later it is, is marked once, and its next
+    // heartbeat brings it back (and says so, once)
+    let heard = h2.last_heartbeat.expect("registered and heartbeated");
+    let status = |h: Option<wrenn_cp::db::Host>| h.unwrap().status;
+    assert!(!db.mark_silent_hosts(heard).await.unwrap().contains(&h.id));
+    assert_eq!(status(db.host(&h.id).await.unwrap()), "online");
+    assert!(db
+        .mark_silent_hosts(heard + 1)
+        .await
+        .unwrap()
+        .contains(&h.id));
+    assert_eq!(status(db.host(&h.id).await.unwrap()), "unreachable");
+    assert!(
+        !db.mark_silent_hosts(heard + 1)
+            .await
+            .unwrap()
+            .contains(&h.id),
+        "marked once"
+    );
+    assert!(db.heartbeat(&h.id).await.unwrap(), "back from unreachable");
+    assert_eq!(status(db.host(&h.id).await.unwrap()), "online");
+    assert!(!db.heartbeat(&h.id).await.unwrap(), "already online");
     assert!(
         db.register_host(
             &reg_hash,

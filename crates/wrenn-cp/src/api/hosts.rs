@@ -371,7 +371,7 @@ pub async fn heartbeat(
     if expired {
         return Err(ApiError::unauthorized("the host token has expired"));
     }
-    cp.db.heartbeat(&id).await?;
+    let revived = cp.db.heartbeat(&id).await?;
     // An agent that restarted on another address says so here.
     if let Some(address) = body.address.filter(|a| !a.is_empty()) {
         let facts = HostRegistration {
@@ -386,6 +386,11 @@ pub async fn heartbeat(
         if let Some(host) = cp.db.update_host(&id, &facts).await? {
             cp.hosts.connect(&host).map_err(ApiError::invalid)?;
         }
+    }
+    if revived {
+        // (at its current address; the agent does not wait for it)
+        cp.tasks
+            .spawn(crate::reconcile::host_revived(cp.clone(), id));
     }
     Ok(StatusCode::NO_CONTENT)
 }
