@@ -333,6 +333,7 @@ async fn echo_bench(s: &Server, id: &str, sz: &Sizes) -> Result<EchoRun> {
     // on this process's workers.
     let load_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("bench-load")
         .on_thread_start(|| {
             let nice = std::env::var("WRENN_BENCH_LOAD_NICE").ok();
             if let Some(n) = nice.and_then(|n| n.parse().ok()) {

@@ -185,7 +185,7 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
 }
 
 /// Reconcile every host now, all at once (a host that hangs holds up no
-/// other: `wrenn up`'s own agent has no heartbeat but these calls).
+/// other).
 pub async fn reconcile_all(cp: &Cp) {
     let hosts = cp.hosts.all();
     futures::future::join_all(hosts.iter().map(|h| reconcile_host(cp, h))).await;
