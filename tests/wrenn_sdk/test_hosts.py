@@ -66,6 +66,45 @@ def stop(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
+class SecondAgent:
+    """A second agent beside ``server``: its own data dir under /var/tmp
+    (the fixture templates linked in), instance and pool; ``start`` runs it
+    (``proc``). On leaving the ``with`` block, however the test ended, the
+    capsules in ``made`` are destroyed through ``h``, the agent stopped,
+    its host objects purged and its data dir removed."""
+
+    def __init__(self, server) -> None:
+        wrenn_bin, envd = wrenn_up.resolve_binaries()
+        self.binary = (os.environ.get("WRENN_AGENT_BIN")
+                       or str(Path(wrenn_bin).with_name("wrenn-agent")))
+        self.data = Path(tempfile.mkdtemp(prefix="wrenn-sdk-agent-", dir="/var/tmp"))
+        wrenn_up._link_fixture_templates(self.data, ())
+        self.up = wrenn_up.WrennUp(self.data, binary=wrenn_bin, envd=envd)
+        self.server = server
+        self.h = server.http()
+        self.proc: subprocess.Popen | None = None
+        self.made: list[str] = []
+
+    def start(self, token: str | None, extra: tuple[str, ...] = ()) -> str:
+        """Start the agent (registering with ``token``); its address."""
+        self.proc, addr = start_agent(self.binary, self.up, self.server.base_url, token, extra)
+        return addr
+
+    def log_tail(self) -> str:
+        return (self.data / "agent.log").read_text()[-2000:]
+
+    def __enter__(self) -> "SecondAgent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cid in self.made:
+            self.h.delete(f"/v1/capsules/{cid}")
+        self.h.close()
+        stop(self.proc)
+        self.up.purge()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
 def wait_status(h: httpx.Client, path: str, want: str, limit: float) -> dict:
     deadline = time.monotonic() + limit
     while True:
@@ -96,95 +135,71 @@ def test_a_silent_host_is_unreachable_and_its_capsules_missing_until_it_returns(
     A private ``wrenn up`` (SQLite) with ``QUICK_MONITOR``, and a second
     agent heartbeating every second that is SIGKILLed (its runc containers
     outlive it) and started again on the same data dir."""
-    wrenn_bin, envd = wrenn_up.resolve_binaries()
-    agent_bin = os.environ.get("WRENN_AGENT_BIN") or str(Path(wrenn_bin).with_name("wrenn-agent"))
-    data = Path(tempfile.mkdtemp(prefix="wrenn-sdk-agent-", dir="/var/tmp"))
-    wrenn_up._link_fixture_templates(data, ())
-    agent_up = wrenn_up.WrennUp(data, binary=wrenn_bin, envd=envd)
-    proc = None
     with wrenn_up.WrennUp.serving(request, failed_attr="wrenn_failed", extra_args=QUICK_MONITOR,
-                                  prefix="wrenn-sdk-monitor-", code_runner=False) as up:
-        server = up.server
+                                  prefix="wrenn-sdk-monitor-", code_runner=False) as up, \
+            SecondAgent(up.server) as second:
+        server, h, made = up.server, second.h, second.made
         started = time.monotonic()  # (the reconciler's first round)
-        h = server.http()
-        made: list[str] = []
-        try:
-            reg = h.post("/v1/hosts")
-            assert reg.status_code == 201, reg.text
-            host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-            proc, addr = start_agent(agent_bin, agent_up, server.base_url, token,
-                                     ("--heartbeat-interval", "1s"))
-            wait_host(h, host_id, addr)
-            # least-loaded placement alternates between the two empty hosts
-            for _ in range(4):
-                r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
-                assert r.status_code == 201, r.text
-                made.append(r.json()["id"])
-            away = [c for c in made if c in agent_up.runc_containers()]
-            home = [c for c in made if c not in away]
-            assert away and home, f"placement put all of {made} on one host"
-            r = h.post(f"/v1/capsules/{away[0]}/files/write", data={"path": "/root/marker"},
-                       files={"file": ("upload", b"still here", "application/octet-stream")})
-            assert r.status_code < 300, r.text
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        addr = second.start(token, ("--heartbeat-interval", "1s"))
+        wait_host(h, host_id, addr)
+        # least-loaded placement alternates between the two empty hosts
+        for _ in range(4):
+            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+        away = [c for c in made if c in second.up.runc_containers()]
+        home = [c for c in made if c not in away]
+        assert away and home, f"placement put all of {made} on one host"
+        r = h.post(f"/v1/capsules/{away[0]}/files/write", data={"path": "/root/marker"},
+                   files={"file": ("upload", b"still here", "application/octet-stream")})
+        assert r.status_code < 300, r.text
 
-            proc.kill()
-            proc.wait()
-            proc = None
-            host = wait_status(h, f"/v1/hosts/{host_id}", "unreachable", 15)
-            for cid in away:
-                wait_status(h, f"/v1/capsules/{cid}", "missing", 5)
-            # the SDK's connect waits for running and fails on missing
-            with pytest.raises(RuntimeError, match="missing"):
-                Capsule.connect(away[0], api_key=server.api_key, base_url=server.base_url)
-            r = h.post(f"/v1/capsules/{away[0]}/exec", json={"cmd": "/bin/true"})
-            assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_state", r.text
-            # the other host's capsules are untouched
-            for cid in home:
-                r = h.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
-                assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
-            assert h.get(f"/v1/hosts/{host_id}").json()["last_heartbeat"] == host["last_heartbeat"]
+        second.proc.kill()
+        second.proc.wait()
+        second.proc = None
+        host = wait_status(h, f"/v1/hosts/{host_id}", "unreachable", 15)
+        for cid in away:
+            wait_status(h, f"/v1/capsules/{cid}", "missing", 5)
+        # the SDK's connect waits for running and fails on missing
+        with pytest.raises(RuntimeError, match="missing"):
+            Capsule.connect(away[0], api_key=server.api_key, base_url=server.base_url)
+        r = h.post(f"/v1/capsules/{away[0]}/exec", json={"cmd": "/bin/true"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_state", r.text
+        # the other host's capsules are untouched
+        for cid in home:
+            r = h.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
+            assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
+        assert h.get(f"/v1/hosts/{host_id}").json()["last_heartbeat"] == host["last_heartbeat"]
 
-            # back: its first heartbeat reconciles it at once (the
-            # reconciler's next round is a minute away)
-            proc, addr = start_agent(agent_bin, agent_up, server.base_url, None,
-                                     ("--heartbeat-interval", "1s"))
-            wait_host(h, host_id, addr, limit=15)
-            for cid in away:
-                wait_status(h, f"/v1/capsules/{cid}", "running", 10)
-            assert time.monotonic() - started < 55, "too slow to tell the heartbeat from a round"
-            r = h.post(f"/v1/capsules/{away[0]}/files/read", json={"path": "/root/marker"})
-            assert r.status_code == 200 and r.content == b"still here", r.text
-            for cid in made:
-                assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-            made.clear()
-            assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-            assert proc.wait(60) == 0, (data / "agent.log").read_text()[-2000:]
-            proc = None
-        finally:
-            for cid in made:
-                h.delete(f"/v1/capsules/{cid}")
-            h.close()
-            stop(proc)
-            agent_up.purge()
-            shutil.rmtree(data, ignore_errors=True)
+        # back: its first heartbeat reconciles it at once (the
+        # reconciler's next round is a minute away)
+        addr = second.start(None, ("--heartbeat-interval", "1s"))
+        wait_host(h, host_id, addr, limit=15)
+        for cid in away:
+            wait_status(h, f"/v1/capsules/{cid}", "running", 10)
+        assert time.monotonic() - started < 55, "too slow to tell the heartbeat from a round"
+        r = h.post(f"/v1/capsules/{away[0]}/files/read", json={"path": "/root/marker"})
+        assert r.status_code == 200 and r.content == b"still here", r.text
+        for cid in made:
+            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made.clear()
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None
 
 
 def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
-    wrenn_bin, envd = wrenn_up.resolve_binaries()
-    agent_bin = os.environ.get("WRENN_AGENT_BIN") or str(Path(wrenn_bin).with_name("wrenn-agent"))
-    data = Path(tempfile.mkdtemp(prefix="wrenn-sdk-agent-", dir="/var/tmp"))
-    wrenn_up._link_fixture_templates(data, ())
-    up = wrenn_up.WrennUp(data, binary=wrenn_bin, envd=envd)
-    h = server.http()
-    proc = None
-    made: list[str] = []
-    try:
+    with SecondAgent(server) as second:
+        h, made, up, data = second.h, second.made, second.up, second.data
         reg = h.post("/v1/hosts")
         assert reg.status_code == 201, reg.text
         host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
         assert reg.json()["host"]["status"] == "pending"
 
-        proc, addr = start_agent(agent_bin, up, server.base_url, token)
+        addr = second.start(token)
         host = wait_host(h, host_id, addr)
         assert host["cpu_cores"] >= 1 and host["memory_mb"] > 0
         ident = data / "host.json"  # written once the answer is in
@@ -247,8 +262,8 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
             shutil.rmtree(pems)
 
         # a restart on another port: no token needed, the heartbeat moves it
-        stop(proc)
-        proc, addr2 = start_agent(agent_bin, up, server.base_url, None, ("--heartbeat-interval", "1s"))
+        stop(second.proc)
+        addr2 = second.start(None, ("--heartbeat-interval", "1s"))
         wait_host(h, host_id, addr2)
         r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo again"]})
         assert r.status_code == 200 and r.json()["stdout"] == "again\n", r.text
@@ -266,16 +281,9 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         # back its network slots and leaves, and forgets its registration
         assert h.delete(f"/v1/hosts/{host_id}", params={"force": "true"}).status_code == 204
         assert h.get(f"/v1/hosts/{host_id}").status_code == 404
-        assert proc.wait(60) == 0, (data / "agent.log").read_text()[-2000:]
-        proc = None
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None
         made.clear()
         assert on_new not in up.runc_containers()
         assert up.capsule_objects() == {}, up.capsule_objects()
         assert not (data / "host.json").exists()
-    finally:
-        for cid in made:
-            h.delete(f"/v1/capsules/{cid}")
-        h.close()
-        stop(proc)
-        up.purge()
-        shutil.rmtree(data, ignore_errors=True)
