@@ -517,28 +517,16 @@ impl Db {
     }
 
     /// Mark `unreachable` the online hosts with no sign of life since
-    /// `before` (ms); returns them. A heartbeat that lands between the
-    /// two statements keeps its host online.
+    /// `before` (ms); returns them.
     pub async fn mark_silent_hosts(&self, before: i64) -> Result<Vec<HostId>, DbError> {
-        const SILENT: &str = "status = 'online' AND COALESCE(last_heartbeat, created_at) < $1";
-        let ids: Vec<String> = sqlx::query_scalar(&format!("SELECT id FROM hosts WHERE {SILENT}"))
-            .bind(before)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut marked = Vec::with_capacity(ids.len());
-        for id in ids {
-            let done = sqlx::query(&format!(
-                "UPDATE hosts SET status = 'unreachable' WHERE {SILENT} AND id = $2"
-            ))
-            .bind(before)
-            .bind(&id)
-            .execute(&self.pool)
-            .await?;
-            if done.rows_affected() == 1 {
-                marked.extend(id.parse::<HostId>().ok());
-            }
-        }
-        Ok(marked)
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE hosts SET status = 'unreachable' \
+             WHERE status = 'online' AND COALESCE(last_heartbeat, created_at) < $1 RETURNING id",
+        )
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.iter().filter_map(|id| id.parse().ok()).collect())
     }
 
     /// Forget host `id`, revoking its newest certificate.
