@@ -96,21 +96,26 @@ pub async fn refresh_capsule(cp: &Cp, host: &HostConn, c: &CapsuleRow) {
     }
 }
 
+/// A host's capsules, as its agent lists them (waiting [`LIST_TIMEOUT`]
+/// at most).
+async fn list(host: &HostConn) -> Result<pb::ListCapsulesResponse, String> {
+    let asked = host.rpc.list_capsules(pb::ListCapsulesRequest::default());
+    match tokio::time::timeout(LIST_TIMEOUT, asked).await {
+        Ok(Ok(l)) => Ok(l.into_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer in {LIST_TIMEOUT:?}")),
+    }
+}
+
 /// Reconcile one host.
 pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
     let rows = match cp.db.capsules_on(&host.id).await {
         Ok(r) => r,
         Err(e) => return tracing::warn!(error = %e, "reconcile: database"),
     };
-    let asked = host.rpc.list_capsules(pb::ListCapsulesRequest::default());
-    let listed = match tokio::time::timeout(LIST_TIMEOUT, asked).await {
-        Ok(Ok(l)) => l.into_owned(),
-        Ok(Err(e)) => {
-            return tracing::warn!(host = %host.id, error = %e, "reconcile: host did not answer")
-        }
-        Err(_) => {
-            return tracing::warn!(host = %host.id, "reconcile: host did not answer in {LIST_TIMEOUT:?}")
-        }
+    let listed = match list(host).await {
+        Ok(l) => l,
+        Err(e) => return tracing::warn!(host = %host.id, error = %e, "reconcile: no answer"),
     };
     if let Ok(true) = cp.db.heartbeat(&host.id).await {
         host_event(cp, Kind::HostUp, &host.id).await;
@@ -228,15 +233,14 @@ pub async fn heartbeat_for(cp: Arc<Cp>, id: HostId, every: Duration) {
         let Some(host) = cp.hosts.get(&id) else {
             continue;
         };
-        let asked = host.rpc.list_capsules(pb::ListCapsulesRequest::default());
-        match tokio::time::timeout(LIST_TIMEOUT, asked).await {
-            Ok(Ok(_)) => match cp.db.heartbeat(&id).await {
-                Ok(true) => host_revived(cp.clone(), id.clone()).await,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot record a heartbeat"),
-            },
-            Ok(Err(e)) => tracing::warn!(host = %id, error = %e, "own agent did not answer"),
-            Err(_) => tracing::warn!(host = %id, "own agent did not answer in {LIST_TIMEOUT:?}"),
+        if let Err(e) = list(&host).await {
+            tracing::warn!(host = %id, error = %e, "own agent: no answer");
+            continue;
+        }
+        match cp.db.heartbeat(&id).await {
+            Ok(true) => host_revived(cp.clone(), id.clone()).await,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot record a heartbeat"),
         }
     }
 }
