@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import httpx
+import httpx_ws
 import pytest
 from wrenn import Capsule
 from wrennsdk_support import unknown_capsule_id, wildcard_localhost
@@ -30,6 +32,44 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", PORT), H).serve_forever()
 '''
+
+# A WebSocket server that echoes each message back (unmasked, as a server
+# sends), one thread per connection; standard library only.
+WS_ECHO = r"""
+import base64, hashlib, socket, struct, threading
+def serve(c):
+    req = b""
+    while b"\r\n\r\n" not in req:
+        d = c.recv(4096)
+        if not d:
+            return
+        req += d
+    key = next(l.split(b":", 1)[1].strip() for l in req.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:"))
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    f = c.makefile("rb")
+    while True:
+        h = f.read(2)
+        if len(h) < 2:
+            return
+        op, n = h[0] & 0x0F, h[1] & 0x7F
+        if n == 126:
+            n = struct.unpack(">H", f.read(2))[0]
+        mask = f.read(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(f.read(n)))
+        if op == 8:
+            c.sendall(b"\x88\x00")
+            return
+        if op in (1, 2):
+            size = bytes([n]) if n < 126 else b"\x7e" + struct.pack(">H", n)
+            c.sendall(bytes([0x80 | op]) + size + data)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8765))
+s.listen(16)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
 
 
 def _host(port: int, capsule_id: str, server) -> str:
@@ -151,3 +191,51 @@ def test_proxy_to_paused_capsule(server, capsule: Capsule) -> None:
     r = _wait_200(lambda: _get(server, 8080, capsule.capsule_id, "/file"))
     assert r.text == "hello from the capsule\n"
 
+
+
+def _ws_echoes(ws) -> None:
+    ws.send_bytes(b"\x00\xffbinary")
+    assert ws.receive_bytes(timeout=10) == b"\x00\xffbinary"
+    ws.send_text("text " * 100)
+    assert ws.receive_text(timeout=10) == "text " * 100
+
+
+def _ws_ends(ws) -> None:
+    """The tunnel is cut: the next read fails (no close frame comes: the
+    proxy drops the connection) within seconds."""
+    with pytest.raises((httpx_ws.WebSocketDisconnect, httpx_ws.WebSocketNetworkError)):
+        ws.receive_bytes(timeout=10)
+
+
+def test_websocket_tunnels_echo_and_end_with_pause_and_destroy(server, capsule: Capsule) -> None:
+    """WebSockets through the subdomain proxy (``wrenn up`` hands the upgrade
+    to its own agent in-process; the agent owns the tunnel): both ways,
+    text and binary; a pause and a destroy each end the open tunnels."""
+    capsule.files.write("/tmp/ws_echo.py", WS_ECHO)
+    capsule.commands.run("python3 /tmp/ws_echo.py", background=True)
+    url = f"http://127.0.0.1:{server.port}/chat"
+    headers = {"Host": _host(8765, capsule.capsule_id, server)}
+
+    def connect(client: httpx.Client, opened: contextlib.ExitStack):
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                return opened.enter_context(httpx_ws.connect_ws(url, client, headers=headers))
+            except httpx_ws.WebSocketUpgradeError as e:
+                # only "not up yet" on the way (never 404)
+                assert e.response.status_code in (502, 503), e.response.status_code
+                assert time.monotonic() < deadline, "the WebSocket server never came up"
+                time.sleep(0.25)
+
+    with httpx.Client(timeout=10) as client:
+        with contextlib.suppress(httpx_ws.WebSocketNetworkError), contextlib.ExitStack() as opened:
+            ws = connect(client, opened)
+            _ws_echoes(ws)
+            capsule.pause(wait=True)
+            _ws_ends(ws)
+        capsule.resume(wait=True)
+        with contextlib.suppress(httpx_ws.WebSocketNetworkError), contextlib.ExitStack() as opened:
+            ws = connect(client, opened)
+            _ws_echoes(ws)
+            capsule.destroy(wait=True)
+            _ws_ends(ws)

@@ -12,7 +12,9 @@
 //!   makes the same rewrite with no prefix.)
 //! - WebSocket (any `Upgrade`) requests get a connection of their own and,
 //!   after the upstream's 101, a byte tunnel. Tunnels are tasks owned by
-//!   the proxy's tracker and cancelled with it.
+//!   the proxy's tracker and cancelled with it, with their capsule, and
+//!   (`wrenn up`'s control plane hands its upgrades over in-process) with
+//!   the control plane's route.
 //! - Routes (capsule, port → address and prefix) are cached and evicted
 //!   when the capsule is destroyed; the capsule's state is checked on
 //!   every request (a paused capsule answers 503, never 404). Refusals of
@@ -114,10 +116,13 @@ impl PortProxy {
     }
 
     /// Relay a `/proxy/…` request; plain ones over `pair` when it is free.
+    /// A tunnel also ends when `caller` (another proxy's route) is
+    /// cancelled.
     pub async fn handle(
         self: Arc<Self>,
         req: Request,
         pair: Option<Arc<wrenn_http::Pair>>,
+        caller: Option<CancellationToken>,
     ) -> Response {
         let path = req.uri().path().to_owned();
         let Some(t) = parse_target(&path) else {
@@ -147,7 +152,7 @@ impl PortProxy {
             None => t.rest.to_owned(),
         };
         if is_upgrade(req.headers()) {
-            return self.tunnel(req, route, &path_and_query).await;
+            return self.tunnel(req, route, &path_and_query, caller).await;
         }
         self.forward(req, route, &path_and_query, true, pair).await
     }
@@ -191,15 +196,21 @@ impl PortProxy {
         })
     }
 
-    async fn tunnel(&self, req: Request, route: Arc<Route>, path_and_query: &str) -> Response {
-        let stop = route.stop.clone();
+    async fn tunnel(
+        &self,
+        req: Request,
+        route: Arc<Route>,
+        path_and_query: &str,
+        caller: Option<CancellationToken>,
+    ) -> Response {
+        let stops: Vec<_> = std::iter::once(route.stop.clone()).chain(caller).collect();
         relay::tunnel(
             req,
             route.upstream,
             None,
             path_and_query,
             &self.tunnels,
-            stop,
+            &stops,
             |h| fix_location(h, &route, true),
         )
         .await
@@ -242,7 +253,11 @@ pub fn is_bulk(path: &str, _headers: &HeaderMap) -> bool {
 /// `wrenn up`'s control plane calls its agent's proxy directly.
 impl wrenn_http::relay::LocalProxy for PortProxy {
     fn serve(self: Arc<Self>, req: Request) -> wrenn_http::Answer {
-        Box::pin(self.handle(req, None))
+        Box::pin(self.handle(req, None, None))
+    }
+
+    fn tunnel(self: Arc<Self>, req: Request, stop: CancellationToken) -> wrenn_http::Answer {
+        Box::pin(self.handle(req, None, Some(stop)))
     }
 
     fn serve_port(
@@ -264,7 +279,7 @@ impl wrenn_http::relay::LocalProxy for PortProxy {
 
 /// The axum handler (state: the proxy).
 pub async fn handler(State(proxy): State<Arc<PortProxy>>, req: Request) -> Response {
-    proxy.handle(req, None).await
+    proxy.handle(req, None, None).await
 }
 
 /// The agent listener's hot path, in front of its router: a plain
@@ -293,6 +308,10 @@ impl wrenn_http::Front for FastLane {
             return Err(req);
         }
         req.headers_mut().remove(crate::auth::AGENT_TOKEN_HEADER);
-        Ok(Box::pin(self.proxy.clone().handle(req, Some(pair.clone()))))
+        Ok(Box::pin(self.proxy.clone().handle(
+            req,
+            Some(pair.clone()),
+            None,
+        )))
     }
 }

@@ -3,8 +3,10 @@
 //! and curl) and the path form `/proxy/{capsule}/{port}/…`, both forwarded
 //! to the capsule's agent's path proxy over the HTTP/1.1-only proxy pool
 //! or, when that agent runs in this process (`wrenn up`), handed to its
-//! proxy directly: plain requests take no loopback HTTP hop (WebSocket
-//! upgrades still do, so the agent owns their tunnels either way).
+//! proxy directly, with no loopback HTTP hop: plain requests, and
+//! WebSocket upgrades, whose tunnels the agent owns either way (handed
+//! over with this route's stop token, so that pause and destroy end them
+//! here as they do over HTTP).
 //!
 //! - Capsule → agent address is cached for [`ROUTE_TTL`] and evicted on
 //!   destroy (which also closes that capsule's WebSocket tunnels) and on a
@@ -276,7 +278,7 @@ pub async fn relay_to(
     };
     let upgrade = relay::is_upgrade(req.headers());
     let resp = match &route.local {
-        Some(local) if !upgrade => {
+        Some(local) => {
             let Ok(uri) = path_and_query.parse::<Uri>() else {
                 return plain(StatusCode::BAD_REQUEST, "unparsable path");
             };
@@ -284,7 +286,14 @@ pub async fn relay_to(
             parts.uri = uri;
             // (the HTTP path overwrites it, and the agent drops it)
             parts.headers.remove(AGENT_TOKEN_HEADER);
-            let resp = local.clone().serve(Request::from_parts(parts, body)).await;
+            let req = Request::from_parts(parts, body);
+            // (an upgrade's request still holds the client connection's
+            // upgrade: the agent's proxy takes it over for its tunnel)
+            let resp = if upgrade {
+                local.clone().tunnel(req, route.stop.clone()).await
+            } else {
+                local.clone().serve(req).await
+            };
             let (mut parts, body) = resp.into_parts();
             strip(&mut parts.headers);
             Response::from_parts(parts, body)
@@ -300,7 +309,7 @@ pub async fn relay_to(
                     Some((&cp.tunnel_tls, &route.agent_name)),
                     &path_and_query,
                     &cp.tasks,
-                    route.stop.clone(),
+                    std::slice::from_ref(&route.stop),
                     strip,
                 )
                 .await;

@@ -3,8 +3,9 @@
 //!
 //! - The proxy's two ways to an agent: requests for a capsule on the agent
 //!   that runs in this process (`wrenn up`) go straight to that agent's
-//!   proxy, with no HTTP hop; WebSocket upgrades, and every request for a
-//!   capsule on another host, cross HTTP to the agent with its token. The
+//!   proxy, with no HTTP hop, WebSocket upgrades included; every request
+//!   for a capsule on another host crosses HTTP to the agent with its
+//!   token. The
 //!   agents are stand-ins: an in-process proxy that records what it is
 //!   handed, and TCP listeners that record the request heads they receive.
 //! - Mutual TLS: who may talk to whom, and revoked certificates refused.
@@ -43,6 +44,17 @@ impl LocalProxy for InProcess {
         let uri = req.uri().to_string();
         let prefix = uri.split('/').take(4).collect::<Vec<_>>().join("/");
         self.answer(uri, &req, format!("{prefix}/next"))
+    }
+
+    fn tunnel(
+        self: Arc<Self>,
+        req: Request,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> wrenn_http::Answer {
+        // (what the agent's proxy answers a refused upgrade with; the
+        // stop token is the control plane's route's, live while cached)
+        let seen = format!("tunnel {} (stopped: {})", req.uri(), stop.is_cancelled());
+        self.answer(seen, &req, "/ws-next".into())
     }
 
     fn serve_port(
@@ -313,8 +325,9 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     assert_eq!(last(), format!("port 49983 of {id}: /again"));
     assert_eq!(in_process.seen.lock().unwrap().len(), 7);
 
-    // 3. An upgrade for the local capsule crosses HTTP to its agent, with
-    //    the agent's token: the agent owns tunnels.
+    // 3. An upgrade for the local capsule is handed over in-process too
+    //    (the agent owns tunnels), in the path form, without the agent
+    //    token, with the route's live stop token; nothing crosses HTTP.
     let out = get(
         addr,
         "/ws",
@@ -328,15 +341,16 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let seen = local_heads.recv().await.unwrap();
-    let head = seen.head;
-    assert!(
-        head.starts_with(&format!("GET /proxy/{id}/8080/ws HTTP/1.1")),
-        "{head}"
+    assert!(out.ends_with("in-process"), "{out}");
+    assert!(out.contains("location: /ws-next\r\n"), "{out}");
+    assert_eq!(
+        in_process.seen.lock().unwrap().last().unwrap(),
+        &(
+            format!("tunnel /proxy/{id}/8080/ws (stopped: false)"),
+            false
+        )
     );
-    assert!(head.contains("x-wrenn-agent-token: local-secret"), "{head}");
-    assert_eq!(seen.alpn, "wrenn-bulk", "a tunnel is bulk traffic");
-    assert_eq!(in_process.seen.lock().unwrap().len(), 7);
+    assert_eq!(in_process.seen.lock().unwrap().len(), 8);
 
     // 4. A capsule on another host: over HTTP with that host's token, and
     //    the caller's key removed.
@@ -360,10 +374,40 @@ async fn local_capsules_skip_the_http_hop_and_remote_ones_take_it() {
         "{head}"
     );
     assert!(!head.to_ascii_lowercase().contains("x-api-key"), "{head}");
-    assert_eq!(in_process.seen.lock().unwrap().len(), 7);
+    //    An upgrade for it crosses HTTP too (a tunnel connection of its
+    //    own, in the bulk class), with that host's token.
+    let out = get(
+        addr,
+        &format!("/proxy/{other}/3000/ws"),
+        &[
+            ("x-api-key", key),
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+    )
+    .await;
+    assert!(out.ends_with("remote"), "{out}");
+    let seen = remote_heads.recv().await.unwrap();
+    let head = seen.head;
+    assert!(
+        head.starts_with(&format!("GET /proxy/{other}/3000/ws HTTP/1.1")),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    assert!(
+        head.contains("x-wrenn-agent-token: remote-secret"),
+        "{head}"
+    );
+    assert_eq!(seen.alpn, "wrenn-bulk", "a tunnel is bulk traffic");
+    assert_eq!(in_process.seen.lock().unwrap().len(), 8);
     assert!(
         local_heads.try_recv().is_err(),
-        "no plain request reached the local agent over HTTP"
+        "nothing reached the local agent over HTTP"
     );
 
     // 5. envd's port on another host: the RPC class's HTTP/1.1 pool.

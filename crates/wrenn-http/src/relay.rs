@@ -6,7 +6,8 @@
 //!   headers and `X-API-Key` removed.
 //! - [`tunnel`] handles `Upgrade` requests (WebSockets): a connection of
 //!   its own, the upstream's 101 passed back, then a byte tunnel owned by
-//!   the caller's [`TaskTracker`] and ended by its [`CancellationToken`].
+//!   the caller's [`TaskTracker`] and ended by any of its
+//!   [`CancellationToken`]s.
 //! - [`cut_on`] makes a streamed response fail (not end cleanly) when a
 //!   token is cancelled: a client reading a capsule's stream learns that
 //!   the capsule went away instead of waiting forever.
@@ -41,6 +42,11 @@ use crate::ProxyClient;
 /// would, refusals included.
 pub trait LocalProxy: Send + Sync + std::fmt::Debug {
     fn serve(self: Arc<Self>, req: Request) -> crate::Answer;
+
+    /// The same for an `Upgrade` request (a WebSocket): this proxy dials
+    /// the capsule and, after the 101, owns the tunnel, which also ends
+    /// when `stop` (the caller's route: pause, destroy) is cancelled.
+    fn tunnel(self: Arc<Self>, req: Request, stop: CancellationToken) -> crate::Answer;
 
     /// The same for a request already known to be for `to`, its
     /// `Location` headers left in the capsule's own terms (no path-form
@@ -281,7 +287,9 @@ impl http_body::Body for CutBody {
 
 /// Relay an `Upgrade` request to `upstream` at `path_and_query`. The
 /// connection to the upstream and, after its 101, the byte tunnel are
-/// tasks on `tasks`, ended when `stop` is cancelled.
+/// tasks on `tasks`, ended when any of `stops` is cancelled (a route's,
+/// and the caller's when the request came from another proxy in this
+/// process).
 /// With `tls` the tunnel's connection is TLS, the upstream's certificate
 /// checked against the name given with it.
 pub async fn tunnel(
@@ -290,7 +298,7 @@ pub async fn tunnel(
     tls: Option<(&std::sync::Arc<crate::tls::rustls::ClientConfig>, &str)>,
     path_and_query: &str,
     tasks: &TaskTracker,
-    stop: CancellationToken,
+    stops: &[CancellationToken],
     fix: impl FnOnce(&mut HeaderMap),
 ) -> Response {
     let dialed = match crate::dial_with_retry(upstream).await {
@@ -322,11 +330,11 @@ pub async fn tunnel(
         Ok(x) => x,
         Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy error: {e}")),
     };
-    let conn_stop = stop.clone();
+    let conn_stops = stops.to_vec();
     tasks.spawn(async move {
         tokio::select! {
             _ = conn.with_upgrades() => {}
-            _ = conn_stop.cancelled() => {}
+            _ = any_cancelled(&conn_stops) => {}
         }
     });
     let mut up = http::Request::builder()
@@ -354,6 +362,7 @@ pub async fn tunnel(
     let mut upstream_resp = http::Response::from_parts(parts.clone(), ());
     let client_upgrade = hyper::upgrade::on(&mut req);
     let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+    let stops = stops.to_vec();
     tasks.spawn(async move {
         let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
             return;
@@ -361,8 +370,25 @@ pub async fn tunnel(
         let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
         tokio::select! {
             _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-            _ = stop.cancelled() => {}
+            _ = any_cancelled(&stops) => {}
         }
     });
     Response::from_parts(parts, Body::empty())
+}
+
+/// Done once any of `stops` is cancelled (never, for none).
+async fn any_cancelled(stops: &[CancellationToken]) {
+    let mut waits: Vec<_> = stops.iter().map(|s| Box::pin(s.cancelled())).collect();
+    std::future::poll_fn(|cx| {
+        // (every wait is polled, so each has this task's waker)
+        let done = waits
+            .iter_mut()
+            .fold(false, |done, w| w.as_mut().poll(cx).is_ready() || done);
+        if done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
