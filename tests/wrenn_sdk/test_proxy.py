@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 
 import httpx
 import httpx_ws
@@ -33,43 +34,8 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("0.0.0.0", PORT), H).serve_forever()
 '''
 
-# A WebSocket server that echoes each message back (unmasked, as a server
-# sends), one thread per connection; standard library only.
-WS_ECHO = r"""
-import base64, hashlib, socket, struct, threading
-def serve(c):
-    req = b""
-    while b"\r\n\r\n" not in req:
-        d = c.recv(4096)
-        if not d:
-            return
-        req += d
-    key = next(l.split(b":", 1)[1].strip() for l in req.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:"))
-    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-    f = c.makefile("rb")
-    while True:
-        h = f.read(2)
-        if len(h) < 2:
-            return
-        op, n = h[0] & 0x0F, h[1] & 0x7F
-        if n == 126:
-            n = struct.unpack(">H", f.read(2))[0]
-        mask = f.read(4)
-        data = bytes(b ^ mask[i % 4] for i, b in enumerate(f.read(n)))
-        if op == 8:
-            c.sendall(b"\x88\x00")
-            return
-        if op in (1, 2):
-            size = bytes([n]) if n < 126 else b"\x7e" + struct.pack(">H", n)
-            c.sendall(bytes([0x80 | op]) + size + data)
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8765))
-s.listen(16)
-while True:
-    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
-"""
+# A WebSocket echo server on port 8765 (shared with the agent's proxy test).
+WS_ECHO = (Path(__file__).parent.parent / "support" / "ws_echo.py").read_text()
 
 
 def _host(port: int, capsule_id: str, server) -> str:

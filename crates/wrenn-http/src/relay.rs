@@ -380,10 +380,12 @@ pub async fn tunnel(
 async fn any_cancelled(stops: &[CancellationToken]) {
     let mut waits: Vec<_> = stops.iter().map(|s| Box::pin(s.cancelled())).collect();
     std::future::poll_fn(|cx| {
-        // (every wait is polled, so each has this task's waker)
-        let done = waits
-            .iter_mut()
-            .fold(false, |done, w| w.as_mut().poll(cx).is_ready() || done);
+        // (every wait is polled, not only up to the first ready one, so
+        // each holds this task's waker)
+        let mut done = false;
+        for w in &mut waits {
+            done |= w.as_mut().poll(cx).is_ready();
+        }
         if done {
             Poll::Ready(())
         } else {
