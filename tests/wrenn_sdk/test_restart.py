@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -457,3 +458,47 @@ def test_kill_mid_load_no_capsule_lost_or_orphaned(restartable: WrennUp) -> None
     assert code == 0, f"wrenn up exited with {code} on SIGTERM\n{up.server.log_tail(60)}"
     leaks = up.capsule_objects()
     assert not leaks, f"host objects left after destroying every capsule and stopping: {leaks}"
+
+
+def _runc(up: WrennUp, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runc", "--root", str(up.runc_root), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_capsules_gone_while_down_come_back_stopped_and_freed(restartable: WrennUp) -> None:
+    """A host that reboots loses its containers. On the restart, a capsule
+    whose container is gone, or whose init died, is ``stopped`` (the spec's
+    "VM gone"), not ``error``, and what it held on the host (directory,
+    network, addresses) is freed; the capsule that survived runs on."""
+    up = restartable
+    srv = up.start()
+    with WrennClient(api_key=srv.api_key, base_url=srv.base_url) as client:
+        ids = [client.capsules.create(template=TEMPLATE).id for _ in range(3)]
+    died, gone, kept = ids
+    up.kill()
+    # While the server is down: one capsule's init is killed (its container
+    # stays, stopped), another's container is removed outright.
+    r = _runc(up, "kill", died, "KILL")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 10
+    while up.runc_containers().get(died) != "stopped":
+        assert time.monotonic() < deadline, up.runc_containers()
+        time.sleep(0.05)
+    r = _runc(up, "delete", "--force", gone)
+    assert r.returncode == 0, r.stderr
+    assert set(up.runc_containers()) == {died, kept}
+
+    srv = up.start()
+    with WrennClient(api_key=srv.api_key, base_url=srv.base_url) as client:
+        # (reconciled once before the server listens)
+        got = {cid: client.capsules.get(cid).status for cid in ids}
+        assert got == {died: Status.stopped, gone: Status.stopped, kept: Status.running}, got
+        assert {m.id for m in client.capsules.list()} & {died, gone} == set(), \
+            "the list hides stopped capsules"
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while set(up.runc_containers()) != {kept} or _agent_capsules(up) != {kept}:
+            assert time.monotonic() < deadline, (
+                f"the stopped capsules still hold host objects: runc {up.runc_containers()}, "
+                f"agent {_agent_capsules(up)}\n{up.server.log_tail(60)}")
+            time.sleep(0.5)
+        assert _usable(up, kept) is None

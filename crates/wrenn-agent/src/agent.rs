@@ -1937,9 +1937,16 @@ fn reconcile(
             S::Error,
             Some("the agent stopped while the capsule was being created".into()),
         ),
-        (_, None) => (
-            S::Error,
-            Some("the container disappeared while the agent was not running".into()),
+        // Its processes are gone (the host rebooted, or init died): the
+        // capsule is over, as a VM that is gone is. Kept, stopped, with the
+        // reason, until DestroyCapsule frees what it held.
+        (S::Running | S::Paused, None) => (
+            S::Stopped,
+            Some("the container was gone when the agent started".into()),
+        ),
+        (S::Running | S::Paused, Some(C::Stopped)) => (
+            S::Stopped,
+            Some("the container had stopped when the agent started".into()),
         ),
         (_, Some(s)) => (
             S::Error,
@@ -2059,8 +2066,10 @@ mod tests {
         assert_eq!(reconcile(S::Running, Some(C::Running)), (S::Running, None));
         assert_eq!(reconcile(S::Running, Some(C::Paused)), (S::Paused, None));
         assert_eq!(reconcile(S::Hibernated, None), (S::Hibernated, None));
-        assert_eq!(reconcile(S::Running, None).0, S::Error);
-        assert_eq!(reconcile(S::Running, Some(C::Stopped)).0, S::Error);
+        assert_eq!(reconcile(S::Running, None).0, S::Stopped);
+        assert_eq!(reconcile(S::Paused, None).0, S::Stopped);
+        assert_eq!(reconcile(S::Running, Some(C::Stopped)).0, S::Stopped);
+        assert_eq!(reconcile(S::Paused, Some(C::Stopped)).0, S::Stopped);
         assert_eq!(reconcile(S::Starting, Some(C::Running)).0, S::Error);
     }
 

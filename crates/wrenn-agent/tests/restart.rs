@@ -108,7 +108,8 @@ async fn a_killed_agent_readopts_its_capsules() {
         .await
         .unwrap()
         .into_owned();
-    assert_eq!(dead.state, "error");
+    // Its processes are gone: stopped, with the reason, until destroyed.
+    assert_eq!(dead.state, "stopped");
     assert!(dead.error.contains("container"), "{}", dead.error);
     let err = c
         .exec(pb::ExecRequest {

@@ -151,6 +151,18 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                     }
                 }
             }
+            // Gone while the host was down (its agent found no process):
+            // stopped, and what it still holds on the host is freed.
+            Some(a) if status_of(&a.state) == Status::Stopped => {
+                match host.rpc.destroy_capsule(cref(&c.id)).await {
+                    Ok(_) => {}
+                    Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(capsule = %c.id, error = %e, "cannot free a stopped capsule")
+                    }
+                }
+                set(cp, c, Status::Stopped, "capsule_gone").await;
+            }
             Some(a) => {
                 let to = status_of(&a.state);
                 let reason = if auto_paused.contains(&c.id.as_str()) && to == Status::Paused {
@@ -171,9 +183,6 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
         let Ok(id) = a.id.parse::<CapsuleId>() else {
             continue;
         };
-        if a.state == "stopped" {
-            continue;
-        }
         let known = rows.iter().any(|c| c.id == id);
         if !known {
             match cp.db.capsule_any(&id).await {
