@@ -6,9 +6,12 @@
 //!    pull bulk data through the proxy from other ports of the same
 //!    capsule; then the same with `--shared-transport` (proxied requests on
 //!    the agent's RPC connection, the seed system's design). Idle and
-//!    loaded runs take turns over a few rounds; the percentiles are over
-//!    all of each. Goal: loaded p99 ≤ 1.5× idle p99 with separate
-//!    transports.
+//!    loaded runs take turns over a few rounds (the load wound down for a
+//!    second after each loaded run); the percentiles are over all of each.
+//!    Goal: loaded p99 ≤ 1.5× idle p99 with separate transports. For
+//!    information, the same terminal straight to the capsule's envd (no
+//!    control plane, no agent) in every turn: how much the load stretches
+//!    the capsule's own part of the path on this machine.
 //! 2. **exec round trip**: `POST /v1/capsules/{id}/exec` of `/bin/true` vs
 //!    `runc exec` of the same in the same container. Goal: p50 ≤ 0.3×.
 //! 3. **proxy**: `wrk` through the subdomain proxy vs through nginx
@@ -72,6 +75,9 @@ while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
+
+/// How long the load gets to wind down after its clients are gone.
+const LOAD_SETTLE: Duration = Duration::from_secs(1);
 
 struct Sizes {
     keystrokes: usize,
@@ -563,6 +569,9 @@ async fn echo_under_load(
         t.abort();
     }
     load_rt.shutdown_background();
+    // The servers' side of the streams ends once it sees the clients gone;
+    // the next turn (idle, or a new load) starts after that.
+    tokio::time::sleep(LOAD_SETTLE).await;
     match failed {
         Some(e) => Err(e),
         None => Ok((loaded, moved, secs)),
@@ -1072,6 +1081,13 @@ async fn run(
             "NOT met"
         }
     );
+    if let Some(d) = &sep.direct {
+        println!(
+            "info: how much more the load stretches the API's p99 than envd's own (p99 ratio API / p99 ratio straight to envd): separate transports {:.2}×, shared client {:.2}×",
+            sep.api.ratio() / d.ratio().max(1e-9),
+            shared.api.ratio() / d.ratio().max(1e-9)
+        );
+    }
     let r = |a: Duration, b: Duration| ms(a) / ms(b).max(1e-9);
     let (ap, rp) = (pct(api.clone(), 50.0), pct(raw.clone(), 50.0));
     println!(
