@@ -454,15 +454,23 @@ impl Echo {
                 .map(|(_, d)| *d)
                 .collect()
         };
+        // (a smoke run's few keystrokes have no pause)
+        let at = |v: &[Duration], p: f64| {
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                ms(pct(v.to_vec(), p))
+            }
+        };
         let mut out = String::new();
         for (name, first) in [("after a pause", true), ("others", false)] {
             let (i, l) = (part(false, first), part(true, first));
             out += &format!(
                 " {name}: idle p50 {:.2} p99 {:.2}, loaded p50 {:.2} p99 {:.2} ms;",
-                ms(pct(i.clone(), 50.0)),
-                ms(pct(i, 99.0)),
-                ms(pct(l.clone(), 50.0)),
-                ms(pct(l, 99.0))
+                at(&i, 50.0),
+                at(&i, 99.0),
+                at(&l, 50.0),
+                at(&l, 99.0)
             );
         }
         out
