@@ -862,7 +862,12 @@ async fn main() -> Result<()> {
         ..Default::default()
     };
     let id = server.api()?.create_capsule(&spec).await?.id;
-    let result = run(&mut server, data.path(), &id, &instance, &pool, &sz).await;
+    // Ctrl-C or SIGTERM ends the run, not the process: what follows must
+    // still take the capsule, its network and its mounts down.
+    let result = tokio::select! {
+        r = run(&mut server, data.path(), &id, &instance, &pool, &sz) => r,
+        signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+    };
     let _ = server.api()?.destroy_capsule(&id).await;
     server.stop();
     scrub(&instance, data.path());
@@ -871,6 +876,21 @@ async fn main() -> Result<()> {
 
 /// Remove what an agent keeps for its instance between runs (the firewall
 /// table, runtime state, cgroup parents): the benchmark's instance is gone.
+/// The first SIGINT or SIGTERM.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
 fn scrub(instance: &str, data: &Path) {
     // Capsules outlive their agent by design: anything still running in
     // the instance's cgroups (a build the run cut off) is killed first.
