@@ -197,6 +197,21 @@ impl Drop for Cleanup {
     }
 }
 
+/// The first SIGINT or SIGTERM.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
 fn main() -> Result<()> {
     if !rustix::process::geteuid().is_root() {
         bail!("the capsule benchmarks need root (runc, namespaces, nftables)");
@@ -250,7 +265,9 @@ fn main() -> Result<()> {
     let raw_root = data.path().join("raw-state");
     let mut json = Vec::new();
 
-    rt.block_on(async {
+    // Ctrl-C or SIGTERM ends the run, not the process: `_cleanup` must
+    // still take the capsules, their network and their mounts down.
+    let work = async {
         // cold vs raw runc, interleaved (one of each untimed first)
         let (mut raw, mut cold, mut create_only) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=o.iterations {
@@ -314,9 +331,7 @@ fn main() -> Result<()> {
         println!("  concurrent p95 / serial create p50: {conc_ratio:.2}× (goal ≤ 3×); all done in {:.0} ms", ms(wall));
 
         // the same burst met by a warm pool of its size (filled untimed)
-        agent
-            .fill_warm_pools_to(&busybox, o.concurrent)
-            .await;
+        agent.fill_warm_pools_to(&busybox, o.concurrent).await;
         anyhow::ensure!(
             agent.warm_count(&busybox) == o.concurrent,
             "the warm pool holds {} of {}",
@@ -325,7 +340,10 @@ fn main() -> Result<()> {
         );
         let (warm_burst, warm_wall) = burst(&agent, o.concurrent).await?;
         line(
-            &format!("{} concurrent creates, warm pool of {}", o.concurrent, o.concurrent),
+            &format!(
+                "{} concurrent creates, warm pool of {}",
+                o.concurrent, o.concurrent
+            ),
             &warm_burst,
         );
         line("warm create alone (serial)", &warm_create);
@@ -443,6 +461,12 @@ fn main() -> Result<()> {
         }));
         json.push(net);
         anyhow::Ok(())
+    };
+    rt.block_on(async {
+        tokio::select! {
+            r = work => r,
+            signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+        }
     })?;
     for j in json {
         println!("{j}");
