@@ -153,11 +153,15 @@ fn real_main(cli: &Cli) -> Result<ExitCode> {
             }
         }
     };
-    // Ctrl-C drops the run future, whose guards kill envd and remove the temp dir.
+    // Ctrl-C or SIGTERM drops the run future, whose guards kill envd and
+    // remove the temp dir.
     let outcomes = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("watch for SIGTERM")?;
         tokio::select! {
             result = wrenn_bench::run(&config, on_result) => result,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted by SIGINT")),
+            _ = term.recv() => Err(anyhow!("interrupted by SIGTERM")),
         }
     })?;
     if let Some(e) = write_error {
