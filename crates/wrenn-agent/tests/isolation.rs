@@ -26,6 +26,8 @@ struct Internet {
     link_local: String,
     server: std::process::Child,
     sink: std::process::Child,
+    /// What the HTTP server serves (removed after it is stopped).
+    site: tempfile::TempDir,
 }
 
 impl Internet {
@@ -44,6 +46,8 @@ impl Internet {
         // a sink on port 9001 that reads and discards (for the shaping test)
         // (closes after 60 MB, so a client that never half-closes still ends)
         let sink = "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 9001))\ns.listen()\nwhile True:\n    c, _ = s.accept()\n    n = 0\n    while n < 60000000:\n        b = c.recv(1 << 20)\n        if not b:\n            break\n        n += len(b)\n    c.close()\n";
+        let site = tempfile::tempdir().unwrap();
+        std::fs::write(site.path().join("index.html"), "hello from the internet\n").unwrap();
         let mut me = Internet {
             ns: ns.clone(),
             veth,
@@ -51,14 +55,13 @@ impl Internet {
             link_local: format!("169.254.99.{n}"),
             server: Command::new("true").spawn().unwrap(),
             sink: Command::new("true").spawn().unwrap(),
+            site,
         };
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let dir = tempfile::tempdir().unwrap().keep();
-        std::fs::write(dir.join("index.html"), "hello from the internet\n").unwrap();
         me.sink = Command::new("ip")
             .args(["netns", "exec", &ns, "python3", "-c", sink])
             .stdout(std::process::Stdio::null())
@@ -78,7 +81,7 @@ impl Internet {
                 "0.0.0.0",
                 "--directory",
             ])
-            .arg(&dir)
+            .arg(me.site.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
