@@ -191,6 +191,103 @@ def test_a_silent_host_is_unreachable_and_its_capsules_missing_until_it_returns(
         second.proc = None
 
 
+def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -> None:
+    """An agent killed in the middle of a create: the caller is told it
+    failed and the capsule is ``error``, but the agent had begun it (its
+    directory, and whatever else it got to). Nobody holds the ID to
+    destroy it, so when the host is back its reconciliation does: the
+    capsule is ``stopped`` (event reason ``cleanup_after_create_error``) and
+    nothing of it is left on the host.
+
+    A private ``wrenn up`` with ``QUICK_MONITOR``; the second agent is
+    SIGKILLed the moment its record of the new capsule appears."""
+    with wrenn_up.WrennUp.serving(request, failed_attr="wrenn_failed", extra_args=QUICK_MONITOR,
+                                  prefix="wrenn-sdk-cutoff-", code_runner=False) as up, \
+            SecondAgent(up.server) as second:
+        h, made = second.h, second.made
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        addr = second.start(token, ("--heartbeat-interval", "1s"))
+        wait_host(h, host_id, addr)
+        dirs = second.data / "capsules"
+
+        def on_second() -> set[str]:
+            return {p.name for p in dirs.iterdir()} if dirs.is_dir() else set()
+
+        # Least-loaded placement: once the home host has more, the next
+        # create goes to the second.
+        for _ in range(4):
+            away = on_second()
+            if len([c for c in made if c not in away]) > len([c for c in made if c in away]):
+                break
+            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+        before = on_second()
+        assert len(made) > 2 * len(before), f"placement: {made}, on the second host {before}"
+
+        answer: dict[str, httpx.Response] = {}
+        create = threading.Thread(target=lambda: answer.setdefault(
+            "r", up.server.http().post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})))
+        create.start()
+        deadline = time.monotonic() + 30
+        # (its record, written first: without one the agent sweeps the
+        # directory when it starts, and the capsule is merely `orphaned`)
+        while not any((dirs / c / "capsule.json").exists() for c in on_second() - before):
+            assert create.is_alive(), f"the create ended before the second host began it: {answer}"
+            assert time.monotonic() < deadline, "the second host never began the create"
+            time.sleep(0.001)
+        second.proc.kill()
+        second.proc.wait()
+        second.proc = None
+        create.join(60)
+        (cid,) = on_second() - before
+        made.append(cid)
+        r = answer["r"]
+        assert r.status_code >= 500, f"a create cut off by the agent's death answered {r.status_code}: {r.text}"
+        assert h.get(f"/v1/capsules/{cid}").json()["status"] == "error"
+        wait_status(h, f"/v1/hosts/{host_id}", "unreachable", 15)
+
+        # back: its first heartbeat reconciles it, which undoes the create
+        seen: list[dict] = []
+
+        def listen(events: httpx.Response) -> None:
+            try:
+                for line in events.iter_lines():
+                    if line.startswith("data:"):
+                        seen.append(json.loads(line[5:]))
+            except httpx.HTTPError:
+                pass  # (closed at the end)
+
+        with h.stream("GET", "/v1/events/stream", timeout=None) as events:
+            threading.Thread(target=listen, args=(events,), daemon=True).start()
+            addr = second.start(None, ("--heartbeat-interval", "1s"))
+            wait_host(h, host_id, addr, limit=15)
+            deadline = time.monotonic() + 30
+            while not (undone := [e for e in seen if e["event"] == "capsule.destroy"
+                                  and e["resource"]["id"] == cid]):
+                assert time.monotonic() < deadline, f"no capsule.destroy for {cid} in {seen}"
+                time.sleep(0.1)
+        assert undone[0]["metadata"]["reason"] == "cleanup_after_create_error", undone
+        assert h.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
+        deadline = time.monotonic() + 30
+        while cid in on_second() or any(cid in o for objs in second.up.capsule_objects().values()
+                                        for o in objs):
+            assert time.monotonic() < deadline, (on_second(), second.up.capsule_objects())
+            time.sleep(0.2)
+        # the capsules that were made whole are untouched
+        for c in made[:-1]:
+            r = h.post(f"/v1/capsules/{c}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
+            assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
+        for c in made:
+            assert h.delete(f"/v1/capsules/{c}").status_code in (204, 404)
+        made.clear()
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None
+
+
 def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
     with SecondAgent(server) as second:
         h, made, up, data = second.h, second.made, second.up, second.data

@@ -5,9 +5,11 @@
 //!   (auto-paused by the TTL reaper → `paused`, event `capsule.pause` with
 //!   `reason: ttl_expired`);
 //! - a capsule the agent no longer has becomes `stopped` (`reason:
-//!   orphaned`); one whose create a restart cut off is destroyed (`reason:
-//!   cleanup_after_create_error`); one it has that the database calls stopped is destroyed
-//!   (a destroy that failed half way).
+//!   orphaned`); one it has whose create never finished (the agent
+//!   crashed, the answer was lost, a restart cut it off; never `running`)
+//!   is destroyed (`reason: cleanup_after_create_error`); one it has that
+//!   the database calls stopped is destroyed (a destroy that failed half
+//!   way).
 //!
 //! Liveness is the host monitor's ([`monitor`]): every
 //! `host_monitor_interval` (15 s), a host with no sign of life for
@@ -125,19 +127,6 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
         listed.capsules.iter().map(|c| (c.id.as_str(), c)).collect();
     for c in &rows {
         match on_agent.get(c.id.as_str()) {
-            // A create cut off by a restart: the agent marks it failed and
-            // keeps what it had built; nobody holds its ID, so undo it.
-            Some(a)
-                if c.status == Status::Starting
-                    && status_of(&a.state) == Status::Error
-                    && !cp.creating.lock().unwrap().contains(&c.id) =>
-            {
-                if let Err(e) = host.rpc.destroy_capsule(cref(&c.id)).await {
-                    tracing::warn!(capsule = %c.id, error = %e, "cannot clean up a cut-off create");
-                    continue;
-                }
-                set(cp, c, Status::Stopped, "cleanup_after_create_error").await;
-            }
             // A destroy that did not finish (the control plane stopped
             // in the middle): finish it.
             Some(_) if c.status == Status::Stopping => {
@@ -150,6 +139,33 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                         tracing::warn!(capsule = %c.id, error = %e, "cannot finish a destroy")
                     }
                 }
+            }
+            // A create that never finished: its caller was told it failed
+            // (the agent crashed or the answer was lost), or the control
+            // plane restarted before the answer came, and the host may have
+            // been `missing` since. Nobody holds the ID, so whatever the
+            // agent made of it (`error` after its own restart, `running` if
+            // only the answer was lost) is undone.
+            Some(_) if c.started_at.is_none() && !cp.creating.lock().unwrap().contains(&c.id) => {
+                // (read again: a create that ended since the rows were read
+                // has started it, and is out of `creating` only after that)
+                let fresh = match cp.db.capsule_any(&c.id).await {
+                    Ok(Some(f)) if f.started_at.is_none() && f.status != Status::Stopped => f,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(capsule = %c.id, error = %e, "reconcile: database");
+                        continue;
+                    }
+                };
+                match host.rpc.destroy_capsule(cref(&c.id)).await {
+                    Ok(_) => {}
+                    Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(capsule = %c.id, error = %e, "cannot clean up a cut-off create");
+                        continue;
+                    }
+                }
+                set(cp, &fresh, Status::Stopped, "cleanup_after_create_error").await;
             }
             // Gone while the host was down (its agent found no process):
             // stopped, and what it still holds on the host is freed.
