@@ -150,6 +150,36 @@ def test_files_write_over_limit_is_413(server, capsule: Capsule) -> None:
     assert capsule.commands.run("echo ok").stdout == "ok\n"  # the capsule is fine
 
 
+@pytest.mark.parametrize("route", ["files/write", "files/stream/write"])
+@pytest.mark.parametrize("part,status", [("path", 400), ("notes", 413)])
+def test_upload_parts_before_the_file_are_bounded(server, capsule: Capsule, route: str,
+                                                  part: str, status: int) -> None:
+    """A chunked upload (no length to check up front) whose ``path`` part,
+    or a part before the file that the server skips, never ends: refused
+    as soon as it passes its bound, not read (and held) to the end."""
+    boundary = "wrennsdktestboundary0123456789"
+    sent = 0
+
+    def body():
+        nonlocal sent
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="{part}"\r\n\r\n'.encode()
+        for piece in repeat_bytes(256 * MIB):
+            sent += len(piece)
+            yield piece
+
+    r = raw_request(
+        server.base_url,
+        "POST",
+        f"/v1/capsules/{capsule.capsule_id}/{route}",
+        {"X-API-Key": server.api_key, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        body(),
+        content_length=None,
+    )
+    assert_error_body(r, status)
+    assert sent < 64 * MIB, f"the server read {sent >> 20} MiB of a {part} part before refusing it"
+    assert capsule.commands.run("echo ok").stdout == "ok\n"
+
+
 def test_json_body_over_limit(server) -> None:
     big = json.dumps({"template": "minimal", "pad": "x" * (2 * MIB)}).encode()
     for content_length in (len(big), None):  # with a length, and chunked without

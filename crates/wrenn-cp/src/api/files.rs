@@ -8,6 +8,7 @@
 //! Reads stream the agent's chunks straight into the response body; an
 //! error before the first byte (missing file) is a proper 404.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -31,6 +32,14 @@ use crate::hosts::HostConn;
 use crate::server::Cp;
 
 pub const CHUNK: usize = 64 << 10;
+/// The longest `path` part.
+const MAX_PATH: usize = 4096;
+/// The most an upload may send before its file part's bytes begin.
+const HEAD_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+#[error("more than {HEAD_LIMIT} bytes before the file part")]
+struct HeadTooLarge;
 
 #[derive(Debug, Deserialize)]
 pub struct PathBody {
@@ -153,13 +162,48 @@ async fn upload(
         .and_then(|v| v.to_str().ok())
         .and_then(|ct| multer::parse_boundary(ct).ok())
         .ok_or_else(|| ApiError::invalid("expected a multipart/form-data body"))?;
-    let mut form = multer::Multipart::new(req.into_body().into_data_stream(), boundary);
+    // Everything before the file's bytes (preamble, part headers, the path,
+    // parts we skip) is held by the parser: bounded, whatever the client
+    // declares or leaves out.
+    let in_file = Arc::new(AtomicBool::new(false));
+    let overlong = Arc::new(AtomicBool::new(false));
+    let mut before_file = 0usize;
+    let body = req.into_body().into_data_stream().map({
+        let (in_file, overlong) = (in_file.clone(), overlong.clone());
+        move |chunk| {
+            let chunk = chunk?;
+            if !in_file.load(Ordering::Relaxed) {
+                before_file += chunk.len();
+                if before_file > HEAD_LIMIT {
+                    overlong.store(true, Ordering::Relaxed);
+                    return Err(axum::Error::new(HeadTooLarge));
+                }
+            }
+            Ok(chunk)
+        }
+    });
+    let limits = multer::SizeLimit::new()
+        .per_field(HEAD_LIMIT as u64)
+        .for_field("path", MAX_PATH as u64)
+        .for_field("file", u64::MAX);
+    let mut form = multer::Multipart::with_constraints(
+        body,
+        boundary,
+        multer::Constraints::new().size_limit(limits),
+    );
+    let malformed = |e: multer::Error| match e {
+        multer::Error::FieldSizeExceeded { field_name, .. }
+            if field_name.as_deref() == Some("path") =>
+        {
+            ApiError::invalid(format!("path must be 1 to {MAX_PATH} bytes"))
+        }
+        multer::Error::FieldSizeExceeded { .. } => ApiError::too_large(HeadTooLarge.to_string()),
+        _ if overlong.load(Ordering::Relaxed) => ApiError::too_large(HeadTooLarge.to_string()),
+        e => ApiError::invalid(format!("malformed multipart body: {e}")),
+    };
     let mut path: Option<String> = None;
     loop {
-        let field = form
-            .next_field()
-            .await
-            .map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}")))?;
+        let field = form.next_field().await.map_err(malformed)?;
         let Some(mut field) = field else {
             return Err(ApiError::invalid(if path.is_none() {
                 "the path part is missing"
@@ -169,12 +213,11 @@ async fn upload(
         };
         match field.name() {
             Some("path") => {
-                let text = field
-                    .text()
-                    .await
-                    .map_err(|e| ApiError::invalid(format!("malformed path part: {e}")))?;
-                if text.is_empty() || text.len() > 4096 {
-                    return Err(ApiError::invalid("path must be 1 to 4096 bytes"));
+                let text = field.text().await.map_err(malformed)?;
+                if text.is_empty() || text.len() > MAX_PATH {
+                    return Err(ApiError::invalid(format!(
+                        "path must be 1 to {MAX_PATH} bytes"
+                    )));
                 }
                 path = Some(text);
             }
@@ -184,16 +227,12 @@ async fn upload(
                         "the path part must come before the file part",
                     ));
                 };
+                in_file.store(true, Ordering::Relaxed);
                 return send_file(cp, c, host, path, &mut field, limit).await;
             }
             _ => {
                 // unknown parts are skipped
-                while field
-                    .chunk()
-                    .await
-                    .map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}")))?
-                    .is_some()
-                {}
+                while field.chunk().await.map_err(malformed)?.is_some() {}
             }
         }
     }
