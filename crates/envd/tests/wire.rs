@@ -357,6 +357,22 @@ async fn start_sends_keepalives_during_silence() {
     envd.assert_healthy().await;
 }
 
+/// An interval too long to add to a clock is taken as the default, not a panic
+/// that drops the stream of a process already started.
+#[tokio::test]
+async fn start_with_an_overlong_keepalive_interval_runs() {
+    let mut envd = Envd::start();
+    let http = envd.http1();
+    let huge = u64::MAX.to_string();
+    let headers = [("keepalive-ping-interval", huge.as_str())];
+    let stream = http
+        .open_json_stream(START, &start_request("echo hi"), &headers)
+        .await;
+    let run = ProcessRun::read_ok(stream).await;
+    assert_eq!(run.end(), &EndEvent::exit(0));
+    envd.assert_healthy().await;
+}
+
 /// §5.1/§8.10: `Connect-Timeout-Ms` on `Start` bounds the process's life, not only the stream.
 #[tokio::test]
 async fn start_timeout_kills_the_process() {

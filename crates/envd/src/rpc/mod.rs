@@ -31,13 +31,17 @@ pub fn router(state: Arc<Envd>) -> connectrpc::Router {
         .add_service(Arc::new(filesystem::FilesystemRpc::new(state)))
 }
 
-/// `Keepalive-Ping-Interval` (seconds), defaulting to 90 when missing or bad.
+/// The longest `Keepalive-Ping-Interval` taken (a day).
+const MAX_KEEPALIVE_SECS: u64 = 86_400;
+
+/// `Keepalive-Ping-Interval` (seconds), defaulting to 90 when missing, bad
+/// or out of range.
 fn keepalive_interval(ctx: &RequestContext) -> Duration {
     let secs = ctx
         .header("keepalive-ping-interval")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|s| *s > 0)
+        .filter(|s| (1..=MAX_KEEPALIVE_SECS).contains(s))
         .unwrap_or(DEFAULT_KEEPALIVE_SECS);
     Duration::from_secs(secs)
 }
