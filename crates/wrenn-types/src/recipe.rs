@@ -14,6 +14,9 @@ use std::time::Duration;
 
 pub const MAX_RECIPE_BYTES: usize = 256 << 10;
 pub const MAX_STEPS: usize = 500;
+/// The most text ENV values and WORKDIR paths may expand to, all together
+/// (`ENV A=$A$A$A…` doubles on every line).
+pub const MAX_EXPANDED_BYTES: usize = 1 << 20;
 pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,9 +59,10 @@ fn duration(s: &str) -> Option<Duration> {
         .filter(|d| *d <= Duration::from_secs(24 * 3600))
 }
 
-/// Expand `$VAR`, `${VAR}` and `$$` against `vars` (unknown = empty).
-pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(s.len());
+/// Expand `$VAR`, `${VAR}` and `$$` against `vars` (unknown = empty);
+/// `None` once the result passes `limit` bytes.
+pub fn expand(s: &str, vars: &BTreeMap<String, String>, limit: usize) -> Option<String> {
+    let mut out = String::with_capacity(s.len().min(limit));
     let mut it = s.char_indices().peekable();
     while let Some((_, c)) = it.next() {
         if c != '$' {
@@ -102,8 +106,11 @@ pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
             }
             _ => out.push('$'),
         }
+        if out.len() > limit {
+            return None;
+        }
     }
-    out
+    (out.len() <= limit).then_some(out)
 }
 
 fn is_env_key(k: &str) -> bool {
@@ -135,6 +142,8 @@ pub fn parse(text: &str) -> Result<Vec<Step>, RecipeError> {
     }
     let mut steps = Vec::new();
     let mut vars = BTreeMap::new();
+    let mut expand_left = MAX_EXPANDED_BYTES;
+    let too_long = || format!("variables expand to more than {MAX_EXPANDED_BYTES} bytes");
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let l = raw.trim();
@@ -175,16 +184,19 @@ pub fn parse(text: &str) -> Result<Vec<Step>, RecipeError> {
                 if !is_env_key(k) {
                     return Err(err(line, format!("bad variable name {k:?}")));
                 }
-                let value = expand(v, &vars);
+                let value = expand(v, &vars, expand_left).ok_or_else(|| err(line, too_long()))?;
+                expand_left -= value.len();
                 vars.insert(k.to_owned(), value.clone());
                 Step::Env {
                     key: k.to_owned(),
                     value,
                 }
             }
-            "WORKDIR" if !rest.is_empty() => Step::Workdir {
-                path: expand(rest, &vars),
-            },
+            "WORKDIR" if !rest.is_empty() => {
+                let path = expand(rest, &vars, expand_left).ok_or_else(|| err(line, too_long()))?;
+                expand_left -= path.len();
+                Step::Workdir { path }
+            }
             "USER" if is_user(rest) => Step::User {
                 name: rest.to_owned(),
             },
@@ -305,7 +317,31 @@ mod tests {
         assert!(parse("ENV 1A=b").is_err());
         assert!(parse("RUN --timeout=forever x").is_err());
         assert!(parse("\n\n").is_err());
-        assert_eq!(expand("${UNCLOSED", &BTreeMap::new()), "${UNCLOSED");
+        assert_eq!(
+            expand("${UNCLOSED", &BTreeMap::new(), 100).as_deref(),
+            Some("${UNCLOSED")
+        );
+    }
+
+    #[test]
+    fn expansion_is_bounded() {
+        // each line doubles A (12 bytes on line 1); lines 1..=16 hold
+        // 12 * (2^16 - 1) bytes in all, line 17 would pass a MiB
+        let mut text = String::from("ENV A=xxxxxxxxxxxx\n");
+        for _ in 0..30 {
+            text.push_str("ENV A=$A$A\n");
+        }
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.line, 17, "{e}");
+        assert!(e.msg.contains("expand to more than"), "{e}");
+        // what fits is kept whole
+        let steps = parse("ENV A=ab\nENV B=${A}c$A\nWORKDIR /w/$B\n").unwrap();
+        assert_eq!(
+            steps[2],
+            Step::Workdir {
+                path: "/w/abcab".into()
+            }
+        );
     }
 
     #[test]
