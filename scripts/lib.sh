@@ -14,6 +14,7 @@ install_packages() {
     python3-venv                    # the SDK test venv
     tmux                            # drives `wrenn shell` in tests/cli
     curl ca-certificates
+    libnss-myhostname               # *.localhost resolves: the SDKs' capsule port URLs
     runc crun                       # OCI runtimes the agent drives
     nftables                        # the agent's capsule firewall
     debootstrap                     # the `minimal` (Debian) template

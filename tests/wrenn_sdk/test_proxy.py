@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +102,54 @@ def test_get_url_shape(server, capsule: Capsule, monkeypatch: pytest.MonkeyPatch
         with wildcard_localhost():  # what a browser or curl would resolve
             r = _wait_200(lambda: httpx.get(f"{url}/file", timeout=10))
         assert r.text == "hello from the capsule\n"
+
+
+SDK_GET_URL = '''
+import sys, time
+import httpx
+from wrenn import Capsule
+url = Capsule.connect(sys.argv[1]).get_url(8080)
+deadline = time.monotonic() + 15
+while True:
+    try:
+        r = httpx.get(url + "/file", timeout=10)
+        if r.status_code == 200:
+            break
+    except httpx.HTTPError as exc:
+        r = exc
+    if time.monotonic() > deadline:
+        sys.exit(f"{url}: {r!r}")
+    time.sleep(0.25)
+print(url)
+print(r.text, end="")
+'''
+
+
+def test_the_sdk_set_up_as_wrenn_up_says_reaches_a_capsule_port(server, capsule: Capsule) -> None:
+    """``wrenn up`` prints how to point the SDK at it. Followed literally in
+    a fresh shell (no resolver shim, no other ``WRENN_*``), ``get_url``
+    gives a URL that reaches a server in the capsule: the proxy domain
+    must not be the base URL's IP address, and ``*.localhost`` must
+    resolve on the machine (``scripts/up.sh`` installs nss-myhostname)."""
+    if server.log_path is None:
+        pytest.skip("needs the log of a local wrenn up")
+    log = server.log_path.read_text(errors="replace")
+    said = log[log.rindex("Point the SDK at it:"):].splitlines()[1:]
+    exports = [line.strip() for line in itertools.takewhile(
+        lambda line: line.strip().startswith("export WRENN_"), said)]
+    names = {e.split("=", 1)[0].removeprefix("export ") for e in exports}
+    assert names == {"WRENN_BASE_URL", "WRENN_PROXY_DOMAIN", "WRENN_API_KEY"}, exports
+    root = _serve_dir(capsule)
+    capsule.commands.run("python3 -m http.server 8080", background=True, cwd=root)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WRENN_")}
+    shell = "\n".join(exports) + '\nexec "$PYTHON" -c "$SCRIPT" "$CAPSULE"'
+    r = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60,
+                       env={**env, "PYTHON": sys.executable, "SCRIPT": SDK_GET_URL,
+                            "CAPSULE": capsule.capsule_id})
+    assert r.returncode == 0, f"{exports}\n{r.stdout}\n{r.stderr}"
+    url, text = r.stdout.split("\n", 1)
+    assert url == f"http://8080-{capsule.capsule_id}.localhost:{server.port}", url
+    assert text == "hello from the capsule\n"
 
 
 def test_path_proxy(server, capsule: Capsule) -> None:

@@ -440,9 +440,17 @@ async fn up(args: UpArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     println!("wrenn listening on http://{addr}");
     let key_file = data_dir.join("admin-api-key");
+    // The SDK names a capsule's port `{port}-{id}.<domain>`, the domain
+    // taken from the base URL unless set: an IP address there makes names
+    // that resolve nowhere, `localhost` ones resolve (nss-myhostname).
+    let proxy_domain = args
+        .proxy_domain
+        .clone()
+        .unwrap_or_else(|| format!("localhost:{}", addr.port()));
     eprintln!(
         "wrenn up: host {host}, agent on {agent_addr}{}\n\
-         Point the SDK at it:\n  export WRENN_BASE_URL=http://{addr}\n  export WRENN_API_KEY=$(cat {})",
+         Point the SDK at it:\n  export WRENN_BASE_URL=http://{addr}\n  \
+         export WRENN_PROXY_DOMAIN={proxy_domain}\n  export WRENN_API_KEY=$(cat {})",
         if first { ", admin keys created" } else { "" },
         key_file.display()
     );
