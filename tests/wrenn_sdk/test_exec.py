@@ -20,6 +20,7 @@ from wrenn import (
     StreamStderrEvent,
     StreamStdoutEvent,
     WrennAgentError,
+    WrennError,
     WrennNotFoundError,
 )
 from wrennsdk_support import Collector, drain, poll
@@ -102,6 +103,19 @@ def test_large_output(capsule: Capsule) -> None:
     assert r.exit_code == 0
     assert r.stdout == "a" * 1_000_000 + "\n"
     assert r.stderr.splitlines()[-1] == "50000" and len(r.stderr.splitlines()) == 50000
+
+
+def test_output_past_the_limit_is_413_and_ends_the_command(capsule: Capsule) -> None:
+    """A foreground command's output is answered whole, so it is bounded
+    (12 MiB): one that never stops writing is refused with 413
+    ``too_large`` and killed, instead of being collected without end."""
+    with pytest.raises(WrennError) as ei:
+        capsule.commands.run("yes wrenn-flood", timeout=120)
+    assert (ei.value.status_code, ei.value.code) == (413, "too_large"), ei.value
+    assert "background" in ei.value.message
+    flooding = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx yes || true"
+    poll(lambda: capsule.commands.run(flooding).stdout.strip() == "0", 10,
+         what="the flooding command to be killed")
 
 
 def test_timeout(capsule: Capsule) -> None:

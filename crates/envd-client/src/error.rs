@@ -22,6 +22,11 @@ pub enum ClientError {
     Decode(String),
     #[error("the stream ended without an end event")]
     Truncated,
+    #[error(
+        "the command's output passed {} MiB; run it in the background and stream its output",
+        limit >> 20
+    )]
+    OutputTooLarge { limit: usize },
     #[error("read local data: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -16,6 +16,10 @@ use crate::{ClientError, EnvdClient, STREAM_BUFFER};
 
 /// Keepalive interval asked of envd on streams, in seconds.
 const KEEPALIVE_SECS: &str = "30";
+/// The most output (stdout and stderr together) a foreground
+/// [`exec`](EnvdClient::exec) collects: it is answered in one message, and
+/// the control plane takes agent messages of up to 16 MiB.
+pub const EXEC_OUTPUT_LIMIT: usize = 12 << 20;
 
 /// A command to run.
 #[derive(Debug, Clone, Default)]
@@ -147,8 +151,9 @@ impl ExecStream {
         self.rx.recv().await
     }
 
-    /// Read to the end, collecting output.
-    pub async fn collect(mut self) -> Result<ExecOutput, ClientError> {
+    /// Read to the end, collecting output: at most `limit` bytes of it
+    /// (stdout and stderr together), or [`ClientError::OutputTooLarge`].
+    pub async fn collect(mut self, limit: usize) -> Result<ExecOutput, ClientError> {
         let mut out = ExecOutput {
             pid: self.pid,
             stdout: Vec::new(),
@@ -157,7 +162,13 @@ impl ExecStream {
             status: String::new(),
         };
         while let Some(ev) = self.next().await {
-            match ev? {
+            let ev = ev?;
+            if let ExecEvent::Stdout(b) | ExecEvent::Pty(b) | ExecEvent::Stderr(b) = &ev {
+                if out.stdout.len() + out.stderr.len() + b.len() > limit {
+                    return Err(ClientError::OutputTooLarge { limit });
+                }
+            }
+            match ev {
                 ExecEvent::Stdout(b) | ExecEvent::Pty(b) => out.stdout.extend_from_slice(&b),
                 ExecEvent::Stderr(b) => out.stderr.extend_from_slice(&b),
                 ExecEvent::Start { .. } => {}
@@ -292,9 +303,18 @@ impl EnvdClient {
         into_exec_stream(stream, |r: pb::StartResponse| r.event.into_option()).await
     }
 
-    /// Run a process to the end and collect its output.
+    /// Run a process to the end and collect its output: at most
+    /// [`EXEC_OUTPUT_LIMIT`] of it; past that the process is killed and the
+    /// answer is [`ClientError::OutputTooLarge`].
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecOutput, ClientError> {
-        self.exec_stream(req).await?.collect().await
+        let stream = self.exec_stream(req).await?;
+        let pid = stream.pid;
+        let out = stream.collect(EXEC_OUTPUT_LIMIT).await;
+        if let Err(ClientError::OutputTooLarge { .. }) = out {
+            // nobody will read the rest: the command goes
+            let _ = self.kill(Selector::Pid(pid)).await;
+        }
+        out
     }
 
     /// Open a terminal: [`exec_stream`](Self::exec_stream) with an 80×24 PTY

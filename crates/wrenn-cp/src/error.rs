@@ -63,9 +63,25 @@ impl ApiError {
         Self::not_found("capsule not found")
     }
 
+    /// An agent's refusal to start or resume a capsule: `resource_exhausted`
+    /// there is the host's capacity (503 `host_unavailable`, which the SDK
+    /// reads as "no suitable host").
+    pub fn agent_placing(e: &connectrpc::ConnectError) -> Self {
+        match e.code {
+            ErrorCode::ResourceExhausted => Self::host_unavailable(
+                e.message
+                    .clone()
+                    .unwrap_or_else(|| e.code.as_str().to_owned()),
+            ),
+            _ => Self::agent(e),
+        }
+    }
+
     /// An agent RPC failure. Codes map as wrenn's `agentErrToHTTP` does,
-    /// except that `deadline_exceeded` is a 504 and `resource_exhausted` a
-    /// 503 `host_unavailable`.
+    /// except that `deadline_exceeded` is a 504, `out_of_range` (a command's
+    /// output or a request over a limit) a 413 `too_large`, and
+    /// `resource_exhausted` (in a capsule: its disk is full, too many
+    /// watchers) a 507 `agent_error`; see [`ApiError::agent_placing`].
     pub fn agent(e: &connectrpc::ConnectError) -> Self {
         let msg = e
             .message
@@ -73,12 +89,16 @@ impl ApiError {
             .unwrap_or_else(|| e.code.as_str().to_owned());
         match e.code {
             ErrorCode::NotFound => Self::not_found(msg),
-            ErrorCode::InvalidArgument | ErrorCode::OutOfRange => Self::invalid(msg),
+            ErrorCode::InvalidArgument => Self::invalid(msg),
+            ErrorCode::OutOfRange => Self::too_large(msg),
             ErrorCode::FailedPrecondition | ErrorCode::AlreadyExists | ErrorCode::Aborted => {
                 Self::conflict(msg)
             }
             ErrorCode::PermissionDenied => Self::forbidden(msg),
-            ErrorCode::Unavailable | ErrorCode::ResourceExhausted => Self::host_unavailable(msg),
+            ErrorCode::Unavailable => Self::host_unavailable(msg),
+            ErrorCode::ResourceExhausted => {
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "agent_error", msg)
+            }
             ErrorCode::Unimplemented => Self::new(StatusCode::NOT_IMPLEMENTED, "agent_error", msg),
             ErrorCode::DeadlineExceeded => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "agent_error", msg)

@@ -84,6 +84,9 @@ fn envd_error(id: &CapsuleId, e: ClientError) -> ConnectError {
         ClientError::Transport(m) | ClientError::NotHealthy(m) => {
             ConnectError::unavailable(format!("envd in capsule {id} is unreachable: {m}"))
         }
+        e @ ClientError::OutputTooLarge { .. } => {
+            ConnectError::new(ErrorCode::OutOfRange, e.to_string())
+        }
         other => ConnectError::internal(format!("envd in capsule {id}: {other}")),
     }
 }

@@ -327,7 +327,7 @@ async fn start(
     let started = match host.rpc.create_capsule(req).await {
         Ok(r) => r.into_owned(),
         Err(e) => {
-            let err = ApiError::agent(&e);
+            let err = ApiError::agent_placing(&e);
             log(
                 cp,
                 &row.id,
@@ -513,7 +513,7 @@ pub async fn resume_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<
     }
     let host = host_of(cp, c)?;
     if let Err(e) = host.rpc.resume_capsule(cref(&c.id)).await {
-        let err = super::refresh_after(cp, c, &host, ApiError::agent(&e)).await;
+        let err = super::refresh_after(cp, c, &host, ApiError::agent_placing(&e)).await;
         cp.events.publish(
             capsule_event(Kind::CapsuleResume, c, actor).outcome(Err(err.message.clone())),
         );
