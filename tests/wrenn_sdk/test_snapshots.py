@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from wrenn import (
     AsyncCapsule,
@@ -10,6 +12,7 @@ from wrenn import (
     Capsule,
     WrennClient,
     WrennConflictError,
+    WrennError,
     WrennForbiddenError,
     WrennNotFoundError,
     WrennValidationError,
@@ -107,6 +110,31 @@ def test_overwrite(client: WrennClient, capsule: Capsule, make_capsule, snapshot
 
     c2 = make_capsule(template=name, wait=True)
     assert c2.files.read(MARK) == "second"
+
+
+def test_a_failed_overwrite_keeps_the_old_template(server, client: WrennClient, make_capsule,
+                                                   snapshot_names) -> None:
+    """``overwrite=true`` replaces the template only once the new snapshot
+    exists: when taking it fails (here its container was removed behind
+    the agent's back), the old template is still there and still boots."""
+    if server.instance is None:
+        pytest.skip("needs the host of a local wrenn up")
+    name = unique("snapowfail")
+    snapshot_names.append(name)
+    src = make_capsule(wait=True)
+    src.files.write(MARK, "kept")
+    src.create_snapshot(name=name)
+    _running(src)
+    before = [t for t in client.snapshots.list() if t.name == name]
+    gone = subprocess.run(["runc", "--root", f"/run/{server.instance}/runc", "delete", "--force",
+                           src.capsule_id], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 0, gone.stderr
+    with pytest.raises(WrennError) as ei:
+        client.snapshots.create(src.capsule_id, name=name, overwrite=True)
+    assert ei.value.status_code >= 400, ei.value
+    assert [t for t in client.snapshots.list() if t.name == name] == before
+    c2 = make_capsule(template=name, wait=True)
+    assert c2.files.read(MARK) == "kept"
 
 
 def test_delete(client: WrennClient, capsule: Capsule, snapshot_names) -> None:

@@ -50,7 +50,7 @@ fn template_event(kind: Kind, t: &TemplateRow, caller: &Caller) -> Event {
     )
 }
 
-/// Delete a team template (also `overwrite=true`): the name is freed now;
+/// Delete a team template: the name is freed now;
 /// the host-side layers go now or, while capsules made from them still
 /// run, when the last of them is destroyed ([`collect_layers`]).
 async fn retire(cp: &Cp, t: &TemplateRow) -> ApiResult<()> {
@@ -122,14 +122,16 @@ pub async fn create(
     {
         return Err(ApiError::conflict(format!("the name {name} is reserved")));
     }
-    if let Some(old) = cp.db.own_template(caller.team_id(), name.as_str()).await? {
-        if !overwrite {
+    // Overwritten only once the new one is recorded: a snapshot that fails
+    // leaves the old template as it was.
+    let replacing = match cp.db.own_template(caller.team_id(), name.as_str()).await? {
+        Some(_) if !overwrite => {
             return Err(ApiError::conflict(format!(
                 "template {name} exists (pass overwrite=true to replace it)"
             )));
         }
-        retire(&cp, &old).await?;
-    }
+        old => old.map(|t| t.agent_name),
+    };
     let host = host_of(&cp, &c)?;
     let agent_name = format!("s-{}", random_hex(12));
     let req = pb::SnapshotRequest {
@@ -151,7 +153,13 @@ pub async fn create(
     // can outlast an SDK's timeout) still gets its template recorded.
     let job = cp.tasks.spawn({
         let cp = cp.clone();
-        async move { record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await }
+        async move {
+            let row = record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await?;
+            if let Some(old) = replacing {
+                collect_layers(&cp, &old).await; // (no row names them now)
+            }
+            Ok::<_, ApiError>(row)
+        }
     });
     let row = job.await.map_err(|_| ApiError::internal())??;
     Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
@@ -195,7 +203,7 @@ async fn record_snapshot(
         metadata: BTreeMap::from([("source_capsule".to_owned(), c.id.to_string())]),
         created_at: now_ms(),
     };
-    cp.db.put_template(&row).await?;
+    cp.db.put_template(&row).await?; // (replaces an overwritten one's row)
     cp.events
         .publish(template_event(Kind::SnapshotCreate, &row, caller).outcome(Ok(())));
     Ok(row)
