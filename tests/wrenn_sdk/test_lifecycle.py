@@ -116,6 +116,18 @@ def test_timeout_sec_round_trips(client: WrennClient, asked: int, stored: int) -
         client.capsules.destroy(m.id)
 
 
+def test_wrenn_0_2_default_template_name_is_accepted(server, client: WrennClient) -> None:
+    """The SDK's own examples (and its model's default) name wrenn 0.2's
+    default template, ``minimal-ubuntu``: it stands for ``minimal``."""
+    m = client.capsules.create(template="minimal-ubuntu")
+    try:
+        assert m.template == "minimal" and m.status == Status.running, m
+        with Capsule.connect(m.id, api_key=server.api_key, base_url=server.base_url) as c:
+            assert c.commands.run("echo ok").stdout == "ok\n"
+    finally:
+        client.capsules.destroy(m.id)
+
+
 def test_create_unknown_template(client: WrennClient) -> None:
     with pytest.raises(WrennNotFoundError) as ei:
         client.capsules.create(template="no-such-template-xyz")

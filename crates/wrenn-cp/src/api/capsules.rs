@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -23,6 +24,13 @@ use crate::model::{CapsuleJson, Status};
 use crate::server::Cp;
 
 pub const DEFAULT_TEMPLATE: &str = "minimal";
+/// wrenn 0.2's name for its default template, which the SDK's own examples
+/// create: it stands for [`DEFAULT_TEMPLATE`] unless the team has a
+/// template of that name.
+pub const DEFAULT_TEMPLATE_ALIAS: &str = "minimal-ubuntu";
+/// How long `GET /v1/capsules/{id}` waits for the agent's disk figure
+/// before answering without it (the SDK's wait loops poll this).
+const DISK_FIGURE_WAIT: Duration = Duration::from_secs(2);
 pub const MAX_VCPUS: i64 = 64;
 pub const MAX_MEMORY_MB: i64 = 256 << 10;
 pub const DEFAULT_DISK_MB: i64 = 5120;
@@ -121,11 +129,18 @@ pub async fn create(
             "invalid environment variable name {k:?}"
         )));
     }
-    let template = cp
+    let mut template = cp
         .db
         .resolve_template(caller.team_id(), name.as_str())
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("template {name} not found")))?;
+        .await?;
+    if template.is_none() && name.as_str() == DEFAULT_TEMPLATE_ALIAS {
+        template = cp
+            .db
+            .resolve_template(caller.team_id(), DEFAULT_TEMPLATE)
+            .await?;
+    }
+    let template =
+        template.ok_or_else(|| ApiError::not_found(format!("template {name} not found")))?;
     // Snapshot templates fix their size.
     if let Some(v) = template.vcpus {
         vcpus = v;
@@ -388,7 +403,8 @@ pub async fn get(
     let mut json = CapsuleJson::from(&c);
     if c.status == Status::Running {
         if let Ok(host) = host_of(&cp, &c) {
-            if let Ok(m) = host.rpc.get_metrics(cref(&c.id)).await {
+            let asked = host.rpc.get_metrics(cref(&c.id));
+            if let Ok(Ok(m)) = tokio::time::timeout(DISK_FIGURE_WAIT, asked).await {
                 json.disk_used_mb = Some((m.into_owned().disk_bytes >> 20) as i64);
             }
         }
