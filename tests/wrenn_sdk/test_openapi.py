@@ -872,7 +872,7 @@ def test_rejections_are_json_errors(server) -> None:
     (``crates/wrenn-cp/src/api/mod.rs``: "errors leave as ApiError JSON,
     never as axum's plain-text rejections"), and the document promises JSON
     for these statuses."""
-    from wrennsdk_support import unknown_capsule_id
+    from wrennsdk_support import raw_request, unknown_capsule_id
 
     spec = load_spec()
     chk = SpecChecker(spec)
@@ -885,7 +885,18 @@ def test_rejections_are_json_errors(server) -> None:
     # a method the route does not have: a JSON error too
     with server.http() as h:
         r = h.put("/v1/capsules", json={})
-    assert r.status_code == 405 and r.json()["error"]["code"] == "invalid_request", r.text
+        assert r.status_code == 405 and r.json()["error"]["code"] == "invalid_request", r.text
+        # a path parameter that is not UTF-8, a query parameter given twice,
+        # a body that breaks off (chunked, no end): 400 JSON, as the SDK
+        # needs to raise its validation error
+        for path in ("/v1/capsules/%FF", "/api/v1/capsules/%FF/exec",
+                     f"/v1/capsules/{unknown_capsule_id()}/files/tar?path=a&path=b"):
+            r = h.request("POST" if path.endswith("/exec") else "GET", path)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", (path, r.text)
+    broken = raw_request(server.base_url, "POST", "/v1/capsules",
+                         {"X-API-Key": server.api_key, "Content-Type": "application/json"},
+                         [b'{"template": "min'], content_length=None, chunked_end=b"zz\r\n")
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_request", broken.text
 
 
 if __name__ == "__main__":

@@ -269,10 +269,12 @@ def raw_request(
     body: Iterable[bytes],
     content_length: int | None,
     timeout: float = 120.0,
+    chunked_end: bytes = b"0\r\n\r\n",
 ) -> RawResponse:
     """Send a request over a plain socket, stopping the upload as soon as the
     server answers (a server may reply 413 and close without draining the
-    body; httpx would then only see a broken pipe)."""
+    body; httpx would then only see a broken pipe). A chunked body ends
+    with ``chunked_end`` (something else than the last chunk breaks it)."""
     u = urlsplit(base_url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
     sock = socket.create_connection((host, port), timeout=timeout)
@@ -294,7 +296,7 @@ def raw_request(
                     sock.sendall(piece)
             else:
                 if chunked:
-                    sock.sendall(b"0\r\n\r\n")
+                    sock.sendall(chunked_end)
         except (BrokenPipeError, ConnectionResetError):
             pass  # answered and closed: read what it said
         resp = http.client.HTTPResponse(sock, method=method)

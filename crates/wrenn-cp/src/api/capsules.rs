@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_types::ids::{CapsuleId, TeamId, TemplateName};
 
-use super::{host_of, owned, ApiJson};
+use super::{host_of, owned, ApiJson, Path};
 use crate::auth::Caller;
 use crate::db::{now_ms, CapsuleRow, OnTimeout, TemplateRow};
 use crate::error::{ApiError, ApiResult};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,7 +17,7 @@ use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_event::Event as Ev;
 
 use super::ws::{pump, send_json, Pumped, Utf8Carry};
-use super::{refresh_after, running, ApiJson};
+use super::{refresh_after, running, ApiJson, Path, Query};
 use crate::auth::{random_hex, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::server::Cp;

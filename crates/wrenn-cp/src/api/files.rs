@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::write_file_stream_request::Msg;
 
-use super::{refresh_after, running, ApiJson};
+use super::{refresh_after, running, ApiJson, Path};
 use crate::auth::Caller;
 use crate::db::CapsuleRow;
 use crate::error::{ApiError, ApiResult};

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 use wrenn_types::hosts::HOST_NOT_FOUND;
 use wrenn_types::ids::HostId;
 
-use super::ApiJson;
+use super::{ApiJson, Path, Query};
 use crate::auth::{random_hex, sha256_hex, Caller};
 use crate::db::{now_ms, Host, HostRegistration};
 use crate::error::{ApiError, ApiResult};

@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use wrenn_types::ids::{KeyId, TeamId};
 
-use super::ApiJson;
+use super::{ApiJson, Path, Query};
 use crate::auth::{create_key as make_key, random_hex, Caller, KeyKind};
 use crate::db::{now_ms, ApiKey, Team};
 use crate::error::{ApiError, ApiResult};

@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
@@ -98,7 +99,13 @@ impl<T: DeserializeOwned> FromRequest<Arc<Cp>> for ApiJson<T> {
         let limit = cp.config.max_json_body;
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| ApiError::too_large(format!("request body exceeds {limit} bytes")))?;
+            .map_err(|e| {
+                if is_over_limit(&e) {
+                    ApiError::too_large(format!("request body exceeds {limit} bytes"))
+                } else {
+                    ApiError::invalid(format!("cannot read the request body: {e}"))
+                }
+            })?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {
@@ -107,6 +114,56 @@ impl<T: DeserializeOwned> FromRequest<Arc<Cp>> for ApiJson<T> {
         serde_json::from_slice(bytes)
             .map(ApiJson)
             .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Whether reading a body failed on its size limit (not a broken body).
+fn is_over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// axum's `Path`, refused as a JSON 400 (`%FF` in an ID, say).
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| ApiError::invalid(e.body_text()))
+    }
+}
+
+/// axum's `Query`, refused as a JSON 400 (a parameter given twice, say).
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|e| ApiError::invalid(e.body_text()))
     }
 }
 

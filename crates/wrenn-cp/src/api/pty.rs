@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_event::Event as Ev;
 
-use super::running;
 use super::ws::{pump, send_json};
+use super::{running, Path};
 use crate::auth::{random_hex, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::HostConn;

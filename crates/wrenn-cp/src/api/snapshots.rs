@@ -11,14 +11,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_types::ids::TemplateName;
 
-use super::{capsule_id, host_of, ApiJson};
+use super::{capsule_id, host_of, ApiJson, Path, Query};
 use crate::auth::{random_hex, Caller};
 use crate::db::{now_ms, platform_team, CapsuleRow, TemplateRow};
 use crate::error::{ApiError, ApiResult};

@@ -12,13 +12,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 use time::{Date, Duration as TimeDuration, OffsetDateTime};
 
-use super::{host_of, owned};
+use super::{host_of, owned, Path, Query};
 use crate::auth::Caller;
 use crate::db::{now_ms, CapsuleRow, MetricRow, Run};
 use crate::error::{ApiError, ApiResult};

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -30,9 +30,9 @@ use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_event::Event;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::{kill_process_request, stdin_request};
 
-use super::files::CHUNK;
 use super::running;
 use super::ws::{pump, Pumped};
+use super::{files::CHUNK, Path, Query};
 use crate::auth::{random_hex, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::HostConn;
