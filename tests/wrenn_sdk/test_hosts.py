@@ -276,6 +276,10 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
                                         for o in objs):
             assert time.monotonic() < deadline, (on_second(), second.up.capsule_objects())
             time.sleep(0.2)
+        # (a network namespace is named by its slot, not by its capsule: one
+        # per capsule still there, or the undone one's leaked)
+        objs = second.up.capsule_objects()
+        assert len(objs.get("netns", [])) == len(on_second()), (on_second(), objs)
         # the capsules that were made whole are untouched
         for c in made[:-1]:
             r = h.post(f"/v1/capsules/{c}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
@@ -286,6 +290,7 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
         assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
         assert second.proc.wait(60) == 0, second.log_tail()
         second.proc = None
+        assert not second.up.capsule_objects(), second.up.capsule_objects()
 
 
 def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:

@@ -47,7 +47,7 @@ fn entry_to_pb(e: Entry) -> pb::FileEntry {
         permissions: e.permissions,
         owner: e.owner,
         group: e.group,
-        modified_ms: e.modified * 1000,
+        modified_ms: e.modified.saturating_mul(1000),
         symlink_target: e.symlink_target.unwrap_or_default(),
         ..Default::default()
     }

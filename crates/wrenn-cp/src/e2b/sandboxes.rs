@@ -707,8 +707,8 @@ pub async fn metrics(
 ) -> E2bResult<Json<Vec<Value>>> {
     // Unix seconds
     let (start, end) = (
-        query_i64(&q, "start")?.map(|s| s * 1000),
-        query_i64(&q, "end")?.map(|s| s * 1000),
+        query_i64(&q, "start")?.map(|s| s.saturating_mul(1000)),
+        query_i64(&q, "end")?.map(|s| s.saturating_mul(1000)),
     );
     let c = find(&cp, &caller, &id).await?;
     let pts = samples(&cp, &c).await?;
