@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 import wrenn_up  # noqa: E402
 
 LISTENING = "wrenn-agent listening on "
+NET_POOL = 1  # capsule networks a second agent keeps ready
 
 
 def start_agent(binary: str, up: wrenn_up.WrennUp, control_plane: str, token: str | None,
                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     cmd = [
         binary, "--listen", "127.0.0.1:0", "--data-dir", str(up.data_dir), "--envd", up.envd,
-        "--instance", up.instance, "--pool", up.pool, "--net-pool", "1",
+        "--instance", up.instance, "--pool", up.pool, "--net-pool", str(NET_POOL),
         "--control-plane", control_plane, *extra,
     ]
     if token:
@@ -277,9 +278,12 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
             assert time.monotonic() < deadline, (on_second(), second.up.capsule_objects())
             time.sleep(0.2)
         # (a network namespace is named by its slot, not by its capsule: one
-        # per capsule still there, or the undone one's leaked)
-        objs = second.up.capsule_objects()
-        assert len(objs.get("netns", [])) == len(on_second()), (on_second(), objs)
+        # per capsule still there and the agent's ready ones, or the undone
+        # one's leaked)
+        deadline = time.monotonic() + 15
+        while len((objs := second.up.capsule_objects()).get("netns", [])) != len(on_second()) + NET_POOL:
+            assert time.monotonic() < deadline, (on_second(), objs)
+            time.sleep(0.2)
         # the capsules that were made whole are untouched
         for c in made[:-1]:
             r = h.post(f"/v1/capsules/{c}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
@@ -291,6 +295,62 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
         assert second.proc.wait(60) == 0, second.log_tail()
         second.proc = None
         assert not second.up.capsule_objects(), second.up.capsule_objects()
+
+
+def test_an_idle_capsule_shows_paused_at_once_on_either_host(request) -> None:
+    """``timeout_sec``: an agent's reaper pauses an idle capsule and says so
+    at once (``wrenn up``'s own agent in-process, a remote one by ``POST
+    /v1/hosts/sandbox-events``), so the API shows it ``paused`` then
+    (``capsule.pause``, reason ``ttl_expired``) and ``connect`` resumes
+    it, instead of ``running`` until a reconciliation and a resume refused.
+    The reconciler is slowed to ten minutes here: only the reports can
+    tell. (60 s is the shortest timeout the API takes.)"""
+    with wrenn_up.WrennUp.serving(request, failed_attr="wrenn_failed",
+                                  extra_args=["--reconcile-interval", "10m"],
+                                  prefix="wrenn-sdk-ttl-", code_runner=False) as up, \
+            SecondAgent(up.server) as second:
+        h, made = second.h, second.made
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id = reg.json()["host"]["id"]
+        wait_host(h, host_id, second.start(reg.json()["registration_token"]))
+        # one idle capsule on each host (least-loaded placement alternates)
+        for _ in range(4):
+            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256, "timeout_sec": 60})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+            away = set(second.up.runc_containers())
+            if any(c in away for c in made) and any(c not in away for c in made):
+                break
+        idle = [made[-2], made[-1]]
+        assert {c in set(second.up.runc_containers()) for c in idle} == {True, False}, made
+
+        seen: list[dict] = []
+
+        def listen(events: httpx.Response) -> None:
+            try:
+                for line in events.iter_lines():
+                    if line.startswith("data:"):
+                        seen.append(json.loads(line[5:]))
+            except httpx.HTTPError:
+                pass  # (closed at the end)
+
+        with h.stream("GET", "/v1/events/stream", timeout=None) as events:
+            threading.Thread(target=listen, args=(events,), daemon=True).start()
+            deadline = time.monotonic() + 90
+            while not all(any(e["event"] == "capsule.pause" and e["resource"]["id"] == c for e in seen)
+                          for c in idle):
+                assert time.monotonic() < deadline, f"not paused within 90 s: {seen}"
+                time.sleep(0.2)
+        for c in idle:
+            paused = next(e for e in seen if e["event"] == "capsule.pause" and e["resource"]["id"] == c)
+            assert paused["metadata"]["reason"] == "ttl_expired", paused
+            assert h.get(f"/v1/capsules/{c}").json()["status"] == "paused"
+            with Capsule.connect(c, api_key=up.server.api_key, base_url=up.server.base_url) as conn:
+                assert conn.commands.run("echo back").stdout == "back\n"
+        for c in made:  # (the idle two were destroyed leaving their `with`)
+            assert h.delete(f"/v1/capsules/{c}").status_code in (204, 404)
+        made.clear()
 
 
 def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:

@@ -195,6 +195,9 @@ pub struct Agent {
     runtimes: Mutex<HashMap<RuntimeChoice, Arc<dyn Runtime>>>,
     capsules: RwLock<HashMap<CapsuleId, Arc<Capsule>>>,
     auto_paused: Mutex<Vec<CapsuleId>>,
+    /// Each pause of the reaper, as it happens (for the control plane; the
+    /// drained list above is what a reconciliation reads if one was lost).
+    auto_pauses: tokio::sync::broadcast::Sender<CapsuleId>,
     on_destroy: Hooks,
     /// Ready capsules per template and engine, not yet anyone's (not in
     /// `capsules`).
@@ -284,6 +287,7 @@ impl Agent {
             runtimes: Mutex::new(HashMap::new()),
             capsules: RwLock::new(HashMap::new()),
             auto_paused: Mutex::new(Vec::new()),
+            auto_pauses: tokio::sync::broadcast::channel(256).0,
             on_destroy: Hooks::default(),
             warm: Mutex::new(HashMap::new()),
             ready_net: Mutex::new(Vec::new()),
@@ -519,6 +523,11 @@ impl Agent {
     /// Capsules the reaper paused since the last call (drained).
     pub fn take_auto_paused(&self) -> Vec<CapsuleId> {
         std::mem::take(&mut self.auto_paused.lock().unwrap())
+    }
+
+    /// The capsules the reaper pauses from now on, one by one as it does.
+    pub fn subscribe_auto_pauses(&self) -> tokio::sync::broadcast::Receiver<CapsuleId> {
+        self.auto_pauses.subscribe()
     }
 
     // ---- create -------------------------------------------------------
@@ -1723,7 +1732,8 @@ impl Agent {
                 OnTimeout::Pause => match self.pause_locked(&c).await {
                     Ok(_) => {
                         tracing::info!(capsule_id = %id, "paused after its inactivity timeout");
-                        self.auto_paused.lock().unwrap().push(id);
+                        self.auto_paused.lock().unwrap().push(id.clone());
+                        let _ = self.auto_pauses.send(id); // (nobody may listen)
                     }
                     Err(e) => {
                         tracing::warn!(capsule_id = %id, error = %e, "pausing an idle capsule failed; destroying it");

@@ -70,17 +70,18 @@ async fn main() {
     let deleted = tokio_util::sync::CancellationToken::new();
     let joined = args.control_plane.clone().map(|cp| {
         let facts = wrenn_agent::register::host_facts(&args.agent.data_dir, addr, agent.token());
-        let heartbeats = wrenn_agent::register::run(
-            cp,
-            args.registration_token.clone(),
-            args.agent.data_dir.clone(),
+        let membership = wrenn_agent::register::Membership {
+            control_plane: cp,
+            registration_token: args.registration_token.clone(),
+            data_dir: args.agent.data_dir.clone(),
             facts,
-            server.tls().clone(),
-            args.heartbeat_interval,
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+            tls: server.tls().clone(),
+            every: args.heartbeat_interval,
+            auto_pauses: Some(agent.subscribe_auto_pauses()),
+        };
+        let heartbeats = wrenn_agent::register::run(membership, async {
+            let _ = stop_rx.await;
+        });
         let deleted = deleted.clone();
         tokio::spawn(async move {
             if heartbeats.await == wrenn_agent::register::Ended::Deleted {

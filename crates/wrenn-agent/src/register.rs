@@ -11,6 +11,9 @@
 //! (`POST /v1/hosts/auth/refresh`), which it keeps and serves at once. A
 //! refused refresh token means the host must be registered again.
 //!
+//! Between heartbeats, each capsule the reaper pauses is reported at once
+//! (`POST /v1/hosts/sandbox-events`, `sandbox.auto_paused`).
+//!
 //! A heartbeat answered 404 `not_found` means the control plane deleted
 //! this host: [`run`] ends with [`Ended::Deleted`], and the agent destroys
 //! its capsules and leaves (wrenn-api.md §5).
@@ -32,7 +35,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 use wrenn_types::hosts::{HostFacts, HOST_NOT_FOUND};
+use wrenn_types::ids::CapsuleId;
 
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(30);
 const RETRY: Duration = Duration::from_secs(5);
@@ -279,19 +284,36 @@ fn says_deleted(body: &[u8]) -> bool {
         .is_ok_and(|v| v["error"]["code"] == "not_found" && v["error"]["message"] == HOST_NOT_FOUND)
 }
 
+/// What [`run`] works with.
+pub struct Membership {
+    /// The control plane's base URL.
+    pub control_plane: String,
+    /// For a host not registered yet.
+    pub registration_token: Option<String>,
+    pub data_dir: PathBuf,
+    pub facts: HostFacts,
+    /// Where the certificates the control plane issues go.
+    pub tls: wrenn_http::tls::TlsSlot,
+    /// The heartbeat's period.
+    pub every: Duration,
+    /// The reaper's pauses, reported as they come.
+    pub auto_pauses: Option<broadcast::Receiver<CapsuleId>>,
+}
+
 /// Register (unless `<data-dir>/host.json` says this agent already is) and
 /// heartbeat every `every` until `shutdown` or until the control plane
 /// says the host was deleted; the certificate the control plane issues at
 /// registration (and at each refresh) goes into `tls`.
-pub async fn run(
-    cp: String,
-    registration_token: Option<String>,
-    data_dir: PathBuf,
-    facts: HostFacts,
-    tls: wrenn_http::tls::TlsSlot,
-    every: Duration,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Ended {
+pub async fn run(m: Membership, shutdown: impl std::future::Future<Output = ()>) -> Ended {
+    let Membership {
+        control_plane: cp,
+        registration_token,
+        data_dir,
+        facts,
+        tls,
+        every,
+        mut auto_pauses,
+    } = m;
     tokio::pin!(shutdown);
     let cp = cp.trim_end_matches('/').to_owned();
     let client = match reqwest::Client::builder()
@@ -379,10 +401,57 @@ pub async fn run(
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => renewed = false,
-            () = &mut shutdown => return Ended::Stopped,
+        // Between beats, each capsule the reaper pauses is reported at once.
+        let next_beat = tokio::time::sleep(every);
+        tokio::pin!(next_beat);
+        loop {
+            tokio::select! {
+                () = &mut next_beat => break,
+                paused = next_auto_pause(&mut auto_pauses) => {
+                    report_auto_pause(&client, &cp, &id, &paused).await;
+                }
+                () = &mut shutdown => return Ended::Stopped,
+            }
         }
+        renewed = false;
+    }
+}
+
+/// The next capsule the reaper paused; never, without a receiver. Missed
+/// ones (a lagging receiver) are left to the next reconciliation.
+async fn next_auto_pause(rx: &mut Option<broadcast::Receiver<CapsuleId>>) -> CapsuleId {
+    loop {
+        match rx.as_mut() {
+            None => return std::future::pending().await,
+            Some(r) => match r.recv().await {
+                Ok(id) => return id,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => *rx = None,
+            },
+        }
+    }
+}
+
+/// `POST /v1/hosts/sandbox-events` `sandbox.auto_paused`: the control plane
+/// shows the capsule paused now, not at its next reconciliation (which
+/// still learns it, if this is lost).
+async fn report_auto_pause(client: &reqwest::Client, cp: &str, id: &Identity, capsule: &CapsuleId) {
+    let body = serde_json::json!({
+        "event": "sandbox.auto_paused",
+        "sandbox_id": capsule.as_str(),
+        "host_id": id.id,
+        "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    });
+    let url = format!("{cp}/v1/hosts/sandbox-events");
+    match post(client, url, Some(&id.token), &body).await {
+        Ok((204, _)) => {}
+        Ok((status, b)) => tracing::warn!(
+            status,
+            body = %String::from_utf8_lossy(&b),
+            capsule = %capsule,
+            "auto-pause report refused"
+        ),
+        Err(e) => tracing::warn!(error = %e, capsule = %capsule, "auto-pause report failed"),
     }
 }
 

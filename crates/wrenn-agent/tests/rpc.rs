@@ -542,6 +542,7 @@ async fn the_reaper_pauses_or_destroys_idle_capsules() {
     let t = TestAgent::start().await;
     let (addr, _stop) = serve(&t).await;
     let c = common::rpc_client(addr, t.agent.token());
+    let mut told = t.agent.subscribe_auto_pauses();
     let pausing = CapsuleId::random().to_string();
     let dying = CapsuleId::random().to_string();
     for (id, destroy) in [(&pausing, false), (&dying, true)] {
@@ -595,6 +596,12 @@ async fn the_reaper_pauses_or_destroys_idle_capsules() {
         .unwrap()
         .into_owned();
     assert!(list.auto_paused_ids.is_empty(), "drained on read");
+    // and as it happened, to whoever follows them (the pause only)
+    assert_eq!(
+        told.try_recv().map(|id| id.to_string()),
+        Ok(pausing.clone())
+    );
+    assert!(told.try_recv().is_err(), "one pause, one report");
 }
 
 /// A raw HTTP/1.1 GET to the agent, with `token` if given: the status and

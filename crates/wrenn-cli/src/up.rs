@@ -429,6 +429,11 @@ async fn up(args: UpArgs) -> Result<()> {
         host.clone(),
         args.heartbeat_interval,
     ));
+    cp.tasks.spawn(wrenn_cp::reconcile::follow_auto_pauses(
+        cp.clone(),
+        host.clone(),
+        agent.subscribe_auto_pauses(),
+    ));
     let _ = cp.local_agent.set((host.clone(), local_proxy));
     publish_template(&cp, agent.templates(), "busybox").await?;
     let first = admin_keys(&cp, &data_dir).await?;

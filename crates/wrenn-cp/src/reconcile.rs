@@ -59,7 +59,7 @@ async fn set(cp: &Cp, c: &CapsuleRow, to: Status, reason: &str) {
             tracing::info!(capsule = %c.id, from = %c.status, to = %to, reason, "reconciled");
             crate::api::capsules::log(cp, &c.id, "warn", format!("{} → {to} ({reason})", c.status))
                 .await;
-            if to == Status::Stopped {
+            if matches!(to, Status::Stopped | Status::Paused) {
                 cp.proxy_routes.evict(&c.id);
             }
             let kind = match (c.status, to) {
@@ -244,6 +244,41 @@ pub async fn host_revived(cp: Arc<Cp>, id: HostId) {
     }
 }
 
+/// Host `host`'s reaper paused `id` for its inactivity timeout: a running
+/// capsule of that host is `paused` now (`capsule.pause`, reason
+/// `ttl_expired`). Anything else (another host's capsule, one already
+/// paused or stopped) is left as it is.
+pub async fn auto_paused(cp: &Cp, host: &HostId, id: &CapsuleId) {
+    match cp.db.capsule_any(id).await {
+        Ok(Some(c)) if c.host_id.as_ref() == Some(host) && c.status == Status::Running => {
+            set(cp, &c, Status::Paused, "ttl_expired").await
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(capsule = %id, error = %e, "cannot record an auto-pause"),
+    }
+}
+
+/// `wrenn up`: what its own agent's reaper pauses, recorded as it happens
+/// (a remote agent posts it: [`auto_paused`]).
+pub async fn follow_auto_pauses(
+    cp: Arc<Cp>,
+    host: HostId,
+    mut paused: tokio::sync::broadcast::Receiver<CapsuleId>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let next = tokio::select! {
+            r = paused.recv() => r,
+            () = cp.stop.cancelled() => return,
+        };
+        match next {
+            Ok(id) => auto_paused(&cp, &host, &id).await,
+            Err(RecvError::Lagged(_)) => {} // (the next reconciliation has them)
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 /// The heartbeat of an agent that sends none of its own (`wrenn up`'s, in
 /// the same process): every `every`, a call over its RPC; an answer is a
 /// sign of life, as an agent's heartbeat is.
@@ -258,9 +293,19 @@ pub async fn heartbeat_for(cp: Arc<Cp>, id: HostId, every: Duration) {
         let Some(host) = cp.hosts.get(&id) else {
             continue;
         };
-        if let Err(e) = list(&host).await {
-            tracing::warn!(host = %id, error = %e, "own agent: no answer");
-            continue;
+        match list(&host).await {
+            // (the list drains the agent's auto-pauses: a report lost is here)
+            Ok(listed) => {
+                for paused in &listed.auto_paused_ids {
+                    if let Ok(c) = paused.parse::<CapsuleId>() {
+                        auto_paused(&cp, &id, &c).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(host = %id, error = %e, "own agent: no answer");
+                continue;
+            }
         }
         match cp.db.heartbeat(&id).await {
             Ok(true) => host_revived(cp.clone(), id.clone()).await,

@@ -10,11 +10,15 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use wrenn_agent::register::Ended;
 use wrenn_cp::api::hosts::issue_registration;
+use wrenn_cp::db::{now_ms, Team};
+use wrenn_cp::model::Status;
 use wrenn_cp::pki::agent_name;
 use wrenn_cp::{ControlPlane, CpConfig};
 use wrenn_http::tls::rustls::pki_types::pem::PemObject;
 use wrenn_http::tls::rustls::pki_types::{CertificateDer, ServerName};
-use wrenn_types::ids::HostId;
+use wrenn_types::ids::{CapsuleId, HostId, TeamId};
+
+mod common;
 
 /// A control plane whose host tokens live `token_ttl` and whose used
 /// refresh tokens are taken again for `grace`, served on a socket.
@@ -334,20 +338,32 @@ struct Agent {
 
 impl Agent {
     fn start(cp: &Served, registration: Option<String>, data: &Path, every: Duration) -> Agent {
+        Agent::start_with(cp, registration, data, every, None)
+    }
+
+    /// One that reports the auto-pauses `paused` receives.
+    fn start_with(
+        cp: &Served,
+        registration: Option<String>,
+        data: &Path,
+        every: Duration,
+        paused: Option<tokio::sync::broadcast::Receiver<CapsuleId>>,
+    ) -> Agent {
         let facts = wrenn_agent::register::host_facts(data, "127.0.0.1:9".parse().unwrap(), "");
         let slot = wrenn_http::tls::TlsSlot::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(wrenn_agent::register::run(
-            cp.base.clone(),
-            registration,
-            data.to_owned(),
+        let membership = wrenn_agent::register::Membership {
+            control_plane: cp.base.clone(),
+            registration_token: registration,
+            data_dir: data.to_owned(),
             facts,
-            slot.clone(),
+            tls: slot.clone(),
             every,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+            auto_pauses: paused,
+        };
+        let task = tokio::spawn(wrenn_agent::register::run(membership, async {
+            let _ = stopped.await;
+        }));
         Agent { slot, task, stop }
     }
 
@@ -478,4 +494,104 @@ async fn an_agent_hears_that_its_host_was_deleted() {
         .expect("the heartbeat loop ends")
         .unwrap();
     assert_eq!(ended, Ended::Deleted);
+}
+
+/// Between heartbeats (here a minute apart), a capsule the agent's reaper
+/// pauses is reported at once: the control plane shows it `paused` with a
+/// `capsule.pause` event (reason `ttl_expired`); a report about another
+/// host's capsule, or one already paused, changes nothing.
+#[tokio::test]
+async fn an_agent_reports_an_auto_pause_at_once() {
+    let cp = Served::new(Duration::from_secs(60), Duration::ZERO).await;
+    let data = tempfile::tempdir().unwrap();
+    let (reaper, paused) = tokio::sync::broadcast::channel(8);
+    let (_, registration) = issue_registration(&cp.plane.cp).await.unwrap();
+    let agent = Agent::start_with(
+        &cp,
+        Some(registration),
+        data.path(),
+        Duration::from_secs(60),
+        Some(paused),
+    );
+    let registered = host_json_when(data.path(), "the agent registered", |v| {
+        v["token"].is_string()
+    })
+    .await;
+    let host: HostId = s(&registered, "id").parse().unwrap();
+    let db = &cp.plane.cp.db;
+    let team = Team {
+        id: TeamId::random(),
+        name: "t".into(),
+        slug: "reaped".into(),
+        is_admin: false,
+        created_at: now_ms(),
+    };
+    db.insert_team(&team).await.unwrap();
+    let other_host = HostId::random();
+    let mine = common::capsule_row(&team.id, Some(&host), Status::Running, now_ms());
+    let elsewhere = common::capsule_row(&team.id, Some(&other_host), Status::Running, now_ms());
+    for c in [&mine, &elsewhere] {
+        db.insert_capsule(c).await.unwrap();
+    }
+    let mut events = cp.plane.cp.events.subscribe();
+
+    reaper.send(elsewhere.id.clone()).unwrap();
+    reaper.send(mine.id.clone()).unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = events.recv().await.unwrap();
+            if e.event == "capsule.pause" {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("no capsule.pause within 10 s of the report");
+    assert_eq!(event.resource.id, mine.id.to_string());
+    assert_eq!(
+        event.metadata.get("reason").map(String::as_str),
+        Some("ttl_expired")
+    );
+    let status = |id: CapsuleId| async move { db.capsule_any(&id).await.unwrap().unwrap().status };
+    assert_eq!(status(mine.id.clone()).await, Status::Paused);
+    assert_eq!(status(elsewhere.id.clone()).await, Status::Running);
+
+    // the endpoint: another host's token is refused, a repeat is a no-op
+    let report = |capsule: &CapsuleId, host: &HostId| {
+        json!({"event": "sandbox.auto_paused", "sandbox_id": capsule.to_string(),
+               "host_id": host.to_string(), "timestamp": "2026-01-01T00:00:00Z"})
+    };
+    let token = s(&host_json(data.path()), "token");
+    let (code, _) = cp
+        .post(
+            "/v1/hosts/sandbox-events",
+            Some(&token),
+            &report(&elsewhere.id, &other_host),
+        )
+        .await;
+    assert_eq!(code, 403);
+    let (code, _) = cp
+        .post("/v1/hosts/sandbox-events", None, &report(&mine.id, &host))
+        .await;
+    assert_eq!(code, 401);
+    let (code, body) = cp
+        .post(
+            "/v1/hosts/sandbox-events",
+            Some(&token),
+            &report(&mine.id, &host),
+        )
+        .await;
+    assert_eq!(code, 204, "{body}");
+    let (code, _) = cp
+        .post(
+            "/v1/hosts/sandbox-events",
+            Some(&token),
+            &json!({"event": "sandbox.auto_paused"}),
+        )
+        .await;
+    assert_eq!(code, 400);
+    assert_eq!(status(mine.id.clone()).await, Status::Paused);
+    assert_eq!(status(elsewhere.id.clone()).await, Status::Running);
+
+    assert_eq!(agent.end().await, Ended::Stopped);
 }

@@ -336,19 +336,10 @@ pub struct HeartbeatBody {
     agent_token: String,
 }
 
-/// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
-/// JSON body with the agent's facts updates its address and size. A
-/// missing, foreign or expired token is 401 (the agent refreshes), another
-/// host's 403, a deleted host 404.
-pub async fn heartbeat(
-    State(cp): State<Arc<Cp>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<HeartbeatBody>,
-) -> ApiResult<StatusCode> {
-    let id: HostId = id
-        .parse()
-        .map_err(|_| ApiError::invalid("invalid host ID"))?;
+/// Check that `X-Host-Token` is host `id`'s: 401 when missing, foreign or
+/// expired (the agent refreshes), 403 for another host's, 404 for a
+/// deleted host.
+async fn token_of_host(cp: &Cp, headers: &HeaderMap, id: &HostId) -> ApiResult<()> {
     let presented = headers
         .get("x-host-token")
         .and_then(|v| v.to_str().ok())
@@ -365,12 +356,62 @@ pub async fn heartbeat(
     }
     // (before expiry: an agent away for a week still learns its host is
     // gone, where a refresh would only be refused)
-    if cp.db.host(&id).await?.is_none() {
+    if cp.db.host(id).await?.is_none() {
         return Err(ApiError::not_found(HOST_NOT_FOUND));
     }
     if expired {
         return Err(ApiError::unauthorized("the host token has expired"));
     }
+    Ok(())
+}
+
+/// What an agent reports of its capsules (`POST /v1/hosts/sandbox-events`).
+#[derive(Debug, Deserialize)]
+pub struct SandboxEvent {
+    event: String,
+    sandbox_id: String,
+    host_id: String,
+}
+
+/// `POST /v1/hosts/sandbox-events` with `X-Host-Token` — 204. Of the events
+/// wrenn's agents send, `sandbox.auto_paused` (its reaper paused an idle
+/// capsule) is acted on: the capsule is `paused` now (`capsule.pause`,
+/// reason `ttl_expired`), not at the next reconciliation. The others are
+/// taken and left to reconciliation.
+pub async fn sandbox_event(
+    State(cp): State<Arc<Cp>>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<SandboxEvent>,
+) -> ApiResult<StatusCode> {
+    let host: HostId = body
+        .host_id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid host_id"))?;
+    token_of_host(&cp, &headers, &host).await?;
+    let capsule = super::capsule_id(&body.sandbox_id)?;
+    match body.event.as_str() {
+        "sandbox.auto_paused" => crate::reconcile::auto_paused(&cp, &host, &capsule).await,
+        other => {
+            tracing::debug!(event = other, capsule = %capsule, "agent event left to reconciliation")
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
+/// JSON body with the agent's facts updates its address and size. A
+/// missing, foreign or expired token is 401 (the agent refreshes), another
+/// host's 403, a deleted host 404.
+pub async fn heartbeat(
+    State(cp): State<Arc<Cp>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<HeartbeatBody>,
+) -> ApiResult<StatusCode> {
+    let id: HostId = id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid host ID"))?;
+    token_of_host(&cp, &headers, &id).await?;
     let revived = cp.db.heartbeat(&id).await?;
     // An agent that restarted on another address says so here.
     if let Some(address) = body.address.filter(|a| !a.is_empty()) {

@@ -84,6 +84,7 @@ pub fn routes() -> Router<Arc<Cp>> {
         .route("/v1/hosts/auth/refresh", post(hosts::refresh))
         .route("/v1/hosts/{id}", get(hosts::get).delete(hosts::delete))
         .route("/v1/hosts/{id}/heartbeat", post(hosts::heartbeat))
+        .route("/v1/hosts/sandbox-events", post(hosts::sandbox_event))
 }
 
 /// A JSON body: size-capped (413), parsed with serde (400 with the
