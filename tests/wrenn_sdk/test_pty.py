@@ -112,6 +112,24 @@ def test_two_terminals_are_independent(capsule: Capsule) -> None:
         assert b"101-A" not in rb.wait_output(b"102-B", 20)
 
 
+def test_a_paste_larger_than_an_agent_message_arrives_whole(capsule: Capsule) -> None:
+    """6 MiB written at once (one WebSocket frame; an agent call takes at
+    most 4 MiB): split on the way, none of it lost, the terminal still
+    works. It used to end the terminal's input without a word."""
+    size = 6 << 20
+    with capsule.pty(cmd="/bin/bash") as term:
+        reader = PtyReader(term)
+        reader.wait_event("started", 15)
+        # raw: no line editing to cap or drop a line that long
+        term.write(b"stty raw -echo; echo $((3*3))-ready; head -c %d > /tmp/paste; echo $((4*4))-pasted\n"
+                   % size)
+        reader.wait_output(b"9-ready", 20)
+        term.write(b"p" * size)
+        reader.wait_output(b"16-pasted", 60)
+    assert capsule.commands.run("stat -c %s /tmp/paste; tr -d p < /tmp/paste | wc -c").stdout.split() \
+        == [str(size), "0"]
+
+
 def test_large_output_burst(capsule: Capsule) -> None:
     with capsule.pty() as term:
         reader = PtyReader(term)

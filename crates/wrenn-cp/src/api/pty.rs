@@ -214,26 +214,60 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
         }
     }
     drop(input_tx);
-    let _ = sender.await;
+    if let Ok(Err(e)) = sender.await {
+        let msg = format!("terminal input failed: {}", ApiError::agent(&e).message);
+        send_json(
+            &mut socket,
+            json!({"type": "error", "data": msg, "fatal": true}),
+        )
+        .await;
+    }
     let _ = socket.send(Message::Close(None)).await;
 }
 
-/// Send queued input to the agent, merging frames that piled up.
-async fn send_input(host: Arc<HostConn>, id: String, tag: String, mut rx: mpsc::Receiver<Bytes>) {
-    while let Some(first) = rx.recv().await {
-        let mut data = first.to_vec();
-        while let Ok(more) = rx.try_recv() {
-            data.extend_from_slice(&more);
-        }
-        let req = pb::PtyInputRequest {
-            id: id.clone(),
-            tag: tag.clone(),
-            data,
-            ..Default::default()
+/// The most input sent to the agent in one call (its messages are capped
+/// at 4 MiB): frames that piled up are merged up to it, a larger one (a
+/// big paste) is split.
+const INPUT_PIECE: usize = 1 << 20;
+
+/// Send queued input to the agent, merging frames that piled up, until the
+/// input ends or a call fails.
+async fn send_input(
+    host: Arc<HostConn>,
+    id: String,
+    tag: String,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> Result<(), connectrpc::ConnectError> {
+    let mut held: Option<Bytes> = None;
+    loop {
+        let mut data = match held.take() {
+            Some(b) => b.to_vec(),
+            None => match rx.recv().await {
+                Some(b) => b.to_vec(),
+                None => return Ok(()),
+            },
         };
-        if let Err(e) = host.rpc.pty_input(req).await {
-            tracing::debug!(error = %e, "pty input failed");
-            return;
+        while data.len() < INPUT_PIECE {
+            match rx.try_recv() {
+                Ok(more) if data.len() + more.len() <= INPUT_PIECE => data.extend_from_slice(&more),
+                Ok(more) => {
+                    held = Some(more);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        for piece in data.chunks(INPUT_PIECE) {
+            let req = pb::PtyInputRequest {
+                id: id.clone(),
+                tag: tag.clone(),
+                data: piece.to_vec(),
+                ..Default::default()
+            };
+            if let Err(e) = host.rpc.pty_input(req).await {
+                tracing::debug!(error = %e, "pty input failed");
+                return Err(e);
+            }
         }
     }
 }
