@@ -273,6 +273,16 @@ impl Idempotency {
             .1
             .clone()
     }
+
+    /// Forget a key whose create failed (and none has succeeded since):
+    /// a retry tries again, and refused requests are not kept for an hour.
+    fn forget_failed(&self, team: &TeamId, key: &str) {
+        let mut map = self.map.lock().unwrap();
+        let k = (team.clone(), key.to_owned());
+        if map.get(&k).is_some_and(|(_, cell)| !cell.initialized()) {
+            map.remove(&k);
+        }
+    }
 }
 
 /// `POST /v2/sandboxes` and `POST /sandboxes` (v1's body adds `secure`,
@@ -296,9 +306,16 @@ pub async fn create(
         }
         Some(k) => {
             let cell = cp.e2b.idempotency.cell(caller.0.team_id(), k);
-            let id = cell
+            let made = cell
                 .get_or_try_init(|| async { create_sandbox(cp, caller, body).await.map(|c| c.id) })
-                .await?;
+                .await;
+            let id = match made {
+                Ok(id) => id,
+                Err(e) => {
+                    cp.e2b.idempotency.forget_failed(caller.0.team_id(), k);
+                    return Err(e);
+                }
+            };
             cp.db
                 .capsule(caller.0.team_id(), id)
                 .await?
@@ -855,6 +872,27 @@ pub async fn logs_v2(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_keys_that_made_a_sandbox_are_remembered() {
+        let keys = Idempotency::default();
+        let team = TeamId::random();
+        let failed = keys.cell(&team, "failed");
+        keys.forget_failed(&team, "failed");
+        let made = keys.cell(&team, "made");
+        made.set(CapsuleId::random()).unwrap();
+        keys.forget_failed(&team, "made"); // (a late failure of a racing retry)
+        let left: Vec<String> = keys
+            .map
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|(_, k)| k.clone())
+            .collect();
+        assert_eq!(left, ["made"]);
+        // a retry of the failed key starts afresh
+        assert!(!Arc::ptr_eq(&failed, &keys.cell(&team, "failed")));
+    }
 
     #[test]
     fn metadata_filter_undoes_the_sdks_encoding() {
