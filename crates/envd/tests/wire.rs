@@ -703,6 +703,20 @@ async fn files_errors() {
     let reply = http.post("/files", &octet_stream, "no destination").await;
     reply.expect_http_error(StatusCode::BAD_REQUEST, None);
 
+    // metadata no file could carry: 400 before anything is written
+    let tagged = format!("{dir}/tagged.txt");
+    let long_key = format!("x-metadata-{}", "k".repeat(250));
+    let long_value = "v".repeat(70_000);
+    for (name, value) in [
+        (long_key.as_str(), "v"),
+        ("x-metadata-big", long_value.as_str()),
+    ] {
+        let headers = [("content-type", "application/octet-stream"), (name, value)];
+        let reply = http.post(&files_url(&tagged, &[]), &headers, "data").await;
+        reply.expect_http_error(StatusCode::BAD_REQUEST, None);
+        assert!(!Path::new(&tagged).exists(), "{name}: the file was written");
+    }
+
     envd.assert_healthy().await;
 }
 

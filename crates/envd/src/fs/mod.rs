@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 pub use entry::{entry_info, permissions_string, Entry, FileKind};
 pub use ops::{
-    chown_to, list_dir, make_dir, make_parents, move_path, read_metadata, remove, write_metadata,
+    check_metadata, chown_to, list_dir, make_dir, make_parents, move_path, read_metadata, remove,
+    write_metadata,
 };
 
 /// Errors of filesystem operations; each maps to one wire code.
@@ -34,6 +35,8 @@ pub enum FsError {
     PermissionDenied(PathBuf),
     #[error("invalid path '{}': {reason}", path.display())]
     InvalidPath { path: PathBuf, reason: String },
+    #[error("cannot keep the metadata of '{}': {reason}", path.display())]
+    Metadata { path: PathBuf, reason: String },
     #[error("{op} '{}'", path.display())]
     Io {
         op: &'static str,

@@ -10,6 +10,29 @@ use super::{entry_info, Entry, FsError};
 use crate::users::{Accounts, User};
 
 const XATTR_PREFIX: &str = "user.e2b.";
+/// The longest metadata key: its attribute's name (`user.e2b.<key>`) takes
+/// at most 255 bytes.
+pub const MAX_METADATA_KEY: usize = 255 - XATTR_PREFIX.len();
+/// The longest metadata value (an extended attribute's limit).
+pub const MAX_METADATA_VALUE: usize = 64 << 10;
+
+/// Refuse metadata no file could carry, before anything is written.
+pub fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), String> {
+    for (key, value) in metadata {
+        if key.len() > MAX_METADATA_KEY {
+            return Err(format!(
+                "metadata key '{}…' is longer than {MAX_METADATA_KEY} bytes",
+                key.chars().take(32).collect::<String>()
+            ));
+        }
+        if value.len() > MAX_METADATA_VALUE {
+            return Err(format!(
+                "metadata value of '{key}' is longer than {MAX_METADATA_VALUE} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// `chown` a path (not following symlinks) to `user`.
 pub fn chown_to(path: &Path, user: &User) -> Result<(), FsError> {
@@ -194,11 +217,18 @@ pub fn write_metadata(path: &Path, metadata: &BTreeMap<String, String>) -> Resul
             )
         };
         if rc < 0 {
-            return Err(FsError::from_io(
-                "set metadata",
-                path,
-                std::io::Error::last_os_error(),
-            ));
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                // too much for this file system (all of a file's metadata
+                // shares one block on ext4), or none at all here
+                Some(libc::E2BIG | libc::ERANGE | libc::ENOSPC | libc::EOPNOTSUPP) => {
+                    FsError::Metadata {
+                        path: path.to_path_buf(),
+                        reason: e.to_string(),
+                    }
+                }
+                _ => FsError::from_io("set metadata", path, e),
+            });
         }
     }
     Ok(())

@@ -265,7 +265,8 @@ impl FileError {
             FileError::Fs(FsError::IsDir(_))
             | FileError::Fs(FsError::NotDir(_))
             | FileError::Fs(FsError::ExistsNotDir(_))
-            | FileError::Fs(FsError::InvalidPath { .. }) => StatusCode::BAD_REQUEST,
+            | FileError::Fs(FsError::InvalidPath { .. })
+            | FileError::Fs(FsError::Metadata { .. }) => StatusCode::BAD_REQUEST,
             FileError::Fs(FsError::PermissionDenied(_)) => StatusCode::FORBIDDEN,
             FileError::Fs(_) | FileError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -377,6 +378,7 @@ async fn upload_inner(
             Some((key.to_string(), v.to_str().ok()?.to_string()))
         })
         .collect();
+    crate::fs::check_metadata(&metadata).map_err(FileError::BadRequest)?;
     let mut stream = body;
     let gzipped = headers
         .get(header::CONTENT_ENCODING)

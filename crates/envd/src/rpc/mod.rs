@@ -70,7 +70,8 @@ fn fs_error(e: FsError) -> ConnectError {
         FsError::NotDir(_)
         | FsError::IsDir(_)
         | FsError::ExistsNotDir(_)
-        | FsError::InvalidPath { .. } => ConnectError::invalid_argument(msg),
+        | FsError::InvalidPath { .. }
+        | FsError::Metadata { .. } => ConnectError::invalid_argument(msg),
         FsError::AlreadyExists(_) => ConnectError::already_exists(msg),
         FsError::NoSpace(_) => ConnectError::resource_exhausted(msg),
         FsError::PermissionDenied(_) => ConnectError::permission_denied(msg),
