@@ -108,7 +108,11 @@ def test_large_output(capsule: Capsule) -> None:
 def test_output_past_the_limit_is_413_and_ends_the_command(capsule: Capsule) -> None:
     """A foreground command's output is answered whole, so it is bounded
     (12 MiB): one that never stops writing is refused with 413
-    ``too_large`` and killed, instead of being collected without end."""
+    ``too_large`` and killed, instead of being collected without end.
+    Just under the limit is answered whole."""
+    under = 11 << 20
+    r = capsule.commands.run(f"head -c {under} /dev/zero | tr '\\0' a", timeout=120)
+    assert r.exit_code == 0 and len(r.stdout) == under and r.stdout.strip("a") == ""
     with pytest.raises(WrennError) as ei:
         capsule.commands.run("yes wrenn-flood", timeout=120)
     assert (ei.value.status_code, ei.value.code) == (413, "too_large"), ei.value
