@@ -42,6 +42,18 @@ def test_wrong_types(api) -> None:
         assert_error_body(api.post("/v1/capsules", json=body), 400, "invalid_request")
 
 
+def test_values_an_agent_would_refuse_leave_no_capsule(api) -> None:
+    """Refused before a host is picked: no row is left in ``error``."""
+    before = {c["id"] for c in api.get("/v1/capsules").json()}
+    for body in (
+        {"template": "minimal", "memory_mb": 16},
+        {"template": "minimal", "timeout_sec": 10**9},
+        {"template": "minimal", "disk_size_mb": 2**40},
+    ):
+        assert_error_body(api.post("/v1/capsules", json=body), 400, "invalid_request")
+    assert {c["id"] for c in api.get("/v1/capsules").json()} == before
+
+
 def test_unknown_fields_are_ignored(api) -> None:
     r = api.post("/v1/capsules", json={"template": "minimal", "bogus": 1, "nested": {"x": [1]}})
     assert r.status_code in (200, 201, 202), r.text

@@ -2006,8 +2006,7 @@ fn apply_request(rec: &mut CapsuleRecord, req: &CreateRequest, meta: &TemplateMe
     rec.last_active_at = now;
 }
 
-/// Longest inactivity timeout accepted (a year).
-pub const MAX_TIMEOUT_SEC: u64 = 366 * 24 * 3600;
+pub use wrenn_types::hosts::{MAX_TIMEOUT_SEC, MIN_MEMORY_MB};
 
 fn validate(req: &CreateRequest) -> Result<(), AgentError> {
     if req.timeout_sec > MAX_TIMEOUT_SEC {
@@ -2021,9 +2020,9 @@ fn validate(req: &CreateRequest) -> Result<(), AgentError> {
             req.vcpus
         )));
     }
-    if req.memory_mb < 32 || req.memory_mb > 1 << 20 {
+    if req.memory_mb < MIN_MEMORY_MB || req.memory_mb > 1 << 20 {
         return Err(AgentError::Invalid(format!(
-            "memory_mb must be 32-1048576, not {}",
+            "memory_mb must be {MIN_MEMORY_MB}-1048576, not {}",
             req.memory_mb
         )));
     }

@@ -28,3 +28,10 @@ pub const AGENT_TOKEN_HEADER: &str = "x-wrenn-agent-token";
 /// does not know. An agent whose heartbeat gets it was deleted, and
 /// leaves; a 404 with any other message (a wrong URL) is not that.
 pub const HOST_NOT_FOUND: &str = "host not found";
+
+/// The least memory an agent gives a capsule (MiB); the control plane
+/// refuses less before it places one.
+pub const MIN_MEMORY_MB: u64 = 32;
+
+/// The longest inactivity timeout an agent takes (a year, seconds).
+pub const MAX_TIMEOUT_SEC: u64 = 366 * 24 * 3600;

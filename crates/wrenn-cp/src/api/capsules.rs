@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use wrenn_proto::wrenn::agent::v1 as pb;
+use wrenn_types::hosts::{MAX_TIMEOUT_SEC, MIN_MEMORY_MB};
 use wrenn_types::ids::{CapsuleId, TeamId, TemplateName};
 
 use super::{host_of, owned, ApiJson, Path};
@@ -34,6 +35,7 @@ const DISK_FIGURE_WAIT: Duration = Duration::from_secs(2);
 pub const MAX_VCPUS: i64 = 64;
 pub const MAX_MEMORY_MB: i64 = 256 << 10;
 pub const DEFAULT_DISK_MB: i64 = 5120;
+pub const MAX_DISK_MB: i64 = 1 << 20;
 /// What a create's `engine` may say.
 pub const ENGINES: [&str; 2] = ["oci", "vm"];
 /// Metadata keys the server sets once a capsule runs.
@@ -156,6 +158,22 @@ pub async fn create(
     if memory_mb > MAX_MEMORY_MB {
         return Err(ApiError::invalid(format!(
             "memory_mb must be at most {MAX_MEMORY_MB}"
+        )));
+    }
+    // (what the agent would refuse, refused before a row is written)
+    if memory_mb < MIN_MEMORY_MB as i64 {
+        return Err(ApiError::invalid(format!(
+            "memory_mb must be at least {MIN_MEMORY_MB}"
+        )));
+    }
+    if timeout_sec > MAX_TIMEOUT_SEC as i64 {
+        return Err(ApiError::invalid(format!(
+            "timeout_sec must be at most {MAX_TIMEOUT_SEC}"
+        )));
+    }
+    if body.disk_size_mb.is_some_and(|d| d > MAX_DISK_MB) {
+        return Err(ApiError::invalid(format!(
+            "disk_size_mb must be at most {MAX_DISK_MB}"
         )));
     }
     if let Some(e) = body.engine.as_deref() {
