@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -345,6 +346,10 @@ def test_an_idle_capsule_shows_paused_at_once_on_either_host(request) -> None:
         for c in idle:
             paused = next(e for e in seen if e["event"] == "capsule.pause" and e["resource"]["id"] == c)
             assert paused["metadata"]["reason"] == "ttl_expired", paused
+            # within seconds of the timeout (reconciliation would be minutes)
+            idle_for = (datetime.fromisoformat(paused["timestamp"])
+                        - datetime.fromisoformat(paused["sandbox"]["last_active_at"])).total_seconds()
+            assert idle_for <= 70, paused
             assert h.get(f"/v1/capsules/{c}").json()["status"] == "paused"
             with Capsule.connect(c, api_key=up.server.api_key, base_url=up.server.base_url) as conn:
                 assert conn.commands.run("echo back").stdout == "back\n"
