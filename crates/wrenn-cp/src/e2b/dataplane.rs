@@ -30,6 +30,7 @@ use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 use wrenn_http::relay;
 use wrenn_types::envd::{file_signature, FileOp, ACCESS_TOKEN_HEADER, ENVD_PORT};
 use wrenn_types::ids::CapsuleId;
@@ -215,8 +216,15 @@ async fn signed(cp: &Cp, req: Request, sq: SignedQuery) -> Response {
             return refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
         }
     };
+    // (compared in constant time: how long a refusal takes must not tell
+    // how much of a guessed signature was right)
     let found = running.iter().find(|c| {
-        !c.access_token.is_empty() && file_signature(&path, op, &user, &c.access_token, exp) == sig
+        !c.access_token.is_empty()
+            && bool::from(
+                file_signature(&path, op, &user, &c.access_token, exp)
+                    .as_bytes()
+                    .ct_eq(sig.as_bytes()),
+            )
     });
     match found {
         Some(c) => serve(cp, req, c.id.as_str(), ENVD_PORT).await,
