@@ -179,6 +179,19 @@ def test_get_and_get_info(server, client: WrennClient, capsule: Capsule) -> None
     assert static.id == capsule.capsule_id and static.status == Status.running
 
 
+def test_last_active_at_follows_use(client: WrennClient, capsule: Capsule) -> None:
+    """Commands, files and terminals are activity (they hold off the
+    inactivity timeout), and ``last_active_at`` shows it, not only pings."""
+    seen = [client.capsules.get(capsule.capsule_id).last_active_at]
+    for use in (lambda: capsule.commands.run("true"),
+                lambda: capsule.files.write("/tmp/active.txt", "x"),
+                lambda: capsule.files.read("/tmp/active.txt")):
+        time.sleep(1.1)
+        use()
+        seen.append(client.capsules.get(capsule.capsule_id).last_active_at)
+    assert None not in seen and seen == sorted(seen) and len(set(seen)) == len(seen), seen
+
+
 def test_ping(client: WrennClient, capsule: Capsule) -> None:
     assert capsule.ping() is None
     assert client.capsules.ping(capsule.capsule_id) is None

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use wrenn_types::ids::CapsuleId;
 
 use crate::auth::Caller;
-use crate::db::CapsuleRow;
+use crate::db::{now_ms, CapsuleRow};
 use crate::error::{ApiError, ApiResult};
 use crate::hosts::HostConn;
 use crate::model::Status;
@@ -192,8 +192,16 @@ pub async fn running(cp: &Cp, caller: &Caller, id: &str) -> ApiResult<(CapsuleRo
         )));
     }
     let host = host_of(cp, &c)?;
+    // A data-plane call is activity (the agent restarts the capsule's
+    // inactivity timeout for it): shown in `last_active_at`, to the second.
+    if now_ms() - c.last_active_at.unwrap_or(0) >= ACTIVITY_GRAIN_MS {
+        cp.db.touch_capsule(&c.id).await?;
+    }
     Ok((c, host))
 }
+
+/// How stale `last_active_at` may be left by data-plane calls (ms).
+const ACTIVITY_GRAIN_MS: i64 = 1000;
 
 pub fn host_of(cp: &Cp, c: &CapsuleRow) -> ApiResult<Arc<HostConn>> {
     c.host_id
