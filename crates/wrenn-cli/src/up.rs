@@ -206,6 +206,11 @@ async fn publish_template(cp: &Cp, store: &TemplateStore, name: &str) -> Result<
 /// Build `minimal` in the background, publishing progress; the API is
 /// ready when it is.
 async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, extra: Vec<&'static BuiltIn>) {
+    let later = || std::iter::once(&BASE).chain(extra.iter().copied());
+    cp.set_building("minimal", true);
+    for t in later() {
+        cp.set_building(t.name, true);
+    }
     let store = agent.templates().clone();
     let exists = store.exists(&"minimal".parse().expect("valid"));
     if !exists {
@@ -243,13 +248,18 @@ async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, extra: Vec<&'static Built
             if !exists {
                 eprintln!("wrenn up: `minimal` built in {:.0?}", started.elapsed());
             }
-            if let Err(e) = publish_template(&cp, agent.templates(), "minimal").await {
+            let published = publish_template(&cp, agent.templates(), "minimal").await;
+            cp.set_building("minimal", false);
+            if let Err(e) = published {
+                for t in later() {
+                    cp.set_building(t.name, false);
+                }
                 return tracing::error!(error = %e, "cannot record the minimal template");
             }
             // E2B's SDKs default to `base`: usable when the API is.
             build_recipe(&cp, &agent, &BASE).await;
             cp.set_ready(true);
-            for t in extra {
+            for t in &extra {
                 build_recipe(&cp, &agent, t).await;
             }
         }
@@ -259,6 +269,11 @@ async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, extra: Vec<&'static Built
             cp.set_progress(json!({"template": "minimal", "error": e.to_string()}));
         }
         Err(e) => tracing::error!(error = %e, "the minimal build task failed"),
+    }
+    // (none of them will be built now)
+    cp.set_building("minimal", false);
+    for t in later() {
+        cp.set_building(t.name, false);
     }
 }
 
@@ -321,7 +336,14 @@ static CODE_INTERPRETER_RECIPE: BuiltIn = BuiltIn {
 
 /// Build a built-in template from its recipe unless it is on disk (then
 /// only record it).
+/// Build (or publish, if its files are there) a built-in template; it is
+/// no longer pending afterwards, built or not.
 async fn build_recipe(cp: &Cp, agent: &Agent, t: &BuiltIn) {
+    build_recipe_once(cp, agent, t).await;
+    cp.set_building(t.name, false);
+}
+
+async fn build_recipe_once(cp: &Cp, agent: &Agent, t: &BuiltIn) {
     let store = agent.templates();
     if store.exists(&t.name.parse().expect("valid")) {
         if let Err(e) = publish_template(cp, store, t.name).await {

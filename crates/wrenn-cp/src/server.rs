@@ -64,6 +64,9 @@ pub struct Cp {
     pub stop: CancellationToken,
     ready: AtomicBool,
     progress: Mutex<Value>,
+    /// Templates being built (`wrenn up`'s built-ins): a create naming one
+    /// is told to wait, not that it does not exist.
+    building: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Cp {
@@ -75,6 +78,22 @@ impl Cp {
 
     pub fn set_progress(&self, v: Value) {
         *self.progress.lock().unwrap() = v;
+    }
+
+    /// Template `name` is being built (`true`) or no longer (built, or its
+    /// build failed).
+    pub fn set_building(&self, name: &str, building: bool) {
+        let mut set = self.building.lock().unwrap();
+        if building {
+            set.insert(name.to_owned());
+        } else {
+            set.remove(name);
+        }
+    }
+
+    /// Whether template `name` is being built.
+    pub fn is_building(&self, name: &str) -> bool {
+        self.building.lock().unwrap().contains(name)
     }
 
     /// Check agents against the certificates the database says are revoked,
@@ -136,6 +155,7 @@ impl ControlPlane {
             stop: CancellationToken::new(),
             ready: AtomicBool::new(true),
             progress: Mutex::new(json!({})),
+            building: Mutex::new(Default::default()),
         });
         cp.hosts.load(&cp.db).await?;
         Ok(ControlPlane { cp })

@@ -685,6 +685,35 @@ async fn usage_reads_rolled_up_days_and_counts_today_live() {
     assert!(cpu[..26].iter().all(|c| *c == 0.0), "{body}");
 }
 
+/// A create naming a template `wrenn up` is still building is told to wait
+/// (503 `host_unavailable`), not that it does not exist; once the build is
+/// over (or failed) it is the plain 404.
+#[tokio::test]
+async fn a_template_being_built_is_503_not_404() {
+    let p = Plane::new().await;
+    let (addr, _stop) = p.serve().await;
+    let key = [("x-api-key", p.key.as_str())];
+    let create = || {
+        post(
+            addr,
+            "/v1/capsules",
+            &key,
+            r#"{"template": "code-runner-beta"}"#,
+        )
+    };
+    p.plane.cp.set_building("code-runner-beta", true);
+    let out = create().await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(
+        out.contains(r#""code":"host_unavailable""#) && out.contains("still being built"),
+        "{out}"
+    );
+    p.plane.cp.set_building("code-runner-beta", false);
+    let out = create().await;
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert!(out.contains(r#""code":"not_found""#), "{out}");
+}
+
 /// Control planes on one database share the authority the first one made:
 /// an agent's certificate is good for all of them.
 #[tokio::test]

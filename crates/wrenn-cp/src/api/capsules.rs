@@ -141,8 +141,7 @@ pub async fn create(
             .resolve_template(caller.team_id(), DEFAULT_TEMPLATE)
             .await?;
     }
-    let template =
-        template.ok_or_else(|| ApiError::not_found(format!("template {name} not found")))?;
+    let template = template.ok_or_else(|| missing_template(&cp, name.as_str()))?;
     // Snapshot templates fix their size.
     if let Some(v) = template.vcpus {
         vcpus = v;
@@ -201,6 +200,17 @@ pub async fn create(
     };
     let running = launch(&cp, caller.team_id(), Actor::key(&caller), spec).await?;
     Ok((StatusCode::CREATED, Json(CapsuleJson::from(&running))))
+}
+
+/// No template `name`: 404, or 503 while `wrenn up` is still building it.
+pub fn missing_template(cp: &Cp, name: &str) -> ApiError {
+    if cp.is_building(name) {
+        ApiError::host_unavailable(format!(
+            "template {name} is still being built (GET /health shows the progress)"
+        ))
+    } else {
+        ApiError::not_found(format!("template {name} not found"))
+    }
 }
 
 /// What a capsule is made of (validated).

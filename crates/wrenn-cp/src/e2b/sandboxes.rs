@@ -231,11 +231,15 @@ async fn create_sandbox(cp: &Cp, caller: &E2bCaller, body: NewSandbox) -> E2bRes
         .db
         .resolve_template(caller.0.team_id(), &name)
         .await?
-        .ok_or_else(|| {
-            E2bError::new(
+        .ok_or_else(|| match cp.is_building(&name) {
+            true => E2bError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("template '{name}' is still being built"),
+            ),
+            false => E2bError::new(
                 StatusCode::NOT_FOUND,
                 format!("template '{name}' not found"),
-            )
+            ),
         })?;
     let mut spec = Launch::new(&template);
     spec.metadata = body.metadata.unwrap_or_default();
