@@ -895,18 +895,25 @@ impl Agent {
         c.update(|r| {
             r.slot = Some(Slot::new(&self.cfg.instance, index, &self.cfg.network.pool));
             r.undo.push(Undo::ReleaseSlot);
+            if ready {
+                // A prepared slot comes with its network and firewall
+                // elements: the capsule's to undo from the moment its
+                // record names the slot (an agent killed before a later
+                // save would otherwise leave them to nobody: the slot is
+                // owned, so not swept, and never torn down).
+                r.undo.push(Undo::DestroyNetwork);
+                r.undo.push(Undo::FirewallRules);
+            }
         })?;
         let slot = c.slot().expect("just set");
         c.set_envd(self.envd_client(c, &slot)?);
 
         let t0 = std::time::Instant::now();
-        c.push_undo(Undo::DestroyNetwork)?;
-        if !ready {
-            network::create(&self.cfg.network, &slot)?;
-        }
-        c.push_undo(Undo::FirewallRules)?;
         let internet = c.record().internet;
         if !ready {
+            c.push_undo(Undo::DestroyNetwork)?;
+            network::create(&self.cfg.network, &slot)?;
+            c.push_undo(Undo::FirewallRules)?;
             self.firewall.add(&slot, internet)?;
         } else if !internet {
             // Prepared slots come with internet on.
