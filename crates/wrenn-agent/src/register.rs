@@ -405,11 +405,13 @@ pub async fn run(m: Membership, shutdown: impl std::future::Future<Output = ()>)
         let next_beat = tokio::time::sleep(every);
         tokio::pin!(next_beat);
         loop {
-            tokio::select! {
+            let paused = tokio::select! {
                 () = &mut next_beat => break,
-                paused = next_auto_pause(&mut auto_pauses) => {
-                    report_auto_pause(&client, &cp, &id, &paused).await;
-                }
+                paused = next_auto_pause(&mut auto_pauses) => paused,
+                () = &mut shutdown => return Ended::Stopped,
+            };
+            tokio::select! {
+                () = report_auto_pause(&client, &cp, &id, &paused) => {}
                 () = &mut shutdown => return Ended::Stopped,
             }
         }

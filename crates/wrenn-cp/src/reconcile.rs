@@ -246,16 +246,25 @@ pub async fn host_revived(cp: Arc<Cp>, id: HostId) {
 
 /// Host `host`'s reaper paused `id` for its inactivity timeout: a running
 /// capsule of that host is `paused` now (`capsule.pause`, reason
-/// `ttl_expired`). Anything else (another host's capsule, one already
+/// `ttl_expired`), unless its agent says it runs (a report can come late,
+/// after the capsule was resumed; an agent that does not answer is taken
+/// at its report). Anything else (another host's capsule, one already
 /// paused or stopped) is left as it is.
 pub async fn auto_paused(cp: &Cp, host: &HostId, id: &CapsuleId) {
-    match cp.db.capsule_any(id).await {
-        Ok(Some(c)) if c.host_id.as_ref() == Some(host) && c.status == Status::Running => {
-            set(cp, &c, Status::Paused, "ttl_expired").await
+    let c = match cp.db.capsule_any(id).await {
+        Ok(Some(c)) if c.host_id.as_ref() == Some(host) && c.status == Status::Running => c,
+        Ok(_) => return,
+        Err(e) => return tracing::warn!(capsule = %id, error = %e, "cannot record an auto-pause"),
+    };
+    if let Some(conn) = cp.hosts.get(host) {
+        let asked = conn.rpc.get_capsule(cref(id));
+        if let Ok(Ok(info)) = tokio::time::timeout(LIST_TIMEOUT, asked).await {
+            if status_of(&info.into_owned().state) != Status::Paused {
+                return; // resumed since
+            }
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(capsule = %id, error = %e, "cannot record an auto-pause"),
     }
+    set(cp, &c, Status::Paused, "ttl_expired").await
 }
 
 /// `wrenn up`: what its own agent's reaper pauses, recorded as it happens
