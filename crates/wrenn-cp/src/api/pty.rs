@@ -136,9 +136,13 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
     };
     let mut events = pump(stream, &cp.tasks);
     let (input_tx, input_rx) = mpsc::channel::<Bytes>(INPUT_QUEUE);
-    let sender = cp
+    let mut sender = cp
         .tasks
         .spawn(send_input(host.clone(), id.clone(), tag.clone(), input_rx));
+    // (the input task ends only when its calls fail, or after the loop)
+    let mut sender_done = false;
+    // an exit or error frame was sent: nothing more is said
+    let mut told_end = false;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {
         tokio::select! {
@@ -154,6 +158,7 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
                         }
                         Ev::Ended(end) => {
                             send_json(&mut socket, json!({"type": "exit", "exit_code": end.exit_code})).await;
+                            told_end = true;
                             break;
                         }
                     };
@@ -165,10 +170,20 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
                 Some(Err(e)) => {
                     let msg = ApiError::agent(&e).message;
                     send_json(&mut socket, json!({"type": "error", "data": msg, "fatal": true})).await;
+                    told_end = true;
                     break;
                 }
                 None => {
                     send_json(&mut socket, json!({"type": "error", "data": "terminal stream ended", "fatal": true})).await;
+                    told_end = true;
+                    break;
+                }
+            },
+            sent = &mut sender, if !sender_done => {
+                sender_done = true;
+                if let Ok(Err(e)) = sent {
+                    input_failed(&mut socket, &e).await;
+                    told_end = true;
                     break;
                 }
             },
@@ -214,15 +229,19 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
         }
     }
     drop(input_tx);
-    if let Ok(Err(e)) = sender.await {
-        let msg = format!("terminal input failed: {}", ApiError::agent(&e).message);
-        send_json(
-            &mut socket,
-            json!({"type": "error", "data": msg, "fatal": true}),
-        )
-        .await;
+    if !sender_done {
+        let sent = sender.await;
+        if let (Ok(Err(e)), false) = (sent, told_end) {
+            input_failed(&mut socket, &e).await;
+        }
     }
     let _ = socket.send(Message::Close(None)).await;
+}
+
+/// The fatal error frame of a session whose input the agent refused.
+async fn input_failed(socket: &mut WebSocket, e: &connectrpc::ConnectError) {
+    let msg = format!("terminal input failed: {}", ApiError::agent(e).message);
+    send_json(socket, json!({"type": "error", "data": msg, "fatal": true})).await;
 }
 
 /// The most input sent to the agent in one call (its messages are capped
