@@ -102,18 +102,28 @@ fn wrap(cmd: &str, user: &str, cwd: &str, env: &BTreeMap<String, String>) -> Str
     }
 }
 
+/// How much of each of a build command's outputs is kept.
+const SH_TAIL: usize = 64 << 10;
+
 struct Ctx<'a> {
     host: &'a HostConn,
     capsule: &'a CapsuleRow,
 }
 
 impl Ctx<'_> {
-    /// Run a shell line as root; (exit code, stdout, stderr).
+    /// Run a shell line as root; (exit code, stdout, stderr), of each
+    /// output its last [`SH_TAIL`] bytes only: a step may print any amount
+    /// (a foreground exec answers at most 12 MiB), and only a failed
+    /// step's tail is shown.
     async fn sh(&self, line: &str, timeout: Duration) -> Result<(i32, String, String), String> {
+        let kept = format!(
+            "o=$(mktemp) && e=$(mktemp) || exit 125\n(\n{line}\n) >\"$o\" 2>\"$e\"\nrc=$?\n\
+             tail -c {SH_TAIL} \"$o\"; tail -c {SH_TAIL} \"$e\" >&2; rm -f \"$o\" \"$e\"; exit $rc"
+        );
         let req = pb::ExecRequest {
             id: self.capsule.id.to_string(),
             cmd: "/bin/sh".into(),
-            args: vec!["-c".into(), line.to_owned()],
+            args: vec!["-c".into(), kept],
             // whatever the base template's default user is
             user: "root".into(),
             timeout_sec: timeout.as_secs().clamp(1, u32::MAX as u64) as u32,
