@@ -76,7 +76,8 @@ fn envd_error(id: &CapsuleId, e: ClientError) -> ConnectError {
                 401 | 403 => ErrorCode::PermissionDenied,
                 404 => ErrorCode::NotFound,
                 406 | 409 => ErrorCode::FailedPrecondition,
-                413 | 507 => ErrorCode::ResourceExhausted,
+                413 => ErrorCode::OutOfRange,
+                507 => ErrorCode::ResourceExhausted,
                 _ => ErrorCode::Internal,
             };
             ConnectError::new(code, message)
