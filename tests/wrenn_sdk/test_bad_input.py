@@ -42,16 +42,14 @@ def test_wrong_types(api) -> None:
         assert_error_body(api.post("/v1/capsules", json=body), 400, "invalid_request")
 
 
-def test_values_an_agent_would_refuse_leave_no_capsule(api) -> None:
-    """Refused before a host is picked: no row is left in ``error``."""
-    before = {c["id"] for c in api.get("/v1/capsules").json()}
+def test_values_an_agent_would_refuse(api) -> None:
+    """400 (test_events.py checks that nothing was made of them)."""
     for body in (
         {"template": "minimal", "memory_mb": 16},
         {"template": "minimal", "timeout_sec": 10**9},
         {"template": "minimal", "disk_size_mb": 2**40},
     ):
         assert_error_body(api.post("/v1/capsules", json=body), 400, "invalid_request")
-    assert {c["id"] for c in api.get("/v1/capsules").json()} == before
 
 
 def test_unknown_fields_are_ignored(api) -> None:

@@ -7,7 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from wrenn import AsyncWrennClient, WrennAuthenticationError, WrennClient, WrennNotFoundError
+from wrenn import (
+    AsyncWrennClient,
+    WrennAuthenticationError,
+    WrennClient,
+    WrennNotFoundError,
+    WrennValidationError,
+)
 from wrenn.models import SSEEvent, Status
 from wrennsdk_support import Collector, poll
 
@@ -67,13 +73,19 @@ def test_stream_sees_lifecycle(server, client: WrennClient) -> None:
 
 
 def test_failed_create_is_not_a_success_event(server, client: WrennClient) -> None:
-    """Requests the API rejects up front publish nothing for a capsule."""
+    """Requests the API rejects up front publish nothing for a capsule:
+    an unknown template, and sizes an agent would refuse (refused before a
+    row is written, or it would be left in ``error`` with a failed
+    ``capsule.create``)."""
     listener = WrennClient(api_key=server.api_key, base_url=server.base_url)
     col = Collector(listener.events.stream, name="sse-fail")
     try:
         col.wait_for(lambda items: items, 10, "the connected frame")
         with pytest.raises(WrennNotFoundError):
             client.capsules.create(template="no-such-template-xyz")
+        for refused in ({"memory_mb": 16}, {"timeout_sec": 10**9}):
+            with pytest.raises(WrennValidationError):
+                client.capsules.create(template="minimal", **refused)
         m = client.capsules.create(template="minimal")
         client.capsules.destroy(m.id)
         col.wait_for(lambda items: _find(items, "capsule.destroy", m.id), 30, "capsule.destroy")

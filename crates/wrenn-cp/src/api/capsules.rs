@@ -204,7 +204,8 @@ pub async fn create(
 
 /// No template `name`: 404, or 503 while `wrenn up` is still building it.
 pub fn missing_template(cp: &Cp, name: &str) -> ApiError {
-    if cp.is_building(name) {
+    let alias_of_building = name == DEFAULT_TEMPLATE_ALIAS && cp.is_building(DEFAULT_TEMPLATE);
+    if cp.is_building(name) || alias_of_building {
         ApiError::host_unavailable(format!(
             "template {name} is still being built (GET /health shows the progress)"
         ))
@@ -504,7 +505,7 @@ pub async fn pause(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CapsuleJson>> {
-    let (c, host) = super::running(&cp, &caller, &id).await?;
+    let (c, host) = super::running_quiet(&cp, &caller, &id).await?;
     let paused = pause_capsule(&cp, &c, &host, Actor::key(&caller)).await?;
     Ok(Json(CapsuleJson::from(&paused)))
 }
@@ -580,7 +581,7 @@ pub async fn ping(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let (c, host) = super::running(&cp, &caller, &id).await?;
+    let (c, host) = super::running_quiet(&cp, &caller, &id).await?;
     let req = pb::PingRequest {
         id: c.id.to_string(),
         ..Default::default()

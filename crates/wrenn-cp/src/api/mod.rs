@@ -184,6 +184,24 @@ pub async fn owned(cp: &Cp, caller: &Caller, id: &str) -> ApiResult<CapsuleRow> 
 
 /// The caller's capsule, which must be running, and its host.
 pub async fn running(cp: &Cp, caller: &Caller, id: &str) -> ApiResult<(CapsuleRow, Arc<HostConn>)> {
+    let (c, host) = running_quiet(cp, caller, id).await?;
+    // A data-plane call is activity (the agent restarts the capsule's
+    // inactivity timeout for it): shown in `last_active_at`, to the second
+    // (best effort: the call goes on without it).
+    if now_ms() - c.last_active_at.unwrap_or(0) >= ACTIVITY_GRAIN_MS {
+        if let Err(e) = cp.db.touch_capsule(&c.id).await {
+            tracing::debug!(capsule = %c.id, error = %e, "activity not recorded");
+        }
+    }
+    Ok((c, host))
+}
+
+/// [`running`] for a call that is not activity (pause, ping's own record).
+pub async fn running_quiet(
+    cp: &Cp,
+    caller: &Caller,
+    id: &str,
+) -> ApiResult<(CapsuleRow, Arc<HostConn>)> {
     let c = owned(cp, caller, id).await?;
     if c.status != Status::Running {
         return Err(ApiError::invalid_state(format!(
@@ -192,11 +210,6 @@ pub async fn running(cp: &Cp, caller: &Caller, id: &str) -> ApiResult<(CapsuleRo
         )));
     }
     let host = host_of(cp, &c)?;
-    // A data-plane call is activity (the agent restarts the capsule's
-    // inactivity timeout for it): shown in `last_active_at`, to the second.
-    if now_ms() - c.last_active_at.unwrap_or(0) >= ACTIVITY_GRAIN_MS {
-        cp.db.touch_capsule(&c.id).await?;
-    }
     Ok((c, host))
 }
 
