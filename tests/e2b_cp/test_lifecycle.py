@@ -90,6 +90,28 @@ def test_create_unknown_template(server) -> None:
     assert ei.value.status_code in (400, 404), ei.value
 
 
+@pytest.mark.parametrize("opts", [
+    {"network": {"deny_out": ["0.0.0.0/0"]}},
+    {"network": {"allow_out": ["1.1.1.1"], "deny_out": ["0.0.0.0/0"]}},
+    {"network": {"allow_public_traffic": False}},
+    {"lifecycle": {"on_timeout": "pause", "auto_resume": True}},
+])
+def test_settings_not_served_are_refused_not_ignored(server, opts: dict) -> None:
+    """Egress rules, closed public traffic and auto-resume are not served
+    here: asking for them is a 400, never a sandbox without them."""
+    before = {s.sandbox_id for s in Sandbox.list().next_items()}
+    with pytest.raises(SandboxException) as ei:
+        Sandbox.create(timeout=60, **opts)
+    assert "not supported" in str(ei.value), ei.value
+    assert {s.sandbox_id for s in Sandbox.list().next_items()} <= before
+
+
+def test_defaults_of_those_settings_are_taken(make_sandbox) -> None:
+    sbx = make_sandbox(network={"allow_public_traffic": True},
+                       lifecycle={"on_timeout": "kill", "auto_resume": False})
+    assert sbx.commands.run("echo ok").stdout == "ok\n"
+
+
 def test_bad_api_key(server) -> None:
     with pytest.raises(AuthenticationException):
         Sandbox.create(api_key="e2b_" + "0" * 40, timeout=60)
@@ -271,6 +293,26 @@ def test_metrics(sandbox: Sandbox) -> None:
     two = poll(lambda: len(m := sandbox.get_metrics()) >= 2 and m, timeout=60, interval=1, what="two metrics")
     gaps = [(b.timestamp - a.timestamp).total_seconds() for a, b in zip(two, two[1:])]
     assert min(gaps) >= 4.9, gaps
+
+
+def test_a_deadline_passed_while_paused_does_not_end_a_resumed_sandbox(make_sandbox, server) -> None:
+    """Paused before its timeout ran out, resumed after: through wrenn's API
+    it gets E2B's default timeout from then (its old deadline would end it
+    at once); through E2B's connect, the one asked for."""
+    sbx = make_sandbox(timeout=4)
+    assert sbx.pause() is True
+    time.sleep(6)  # its deadline passes while it is paused
+    with server.wrenn() as h:
+        r = h.post(f"/v1/capsules/{sbx.sandbox_id}/resume")
+        assert r.status_code == 200, r.text
+    time.sleep(3)  # (the deadline loop looks every second)
+    info = Sandbox.get_info(sbx.sandbox_id)
+    assert info.state == SandboxState.RUNNING, info
+    assert 280 <= (info.end_at - now()).total_seconds() <= 300, info.end_at
+    assert sbx.pause() is True
+    again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+    assert again.commands.run("echo on").stdout == "on\n"
+    assert 100 <= (Sandbox.get_info(sbx.sandbox_id).end_at - now()).total_seconds() <= 120
 
 
 def test_same_capsule_in_wrenn_api(sandbox: Sandbox, server) -> None:

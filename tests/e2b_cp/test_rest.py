@@ -241,6 +241,41 @@ def test_error_bodies(server, sandbox) -> None:
             assert_e2b_error(h.post("/v2/sandboxes", json={"templateID": BASE}), 401)
 
 
+def test_connect_memory_false_applies_to_a_paused_sandbox_only(server, sandbox) -> None:
+    """``memory: false`` (reboot from the filesystem) is about resuming: on
+    a running sandbox connect ignores it; a paused one cannot be rebooted
+    here (400)."""
+    sid = sandbox.sandbox_id
+    with server.api() as h:
+        r = h.post(f"/v2/sandboxes/{sid}/connect", json={"timeout": 60, "memory": False})
+        assert r.status_code == 200, r.text
+        assert h.post(f"/sandboxes/{sid}/pause", json={}).status_code == 204
+        assert_e2b_error(h.post(f"/v2/sandboxes/{sid}/connect", json={"memory": False}), 400)
+        assert h.post(f"/v2/sandboxes/{sid}/connect", json={"timeout": 60}).status_code == 201
+
+
+def test_parts_of_the_api_not_served_say_so(server, sandbox) -> None:
+    """Templates (built with recipes here), snapshots, forks, network
+    updates: 501 in E2B's shape, not a 404 the SDK would read as "no such
+    sandbox" (or wrenn's shape, which its parser cannot read)."""
+    sid = sandbox.sandbox_id
+    with server.api() as h:
+        for method, path in [
+            ("GET", "/templates/aliases/base"),
+            ("POST", "/v3/templates"),
+            ("GET", "/v2/templates/base/builds/b1"),
+            ("GET", "/snapshots"),
+            ("PUT", f"/sandboxes/{sid}/network"),
+            ("POST", f"/sandboxes/{sid}/snapshots"),
+            ("POST", f"/sandboxes/{sid}/fork"),
+        ]:
+            r = h.request(method, path, json={})
+            assert_e2b_error(r, 501)
+            assert "not supported" in r.json()["message"], (path, r.text)
+        assert_e2b_error(h.get(f"/sandboxes/{sid}/nothing-here"), 404)
+    assert sandbox.is_running()  # (not taken for a missing sandbox)
+
+
 def test_chunked_body_and_header_case(server) -> None:
     """The JS SDK sends control-plane bodies chunked; header names are
     case-insensitive (``x-api-key``)."""

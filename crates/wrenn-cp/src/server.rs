@@ -261,7 +261,7 @@ async fn method_not_allowed(uri: axum::http::Uri) -> Response {
 
 async fn not_found(uri: axum::http::Uri) -> Response {
     if crate::e2b::is_e2b_path(uri.path()) {
-        return crate::e2b::not_found();
+        return crate::e2b::not_found(uri.path());
     }
     crate::error::ApiError::not_found("no such route").into_response()
 }

@@ -544,6 +544,12 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> ApiResult<Json<CapsuleJson>> {
     let c = owned(&cp, &caller, &id).await?;
+    // An E2B sandbox's deadline that passed while it was paused would end
+    // it as soon as it runs: it gets E2B's default timeout from now.
+    if c.status == Status::Paused && c.end_at.is_some_and(|e| e <= now_ms()) {
+        let end = now_ms() + crate::e2b::sandboxes::DEFAULT_TIMEOUT * 1000;
+        cp.db.set_deadline(&c.id, Some(end), c.on_timeout).await?;
+    }
     let resumed = resume_capsule(&cp, &c, Actor::key(&caller)).await?;
     Ok(Json(CapsuleJson::from(&resumed)))
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -64,7 +64,39 @@ pub fn routes() -> Router<Arc<Cp>> {
 /// Whether a path belongs to E2B's API (its fallbacks answer in E2B's shape).
 pub fn is_e2b_path(path: &str) -> bool {
     let path = path.strip_prefix("/v2").unwrap_or(path);
-    path == "/sandboxes" || path.starts_with("/sandboxes/")
+    under(path, "/sandboxes") || not_served(path)
+}
+
+/// `path` is `root` or below it.
+fn under(path: &str, root: &str) -> bool {
+    path.strip_prefix(root)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Parts of E2B's API this server does not serve (templates are built with
+/// recipes, `wrenn template build`; snapshots, forks, network rules,
+/// secrets and volumes do not exist here): a 501 that says so, where a 404
+/// would read as "no such sandbox" or "no such template" to the SDKs.
+fn not_served(path: &str) -> bool {
+    let path = path
+        .strip_prefix("/v2")
+        .or_else(|| path.strip_prefix("/v3"))
+        .unwrap_or(path);
+    [
+        "/templates",
+        "/default-templates",
+        "/snapshots",
+        "/secrets",
+        "/volumes",
+    ]
+    .iter()
+    .any(|root| under(path, root))
+        || path.strip_prefix("/sandboxes/").is_some_and(|rest| {
+            matches!(
+                rest.split_once('/'),
+                Some((_, "network" | "fork" | "snapshots"))
+            )
+        })
 }
 
 /// An E2B REST refusal: `{"code": <status>, "message": …}`.
@@ -115,7 +147,18 @@ impl IntoResponse for E2bError {
             "code": self.status.as_u16(),
             "message": self.message,
         });
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        // The Python SDK resends any request answered 502 or 504 unless
+        // told not to: after an agent failed or timed out half way, a
+        // resent create or pause would act twice.
+        if matches!(
+            self.status,
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+        ) {
+            resp.headers_mut()
+                .insert("should-retry", HeaderValue::from_static("false"));
+        }
+        resp
     }
 }
 
@@ -155,8 +198,16 @@ impl<T: DeserializeOwned> FromRequest<Arc<Cp>> for E2bJson<T> {
     }
 }
 
-/// The E2B fallbacks: 404 and 405 in E2B's shape.
-pub fn not_found() -> Response {
+/// The E2B fallbacks, in E2B's shape. An E2B path no route took: 501 for
+/// a part of the API not served, 404 for any other.
+pub fn not_found(path: &str) -> Response {
+    if not_served(path) {
+        return E2bError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("{path} is not supported by this server (wrenn)"),
+        )
+        .into_response();
+    }
     E2bError::new(StatusCode::NOT_FOUND, "no such route").into_response()
 }
 
@@ -171,6 +222,55 @@ pub fn method_not_allowed() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_failures_are_not_resent() {
+        for (status, resend) in [
+            (StatusCode::BAD_GATEWAY, Some("false")),
+            (StatusCode::GATEWAY_TIMEOUT, Some("false")),
+            (StatusCode::SERVICE_UNAVAILABLE, None),
+            (StatusCode::NOT_FOUND, None),
+        ] {
+            let resp = E2bError::new(status, "x").into_response();
+            let said = resp
+                .headers()
+                .get("should-retry")
+                .map(|v| v.to_str().unwrap());
+            assert_eq!(said, resend, "{status}");
+        }
+    }
+
+    #[test]
+    fn parts_not_served_are_told_apart() {
+        for path in [
+            "/templates",
+            "/templates/aliases/base",
+            "/v2/templates/t/builds/b",
+            "/v3/templates",
+            "/snapshots",
+            "/default-templates",
+            "/sandboxes/cl-x/network",
+            "/sandboxes/cl-x/fork",
+            "/sandboxes/cl-x/snapshots",
+        ] {
+            assert!(is_e2b_path(path) && not_served(path), "{path}");
+        }
+        for path in [
+            "/sandboxes/cl-x/nope",
+            "/sandboxes",
+            "/v2/sandboxes/cl-x/logs",
+        ] {
+            assert!(is_e2b_path(path) && !not_served(path), "{path}");
+        }
+        for path in [
+            "/templatesx",
+            "/v1/snapshots",
+            "/health",
+            "/proxy/cl-x/80/network",
+        ] {
+            assert!(!is_e2b_path(path), "{path}");
+        }
+    }
 
     #[test]
     fn e2b_paths() {

@@ -171,6 +171,27 @@ pub struct NewSandbox {
     mcp: Option<Value>,
     #[serde(rename = "volumeMounts")]
     volume_mounts: Option<Value>,
+    network: Option<Value>,
+    #[serde(rename = "autoResume")]
+    auto_resume: Option<Value>,
+}
+
+/// A `network` setting other than the defaults: refused, as a sandbox's
+/// egress here is all or nothing (`allow_internet_access`) and its ports
+/// are public to whoever has its ID; accepting and ignoring it would leave
+/// a sandbox open that its creator asked to close.
+fn unsupported_network(network: &Value) -> Option<&str> {
+    let fields = network.as_object()?;
+    fields.iter().find_map(|(k, v)| {
+        let default = match v {
+            Value::Null => true,
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            Value::Bool(true) => k == "allowPublicTraffic",
+            _ => false,
+        };
+        (!default).then_some(k.as_str())
+    })
 }
 
 fn timeout_of(t: Option<i64>, default: i64) -> E2bResult<i64> {
@@ -193,6 +214,21 @@ fn validate(body: &NewSandbox) -> E2bResult<()> {
         .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
     {
         return Err(E2bError::bad_request("volume mounts are not supported"));
+    }
+    if let Some(field) = body.network.as_ref().and_then(unsupported_network) {
+        return Err(E2bError::bad_request(format!(
+            "network.{field} is not supported: a sandbox's egress is all or nothing \
+             (allow_internet_access), and its ports are reached by its ID"
+        )));
+    }
+    if body
+        .auto_resume
+        .as_ref()
+        .is_some_and(|a| a["enabled"] == Value::Bool(true))
+    {
+        return Err(E2bError::bad_request(
+            "auto-resume on traffic is not supported: resume a paused sandbox with connect()",
+        ));
     }
     if body.auto_pause_memory == Some(false) {
         return Err(E2bError::bad_request(
@@ -278,12 +314,17 @@ impl Idempotency {
             .clone()
     }
 
-    /// Forget a key whose create failed (and none has succeeded since):
-    /// a retry tries again, and refused requests are not kept for an hour.
-    fn forget_failed(&self, team: &TeamId, key: &str) {
+    /// Forget a key whose create (with `cell`) failed, unless another
+    /// request with the key is still at it or one has succeeded: refused
+    /// requests are not kept for an hour.
+    fn forget_failed(&self, team: &TeamId, key: &str, cell: &Arc<CreateOnce>) {
         let mut map = self.map.lock().unwrap();
         let k = (team.clone(), key.to_owned());
-        if map.get(&k).is_some_and(|(_, cell)| !cell.initialized()) {
+        // (held by the map and by the caller only: nobody else waits on it)
+        let alone = |(_, c): &Remembered| {
+            Arc::ptr_eq(c, cell) && !c.initialized() && Arc::strong_count(c) == 2
+        };
+        if map.get(&k).is_some_and(alone) {
             map.remove(&k);
         }
     }
@@ -316,7 +357,9 @@ pub async fn create(
             let id = match made {
                 Ok(id) => id,
                 Err(e) => {
-                    cp.e2b.idempotency.forget_failed(caller.0.team_id(), k);
+                    cp.e2b
+                        .idempotency
+                        .forget_failed(caller.0.team_id(), k, &cell);
                     return Err(e);
                 }
             };
@@ -618,16 +661,14 @@ async fn resume_with(
     c: &CapsuleRow,
     timeout: i64,
 ) -> E2bResult<CapsuleRow> {
-    let resumed = capsules::resume_capsule(cp, c, Actor::key(&caller.0)).await?;
-    if resumed.end_at.is_some() {
+    // The new deadline first: once running, a deadline that passed while
+    // the sandbox was paused would end it at once.
+    if c.end_at.is_some() {
         cp.db
-            .set_deadline(
-                &resumed.id,
-                Some(now_ms() + timeout * 1000),
-                resumed.on_timeout,
-            )
+            .set_deadline(&c.id, Some(now_ms() + timeout * 1000), c.on_timeout)
             .await?;
     }
+    let resumed = capsules::resume_capsule(cp, c, Actor::key(&caller.0)).await?;
     Ok(cp
         .db
         .capsule(caller.0.team_id(), &resumed.id)
@@ -643,14 +684,15 @@ pub async fn connect(
     Path(id): Path<String>,
     E2bJson(body): E2bJson<ConnectBody>,
 ) -> E2bResult<(StatusCode, Json<Value>)> {
-    if body.memory == Some(false) {
-        return Err(E2bError::bad_request(
-            "rebooting from the filesystem only is not supported",
-        ));
-    }
     let timeout = timeout_of(body.timeout, DEFAULT_TIMEOUT)?;
     let c = find(&cp, &caller, &id).await?;
     if state(&c) == Some("paused") {
+        // (`memory: false` applies to a paused sandbox only)
+        if body.memory == Some(false) {
+            return Err(E2bError::bad_request(
+                "rebooting from the filesystem only is not supported",
+            ));
+        }
         let resumed = resume_with(&cp, &caller, &c, timeout).await?;
         return Ok((StatusCode::CREATED, Json(sandbox_json(&cp, &resumed))));
     }
@@ -882,18 +924,24 @@ mod tests {
         let keys = Idempotency::default();
         let team = TeamId::random();
         let failed = keys.cell(&team, "failed");
-        keys.forget_failed(&team, "failed");
+        keys.forget_failed(&team, "failed", &failed);
         let made = keys.cell(&team, "made");
         made.set(CapsuleId::random()).unwrap();
-        keys.forget_failed(&team, "made"); // (a late failure of a racing retry)
-        let left: Vec<String> = keys
+        keys.forget_failed(&team, "made", &made); // (a late failure of a racing retry)
+                                                  // a request still at it (a second holder of the cell) keeps the key
+        let busy = keys.cell(&team, "busy");
+        let waiting = keys.cell(&team, "busy");
+        keys.forget_failed(&team, "busy", &busy);
+        let mut left: Vec<String> = keys
             .map
             .lock()
             .unwrap()
             .keys()
             .map(|(_, k)| k.clone())
             .collect();
-        assert_eq!(left, ["made"]);
+        left.sort();
+        assert_eq!(left, ["busy", "made"]);
+        drop(waiting);
         // a retry of the failed key starts afresh
         assert!(!Arc::ptr_eq(&failed, &keys.cell(&team, "failed")));
     }
