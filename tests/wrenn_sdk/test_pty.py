@@ -5,6 +5,7 @@ the terminal's echo of the typed line never counts as the answer."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from wrenn import AsyncCapsule, Capsule, PtyEvent, PtyEventType
@@ -54,6 +55,28 @@ def test_exit_code(capsule: Capsule) -> None:
         ev = reader.wait_event("exit", 15)
         assert ev.exit_code == 5
         reader.col.wait_done(10, "the PTY iteration to stop after exit")
+
+
+def test_typing_on_after_exit_still_ends_with_the_exit(capsule: Capsule) -> None:
+    """Keys typed after ``exit`` reach a terminal that is gone: their
+    failure must not take the place of the exit frame (a fatal error
+    instead of the exit code)."""
+    for _ in range(3):
+        with capsule.pty() as term:
+            reader = PtyReader(term)
+            reader.wait_event("started", 15)
+            term.write(b"exit 7\n")
+            for _ in range(50):
+                try:
+                    term.write(b"typed on\n")
+                except Exception:  # noqa: BLE001 - the socket may be closing
+                    break
+                time.sleep(0.01)
+            ev = reader.wait_event("exit", 15)
+            assert ev.exit_code == 7
+            reader.col.wait_done(10, "the PTY iteration to stop after exit")
+            errors = [e for e in reader.events if e.type == "error"]
+            assert not errors, errors
 
 
 def test_kill(capsule: Capsule) -> None:

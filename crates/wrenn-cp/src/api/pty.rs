@@ -143,6 +143,11 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
     let mut sender_done = false;
     // an exit or error frame was sent: nothing more is said
     let mut told_end = false;
+    // an input call failed: said when the grace ends, unless the terminal's
+    // own end comes first
+    let mut input_error: Option<connectrpc::ConnectError> = None;
+    let grace = tokio::time::sleep(INPUT_ERROR_GRACE);
+    tokio::pin!(grace);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {
         tokio::select! {
@@ -182,13 +187,24 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
             sent = &mut sender, if !sender_done => {
                 sender_done = true;
                 if let Ok(Err(e)) = sent {
-                    input_failed(&mut socket, &e).await;
-                    told_end = true;
-                    break;
+                    // Input to a terminal that has just exited fails too:
+                    // its exit (and last output) may be on the way, and
+                    // wins if it comes within the grace.
+                    input_error = Some(e);
+                    grace.as_mut().reset(tokio::time::Instant::now() + INPUT_ERROR_GRACE);
                 }
+            },
+            () = &mut grace, if input_error.is_some() => {
+                if let Some(e) = input_error.take() {
+                    input_failed(&mut socket, &e).await;
+                }
+                told_end = true;
+                break;
             },
             msg = socket.recv() => match msg {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                // (dropped once input has failed: the session is ending)
+                Some(Ok(Message::Binary(_))) if input_error.is_some() => {}
                 Some(Ok(Message::Binary(b))) => {
                     if input_tx.send(b).await.is_err() {
                         break;
@@ -243,6 +259,10 @@ async fn input_failed(socket: &mut WebSocket, e: &connectrpc::ConnectError) {
     let msg = format!("terminal input failed: {}", ApiError::agent(e).message);
     send_json(socket, json!({"type": "error", "data": msg, "fatal": true})).await;
 }
+
+/// How long a failed input call waits for the terminal's exit frame
+/// before it ends the session itself.
+const INPUT_ERROR_GRACE: Duration = Duration::from_secs(1);
 
 /// The most input sent to the agent in one call (its messages are capped
 /// at 4 MiB): frames that piled up are merged up to it, a larger one (a
