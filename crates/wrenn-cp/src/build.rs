@@ -104,6 +104,8 @@ fn wrap(cmd: &str, user: &str, cwd: &str, env: &BTreeMap<String, String>) -> Str
 
 /// How much of each of a build command's outputs is kept.
 const SH_TAIL: usize = 64 << 10;
+/// Where a build command's outputs are caught, in the capsule.
+const SH_DIR: &str = "/tmp/.wrenn-sh";
 
 struct Ctx<'a> {
     host: &'a HostConn,
@@ -116,9 +118,13 @@ impl Ctx<'_> {
     /// (a foreground exec answers at most 12 MiB), and only a failed
     /// step's tail is shown.
     async fn sh(&self, line: &str, timeout: Duration) -> Result<(i32, String, String), String> {
+        // (files under SH_DIR: a step that times out leaves its pair there,
+        // and the build removes the directory before the snapshot)
         let kept = format!(
-            "o=$(mktemp) && e=$(mktemp) || exit 125\n(\n{line}\n) >\"$o\" 2>\"$e\"\nrc=$?\n\
-             tail -c {SH_TAIL} \"$o\"; tail -c {SH_TAIL} \"$e\" >&2; rm -f \"$o\" \"$e\"; exit $rc"
+            "mkdir -p {SH_DIR} && __wrenn_o=$(mktemp -p {SH_DIR}) && __wrenn_e=$(mktemp -p {SH_DIR}) \
+             || exit 125\n(\n{line}\n) >\"$__wrenn_o\" 2>\"$__wrenn_e\"\n__wrenn_rc=$?\n\
+             tail -c {SH_TAIL} \"$__wrenn_o\"; tail -c {SH_TAIL} \"$__wrenn_e\" >&2; \
+             rm -f \"$__wrenn_o\" \"$__wrenn_e\"; exit $__wrenn_rc"
         );
         let req = pb::ExecRequest {
             id: self.capsule.id.to_string(),
@@ -508,6 +514,11 @@ pub async fn build(
         if let Some(h) = &spec.healthcheck {
             wait_healthy(&cx, h, &user, log).await?;
         }
+        // (what timed-out commands left of their outputs stays out of the
+        // template; best effort)
+        let _ = cx
+            .sh(&format!("rm -rf {SH_DIR}"), Duration::from_secs(30))
+            .await;
         log(format!("snapshot → {}", spec.name));
         let req = pb::SnapshotRequest {
             id: capsule.id.to_string(),
