@@ -94,6 +94,7 @@ def test_create_unknown_template(server) -> None:
     {"network": {"deny_out": ["0.0.0.0/0"]}},
     {"network": {"allow_out": ["1.1.1.1"], "deny_out": ["0.0.0.0/0"]}},
     {"network": {"allow_public_traffic": False}},
+    {"network": {"dns_servers": []}},
     {"lifecycle": {"on_timeout": "pause", "auto_resume": True}},
 ])
 def test_settings_not_served_are_refused_not_ignored(server, opts: dict) -> None:
@@ -299,9 +300,9 @@ def test_a_deadline_passed_while_paused_does_not_end_a_resumed_sandbox(make_sand
     """Paused before its timeout ran out, resumed after: through wrenn's API
     it gets E2B's default timeout from then (its old deadline would end it
     at once); through E2B's connect, the one asked for."""
-    sbx = make_sandbox(timeout=4)
+    sbx = make_sandbox(timeout=10)
     assert sbx.pause() is True
-    time.sleep(6)  # its deadline passes while it is paused
+    time.sleep(12)  # its deadline passes while it is paused
     with server.wrenn() as h:
         r = h.post(f"/v1/capsules/{sbx.sandbox_id}/resume")
         assert r.status_code == 200, r.text

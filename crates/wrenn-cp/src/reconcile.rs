@@ -37,6 +37,9 @@ use crate::server::Cp;
 
 /// How long the reconciler waits for a host's list of capsules.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an auto-pause report waits for its agent's word (the agent
+/// waits for the answer).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The status the API shows for an agent state (`hibernated` is shown as
 /// `paused`: the SDK only resumes paused capsules).
@@ -258,7 +261,7 @@ pub async fn auto_paused(cp: &Cp, host: &HostId, id: &CapsuleId) {
     };
     if let Some(conn) = cp.hosts.get(host) {
         let asked = conn.rpc.get_capsule(cref(id));
-        if let Ok(Ok(info)) = tokio::time::timeout(LIST_TIMEOUT, asked).await {
+        if let Ok(Ok(info)) = tokio::time::timeout(CONFIRM_TIMEOUT, asked).await {
             if status_of(&info.into_owned().state) != Status::Paused {
                 return; // resumed since
             }

@@ -181,11 +181,16 @@ pub struct NewSandbox {
 /// are public to whoever has its ID; accepting and ignoring it would leave
 /// a sandbox open that its creator asked to close.
 fn unsupported_network(network: &Value) -> Option<&str> {
-    let fields = network.as_object()?;
+    let fields = match network {
+        Value::Null => return None,
+        Value::Object(fields) => fields,
+        _ => return Some("(not an object)"),
+    };
     fields.iter().find_map(|(k, v)| {
         let default = match v {
             Value::Null => true,
-            Value::Array(a) => a.is_empty(),
+            // (an empty list of DNS servers is a setting: none)
+            Value::Array(a) => a.is_empty() && k != "dnsServers",
             Value::Object(o) => o.is_empty(),
             Value::Bool(true) => k == "allowPublicTraffic",
             _ => false,
