@@ -26,6 +26,19 @@ def debug(monkeypatch: pytest.MonkeyPatch, server) -> None:
     monkeypatch.setenv("E2B_DEBUG", "true")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def debug_capsule_ends(server):
+    """The debug capsule lives as long as its server, by design: ended
+    after these tests, so that a capsule left at the session's end is a
+    leak worth the warning."""
+    yield
+    with server.wrenn() as h:
+        for c in h.get("/v1/capsules").json():
+            if (c.get("metadata") or {}).get("e2b_debug_sandbox"):
+                r = h.delete(f"/v1/capsules/{c['id']}")
+                assert r.status_code == 204, r.text
+
+
 def test_debug_sandbox(debug, server) -> None:
     sbx = Sandbox.create()
     assert sbx.sandbox_id == DEBUG_ID

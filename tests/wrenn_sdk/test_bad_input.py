@@ -132,6 +132,18 @@ def test_files_bad_bodies(api, capsule: Capsule) -> None:
     assert_error_body(r, (400, 404, 409))
 
 
+def _upload(server, capsule: Capsule, route: str, boundary: str, body, length: int | None):
+    """POST a raw multipart ``body`` to the capsule's ``route``."""
+    return raw_request(
+        server.base_url,
+        "POST",
+        f"/v1/capsules/{capsule.capsule_id}/{route}",
+        {"X-API-Key": server.api_key, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        body,
+        content_length=length,
+    )
+
+
 def test_files_write_over_limit_is_413(server, capsule: Capsule) -> None:
     """``files/write`` caps at 100 MiB: 101 MiB is refused with 413."""
     size = 101 * MIB
@@ -148,14 +160,7 @@ def test_files_write_over_limit_is_413(server, capsule: Capsule) -> None:
         yield from repeat_bytes(size)
         yield post
 
-    r = raw_request(
-        server.base_url,
-        "POST",
-        f"/v1/capsules/{capsule.capsule_id}/files/write",
-        {"X-API-Key": server.api_key, "Content-Type": f"multipart/form-data; boundary={boundary}"},
-        body(),
-        content_length=len(pre) + size + len(post),
-    )
+    r = _upload(server, capsule, "files/write", boundary, body(), len(pre) + size + len(post))
     assert_error_body(r, 413)
     assert capsule.commands.run("echo ok").stdout == "ok\n"  # the capsule is fine
 
@@ -177,14 +182,7 @@ def test_upload_parts_before_the_file_are_bounded(server, capsule: Capsule, rout
             sent += len(piece)
             yield piece
 
-    r = raw_request(
-        server.base_url,
-        "POST",
-        f"/v1/capsules/{capsule.capsule_id}/{route}",
-        {"X-API-Key": server.api_key, "Content-Type": f"multipart/form-data; boundary={boundary}"},
-        body(),
-        content_length=None,
-    )
+    r = _upload(server, capsule, route, boundary, body(), None)
     assert_error_body(r, status)
     assert sent < 64 * MIB, f"the server read {sent >> 20} MiB of a {part} part before refusing it"
     assert capsule.commands.run("echo ok").stdout == "ok\n"

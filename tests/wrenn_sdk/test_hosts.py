@@ -7,6 +7,7 @@ deleted once it has no capsules. A host that stops heartbeating is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -105,6 +107,25 @@ class SecondAgent:
         stop(self.proc)
         self.up.purge()
         shutil.rmtree(self.data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def watching_events(h: httpx.Client) -> Iterator[list[dict]]:
+    """The team's events (``/v1/events/stream``), appended as they come to
+    the list yielded, while the block runs."""
+    seen: list[dict] = []
+
+    def listen(events: httpx.Response) -> None:
+        try:
+            for line in events.iter_lines():
+                if line.startswith("data:"):
+                    seen.append(json.loads(line[5:]))
+        except httpx.HTTPError:
+            pass  # (closed at the end)
+
+    with h.stream("GET", "/v1/events/stream", timeout=None) as events:
+        threading.Thread(target=listen, args=(events,), daemon=True).start()
+        yield seen
 
 
 def wait_status(h: httpx.Client, path: str, want: str, limit: float) -> dict:
@@ -252,18 +273,7 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
         wait_status(h, f"/v1/hosts/{host_id}", "unreachable", 15)
 
         # back: its first heartbeat reconciles it, which undoes the create
-        seen: list[dict] = []
-
-        def listen(events: httpx.Response) -> None:
-            try:
-                for line in events.iter_lines():
-                    if line.startswith("data:"):
-                        seen.append(json.loads(line[5:]))
-            except httpx.HTTPError:
-                pass  # (closed at the end)
-
-        with h.stream("GET", "/v1/events/stream", timeout=None) as events:
-            threading.Thread(target=listen, args=(events,), daemon=True).start()
+        with watching_events(h) as seen:
             addr = second.start(None, ("--heartbeat-interval", "1s"))
             wait_host(h, host_id, addr, limit=15)
             deadline = time.monotonic() + 30
@@ -326,18 +336,7 @@ def test_an_idle_capsule_shows_paused_at_once_on_either_host(request) -> None:
         idle = [made[-2], made[-1]]
         assert {c in set(second.up.runc_containers()) for c in idle} == {True, False}, made
 
-        seen: list[dict] = []
-
-        def listen(events: httpx.Response) -> None:
-            try:
-                for line in events.iter_lines():
-                    if line.startswith("data:"):
-                        seen.append(json.loads(line[5:]))
-            except httpx.HTTPError:
-                pass  # (closed at the end)
-
-        with h.stream("GET", "/v1/events/stream", timeout=None) as events:
-            threading.Thread(target=listen, args=(events,), daemon=True).start()
+        with watching_events(h) as seen:
             deadline = time.monotonic() + 90
             while not all(any(e["event"] == "capsule.pause" and e["resource"]["id"] == c for e in seen)
                           for c in idle):
