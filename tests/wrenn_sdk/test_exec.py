@@ -224,15 +224,33 @@ def test_kill_ends_a_connected_stream(capsule: Capsule) -> None:
 
 
 def test_connect_to_unknown_process(capsule: Capsule) -> None:
-    """An unknown pid ends the stream promptly: an error event (or a 404
-    before the upgrade)."""
-    try:
-        events = drain(lambda: capsule.commands.connect(999_999), 10)
-    except httpx_ws.WebSocketUpgradeError as exc:
-        assert exc.response.status_code == 404
-        return
+    """An unknown pid ends the stream promptly with an error event."""
+    events = drain(lambda: capsule.commands.connect(999_999), 10)
     assert events and isinstance(events[-1], StreamErrorEvent), events
     assert not any(e.type in ("stdout", "stderr", "exit") for e in events)
+
+
+def test_streams_to_a_paused_capsule_end_with_an_error_event(make_capsule) -> None:
+    """As on wrenn's server, a capsule that is not running is refused in
+    band: the SDK's iterations end with the error event its docs promise,
+    not with httpx_ws's WebSocketUpgradeError. The capsule is untouched."""
+    c = make_capsule(wait=True)
+    h = c.commands.run("sleep 300", background=True)
+    c.pause()
+    for name, stream in (("stream", lambda: c.commands.stream("echo hi")),
+                         ("connect", lambda: c.commands.connect(h.pid))):
+        events = drain(stream, 20)
+        assert [e.type for e in events] == ["error"], (name, events)
+        assert "not running (status: paused)" in events[0].data, (name, events[0].data)
+    with c.pty() as term:
+        events = list(term)
+    assert [(e.type, e.fatal) for e in events] == [("error", True)], events
+    said = events[0].data
+    said = said.decode() if isinstance(said, bytes) else said
+    assert "not running (status: paused)" in said, events
+    c.resume()
+    assert c.commands.run("echo back").stdout == "back\n"
+    assert [p for p in c.commands.list() if p.pid == h.pid], "the background process survived"
 
 
 # --------------------------------------------------------------------------- #

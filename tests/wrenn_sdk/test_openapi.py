@@ -578,13 +578,35 @@ def test_live_responses_match_the_document(server, spec: dict) -> None:
         api.call("DELETE", "/v1/capsules/{id}/processes/{selector}", id=cid,
                  selector=unique("no-such-process"), expect=404)
 
-        # WebSockets: refusals before the upgrade are JSON errors; then one real session
+        # WebSockets: a bad key is refused before the upgrade (the JSON error);
+        # the capsule in band, after it (an error frame, then the close)
         api_anon.call("GET", "/v1/capsules/{id}/exec/stream", id=cid, headers=WS_HEADERS, expect=401)
-        api.call("GET", "/v1/capsules/{id}/exec/stream", id="nope", headers=WS_HEADERS, expect=400)
-        api.call("GET", "/v1/capsules/{id}/exec/stream", id=unknown_capsule_id(), headers=WS_HEADERS, expect=404)
-        api.call("GET", "/v1/capsules/{id}/processes/{selector}/stream", id=unknown_capsule_id(),
-                 selector="1", headers=WS_HEADERS, expect=404)
-        api.call("GET", "/v1/capsules/{id}/pty", id=unknown_capsule_id(), headers=WS_HEADERS, expect=404)
+        def refused_in_band(path: str, capsule: str, says: str) -> None:
+            """One error frame (the terminal's fatal) after the client's
+            first frame, then the close."""
+            first = {"exec/stream": {"type": "start", "cmd": "true"}, "pty": {"type": "start"}}
+            kind = path.rsplit("/", 1)[-1]
+            with httpx_ws.connect_ws(path.format(id=capsule), h) as ws:
+                if kind in first:
+                    ws.send_text(json.dumps(first[kind]))
+                frame = ws.receive_json(timeout=20)
+                want = {"type": "error", **({"fatal": True} if kind == "pty" else {})}
+                if {k: frame.get(k) for k in want} != want or says not in frame.get("data", ""):
+                    chk.fail(f"{path} on {capsule}: first frame {frame}, wanted an error saying {says!r}")
+                try:
+                    extra = ws.receive(timeout=10)
+                except httpx_ws.WebSocketDisconnect:
+                    extra = None
+                except Exception as e:  # noqa: BLE001 (a timeout: still open)
+                    extra = e
+                if extra is not None:
+                    chk.fail(f"{path} on {capsule}: not closed after the error ({extra!r})")
+
+        ws_paths = ("/v1/capsules/{id}/exec/stream", "/v1/capsules/{id}/processes/1/stream",
+                    "/v1/capsules/{id}/pty")
+        for path in ws_paths:
+            refused_in_band(path, "nope", "invalid capsule ID")
+            refused_in_band(path, unknown_capsule_id(), "not found")
         with httpx_ws.connect_ws(f"/v1/capsules/{cid}/exec/stream", h) as ws:
             chk.covered.add(("GET", "/v1/capsules/{id}/exec/stream", 101))
             ws.send_text(json.dumps({"type": "start", "cmd": "/bin/sh", "args": ["-c", "echo ws"]}))
@@ -723,8 +745,8 @@ def test_live_responses_match_the_document(server, spec: dict) -> None:
         api.call("POST", "/v1/capsules/{id}/exec", id=cid, json={"cmd": "true"}, expect=409, label="paused")
         api.call("GET", "/v1/capsules/{id}/processes", id=cid, expect=409, label="paused")
         api.call("POST", "/v1/capsules/{id}/files/list", id=cid, json={"path": "/"}, expect=409, label="paused")
-        api.call("GET", "/v1/capsules/{id}/exec/stream", id=cid, headers=WS_HEADERS, expect=409, label="paused")
-        api.call("GET", "/v1/capsules/{id}/pty", id=cid, headers=WS_HEADERS, expect=409, label="paused")
+        for path in ws_paths:
+            refused_in_band(path, cid, "not running (status: paused)")
         api.call("GET", "/v1/capsules/{id}", id=cid, expect=200, label="paused")
         api.call("GET", "/v1/capsules/{id}/metrics", id=cid, expect=200, label="paused")
         r = api.call("POST", "/v1/capsules/{id}/resume", id=cid, expect=200)

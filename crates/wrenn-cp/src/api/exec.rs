@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_event::Event as Ev;
 
-use super::ws::{pump, send_json, Pumped, Utf8Carry};
+use super::ws::{pump, send_json, Pumped, Session, Utf8Carry};
 use super::{refresh_after, running, ApiJson, Path, Query};
 use crate::auth::{random_hex, Caller};
 use crate::error::{ApiError, ApiResult};
@@ -196,8 +196,9 @@ struct StartFrame {
 
 const FIRST_FRAME_WAIT: Duration = Duration::from_secs(30);
 
-/// `GET /v1/capsules/{id}/exec/stream` (WebSocket). Ownership and state
-/// are checked before the upgrade (a refusal is the JSON error).
+/// `GET /v1/capsules/{id}/exec/stream` (WebSocket). The key is checked
+/// before the upgrade (401); the capsule after it, in band
+/// ([`super::ws::refuse`]).
 pub async fn exec_stream(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
@@ -205,7 +206,10 @@ pub async fn exec_stream(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let ws = super::ws::upgrade(ws)?;
-    let (c, host) = running(&cp, &caller, &id).await?;
+    let (c, host) = match running(&cp, &caller, &id).await {
+        Ok(found) => found,
+        Err(e) => return Ok(super::ws::refuse(ws, e, Session::Exec)),
+    };
     Ok(ws.on_upgrade(move |mut socket| async move {
         let start = match tokio::time::timeout(FIRST_FRAME_WAIT, socket.recv()).await {
             Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<StartFrame>(&t).ok(),
@@ -242,8 +246,14 @@ pub async fn process_stream(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let ws = super::ws::upgrade(ws)?;
-    let sel = selector(&sel)?;
-    let (c, host) = running(&cp, &caller, &id).await?;
+    let found = match selector(&sel) {
+        Ok(sel) => running(&cp, &caller, &id).await.map(|f| (sel, f)),
+        Err(e) => Err(e),
+    };
+    let (sel, (c, host)) = match found {
+        Ok(found) => found,
+        Err(e) => return Ok(super::ws::refuse(ws, e, Session::Attach)),
+    };
     use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_ref::Selector as S;
     let req = pb::ProcessRef {
         id: c.id.to_string(),

@@ -64,7 +64,10 @@ pub async fn pty(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let ws = super::ws::upgrade(ws)?;
-    let (c, host) = running(&cp, &caller, &id).await?;
+    let (c, host) = match running(&cp, &caller, &id).await {
+        Ok(found) => found,
+        Err(e) => return Ok(super::ws::refuse(ws, e, super::ws::Session::Pty)),
+    };
     let id = c.id.to_string();
     Ok(ws.on_upgrade(move |socket| session(cp, host, id, socket)))
 }

@@ -10,7 +10,10 @@
 //! process output).
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use std::time::Duration;
+
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
 use connectrpc::client::ServerStream;
 use connectrpc::ConnectError;
 use tokio::sync::mpsc;
@@ -111,6 +114,54 @@ pub fn upgrade(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<WebSocketUpgrade, crate::error::ApiError> {
     ws.map_err(|r| crate::error::ApiError::invalid(format!("a WebSocket upgrade is required: {r}")))
+}
+
+/// Which session a refusal ends, which decides its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Session {
+    /// `exec/stream`: the client speaks first (`start`).
+    Exec,
+    /// `processes/{selector}/stream`: the client sends nothing.
+    Attach,
+    /// `pty`: the client speaks first; the error is `fatal`.
+    Pty,
+}
+
+/// How long a refused session waits for the client's first frame, and then
+/// for its close.
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);
+
+/// Refuses a WebSocket session in band, as wrenn's server does once the key
+/// is good: the upgrade is accepted, one `error` frame says why (capsule not
+/// found or not running, its host unreachable), and the socket closes. The
+/// SDK ends its iteration on that frame (`StreamErrorEvent`, a fatal
+/// `PtyEvent`); refused before the upgrade, it would raise httpx_ws's
+/// `WebSocketUpgradeError` instead of the events it documents.
+pub fn refuse(ws: WebSocketUpgrade, err: crate::error::ApiError, kind: Session) -> Response {
+    ws.on_upgrade(move |mut socket| async move {
+        if kind != Session::Attach {
+            // Read the client's first frame first: closing with it unread
+            // makes the kernel reset the connection, and a reset can reach
+            // the client before the error frame is read.
+            let _ = tokio::time::timeout(REFUSAL_WAIT, socket.recv()).await;
+        }
+        let mut frame = serde_json::json!({"type": "error", "data": err.message});
+        if kind == Session::Pty {
+            frame["fatal"] = true.into();
+        }
+        if send_json(&mut socket, frame).await && socket.send(Message::Close(None)).await.is_ok() {
+            // the client's close (or whatever it still sends: the SDK's
+            // terminal sends `kill` on the way out) ends the socket
+            let _ = tokio::time::timeout(REFUSAL_WAIT, async {
+                while let Some(Ok(m)) = socket.recv().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    })
 }
 
 #[cfg(test)]
