@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import subprocess
 import time
 from datetime import timedelta
 
@@ -82,6 +83,25 @@ def test_create_with_envs_and_metadata(make_sandbox, tag: str) -> None:
     r = sbx.commands.run("echo $E2B_SANDBOX:$E2B_SANDBOX_ID")
     assert r.stdout.strip() == f"true:{sbx.sandbox_id}"
     assert sbx.get_info().metadata == {"tag": tag, "k": "a b/c&d=e"}
+
+
+def test_internet_access_as_asked(make_sandbox, server) -> None:
+    """``allow_internet_access=False`` reaches the agent's firewall, and
+    ``get_info`` shows the setting as it was given, and ``None`` when it
+    was not (E2B's sandbox detail leaves it out then)."""
+    closed = make_sandbox(allow_internet_access=False)
+    opened = make_sandbox(allow_internet_access=True)
+    default = make_sandbox()
+    assert closed.get_info().allow_internet_access is False
+    assert opened.get_info().allow_internet_access is True
+    assert default.get_info().allow_internet_access is None
+    if server.server.instance is None:
+        return  # an external server: its firewall is not ours to read
+    allowed = subprocess.run(["nft", "list", "set", "inet", server.server.instance, "internet"],
+                             capture_output=True, text=True, check=True).stdout
+    for sbx, out in ((closed, False), (opened, True), (default, True)):
+        addr = sbx.commands.run("hostname -I").stdout.split()[0]
+        assert bool(re.search(rf"\b{re.escape(addr)}\b", allowed)) == out, (addr, out, allowed)
 
 
 def test_create_unknown_template(server) -> None:

@@ -125,6 +125,11 @@ fn migrator() -> Migrator {
             "revocation",
             include_str!("../migrations/0007_revocation.sql"),
         ),
+        (
+            8,
+            "internet",
+            include_str!("../migrations/0008_internet.sql"),
+        ),
     ]
     .into_iter()
     .map(|(version, name, sql)| {
@@ -605,9 +610,10 @@ impl Db {
         sqlx::query(
             "INSERT INTO capsules (id, team_id, host_id, template, agent_template, status, vcpus, \
                  memory_mb, timeout_sec, disk_size_mb, metadata, created_at, started_at, \
-                 last_active_at, last_updated, access_token, end_at, on_timeout) \
+                 last_active_at, last_updated, access_token, end_at, on_timeout, \
+                 allow_internet) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-                     $17, $18)",
+                     $17, $18, $19)",
         )
         .bind(c.id.as_str())
         .bind(c.team_id.as_str())
@@ -627,6 +633,7 @@ impl Db {
         .bind(&c.access_token)
         .bind(c.end_at)
         .bind(c.on_timeout.as_str())
+        .bind(c.allow_internet.map(i64::from))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1223,6 +1230,8 @@ pub struct CapsuleRow {
     /// Absolute deadline (Unix ms), if any; see [`OnTimeout`].
     pub end_at: Option<i64>,
     pub on_timeout: OnTimeout,
+    /// Internet access as its creator set it; `None`: not set (on).
+    pub allow_internet: Option<bool>,
 }
 
 /// One line of a capsule's log.
@@ -1315,7 +1324,7 @@ const HOST_COLS: &str = "SELECT id, status, address, arch, cpu_cores, memory_mb,
 const CAPSULE_COLS: &str = "SELECT id, team_id, host_id, template, agent_template, status, vcpus, \
                             memory_mb, timeout_sec, disk_size_mb, metadata, created_at, \
                             started_at, last_active_at, last_updated, access_token, end_at, \
-                            on_timeout FROM capsules";
+                            on_timeout, allow_internet FROM capsules";
 const TEMPLATE_COLS: &str = "SELECT team_id, name, agent_name, type, host_id, vcpus, memory_mb, \
                              size_bytes, default_user, protected, metadata, created_at \
                              FROM templates";
@@ -1389,6 +1398,9 @@ fn capsule_row(r: &AnyRow) -> Result<CapsuleRow, DbError> {
         access_token: r.try_get("access_token")?,
         end_at: r.try_get("end_at")?,
         on_timeout: parse(r.try_get::<String, _>("on_timeout")?)?,
+        allow_internet: r
+            .try_get::<Option<i64>, _>("allow_internet")?
+            .map(|v| v != 0),
     })
 }
 

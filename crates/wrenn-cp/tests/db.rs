@@ -296,6 +296,7 @@ async fn exercise(db: &Db) {
             metadata: BTreeMap::from([("k".to_owned(), format!("v{i}"))]),
             created_at: now + i,
             access_token: format!("token-{i}"),
+            allow_internet: [None, Some(false), Some(true)][i as usize],
             ..common::capsule_row(&team.id, Some(&h.id), Status::Starting, now)
         };
         db.insert_capsule(&c).await.unwrap();
@@ -309,6 +310,12 @@ async fn exercise(db: &Db) {
     assert_eq!(listed.len(), 3);
     assert_eq!(listed[0].id, rows[2].id, "newest first");
     assert_eq!(listed[2].metadata["k"], "v0");
+    let internet: Vec<_> = listed.iter().map(|c| c.allow_internet).collect();
+    assert_eq!(
+        internet,
+        [Some(true), Some(false), None],
+        "as set, or not set"
+    );
     let c = db
         .transition(&rows[0].id, &[Status::Starting], Status::Running)
         .await

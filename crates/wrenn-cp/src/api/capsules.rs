@@ -194,7 +194,7 @@ pub async fn create(
         disk_size_mb,
         metadata,
         env,
-        internet: body.internet.unwrap_or(true),
+        internet: body.internet,
         engine: body.engine.clone(),
         ..Launch::new(&template)
     };
@@ -227,7 +227,8 @@ pub struct Launch<'a> {
     pub metadata: BTreeMap<String, String>,
     /// Environment of every process in the capsule.
     pub env: BTreeMap<String, String>,
-    pub internet: bool,
+    /// Internet access as asked for; `None`: not asked (on).
+    pub internet: Option<bool>,
     /// `oci` or `vm` (validated); `None`: the template's.
     pub engine: Option<String>,
     /// An absolute deadline (Unix ms) kept by the control plane.
@@ -250,7 +251,7 @@ impl<'a> Launch<'a> {
             disk_size_mb: DEFAULT_DISK_MB,
             metadata: BTreeMap::new(),
             env: BTreeMap::new(),
-            internet: true,
+            internet: None,
             engine: None,
             end_at: None,
             on_timeout: OnTimeout::Kill,
@@ -310,6 +311,7 @@ pub async fn launch(
             access_token: crate::auth::random_hex(24),
             end_at,
             on_timeout,
+            allow_internet: internet,
         };
         cp.creating.lock().unwrap().insert(row.id.clone());
         if let Err(e) = cp.db.insert_capsule(&row).await {
@@ -320,7 +322,7 @@ pub async fn launch(
     };
     let extra = Extra {
         env,
-        internet,
+        internet: internet.unwrap_or(true),
         engine,
         metadata_to_envd,
     };

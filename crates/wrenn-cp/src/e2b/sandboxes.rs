@@ -145,6 +145,10 @@ fn detail_json(cp: &Cp, c: &CapsuleRow) -> Value {
     if !c.access_token.is_empty() {
         o.insert("envdAccessToken".into(), json!(c.access_token));
     }
+    // (E2B's: only when the creator set it)
+    if let Some(allowed) = c.allow_internet {
+        o.insert("allowInternetAccess".into(), json!(allowed));
+    }
     o.insert(
         "lifecycle".into(),
         json!({"autoResume": false, "onTimeout": on_timeout}),
@@ -286,7 +290,7 @@ async fn create_sandbox(cp: &Cp, caller: &E2bCaller, body: NewSandbox) -> E2bRes
     spec.metadata = body.metadata.unwrap_or_default();
     spec.metadata_to_envd = false;
     spec.env = body.env_vars.unwrap_or_default();
-    spec.internet = body.allow_internet_access.unwrap_or(true);
+    spec.internet = body.allow_internet_access;
     spec.end_at = Some(now_ms() + timeout * 1000);
     spec.on_timeout = if body.auto_pause.unwrap_or(false) {
         OnTimeout::Pause

@@ -28,5 +28,6 @@ pub fn capsule_row(team: &TeamId, host: Option<&HostId>, status: Status, now: i6
         access_token: String::new(),
         end_at: None,
         on_timeout: OnTimeout::Kill,
+        allow_internet: None,
     }
 }
