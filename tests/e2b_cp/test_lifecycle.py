@@ -336,6 +336,30 @@ def test_a_deadline_passed_while_paused_does_not_end_a_resumed_sandbox(make_sand
     assert 100 <= (Sandbox.get_info(sbx.sandbox_id).end_at - now()).total_seconds() <= 120
 
 
+def test_set_timeout_on_a_wrenn_capsule_takes_its_ttls_place(server) -> None:
+    """A capsule made by wrenn's API (an inactivity TTL, which pauses) given
+    a timeout through E2B: it lives until then, idle or not (the TTL is
+    gone, from the agent and the row), and then pauses, as its lifecycle
+    said, instead of being killed."""
+    with server.wrenn() as h:
+        r = h.post("/v1/capsules", json={"template": "minimal", "timeout_sec": 3})
+        assert r.status_code == 201, r.text
+        cid = r.json()["id"]
+        try:
+            assert Sandbox.get_info(cid).lifecycle["on_timeout"] == "pause"
+            Sandbox.set_timeout(cid, 20)
+            assert Sandbox.get_info(cid).lifecycle["on_timeout"] == "pause"
+            assert h.get(f"/v1/capsules/{cid}").json()["timeout_sec"] == 0
+            time.sleep(8)  # idle for more than twice its old TTL (the reaper looks every second)
+            assert h.get(f"/v1/capsules/{cid}").json()["status"] == "running"
+            poll(lambda: h.get(f"/v1/capsules/{cid}").json()["status"] == "paused",
+                 timeout=60, interval=1, what="the deadline's pause")
+            again = Sandbox.connect(cid, timeout=60)
+            assert again.commands.run("echo kept").stdout == "kept\n"
+        finally:
+            h.delete(f"/v1/capsules/{cid}")
+
+
 def test_same_capsule_in_wrenn_api(sandbox: Sandbox, server) -> None:
     """One control plane, one set of capsules: the E2B sandbox is a capsule
     of the admin team in wrenn's /v1 API, and a wrenn capsule is listed by

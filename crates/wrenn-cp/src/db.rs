@@ -839,6 +839,16 @@ impl Db {
         Ok(())
     }
 
+    /// Set a capsule's inactivity TTL (0: none), as its agent keeps it.
+    pub async fn set_ttl(&self, id: &CapsuleId, timeout_sec: i64) -> Result<(), DbError> {
+        sqlx::query("UPDATE capsules SET timeout_sec = $1 WHERE id = $2")
+            .bind(timeout_sec)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn touch_capsule(&self, id: &CapsuleId) -> Result<(), DbError> {
         sqlx::query("UPDATE capsules SET last_active_at = $1 WHERE id = $2")
             .bind(now_ms())

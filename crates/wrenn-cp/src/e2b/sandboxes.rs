@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_types::envd::ENVD_PROTOCOL_VERSION;
 use wrenn_types::ids::{CapsuleId, TeamId};
 
@@ -590,11 +591,47 @@ pub async fn set_timeout(
         return Err(E2bError::bad_request("timeout is required"));
     };
     let t = timeout_of(Some(t), 0)?;
+    // A capsule made by wrenn's API has no deadline; what ended its time
+    // was its inactivity TTL, which pauses (its lifecycle says `pause`).
+    // The deadline takes the TTL's place and pauses too: never a kill of
+    // a capsule that was shown as pausing.
+    let on_timeout = match c.end_at {
+        None => OnTimeout::Pause,
+        Some(_) => c.on_timeout,
+    };
     cp.db
-        .set_deadline(&c.id, Some(now_ms() + t * 1000), c.on_timeout)
+        .set_deadline(&c.id, Some(now_ms() + t * 1000), on_timeout)
         .await?;
     cp.e2b.deadlines.notify_one();
+    if c.timeout_sec > 0 {
+        drop_ttl(&cp, &c).await;
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ends a running capsule's inactivity TTL (the agent's and the row's):
+/// once E2B has set its timeout, it lives until then, busy or not. Best
+/// effort: a TTL left in place (the capsule paused, its agent unreachable)
+/// can only pause it before the deadline, never lose it.
+async fn drop_ttl(cp: &Cp, c: &CapsuleRow) {
+    if c.status != Status::Running {
+        return;
+    }
+    let Ok(host) = crate::api::host_of(cp, c) else {
+        return;
+    };
+    let ping = pb::PingRequest {
+        id: c.id.to_string(),
+        timeout_sec: Some(0),
+        ..Default::default()
+    };
+    let dropped = match host.rpc.ping_capsule(ping).await {
+        Ok(_) => cp.db.set_ttl(&c.id, 0).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = dropped {
+        tracing::warn!(capsule = %c.id, error = %e, "the inactivity timeout stays");
+    }
 }
 
 #[derive(Debug, Deserialize)]
