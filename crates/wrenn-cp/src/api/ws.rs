@@ -9,9 +9,9 @@
 //! buffer is full, which back-pressures the agent stream (never drops
 //! process output).
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use connectrpc::client::ServerStream;
