@@ -230,6 +230,20 @@ def test_connect_to_unknown_process(capsule: Capsule) -> None:
     assert not any(e.type in ("stdout", "stderr", "exit") for e in events)
 
 
+def test_a_pause_ends_open_streams_with_an_error_event(make_capsule) -> None:
+    """A stream open when its capsule is paused ends at once with an error
+    event (its envd is frozen: before, the client waited for good); the
+    command lives on and is there again after the resume."""
+    c = make_capsule(wait=True)
+    col = Collector(lambda: c.commands.stream("echo go; sleep 300"), name="paused-stream")
+    col.wait_for(lambda items: any(e.type == "stdout" for e in items), 20, "the first output")
+    c.pause()
+    events = col.wait_done(15, "the stream to end after the pause")
+    assert events[-1].type == "error" and "paused" in events[-1].data, events
+    c.resume()
+    assert any("sleep 300" in " ".join([p.cmd or "", *(p.args or [])]) for p in c.commands.list())
+
+
 def test_streams_to_a_paused_capsule_end_with_an_error_event(make_capsule) -> None:
     """As on wrenn's server, a capsule that is not running is refused in
     band: the SDK's iterations end with the error event its docs promise,

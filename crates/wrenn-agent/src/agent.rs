@@ -134,6 +134,9 @@ pub struct Capsule {
     runtime: Arc<dyn Runtime>,
     /// What the metrics sampler saw ([`crate::history`]).
     samples: Mutex<crate::history::History>,
+    /// Counts the capsule's pauses: a stream relayed from its envd ends
+    /// when it moves (a frozen envd would leave it open, silent, for good).
+    pauses: tokio::sync::watch::Sender<u64>,
 }
 
 pub use crate::history::SAMPLES_KEPT;
@@ -179,6 +182,17 @@ impl Capsule {
 
     fn touch(&self) {
         self.rec.lock().unwrap().last_active_at = now_ms();
+    }
+
+    /// Output relayed to a client is activity too: a command that prints
+    /// while someone watches is not idle, however long it runs.
+    pub fn touch_by_output(&self) {
+        self.touch();
+    }
+
+    /// Follows the capsule's pauses from now on (see [`Capsule::pauses`]).
+    pub fn watch_pauses(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.pauses.subscribe()
     }
 }
 
@@ -609,6 +623,7 @@ impl Agent {
             envd: RwLock::new(None),
             runtime,
             samples: Mutex::default(),
+            pauses: Default::default(),
         }))
     }
 
@@ -679,6 +694,7 @@ impl Agent {
             envd: RwLock::new(warm.envd.read().unwrap().clone()),
             runtime: warm.runtime.clone(),
             samples: Mutex::default(),
+            pauses: Default::default(),
         });
         let taken = {
             let mut map = self.capsules.write().unwrap();
@@ -1351,6 +1367,7 @@ impl Agent {
         let rt = c.clone();
         blocking(move || rt.runtime.pause(&rt.container)).await?;
         c.update(|r| r.state = CapsuleState::Paused)?;
+        c.pauses.send_modify(|n| *n += 1);
         Ok(self.info(c))
     }
 
@@ -1819,6 +1836,7 @@ impl Agent {
                 envd: RwLock::new(None),
                 runtime,
                 samples: Mutex::default(),
+                pauses: Default::default(),
             });
             if let Some(slot) = &rec.slot {
                 c.set_envd(self.envd_client(&c, slot)?);

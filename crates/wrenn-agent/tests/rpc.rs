@@ -604,6 +604,81 @@ async fn the_reaper_pauses_or_destroys_idle_capsules() {
     assert!(told.try_recv().is_err(), "one pause, one report");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_activity_and_end_when_their_capsule_pauses() {
+    let t = TestAgent::start().await;
+    let (addr, _stop) = serve(&t).await;
+    let c = common::rpc_client(addr, t.agent.token());
+    let id = CapsuleId::random().to_string();
+    c.create_capsule(pb::CreateCapsuleRequest {
+        id: id.clone(),
+        template: "busybox".into(),
+        memory_mb: 64,
+        timeout_sec: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let state = || {
+        t.agent
+            .info_of(&id.parse().unwrap())
+            .unwrap()
+            .state
+            .as_str()
+            .to_owned()
+    };
+    let stream = |script: &str| {
+        c.exec_stream(pb::ExecRequest {
+            id: id.clone(),
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        })
+    };
+    // printing for 5 s, past its 2 s timeout, with no call meanwhile: the
+    // output watched is activity, so the reaper leaves it running
+    let mut s = stream("for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; sleep 0.5; done")
+        .await
+        .unwrap();
+    let (evs, text) = events(&mut s, "").await;
+    assert!(
+        matches!(evs.last(), Some(Event::Ended(e)) if e.exit_code == 0),
+        "{evs:?}"
+    );
+    assert_eq!(text.lines().count(), 10, "{text:?}");
+    assert_eq!(state(), "running");
+    // a silent command: the reaper pauses the capsule, and the stream ends
+    // then, with failed_precondition, instead of waiting on a frozen envd
+    let mut s = stream("echo go; sleep 60").await.unwrap();
+    let (_, text) = events(&mut s, "go").await;
+    assert_eq!(text, "go\n");
+    let t0 = std::time::Instant::now();
+    let end = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        s.message::<pb::ProcessEvent>(),
+    )
+    .await
+    .expect("the stream ended within 20 s");
+    let err = end.map(|m| m.map(|m| m.to_owned_message())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message.as_deref().unwrap_or("").contains("was paused"),
+        "{err:?}"
+    );
+    assert_eq!(state(), "paused");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    // the process lives on: resumed, it can be attached to again
+    c.resume_capsule(cref(&id)).await.unwrap();
+    let list = c.list_processes(cref(&id)).await.unwrap().into_owned();
+    assert!(
+        list.processes
+            .iter()
+            .any(|p| p.args.iter().any(|a| a.contains("sleep 60"))),
+        "{list:?}"
+    );
+    c.destroy_capsule(cref(&id)).await.unwrap();
+}
+
 /// A raw HTTP/1.1 GET to the agent, with `token` if given: the status and
 /// body, or None if nothing came back within `wait`.
 async fn http_get(

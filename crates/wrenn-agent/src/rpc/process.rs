@@ -1,5 +1,6 @@
 //! Processes and terminals: relays to the capsule's envd.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use connectrpc::{ConnectError, RequestContext, Response, ServiceResult, ServiceStream};
@@ -9,6 +10,7 @@ use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof as pb_oneof;
 
 use super::{envd_error, AgentRpc};
+use crate::agent::Capsule;
 
 /// Unary `Exec` without a timeout runs at most this long (wrenn's default).
 const EXEC_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,19 +79,30 @@ fn event_to_pb(ev: ExecEvent, tag: &str) -> pb::ProcessEvent {
 }
 
 /// Relay an envd stream, led by its start event (envd-client consumed it
-/// to learn the pid).
-fn relay(
-    stream: ExecStream,
-    id: wrenn_types::ids::CapsuleId,
-    tag: String,
-) -> ServiceStream<pb::ProcessEvent> {
+/// to learn the pid). Each event counts as the capsule's activity; a pause
+/// ends the relay with `failed_precondition` (the frozen envd would send
+/// nothing more, and the client would wait for good; the process itself
+/// lives on, and a new stream can attach once the capsule is resumed).
+fn relay(stream: ExecStream, c: Arc<Capsule>, tag: String) -> ServiceStream<pb::ProcessEvent> {
     let first = event_to_pb(ExecEvent::Start { pid: stream.pid }, &tag);
-    let rest = futures::stream::unfold((stream, id, tag), |(mut s, id, tag)| async move {
-        let item = match s.next().await? {
-            Ok(ev) => Ok(event_to_pb(ev, &tag)),
-            Err(e) => Err(envd_error(&id, e)),
+    let pauses = c.watch_pauses();
+    let rest = futures::stream::unfold(Some((stream, c, tag, pauses)), |state| async move {
+        let (mut s, c, tag, mut pauses) = state?;
+        let item = tokio::select! {
+            ev = s.next() => match ev? {
+                Ok(ev) => {
+                    c.touch_by_output();
+                    Ok(event_to_pb(ev, &tag))
+                }
+                Err(e) => Err(envd_error(&c.id, e)),
+            },
+            // (never an error: the relay holds the capsule, and so its sender)
+            _ = pauses.changed() => {
+                let msg = format!("capsule {} was paused: the stream ended", c.id);
+                return Some((Err(ConnectError::failed_precondition(msg)), None));
+            }
         };
-        Some((item, (s, id, tag)))
+        Some((item, Some((s, c, tag, pauses))))
     });
     Box::pin(futures::stream::once(async move { Ok(first) }).chain(rest))
 }
@@ -126,7 +139,7 @@ impl AgentRpc {
             .exec_stream(exec_request(&r)?)
             .await
             .map_err(|e| envd_error(&c.id, e))?;
-        Ok(Response::new(relay(stream, c.id.clone(), r.tag)))
+        Ok(Response::new(relay(stream, c.clone(), r.tag)))
     }
 
     pub(super) async fn do_start_background(
@@ -219,7 +232,7 @@ impl AgentRpc {
             .attach(sel)
             .await
             .map_err(|e| envd_error(&c.id, e))?;
-        Ok(Response::new(relay(stream, c.id.clone(), tag)))
+        Ok(Response::new(relay(stream, c.clone(), tag)))
     }
 
     pub(super) async fn do_send_stdin(&self, r: pb::StdinRequest) -> ServiceResult<pb::Empty> {
@@ -255,7 +268,7 @@ impl AgentRpc {
                 .attach(tag(&r.tag)?)
                 .await
                 .map_err(|e| envd_error(&c.id, e))?;
-            return Ok(Response::new(relay(stream, c.id.clone(), r.tag)));
+            return Ok(Response::new(relay(stream, c.clone(), r.tag)));
         }
         let t = if r.tag.is_empty() {
             random_pty_tag()
@@ -290,7 +303,7 @@ impl AgentRpc {
             .pty_start(req)
             .await
             .map_err(|e| envd_error(&c.id, e))?;
-        Ok(Response::new(relay(stream, c.id.clone(), t)))
+        Ok(Response::new(relay(stream, c.clone(), t)))
     }
 
     pub(super) async fn do_pty_input(&self, r: pb::PtyInputRequest) -> ServiceResult<pb::Empty> {
