@@ -43,6 +43,15 @@ def test_write_empty_overwrite_and_parents(capsule: Capsule) -> None:
     assert capsule.files.read_bytes("/tmp/empty") == b""
 
 
+def test_generated_files_read_whole(capsule: Capsule) -> None:
+    """Files whose size says 0 but that have contents (/proc) come back as
+    ``cat`` shows them, read or streamed, not as nothing."""
+    want = capsule.commands.run("cat /proc/version").stdout.encode()
+    assert want.startswith(b"Linux version"), want
+    assert capsule.files.read_bytes("/proc/version") == want
+    assert b"".join(capsule.files.download_stream("/proc/version")) == want
+
+
 def test_written_file_is_usable_by_commands(capsule: Capsule) -> None:
     capsule.files.write("/tmp/script.sh", "echo from-script\n")
     assert capsule.commands.run("sh /tmp/script.sh").stdout == "from-script\n"

@@ -674,6 +674,40 @@ async fn files_upload_then_download() {
     envd.assert_healthy().await;
 }
 
+/// A file whose size says 0 but that has contents (`/proc`): downloaded
+/// whole, plain or gzipped, not as the empty body its size promises.
+#[tokio::test]
+async fn files_download_generated_files_as_read() {
+    let mut envd = Envd::start();
+    let http = envd.http1();
+    let want = std::fs::read("/proc/version").expect("/proc/version");
+    assert_eq!(std::fs::metadata("/proc/version").unwrap().len(), 0);
+    assert!(!want.is_empty());
+    let plain = http.get(&files_url("/proc/version", &[]), &[]).await;
+    plain.expect_status(StatusCode::OK);
+    assert_eq!(plain.body, want);
+    assert_eq!(
+        plain.header("content-type"),
+        Some("application/octet-stream")
+    );
+    let gzipped = http
+        .get(
+            &files_url("/proc/version", &[]),
+            &[("accept-encoding", "gzip")],
+        )
+        .await;
+    gzipped.expect_status(StatusCode::OK);
+    assert_eq!(gunzip(&gzipped.body), want);
+    // an empty file is still an empty 200
+    let (_dir, dir) = temp_dir();
+    let empty = format!("{dir}/empty");
+    std::fs::write(&empty, b"").unwrap();
+    let got = http.get(&files_url(&empty, &[]), &[]).await;
+    got.expect_status(StatusCode::OK);
+    assert!(got.body.is_empty());
+    envd.assert_healthy().await;
+}
+
 fn gunzip(data: &[u8]) -> Vec<u8> {
     use std::io::Read as _;
     let mut out = Vec::new();

@@ -136,9 +136,9 @@ pub async fn download(State(state): State<Arc<Envd>>, req: Request) -> Response 
 async fn download_inner(state: &Envd, req: Request) -> Result<Response, FileError> {
     let (q, user) = authorize(state, req.headers(), req.uri().query(), FileOp::Read)?;
     let path = paths::resolve(q.path.as_deref().unwrap_or(""), &user.home);
-    match tokio::fs::metadata(&path).await {
+    let size = match tokio::fs::metadata(&path).await {
         Ok(m) if m.is_dir() => return Err(FsError::IsDir(path).into()),
-        Ok(_) => {}
+        Ok(m) => m.len(),
         Err(e) => {
             return Err(match FsError::from_io("stat", &path, e) {
                 FsError::NotDir(_) => FileError::Missing(path),
@@ -146,8 +146,13 @@ async fn download_inner(state: &Envd, req: Request) -> Result<Response, FileErro
                 other => other.into(),
             })
         }
-    }
+    };
     let encoding = negotiate(req.headers()).ok_or(FileError::NotAcceptable)?;
+    // A file whose size says 0 may still have contents (`/proc` and other
+    // generated files): sent as read, without a length, unless a range or
+    // a HEAD needs the file server's handling (a truly empty file reads as
+    // nothing either way).
+    let as_read = size == 0 && req.method() == http::Method::GET && is_plain(req.headers());
     let mut resp = match encoding {
         Encoding::Gzip => {
             let file = tokio::fs::File::open(&path)
@@ -158,13 +163,19 @@ async fn download_inner(state: &Envd, req: Request) -> Result<Response, FileErro
             let mut r =
                 Body::from_stream(tokio_util::io::ReaderStream::with_capacity(gz, 64 * 1024))
                     .into_response();
-            let h = r.headers_mut();
-            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             r
+        }
+        Encoding::Identity if as_read => {
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| FsError::from_io("open", &path, e))?;
+            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                file,
+                DOWNLOAD_CHUNK,
+            ))
+            .into_response()
         }
         Encoding::Identity => tower_http::services::ServeFile::new(&path)
             .with_buf_chunk_size(DOWNLOAD_CHUNK)
@@ -178,6 +189,12 @@ async fn download_inner(state: &Envd, req: Request) -> Result<Response, FileErro
         .map(|n| n.to_string_lossy().replace(['"', '\\', '\r', '\n'], "_"))
         .unwrap_or_default();
     let h = resp.headers_mut();
+    if !h.contains_key(header::CONTENT_TYPE) {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+    }
     if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{name}\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -218,17 +235,21 @@ fn negotiate(headers: &HeaderMap) -> Option<Encoding> {
             _ => {}
         }
     }
-    let plain_request = !headers.contains_key(header::RANGE)
-        && !headers.contains_key(header::IF_MODIFIED_SINCE)
-        && !headers.contains_key(header::IF_NONE_MATCH)
-        && !headers.contains_key(header::IF_RANGE);
-    if (gzip || star == Some(true)) && plain_request {
+    if (gzip || star == Some(true)) && is_plain(headers) {
         return Some(Encoding::Gzip);
     }
     if identity.or(star).unwrap_or(true) {
         return Some(Encoding::Identity);
     }
     None
+}
+
+/// Whether a download asks for no range and sets no condition.
+fn is_plain(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::RANGE)
+        && !headers.contains_key(header::IF_MODIFIED_SINCE)
+        && !headers.contains_key(header::IF_NONE_MATCH)
+        && !headers.contains_key(header::IF_RANGE)
 }
 
 /// Why a transfer failed; each maps to one status, here and only here.
