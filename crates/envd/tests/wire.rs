@@ -674,6 +674,59 @@ async fn files_upload_then_download() {
     envd.assert_healthy().await;
 }
 
+/// Uploading to a symlink writes its target and keeps the link, a
+/// dangling link's too (created, as `open(O_CREAT)` does), through chains
+/// and relative targets; a loop of links is refused and left as it was.
+#[tokio::test]
+async fn files_upload_through_symlinks() {
+    let mut envd = Envd::start();
+    let http = envd.http1();
+    let (_dir, dir) = temp_dir();
+    let upload = |path: String, body: &'static [u8]| {
+        let http = &http;
+        async move {
+            let boundary = "wrenn-link-boundary";
+            let ct = format!("multipart/form-data; boundary={boundary}");
+            http.post(
+                &files_url(&path, &[]),
+                &[("content-type", ct.as_str())],
+                multipart(boundary, &[("file", "f", body)]),
+            )
+            .await
+        }
+    };
+    let link = |to: &str, at: &str| std::os::unix::fs::symlink(to, format!("{dir}/{at}")).unwrap();
+    std::fs::create_dir(format!("{dir}/sub")).unwrap();
+    link(&format!("{dir}/sub/abs-target"), "abs"); // dangling, absolute
+    link("sub/rel-target", "rel"); // dangling, relative to the link's dir
+    link("rel", "chain"); // a link to a link
+    link("loop-b", "loop-a");
+    link("loop-a", "loop-b");
+    for (at, target, body) in [
+        ("abs", "sub/abs-target", &b"one"[..]),
+        ("rel", "sub/rel-target", b"two"),
+        ("chain", "sub/rel-target", b"three"),
+    ] {
+        upload(format!("{dir}/{at}"), body)
+            .await
+            .expect_status(StatusCode::OK);
+        let meta = std::fs::symlink_metadata(format!("{dir}/{at}")).unwrap();
+        assert!(meta.file_type().is_symlink(), "{at} is still a link");
+        assert_eq!(
+            std::fs::read(format!("{dir}/{target}")).unwrap(),
+            body,
+            "{at}"
+        );
+    }
+    let refused = upload(format!("{dir}/loop-a"), b"x").await;
+    assert!(!refused.status.is_success(), "a loop: {}", refused.status);
+    assert!(std::fs::symlink_metadata(format!("{dir}/loop-a"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    envd.assert_healthy().await;
+}
+
 /// A file whose size says 0 but that has contents (`/proc`): downloaded
 /// whole, plain or gzipped, not as the empty body its size promises.
 #[tokio::test]

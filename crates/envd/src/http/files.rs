@@ -607,17 +607,10 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     // Writing to a symlink writes its target (as E2B's envd does), so the
     // link survives the upload.
-    let resolved;
-    let path = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-            resolved.as_path()
-        }
-        _ => path,
-    };
-    let target = path.to_path_buf();
-    let owner = user.clone();
-    let writer = tokio::task::spawn_blocking(move || write_file(&target, &owner, rx));
+    let target = write_target(path)?;
+    let path = target.as_path();
+    let (to, owner) = (target.clone(), user.clone());
+    let writer = tokio::task::spawn_blocking(move || write_file(&to, &owner, rx));
     let mut failure = None;
     while let Some(chunk) = body.next().await {
         match chunk {
@@ -673,6 +666,28 @@ fn body_error(e: std::io::Error, limit: u64) -> FileError {
     } else {
         FileError::Body(text)
     }
+}
+
+/// Where writing to `path` lands, as an `open` with `O_CREAT` would: a
+/// symlink's target, through chains of links, a dangling one's included
+/// (the file is created there). More than 40 links is `ELOOP`, as in the
+/// kernel.
+fn write_target(path: &Path) -> Result<PathBuf, FsError> {
+    let mut p = path.to_path_buf();
+    for _ in 0..=40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&p).map_err(|e| FsError::from_io("readlink", &p, e))?;
+                p = match p.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            _ => return Ok(std::fs::canonicalize(&p).unwrap_or(p)),
+        }
+    }
+    let e = std::io::Error::from_raw_os_error(libc::ELOOP);
+    Err(FsError::from_io("open", path, e))
 }
 
 /// Write chunks from `rx` into a new file at `path`, or into a temporary
