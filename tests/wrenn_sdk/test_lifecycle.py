@@ -14,6 +14,7 @@ from wrenn import (
     Capsule,
     WrennClient,
     WrennConflictError,
+    WrennHostUnavailableError,
     WrennNotFoundError,
     WrennValidationError,
 )
@@ -331,6 +332,28 @@ def test_context_manager_destroys(server, client: WrennClient) -> None:
         cid = c.capsule_id
         assert client.capsules.get(cid).status == Status.running
     assert _gone(client, cid)
+
+
+def test_resume_needs_room_as_a_create_does(server, client: WrennClient, make_capsule) -> None:
+    """A paused capsule holds a quarter of its place on its host: a resume
+    that would take the host past its capacity is a 503, as a create that
+    does not fit (before, pausing capsules to make room for more and
+    resuming them all overcommitted a host about 4×)."""
+    with server.http() as h:
+        hosts = [x for x in h.get("/v1/hosts").json() if x["status"] == "online"]
+    assert len(hosts) == 1, f"this test places on wrenn up's own host alone: {hosts}"
+    cap = hosts[0]["cpu_cores"] * 4  # hosts.rs: CPU_OVERCOMMIT
+    a = make_capsule(wait=True, vcpus=cap - 1, memory_mb=64)
+    a.pause()
+    # paused, a counts (cap - 1) / 4: room for cap - 2 more
+    b = make_capsule(wait=True, vcpus=cap - 2, memory_mb=64)
+    with pytest.raises(WrennHostUnavailableError) as ei:
+        a.resume()
+    assert ei.value.status_code == 503 and "no room to resume" in str(ei.value), ei.value
+    assert client.capsules.get(a.capsule_id).status == Status.paused
+    b.destroy()
+    a.resume()
+    assert a.commands.run("echo back").stdout == "back\n"
 
 
 def test_pause_destroyed_is_rejected(client: WrennClient) -> None:

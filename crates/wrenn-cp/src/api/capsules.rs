@@ -556,6 +556,28 @@ pub async fn resume(
     Ok(Json(CapsuleJson::from(&resumed)))
 }
 
+/// Whether `c`'s host has room for it running again, as placement counts
+/// (a paused capsule holds a quarter of what it takes running): else 503,
+/// as a create that does not fit. Without the check, pausing capsules to
+/// make room for more and resuming them all overcommitted a host about 4×.
+async fn room_to_resume(cp: &Cp, c: &CapsuleRow) -> ApiResult<()> {
+    let Some(host_id) = &c.host_id else {
+        return Ok(());
+    };
+    let Some(host) = cp.db.host(host_id).await? else {
+        return Ok(());
+    };
+    let (rv, rm, pv, pm) = cp.db.host_load(host_id).await?;
+    let without = (rv, rm, (pv - c.vcpus).max(0), (pm - c.memory_mb).max(0));
+    match crate::hosts::score(&host, without, c.vcpus, c.memory_mb) {
+        Some(_) => Ok(()),
+        None => Err(ApiError::host_unavailable(format!(
+            "host {host_id} has no room to resume this capsule ({} vCPUs, {} MiB) now",
+            c.vcpus, c.memory_mb
+        ))),
+    }
+}
+
 /// Resume a paused capsule.
 pub async fn resume_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<CapsuleRow> {
     if c.status != Status::Paused {
@@ -565,7 +587,12 @@ pub async fn resume_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<
         )));
     }
     let host = host_of(cp, c)?;
+    // Placement's lock: a create meanwhile sees the capsule at its running
+    // weight, not its paused one (held through the agent's resume).
+    let placing = cp.placing.lock().await;
+    room_to_resume(cp, c).await?;
     if let Err(e) = host.rpc.resume_capsule(cref(&c.id)).await {
+        drop(placing);
         let err = super::refresh_after(cp, c, &host, ApiError::agent_placing(&e)).await;
         cp.events.publish(
             capsule_event(Kind::CapsuleResume, c, actor).outcome(Err(err.message.clone())),
@@ -577,6 +604,7 @@ pub async fn resume_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<
         .transition(&c.id, &[Status::Paused], Status::Running)
         .await?
         .ok_or_else(|| ApiError::conflict("the capsule changed state during resume"))?;
+    drop(placing);
     log(cp, &c.id, "info", "resumed").await;
     cp.events
         .publish(capsule_event(Kind::CapsuleResume, &resumed, actor).outcome(Ok(())));
