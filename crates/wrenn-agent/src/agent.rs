@@ -190,6 +190,19 @@ impl Capsule {
         self.touch();
     }
 
+    /// A snapshot leaves the capsule paused: recorded while the snapshot
+    /// still holds the capsule's lock (recorded after it, a pause that got
+    /// the lock in between found a frozen container recorded running, and
+    /// failed with runc's "container not running").
+    fn snapshotted(&self) -> Result<(), AgentError> {
+        let was = self.state();
+        self.update(|r| r.state = CapsuleState::Paused)?;
+        if was == CapsuleState::Running {
+            self.pauses.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
     /// Follows the capsule's pauses from now on (see [`Capsule::pauses`]).
     pub fn watch_pauses(&self) -> tokio::sync::watch::Receiver<u64> {
         self.pauses.subscribe()
@@ -1652,7 +1665,9 @@ impl Agent {
                 let (disk, format) = VmSpec::written_disk(&cap.dir.bundle())?;
                 let image = staged.dir().join("vm-root.ext4");
                 vm::image::export_disk(&disk, format, &image, &staged.layer)?;
-                Ok(store.commit(staged, meta)?)
+                let meta = store.commit(staged, meta)?;
+                cap.snapshotted()?;
+                Ok(meta)
             })
             .await?
         } else {
@@ -1681,14 +1696,15 @@ impl Agent {
                     thaw();
                     AgentError::Invalid(format!("copy capsule filesystem: {e}"))
                 })?;
-                store.commit(staged, meta).map_err(|e| {
+                let meta = store.commit(staged, meta).map_err(|e| {
                     thaw();
                     AgentError::from(e)
-                })
+                })?;
+                cap.snapshotted()?;
+                Ok(meta)
             })
             .await?
         };
-        c.update(|r| r.state = CapsuleState::Paused)?;
         Ok(meta)
     }
 

@@ -679,6 +679,76 @@ async fn streams_are_activity_and_end_when_their_capsule_pauses() {
     c.destroy_capsule(cref(&id)).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_and_a_pause_racing_are_serialized() {
+    let t = TestAgent::start().await;
+    let (addr, _stop) = serve(&t).await;
+    let c = common::rpc_client(addr, t.agent.token());
+    let id = CapsuleId::random().to_string();
+    c.create_capsule(pb::CreateCapsuleRequest {
+        id: id.clone(),
+        template: "busybox".into(),
+        memory_mb: 64,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // a stream open across a snapshot ends with it (the snapshot pauses)
+    let mut s = c
+        .exec_stream(pb::ExecRequest {
+            id: id.clone(),
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo go; sleep 60".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (_, text) = events(&mut s, "go").await;
+    assert_eq!(text, "go\n");
+    for i in 0..8 {
+        let snap = c.create_snapshot(pb::SnapshotRequest {
+            id: id.clone(),
+            name: format!("race-{i}"),
+            ..Default::default()
+        });
+        let (snap, pause) = tokio::join!(snap, c.pause_capsule(cref(&id)));
+        // whichever came second found the capsule paused: a clean refusal,
+        // never runc's "container not running"
+        snap.unwrap();
+        if let Err(e) = pause {
+            assert_eq!(e.code, ErrorCode::FailedPrecondition, "round {i}: {e:?}");
+        }
+        assert_eq!(
+            t.agent
+                .info_of(&id.parse().unwrap())
+                .unwrap()
+                .state
+                .as_str(),
+            "paused"
+        );
+        if i == 0 {
+            let end = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                s.message::<pb::ProcessEvent>(),
+            )
+            .await
+            .expect("the stream ended");
+            let err = end.map(|m| m.map(|m| m.to_owned_message())).unwrap_err();
+            assert_eq!(err.code, ErrorCode::FailedPrecondition, "{err:?}");
+        }
+        c.resume_capsule(cref(&id)).await.unwrap();
+    }
+    c.destroy_capsule(cref(&id)).await.unwrap();
+    for i in 0..8 {
+        c.delete_template(pb::TemplateRef {
+            name: format!("race-{i}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
 /// A raw HTTP/1.1 GET to the agent, with `token` if given: the status and
 /// body, or None if nothing came back within `wait`.
 async fn http_get(
