@@ -272,6 +272,14 @@ def test_streams_to_a_paused_capsule_end_with_an_error_event(make_capsule) -> No
 # --------------------------------------------------------------------------- #
 
 
+def test_stream_character_split_across_writes(capsule: Capsule) -> None:
+    """A character whose bytes come in two writes arrives whole, and the
+    first write (nothing whole to send yet) makes no empty event."""
+    events = drain(lambda: capsule.commands.stream(r"printf '\303'; sleep 0.5; printf '\251\n'"), 20)
+    outs = [e.data for e in events if e.type == "stdout"]
+    assert outs == ["é\n"], events
+
+
 def test_stream_shell(capsule: Capsule) -> None:
     events = drain(lambda: capsule.commands.stream("echo a; sleep 0.2; echo b >&2; exit 4"), 20)
     assert isinstance(events[0], StreamStartEvent) and events[0].pid > 0

@@ -163,6 +163,10 @@ def test_bad_requests(client: WrennClient, capsule: Capsule) -> None:
         client.snapshots.create(unknown_capsule_id())
     with pytest.raises((WrennConflictError, WrennForbiddenError)):
         client.snapshots.create(capsule.capsule_id, name="minimal")  # a platform name
+    # the alias for it too (a team's own would shadow the SDK's default)
+    with pytest.raises(WrennConflictError) as ei:
+        client.snapshots.create(capsule.capsule_id, name="minimal-ubuntu")
+    assert "reserved" in str(ei.value), ei.value
     with pytest.raises(WrennValidationError):
         client.snapshots.delete("bad name!")
 

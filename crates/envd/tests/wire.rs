@@ -727,6 +727,30 @@ async fn files_upload_through_symlinks() {
     envd.assert_healthy().await;
 }
 
+/// Replacing a file whose name is near the 255-byte limit works (the
+/// replacement is staged under a name that fits too).
+#[tokio::test]
+async fn files_overwrite_a_long_name() {
+    let mut envd = Envd::start();
+    let http = envd.http1();
+    let (_dir, dir) = temp_dir();
+    let path = format!("{dir}/{}é", "n".repeat(251)); // 253 bytes
+    std::fs::write(&path, b"old").unwrap();
+    let boundary = "wrenn-long-boundary";
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    http.post(
+        &files_url(&path, &[]),
+        &[("content-type", ct.as_str())],
+        multipart(boundary, &[("file", "f", b"new")]),
+    )
+    .await
+    .expect_status(StatusCode::OK);
+    assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(left.len(), 1, "no staged file left: {left:?}");
+    envd.assert_healthy().await;
+}
+
 /// A file whose size says 0 but that has contents (`/proc`): downloaded
 /// whole, plain or gzipped, not as the empty body its size promises.
 #[tokio::test]

@@ -719,7 +719,7 @@ fn write_file(
         Some(f) => (path.to_path_buf(), f),
         None => {
             let staged = staging_path(path);
-            let f = open_new(&staged).map_err(|e| FsError::from_io("create", &staged, e))?;
+            let f = open_new(&staged).map_err(|e| FsError::from_io("create", path, e))?;
             (staged, f)
         }
     };
@@ -729,20 +729,19 @@ fn write_file(
         // watchers, who expect exactly CREATE, CHMOD (the chown), WRITE.
         let mode = file
             .metadata()
-            .map_err(|e| FsError::from_io("stat", &staged, e))?
+            .map_err(|e| FsError::from_io("stat", path, e))?
             .permissions()
             .mode();
         if mode & 0o777 != 0o644 {
             file.set_permissions(std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| FsError::from_io("chmod", &staged, e))?;
+                .map_err(|e| FsError::from_io("chmod", path, e))?;
         }
         chown_to(&staged, user)?;
         while let Some(chunk) = rx.blocking_recv() {
             file.write_all(&chunk)
-                .map_err(|e| FsError::from_io("write", &staged, e))?;
+                .map_err(|e| FsError::from_io("write", path, e))?;
         }
-        file.flush()
-            .map_err(|e| FsError::from_io("write", &staged, e))
+        file.flush().map_err(|e| FsError::from_io("write", path, e))
     })();
     if let Err(e) = result {
         drop(file);
@@ -756,10 +755,19 @@ fn staging_path(path: &Path) -> PathBuf {
     let mut raw = [0u8; 6];
     let _ = getrandom::fill(&mut raw);
     let suffix: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let name = path
+    let mut name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Within a name's 255 bytes once the dot and the suffix are added (a
+    // long name's replacement would fail with ENAMETOOLONG).
+    let mut keep = name
+        .len()
+        .min(255 - ".".len() - ".wrenn-upload-".len() - suffix.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    name.truncate(keep);
     path.with_file_name(format!(".{name}.wrenn-upload-{suffix}"))
 }
 

@@ -297,8 +297,16 @@ async fn relay_output(mut socket: WebSocket, mut rx: tokio::sync::mpsc::Receiver
                             }
                             v
                         }
-                        Ev::Stdout(b) | Ev::Pty(b) => json!({"type": "stdout", "data": out.push(&b)}),
-                        Ev::Stderr(b) => json!({"type": "stderr", "data": err.push(&b)}),
+                        // (a chunk that ends inside a character may leave
+                        // nothing to send yet: no empty frame for it)
+                        Ev::Stdout(b) | Ev::Pty(b) => match out.push(&b) {
+                            t if t.is_empty() => continue,
+                            t => json!({"type": "stdout", "data": t}),
+                        },
+                        Ev::Stderr(b) => match err.push(&b) {
+                            t if t.is_empty() => continue,
+                            t => json!({"type": "stderr", "data": t}),
+                        },
                         Ev::Ended(end) => {
                             let (o, e) = (out.finish(), err.finish());
                             if !o.is_empty() {

@@ -114,11 +114,14 @@ pub async fn create(
             c.status
         )));
     }
-    if cp
-        .db
-        .own_template(&platform_team(), name.as_str())
-        .await?
-        .is_some()
+    // (the platform's names, and the alias that stands for one of them)
+    let alias = name.as_str() == super::capsules::DEFAULT_TEMPLATE_ALIAS;
+    if alias
+        || cp
+            .db
+            .own_template(&platform_team(), name.as_str())
+            .await?
+            .is_some()
     {
         return Err(ApiError::conflict(format!("the name {name} is reserved")));
     }
