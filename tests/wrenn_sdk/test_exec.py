@@ -22,6 +22,7 @@ from wrenn import (
     WrennAgentError,
     WrennError,
     WrennNotFoundError,
+    WrennValidationError,
 )
 from wrennsdk_support import Collector, drain, poll
 
@@ -56,6 +57,14 @@ def test_killed_by_signal_is_nonzero(capsule: Capsule) -> None:
 def test_command_not_found(capsule: Capsule) -> None:
     r = capsule.commands.run("definitely-not-a-command-xyz")
     assert r.exit_code == 127 and "not found" in r.stderr
+
+
+def test_a_command_that_cannot_start_says_why(capsule: Capsule) -> None:
+    """One environment variable over the kernel's 128 KiB: the shell cannot
+    be started, and the 400 says why, not only 'start /bin/sh'."""
+    with pytest.raises(WrennValidationError) as ei:
+        capsule.commands.run("true", envs={"BIG": "x" * 200_000})
+    assert "start /bin/sh" in str(ei.value) and "too long" in str(ei.value), ei.value
 
 
 def test_envs(capsule: Capsule) -> None:

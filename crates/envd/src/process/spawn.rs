@@ -20,13 +20,13 @@ pub enum SpawnError {
     Cwd(PathBuf),
     #[error("cannot run as user '{user}': envd is not root")]
     NotRoot { user: String },
-    #[error("start {cmd}")]
+    #[error("start {cmd}: {source}")]
     Exec {
         cmd: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{step}")]
+    #[error("{step}: {source}")]
     Io {
         step: &'static str,
         #[source]
