@@ -32,13 +32,12 @@ fn cref(id: &str) -> pb::CapsuleRef {
     }
 }
 
-async fn events(
-    stream: &mut connectrpc::client::ServerStream<
-        <connectrpc::client::HttpClient as connectrpc::client::ClientTransport>::ResponseBody,
-        pb::__buffa::view::ProcessEventView<'static>,
-    >,
-    until: &str,
-) -> (Vec<Event>, String) {
+type EventStream = connectrpc::client::ServerStream<
+    <connectrpc::client::HttpClient as connectrpc::client::ClientTransport>::ResponseBody,
+    pb::__buffa::view::ProcessEventView<'static>,
+>;
+
+async fn events(stream: &mut EventStream, until: &str) -> (Vec<Event>, String) {
     let mut seen = Vec::new();
     let mut text = String::new();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -604,69 +603,76 @@ async fn the_reaper_pauses_or_destroys_idle_capsules() {
     assert!(told.try_recv().is_err(), "one pause, one report");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_are_activity_and_end_when_their_capsule_pauses() {
-    let t = TestAgent::start().await;
-    let (addr, _stop) = serve(&t).await;
-    let c = common::rpc_client(addr, t.agent.token());
+/// A 64 MiB `busybox` capsule with an inactivity timeout of `timeout_sec`
+/// (0: none); its ID.
+async fn busybox(c: &common::RpcClient, timeout_sec: u64) -> String {
     let id = CapsuleId::random().to_string();
     c.create_capsule(pb::CreateCapsuleRequest {
         id: id.clone(),
         template: "busybox".into(),
         memory_mb: 64,
-        timeout_sec: 2,
+        timeout_sec,
         ..Default::default()
     })
     .await
     .unwrap();
-    let state = || {
-        t.agent
-            .info_of(&id.parse().unwrap())
-            .unwrap()
-            .state
-            .as_str()
-            .to_owned()
-    };
-    let stream = |script: &str| {
-        c.exec_stream(pb::ExecRequest {
-            id: id.clone(),
+    id
+}
+
+/// `sh -c script` streamed, once its output shows `first`.
+async fn sh_stream(c: &common::RpcClient, id: &str, script: &str, first: &str) -> EventStream {
+    let mut s = c
+        .exec_stream(pb::ExecRequest {
+            id: id.into(),
             cmd: "/bin/sh".into(),
             args: vec!["-c".into(), script.into()],
             ..Default::default()
         })
-    };
-    // printing for 5 s, past its 2 s timeout, with no call meanwhile: the
-    // output watched is activity, so the reaper leaves it running
-    let mut s = stream("for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; sleep 0.5; done")
         .await
         .unwrap();
-    let (evs, text) = events(&mut s, "").await;
-    assert!(
-        matches!(evs.last(), Some(Event::Ended(e)) if e.exit_code == 0),
-        "{evs:?}"
-    );
-    assert_eq!(text.lines().count(), 10, "{text:?}");
-    assert_eq!(state(), "running");
-    // a silent command: the reaper pauses the capsule, and the stream ends
-    // then, with failed_precondition, instead of waiting on a frozen envd
-    let mut s = stream("echo go; sleep 60").await.unwrap();
-    let (_, text) = events(&mut s, "go").await;
-    assert_eq!(text, "go\n");
-    let t0 = std::time::Instant::now();
-    let end = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        s.message::<pb::ProcessEvent>(),
-    )
-    .await
-    .expect("the stream ended within 20 s");
+    if !first.is_empty() {
+        let (_, text) = events(&mut s, first).await;
+        assert!(text.contains(first), "{text:?}");
+    }
+    s
+}
+
+/// The stream's next item: the pause's `failed_precondition`, within `wait`.
+async fn ends_paused(s: &mut EventStream, wait: std::time::Duration) {
+    let end = tokio::time::timeout(wait, s.message::<pb::ProcessEvent>())
+        .await
+        .expect("the stream ended in time");
     let err = end.map(|m| m.map(|m| m.to_owned_message())).unwrap_err();
     assert_eq!(err.code, ErrorCode::FailedPrecondition, "{err:?}");
     assert!(
         err.message.as_deref().unwrap_or("").contains("was paused"),
         "{err:?}"
     );
-    assert_eq!(state(), "paused");
-    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_activity_and_end_when_their_capsule_pauses() {
+    let t = TestAgent::start().await;
+    let (addr, _stop) = serve(&t).await;
+    let c = common::rpc_client(addr, t.agent.token());
+    let id = busybox(&c, 2).await;
+    let state = || t.agent.info_of(&id.parse().unwrap()).unwrap().state;
+    // printing for 5 s, past its 2 s timeout, with no call meanwhile: the
+    // output watched is activity, so the reaper leaves it running
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; sleep 0.5; done";
+    let mut s = sh_stream(&c, &id, script, "").await;
+    let (evs, text) = events(&mut s, "").await;
+    assert!(
+        matches!(evs.last(), Some(Event::Ended(e)) if e.exit_code == 0),
+        "{evs:?}"
+    );
+    assert_eq!(text.lines().count(), 10, "{text:?}");
+    assert_eq!(state().as_str(), "running");
+    // a silent command: the reaper pauses the capsule, and the stream ends
+    // then, instead of waiting on a frozen envd
+    let mut s = sh_stream(&c, &id, "echo go; sleep 60", "go").await;
+    ends_paused(&mut s, std::time::Duration::from_secs(10)).await;
+    assert_eq!(state().as_str(), "paused");
     // the process lives on: resumed, it can be attached to again
     c.resume_capsule(cref(&id)).await.unwrap();
     let list = c.list_processes(cref(&id)).await.unwrap().into_owned();
@@ -684,27 +690,9 @@ async fn a_snapshot_and_a_pause_racing_are_serialized() {
     let t = TestAgent::start().await;
     let (addr, _stop) = serve(&t).await;
     let c = common::rpc_client(addr, t.agent.token());
-    let id = CapsuleId::random().to_string();
-    c.create_capsule(pb::CreateCapsuleRequest {
-        id: id.clone(),
-        template: "busybox".into(),
-        memory_mb: 64,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let id = busybox(&c, 0).await;
     // a stream open across a snapshot ends with it (the snapshot pauses)
-    let mut s = c
-        .exec_stream(pb::ExecRequest {
-            id: id.clone(),
-            cmd: "/bin/sh".into(),
-            args: vec!["-c".into(), "echo go; sleep 60".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let (_, text) = events(&mut s, "go").await;
-    assert_eq!(text, "go\n");
+    let mut s = sh_stream(&c, &id, "echo go; sleep 60", "go").await;
     for i in 0..8 {
         let snap = c.create_snapshot(pb::SnapshotRequest {
             id: id.clone(),
@@ -718,23 +706,10 @@ async fn a_snapshot_and_a_pause_racing_are_serialized() {
         if let Err(e) = pause {
             assert_eq!(e.code, ErrorCode::FailedPrecondition, "round {i}: {e:?}");
         }
-        assert_eq!(
-            t.agent
-                .info_of(&id.parse().unwrap())
-                .unwrap()
-                .state
-                .as_str(),
-            "paused"
-        );
+        let state = t.agent.info_of(&id.parse().unwrap()).unwrap().state;
+        assert_eq!(state.as_str(), "paused");
         if i == 0 {
-            let end = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                s.message::<pb::ProcessEvent>(),
-            )
-            .await
-            .expect("the stream ended");
-            let err = end.map(|m| m.map(|m| m.to_owned_message())).unwrap_err();
-            assert_eq!(err.code, ErrorCode::FailedPrecondition, "{err:?}");
+            ends_paused(&mut s, std::time::Duration::from_secs(10)).await;
         }
         c.resume_capsule(cref(&id)).await.unwrap();
     }
