@@ -782,6 +782,20 @@ async fn files_download_generated_files_as_read() {
     let got = http.get(&files_url(&empty, &[]), &[]).await;
     got.expect_status(StatusCode::OK);
     assert!(got.body.is_empty());
+    // a FIFO is refused at once (opening it would wait for a writer)
+    let fifo = format!("{dir}/fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        http.get(&files_url(&fifo, &[]), &[]),
+    )
+    .await
+    .expect("answered at once");
+    refused.expect_status(StatusCode::BAD_REQUEST);
     envd.assert_healthy().await;
 }
 

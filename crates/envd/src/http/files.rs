@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,6 +138,14 @@ async fn download_inner(state: &Envd, req: Request) -> Result<Response, FileErro
     let path = paths::resolve(q.path.as_deref().unwrap_or(""), &user.home);
     let size = match tokio::fs::metadata(&path).await {
         Ok(m) if m.is_dir() => return Err(FsError::IsDir(path).into()),
+        // (opening a FIFO waits for a writer, and the reader left behind
+        // when the client gives up takes what the next writer sends)
+        Ok(m) if m.file_type().is_fifo() || m.file_type().is_socket() => {
+            return Err(FileError::BadRequest(format!(
+                "{} is a FIFO or a socket, not a file to download",
+                path.display()
+            )))
+        }
         Ok(m) => m.len(),
         Err(e) => {
             return Err(match FsError::from_io("stat", &path, e) {
