@@ -16,7 +16,7 @@ use tempfile::TempDir;
 use common::proto::{self, Field};
 use common::{
     assert_timestamp, chunk, encode_base64, envelope, json_envelope, multipart, query_escape,
-    raw_exchange, signature, unix_now, within, EndEvent, Envd, Envelope, Http, ProcessRun,
+    raw_exchange, signature, unix_now, within, EndEvent, Envd, Envelope, Http, ProcessRun, Reply,
     Transport, CONNECT_JSON, CONNECT_PROTO, END_STREAM, JSON, JSON_UTF8, PROTO,
 };
 
@@ -674,6 +674,18 @@ async fn files_upload_then_download() {
     envd.assert_healthy().await;
 }
 
+/// One file part uploaded to `path`.
+async fn upload_one(http: &Http, path: &str, body: &[u8]) -> Reply {
+    let boundary = "wrenn-one-file-boundary";
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    http.post(
+        &files_url(path, &[]),
+        &[("content-type", ct.as_str())],
+        multipart(boundary, &[("file", "f", body)]),
+    )
+    .await
+}
+
 /// Uploading to a symlink writes its target and keeps the link, a
 /// dangling link's too (created, as `open(O_CREAT)` does), through chains
 /// and relative targets; a loop of links is refused and left as it was.
@@ -682,19 +694,6 @@ async fn files_upload_through_symlinks() {
     let mut envd = Envd::start();
     let http = envd.http1();
     let (_dir, dir) = temp_dir();
-    let upload = |path: String, body: &'static [u8]| {
-        let http = &http;
-        async move {
-            let boundary = "wrenn-link-boundary";
-            let ct = format!("multipart/form-data; boundary={boundary}");
-            http.post(
-                &files_url(&path, &[]),
-                &[("content-type", ct.as_str())],
-                multipart(boundary, &[("file", "f", body)]),
-            )
-            .await
-        }
-    };
     let link = |to: &str, at: &str| std::os::unix::fs::symlink(to, format!("{dir}/{at}")).unwrap();
     std::fs::create_dir(format!("{dir}/sub")).unwrap();
     link(&format!("{dir}/sub/abs-target"), "abs"); // dangling, absolute
@@ -707,7 +706,7 @@ async fn files_upload_through_symlinks() {
         ("rel", "sub/rel-target", b"two"),
         ("chain", "sub/rel-target", b"three"),
     ] {
-        upload(format!("{dir}/{at}"), body)
+        upload_one(&http, &format!("{dir}/{at}"), body)
             .await
             .expect_status(StatusCode::OK);
         let meta = std::fs::symlink_metadata(format!("{dir}/{at}")).unwrap();
@@ -718,7 +717,7 @@ async fn files_upload_through_symlinks() {
             "{at}"
         );
     }
-    let refused = upload(format!("{dir}/loop-a"), b"x").await;
+    let refused = upload_one(&http, &format!("{dir}/loop-a"), b"x").await;
     assert!(!refused.status.is_success(), "a loop: {}", refused.status);
     assert!(std::fs::symlink_metadata(format!("{dir}/loop-a"))
         .unwrap()
@@ -736,15 +735,9 @@ async fn files_overwrite_a_long_name() {
     let (_dir, dir) = temp_dir();
     let path = format!("{dir}/{}é", "n".repeat(251)); // 253 bytes
     std::fs::write(&path, b"old").unwrap();
-    let boundary = "wrenn-long-boundary";
-    let ct = format!("multipart/form-data; boundary={boundary}");
-    http.post(
-        &files_url(&path, &[]),
-        &[("content-type", ct.as_str())],
-        multipart(boundary, &[("file", "f", b"new")]),
-    )
-    .await
-    .expect_status(StatusCode::OK);
+    upload_one(&http, &path, b"new")
+        .await
+        .expect_status(StatusCode::OK);
     assert_eq!(std::fs::read(&path).unwrap(), b"new");
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert_eq!(left.len(), 1, "no staged file left: {left:?}");

@@ -180,14 +180,11 @@ impl Capsule {
         self.rec.lock().unwrap().slot.clone()
     }
 
-    fn touch(&self) {
+    /// Activity, for the inactivity timeout: a data call, and output
+    /// relayed to a client (a command that prints while someone watches is
+    /// not idle, however long it runs).
+    pub(crate) fn touch(&self) {
         self.rec.lock().unwrap().last_active_at = now_ms();
-    }
-
-    /// Output relayed to a client is activity too: a command that prints
-    /// while someone watches is not idle, however long it runs.
-    pub fn touch_by_output(&self) {
-        self.touch();
     }
 
     /// A snapshot leaves the capsule paused: recorded while the snapshot

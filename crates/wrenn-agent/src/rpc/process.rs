@@ -91,7 +91,7 @@ fn relay(stream: ExecStream, c: Arc<Capsule>, tag: String) -> ServiceStream<pb::
         let item = tokio::select! {
             ev = s.next() => match ev? {
                 Ok(ev) => {
-                    c.touch_by_output();
+                    c.touch();
                     Ok(event_to_pb(ev, &tag))
                 }
                 Err(e) => Err(envd_error(&c.id, e)),
