@@ -253,6 +253,49 @@ def test_a_pause_ends_open_streams_with_an_error_event(make_capsule) -> None:
     assert any("sleep 300" in " ".join([p.cmd or "", *(p.args or [])]) for p in c.commands.list())
 
 
+def test_a_destroy_under_commands_and_streams_says_so(make_capsule) -> None:
+    """A capsule destroyed while a foreground command runs, a stream and a
+    reattached stream are open, and a terminal is attached: the command
+    raises ``WrennNotFoundError`` and each stream ends with an error event,
+    all saying the capsule was destroyed (before, a 502 and error frames
+    with the HTTP client's "failed to read response body")."""
+    c = make_capsule(wait=True)
+    h = c.commands.run("while :; do echo bg; sleep 0.2; done", background=True)
+    run_error: list[BaseException] = []
+
+    def run() -> list:
+        try:
+            c.commands.run("sleep 300", timeout=120)
+        except BaseException as e:  # noqa: BLE001 - what the test checks
+            run_error.append(e)
+        return []
+
+    with c.pty() as term:
+        term.write(b"echo pty-ready\n")
+        streams = {
+            "stream": Collector(lambda: c.commands.stream("echo go; sleep 300"), name="destroy-stream"),
+            "connect": Collector(lambda: c.commands.connect(h.pid), name="destroy-connect"),
+            "pty": Collector(lambda: term, name="destroy-pty"),
+        }
+        fg = Collector(run, name="destroy-run")
+        streams["stream"].wait_for(lambda items: any(e.type == "stdout" for e in items), 20, "the stream")
+        streams["connect"].wait_for(lambda items: any(e.type == "stdout" for e in items), 20, "the reattach")
+        streams["pty"].wait_for(
+            lambda items: b"pty-ready" in b"".join(e.data for e in items if isinstance(e.data, bytes)), 20, "the terminal")
+        poll(lambda: any("sleep 300" in " ".join([p.cmd or "", *(p.args or [])]) for p in c.commands.list()),
+             20, "the foreground command to start")
+        c.destroy()
+        for name, col in streams.items():
+            events = col.wait_done(20, f"the {name} to end after the destroy")
+            assert col.error is None, (name, col.error)
+            last = events[-1]
+            said = last.data.decode() if isinstance(last.data, bytes) else last.data
+            assert last.type == "error" and f"capsule {c.capsule_id} was destroyed" in said, (name, events[-3:])
+        fg.wait_done(20, "the foreground command to end after the destroy")
+    assert len(run_error) == 1 and isinstance(run_error[0], WrennNotFoundError), run_error
+    assert f"capsule {c.capsule_id} was destroyed" in str(run_error[0]), run_error
+
+
 def test_streams_to_a_paused_capsule_end_with_an_error_event(make_capsule) -> None:
     """As on wrenn's server, a capsule that is not running is refused in
     band: the SDK's iterations end with the error event its docs promise,

@@ -200,6 +200,12 @@ impl Capsule {
         Ok(())
     }
 
+    /// Whether a destroy has begun (its state is recorded `stopped` before
+    /// the teardown, so an operation that the teardown cut short sees it).
+    pub(crate) fn destroyed(&self) -> bool {
+        self.state() == CapsuleState::Stopped
+    }
+
     /// Follows the capsule's pauses from now on (see [`Capsule::pauses`]).
     pub fn watch_pauses(&self) -> tokio::sync::watch::Receiver<u64> {
         self.pauses.subscribe()

@@ -69,7 +69,7 @@ impl AgentRpc {
         c.envd()
             .write_file(path(&r.path)?, Bytes::from(r.content))
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::Empty::default())
     }
 
@@ -82,7 +82,7 @@ impl AgentRpc {
             .envd()
             .read_file(path(&r.path)?)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::ReadFileResponse {
             content: data.to_vec(),
             ..Default::default()
@@ -138,7 +138,7 @@ impl AgentRpc {
         let upload = envd.write_file_stream(&target, ChannelBody(rx));
         let (pumped, uploaded) = tokio::join!(pump, upload);
         pumped?;
-        uploaded.map_err(|e| envd_error(&c.id, e))?;
+        uploaded.map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::Empty::default())
     }
 
@@ -147,12 +147,11 @@ impl AgentRpc {
         r: pb::PathRequest,
     ) -> ServiceResult<ServiceStream<pb::FileChunk>> {
         let c = self.running(&r.id)?;
-        let id = c.id.clone();
         let stream = c
             .envd()
             .read_file_stream(path(&r.path)?)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         // Re-cut whatever envd's body yields into messages of at most 64 KiB.
         let chunks = stream.flat_map(move |chunk| {
             let items: Vec<Result<pb::FileChunk, ConnectError>> = match chunk {
@@ -165,7 +164,7 @@ impl AgentRpc {
                         })
                     })
                     .collect(),
-                Err(e) => vec![Err(envd_error(&id, e))],
+                Err(e) => vec![Err(envd_error(&c, e))],
             };
             futures::stream::iter(items)
         });
@@ -182,7 +181,7 @@ impl AgentRpc {
             .envd()
             .list_dir(path(&r.path)?, depth)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::ListDirResponse {
             entries: entries.into_iter().map(entry_to_pb).collect(),
             ..Default::default()
@@ -198,7 +197,7 @@ impl AgentRpc {
             .envd()
             .make_dir(path(&r.path)?)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::MakeDirResponse {
             created,
             ..Default::default()
@@ -210,8 +209,8 @@ impl AgentRpc {
         let p = path(&r.path)?;
         // envd removes a missing path silently; callers of the agent are
         // told it was not there (wrenn's SDK documents not_found).
-        c.envd().stat(p).await.map_err(|e| envd_error(&c.id, e))?;
-        c.envd().remove(p).await.map_err(|e| envd_error(&c.id, e))?;
+        c.envd().stat(p).await.map_err(|e| envd_error(&c, e))?;
+        c.envd().remove(p).await.map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::Empty::default())
     }
 }

@@ -66,8 +66,14 @@ pub fn agent_error(e: AgentError) -> ConnectError {
 
 /// An envd failure during a data operation: envd's own code passes
 /// through (a missing file stays not_found), transport trouble is
-/// `unavailable`.
-fn envd_error(id: &CapsuleId, e: ClientError) -> ConnectError {
+/// `unavailable`. A capsule destroyed under the operation is `not_found`,
+/// saying so (its envd went away mid-answer: the client's own error,
+/// "failed to read response body", would say nothing of why).
+fn envd_error(c: &Capsule, e: ClientError) -> ConnectError {
+    let id = &c.id;
+    if c.destroyed() {
+        return ConnectError::not_found(format!("capsule {id} was destroyed"));
+    }
     match e {
         ClientError::Rpc(err) => ConnectError::new(err.code, err.message.unwrap_or_default()),
         ClientError::Http { status, message } => {

@@ -94,7 +94,7 @@ fn relay(stream: ExecStream, c: Arc<Capsule>, tag: String) -> ServiceStream<pb::
                     c.touch();
                     Ok(event_to_pb(ev, &tag))
                 }
-                Err(e) => Err(envd_error(&c.id, e)),
+                Err(e) => Err(envd_error(&c, e)),
             },
             // (never an error: the relay holds the capsule, and so its sender)
             _ = pauses.changed() => {
@@ -120,7 +120,7 @@ impl AgentRpc {
                 d.saturating_duration_since(std::time::Instant::now())
             }));
         }
-        let out = c.envd().exec(req).await.map_err(|e| envd_error(&c.id, e))?;
+        let out = c.envd().exec(req).await.map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::ExecResponse {
             stdout: out.stdout,
             stderr: out.stderr,
@@ -138,7 +138,7 @@ impl AgentRpc {
             .envd()
             .exec_stream(exec_request(&r)?)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Ok(Response::new(relay(stream, c.clone(), r.tag)))
     }
 
@@ -153,7 +153,7 @@ impl AgentRpc {
             .envd()
             .exec_stream(req)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         // Dropping the stream stops reading; the process runs on (tagged).
         let pid = stream.pid;
         drop(stream);
@@ -173,7 +173,7 @@ impl AgentRpc {
             .envd()
             .list_processes()
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::ListProcessesResponse {
             processes: list
                 .into_iter()
@@ -209,7 +209,7 @@ impl AgentRpc {
                 )))
             }
         }
-        .map_err(|e| envd_error(&c.id, e))?;
+        .map_err(|e| envd_error(&c, e))?;
         if !found {
             return Err(ConnectError::not_found("no such process"));
         }
@@ -227,11 +227,7 @@ impl AgentRpc {
             Some(S::Tag(t)) => (selector(None, Some(t.clone()))?, t),
             None => (selector(None, None)?, String::new()),
         };
-        let stream = c
-            .envd()
-            .attach(sel)
-            .await
-            .map_err(|e| envd_error(&c.id, e))?;
+        let stream = c.envd().attach(sel).await.map_err(|e| envd_error(&c, e))?;
         Ok(Response::new(relay(stream, c.clone(), tag)))
     }
 
@@ -247,12 +243,10 @@ impl AgentRpc {
         if !r.data.is_empty() {
             envd.stdin_write(sel.clone(), &r.data)
                 .await
-                .map_err(|e| envd_error(&c.id, e))?;
+                .map_err(|e| envd_error(&c, e))?;
         }
         if r.close {
-            envd.close_stdin(sel)
-                .await
-                .map_err(|e| envd_error(&c.id, e))?;
+            envd.close_stdin(sel).await.map_err(|e| envd_error(&c, e))?;
         }
         Response::ok(pb::Empty::default())
     }
@@ -267,7 +261,7 @@ impl AgentRpc {
             let stream = envd
                 .attach(tag(&r.tag)?)
                 .await
-                .map_err(|e| envd_error(&c.id, e))?;
+                .map_err(|e| envd_error(&c, e))?;
             return Ok(Response::new(relay(stream, c.clone(), r.tag)));
         }
         let t = if r.tag.is_empty() {
@@ -299,10 +293,7 @@ impl AgentRpc {
                 rows: clamp(r.rows, 24),
             }),
         };
-        let stream = envd
-            .pty_start(req)
-            .await
-            .map_err(|e| envd_error(&c.id, e))?;
+        let stream = envd.pty_start(req).await.map_err(|e| envd_error(&c, e))?;
         Ok(Response::new(relay(stream, c.clone(), t)))
     }
 
@@ -311,7 +302,7 @@ impl AgentRpc {
         c.envd()
             .pty_input(tag(&r.tag)?, &r.data)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::Empty::default())
     }
 
@@ -325,7 +316,7 @@ impl AgentRpc {
         c.envd()
             .pty_resize(tag(&r.tag)?, r.cols as u16, r.rows as u16)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::Empty::default())
     }
 
@@ -334,7 +325,7 @@ impl AgentRpc {
         c.envd()
             .kill(tag(&r.tag)?)
             .await
-            .map_err(|e| envd_error(&c.id, e))?;
+            .map_err(|e| envd_error(&c, e))?;
         Response::ok(pb::Empty::default())
     }
 }
