@@ -17,6 +17,7 @@ import importlib.metadata
 import re
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -294,6 +295,31 @@ def test_pause_and_resume(sandbox: Sandbox, tag: str) -> None:
     assert Sandbox.pause(sandbox.sandbox_id) is True
     sandbox.connect()
     assert sandbox.is_running()
+
+
+def test_racing_connects_pauses_and_kills(make_sandbox) -> None:
+    """As E2B's API, which waits out a state change: five connects at once
+    to a paused sandbox all get it running (before: one resumed it, four
+    got 409 "it is running"); a connect sent while a pause is in flight
+    leaves it running (before: it answered, then the pause went through);
+    of five kills at once exactly one is true."""
+    sbx = make_sandbox()
+    assert sbx.pause() is True
+    with ThreadPoolExecutor(5) as pool:
+        connected = list(pool.map(lambda _: Sandbox.connect(sbx.sandbox_id, timeout=300), range(5)))
+    assert all(c.sandbox_id == sbx.sandbox_id for c in connected)
+    assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            paused = pool.submit(Sandbox.pause, sbx.sandbox_id)
+            time.sleep(0.005)
+            connect = pool.submit(Sandbox.connect, sbx.sandbox_id, timeout=300)
+            paused.result(), connect.result()
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+        assert sbx.commands.run("echo up").stdout == "up\n"
+    with ThreadPoolExecutor(5) as pool:
+        killed = list(pool.map(lambda _: Sandbox.kill(sbx.sandbox_id), range(5)))
+    assert sorted(killed) == [False] * 4 + [True], killed
 
 
 def test_metrics(sandbox: Sandbox) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from datetime import date, datetime, timedelta, timezone
 
+import httpx
 import pytest
 from wrenn import (
     AsyncCapsule,
@@ -332,6 +333,38 @@ def test_context_manager_destroys(server, client: WrennClient) -> None:
         cid = c.capsule_id
         assert client.capsules.get(cid).status == Status.running
     assert _gone(client, cid)
+
+
+def test_a_client_that_hangs_up_does_not_strand_a_capsule(server, client: WrennClient) -> None:
+    """Clients that give up on a create or a destroy mid-way (an SDK
+    timeout, a cancelled asyncio task): the server still finishes it.
+    Before, the handler was dropped with the connection, and a capsule
+    stayed ``starting`` for good (holding its host's room) or ``stopping``
+    until the reconciler came by."""
+    marker = {"hangup": f"{time.time_ns()}"}
+    body = {"template": "minimal", "metadata": marker}
+    headers = {"X-API-Key": server.api_key}
+    # the request is written whole, then the client stops reading (a
+    # create takes longer than that: a warm network slot, runc, envd)
+    hang_up = httpx.Timeout(10.0, read=0.03)
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=hang_up) as raw:
+        for _ in range(3):
+            with pytest.raises(httpx.ReadTimeout):
+                raw.post("/v1/capsules", json=body)
+
+    def mine() -> list[CapsuleModel]:
+        return [m for m in client.capsules.list() if m.metadata and m.metadata.get("hangup") == marker["hangup"]]
+
+    made = poll(lambda: (ms := mine()) and len(ms) == 3 and all(m.status == Status.running for m in ms) and ms,
+                30, 0.3, "the three creates to finish")
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=hang_up) as raw:
+        for m in made:
+            try:
+                raw.delete(f"/v1/capsules/{m.id}")
+            except httpx.ReadTimeout:
+                pass  # (the point; a destroy may also be quicker)
+    for m in made:
+        _gone(client, m.id, timeout=10)
 
 
 def test_resume_needs_room_as_a_create_does(server, client: WrennClient, make_capsule) -> None:

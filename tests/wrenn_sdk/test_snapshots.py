@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from wrenn import (
@@ -135,6 +136,30 @@ def test_a_failed_overwrite_keeps_the_old_template(server, client: WrennClient, 
     assert [t for t in client.snapshots.list() if t.name == name] == before
     c2 = make_capsule(template=name, wait=True)
     assert c2.files.read(MARK) == "kept"
+
+
+def test_concurrent_overwrites_leave_no_layers_behind(server, client: WrennClient, make_capsule,
+                                                      snapshot_names) -> None:
+    """Overwrites of one name at once, from one capsule and from two: one
+    template is left, and once it is deleted none of their layers are on
+    disk (before, each replaced the row and only the last one's
+    predecessor was collected)."""
+    if server.data_dir is None:
+        pytest.skip("needs the data dir of a local wrenn up")
+    templates = server.data_dir / "templates"
+    before = {p.name for p in templates.iterdir()}
+    name = unique("snaprace")
+    snapshot_names.append(name)
+    a, b = make_capsule(wait=True), make_capsule(wait=True)
+    a.create_snapshot(name=name)
+    with ThreadPoolExecutor(3) as pool:
+        made = list(pool.map(lambda c: client.snapshots.create(c.capsule_id, name=name, overwrite=True),
+                             [a, b, a]))
+    assert {t.name for t in made} == {name}
+    assert [t.name for t in client.snapshots.list()].count(name) == 1
+    client.snapshots.delete(name)
+    left = {p.name for p in templates.iterdir()} - before
+    assert not left, f"layers left behind: {sorted(left)}"
 
 
 def test_delete(client: WrennClient, capsule: Capsule, snapshot_names) -> None:

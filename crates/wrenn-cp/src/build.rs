@@ -483,7 +483,6 @@ pub async fn build(
         .await?
         .ok_or_else(|| BuildError::NoBase(spec.base.clone()))?;
     let launch_spec = Launch {
-        template: &base,
         vcpus: spec.vcpus,
         memory_mb: spec.memory_mb,
         metadata: BTreeMap::from([("wrenn_build".to_owned(), spec.name.to_string())]),

@@ -17,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod host_tokens;
 pub mod hosts;
+pub mod locks;
 pub mod model;
 pub mod pki;
 pub mod proxy;

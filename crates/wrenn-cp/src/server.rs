@@ -5,7 +5,7 @@
 //! `Cp::stop`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::CpConfig;
 use crate::db::Db;
+use crate::error::ApiError;
 use crate::events::Broker;
 use crate::hosts::Hosts;
 use crate::proxy::Routes;
@@ -67,9 +68,37 @@ pub struct Cp {
     /// Templates being built (`wrenn up`'s built-ins): a create naming one
     /// is told to wait, not that it does not exist.
     building: Mutex<std::collections::BTreeSet<String>>,
+    /// Taken by each lifecycle operation on a capsule ([`crate::locks`]).
+    pub lifecycle: crate::locks::CapsuleLocks,
+    /// Taken by snapshots and template deletes, by team and name.
+    pub template_names: crate::locks::Locks<(wrenn_types::ids::TeamId, String)>,
+    me: Weak<Cp>,
 }
 
 impl Cp {
+    /// Run `work` to its end on [`Cp::tasks`] even if the caller is
+    /// dropped, and hand the caller its result if it is still there. For
+    /// the lifecycle operations: a handler future is dropped when its
+    /// client hangs up, and the code after each await (recording the
+    /// outcome) would never run, leaving a capsule `starting` or
+    /// `stopping` for good.
+    pub async fn to_completion<T, E, F>(&self, work: impl FnOnce(Arc<Cp>) -> F) -> Result<T, E>
+    where
+        F: std::future::Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: From<ApiError> + Send + 'static,
+    {
+        let cp = self
+            .me
+            .upgrade()
+            .expect("the control plane outlives its requests");
+        match self.tasks.spawn(work(cp)).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(ApiError::internal().into()),
+        }
+    }
+
     /// `/health` answers 200 once this is set (`wrenn up`: the default
     /// template is usable); until then 503 with [`Cp::set_progress`].
     pub fn set_ready(&self, ready: bool) {
@@ -134,7 +163,7 @@ impl ControlPlane {
         };
         let proxy = wrenn_http::proxy_client(agents(bulk.clone()));
         let envd_proxy = wrenn_http::proxy_client(agents(with_alpn(&pki.client, ALPN_HTTP1)));
-        let cp = Arc::new(Cp {
+        let cp = Arc::new_cyclic(|me| Cp {
             config,
             db,
             hosts,
@@ -156,6 +185,9 @@ impl ControlPlane {
             ready: AtomicBool::new(true),
             progress: Mutex::new(json!({})),
             building: Mutex::new(Default::default()),
+            lifecycle: Default::default(),
+            template_names: Default::default(),
+            me: me.clone(),
         });
         cp.hosts.load(&cp.db).await?;
         Ok(ControlPlane { cp })

@@ -187,7 +187,6 @@ pub async fn create(
         .filter(|d| *d > 0)
         .unwrap_or(DEFAULT_DISK_MB);
     let spec = Launch {
-        template: &template,
         vcpus,
         memory_mb,
         timeout_sec,
@@ -216,9 +215,9 @@ pub fn missing_template(cp: &Cp, name: &str) -> ApiError {
 
 /// What a capsule is made of (validated).
 #[derive(Debug)]
-pub struct Launch<'a> {
+pub struct Launch {
     pub id: CapsuleId,
-    pub template: &'a TemplateRow,
+    pub template: TemplateRow,
     pub vcpus: i64,
     pub memory_mb: i64,
     /// The agent's inactivity TTL (0: none).
@@ -239,12 +238,12 @@ pub struct Launch<'a> {
     pub metadata_to_envd: bool,
 }
 
-impl<'a> Launch<'a> {
+impl Launch {
     /// The template's defaults: 1 vCPU, 512 MiB, no timeout.
-    pub fn new(template: &'a TemplateRow) -> Self {
+    pub fn new(template: &TemplateRow) -> Self {
         Launch {
             id: CapsuleId::random(),
-            template,
+            template: template.clone(),
             vcpus: template.vcpus.unwrap_or(1),
             memory_mb: template.memory_mb.unwrap_or(512),
             timeout_sec: 0,
@@ -261,13 +260,15 @@ impl<'a> Launch<'a> {
 }
 
 /// Place, record and start a capsule for `team`; it is `running` when
-/// this returns. (The API's create and template builds both use it.)
-pub async fn launch(
-    cp: &Cp,
-    team: &TeamId,
-    actor: Actor,
-    spec: Launch<'_>,
-) -> ApiResult<CapsuleRow> {
+/// this returns. (The API's create and template builds both use it.) It
+/// runs to its end even if the caller gives up ([`Cp::to_completion`]).
+pub async fn launch(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiResult<CapsuleRow> {
+    let team = team.clone();
+    cp.to_completion(move |cp| async move { launch_now(&cp, &team, actor, spec).await })
+        .await
+}
+
+async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiResult<CapsuleRow> {
     let Launch {
         id,
         template,
@@ -326,7 +327,7 @@ pub async fn launch(
         engine,
         metadata_to_envd,
     };
-    let result = start(cp, actor, row.clone(), host, template, extra).await;
+    let result = start(cp, actor, row.clone(), host, &template, extra).await;
     cp.creating.lock().unwrap().remove(&row.id);
     result
 }
@@ -461,12 +462,31 @@ pub async fn destroy(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `c` as it is now, read under its lifecycle lock; `None` once gone.
+pub(crate) async fn reread(cp: &Cp, c: &CapsuleRow) -> ApiResult<Option<CapsuleRow>> {
+    Ok(cp.db.capsule(&c.team_id, &c.id).await?)
+}
+
 /// Destroy a capsule on its agent and record it `stopped` (nothing
-/// happens to one that is already stopped).
-pub async fn destroy_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<()> {
-    if c.status == Status::Stopped {
-        return Ok(());
-    }
+/// happens to one that is already stopped). Whether this call stopped it.
+/// Under the capsule's lifecycle lock, to its end ([`Cp::to_completion`]).
+pub async fn destroy_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<bool> {
+    let c = c.clone();
+    cp.to_completion(move |cp| async move {
+        let _lock = cp.lifecycle.lock(&c.id).await;
+        match reread(&cp, &c).await? {
+            Some(c) if c.status != Status::Stopped => {
+                destroy_locked(&cp, &c, actor).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    })
+    .await
+}
+
+/// Destroy `c` (as read under its lifecycle lock, which the caller holds).
+pub(crate) async fn destroy_locked(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<()> {
     if let Some(host) = c.host_id.as_ref().and_then(|h| cp.hosts.get(h)) {
         // `stopping` while the agent works: nobody is shown a capsule the
         // agent has already let go of as running. Recorded before the
@@ -513,8 +533,36 @@ pub async fn pause(
 }
 
 /// Pause a running capsule (its metrics are kept first; its proxy routes
-/// and streams end).
+/// and streams end). Under the capsule's lifecycle lock, to its end.
 pub async fn pause_capsule(
+    cp: &Cp,
+    c: &CapsuleRow,
+    host: &Arc<crate::hosts::HostConn>,
+    actor: Actor,
+) -> ApiResult<CapsuleRow> {
+    let (c, host) = (c.clone(), host.clone());
+    cp.to_completion(move |cp| async move {
+        let _lock = cp.lifecycle.lock(&c.id).await;
+        let c = reread(&cp, &c).await?.ok_or_else(gone)?;
+        if c.status != Status::Running {
+            return Err(ApiError::invalid_state(format!(
+                "capsule is not running (status: {})",
+                c.status
+            )));
+        }
+        pause_locked(&cp, &c, &host, actor).await
+    })
+    .await
+}
+
+/// The capsule disappeared under a lifecycle operation.
+fn gone() -> ApiError {
+    ApiError::not_found("capsule not found")
+}
+
+/// Pause `c` (running, as read under its lifecycle lock, which the
+/// caller holds).
+pub(crate) async fn pause_locked(
     cp: &Cp,
     c: &CapsuleRow,
     host: &crate::hosts::HostConn,
@@ -578,8 +626,19 @@ async fn room_to_resume(cp: &Cp, c: &CapsuleRow) -> ApiResult<()> {
     }
 }
 
-/// Resume a paused capsule.
+/// Resume a paused capsule. Under its lifecycle lock, to its end.
 pub async fn resume_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<CapsuleRow> {
+    let c = c.clone();
+    cp.to_completion(move |cp| async move {
+        let _lock = cp.lifecycle.lock(&c.id).await;
+        let c = reread(&cp, &c).await?.ok_or_else(gone)?;
+        resume_locked(&cp, &c, actor).await
+    })
+    .await
+}
+
+/// Resume `c` (as read under its lifecycle lock, which the caller holds).
+pub(crate) async fn resume_locked(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<CapsuleRow> {
     if c.status != Status::Paused {
         return Err(ApiError::invalid_state(format!(
             "capsule is not paused (status: {})",

@@ -126,37 +126,55 @@ pub async fn create(
         return Err(ApiError::conflict(format!("the name {name} is reserved")));
     }
     // Overwritten only once the new one is recorded: a snapshot that fails
-    // leaves the old template as it was.
-    let replacing = match cp.db.own_template(caller.team_id(), name.as_str()).await? {
-        Some(_) if !overwrite => {
-            return Err(ApiError::conflict(format!(
-                "template {name} exists (pass overwrite=true to replace it)"
-            )));
-        }
-        old => old.map(|t| t.agent_name),
-    };
-    let host = host_of(&cp, &c)?;
-    let agent_name = format!("s-{}", random_hex(12));
-    let req = pb::SnapshotRequest {
-        id: c.id.to_string(),
-        name: agent_name.clone(),
-        ..Default::default()
-    };
-    let vm = c.metadata.get("engine").is_some_and(|e| e == "vm");
-    let timeout = if vm {
-        VM_SNAPSHOT_TIMEOUT
-    } else {
-        SNAPSHOT_TIMEOUT
-    };
-    let opts = connectrpc::client::CallOptions::default().with_timeout(timeout);
-    if c.status == Status::Running {
-        crate::api::stats::flush_metrics(&cp, &host, &c).await;
+    // leaves the old template as it was. (Asked again under the name's
+    // lock below: this early answer spares a snapshot bound to fail.)
+    if !overwrite
+        && cp
+            .db
+            .own_template(caller.team_id(), name.as_str())
+            .await?
+            .is_some()
+    {
+        return Err(exists(&name));
     }
+    let agent_name = format!("s-{}", random_hex(12));
     // The rest runs on its own: a client that gives up (a VM's snapshot
     // can outlast an SDK's timeout) still gets its template recorded.
     let job = cp.tasks.spawn({
         let cp = cp.clone();
         async move {
+            let _lock = cp.lifecycle.lock(&c.id).await;
+            let c = super::capsules::reread(&cp, &c)
+                .await?
+                .ok_or_else(ApiError::capsule_not_found)?;
+            if !matches!(c.status, Status::Running | Status::Paused) {
+                return Err(ApiError::invalid_state(format!(
+                    "capsule is not running or paused (status: {})",
+                    c.status
+                )));
+            }
+            let key = (caller.team_id().clone(), name.to_string());
+            let _name = cp.template_names.lock(&key).await;
+            let replacing = match cp.db.own_template(caller.team_id(), name.as_str()).await? {
+                Some(_) if !overwrite => return Err(exists(&name)),
+                old => old.map(|t| t.agent_name),
+            };
+            let host = host_of(&cp, &c)?;
+            let req = pb::SnapshotRequest {
+                id: c.id.to_string(),
+                name: agent_name.clone(),
+                ..Default::default()
+            };
+            let vm = c.metadata.get("engine").is_some_and(|e| e == "vm");
+            let timeout = if vm {
+                VM_SNAPSHOT_TIMEOUT
+            } else {
+                SNAPSHOT_TIMEOUT
+            };
+            let opts = connectrpc::client::CallOptions::default().with_timeout(timeout);
+            if c.status == Status::Running {
+                crate::api::stats::flush_metrics(&cp, &host, &c).await;
+            }
             let row = record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await?;
             if let Some(old) = replacing {
                 collect_layers(&cp, &old).await; // (no row names them now)
@@ -166,6 +184,13 @@ pub async fn create(
     });
     let row = job.await.map_err(|_| ApiError::internal())??;
     Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
+}
+
+/// A snapshot's name is taken and `overwrite` was not asked for: 409.
+fn exists(name: &TemplateName) -> ApiError {
+    ApiError::conflict(format!(
+        "template {name} exists (pass overwrite=true to replace it)"
+    ))
 }
 
 /// Take the snapshot on the agent and record the template.
@@ -237,6 +262,9 @@ pub async fn delete(
     let name: TemplateName = name
         .parse()
         .map_err(|_| ApiError::invalid(format!("invalid template name {name:?}")))?;
+    // (a snapshot overwriting the name finishes first, or starts after)
+    let key = (caller.team_id().clone(), name.to_string());
+    let _name = cp.template_names.lock(&key).await;
     match cp.db.own_template(caller.team_id(), name.as_str()).await? {
         Some(t) => {
             retire(&cp, &t).await?;

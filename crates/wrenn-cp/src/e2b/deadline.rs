@@ -12,6 +12,7 @@ use crate::api::capsules;
 use crate::db::{now_ms, CapsuleRow, OnTimeout};
 use crate::error::ApiResult;
 use crate::events::Actor;
+use crate::model::Status;
 use crate::server::Cp;
 
 const TICK: Duration = Duration::from_secs(1);
@@ -32,7 +33,16 @@ pub async fn enforce(cp: &Cp) {
     }
 }
 
+/// Kill or pause `c`, if its deadline has still passed as read under its
+/// lifecycle lock (a `connect` or `set_timeout` may have moved it since).
 async fn expire(cp: &Cp, c: &CapsuleRow) -> ApiResult<()> {
+    let _lock = cp.lifecycle.lock(&c.id).await;
+    let Some(c) = capsules::reread(cp, c).await? else {
+        return Ok(());
+    };
+    if c.status != Status::Running || c.end_at.is_none_or(|e| e > now_ms()) {
+        return Ok(());
+    }
     tracing::info!(capsule = %c.id, on_timeout = c.on_timeout.as_str(), "timeout reached");
     let what = match c.on_timeout {
         OnTimeout::Kill => "timeout reached: killing the sandbox",
@@ -40,12 +50,12 @@ async fn expire(cp: &Cp, c: &CapsuleRow) -> ApiResult<()> {
     };
     capsules::log(cp, &c.id, "warn", what).await;
     match c.on_timeout {
-        OnTimeout::Kill => capsules::destroy_capsule(cp, c, Actor::system()).await,
+        OnTimeout::Kill => capsules::destroy_locked(cp, &c, Actor::system()).await,
         OnTimeout::Pause => {
-            let host = crate::api::host_of(cp, c)?;
-            capsules::pause_capsule(cp, c, &host, Actor::system())
+            let host = crate::api::host_of(cp, &c)?;
+            capsules::pause_locked(cp, &c, &host, Actor::system())
                 .await
-                .map(|_| ())
+                .map(drop)
         }
     }
 }

@@ -570,7 +570,11 @@ pub async fn kill(
     Path(id): Path<String>,
 ) -> E2bResult<StatusCode> {
     let c = find(&cp, &caller, &id).await?;
-    capsules::destroy_capsule(&cp, &c, Actor::key(&caller.0)).await?;
+    // (of kills that race, one kills it; the others find it gone, as
+    // E2B's: the SDK's `kill` is then false)
+    if !capsules::destroy_capsule(&cp, &c, Actor::key(&caller.0)).await? {
+        return Err(E2bError::not_found(&id));
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -700,13 +704,9 @@ pub struct ConnectBody {
     memory: Option<bool>,
 }
 
-/// Resume a paused sandbox with a new deadline `now + timeout`.
-async fn resume_with(
-    cp: &Cp,
-    caller: &E2bCaller,
-    c: &CapsuleRow,
-    timeout: i64,
-) -> E2bResult<CapsuleRow> {
+/// Resume a paused sandbox with a new deadline `now + timeout` (`c` as
+/// read under its lifecycle lock, which the caller holds).
+async fn resume_with(cp: &Cp, actor: Actor, c: &CapsuleRow, timeout: i64) -> E2bResult<CapsuleRow> {
     // The new deadline first: once running, a deadline that passed while
     // the sandbox was paused would end it at once.
     if c.end_at.is_some() {
@@ -714,16 +714,27 @@ async fn resume_with(
             .set_deadline(&c.id, Some(now_ms() + timeout * 1000), c.on_timeout)
             .await?;
     }
-    let resumed = capsules::resume_capsule(cp, c, Actor::key(&caller.0)).await?;
+    let resumed = capsules::resume_locked(cp, c, actor).await?;
     Ok(cp
         .db
-        .capsule(caller.0.team_id(), &resumed.id)
+        .capsule(&resumed.team_id, &resumed.id)
         .await?
         .unwrap_or(resumed))
 }
 
+/// `c`'s sandbox read again under its lifecycle lock, which `lock` is:
+/// a concurrent connect, pause or kill has finished by then.
+async fn reread(cp: &Cp, c: &CapsuleRow) -> E2bResult<CapsuleRow> {
+    match capsules::reread(cp, c).await? {
+        Some(c) if state(&c).is_some() => Ok(c),
+        _ => Err(E2bError::not_found(c.id.as_str())),
+    }
+}
+
 /// `POST /v2/sandboxes/{id}/connect` and `/sandboxes/{id}/connect`:
 /// running → 200 (the deadline never shortens); paused → resumed, 201.
+/// Under the sandbox's lifecycle lock: connects that race each other or a
+/// pause all end with it running, as E2B's (which waits out the change).
 pub async fn connect(
     State(cp): State<Arc<Cp>>,
     caller: E2bCaller,
@@ -732,18 +743,28 @@ pub async fn connect(
 ) -> E2bResult<(StatusCode, Json<Value>)> {
     let timeout = timeout_of(body.timeout, DEFAULT_TIMEOUT)?;
     let c = find(&cp, &caller, &id).await?;
-    if state(&c) == Some("paused") {
-        // (`memory: false` applies to a paused sandbox only)
-        if body.memory == Some(false) {
-            return Err(E2bError::bad_request(
-                "rebooting from the filesystem only is not supported",
-            ));
-        }
-        let resumed = resume_with(&cp, &caller, &c, timeout).await?;
-        return Ok((StatusCode::CREATED, Json(sandbox_json(&cp, &resumed))));
-    }
-    extend(&cp, &c, timeout).await?;
-    Ok((StatusCode::OK, Json(sandbox_json(&cp, &c))))
+    let actor = Actor::key(&caller.0);
+    let (code, c) = cp
+        .to_completion(move |cp| async move {
+            let _lock = cp.lifecycle.lock(&c.id).await;
+            let c = reread(&cp, &c).await?;
+            if state(&c) == Some("paused") {
+                // (`memory: false` applies to a paused sandbox only)
+                if body.memory == Some(false) {
+                    return Err(E2bError::bad_request(
+                        "rebooting from the filesystem only is not supported",
+                    ));
+                }
+                return Ok((
+                    StatusCode::CREATED,
+                    resume_with(&cp, actor, &c, timeout).await?,
+                ));
+            }
+            extend(&cp, &c, timeout).await?;
+            Ok((StatusCode::OK, c))
+        })
+        .await?;
+    Ok((code, Json(sandbox_json(&cp, &c))))
 }
 
 /// `POST /sandboxes/{id}/resume` (legacy): paused → 201; running → 409.
@@ -755,12 +776,20 @@ pub async fn resume(
 ) -> E2bResult<(StatusCode, Json<Value>)> {
     let timeout = timeout_of(body.timeout, DEFAULT_RESUME_TIMEOUT)?;
     let c = find(&cp, &caller, &id).await?;
-    if state(&c) != Some("paused") {
-        return Err(E2bError::conflict(format!(
-            "sandbox {id} is already running"
-        )));
-    }
-    let resumed = resume_with(&cp, &caller, &c, timeout).await?;
+    let actor = Actor::key(&caller.0);
+    let resumed = cp
+        .to_completion(move |cp| async move {
+            let _lock = cp.lifecycle.lock(&c.id).await;
+            let c = reread(&cp, &c).await?;
+            if state(&c) != Some("paused") {
+                return Err(E2bError::conflict(format!(
+                    "sandbox {} is already running",
+                    c.id
+                )));
+            }
+            resume_with(&cp, actor, &c, timeout).await
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(sandbox_json(&cp, &resumed))))
 }
 
