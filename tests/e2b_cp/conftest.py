@@ -143,7 +143,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[E2bServer]:
     with WrennUp.serving(
         request,
         failed_attr="e2bcp_failed",
-        extra_args=shlex.split(os.environ.get("WRENN_E2B_UP_ARGS", "")),
+        # (debug mode is off unless asked for: test_debug_mode.py needs it)
+        extra_args=["--e2b-debug", *shlex.split(os.environ.get("WRENN_E2B_UP_ARGS", ""))],
         database_url=os.environ.get("WRENN_TEST_DATABASE_URL"),
         # code-interpreter-v1 is built like code-runner-beta (from PyPI); with
         # WRENN_SKIP_CODE_INTERPRETER=1 nothing network-built is needed.

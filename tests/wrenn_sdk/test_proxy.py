@@ -186,6 +186,22 @@ def test_proxy_forwards_requests_faithfully(server, capsule: Capsule) -> None:
     assert "x-api-key" not in via_path["headers"], "the proxy must strip X-API-Key"
 
 
+def test_e2b_debug_mode_is_off_unless_asked_for(server) -> None:
+    """E2B's debug mode hands root in a capsule to any loopback client with
+    no key (behind a reverse proxy on the same host: to anyone), so
+    ``wrenn up`` serves it only with ``--e2b-debug``; this server has no
+    flag. The request is E2B's 502 "not found" and no capsule is made."""
+    debug = {"E2b-Sandbox-Id": "debug_sandbox_id", "E2b-Sandbox-Port": "49983"}
+    with httpx.Client(base_url=server.base_url, timeout=30) as raw:
+        r = raw.get("/health", headers=debug)
+        assert r.status_code == 502 and r.json()["message"] == "The sandbox was not found", r.text
+        r = raw.post("/filesystem.Filesystem/ListDir", json={"path": "/root"},
+                     headers={**debug, "Content-Type": "application/json"})
+        assert r.status_code == 502, r.text
+        made = raw.get("/v1/capsules", headers={"X-API-Key": server.api_key}).json()
+    assert not [c for c in made if (c.get("metadata") or {}).get("e2b_debug_sandbox")], made
+
+
 def test_proxy_bad_hosts(server, capsule: Capsule) -> None:
     unknown = _get(server, 8080, unknown_capsule_id(), "/")
     assert unknown.status_code == 404

@@ -56,6 +56,12 @@ pub struct UpArgs {
     /// Domain of subdomain proxy URLs (`{port}-{capsule}.{domain}`).
     #[arg(long, env = "WRENN_PROXY_DOMAIN")]
     proxy_domain: Option<String>,
+    /// Serve E2B's debug mode (`E2B_DEBUG=true`): sandbox
+    /// `debug_sandbox_id`, asked for from loopback with no key, is a `base`
+    /// capsule of the admin team. Only where nothing proxies to this port
+    /// from the same host (to the server, every such client is loopback).
+    #[arg(long, env = "WRENN_E2B_DEBUG")]
+    e2b_debug: bool,
     /// How often this process's agent tells the control plane it lives
     /// (a call over its RPC, as a remote agent's heartbeat).
     #[arg(long, hide = true, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -434,6 +440,7 @@ async fn up(args: UpArgs) -> Result<()> {
         .unwrap_or_else(|| format!("sqlite:{}", data_dir.join("wrenn.db").display()));
     let mut config = CpConfig::new(database_url);
     config.proxy_domain = args.proxy_domain.clone();
+    config.e2b_debug = args.e2b_debug;
     config.shared_transport = args.shared_transport;
     config.reconcile_interval = args.reconcile_interval;
     config.host_heartbeat_timeout = args.host_heartbeat_timeout;

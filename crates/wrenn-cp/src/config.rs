@@ -9,6 +9,11 @@ pub struct CpConfig {
     /// Host suffix of subdomain proxy URLs (`{port}-{capsule}.{domain}`).
     /// Any suffix is routed; this is only what URLs are built with.
     pub proxy_domain: Option<String>,
+    /// Serve E2B's debug mode: requests for sandbox `debug_sandbox_id`
+    /// from loopback reach a `base` capsule of the admin team, with no key
+    /// or token. Off by default: behind a reverse proxy on the same host
+    /// every request comes from loopback.
+    pub e2b_debug: bool,
     /// How often the database is compared with what agents report.
     pub reconcile_interval: Duration,
     /// How often the host monitor looks for silent hosts, and how long a
@@ -35,6 +40,7 @@ impl CpConfig {
         CpConfig {
             database_url: database_url.into(),
             proxy_domain: None,
+            e2b_debug: false,
             reconcile_interval: Duration::from_secs(30),
             host_monitor_interval: Duration::from_secs(15),
             host_heartbeat_timeout: Duration::from_secs(90),

@@ -121,7 +121,8 @@ pub async fn route(cp: &Cp, req: Request) -> Routed {
 /// Relay `req` to `port` of sandbox `id`, answering as E2B's proxy does.
 pub async fn serve(cp: &Cp, mut req: Request, id: &str, port: u16) -> Response {
     let (cid, add_token) = if id == DEBUG_ID {
-        if !from_loopback(&req) {
+        // (debug mode is asked for: `wrenn up --e2b-debug`)
+        if !cp.config.e2b_debug || !from_loopback(&req) {
             return gone(id);
         }
         match debug_capsule(cp).await {
