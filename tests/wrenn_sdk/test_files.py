@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from wrenn import AsyncCapsule, Capsule, FileEntry, WrennNotFoundError
+from wrenn import AsyncCapsule, Capsule, FileEntry, WrennError, WrennNotFoundError, WrennValidationError
 from wrennsdk_support import StreamedData
 
 BIG = 100 * 1024 * 1024  # 100 MiB
@@ -57,6 +57,31 @@ def test_written_file_is_usable_by_commands(capsule: Capsule) -> None:
     assert capsule.commands.run("sh /tmp/script.sh").stdout == "from-script\n"
     capsule.commands.run("echo made-by-shell > /tmp/shell.txt")
     assert capsule.files.read("/tmp/shell.txt") == "made-by-shell\n"
+
+
+def test_writing_mounted_files_devices_and_fifos(capsule: Capsule) -> None:
+    """``/etc/hosts`` and ``/etc/resolv.conf`` are files the runtime bind
+    mounts: written over in place (a staged copy cannot be renamed over a
+    mount point: that was a 502 "rename"). A device is written through,
+    never replaced by a plain file (``/dev/null`` became one). A FIFO is
+    refused at once (opening it would wait for a reader)."""
+    hosts = capsule.files.read("/etc/hosts")
+    capsule.files.write("/etc/hosts", hosts + "10.9.9.9 wrenn-test-host\n")
+    assert capsule.commands.run("getent hosts wrenn-test-host || grep wrenn-test-host /etc/hosts").exit_code == 0
+    capsule.files.write("/etc/resolv.conf", "nameserver 10.9.9.8\n")
+    assert capsule.files.read("/etc/resolv.conf") == "nameserver 10.9.9.8\n"
+    assert not [e for e in capsule.files.list("/etc") if ".wrenn-upload-" in e.name]
+
+    capsule.files.write("/dev/null", "gone")
+    assert capsule.commands.run("stat -c %F /dev/null").stdout.strip() == "character special file"
+    with pytest.raises(WrennError) as full:
+        capsule.files.write("/dev/full", "x")
+    assert 400 <= full.value.status_code < 600 and "/dev/full" in str(full.value), full.value
+    assert capsule.commands.run("stat -c %F /dev/full").stdout.strip() == "character special file"
+
+    assert capsule.commands.run("mkfifo /tmp/fifo-w").exit_code == 0
+    with pytest.raises(WrennValidationError, match="FIFO"):
+        capsule.files.write("/tmp/fifo-w", "x")
 
 
 def test_list(capsule: Capsule) -> None:

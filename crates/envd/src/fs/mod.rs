@@ -37,7 +37,7 @@ pub enum FsError {
     InvalidPath { path: PathBuf, reason: String },
     #[error("cannot keep the metadata of '{}': {reason}", path.display())]
     Metadata { path: PathBuf, reason: String },
-    #[error("{op} '{}'", path.display())]
+    #[error("{op} '{}': {source}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -68,7 +68,9 @@ impl FsError {
             Some(libc::ENOTDIR) => FsError::NotDir(path),
             Some(libc::EISDIR) => FsError::IsDir(path),
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => FsError::NoSpace(path),
-            Some(libc::EACCES) | Some(libc::EPERM) => FsError::PermissionDenied(path),
+            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+                FsError::PermissionDenied(path)
+            }
             _ => FsError::Io { op, path, source },
         }
     }

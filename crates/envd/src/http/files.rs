@@ -617,6 +617,13 @@ where
     // link survives the upload.
     let target = write_target(path)?;
     let path = target.as_path();
+    // (opening a FIFO waits for a reader; a socket cannot be opened)
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo() || m.file_type().is_socket()) {
+        return Err(FileError::BadRequest(format!(
+            "{} is a FIFO or a socket, not a file to write",
+            path.display()
+        )));
+    }
     let (to, owner) = (target.clone(), user.clone());
     let writer = tokio::task::spawn_blocking(move || write_file(&to, &owner, rx));
     let mut failure = None;
@@ -646,17 +653,21 @@ where
         .map_err(|e| FileError::Fs(FsError::from_io("write", path, std::io::Error::other(e))))?;
     match (result, failure) {
         (Err(e), _) => Err(e.into()),
-        (Ok(staged), Some(f)) => {
+        // a device, written in place: nothing to remove or commit
+        (Ok(None), Some(f)) => Err(f),
+        (Ok(None), None) if done => Ok(()),
+        (Ok(None), None) => Err(FileError::Body("upload ended early".into())),
+        (Ok(Some(staged)), Some(f)) => {
             let _ = std::fs::remove_file(&staged);
             Err(f)
         }
-        (Ok(staged), None) if done => {
+        (Ok(Some(staged)), None) if done => {
             if staged != path {
                 commit_replacement(&staged, path, user)?;
             }
             Ok(())
         }
-        (Ok(staged), None) => {
+        (Ok(Some(staged)), None) => {
             let _ = std::fs::remove_file(&staged);
             Err(FileError::Body("upload ended early".into()))
         }
@@ -699,14 +710,27 @@ fn write_target(path: &Path) -> Result<PathBuf, FsError> {
 }
 
 /// Write chunks from `rx` into a new file at `path`, or into a temporary
-/// sibling when `path` exists. Returns the file written. Removes it on error.
+/// sibling when `path` exists. Returns the file written (removed on
+/// error), or `None` for a device, written in place (`/dev/null`: a
+/// staged file renamed over it would replace the node).
 fn write_file(
     path: &Path,
     user: &User,
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> Result<PathBuf, FsError> {
+) -> Result<Option<PathBuf>, FsError> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => return Err(FsError::IsDir(path.to_path_buf())),
+        Ok(m) if m.file_type().is_char_device() || m.file_type().is_block_device() => {
+            let mut dev = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| FsError::from_io("open", path, e))?;
+            while let Some(chunk) = rx.blocking_recv() {
+                dev.write_all(&chunk)
+                    .map_err(|e| FsError::from_io("write", path, e))?;
+            }
+            return Ok(None);
+        }
         _ => {}
     }
     make_parents(path, user)?;
@@ -756,7 +780,7 @@ fn write_file(
         let _ = std::fs::remove_file(&staged);
         return Err(e);
     }
-    Ok(staged)
+    Ok(Some(staged))
 }
 
 fn staging_path(path: &Path) -> PathBuf {
@@ -787,12 +811,34 @@ fn commit_replacement(staged: &Path, path: &Path, user: &User) -> Result<(), FsE
                 .map_err(|e| FsError::from_io("chmod", staged, e))?;
         }
         chown_to(staged, user)?;
-        std::fs::rename(staged, path).map_err(|e| FsError::from_io("rename", path, e))
+        match std::fs::rename(staged, path) {
+            // `path` is a mount point (a bind-mounted file: the runtime's
+            // /etc/hosts, /etc/resolv.conf): written over in place, as
+            // E2B's envd writes every file.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                overwrite_in_place(staged, path)?;
+                let _ = std::fs::remove_file(staged);
+                Ok(())
+            }
+            r => r.map_err(|e| FsError::from_io("rename", path, e)),
+        }
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(staged);
     }
     result
+}
+
+/// Copy `staged` over the contents of `path` (truncated first).
+fn overwrite_in_place(staged: &Path, path: &Path) -> Result<(), FsError> {
+    let mut from = std::fs::File::open(staged).map_err(|e| FsError::from_io("open", staged, e))?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| FsError::from_io("open", path, e))?;
+    std::io::copy(&mut from, &mut to).map_err(|e| FsError::from_io("write", path, e))?;
+    Ok(())
 }
 
 #[cfg(test)]
