@@ -79,6 +79,23 @@ pub(crate) fn history_for(
     out
 }
 
+/// The agent's whole history at the finest grain each stretch has: every
+/// sample of the last 10 minutes, the 30 s points before them, the 5 min
+/// points before those. (E2B's metrics, one per 5 s for the sandbox's
+/// life: [`history_for`] of a day started from the 5 min points, and each
+/// new 30 s point swallowed the samples before it.)
+pub(crate) fn history_all(
+    m: &wrenn_proto::wrenn::agent::v1::Metrics,
+) -> Vec<wrenn_proto::wrenn::agent::v1::MetricPoint> {
+    let mut out: Vec<wrenn_proto::wrenn::agent::v1::MetricPoint> = Vec::new();
+    for tier in [&m.history, &m.history_2h, &m.history_24h] {
+        let before = out.first().map_or(i64::MAX, |p| p.at_ms);
+        let older: Vec<_> = tier.iter().filter(|p| p.at_ms < before).cloned().collect();
+        out.splice(0..0, older);
+    }
+    out
+}
+
 /// Agent samples → points with CPU % between consecutive samples.
 pub(crate) fn points(
     history: &[wrenn_proto::wrenn::agent::v1::MetricPoint],
@@ -100,17 +117,18 @@ pub(crate) fn points(
         .collect()
 }
 
-/// Every point at least `step` ms after the previous one kept (E2B shows a
-/// point every 5 s; the agent samples every 500 ms). Thinned before
+/// The first point of each `step` of the clock (E2B shows a point every
+/// 5 s; the agent samples every 500 ms). On the clock's grid, not counted
+/// from the first point, so the points kept do not change as older ones
+/// come and go: a client polling sees its list grow. Thinned before
 /// [`points`], a point's CPU % is the mean over the step it ends.
 pub(crate) fn thin<T>(v: Vec<T>, step: i64, at_ms: impl Fn(&T) -> i64) -> Vec<T> {
-    let mut last = i64::MIN;
+    let mut last = None;
     v.into_iter()
         .filter(|p| {
-            let keep = at_ms(p).saturating_sub(last) >= step;
-            if keep {
-                last = at_ms(p);
-            }
+            let bucket = Some(at_ms(p).div_euclid(step.max(1)));
+            let keep = bucket != last;
+            last = bucket;
             keep
         })
         .collect()
@@ -448,6 +466,13 @@ mod tests {
             .map(|p| p.at_ms)
             .collect();
         assert_eq!(kept, [0, 5_000, 10_000, 40_000, 70_000]);
+        // the same grid whatever the first point
+        let rows: Vec<MetricRow> = (3..25).map(|i| row(i * 500)).collect();
+        let kept: Vec<i64> = thin(rows, 5_000, |p| p.at_ms)
+            .iter()
+            .map(|p| p.at_ms)
+            .collect();
+        assert_eq!(kept, [1_500, 5_000, 10_000]);
     }
 
     #[test]
@@ -505,6 +530,13 @@ mod history_tests {
         );
         // half a CPU all along, whatever the tiers' spacing
         let pts = points(&history_for(&m, DAY_MS), 1);
+        assert!(pts.iter().all(|p| p.cpu_pct == 50.0), "{pts:?}");
+        // the whole history, each stretch at its finest
+        assert_eq!(
+            ms(history_all(&m)),
+            [0, 300_000, 570_000, 600_000, 625_000, 630_000, 635_000, 640_000]
+        );
+        let pts = points(&history_all(&m), 1);
         assert!(pts.iter().all(|p| p.cpu_pct == 50.0), "{pts:?}");
     }
 }

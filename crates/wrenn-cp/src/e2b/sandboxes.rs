@@ -829,7 +829,7 @@ async fn samples(cp: &Cp, c: &CapsuleRow) -> E2bResult<Vec<MetricRow>> {
         .into_owned();
     // thinned before the CPU % is taken, so that it is the mean of each 5 s
     let all = thin(
-        crate::api::stats::history_for(&m, i64::MAX),
+        crate::api::stats::history_all(&m),
         E2B_METRIC_STEP_MS,
         |p| p.at_ms,
     );
