@@ -3,7 +3,9 @@ streaming upload/download; sync and async."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import time
 
 import httpx
@@ -184,6 +186,39 @@ def test_stream_small_and_str_chunks(capsule: Capsule) -> None:
     assert b"".join(capsule.files.download_stream("/tmp/s/small.txt")) == "abcdé".encode()
     capsule.files.upload_stream("/tmp/s/empty", iter([]))
     assert b"".join(capsule.files.download_stream("/tmp/s/empty")) == b""
+
+
+async def test_uploads_given_up_leave_no_partial_file(server) -> None:
+    """``files.write`` and ``upload_stream`` tasks cancelled part way (the
+    client hangs up): each file is whole or absent, as files/write
+    promises. Before, the agent saw the stream to it end cleanly when the
+    handler was dropped, and kept a truncated file (3 in 10 here)."""
+    data = os.urandom(90 << 20)
+
+    async def chunks():
+        for i in range(0, len(data), 1 << 20):
+            yield data[i:i + (1 << 20)]
+            await asyncio.sleep(0)
+
+    c = await AsyncCapsule.create(template="minimal", wait=True, api_key=server.api_key, base_url=server.base_url)
+    async with c:
+        tries = []
+        for n in range(20):
+            path = f"/tmp/given-up-{n}.bin"
+            work = c.files.write(path, data) if n % 2 == 0 else c.files.upload_stream(path, chunks())
+            t = asyncio.create_task(work)
+            await asyncio.sleep(0.15 + 0.05 * (n % 10))
+            t.cancel()
+            try:
+                await t
+                tries.append((path, "completed"))
+            except asyncio.CancelledError:
+                tries.append((path, "cancelled"))
+        await asyncio.sleep(2)
+        for path, how in tries:
+            size = (await c.commands.run(f"stat -c %s {path} 2>/dev/null || echo none")).stdout.strip()
+            assert size in ("none", str(len(data))), f"{path} ({how}): {size} of {len(data)} bytes"
+        assert any(how == "cancelled" for _, how in tries), tries
 
 
 async def test_async_files(server) -> None:

@@ -310,6 +310,25 @@ async fn the_agent_rpc_over_the_wire() {
         msg: Some(Msg::Chunk(ch.to_vec())),
         ..Default::default()
     }));
+    // without its end message, an upload is cut short: nothing is written
+    let cut = c
+        .write_file_stream(futures::stream::iter(msgs.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(cut.code, ErrorCode::Canceled, "{cut:?}");
+    let gone = c
+        .read_file(pb::PathRequest {
+            id: id.clone(),
+            path: "/data/blob.bin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code, ErrorCode::NotFound, "a cut upload left a file");
+    msgs.push(pb::WriteFileStreamRequest {
+        msg: Some(Msg::End(true)),
+        ..Default::default()
+    });
     c.write_file_stream(futures::stream::iter(msgs))
         .await
         .unwrap();

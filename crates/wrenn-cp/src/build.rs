@@ -192,12 +192,16 @@ impl Ctx<'_> {
             }))),
             ..Default::default()
         };
-        let msgs = futures::stream::once(async { meta }).chain(chunks.map(|c| {
-            pb::WriteFileStreamRequest {
+        let end = pb::WriteFileStreamRequest {
+            msg: Some(Msg::End(true)),
+            ..Default::default()
+        };
+        let msgs = futures::stream::once(async { meta })
+            .chain(chunks.map(|c| pb::WriteFileStreamRequest {
                 msg: Some(Msg::Chunk(c)),
                 ..Default::default()
-            }
-        }));
+            }))
+            .chain(futures::stream::once(async { end }));
         self.host
             .rpc
             .write_file_stream(msgs)

@@ -54,12 +54,38 @@ fn entry_to_pb(e: Entry) -> pb::FileEntry {
 }
 
 /// An upload body fed by a channel (`Sync`, as envd-client's upload needs).
-struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+/// What the pump hands envd's upload: a chunk, or the end.
+enum Piece {
+    Chunk(Bytes),
+    End,
+}
+
+/// An upload's body for envd. It ends only after [`Piece::End`]: its
+/// channel closed without one (the caller went away, an error) is an
+/// error, so the request to envd breaks and envd discards the partial
+/// file. (A clean end there would commit it.)
+struct ChannelBody {
+    rx: mpsc::Receiver<Piece>,
+    ended: bool,
+}
 
 impl Stream for ChannelBody {
     type Item = Result<Bytes, std::io::Error>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx)
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(Piece::Chunk(b)) => Poll::Ready(Some(Ok(b))),
+            Some(Piece::End) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            None => {
+                self.ended = true;
+                Poll::Ready(Some(Err(std::io::Error::other("the upload was cut short"))))
+            }
+        }
     }
 }
 
@@ -110,32 +136,34 @@ impl AgentRpc {
         let c = self.running(&meta.id)?;
         let target = path(&meta.path)?.to_owned();
         let (tx, rx) = mpsc::channel(UPLOAD_BUFFER);
-        // Read the caller's chunks while envd consumes them; both in this task.
+        // Read the caller's chunks while envd consumes them; both in this
+        // task. Any way out but `end` drops `tx` without Piece::End, which
+        // breaks envd's request (see ChannelBody).
         let pump = async move {
             while let Some(m) = requests.next().await {
                 match m.map(|m| m.to_owned_message().msg) {
                     Ok(Some(Msg::Chunk(data))) => {
-                        if tx.send(Ok(Bytes::from(data))).await.is_err() {
-                            return Ok(());
+                        if tx.send(Piece::Chunk(Bytes::from(data))).await.is_err() {
+                            return Ok(()); // envd's side failed: its error wins
                         }
                     }
+                    Ok(Some(Msg::End(_))) => {
+                        let _ = tx.send(Piece::End).await;
+                        return Ok(());
+                    }
                     Ok(Some(Msg::Meta(_))) => {
-                        let err = ConnectError::invalid_argument("a second meta message");
-                        let _ = tx.send(Err(std::io::Error::other("aborted"))).await;
-                        return Err(err);
+                        return Err(ConnectError::invalid_argument("a second meta message"))
                     }
                     Ok(None) => {}
-                    Err(e) => {
-                        // Abort the upload so envd discards the partial file.
-                        let _ = tx.send(Err(std::io::Error::other("aborted"))).await;
-                        return Err(e);
-                    }
+                    Err(e) => return Err(e),
                 }
             }
-            Ok(())
+            Err(ConnectError::canceled(
+                "the upload ended before its end message: the partial file is discarded",
+            ))
         };
         let envd = c.envd();
-        let upload = envd.write_file_stream(&target, ChannelBody(rx));
+        let upload = envd.write_file_stream(&target, ChannelBody { rx, ended: false });
         let (pumped, uploaded) = tokio::join!(pump, upload);
         pumped?;
         uploaded.map_err(|e| envd_error(&c, e))?;

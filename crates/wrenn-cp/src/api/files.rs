@@ -3,8 +3,10 @@
 //! Both writes take `multipart/form-data` with the `path` part first and
 //! stream the `file` part to the agent in 64 KiB messages as it arrives
 //! (never held whole). `files/write` is capped at the configured size
-//! (100 MiB; 413); `files/stream/write` is not. An upload that fails half
-//! way cancels the agent call, which makes envd discard the partial file.
+//! (100 MiB; 413); `files/stream/write` is not. The agent commits a file
+//! only on the stream's `end` message: an upload that fails half way, or
+//! whose client hangs up, stops before it, and envd discards the partial
+//! file.
 //! Reads stream the agent's chunks straight into the response body; an
 //! error before the first byte (missing file) is a proper 404.
 
@@ -276,7 +278,16 @@ async fn send_file(
                 let chunk: Option<Bytes> = chunk
                     .map_err(|e| ApiError::invalid(format!("upload failed: {e}")))?;
                 let Some(chunk) = chunk else {
-                    tx = None; // end of file: closing the stream completes the call
+                    // end of file: `end`, then closing the stream completes
+                    // the call (a stream closed without it, as when this
+                    // handler is dropped, makes the agent discard the file)
+                    if let Some(t) = tx.take() {
+                        let end = pb::WriteFileStreamRequest {
+                            msg: Some(Msg::End(true)),
+                            ..Default::default()
+                        };
+                        let _ = t.send(end).await;
+                    }
                     continue;
                 };
                 total += chunk.len();
