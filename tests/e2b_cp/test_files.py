@@ -254,3 +254,20 @@ def test_access_token_header(sandbox: Sandbox, server) -> None:
                             "Content-Encoding": "gzip"})
         assert r.status_code == 200, r.text
     assert sandbox.files.read("/tmp/gz.txt") == "gz upload"
+
+
+def test_paths_that_are_not_utf8_are_refused(sandbox: Sandbox, server) -> None:
+    """``%FF`` and ``%FE`` both decoded to U+FFFD, so two byte paths named
+    one file: a path that is not UTF-8 once decoded is a 400, and nothing
+    is written. A path ending in ``/`` names a directory: refused too."""
+    token = sandbox._envd_access_token
+    auth = {"X-Access-Token": token, "Content-Type": "application/octet-stream"}
+    with server.data_plane(sandbox.sandbox_id) as h:
+        r = h.post("/files?path=/tmp/%FF%FD", content=b"x", headers=auth)
+        assert r.status_code == 400, r.text
+        r = h.get("/files?path=/tmp/%FF%FE", headers={"X-Access-Token": token})
+        assert r.status_code == 400, r.text
+        r = h.post("/files?path=/tmp/newdir/", content=b"x", headers=auth)
+        assert r.status_code == 400, r.text
+    names = {e.name for e in sandbox.files.list("/tmp")}
+    assert not names & {"\ufffd\ufffd", "newdir"}, names

@@ -132,6 +132,42 @@ def test_files_bad_bodies(api, capsule: Capsule) -> None:
     assert_error_body(r, (400, 404, 409))
 
 
+def test_paths_and_names_that_would_land_elsewhere(api, capsule: Capsule) -> None:
+    """Inputs that used to be quietly taken for something else: an
+    environment variable named ``A=B`` (the process got ``A=B=c``), a path
+    part that is not UTF-8 (the file was written at U+FFFD), two path
+    parts (the last won), a path ending in ``/`` (a file at the path
+    without it), and removing ``/`` (which took part of the capsule down,
+    then failed with a 502). Each is a 400 and changes nothing."""
+    base = f"/v1/capsules/{capsule.capsule_id}"
+    for envs in ({"A=B": "c"}, {"": "x"}):
+        assert_error_body(api.post(f"{base}/exec", json={"cmd": "/usr/bin/env", "envs": envs}), 400,
+                          "invalid_request")
+        assert_error_body(api.post(f"{base}/exec", json={"cmd": "/bin/sleep", "args": ["9"], "envs": envs,
+                                                         "background": True}), 400, "invalid_request")
+    boundary = "b0und"
+
+    def multipart(*parts: tuple[bytes, bytes]) -> bytes:
+        out = b""
+        for name, value in parts:
+            out += b"--b0und\r\nContent-Disposition: form-data; name=\"" + name + b"\"\r\n\r\n" + value + b"\r\n"
+        return out + b"--b0und--\r\n"
+
+    write = f"{base}/files/write"
+    ct = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    for body in (multipart((b"path", b"/tmp/\xff\xfe"), (b"file", b"x")),
+                 multipart((b"path", b"/tmp/one"), (b"path", b"/tmp/two"), (b"file", b"x")),
+                 multipart((b"path", b"/tmp/newdir/"), (b"file", b"x"))):
+        r = api.post(write, content=body, headers=ct)
+        assert_error_body(r, 400, "invalid_request")
+    listed = {e.name for e in capsule.files.list("/tmp")}
+    assert not listed & {"\ufffd\ufffd", "one", "two", "newdir"}, listed
+    assert_error_body(api.post(f"{base}/files/remove", json={"path": "/"}), 400, "invalid_request")
+    assert capsule.commands.run("test -x /bin/sh && ls /etc/passwd").exit_code == 0
+    # (spec §7.1: envd's marker file, beside the ID files)
+    assert capsule.files.read("/run/wrenn/.WRENN_SANDBOX") == "true"
+
+
 def _upload(server, capsule: Capsule, route: str, boundary: str, body, length: int | None):
     """POST a raw multipart ``body`` to the capsule's ``route``."""
     return raw_request(

@@ -231,6 +231,12 @@ impl Envd {
 
     /// Start the background tasks (metrics sampler, port forwarder).
     pub fn start_background(self: &Arc<Self>) {
+        // (spec §7.1; not in `--dev`, where the run dir is the host's)
+        if !self.config.dev {
+            if let Err(e) = self.write_run_file(".WRENN_SANDBOX", "true") {
+                tracing::warn!(error = %e, "cannot write the sandbox marker");
+            }
+        }
         self.metrics.start();
         self.forwarder.start();
     }

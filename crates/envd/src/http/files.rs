@@ -46,8 +46,22 @@ struct FileQuery {
 }
 
 fn parse_query(raw: Option<&str>) -> Result<FileQuery, FileError> {
+    let raw = raw.unwrap_or("");
+    // (form_urlencoded decodes lossily: `%FF` and `%FE` would both name a
+    // file called U+FFFD, a path other than the one asked for)
+    for pair in raw.split('&') {
+        let plus_spaced = pair.replace('+', " ");
+        if percent_encoding::percent_decode_str(&plus_spaced)
+            .decode_utf8()
+            .is_err()
+        {
+            return Err(FileError::BadRequest(
+                "the query is not UTF-8 once decoded".into(),
+            ));
+        }
+    }
     let mut q = FileQuery::default();
-    for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+    for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
         match &*k {
             "path" => q.path = Some(v.into_owned()),
             "username" => q.username = Some(v.into_owned()),
@@ -430,7 +444,7 @@ async fn upload_inner(
         let mut files = MultipartFiles::new(stream, &boundary, budget);
         let mut seen = HashSet::new();
         while let Some((raw_dest, body)) = files.next_file().await? {
-            let path = paths::resolve(q.path.as_deref().unwrap_or(&raw_dest), &user.home);
+            let path = upload_path(q.path.as_deref().unwrap_or(&raw_dest), user)?;
             if !seen.insert(path.clone()) {
                 return Err(FileError::BadRequest(format!(
                     "two files in the upload target '{}'",
@@ -444,11 +458,21 @@ async fn upload_inner(
         let raw_dest = q.path.as_deref().ok_or_else(|| {
             FileError::BadRequest("the path query parameter is required for raw uploads".into())
         })?;
-        let path = paths::resolve(raw_dest, &user.home);
+        let path = upload_path(raw_dest, user)?;
         write_stream(&path, user, stream, &mut budget).await?;
         written.push(finish(&path, &metadata)?);
     }
     Ok(written)
+}
+
+/// Where an upload goes. A path that ends in `/` names a directory: the
+/// file would otherwise land at the path without the slash.
+fn upload_path(raw: &str, user: &User) -> Result<PathBuf, FileError> {
+    let path = paths::resolve(raw, &user.home);
+    if raw.ends_with('/') {
+        return Err(FsError::IsDir(path).into());
+    }
+    Ok(path)
 }
 
 fn finish(path: &Path, metadata: &BTreeMap<String, String>) -> Result<WrittenEntry, FileError> {

@@ -171,6 +171,10 @@ impl pb::Filesystem for FilesystemRpc {
         request: ServiceRequest<'_, pb::RemoveRequest>,
     ) -> ServiceResult<pb::RemoveResponse> {
         let (_, _, path) = self.resolve(&ctx, request.path)?;
+        // (it would take envd and the capsule's mounts part way, then fail)
+        if path == std::path::Path::new("/") {
+            return Err(ConnectError::invalid_argument("refusing to remove /"));
+        }
         blocking(move || fs::remove(&path)).await?;
         Response::ok(pb::RemoveResponse::default())
     }

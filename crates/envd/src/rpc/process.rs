@@ -279,6 +279,15 @@ impl pb::Process for ProcessRpc {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // (`A=B` would reach the process as `A=B=c`, and `""` as `=x`)
+        if let Some(k) = envs
+            .keys()
+            .find(|k| k.is_empty() || k.contains(['=', '\0']))
+        {
+            return Err(ConnectError::invalid_argument(format!(
+                "invalid environment variable name {k:?}"
+            )));
+        }
         let cwd = match config.cwd.as_deref().filter(|c| !c.is_empty()) {
             Some(c) => paths::resolve(c, &user.home),
             None => self.state.default_cwd(&user),

@@ -215,7 +215,13 @@ async fn upload(
         };
         match field.name() {
             Some("path") => {
-                let text = field.text().await.map_err(malformed)?;
+                // (`text()` decodes lossily: the file would land elsewhere)
+                let raw = field.bytes().await.map_err(malformed)?;
+                let text = String::from_utf8(raw.to_vec())
+                    .map_err(|_| ApiError::invalid("path must be UTF-8"))?;
+                if path.is_some() {
+                    return Err(ApiError::invalid("more than one path part"));
+                }
                 if text.is_empty() || text.len() > MAX_PATH {
                     return Err(ApiError::invalid(format!(
                         "path must be 1 to {MAX_PATH} bytes"
