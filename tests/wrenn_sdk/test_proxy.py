@@ -186,6 +186,36 @@ def test_proxy_forwards_requests_faithfully(server, capsule: Capsule) -> None:
     assert "x-api-key" not in via_path["headers"], "the proxy must strip X-API-Key"
 
 
+def _raw_head(server, lines: list[str]) -> tuple[int, bytes]:
+    """Send a bodiless request of these lines over a socket; (status, body)."""
+    import socket
+    u = httpx.URL(server.base_url)
+    with socket.create_connection((u.host, u.port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines + ["Connection: close"]) + "\r\n\r\n").encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_the_host_a_request_is_for_is_unambiguous(server, capsule: Capsule) -> None:
+    """RFC 9112 §3.2: two Host headers, or an HTTP/1.1 request without one,
+    is a 400 (the proxy routed by the first and the capsule saw both); an
+    absolute-form target's authority wins over the Host header (the API
+    answered instead of the capsule)."""
+    port = httpx.URL(server.base_url).port
+    envd = f"49983-{capsule.capsule_id}.localhost:{port}"
+    status, body = _raw_head(server, ["GET /health HTTP/1.1", f"Host: {envd}", "Host: localhost"])
+    assert status == 400 and b"more than one Host" in body, (status, body)
+    status, body = _raw_head(server, ["GET /health HTTP/1.1"])
+    assert status == 400 and b"missing Host" in body, (status, body)
+    status, body = _raw_head(server, [f"GET http://{envd}/health HTTP/1.1", f"Host: 127.0.0.1:{port}"])
+    assert status in (200, 204) and b'"status"' not in body, (status, body)  # envd's, not the API's
+    status, body = _raw_head(server, ["GET /health HTTP/1.0"])
+    assert status == 200 and b'"status"' in body, (status, body)  # HTTP/1.0 needs none
+
+
 def test_e2b_debug_mode_is_off_unless_asked_for(server) -> None:
     """E2B's debug mode hands root in a capsule to any loopback client with
     no key (behind a reverse proxy on the same host: to anyone), so

@@ -371,9 +371,10 @@ impl wrenn_http::Front for FastLane {
         if routed_elsewhere {
             return Err(req);
         }
-        // (as `subdomain` reads it: the header, else HTTP/2's authority)
-        let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
-        let host = host.or_else(|| req.uri().host());
+        // (as `subdomain` reads it; an ambiguous one is its 400)
+        let Ok(host) = target_host(&req) else {
+            return Err(req);
+        };
         let Some(HostTarget::Capsule { port, id }) = host.map(parse_host) else {
             return Err(req);
         };
@@ -408,6 +409,27 @@ impl wrenn_http::Front for FastLane {
     }
 }
 
+/// The host a request is for (RFC 9112 §3.2): an absolute-form target's
+/// (or HTTP/2's `:authority`), else the one `Host` header. Two `Host`
+/// headers, or an HTTP/1.1 request with neither, is a 400: routed by one
+/// and forwarded with both, a capsule would see a host other than the
+/// one the route was chosen by.
+fn target_host(req: &Request) -> Result<Option<&str>, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err("more than one Host header");
+    }
+    if let Some(h) = req.uri().host() {
+        return Ok(Some(h));
+    }
+    match first {
+        Some(v) => v.to_str().map(Some).map_err(|_| "invalid Host header"),
+        None if req.version() == http::Version::HTTP_11 => Err("missing Host header"),
+        None => Ok(None),
+    }
+}
+
 /// Whether a connection whose first request is this one carries user
 /// traffic to a capsule port (served on the bulk runtime, see
 /// [`wrenn_http::BulkClass`]): the subdomain and path forms and E2B's
@@ -436,15 +458,16 @@ pub fn is_bulk(path: &str, headers: &http::HeaderMap) -> bool {
 /// then requests whose `Host` names a capsule port are proxied; the rest
 /// go to the API.
 pub async fn subdomain(State(cp): State<Arc<Cp>>, req: Request, next: Next) -> Response {
+    if let Err(why) = target_host(&req) {
+        return plain(StatusCode::BAD_REQUEST, why);
+    }
     let req = match crate::e2b::dataplane::route(&cp, req).await {
         crate::e2b::dataplane::Routed::Done(resp) => return resp,
         crate::e2b::dataplane::Routed::Pass(req) => req,
     };
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
+    let host = target_host(&req)
+        .ok()
+        .flatten()
         .unwrap_or_default()
         .to_owned();
     match parse_host(&host) {
