@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,13 @@ class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def _reply(self):
         n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n).decode("utf-8", "replace") if n else ""
+        raw = self.rfile.read(n) if n else b""
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                raw += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        body = raw.decode("utf-8", "replace")
         out = json.dumps({"method": self.command, "path": self.path, "body": body,
                           "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
         self.send_response(200)
@@ -185,13 +192,31 @@ def test_proxy_forwards_requests_faithfully(server, capsule: Capsule) -> None:
     assert via_path["path"] == "/c/d?z=9" and via_path["headers"].get("x-custom") == "p"
     assert "x-api-key" not in via_path["headers"], "the proxy must strip X-API-Key"
 
+    # over HTTP/2 (h2c) the host is `:authority`: the capsule still sees it
+    # as Host (it saw its own address, 10.x, which it must not learn)
+    with httpx.Client(http1=False, http2=True, timeout=10) as h2c:
+        r = h2c.get(f"http://127.0.0.1:{server.port}/h2", headers={"Host": _host(8081, cid, server)})
+    assert r.http_version == "HTTP/2" and r.status_code == 200, r
+    seen = r.json()["headers"]
+    assert seen["host"] == _host(8081, cid, server) == seen["x-forwarded-host"], seen
 
-def _raw_head(server, lines: list[str]) -> tuple[int, bytes]:
-    """Send a bodiless request of these lines over a socket; (status, body)."""
+    # the client's broken chunked body is its mistake, not a port that is
+    # not open (a 502 "unreachable", which E2B's SDKs read as a dead sandbox)
+    host = _host(8081, cid, server)
+    chunked = ["POST /chunked HTTP/1.1", f"Host: {host}", "Transfer-Encoding: chunked"]
+    status, body = _raw_head(server, chunked, b"zz\r\nabc\r\n0\r\n\r\n")
+    assert status == 400 and b"malformed request body" in body, (status, body)
+    status, body = _raw_head(server, chunked, b"3\r\nabc\r\n0\r\n\r\n")
+    assert status == 200 and json.loads(body)["body"] == "abc", (status, body)
+
+
+def _raw_head(server, lines: list[str], body: bytes = b"") -> tuple[int, bytes]:
+    """Send a request of these head lines and ``body`` over a socket;
+    (status, body)."""
     import socket
     u = httpx.URL(server.base_url)
     with socket.create_connection((u.host, u.port), timeout=30) as sock:
-        sock.sendall(("\r\n".join(lines + ["Connection: close"]) + "\r\n\r\n").encode())
+        sock.sendall(("\r\n".join(lines + ["Connection: close"]) + "\r\n\r\n").encode() + body)
         data = b""
         while chunk := sock.recv(65536):
             data += chunk

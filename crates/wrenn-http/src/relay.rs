@@ -190,12 +190,22 @@ pub async fn forward(
     fix: impl FnOnce(&mut HeaderMap),
 ) -> Response {
     let (mut parts, body) = req.into_parts();
+    // HTTP/2 carries the host as `:authority`, not `Host`: kept as `Host`,
+    // or the capsule would see its own address (from `uri`)
+    if !parts.headers.contains_key(header::HOST) {
+        let authority = parts.uri.authority().map(|a| a.as_str());
+        if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(X_API_KEY);
     add_forwarded(&mut parts.headers);
-    let body = body.map_err(std::io::Error::other).boxed_unsync();
+    let body = body
+        .map_err(|e| std::io::Error::other(ClientBody(e.to_string())))
+        .boxed_unsync();
     let req = http::Request::from_parts(parts, body);
     let sent = match via {
         Some(via) => via.pair.send(client, req, via.upstream, via.stop).await,
@@ -208,12 +218,46 @@ pub async fn forward(
             fix(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
         }
+        // the client's own body was broken (a bad chunk size): its mistake
+        Err(e) if has_source::<ClientBody>(&*e) => refused(
+            StatusCode::BAD_REQUEST,
+            "request_body",
+            format!("malformed request body: {}", error_chain(&*e)),
+        ),
         Err(e) => refused(
             StatusCode::BAD_GATEWAY,
             "unreachable",
             format!("proxy error: {}", error_chain(&*e)),
         ),
     }
+}
+
+/// A failure reading the client's request body, as relayed upstream.
+#[derive(Debug)]
+struct ClientBody(String);
+
+impl std::fmt::Display for ClientBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the client's body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBody {}
+
+/// Whether `e` or one of its sources is a `T`.
+fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        // (an io::Error's `source` skips its own payload)
+        let payload = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        if err.is::<T>() || payload.is_some_and(|p| p.is::<T>()) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// `resp` with a body that fails once `stop` is cancelled (an empty one
