@@ -123,6 +123,16 @@ def test_stdin(sandbox: Sandbox) -> None:
     assert r.stdout == "hello world\n"
 
 
+def test_large_stdin(sandbox: Sandbox) -> None:
+    """E2B's envd takes a ``send_stdin`` of any size in one message; ours
+    failed above connectrpc's default 4 MiB, each time differently (a
+    reset, "port is not open", a rate limit). 8 MiB arrives whole."""
+    h = sandbox.commands.run("wc -c", background=True, stdin=True, timeout=60)
+    sandbox.commands.send_stdin(h.pid, b"x" * (8 << 20))
+    sandbox.commands.close_stdin(h.pid)
+    assert h.wait().stdout.strip() == str(8 << 20)
+
+
 def test_stream_input(sandbox: Sandbox) -> None:
     h = sandbox.commands.run("wc -c", background=True, stdin=True)
     sandbox.commands.stream_input(h.pid, (b"x" * 1000 for _ in range(100)))

@@ -18,6 +18,18 @@ use crate::state::{Envd, InitError};
 
 pub use files::{ByteStream, FileError, MultipartFiles};
 
+/// The largest Connect message (and unary body) envd takes: 64 MiB.
+/// E2B's envd (connect-go) sets no limit, and its SDKs send a process's
+/// stdin in one `SendInput` of any size: at connectrpc's default (4 MiB)
+/// an 8 MiB `send_stdin` failed, differently each time.
+pub const RPC_MESSAGE_LIMIT: usize = 64 << 20;
+
+fn rpc_limits() -> connectrpc::Limits {
+    connectrpc::Limits::default()
+        .with_max_request_body_size(RPC_MESSAGE_LIMIT)
+        .with_max_message_size(RPC_MESSAGE_LIMIT)
+}
+
 /// Build the whole envd service: HTTP routes, then Connect RPC as fallback.
 pub fn router(state: Arc<Envd>) -> Router {
     let connect = crate::rpc::router(state.clone());
@@ -28,7 +40,7 @@ pub fn router(state: Arc<Envd>) -> Router {
         .route("/metrics", get(metrics))
         .route("/snapshot/prepare", post(prepare_snapshot))
         .route("/files", get(files::download).post(files::upload))
-        .fallback_service(connect.into_axum_service())
+        .fallback_service(connect.into_axum_service().with_limits(rpc_limits()))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
