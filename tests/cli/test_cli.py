@@ -56,8 +56,12 @@ def test_unknown_capsule(cli) -> None:
         assert r.returncode == 1, args
         err = r.stderr.decode()
         assert "not found" in err, (args, err)
-    r = cli.run("kill", unknown, check=False)
-    assert "wrenn ls" in r.stderr.decode()
+    # each with a hint that fits (a stream's refusal is in band, not a status)
+    for args in (("kill", unknown), ("exec", unknown, "--", "true")):
+        err = cli.run(*args, check=False).stderr.decode()
+        assert "wrenn ls" in err and "unexpected answer" not in err, (args, err)
+    err = cli.run("create", "-t", "no-such-template", check=False).stderr.decode()
+    assert "wrenn template ls" in err, err
 
 
 def test_bad_arguments(cli) -> None:
@@ -65,6 +69,8 @@ def test_bad_arguments(cli) -> None:
     assert r.returncode == 2 and "KEY=VALUE" in r.stderr.decode()
     r = cli.run("cp", "/etc/hostname", "/tmp/x", check=False)
     assert r.returncode == 1 and "ID:/path" in r.stderr.decode()
+    r = cli.run("url", "cl-" + "0" * 25, "0", check=False)  # ports are 1-65535
+    assert r.returncode == 2 and "0" in r.stderr.decode(), r.stderr
 
 
 # ---- capsules -----------------------------------------------------------------

@@ -142,6 +142,7 @@ pub async fn each(g: &Global, a: IdsArgs, op: Op) -> Result<i32> {
 #[derive(Debug, Args)]
 pub struct UrlArgs {
     id: String,
+    #[arg(value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
     /// The proxy domain `wrenn up --proxy-domain` was given [default: from
     /// the base URL: `localhost:PORT` for a local server].

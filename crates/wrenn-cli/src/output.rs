@@ -63,10 +63,25 @@ pub fn explain(e: &anyhow::Error) -> String {
             "check the key (--api-key, WRENN_API_KEY or `wrenn login`)"
         }
         wrenn_sdk::Error::Api { status: 403, .. } => "this needs the admin team's key",
+        wrenn_sdk::Error::Api {
+            status: 404,
+            message,
+            ..
+        } if message.starts_with("template") => "`wrenn template ls` lists the templates",
         wrenn_sdk::Error::Api { status: 404, .. } => "`wrenn ls` lists your capsules",
+        wrenn_sdk::Error::Api {
+            status: 409,
+            message,
+            ..
+        } if message.contains("overwrite") => "`--overwrite` replaces it",
         wrenn_sdk::Error::Api { status: 409, .. } => "`wrenn ls` shows the capsule's status",
         wrenn_sdk::Error::Api { status: 503, .. } => {
             "the server or its host is busy or starting; try again"
+        }
+        // (a stream's refusal is in band: its words, not a status)
+        wrenn_sdk::Error::Stream(m) if m.contains("not found") => "`wrenn ls` lists your capsules",
+        wrenn_sdk::Error::Stream(m) if m.contains("not running") => {
+            "`wrenn ls` shows the capsule's status (`wrenn resume ID` runs it again)"
         }
         _ => "",
     };
@@ -103,5 +118,22 @@ mod tests {
         let m = explain(&e);
         assert!(m.contains("kill cl-x") && m.contains("wrenn ls"), "{m}");
         assert_eq!(explain(&anyhow::anyhow!("plain")), "plain");
+        // the hint fits what is missing or in the way
+        let api = |status, message: &str| {
+            explain(&anyhow::Error::new(wrenn_sdk::Error::Api {
+                status,
+                code: String::new(),
+                message: message.into(),
+            }))
+        };
+        assert!(api(404, "template nothere not found").contains("wrenn template ls"));
+        let taken = api(409, "template t exists (pass overwrite=true to replace it)");
+        assert!(taken.contains("--overwrite"), "{taken}");
+        let stream = |m: &str| explain(&anyhow::Error::new(wrenn_sdk::Error::Stream(m.into())));
+        assert_eq!(
+            stream("capsule not found"),
+            "capsule not found — `wrenn ls` lists your capsules"
+        );
+        assert!(stream("capsule is not running (status: paused)").contains("wrenn resume"));
     }
 }

@@ -48,6 +48,9 @@ pub enum Error {
     WebSocket(#[from] tungstenite::Error),
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// The server ended a stream (exec, terminal) with its `error` frame.
+    #[error("{0}")]
+    Stream(String),
     #[error("invalid base URL {0:?}")]
     BaseUrl(String),
 }

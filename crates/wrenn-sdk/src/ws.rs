@@ -71,7 +71,7 @@ impl ExecStream {
                 }
                 "error" => {
                     self.done = true;
-                    return Some(Err(Error::Protocol(data())));
+                    return Some(Err(Error::Stream(data())));
                 }
                 _ => continue,
             };
@@ -127,7 +127,7 @@ impl PtySession {
                             })
                         }
                         Some("error") => {
-                            return Err(Error::Protocol(
+                            return Err(Error::Stream(
                                 v["data"].as_str().unwrap_or("pty refused").to_owned(),
                             ))
                         }
@@ -190,7 +190,7 @@ impl PtySession {
                             }
                         }
                         Some("error") if v["fatal"].as_bool().unwrap_or(true) => {
-                            return Some(Err(Error::Protocol(
+                            return Some(Err(Error::Stream(
                                 v["data"].as_str().unwrap_or("terminal error").to_owned(),
                             )))
                         }
