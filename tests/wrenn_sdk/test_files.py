@@ -86,6 +86,26 @@ def test_writing_mounted_files_devices_and_fifos(capsule: Capsule) -> None:
         capsule.files.write("/tmp/fifo-w", "x")
 
 
+def test_a_pause_ends_a_download(make_capsule) -> None:
+    """A download open when its capsule is paused ends at once with an
+    error, as streams do (its envd is frozen: before, the client waited
+    until its own read timeout). After the resume the file reads whole."""
+    c = make_capsule(wait=True)
+    size = 400_000_000
+    assert c.commands.run(f"head -c {size} /dev/zero > /tmp/big").exit_code == 0
+    got = 0
+    started = time.monotonic()
+    with pytest.raises(Exception) as ended:
+        for chunk in c.files.download_stream("/tmp/big"):
+            if got == 0:
+                c.pause()
+            got += len(chunk)
+    assert not isinstance(ended.value, httpx.TimeoutException), ended.value
+    assert got < size and time.monotonic() - started < 25, (got, ended.value)
+    c.resume()
+    assert sum(len(b) for b in c.files.download_stream("/tmp/big")) == size
+
+
 def test_list(capsule: Capsule) -> None:
     capsule.files.write("/tmp/ls/a.txt", "aaa")
     capsule.files.write("/tmp/ls/sub/b.txt", "bb")

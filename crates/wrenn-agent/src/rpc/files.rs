@@ -181,22 +181,25 @@ impl AgentRpc {
             .await
             .map_err(|e| envd_error(&c, e))?;
         // Re-cut whatever envd's body yields into messages of at most 64 KiB.
-        let chunks = stream.flat_map(move |chunk| {
-            let items: Vec<Result<pb::FileChunk, ConnectError>> = match chunk {
-                Ok(data) => data
-                    .chunks(CHUNK)
-                    .map(|piece| {
-                        Ok(pb::FileChunk {
-                            data: piece.to_vec(),
-                            ..Default::default()
+        let chunks = stream.flat_map({
+            let c = c.clone();
+            move |chunk| {
+                let items: Vec<Result<pb::FileChunk, ConnectError>> = match chunk {
+                    Ok(data) => data
+                        .chunks(CHUNK)
+                        .map(|piece| {
+                            Ok(pb::FileChunk {
+                                data: piece.to_vec(),
+                                ..Default::default()
+                            })
                         })
-                    })
-                    .collect(),
-                Err(e) => vec![Err(envd_error(&c, e))],
-            };
-            futures::stream::iter(items)
+                        .collect(),
+                    Err(e) => vec![Err(envd_error(&c, e))],
+                };
+                futures::stream::iter(items)
+            }
         });
-        Ok(Response::new(Box::pin(chunks)))
+        Ok(Response::new(Box::pin(super::until_paused(chunks, &c))))
     }
 
     pub(super) async fn do_list_dir(

@@ -16,6 +16,8 @@ mod process;
 
 use std::sync::Arc;
 
+use futures::{Stream, StreamExt};
+
 use connectrpc::{ConnectError, ErrorCode};
 use envd_client::ClientError;
 use wrenn_types::ids::CapsuleId;
@@ -96,6 +98,28 @@ fn envd_error(c: &Capsule, e: ClientError) -> ConnectError {
         }
         other => ConnectError::internal(format!("envd in capsule {id}: {other}")),
     }
+}
+
+/// `s`, ended by a pause of `c` with `failed_precondition`: the frozen
+/// envd would send nothing more, and the client would wait for good (an
+/// exec stream, a download).
+fn until_paused<T, S>(s: S, c: &Arc<Capsule>) -> impl Stream<Item = Result<T, ConnectError>> + Send
+where
+    S: Stream<Item = Result<T, ConnectError>> + Send + 'static,
+    T: Send + 'static,
+{
+    let (pauses, id) = (c.watch_pauses(), c.id.clone());
+    futures::stream::unfold(Some((Box::pin(s), pauses, id)), |state| async move {
+        let (mut s, mut pauses, id) = state?;
+        tokio::select! {
+            // (never an error: the stream's owner holds the capsule)
+            _ = pauses.changed() => {
+                let msg = format!("capsule {id} was paused: the stream ended");
+                Some((Err(ConnectError::failed_precondition(msg)), None))
+            }
+            item = s.next() => item.map(|i| (i, Some((s, pauses, id)))),
+        }
+    })
 }
 
 fn display_chain(e: &dyn std::error::Error) -> String {

@@ -80,30 +80,26 @@ fn event_to_pb(ev: ExecEvent, tag: &str) -> pb::ProcessEvent {
 
 /// Relay an envd stream, led by its start event (envd-client consumed it
 /// to learn the pid). Each event counts as the capsule's activity; a pause
-/// ends the relay with `failed_precondition` (the frozen envd would send
-/// nothing more, and the client would wait for good; the process itself
-/// lives on, and a new stream can attach once the capsule is resumed).
+/// ends the relay ([`super::until_paused`]: the process itself lives on,
+/// and a new stream can attach once the capsule is resumed).
 fn relay(stream: ExecStream, c: Arc<Capsule>, tag: String) -> ServiceStream<pb::ProcessEvent> {
     let first = event_to_pb(ExecEvent::Start { pid: stream.pid }, &tag);
-    let pauses = c.watch_pauses();
-    let rest = futures::stream::unfold(Some((stream, c, tag, pauses)), |state| async move {
-        let (mut s, c, tag, mut pauses) = state?;
-        let item = tokio::select! {
-            ev = s.next() => match ev? {
-                Ok(ev) => {
-                    c.touch();
-                    Ok(event_to_pb(ev, &tag))
-                }
-                Err(e) => Err(envd_error(&c, e)),
-            },
-            // (never an error: the relay holds the capsule, and so its sender)
-            _ = pauses.changed() => {
-                let msg = format!("capsule {} was paused: the stream ended", c.id);
-                return Some((Err(ConnectError::failed_precondition(msg)), None));
+    let events =
+        futures::stream::unfold(
+            stream,
+            |mut s| async move { s.next().await.map(|ev| (ev, s)) },
+        );
+    let events = events.map({
+        let c = c.clone();
+        move |ev| match ev {
+            Ok(ev) => {
+                c.touch();
+                Ok(event_to_pb(ev, &tag))
             }
-        };
-        Some((item, Some((s, c, tag, pauses))))
+            Err(e) => Err(envd_error(&c, e)),
+        }
     });
+    let rest = super::until_paused(events, &c);
     Box::pin(futures::stream::once(async move { Ok(first) }).chain(rest))
 }
 
