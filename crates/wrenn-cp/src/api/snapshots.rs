@@ -108,12 +108,7 @@ pub async fn create(
         .capsule(caller.team_id(), &id)
         .await?
         .ok_or_else(ApiError::capsule_not_found)?;
-    if !matches!(c.status, Status::Running | Status::Paused) {
-        return Err(ApiError::invalid_state(format!(
-            "capsule is not running or paused (status: {})",
-            c.status
-        )));
-    }
+    snapshottable(&c)?;
     // (the platform's names, and the alias that stands for one of them)
     let alias = name.as_str() == super::capsules::DEFAULT_TEMPLATE_ALIAS;
     if alias
@@ -147,12 +142,7 @@ pub async fn create(
             let c = super::capsules::reread(&cp, &c)
                 .await?
                 .ok_or_else(ApiError::capsule_not_found)?;
-            if !matches!(c.status, Status::Running | Status::Paused) {
-                return Err(ApiError::invalid_state(format!(
-                    "capsule is not running or paused (status: {})",
-                    c.status
-                )));
-            }
+            snapshottable(&c)?;
             let key = (caller.team_id().clone(), name.to_string());
             let _name = cp.template_names.lock(&key).await;
             let replacing = match cp.db.own_template(caller.team_id(), name.as_str()).await? {
@@ -184,6 +174,17 @@ pub async fn create(
     });
     let row = job.await.map_err(|_| ApiError::internal())??;
     Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
+}
+
+/// Only a running or paused capsule can be snapshotted.
+fn snapshottable(c: &CapsuleRow) -> ApiResult<()> {
+    if matches!(c.status, Status::Running | Status::Paused) {
+        return Ok(());
+    }
+    Err(ApiError::invalid_state(format!(
+        "capsule is not running or paused (status: {})",
+        c.status
+    )))
 }
 
 /// A snapshot's name is taken and `overwrite` was not asked for: 409.
