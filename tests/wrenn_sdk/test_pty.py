@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 from wrenn import AsyncCapsule, Capsule, PtyEvent, PtyEventType
 from wrennsdk_support import PtyReader, poll
@@ -195,3 +196,70 @@ async def test_async_pty(server) -> None:
                 async for ev in again:
                     if ev.type == "exit":
                         break
+
+
+def _raw_ws(server, path: str):
+    """A WebSocket opened by hand (the test needs frames the SDK never
+    sends); the socket, after the 101."""
+    import base64
+    import os
+    import socket
+    u = httpx.URL(server.base_url)
+    s = socket.create_connection((u.host, u.port), timeout=30)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET {path} HTTP/1.1\r\nHost: {u.host}:{u.port}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+               f"X-API-Key: {server.api_key}\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.split(b"\r\n")[0].split()[1] == b"101", head
+    return s
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """A client frame, masked with a zero key (so the payload goes as is)."""
+    n = len(payload)
+    if n < 126:
+        size = bytes([0x80 | n])
+    elif n < 1 << 16:
+        size = bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        size = bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return bytes([0x80 | opcode]) + size + b"\0\0\0\0" + payload
+
+
+def test_input_nobody_reads_is_bounded_in_bytes(server, make_capsule) -> None:
+    """Input to a terminal whose program never reads it queues up to a byte
+    budget, then the socket waits: 24 frames of 16 MiB do not all land in
+    the server's memory (the queue took 64 frames of any size, about
+    600 MiB from one socket in the review that found it)."""
+    if server.process is None:
+        pytest.skip("needs the pid of a local wrenn up")
+    c = make_capsule(wait=True)
+
+    def rss_mib() -> int:
+        status = open(f"/proc/{server.process.pid}/status").read()
+        return int(status.split("VmRSS:")[1].split()[0]) // 1024
+
+    s = _raw_ws(server, f"/v1/capsules/{c.capsule_id}/pty")
+    try:
+        # (raw: a canonical terminal throws away what its line cannot hold)
+        start = b'{"type":"start","cmd":"/bin/sh","args":["-c","stty raw -echo; sleep 600"]}'
+        s.sendall(_frame(1, start))
+        time.sleep(1)
+        before = rss_mib()
+        frame = _frame(2, b"a" * (16 << 20))
+        s.settimeout(10)
+        sent = 0
+        try:
+            for _ in range(24):
+                s.sendall(frame)
+                sent += 1
+        except (TimeoutError, OSError):
+            pass  # the server stopped reading: the point
+        time.sleep(2)
+        grown = rss_mib() - before
+    finally:
+        s.close()
+    assert sent < 24 and grown < 160, f"{sent} frames of 16 MiB taken, the server grew {grown} MiB"

@@ -5,7 +5,8 @@
 //!
 //! The terminal belongs to the capsule, not the socket: a disconnect
 //! leaves it running and `{"type":"connect","tag":…}` reattaches (new
-//! output only). Input frames go through a queue of [`INPUT_QUEUE`] to one
+//! output only). Input frames go through a queue of [`INPUT_QUEUE`] frames
+//! and [`INPUT_BUDGET`] bytes to one
 //! task that sends them to the agent, merging frames that queued up while
 //! the previous call was in flight; output keeps flowing meanwhile.
 
@@ -19,7 +20,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::process_event::Event as Ev;
 
@@ -31,6 +32,10 @@ use crate::hosts::HostConn;
 use crate::server::Cp;
 
 pub const INPUT_QUEUE: usize = 64;
+/// Bytes of input queued for the agent at most: each frame holds permits
+/// for its size (a bigger one, all of them) until the agent has it. The
+/// queue's 64 frames of up to 64 MiB each let one socket pin gigabytes.
+pub const INPUT_BUDGET: usize = 16 << 20;
 pub const PING_EVERY: Duration = Duration::from_secs(30);
 const FIRST_FRAME_WAIT: Duration = Duration::from_secs(30);
 
@@ -138,7 +143,8 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
         }
     };
     let mut events = pump(stream, &cp.tasks);
-    let (input_tx, input_rx) = mpsc::channel::<Bytes>(INPUT_QUEUE);
+    let (input_tx, input_rx) = mpsc::channel::<Input>(INPUT_QUEUE);
+    let budget = Arc::new(Semaphore::new(INPUT_BUDGET));
     let mut sender = cp
         .tasks
         .spawn(send_input(host.clone(), id.clone(), tag.clone(), input_rx));
@@ -209,7 +215,9 @@ async fn session(cp: Arc<Cp>, host: Arc<HostConn>, id: String, mut socket: WebSo
                 // (dropped once input has failed: the session is ending)
                 Some(Ok(Message::Binary(_))) if input_error.is_some() => {}
                 Some(Ok(Message::Binary(b))) => {
-                    if input_tx.send(b).await.is_err() {
+                    let n = b.len().clamp(1, INPUT_BUDGET) as u32;
+                    let Ok(held) = budget.clone().acquire_many_owned(n).await else { break };
+                    if input_tx.send((b, held)).await.is_err() {
                         break;
                     }
                 }
@@ -274,24 +282,33 @@ const INPUT_PIECE: usize = 1 << 20;
 
 /// Send queued input to the agent, merging frames that piled up, until the
 /// input ends or a call fails.
+/// A frame of input and its share of [`INPUT_BUDGET`].
+type Input = (Bytes, OwnedSemaphorePermit);
+
 async fn send_input(
     host: Arc<HostConn>,
     id: String,
     tag: String,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Input>,
 ) -> Result<(), connectrpc::ConnectError> {
-    let mut held: Option<Bytes> = None;
+    let mut held: Option<Input> = None;
     loop {
-        let mut data = match held.take() {
-            Some(b) => b.to_vec(),
+        // (the permits go once the agent has the data)
+        let (first, permit) = match held.take() {
+            Some(i) => i,
             None => match rx.recv().await {
-                Some(b) => b.to_vec(),
+                Some(i) => i,
                 None => return Ok(()),
             },
         };
+        let mut data = first.to_vec();
+        let mut permits = vec![permit];
         while data.len() < INPUT_PIECE {
             match rx.try_recv() {
-                Ok(more) if data.len() + more.len() <= INPUT_PIECE => data.extend_from_slice(&more),
+                Ok((more, p)) if data.len() + more.len() <= INPUT_PIECE => {
+                    data.extend_from_slice(&more);
+                    permits.push(p);
+                }
                 Ok(more) => {
                     held = Some(more);
                     break;
@@ -311,5 +328,6 @@ async fn send_input(
                 return Err(e);
             }
         }
+        drop(permits);
     }
 }
