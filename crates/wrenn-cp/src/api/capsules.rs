@@ -467,14 +467,35 @@ pub(crate) async fn reread(cp: &Cp, c: &CapsuleRow) -> ApiResult<Option<CapsuleR
     Ok(cp.db.capsule(&c.team_id, &c.id).await?)
 }
 
-/// Destroy a capsule on its agent and record it `stopped` (nothing
-/// happens to one that is already stopped). Whether this call stopped it.
-/// Under the capsule's lifecycle lock, to its end ([`Cp::to_completion`]).
-pub async fn destroy_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<bool> {
+/// Run `work` on `c` as read again under its lifecycle lock (`None` once
+/// gone), to its end ([`Cp::to_completion`]): an operation that raced
+/// another acts on the state the other left, and finishes even if its
+/// client hangs up.
+pub(crate) async fn locked<T, E, F>(
+    cp: &Cp,
+    c: &CapsuleRow,
+    work: impl FnOnce(Arc<Cp>, Option<CapsuleRow>) -> F + Send + 'static,
+) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: From<ApiError> + Send + 'static,
+{
     let c = c.clone();
     cp.to_completion(move |cp| async move {
         let _lock = cp.lifecycle.lock(&c.id).await;
-        match reread(&cp, &c).await? {
+        let now = reread(&cp, &c).await?;
+        work(cp.clone(), now).await
+    })
+    .await
+}
+
+/// Destroy a capsule on its agent and record it `stopped` (nothing
+/// happens to one that is already stopped). Whether this call stopped it.
+/// Under the capsule's lifecycle lock, to its end ([`locked`]).
+pub async fn destroy_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<bool> {
+    locked(cp, c, move |cp, now| async move {
+        match now {
             Some(c) if c.status != Status::Stopped => {
                 destroy_locked(&cp, &c, actor).await?;
                 Ok(true)
@@ -540,10 +561,9 @@ pub async fn pause_capsule(
     host: &Arc<crate::hosts::HostConn>,
     actor: Actor,
 ) -> ApiResult<CapsuleRow> {
-    let (c, host) = (c.clone(), host.clone());
-    cp.to_completion(move |cp| async move {
-        let _lock = cp.lifecycle.lock(&c.id).await;
-        let c = reread(&cp, &c).await?.ok_or_else(gone)?;
+    let host = host.clone();
+    locked(cp, c, move |cp, now| async move {
+        let c = now.ok_or_else(gone)?;
         if c.status != Status::Running {
             return Err(ApiError::invalid_state(format!(
                 "capsule is not running (status: {})",
@@ -628,11 +648,8 @@ async fn room_to_resume(cp: &Cp, c: &CapsuleRow) -> ApiResult<()> {
 
 /// Resume a paused capsule. Under its lifecycle lock, to its end.
 pub async fn resume_capsule(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiResult<CapsuleRow> {
-    let c = c.clone();
-    cp.to_completion(move |cp| async move {
-        let _lock = cp.lifecycle.lock(&c.id).await;
-        let c = reread(&cp, &c).await?.ok_or_else(gone)?;
-        resume_locked(&cp, &c, actor).await
+    locked(cp, c, move |cp, now| async move {
+        resume_locked(&cp, &now.ok_or_else(gone)?, actor).await
     })
     .await
 }

@@ -133,15 +133,12 @@ pub async fn create(
         return Err(exists(&name));
     }
     let agent_name = format!("s-{}", random_hex(12));
-    // The rest runs on its own: a client that gives up (a VM's snapshot
-    // can outlast an SDK's timeout) still gets its template recorded.
-    let job = cp.tasks.spawn({
-        let cp = cp.clone();
+    // The rest runs on its own, under the capsule's lock: a client that
+    // gives up (a VM's snapshot can outlast an SDK's timeout) still gets
+    // its template recorded.
+    let row = super::capsules::locked(&cp, &c, move |cp, now| {
         async move {
-            let _lock = cp.lifecycle.lock(&c.id).await;
-            let c = super::capsules::reread(&cp, &c)
-                .await?
-                .ok_or_else(ApiError::capsule_not_found)?;
+            let c = now.ok_or_else(ApiError::capsule_not_found)?;
             snapshottable(&c)?;
             let key = (caller.team_id().clone(), name.to_string());
             let _name = cp.template_names.lock(&key).await;
@@ -171,8 +168,8 @@ pub async fn create(
             }
             Ok::<_, ApiError>(row)
         }
-    });
-    let row = job.await.map_err(|_| ApiError::internal())??;
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
 }
 

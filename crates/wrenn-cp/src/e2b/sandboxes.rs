@@ -722,12 +722,12 @@ async fn resume_with(cp: &Cp, actor: Actor, c: &CapsuleRow, timeout: i64) -> E2b
         .unwrap_or(resumed))
 }
 
-/// `c`'s sandbox read again under its lifecycle lock, which `lock` is:
+/// Sandbox `id` as read again under its lifecycle lock ([`capsules::locked`]):
 /// a concurrent connect, pause or kill has finished by then.
-async fn reread(cp: &Cp, c: &CapsuleRow) -> E2bResult<CapsuleRow> {
-    match capsules::reread(cp, c).await? {
+fn still_there(now: Option<CapsuleRow>, id: &str) -> E2bResult<CapsuleRow> {
+    match now {
         Some(c) if state(&c).is_some() => Ok(c),
-        _ => Err(E2bError::not_found(c.id.as_str())),
+        _ => Err(E2bError::not_found(id)),
     }
 }
 
@@ -744,26 +744,24 @@ pub async fn connect(
     let timeout = timeout_of(body.timeout, DEFAULT_TIMEOUT)?;
     let c = find(&cp, &caller, &id).await?;
     let actor = Actor::key(&caller.0);
-    let (code, c) = cp
-        .to_completion(move |cp| async move {
-            let _lock = cp.lifecycle.lock(&c.id).await;
-            let c = reread(&cp, &c).await?;
-            if state(&c) == Some("paused") {
-                // (`memory: false` applies to a paused sandbox only)
-                if body.memory == Some(false) {
-                    return Err(E2bError::bad_request(
-                        "rebooting from the filesystem only is not supported",
-                    ));
-                }
-                return Ok((
-                    StatusCode::CREATED,
-                    resume_with(&cp, actor, &c, timeout).await?,
+    let (code, c) = capsules::locked(&cp, &c, move |cp, now| async move {
+        let c = still_there(now, &id)?;
+        if state(&c) == Some("paused") {
+            // (`memory: false` applies to a paused sandbox only)
+            if body.memory == Some(false) {
+                return Err(E2bError::bad_request(
+                    "rebooting from the filesystem only is not supported",
                 ));
             }
-            extend(&cp, &c, timeout).await?;
-            Ok((StatusCode::OK, c))
-        })
-        .await?;
+            return Ok((
+                StatusCode::CREATED,
+                resume_with(&cp, actor, &c, timeout).await?,
+            ));
+        }
+        extend(&cp, &c, timeout).await?;
+        Ok((StatusCode::OK, c))
+    })
+    .await?;
     Ok((code, Json(sandbox_json(&cp, &c))))
 }
 
@@ -777,19 +775,17 @@ pub async fn resume(
     let timeout = timeout_of(body.timeout, DEFAULT_RESUME_TIMEOUT)?;
     let c = find(&cp, &caller, &id).await?;
     let actor = Actor::key(&caller.0);
-    let resumed = cp
-        .to_completion(move |cp| async move {
-            let _lock = cp.lifecycle.lock(&c.id).await;
-            let c = reread(&cp, &c).await?;
-            if state(&c) != Some("paused") {
-                return Err(E2bError::conflict(format!(
-                    "sandbox {} is already running",
-                    c.id
-                )));
-            }
-            resume_with(&cp, actor, &c, timeout).await
-        })
-        .await?;
+    let resumed = capsules::locked(&cp, &c, move |cp, now| async move {
+        let c = still_there(now, &id)?;
+        if state(&c) != Some("paused") {
+            return Err(E2bError::conflict(format!(
+                "sandbox {} is already running",
+                c.id
+            )));
+        }
+        resume_with(&cp, actor, &c, timeout).await
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(sandbox_json(&cp, &resumed))))
 }
 
