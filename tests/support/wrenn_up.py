@@ -208,6 +208,20 @@ def _fail_with_log(server: Server, message: str) -> None:
     pytest.fail(f"{message}\n--- server log ({server.log_path}) ---\n{server.log_tail()}", pytrace=False)
 
 
+def runc_containers(instance: str) -> dict[str, str]:
+    """``{container id: runc status}`` of the runc containers of ``wrenn up
+    --instance <instance>`` (its agent runs ``runc --root=/run/<instance>/runc``)."""
+    root = Path("/run") / instance / "runc"
+    if not root.exists():
+        return {}
+    r = subprocess.run(
+        ["runc", "--root", str(root), "list", "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, f"runc list: {r.returncode} {r.stderr}"
+    return {c["id"]: c["status"] for c in (json.loads(r.stdout or "null") or [])}
+
+
 def resolve_binaries(key_env: str = "WRENN_API_KEY") -> tuple[str, str]:
     """``(wrenn, envd)`` from ``WRENN_BIN``/``ENVD_BIN``, or fail the test
     (``key_env``: the variable that, with ``WRENN_BASE_URL``, names a running
@@ -617,14 +631,7 @@ class WrennUp:
     def runc_containers(self) -> dict[str, str]:
         """``{container id: runc status}`` under this instance's runc root
         (containers are named by capsule ID)."""
-        if not self.runc_root.exists():
-            return {}
-        r = subprocess.run(
-            ["runc", "--root", str(self.runc_root), "list", "--format", "json"],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert r.returncode == 0, f"runc list: {r.returncode} {r.stderr}"
-        return {c["id"]: c["status"] for c in (json.loads(r.stdout or "null") or [])}
+        return runc_containers(self.instance)
 
     def capsule_objects(self) -> dict[str, list[str]]:
         """What capsules hold on the host: runc containers, network

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import pytest
 from conftest import TEMPLATE, WrennUp
 from wrenn_up import sayer
+from wrennsdk_support import poll, sleep_marker, sleepers, start_build_raw
 from wrenn import Capsule, WrennClient, WrennNotFoundError
 from wrenn.commands import Commands
 from wrenn.files import Files
@@ -502,3 +503,28 @@ def test_capsules_gone_while_down_come_back_stopped_and_freed(restartable: Wrenn
                 f"agent {_agent_capsules(up)}\n{up.server.log_tail(60)}")
             time.sleep(0.5)
         assert _usable(up, kept) is None
+
+
+def test_a_build_cut_off_by_a_restart_is_cleaned_up(restartable: WrennUp) -> None:
+    """A template build running when the server is SIGKILLed leaves its
+    build capsule behind; nobody will finish that build, so the restarted
+    server destroys the capsule (it is invisible to the API and held the
+    host's capacity for good)."""
+    up = restartable
+    srv = up.start()
+    # (`wrenn up` builds `base` when it starts: that capsule goes first)
+    poll(lambda: not up.runc_containers(), 300, what="the start's own builds")
+    marker = sleep_marker()
+    sock = start_build_raw(srv.base_url, srv.api_key,
+                           {"name": "cut-by-restart", "recipe": [f"RUN sleep {marker}"]})
+    try:
+        poll(lambda: sleepers(marker), 120, what="the build's RUN step")
+        built = set(up.runc_containers())
+        assert len(built) == 1, built
+        up.kill()
+    finally:
+        sock.close()
+    assert set(up.runc_containers()) == built, "the build capsule outlives the server"
+    up.start()
+    poll(lambda: not up.runc_containers() and not _agent_capsules(up) and not sleepers(marker),
+         SETTLE_TIMEOUT, what=f"the abandoned build capsule to go\n{up.server.log_tail(40)}")

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import wrenn_up
+from wrennsdk_support import poll, sleep_marker, sleepers, start_build_raw
 from wrenn import Capsule
 
 RECIPE = """\
@@ -157,3 +158,75 @@ def test_build_contexts_are_checked(server) -> None:
             assert why in r.json()["error"]["message"], r.text
         r = h.post("/v1/admin/builds", files={"archive": ("c.tar", tar_of(member("a")), "application/x-tar")})
         assert r.status_code == 400 and "config part is missing" in r.text, r.text
+
+
+STEPS_RECIPE = """\
+USER nobody
+RUN test "$(pwd)" = / && test "$HOME" = /nonexistent
+USER root
+WORKDIR /opt
+WORKDIR app
+RUN test "$(pwd)" = /opt/app && touch made-here
+USER dev
+WORKDIR /srv/data
+RUN touch ok && test "$(pwd)" = /srv/data
+WORKDIR /tmp
+RUN test "$(stat -c %U /tmp)" = root
+USER nobody
+"""
+
+
+def test_steps_follow_passwd_and_the_workdir(server, tmp_path: Path) -> None:
+    """``USER`` of an existing system user takes its home from /etc/passwd
+    (``nobody``: /nonexistent, so it works in /); a relative ``WORKDIR`` is
+    taken from the one before; a ``WORKDIR`` made after ``USER`` is made by
+    root and given to the user, and an existing one is left as it was. A
+    capsule whose default user has no home starts its commands in /."""
+    recipe = tmp_path / "steps.recipefile"
+    recipe.write_text(STEPS_RECIPE)
+    name = f"steps-{uuid.uuid4().hex[:8]}"
+    r = wrenn(server, "build", str(recipe), "--name", name)
+    assert r.returncode == 0, r.stderr
+    try:
+        with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
+            assert c.commands.run("whoami; pwd").stdout == "nobody\n/\n"
+            assert c.commands.run("ls /opt/app").stdout == "made-here\n"
+            assert c.commands.run("stat -c %U /srv/data /srv/data/ok /tmp").stdout == "dev\ndev\nroot\n"
+    finally:
+        with server.http() as h:
+            h.delete(f"/v1/snapshots/{name}")
+
+
+def test_a_step_whose_workdir_is_gone_fails(server, tmp_path: Path) -> None:
+    """A ``RUN`` never runs elsewhere than its ``WORKDIR``: when the
+    directory cannot be entered the step fails."""
+    recipe = tmp_path / "gone.recipefile"
+    recipe.write_text("WORKDIR /work-gone\nRUN rmdir /work-gone\nRUN touch /tmp/ran\n")
+    r = wrenn(server, "build", str(recipe), "--name", f"gone-{uuid.uuid4().hex[:6]}")
+    assert r.returncode == 1 and "step 3" in r.stderr and "/work-gone" in r.stderr, r.stderr
+
+
+def test_a_build_cut_off_by_its_client_leaves_nothing(server) -> None:
+    """A build whose client hangs up stops: its capsule is destroyed at
+    once, not left running (counted against the host) for good. While it
+    runs, a second build of its name is refused at once (409)."""
+    name = f"cut-{uuid.uuid4().hex[:8]}"
+    marker = sleep_marker()
+    before = set(wrenn_up.runc_containers(server.instance))
+    s = start_build_raw(server.base_url, server.api_key, {"name": name, "recipe": [f"RUN sleep {marker}"]})
+    try:
+        poll(lambda: sleepers(marker), 120, what="the build's RUN step")
+        built = set(wrenn_up.runc_containers(server.instance)) - before
+        assert len(built) == 1, built
+        with server.http() as h:
+            r = h.post("/v1/admin/builds", json={"name": name, "recipe": ["RUN true"]})
+        assert r.status_code == 409 and "being built" in r.json()["error"]["message"], r.text
+    finally:
+        s.close()
+    poll(lambda: not (built & set(wrenn_up.runc_containers(server.instance))) and not sleepers(marker),
+         10, what="the cut-off build's capsule to go (at once, not by the reconciler)")
+    with server.http() as h:
+        assert name not in {t["name"] for t in h.get("/v1/snapshots", params={"type": "base"}).json()}
+        r = h.post("/v1/admin/builds", json={"name": "minimal-ubuntu", "recipe": ["RUN true"]})
+        assert r.status_code == 409 and "reserved" in r.text, r.text
+

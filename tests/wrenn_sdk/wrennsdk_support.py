@@ -374,3 +374,37 @@ def poll(fn: Callable[[], Any], timeout: float, interval: float = 0.2, what: str
             raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}: last={last!r}")
         time.sleep(interval)
 
+
+
+# --------------------------------------------------------------------------- #
+# Builds
+# --------------------------------------------------------------------------- #
+
+
+def start_build_raw(base_url: str, api_key: str, body: dict) -> socket.socket:
+    """``POST /v1/admin/builds`` on a socket of its own whose answer is not
+    read: closing the socket is a client hanging up mid-build."""
+    import json
+
+    u = urlsplit(base_url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(
+        f"POST /v1/admin/builds HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {api_key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
+    )
+    return sock
+
+
+def sleep_marker() -> str:
+    """A number of seconds unlikely to be slept by anything else here."""
+    return str(86000 + random.randrange(400))
+
+
+def sleepers(marker: str) -> list[int]:
+    """PIDs of ``sleep <marker>`` processes on this machine (in capsules too)."""
+    import subprocess
+
+    r = subprocess.run(["pgrep", "-f", f"^sleep {marker}$"], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]

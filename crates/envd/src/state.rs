@@ -120,12 +120,15 @@ impl Envd {
         self.read_defaults().env.clone()
     }
 
-    /// The cwd a process of `user` gets when it names none.
+    /// The cwd a process of `user` gets when it names none: the
+    /// template's workdir, else the user's home, else (a home that does
+    /// not exist, as `nobody`'s `/nonexistent`) `/`.
     pub fn default_cwd(&self, user: &User) -> PathBuf {
-        self.read_defaults()
-            .workdir
-            .clone()
-            .unwrap_or_else(|| user.home.clone())
+        match self.read_defaults().workdir.clone() {
+            Some(w) => w,
+            None if user.home.is_dir() => user.home.clone(),
+            None => PathBuf::from("/"),
+        }
     }
 
     /// The environment of a new process: `PATH`, `HOME`, `USER`, `LOGNAME`,

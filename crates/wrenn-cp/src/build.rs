@@ -1,7 +1,9 @@
 //! Template builds: a recipe run in a capsule of the base template, whose
 //! filesystem then becomes a platform template (its writable layer stacked
-//! on the base's). The capsule is recorded like any other (so the
-//! reconciler leaves it alone) and destroyed at the end, also on failure.
+//! on the base's). The capsule is recorded like any other, marked with
+//! [`BUILD_KEY`], and destroyed at the end, also on failure, also when the
+//! build is cut off (its client hangs up; the reconciler destroys a build
+//! capsule whose build no longer runs, as after a restart).
 //!
 //! - `RUN` runs `/bin/sh -c` as the current `USER` in the current
 //!   `WORKDIR` with the `ENV`s so far; a non-zero exit fails the build.
@@ -22,19 +24,23 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::write_file_stream_request::Msg;
-use wrenn_types::ids::TemplateName;
+use wrenn_types::ids::{CapsuleId, TemplateName};
 
-use crate::api::capsules::{cref, launch, Launch};
+use crate::api::capsules::{cref, launch, Launch, DEFAULT_TEMPLATE_ALIAS};
 use crate::db::{now_ms, platform_team, CapsuleRow, TemplateRow};
 use crate::events::Actor;
 use crate::hosts::HostConn;
 use crate::model::Status;
 use crate::server::Cp;
 use wrenn_types::recipe::{Healthcheck, Step};
+
+/// The metadata key that marks a build capsule (its value: the template).
+pub const BUILD_KEY: &str = "wrenn_build";
 
 /// Where the build context is unpacked in the build capsule.
 pub const CONTEXT_DIR: &str = "/tmp/build-files";
@@ -57,6 +63,10 @@ pub enum BuildError {
     NoBase(String),
     #[error("template {0} exists")]
     Exists(String),
+    #[error("template {0} is being built")]
+    Busy(String),
+    #[error("the name {0} is reserved")]
+    Reserved(String),
     #[error("step {step} ({what}) failed: {msg}")]
     Step {
         step: usize,
@@ -88,17 +98,27 @@ pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The shell line that runs `cmd` in `cwd` as `user` with `env`.
+/// The shell line that runs `cmd` in `cwd` as `user` with `env` (not at
+/// all when `cwd` cannot be entered).
 fn wrap(cmd: &str, user: &str, cwd: &str, env: &BTreeMap<String, String>) -> String {
-    let mut inner = format!("cd {} && ", quote(cwd));
+    let mut inner = format!("cd {} || exit 1\n", quote(cwd));
     for (k, v) in env {
-        inner.push_str(&format!("export {k}={}; ", quote(v)));
+        inner.push_str(&format!("export {k}={}\n", quote(v)));
     }
     inner.push_str(cmd);
     if user == "root" {
         inner
     } else {
         format!("su -s /bin/sh {} -c {}", quote(user), quote(&inner))
+    }
+}
+
+/// `path` as an absolute path: a relative one is taken from `cwd`.
+fn absolute(path: &str, cwd: &str) -> String {
+    if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("{}/{path}", cwd.trim_end_matches('/'))
     }
 }
 
@@ -355,9 +375,18 @@ async fn run_steps(
             }
             Step::Workdir { path } => {
                 log(format!("[{n}/{}] WORKDIR {path}", spec.steps.len()));
-                let line = wrap(&format!("mkdir -p {}", quote(path)), &user, "/", &all_env);
+                // (made by root, whoever the user is, and then given to the
+                // user if it was new: a user may not write under /opt, and
+                // an existing /tmp stays as it is)
+                let dir = absolute(path, &cwd);
+                let q = quote(&dir);
+                let mut line = format!("[ -d {q} ] || {{ mkdir -p {q}");
+                if user != "root" {
+                    line.push_str(&format!(" && chown {}: {q}", quote(&user)));
+                }
+                line.push_str("; }");
                 match cx.sh(&line, Duration::from_secs(30)).await {
-                    Ok((0, _, _)) => cwd = path.clone(),
+                    Ok((0, _, _)) => cwd = dir,
                     Ok((c, o, e)) => return Err(fail("WORKDIR", format!("exit {c}: {o}{e}"))),
                     Err(e) => return Err(fail("WORKDIR", e)),
                 }
@@ -365,20 +394,28 @@ async fn run_steps(
             Step::User { name } => {
                 log(format!("[{n}/{}] USER {name}", spec.steps.len()));
                 let q = quote(name);
+                // (a new user gets a home, bash and sudo; an existing one,
+                // such as `nobody`, keeps what /etc/passwd gives it, and
+                // works in its home if that exists, else in /)
                 let line = format!(
                     "id -u {q} >/dev/null 2>&1 || {{ useradd -m -s /bin/bash {q} && \
                      mkdir -p /etc/sudoers.d && echo {q}' ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{name} && \
-                     chmod 0440 /etc/sudoers.d/{name}; }}"
+                     chmod 0440 /etc/sudoers.d/{name}; }} || exit 1\n\
+                     while IFS=: read -r n _ _ _ _ h _; do [ \"$n\" = {q} ] && break; h=; done </etc/passwd\n\
+                     echo \"$h\"; [ -n \"$h\" ] && [ -d \"$h\" ] && echo dir; exit 0"
                 );
                 match cx.sh(&line, Duration::from_secs(60)).await {
-                    Ok((0, _, _)) => {
+                    Ok((0, out, _)) => {
+                        let mut lines = out.lines();
+                        let home = lines.next().unwrap_or_default().trim();
+                        let home = if home.is_empty() { "/" } else { home }.to_owned();
                         user = name.clone();
-                        cwd = if name == "root" {
-                            "/root".into()
+                        cwd = if lines.next() == Some("dir") {
+                            home.clone()
                         } else {
-                            format!("/home/{name}")
+                            "/".to_owned()
                         };
-                        env.insert("HOME".into(), cwd.clone());
+                        env.insert("HOME".into(), home);
                     }
                     Ok((c, o, e)) => return Err(fail("USER", format!("exit {c}: {o}{e}"))),
                     Err(e) => return Err(fail("USER", e)),
@@ -393,11 +430,7 @@ async fn run_steps(
                 if spec.context.is_none() {
                     return Err(fail("COPY", "this build has no context".into()));
                 }
-                let dest = if dest.starts_with('/') {
-                    dest.clone()
-                } else {
-                    format!("{cwd}/{dest}")
-                };
+                let dest = absolute(dest, &cwd);
                 let line = copy_line(CONTEXT_DIR, sources, &dest, &user);
                 match cx.sh(&line, Duration::from_secs(600)).await {
                     Ok((0, _, _)) => {}
@@ -466,6 +499,68 @@ async fn wait_healthy(
     }
 }
 
+/// A build running in this process: its name and build capsule are in
+/// [`Cp::builds`] while it lives. Dropped before [`Running::finish`] (its
+/// client hung up), it destroys the capsule in the background; if the
+/// process dies instead, the reconciler does at the next start.
+struct Running {
+    cp: Arc<Cp>,
+    name: String,
+    capsule: CapsuleId,
+    /// Set once the capsule is up: what the drop must destroy.
+    host: Option<Arc<HostConn>>,
+}
+
+impl Running {
+    fn start(cp: &Cp, name: &str) -> Result<Running, BuildError> {
+        let capsule = CapsuleId::random();
+        match cp.builds.lock().unwrap().entry(name.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                return Err(BuildError::Busy(name.to_owned()))
+            }
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(capsule.clone()),
+        };
+        Ok(Running {
+            cp: cp.arc(),
+            name: name.to_owned(),
+            capsule,
+            host: None,
+        })
+    }
+
+    /// Destroy the build capsule and let the name go.
+    async fn finish(mut self) {
+        if let Some(host) = self.host.take() {
+            discard(&self.cp, &host, &self.capsule).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            let (cp, id) = (self.cp.clone(), self.capsule.clone());
+            tracing::info!(capsule = %id, template = %self.name, "build cut off: destroying its capsule");
+            self.cp
+                .tasks
+                .spawn(async move { discard(&cp, &host, &id).await });
+        }
+        self.cp.builds.lock().unwrap().remove(&self.name);
+    }
+}
+
+/// Destroy a build capsule (it is the platform's: no events).
+async fn discard(cp: &Cp, host: &HostConn, id: &CapsuleId) {
+    match host.rpc.destroy_capsule(cref(id)).await {
+        Ok(_) => {}
+        Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
+        Err(e) => {
+            return tracing::warn!(capsule = %id, error = %e, "cannot destroy the build capsule")
+        }
+    }
+    let _ = cp.db.transition(id, &[], Status::Stopped).await;
+}
+
 /// Build a platform template. `log` gets one line per step.
 pub async fn build(
     cp: &Cp,
@@ -473,6 +568,10 @@ pub async fn build(
     log: &mut (dyn FnMut(String) + Send),
 ) -> Result<TemplateRow, BuildError> {
     let team = platform_team();
+    if spec.name.as_str() == DEFAULT_TEMPLATE_ALIAS {
+        return Err(BuildError::Reserved(spec.name.to_string()));
+    }
+    let mut running = Running::start(cp, spec.name.as_str())?;
     if cp
         .db
         .own_template(&team, spec.name.as_str())
@@ -487,13 +586,15 @@ pub async fn build(
         .await?
         .ok_or_else(|| BuildError::NoBase(spec.base.clone()))?;
     let launch_spec = Launch {
+        id: running.capsule.clone(),
         vcpus: spec.vcpus,
         memory_mb: spec.memory_mb,
-        metadata: BTreeMap::from([("wrenn_build".to_owned(), spec.name.to_string())]),
+        metadata: BTreeMap::from([(BUILD_KEY.to_owned(), spec.name.to_string())]),
         ..Launch::new(&base)
     };
     let capsule = launch(cp, &team, Actor::system(), launch_spec).await?;
     let host = crate::api::host_of(cp, &capsule)?;
+    running.host = Some(host.clone());
     let cx = Ctx {
         host: &host,
         capsule: &capsule,
@@ -563,10 +664,7 @@ pub async fn build(
     }
     .await;
     // The build capsule goes whatever happened.
-    if let Err(e) = host.rpc.destroy_capsule(cref(&capsule.id)).await {
-        tracing::warn!(capsule = %capsule.id, error = %e, "cannot destroy the build capsule");
-    }
-    let _ = cp.db.transition(&capsule.id, &[], Status::Stopped).await;
+    running.finish().await;
     result
 }
 

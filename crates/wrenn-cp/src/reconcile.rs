@@ -112,6 +112,13 @@ async fn list(host: &HostConn) -> Result<pb::ListCapsulesResponse, String> {
     }
 }
 
+/// Whether `c` is a build capsule whose build does not run in this process.
+fn is_abandoned_build(cp: &Cp, c: &CapsuleRow) -> bool {
+    c.metadata.contains_key(crate::build::BUILD_KEY)
+        && !cp.creating.lock().unwrap().contains(&c.id)
+        && !cp.builds.lock().unwrap().values().any(|b| *b == c.id)
+}
+
 /// Reconcile one host.
 pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
     let rows = match cp.db.capsules_on(&host.id).await {
@@ -169,6 +176,19 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                     }
                 }
                 set(cp, &fresh, Status::Stopped, "cleanup_after_create_error").await;
+            }
+            // A build capsule whose build no longer runs (cut off by a
+            // restart): nobody will finish or destroy it.
+            Some(_) if is_abandoned_build(cp, c) => {
+                match host.rpc.destroy_capsule(cref(&c.id)).await {
+                    Ok(_) => {}
+                    Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(capsule = %c.id, error = %e, "cannot destroy an abandoned build capsule");
+                        continue;
+                    }
+                }
+                set(cp, c, Status::Stopped, "build_abandoned").await;
             }
             // Gone while the host was down (its agent found no process):
             // stopped, and what it still holds on the host is freed.

@@ -68,6 +68,11 @@ pub struct Cp {
     /// Templates being built (`wrenn up`'s built-ins): a create naming one
     /// is told to wait, not that it does not exist.
     building: Mutex<std::collections::BTreeSet<String>>,
+    /// The recipe builds running in this process, by template name, each
+    /// with its build capsule's ID: a second build of a name is refused at
+    /// once, and the reconciler destroys every build capsule not here (its
+    /// build was cut off by a restart).
+    pub builds: Mutex<std::collections::HashMap<String, wrenn_types::ids::CapsuleId>>,
     /// Taken by each lifecycle operation on a capsule ([`crate::locks`]).
     pub lifecycle: crate::locks::CapsuleLocks,
     /// Taken by snapshots and template deletes, by team and name.
@@ -76,6 +81,13 @@ pub struct Cp {
 }
 
 impl Cp {
+    /// The control plane, owned (for work spawned to outlive a request).
+    pub fn arc(&self) -> Arc<Cp> {
+        self.me
+            .upgrade()
+            .expect("the control plane outlives its requests")
+    }
+
     /// Run `work` to its end on [`Cp::tasks`] even if the caller is
     /// dropped, and hand the caller its result if it is still there. For
     /// the lifecycle operations: a handler future is dropped when its
@@ -88,11 +100,7 @@ impl Cp {
         T: Send + 'static,
         E: From<ApiError> + Send + 'static,
     {
-        let cp = self
-            .me
-            .upgrade()
-            .expect("the control plane outlives its requests");
-        match self.tasks.spawn(work(cp)).await {
+        match self.tasks.spawn(work(self.arc())).await {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Err(ApiError::internal().into()),
@@ -185,6 +193,7 @@ impl ControlPlane {
             ready: AtomicBool::new(true),
             progress: Mutex::new(json!({})),
             building: Mutex::new(Default::default()),
+            builds: Mutex::new(Default::default()),
             lifecycle: Default::default(),
             template_names: Default::default(),
             me: me.clone(),

@@ -104,7 +104,9 @@ pub async fn create(
     let mut log = |l: String| logs.push(l);
     let row = build(&cp, spec, &mut log).await.map_err(|e| match e {
         BuildError::NoBase(b) => ApiError::not_found(format!("base template {b} not found")),
-        BuildError::Exists(n) => ApiError::conflict(format!("template {n} exists")),
+        e @ (BuildError::Exists(_) | BuildError::Busy(_) | BuildError::Reserved(_)) => {
+            ApiError::conflict(e.to_string())
+        }
         BuildError::Api(m) if m.starts_with("host_unavailable") => ApiError::host_unavailable(m),
         other => ApiError::invalid(format!("build failed: {other}")),
     })?;
