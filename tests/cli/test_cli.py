@@ -182,8 +182,13 @@ def test_pause_resume_kill(cli) -> None:
         assert r.returncode == 1 and "wrenn ls" in r.stderr.decode()
         assert cli.out("resume", a).strip() == a
         assert cli.out("exec", a, "--", "echo", "back") == "back\n"
+        # --json: the capsules as they are now, or the IDs killed
+        assert [c["status"] for c in json.loads(cli.out("pause", a, b, "--json"))] == ["paused"] * 2
+        assert [(c["id"], c["status"]) for c in json.loads(cli.out("resume", a, "--json"))] == \
+            [(a, "running")]
+        assert json.loads(cli.out("kill", b, "--json")) == [{"id": b}]
     finally:
-        assert cli.out("kill", a, b).split() == [a, b]
+        assert cli.out("kill", a, b).split() == [a, b]  # (b again: kill is idempotent)
     ids = {c["id"] for c in json.loads(cli.out("ls", "--json"))}
     assert a not in ids and b not in ids
 
@@ -191,6 +196,7 @@ def test_pause_resume_kill(cli) -> None:
 def test_url(cli, capsule: str, server) -> None:
     url = cli.out("url", capsule, "8080").strip()
     assert url == f"http://8080-{capsule}.localhost:{server.port}/"
+    assert json.loads(cli.out("url", capsule, "8080", "--json")) == {"url": url}
     cli.run("exec", capsule, "--", "sh", "-c",
             "mkdir -p /tmp/www && echo served > /tmp/www/index.html && "
             "(cd /tmp/www && nohup python3 -m http.server 8080 >/dev/null 2>&1 &)")
@@ -305,6 +311,20 @@ def test_templates_and_snapshot(cli, capsule: str) -> None:
     assert name not in {t["name"] for t in json.loads(cli.out("template", "ls", "--json"))}
     r = cli.run("template", "rm", "minimal", check=False)  # a platform template
     assert r.returncode == 1 and "platform template" in r.stderr.decode()
+
+
+def test_build_and_remove_a_platform_template(cli, tmp_path: Path) -> None:
+    """``template build`` takes a healthcheck line starting with its
+    options; ``template rm`` with the admin key removes a platform template
+    built from a recipe (``--json``: ``{"name"}``)."""
+    recipe = tmp_path / "tiny.recipefile"
+    recipe.write_text("RUN echo ok > /ok\n")
+    name = f"cli-tpl-{os.getpid()}"
+    out = cli.out("template", "build", str(recipe), "--name", name,
+                  "--healthcheck", "--interval=1s test -f /ok", timeout=600)
+    assert f"built template {name}" in out and "healthcheck: test -f /ok" in out, out
+    assert json.loads(cli.out("template", "rm", name, "--json")) == {"name": name}
+    assert name not in {t["name"] for t in json.loads(cli.out("template", "ls", "--json"))}
 
 
 def test_keys(cli, server) -> None:

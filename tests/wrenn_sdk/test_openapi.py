@@ -735,6 +735,13 @@ def test_live_responses_match_the_document(server, spec: dict) -> None:
         api.call("DELETE", "/v1/snapshots/{name}", name="minimal", expect=403, label="platform")
         api.call("DELETE", "/v1/snapshots/{name}", name="bad name!", expect=400,
                  raw_path="/v1/snapshots/bad%20name%21")
+        r = api.call("GET", "/v1/admin/templates", expect=200)
+        if r.status_code == 200 and "minimal" not in {t["name"] for t in r.json()}:
+            chk.fail(f"GET /v1/admin/templates: no minimal in {r.text[:200]}")
+        api.call("DELETE", "/v1/admin/templates/{name}", name="minimal", expect=403, label="built in")
+        api.call("DELETE", "/v1/admin/templates/{name}", name=unique("none"), expect=404)
+        api.call("DELETE", "/v1/admin/templates/{name}", name="bad name!", expect=400,
+                 raw_path="/v1/admin/templates/bad%20name%21")
 
         # -- pause / resume --------------------------------------------------- #
         r = api.call("POST", "/v1/capsules/{id}/pause", id=cid, expect=200)

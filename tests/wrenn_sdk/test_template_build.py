@@ -230,3 +230,41 @@ def test_a_build_cut_off_by_its_client_leaves_nothing(server) -> None:
         r = h.post("/v1/admin/builds", json={"name": "minimal-ubuntu", "recipe": ["RUN true"]})
         assert r.status_code == 409 and "reserved" in r.text, r.text
 
+
+
+def test_platform_templates_are_deleted_by_the_admin(server, team_b, tmp_path: Path) -> None:
+    """``DELETE /v1/admin/templates/{name}``: the admin team deletes a
+    template built from a recipe, with its files on the host, so the name
+    builds again from scratch; not while a capsule uses it (409), not the
+    built-in ones (403), not with another team's key (403)."""
+    name = f"plat-{uuid.uuid4().hex[:8]}"
+    recipe = tmp_path / "plat.recipefile"
+    recipe.write_text("RUN echo one > /version\n")
+    r = wrenn(server, "build", str(recipe), "--name", name)
+    assert r.returncode == 0, r.stderr
+    path = f"/v1/admin/templates/{name}"
+    with server.http() as h, server.http(api_key=team_b.api_key) as other:
+        assert name in {t["name"] for t in h.get("/v1/admin/templates").json()}
+        r = h.delete(f"/v1/snapshots/{name}")
+        assert r.status_code == 403 and path in r.json()["error"]["message"], r.text
+        assert other.delete(path).status_code == 403
+        assert other.get("/v1/admin/templates").status_code == 403
+        assert h.delete("/v1/admin/templates/minimal").status_code == 403
+
+        with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
+            assert c.commands.run("cat /version").stdout == "one\n"
+            r = h.delete(path)
+            assert r.status_code == 409 and "used by" in r.json()["error"]["message"], r.text
+        r = h.delete(path)
+        assert r.status_code == 204, r.text
+        assert name not in {t["name"] for t in h.get("/v1/admin/templates").json()}
+        assert h.delete(path).status_code == 404
+
+        recipe.write_text("RUN test ! -e /version && echo two > /version\n")
+        r = wrenn(server, "build", str(recipe), "--name", name)
+        assert r.returncode == 0, r.stderr
+        try:
+            with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
+                assert c.commands.run("cat /version").stdout == "two\n"
+        finally:
+            assert h.delete(path).status_code == 204

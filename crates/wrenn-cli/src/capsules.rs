@@ -112,18 +112,24 @@ pub enum Op {
 }
 
 /// Apply `op` to each capsule; every one is tried, the first failure is
-/// reported after.
+/// reported after. Prints each ID done, or with `--json` one array: the
+/// capsules as they are now (pause, resume) or `{"id"}` (kill).
 pub async fn each(g: &Global, a: IdsArgs, op: Op) -> Result<i32> {
     let client = g.client()?;
     let mut failed = None;
+    let mut done = Vec::new();
     for id in &a.ids {
         let r = match op {
-            Op::Pause => client.pause_capsule(id).await.map(|_| ()),
-            Op::Resume => client.resume_capsule(id).await.map(|_| ()),
-            Op::Kill => client.destroy_capsule(id).await,
+            Op::Pause => client.pause_capsule(id).await.map(Some),
+            Op::Resume => client.resume_capsule(id).await.map(Some),
+            Op::Kill => client.destroy_capsule(id).await.map(|()| None),
         };
         match r {
-            Ok(()) => println!("{id}"),
+            Ok(c) if g.json => done.push(match c {
+                Some(c) => serde_json::to_value(c)?,
+                None => serde_json::json!({ "id": id }),
+            }),
+            Ok(_) => println!("{id}"),
             Err(e) => {
                 let verb = match op {
                     Op::Pause => "pause",
@@ -135,6 +141,9 @@ pub async fn each(g: &Global, a: IdsArgs, op: Op) -> Result<i32> {
                 failed.get_or_insert(1);
             }
         }
+    }
+    if g.json {
+        output::json(&done)?;
     }
     Ok(failed.unwrap_or(0))
 }
@@ -179,7 +188,12 @@ pub async fn url(g: &Global, a: UrlArgs) -> Result<i32> {
     if c.status != "running" {
         eprintln!("wrenn: note: {} is {}", c.id, c.status);
     }
-    println!("{scheme}://{}-{}.{domain}/", a.port, c.id);
+    let url = format!("{scheme}://{}-{}.{domain}/", a.port, c.id);
+    if g.json {
+        output::json(&serde_json::json!({ "url": url }))?;
+    } else {
+        println!("{url}");
+    }
     Ok(0)
 }
 

@@ -62,12 +62,13 @@ pub fn explain(e: &anyhow::Error) -> String {
         wrenn_sdk::Error::Api { status: 401, .. } => {
             "check the key (--api-key, WRENN_API_KEY or `wrenn login`)"
         }
-        wrenn_sdk::Error::Api { status: 403, .. } => "this needs the admin team's key",
         wrenn_sdk::Error::Api {
-            status: 404,
+            status: 404 | 409,
             message,
             ..
-        } if message.starts_with("template") => "`wrenn template ls` lists the templates",
+        } if message.contains("template ") || message.contains("reserved") => {
+            "`wrenn template ls` lists the templates"
+        }
         wrenn_sdk::Error::Api { status: 404, .. } => "`wrenn ls` lists your capsules",
         wrenn_sdk::Error::Api {
             status: 409,

@@ -19,7 +19,8 @@ pub enum TemplateCmd {
     Ls,
     /// Build a platform template from a recipe file (admin key).
     Build(BuildArgs),
-    /// Remove one of your team's templates.
+    /// Remove one of your team's templates, or (admin key) a platform
+    /// template built from a recipe.
     Rm { name: String },
 }
 
@@ -34,7 +35,7 @@ pub struct BuildArgs {
     #[arg(long, default_value = "minimal")]
     base: String,
     /// Healthcheck line [default: FILE's `.healthcheck` sibling, if any].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     healthcheck: Option<String>,
     /// Where `COPY` sources are read from [default: FILE's directory]; what
     /// they name is sent along as a tar archive.
@@ -47,11 +48,20 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
         TemplateCmd::Ls => ls(g).await,
         TemplateCmd::Build(a) => build(g, a).await,
         TemplateCmd::Rm { name } => {
-            g.client()?
-                .delete_template(&name)
-                .await
-                .with_context(|| format!("remove template {name}"))?;
-            println!("{name}");
+            let client = g.client()?;
+            match client.delete_template(&name).await {
+                // (a platform template: the admin route, with an admin key)
+                Err(wrenn_sdk::Error::Api { status: 403, .. }) => {
+                    client.delete_platform_template(&name).await
+                }
+                r => r,
+            }
+            .with_context(|| format!("remove template {name}"))?;
+            if g.json {
+                output::json(&serde_json::json!({ "name": name }))?;
+            } else {
+                println!("{name}");
+            }
             Ok(0)
         }
     }
@@ -149,25 +159,144 @@ async fn build(g: &Global, a: BuildArgs) -> Result<i32> {
 }
 
 /// A tar archive of `sources` (files or directories, relative to `dir`),
-/// under the same relative names: what the recipe's `COPY` steps read.
-/// Links are followed, so the archive holds what they point to.
+/// under the same relative names: what the recipe's `COPY` steps read,
+/// each once (a source inside another is in it already). Links are
+/// followed, so the archive holds what they point to, but only inside
+/// `dir`: a source or link leading out of it is an error (it would send
+/// files the recipe never meant to, such as a key under `~`).
 fn context_archive(dir: &std::path::Path, sources: &[&str]) -> Result<Vec<u8>> {
+    let root = std::fs::canonicalize(dir)
+        .with_context(|| format!("build context {} is not readable", dir.display()))?;
+    let mut names: Vec<&str> = sources
+        .iter()
+        .map(
+            |src| match src.trim_start_matches("./").trim_end_matches('/') {
+                "" => ".",
+                n => n,
+            },
+        )
+        .collect();
+    names.sort_unstable();
+    names.dedup();
     let mut ar = tar::Builder::new(Vec::new());
     ar.follow_symlinks(true);
-    for src in sources {
-        let path = dir.join(src);
-        let meta = std::fs::metadata(&path)
-            .with_context(|| format!("COPY {src}: {} is not readable", path.display()))?;
-        let name = match src.trim_start_matches("./").trim_end_matches('/') {
-            "" => ".",
-            n => n,
+    let mut sent: Vec<&str> = Vec::new();
+    for name in names {
+        let inside = |parent: &&str| {
+            *parent == "."
+                || name
+                    .strip_prefix(*parent)
+                    .is_some_and(|r| r.starts_with('/'))
         };
+        if sent.iter().any(inside) {
+            continue;
+        }
+        let path = dir.join(name);
+        let meta = std::fs::metadata(&path)
+            .with_context(|| format!("COPY {name}: {} is not readable", path.display()))?;
+        stays_inside(&root, &path, &mut Vec::new()).with_context(|| format!("COPY {name}"))?;
         if meta.is_dir() {
             ar.append_dir_all(name, &path)
         } else {
             ar.append_path_with_name(&path, name)
         }
-        .with_context(|| format!("COPY {src}: archive {}", path.display()))?;
+        .with_context(|| format!("COPY {name}: archive {}", path.display()))?;
+        sent.push(name);
     }
     Ok(ar.into_inner()?)
+}
+
+/// Fails if `path`, or a link anywhere under it, leads out of `root`
+/// (canonical), or a link leads back into a directory it is in (the
+/// archive would never end). `above`: the directories `path` is in.
+fn stays_inside(
+    root: &std::path::Path,
+    path: &std::path::Path,
+    above: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let real = std::fs::canonicalize(path)
+        .with_context(|| format!("{} is not readable", path.display()))?;
+    if !real.starts_with(root) {
+        anyhow::bail!(
+            "{} leads out of the build context {} (to {})",
+            path.display(),
+            root.display(),
+            real.display()
+        );
+    }
+    if real.is_dir() {
+        if above.contains(&real) {
+            anyhow::bail!("{} is a link loop", path.display());
+        }
+        above.push(real);
+        for entry in std::fs::read_dir(path)? {
+            stays_inside(root, &entry?.path(), above)?;
+        }
+        above.pop();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(archive: &[u8]) -> Vec<String> {
+        let mut names: Vec<String> = tar::Archive::new(archive)
+            .entries()
+            .unwrap()
+            .map(|e| {
+                e.unwrap()
+                    .path()
+                    .unwrap()
+                    .to_string_lossy()
+                    .trim_end_matches('/')
+                    .to_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The error of an archive that should have been refused.
+    fn refused(r: Result<Vec<u8>>) -> String {
+        match r {
+            Ok(a) => panic!("archived anyway: {:?}", entries(&a)),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn context_holds_each_source_once_and_nothing_from_outside() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "key").unwrap();
+        let ctx = tempfile::tempdir().unwrap();
+        let d = ctx.path();
+        std::fs::create_dir_all(d.join("app/sub")).unwrap();
+        std::fs::write(d.join("app/sub/a.txt"), "a").unwrap();
+        std::fs::write(d.join("motd"), "m").unwrap();
+        std::os::unix::fs::symlink("motd", d.join("motd-link")).unwrap();
+
+        // named twice, and inside another source: archived once
+        let ar = context_archive(d, &["app", "./app/", "app/sub/a.txt", "motd-link"]).unwrap();
+        assert_eq!(
+            entries(&ar),
+            ["app", "app/sub", "app/sub/a.txt", "motd-link"],
+            "{:?}",
+            entries(&ar)
+        );
+
+        // a link inside the context leading out of it, or a source above it
+        std::os::unix::fs::symlink(outside.path().join("secret"), d.join("app/sub/key")).unwrap();
+        let e = refused(context_archive(d, &["app"]));
+        assert!(e.contains("leads out of the build context"), "{e}");
+        let e = refused(context_archive(&d.join("app"), &["../motd"]));
+        assert!(e.contains("leads out of the build context"), "{e}");
+        std::fs::remove_file(d.join("app/sub/key")).unwrap();
+
+        // a link back to a directory it is in
+        std::os::unix::fs::symlink("..", d.join("app/sub/up")).unwrap();
+        let e = refused(context_archive(d, &["app"]));
+        assert!(e.contains("link loop"), "{e}");
+    }
 }

@@ -573,6 +573,15 @@ impl Client {
         .await
     }
 
+    /// Delete a platform template built from a recipe (admin key).
+    pub async fn delete_platform_template(&self, name: &str) -> Result<()> {
+        self.empty(self.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/admin/templates/{}", encode(name)),
+        ))
+        .await
+    }
+
     /// Build a platform template from a recipe (admin key); waits for it
     /// and returns it with the build's log lines.
     pub async fn build_template(&self, b: &Build) -> Result<(Template, Vec<String>)> {

@@ -79,6 +79,11 @@ pub fn routes() -> Router<Arc<Cp>> {
         .route("/v1/teams", post(keys::create_team).get(keys::list_teams))
         .route("/v1/teams/{id}", get(keys::get_team))
         .route("/v1/admin/builds", post(builds::create))
+        .route("/v1/admin/templates", get(snapshots::admin_list))
+        .route(
+            "/v1/admin/templates/{name}",
+            delete(snapshots::admin_delete),
+        )
         .route("/v1/hosts", post(hosts::create).get(hosts::list))
         .route("/v1/hosts/register", post(hosts::register))
         .route("/v1/hosts/auth/refresh", post(hosts::refresh))

@@ -251,6 +251,86 @@ pub async fn list(
     ))
 }
 
+/// `GET /v1/admin/templates` (admin team): the platform's templates.
+pub async fn admin_list(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<TemplateJson>>> {
+    caller.require_admin()?;
+    let team = platform_team();
+    let rows = cp.db.templates(&team).await?;
+    Ok(Json(rows.iter().map(TemplateJson::from).collect()))
+}
+
+/// `DELETE /v1/admin/templates/{name}` (admin team) — 204: a platform
+/// template built from a recipe, with its layers on its host, at once. Not
+/// while a capsule (or a build) uses it or a template stands on it (409:
+/// its layers are shared, and a rebuild of the name needs them gone), nor
+/// a built-in root template (`minimal`, `busybox`: 403).
+pub async fn admin_delete(
+    State(cp): State<Arc<Cp>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let name: TemplateName = name
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("invalid template name {name:?}")))?;
+    let team = platform_team();
+    let _name = cp
+        .template_names
+        .lock(&(team.clone(), name.to_string()))
+        .await;
+    let t = cp
+        .db
+        .own_template(&team, name.as_str())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("platform template {name} not found")))?;
+    if !t.metadata.contains_key("base") {
+        return Err(ApiError::forbidden(format!(
+            "platform template {name} is built in: every other template stands on it"
+        )));
+    }
+    let users = cp.db.template_users(&t.agent_name).await?;
+    if users > 0 {
+        return Err(ApiError::conflict(format!(
+            "template {name} is used by {users} capsule(s): destroy them first"
+        )));
+    }
+    let hosts = match &t.host_id {
+        Some(h) => vec![cp.hosts.get(h).ok_or_else(|| {
+            ApiError::host_unavailable(format!(
+                "the host of template {name} is not reachable; the template stays"
+            ))
+        })?],
+        None => cp.hosts.all(),
+    };
+    for host in hosts {
+        let req = pb::TemplateRef {
+            name: t.agent_name.clone(),
+            ..Default::default()
+        };
+        match host.rpc.delete_template(req).await {
+            Ok(_) => {}
+            Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
+            // (in use there: by a capsule, or a template stacked on it)
+            Err(e) if e.code == connectrpc::ErrorCode::InvalidArgument => {
+                return Err(ApiError::conflict(e.message.unwrap_or_default()))
+            }
+            Err(e) => return Err(ApiError::agent(&e)),
+        }
+    }
+    cp.db.delete_template(&team, name.as_str()).await?;
+    // (to the admin team: nobody listens as the platform team)
+    let seen = TemplateRow {
+        team_id: caller.team_id().clone(),
+        ..t
+    };
+    cp.events
+        .publish(template_event(Kind::SnapshotDelete, &seen, &caller).outcome(Ok(())));
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `DELETE /v1/snapshots/{name}` — 204.
 pub async fn delete(
     State(cp): State<Arc<Cp>>,
@@ -277,7 +357,8 @@ pub async fn delete(
             .is_some() =>
         {
             Err(ApiError::forbidden(format!(
-                "template {name} is a platform template"
+                "template {name} is a platform template (the admin team deletes it: \
+                 DELETE /v1/admin/templates/{name})"
             )))
         }
         None => Err(ApiError::not_found(format!("template {name} not found"))),
