@@ -427,10 +427,27 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         finally:
             shutil.rmtree(pems)
 
-        # a restart on another port: no token needed, the heartbeat moves it
+        # a server in the capsule, reached through the proxy (which caches
+        # the route: the agent's address)
+        r = h.post(f"/v1/capsules/{on_new}/exec", json={
+            "cmd": "/bin/sh", "background": True,
+            "args": ["-c", "mkdir -p /tmp/www && echo moved > /tmp/www/index.html && "
+                           "cd /tmp/www && exec python3 -m http.server 8081"]})
+        assert r.status_code == 202, r.text
+        served = f"/proxy/{on_new}/8081/index.html"
+        deadline = time.monotonic() + 30
+        while (r := h.get(served)).status_code != 200:
+            assert r.status_code in (502, 503) and time.monotonic() < deadline, r.text
+            time.sleep(0.25)
+
+        # a restart on another port: no token needed, the heartbeat moves it,
+        # and the proxy's cached route with it (the first request after
+        # reaches the new address)
         stop(second.proc)
         addr2 = second.start(None, ("--heartbeat-interval", "1s"))
         wait_host(h, host_id, addr2)
+        r = h.get(served)
+        assert r.status_code == 200 and r.text == "moved\n", r.text
         r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo again"]})
         assert r.status_code == 200 and r.json()["stdout"] == "again\n", r.text
 
@@ -445,7 +462,16 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         # forced: the control plane forgets the host and its capsule; told so
         # by its next heartbeat (404), the agent destroys the capsule, gives
         # back its network slots and leaves, and forgets its registration
-        assert h.delete(f"/v1/hosts/{host_id}", params={"force": "true"}).status_code == 204
+        # (its capsules' destroys are published, as every other)
+        with watching_events(h) as seen:
+            assert h.delete(f"/v1/hosts/{host_id}", params={"force": "1"}).status_code == 204
+            deadline = time.monotonic() + 10
+            while not (gone := [e for e in seen if e["event"] == "capsule.destroy"
+                                and e["resource"]["id"] == on_new]):
+                assert time.monotonic() < deadline, f"no capsule.destroy for {on_new} in {seen}"
+                time.sleep(0.1)
+        assert gone[0]["metadata"]["reason"] == "host_deleted", gone
+        assert h.get(f"/v1/capsules/{on_new}").json()["status"] == "stopped"
         assert h.get(f"/v1/hosts/{host_id}").status_code == 404
         assert second.proc.wait(60) == 0, second.log_tail()
         second.proc = None

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -326,4 +328,42 @@ def test_websocket_tunnels_echo_and_end_with_pause_and_destroy(server, capsule: 
             ws = connect(client, opened)
             _ws_echoes(ws)
             capsule.destroy(wait=True)
+            _ws_ends(ws)
+
+
+def test_concurrent_first_tunnels_all_end_with_pause(server, capsule: Capsule) -> None:
+    """Many WebSockets opened at once as the first requests to a capsule
+    (each finds no cached route and looks one up): a pause ends every one
+    of them, not only those of the route cached last."""
+    capsule.files.write("/tmp/ws_echo.py", WS_ECHO)
+    capsule.commands.run("python3 /tmp/ws_echo.py", background=True)
+    # (waited for inside the capsule: a request through the proxy would
+    # cache the route first)
+    probe = "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8765), 1)'"
+    deadline = time.monotonic() + 15
+    while capsule.commands.run(probe).exit_code != 0:
+        assert time.monotonic() < deadline, "the WebSocket server never came up"
+        time.sleep(0.25)
+    url = f"http://127.0.0.1:{server.port}/chat"
+    headers = {"Host": _host(8765, capsule.capsule_id, server)}
+    n = 12
+    start = threading.Barrier(n)
+    with contextlib.suppress(httpx_ws.WebSocketNetworkError), contextlib.ExitStack() as opened:
+        clients = [opened.enter_context(httpx.Client(timeout=10)) for _ in range(n)]
+
+        def connect(client: httpx.Client):
+            cm = httpx_ws.connect_ws(url, client, headers=headers)
+            start.wait()
+            return cm, cm.__enter__()
+
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            done = list(pool.map(connect, clients))
+        tunnels = []
+        for cm, ws in done:
+            opened.push(cm.__exit__)
+            tunnels.append(ws)
+        for ws in tunnels:
+            _ws_echoes(ws)
+        capsule.pause(wait=True)
+        for ws in tunnels:
             _ws_ends(ws)

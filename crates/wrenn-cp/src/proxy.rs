@@ -28,7 +28,7 @@
 //! - Proxy traffic does not count as capsule activity.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,8 @@ pub const ROUTE_TTL: Duration = Duration::from_secs(120);
 #[derive(Debug)]
 pub struct Route {
     pub team: TeamId,
+    /// The capsule's host.
+    pub host: wrenn_types::ids::HostId,
     pub agent: std::net::SocketAddr,
     /// The name the agent is dialed by (its certificate's).
     pub agent_name: String,
@@ -83,14 +85,56 @@ impl Route {
 #[derive(Debug, Default)]
 pub struct Routes {
     map: Mutex<HashMap<CapsuleId, Arc<Route>>>,
+    /// Evictions so far: a lookup that saw one happen while it read the
+    /// capsule checks the capsule again (the eviction may have been its
+    /// pause or destroy, which the read missed).
+    evictions: AtomicU64,
 }
 
 impl Routes {
     /// Forget a capsule's route and close its tunnels and streams.
     pub fn evict(&self, id: &CapsuleId) {
+        self.evictions.fetch_add(1, Ordering::SeqCst);
         if let Some(r) = self.map.lock().unwrap().remove(id) {
             r.stop.cancel();
         }
+    }
+
+    /// Forget every route to `host`'s agent (it moved: a new address, a
+    /// new certificate or token), closing their tunnels and streams.
+    pub fn evict_host(&self, host: &wrenn_types::ids::HostId) {
+        let ids: Vec<CapsuleId> = self
+            .map
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| r.host == *host)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.evict(&id);
+        }
+    }
+
+    /// Cache `id`'s route, made by `make` with the stop token to use: the
+    /// one of the route already cached (a concurrent lookup's, or the one
+    /// this refreshes: eviction must reach the streams opened through
+    /// either), else a new one.
+    fn insert(
+        &self,
+        id: &CapsuleId,
+        fresh_token: impl FnOnce() -> CancellationToken,
+        make: impl FnOnce(CancellationToken) -> Route,
+    ) -> Arc<Route> {
+        let mut map = self.map.lock().unwrap();
+        let stop = map
+            .get(id)
+            .map(|r| r.stop.clone())
+            .filter(|t| !t.is_cancelled())
+            .unwrap_or_else(fresh_token);
+        let route = Arc::new(make(stop));
+        map.insert(id.clone(), route.clone());
+        route
     }
 
     /// The cached route of `id`, while it may be used without a lookup.
@@ -142,21 +186,11 @@ impl Refusal {
 
 /// The route to a running capsule.
 pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Arc<Route>, Refusal> {
-    let previous = cp.proxy_routes.map.lock().unwrap().get(id).cloned();
-    if let Some(r) = previous.as_ref().filter(|r| r.fresh()) {
-        return Ok(r.clone());
+    if let Some(r) = cp.proxy_routes.fresh(id.as_str()) {
+        return Ok(r);
     }
-    let c = match cp.db.capsule_any(id).await {
-        Ok(Some(c)) if c.status != Status::Stopped => c,
-        Ok(_) => return Err(Refusal::Unknown),
-        Err(e) => {
-            tracing::error!(error = ?e, "proxy lookup failed");
-            return Err(Refusal::Internal);
-        }
-    };
-    if c.status != Status::Running {
-        return Err(Refusal::NotRunning(c.status));
-    }
+    let evictions = cp.proxy_routes.evictions.load(Ordering::SeqCst);
+    let c = running(cp, id).await?;
     let host = c.host_id.as_ref().and_then(|h| cp.hosts.get(h));
     let agent = host.as_ref().and_then(|h| h.address.parse().ok());
     let (Some(agent), Some(host)) = (agent, host) else {
@@ -173,26 +207,46 @@ pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Arc<Route>, Refusal> {
         .get()
         .filter(|(h, _)| !cp.config.shared_transport && c.host_id.as_ref() == Some(h))
         .map(|(_, p)| p.clone());
-    let route = Arc::new(Route {
-        team: c.team_id.clone(),
-        agent,
-        agent_name: host.name.clone(),
-        client,
-        local,
-        token: c.access_token.clone(),
-        agent_token: host.agent_token.clone(),
-        at: Instant::now(),
-        stale: AtomicBool::new(false),
-        // A refreshed route keeps its token: eviction must still reach
-        // the streams opened before the refresh.
-        stop: previous.map_or_else(|| cp.stop.child_token(), |r| r.stop.clone()),
-    });
-    cp.proxy_routes
-        .map
-        .lock()
-        .unwrap()
-        .insert(id.clone(), route.clone());
+    let route = cp.proxy_routes.insert(
+        id,
+        || cp.stop.child_token(),
+        |stop| Route {
+            team: c.team_id.clone(),
+            host: host.id.clone(),
+            agent,
+            agent_name: host.name.clone(),
+            client,
+            local,
+            token: c.access_token.clone(),
+            agent_token: host.agent_token.clone(),
+            at: Instant::now(),
+            stale: AtomicBool::new(false),
+            stop,
+        },
+    );
+    // A pause or destroy that evicted between the read and the insert
+    // would leave this route (and the tunnels opened through it) behind:
+    // read again, and drop it if the capsule no longer runs.
+    if cp.proxy_routes.evictions.load(Ordering::SeqCst) != evictions {
+        if let Err(refusal) = running(cp, id).await {
+            cp.proxy_routes.evict(id);
+            return Err(refusal);
+        }
+    }
     Ok(route)
+}
+
+/// `id` as the database has it, if it is running.
+async fn running(cp: &Cp, id: &CapsuleId) -> Result<crate::db::CapsuleRow, Refusal> {
+    match cp.db.capsule_any(id).await {
+        Ok(Some(c)) if c.status == Status::Running => Ok(c),
+        Ok(Some(c)) if c.status != Status::Stopped => Err(Refusal::NotRunning(c.status)),
+        Ok(_) => Err(Refusal::Unknown),
+        Err(e) => {
+            tracing::error!(error = ?e, "proxy lookup failed");
+            Err(Refusal::Internal)
+        }
+    }
 }
 
 /// Whether the request's key (if any) belongs to `team`; `require` makes

@@ -595,12 +595,15 @@ pub(crate) async fn pause_locked(
             .publish(capsule_event(Kind::CapsulePause, c, actor).outcome(Err(err.message.clone())));
         return Err(err);
     }
-    cp.proxy_routes.evict(&c.id);
+    // (recorded first: a proxy lookup that raced the eviction then finds
+    // the capsule paused when it checks again)
     let paused = cp
         .db
         .transition(&c.id, &[Status::Running], Status::Paused)
-        .await?
-        .ok_or_else(|| ApiError::conflict("the capsule changed state during pause"))?;
+        .await;
+    cp.proxy_routes.evict(&c.id);
+    let paused =
+        paused?.ok_or_else(|| ApiError::conflict("the capsule changed state during pause"))?;
     log(cp, &c.id, "info", "paused (memory kept)").await;
     cp.events
         .publish(capsule_event(Kind::CapsulePause, &paused, actor).outcome(Ok(())));

@@ -164,7 +164,7 @@ pub async fn register_host(cp: &Cp, token: &str, reg: &HostRegistration) -> ApiR
         )
         .await?
         .ok_or_else(used)?;
-    cp.hosts.connect(&host).map_err(ApiError::invalid)?;
+    reconnect(cp, &host)?;
     tracing::info!(host = %host.id, address = %host.address, "host registered");
     Ok(Registered {
         host,
@@ -282,8 +282,9 @@ pub async fn get(
 
 /// `DELETE /v1/hosts/{id}` (admin) — 204. A host that still has capsules
 /// is a 409 `host_has_capsules` listing them in a top-level `capsule_ids`
-/// (where wrenn's SDK looks), unless `?force=true`, which forgets them
-/// (marked `stopped`; their host is gone).
+/// (where wrenn's SDK looks), unless `?force=true` (or `1`), which
+/// forgets them (marked `stopped`, each with its `capsule.destroy` event;
+/// their host is gone).
 pub async fn delete(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
@@ -299,7 +300,7 @@ pub async fn delete(
         return Err(ApiError::not_found(HOST_NOT_FOUND));
     }
     let live = cp.db.capsules_on(&id).await?;
-    let force = q.get("force").is_some_and(|v| v == "true");
+    let force = q.get("force").is_some_and(|v| v == "true" || v == "1");
     if !live.is_empty() && !force {
         let ids: Vec<String> = live.iter().map(|c| c.id.to_string()).collect();
         let body = json!({
@@ -309,10 +310,23 @@ pub async fn delete(
         return Ok((StatusCode::CONFLICT, Json(body)).into_response());
     }
     for c in &live {
-        cp.db
+        let stopped = cp
+            .db
             .transition(&c.id, &[], crate::model::Status::Stopped)
             .await?;
         cp.proxy_routes.evict(&c.id);
+        if let Some(row) = stopped {
+            let ev = crate::api::capsules::capsule_event(
+                crate::events::Kind::CapsuleDestroy,
+                &row,
+                crate::events::Actor::key(&caller),
+            );
+            cp.events.publish(
+                ev.meta("reason", "host_deleted")
+                    .meta("from", c.status.as_str())
+                    .outcome(Ok(())),
+            );
+        }
     }
     cp.db.delete_host(&id).await?;
     cp.hosts.forget(&id);
@@ -402,6 +416,18 @@ pub async fn sandbox_event(
 /// JSON body with the agent's facts updates its address and size. A
 /// missing, foreign or expired token is 401 (the agent refreshes), another
 /// host's 403, a deleted host 404.
+/// Connect to `host` as it is recorded now. When that is a new connection
+/// (the agent restarted on another address, or with another token), the
+/// proxy routes cached for the old one go: they would be refused.
+fn reconnect(cp: &Cp, host: &Host) -> ApiResult<()> {
+    let old = cp.hosts.get(&host.id);
+    let new = cp.hosts.connect(host).map_err(ApiError::invalid)?;
+    if old.is_some_and(|o| !Arc::ptr_eq(&o, &new)) {
+        cp.proxy_routes.evict_host(&host.id);
+    }
+    Ok(())
+}
+
 pub async fn heartbeat(
     State(cp): State<Arc<Cp>>,
     Path(id): Path<String>,
@@ -425,7 +451,7 @@ pub async fn heartbeat(
         };
         check_facts(&facts)?;
         if let Some(host) = cp.db.update_host(&id, &facts).await? {
-            cp.hosts.connect(&host).map_err(ApiError::invalid)?;
+            reconnect(&cp, &host)?;
         }
     }
     if revived {
