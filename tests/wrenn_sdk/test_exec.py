@@ -140,6 +140,7 @@ def test_timeout(capsule: Capsule) -> None:
     elapsed = time.monotonic() - started
     assert ei.value.code == "agent_error"
     assert ei.value.status_code in (502, 504)
+    assert "did not finish within 2 s" in str(ei.value), ei.value
     assert 1.5 <= elapsed < 8, f"took {elapsed:.1f}s"
     # the process group is gone and never finished
     time.sleep(0.5)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -144,7 +145,14 @@ def wait_status(h: httpx.Client, path: str, want: str, limit: float) -> dict:
 # slow (a minute, from the start): a host that is back must be reconciled by
 # its heartbeat.
 QUICK_MONITOR = ["--host-heartbeat-timeout", "4s", "--host-monitor-interval", "500ms",
-                 "--heartbeat-interval", "1s", "--reconcile-interval", "60s"]
+                 "--heartbeat-interval", "1s", "--reconcile-interval", "60s",
+                 "--orphan-layer-grace", "0s"]
+
+
+def snapshot_layers(agent: "SecondAgent") -> set[str]:
+    """The team snapshots' layers an agent keeps (``D/templates/s-*``)."""
+    d = agent.data / "templates"
+    return {p.name for p in d.iterdir() if p.name.startswith("s-")} if d.is_dir() else set()
 
 
 def test_a_silent_host_is_unreachable_and_its_capsules_missing_until_it_returns(request) -> None:
@@ -179,11 +187,22 @@ def test_a_silent_host_is_unreachable_and_its_capsules_missing_until_it_returns(
         r = h.post(f"/v1/capsules/{away[0]}/files/write", data={"path": "/root/marker"},
                    files={"file": ("upload", b"still here", "application/octet-stream")})
         assert r.status_code < 300, r.text
+        snap = f"mon-{uuid.uuid4().hex[:6]}"
+        r = h.post("/v1/snapshots", json={"sandbox_id": away[0], "name": snap})
+        assert r.status_code == 201, r.text
+        layers = snapshot_layers(second)
+        assert len(layers) == 1, layers
 
         second.proc.kill()
         second.proc.wait()
         second.proc = None
         host = wait_status(h, f"/v1/hosts/{host_id}", "unreachable", 15)
+        # a snapshot on the silent host: creates from it say where it is;
+        # deleted, its name is free at once (its layers wait for the host)
+        r = h.post("/v1/capsules", json={"template": snap})
+        assert r.status_code == 503 and "unreachable" in r.json()["error"]["message"], r.text
+        assert h.delete(f"/v1/snapshots/{snap}").status_code == 204
+        assert snapshot_layers(second) == layers
         for cid in away:
             wait_status(h, f"/v1/capsules/{cid}", "missing", 5)
         # the SDK's connect waits for running and fails on missing
@@ -206,6 +225,11 @@ def test_a_silent_host_is_unreachable_and_its_capsules_missing_until_it_returns(
         assert time.monotonic() - started < 55, "too slow to tell the heartbeat from a round"
         r = h.post(f"/v1/capsules/{away[0]}/files/read", json={"path": "/root/marker"})
         assert r.status_code == 200 and r.content == b"still here", r.text
+        # the deleted snapshot's layers go when the host is back
+        deadline = time.monotonic() + 15
+        while snapshot_layers(second):
+            assert time.monotonic() < deadline, f"layers left: {snapshot_layers(second)}"
+            time.sleep(0.2)
         for cid in made:
             assert h.delete(f"/v1/capsules/{cid}").status_code == 204
         made.clear()
@@ -459,6 +483,11 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
             if cid != on_new:
                 assert h.delete(f"/v1/capsules/{cid}").status_code == 204
         made[:] = [on_new]
+        # a snapshot on that host: once the host is deleted, a create from
+        # it says so (not "no capacity")
+        snap = f"gone-{uuid.uuid4().hex[:6]}"
+        r = h.post("/v1/snapshots", json={"sandbox_id": on_new, "name": snap})
+        assert r.status_code == 201, r.text
         # forced: the control plane forgets the host and its capsule; told so
         # by its next heartbeat (404), the agent destroys the capsule, gives
         # back its network slots and leaves, and forgets its registration
@@ -473,6 +502,9 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         assert gone[0]["metadata"]["reason"] == "host_deleted", gone
         assert h.get(f"/v1/capsules/{on_new}").json()["status"] == "stopped"
         assert h.get(f"/v1/hosts/{host_id}").status_code == 404
+        r = h.post("/v1/capsules", json={"template": snap})
+        assert r.status_code == 503 and "deleted" in r.json()["error"]["message"], r.text
+        assert h.delete(f"/v1/snapshots/{snap}").status_code == 204
         assert second.proc.wait(60) == 0, second.log_tail()
         second.proc = None
         made.clear()

@@ -69,6 +69,10 @@ pub struct UpArgs {
     /// How often the database is compared with what the agents report.
     #[arg(long, hide = true, default_value = "30s", value_parser = humantime::parse_duration)]
     reconcile_interval: std::time::Duration,
+    /// How old unrecorded snapshot layers on a host must be before the
+    /// reconciler deletes them (tests shorten it).
+    #[arg(long, hide = true, default_value = "15m", value_parser = humantime::parse_duration)]
+    orphan_layer_grace: std::time::Duration,
     /// How long a host may go without a heartbeat before it is
     /// `unreachable` and its capsules `missing` (tests shorten it).
     #[arg(long, hide = true, default_value = "90s", value_parser = humantime::parse_duration)]
@@ -443,6 +447,7 @@ async fn up(args: UpArgs) -> Result<()> {
     config.e2b_debug = args.e2b_debug;
     config.shared_transport = args.shared_transport;
     config.reconcile_interval = args.reconcile_interval;
+    config.orphan_layer_grace = args.orphan_layer_grace;
     config.host_heartbeat_timeout = args.host_heartbeat_timeout;
     config.host_monitor_interval = args.host_monitor_interval;
     let plane = ControlPlane::start(config)

@@ -16,6 +16,11 @@ pub struct CpConfig {
     pub e2b_debug: bool,
     /// How often the database is compared with what agents report.
     pub reconcile_interval: Duration,
+    /// How old a team snapshot's layers on a host must be before the
+    /// reconciler deletes them for want of a template naming them: the
+    /// control plane taking a snapshot records it only after the agent
+    /// made it (another control plane's may be in flight).
+    pub orphan_layer_grace: Duration,
     /// How often the host monitor looks for silent hosts, and how long a
     /// host may go without a sign of life before it is `unreachable`.
     pub host_monitor_interval: Duration,
@@ -42,6 +47,7 @@ impl CpConfig {
             proxy_domain: None,
             e2b_debug: false,
             reconcile_interval: Duration::from_secs(30),
+            orphan_layer_grace: Duration::from_secs(15 * 60),
             host_monitor_interval: Duration::from_secs(15),
             host_heartbeat_timeout: Duration::from_secs(90),
             max_json_body: 1 << 20,

@@ -211,7 +211,30 @@ impl Hosts {
         only: Option<&HostId>,
     ) -> ApiResult<Arc<HostConn>> {
         let mut best: Option<(f64, Arc<HostConn>)> = None;
-        for h in db.hosts().await? {
+        let hosts = db.hosts().await?;
+        // (a template's files live on one host: when that host is gone or
+        // down, say so, not that no host has room)
+        if let Some(only) = only {
+            match hosts.iter().find(|h| h.id == *only) {
+                None => {
+                    return Err(ApiError::host_unavailable(format!(
+                        "the template's files were on host {only}, which was deleted"
+                    )))
+                }
+                Some(h) if h.status != "online" || self.get(&h.id).is_none() => {
+                    return Err(ApiError::host_unavailable(format!(
+                        "the template's files are on host {only}, which is {}",
+                        if h.status == "online" {
+                            "not connected"
+                        } else {
+                            h.status.as_str()
+                        }
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        for h in hosts {
             if h.status != "online" || only.is_some_and(|o| *o != h.id) {
                 continue;
             }

@@ -235,6 +235,34 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
             }
         }
     }
+    collect_orphan_layers(cp, host).await;
+}
+
+/// Team snapshots' layers on `host` that no template names (deleted while
+/// the host was down, or a snapshot whose recording failed), older than
+/// [`CpConfig::orphan_layer_grace`](crate::config::CpConfig): deleted, once
+/// no capsule uses them (the agent also refuses while another template
+/// stands on them).
+async fn collect_orphan_layers(cp: &Cp, host: &HostConn) {
+    let listed = match host.rpc.list_templates(pb::Empty::default()).await {
+        Ok(l) => l.into_owned(),
+        Err(e) => {
+            return tracing::debug!(host = %host.id, error = %e, "reconcile: no template list")
+        }
+    };
+    let before = now_ms() / 1000 - cp.config.orphan_layer_grace.as_secs() as i64;
+    for t in &listed.templates {
+        if !t.name.starts_with("s-")
+            || t.created_at > before
+            || cp.snapshotting.lock().unwrap().contains(&t.name)
+        {
+            continue;
+        }
+        if let Ok(false) = cp.db.template_named_on_host(&t.name).await {
+            tracing::info!(host = %host.id, template = %t.name, "collecting the layers of a deleted snapshot");
+            crate::api::snapshots::collect_layers(cp, &t.name).await;
+        }
+    }
 }
 
 /// Reconcile every host now, all at once (a host that hangs holds up no

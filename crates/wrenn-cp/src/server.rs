@@ -73,6 +73,9 @@ pub struct Cp {
     /// once, and the reconciler destroys every build capsule not here (its
     /// build was cut off by a restart).
     pub builds: Mutex<std::collections::HashMap<String, wrenn_types::ids::CapsuleId>>,
+    /// Host-side names of the team snapshots being taken (not recorded
+    /// yet: the reconciler leaves their layers alone).
+    pub snapshotting: Mutex<std::collections::HashSet<String>>,
     /// Taken by each lifecycle operation on a capsule ([`crate::locks`]).
     pub lifecycle: crate::locks::CapsuleLocks,
     /// Taken by snapshots and template deletes, by team and name.
@@ -194,6 +197,7 @@ impl ControlPlane {
             progress: Mutex::new(json!({})),
             building: Mutex::new(Default::default()),
             builds: Mutex::new(Default::default()),
+            snapshotting: Mutex::new(Default::default()),
             lifecycle: Default::default(),
             template_names: Default::default(),
             me: me.clone(),

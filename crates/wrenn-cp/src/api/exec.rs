@@ -92,6 +92,11 @@ pub async fn exec(
         .with_timeout(Duration::from_secs(timeout as u64 + 5));
     let out = match host.rpc.exec_with_options(req, opts).await {
         Ok(o) => o.into_owned(),
+        Err(e) if e.code == connectrpc::ErrorCode::DeadlineExceeded => {
+            let mut err = ApiError::agent(&e);
+            err.message = format!("the command did not finish within {timeout} s");
+            return Err(err);
+        }
         Err(e) => return Err(refresh_after(&cp, &c, &host, ApiError::agent(&e)).await),
     };
     let duration_ms = t0.elapsed().as_millis() as u64;

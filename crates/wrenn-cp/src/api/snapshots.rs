@@ -162,7 +162,11 @@ pub async fn create(
             if c.status == Status::Running {
                 crate::api::stats::flush_metrics(&cp, &host, &c).await;
             }
-            let row = record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await?;
+            cp.snapshotting.lock().unwrap().insert(agent_name.clone());
+            let taken = agent_name.clone();
+            let row = record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await;
+            cp.snapshotting.lock().unwrap().remove(&taken);
+            let row = row?;
             if let Some(old) = replacing {
                 collect_layers(&cp, &old).await; // (no row names them now)
             }
