@@ -77,19 +77,20 @@ pub enum BuildError {
     Health(String),
     #[error("build context: {0}")]
     Context(String),
-    #[error("{0}")]
-    Api(String),
+    /// The control plane's or an agent's refusal, as the API answers it.
+    #[error("{}: {}", .0.code, .0.message)]
+    Api(crate::error::ApiError),
 }
 
 impl From<crate::error::ApiError> for BuildError {
     fn from(e: crate::error::ApiError) -> Self {
-        BuildError::Api(format!("{}: {}", e.code, e.message))
+        BuildError::Api(e)
     }
 }
 
 impl From<crate::db::DbError> for BuildError {
     fn from(e: crate::db::DbError) -> Self {
-        BuildError::Api(e.to_string())
+        BuildError::Api(e.into())
     }
 }
 
@@ -643,7 +644,7 @@ pub async fn build(
             .rpc
             .create_snapshot_with_options(req, opts)
             .await
-            .map_err(|e| BuildError::Api(e.message.unwrap_or_default()))?
+            .map_err(|e| BuildError::Api(crate::error::ApiError::agent(&e)))?
             .into_owned();
         let row = TemplateRow {
             team_id: team.clone(),

@@ -39,8 +39,10 @@ pub struct Healthcheck {
     pub retries: u32,
 }
 
+/// What is wrong with a recipe, at `line` (1-based; 0: the whole recipe,
+/// shown without a line).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {msg}")]
+#[error("{}{msg}", if *line == 0 { String::new() } else { format!("line {line}: ") })]
 pub struct RecipeError {
     pub line: usize,
     pub msg: String,
@@ -316,7 +318,15 @@ mod tests {
         assert!(parse("USER root;rm").is_err());
         assert!(parse("ENV 1A=b").is_err());
         assert!(parse("RUN --timeout=forever x").is_err());
-        assert!(parse("\n\n").is_err());
+        // (a whole-recipe error names no line)
+        assert_eq!(
+            parse("\n# only a comment\n").unwrap_err().to_string(),
+            "the recipe has no steps"
+        );
+        assert_eq!(
+            parse("RUN ok\nFROM x\n").unwrap_err().to_string(),
+            "line 2: unknown or empty instruction \"FROM\""
+        );
         assert_eq!(
             expand("${UNCLOSED", &BTreeMap::new(), 100).as_deref(),
             Some("${UNCLOSED")

@@ -103,11 +103,15 @@ pub async fn create(
     let mut logs = Vec::new();
     let mut log = |l: String| logs.push(l);
     let row = build(&cp, spec, &mut log).await.map_err(|e| match e {
-        BuildError::NoBase(b) => ApiError::not_found(format!("base template {b} not found")),
+        BuildError::NoBase(b) => ApiError::not_found(format!(
+            "base template {b} not found (a build starts from a platform template; \
+             GET /v1/admin/templates lists them)"
+        )),
         e @ (BuildError::Exists(_) | BuildError::Busy(_) | BuildError::Reserved(_)) => {
             ApiError::conflict(e.to_string())
         }
-        BuildError::Api(m) if m.starts_with("host_unavailable") => ApiError::host_unavailable(m),
+        // (no capacity, a host gone, the database: as the API says them)
+        BuildError::Api(e) => e,
         other => ApiError::invalid(format!("build failed: {other}")),
     })?;
     Ok((
@@ -207,14 +211,17 @@ fn unpack_context(mut archive: std::fs::File) -> ApiResult<tempfile::TempDir> {
     };
     let mut unpacked = 0u64;
     let mut ar = tar::Archive::new(reader);
-    let entries = ar
-        .entries()
-        .map_err(|e| bad(format!("not a tar archive: {e}")))?;
+    // (tar's own words would echo the junk it read)
+    let not_tar = |e: std::io::Error| {
+        tracing::debug!(error = %e, "build context");
+        bad("not a tar or tar.gz archive, or a damaged one".to_owned())
+    };
+    let entries = ar.entries().map_err(not_tar)?;
     for (n, entry) in entries.enumerate() {
         if n >= CONTEXT_ENTRIES {
             return Err(bad(format!("more than {CONTEXT_ENTRIES} entries")));
         }
-        let mut entry = entry.map_err(|e| bad(format!("not a tar archive: {e}")))?;
+        let mut entry = entry.map_err(not_tar)?;
         let path = entry
             .path()
             .map_err(|e| bad(format!("unreadable path: {e}")))?
@@ -226,27 +233,20 @@ fn unpack_context(mut archive: std::fs::File) -> ApiResult<tempfile::TempDir> {
         let kind = entry.header().entry_type();
         if !(kind.is_file() || kind.is_dir()) {
             return Err(bad(format!(
-                "{}: only regular files and directories are taken, not {kind:?}",
-                path.display()
+                "{path:?}: only regular files and directories are taken, not {kind:?}"
             )));
         }
         if !path
             .components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
         {
-            return Err(bad(format!(
-                "{}: paths must stay inside the archive",
-                path.display()
-            )));
+            return Err(bad(format!("{path:?}: paths must stay inside the archive")));
         }
         let unpacked = entry
             .unpack_in(dir.path())
-            .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+            .map_err(|e| bad(format!("{path:?}: {e}")))?;
         if !unpacked {
-            return Err(bad(format!(
-                "{}: paths must stay inside the archive",
-                path.display()
-            )));
+            return Err(bad(format!("{path:?}: paths must stay inside the archive")));
         }
     }
     Ok(dir)
@@ -323,6 +323,10 @@ mod tests {
         let mut junk = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut junk, &[7u8; 1000]).unwrap();
         std::io::Seek::rewind(&mut junk).unwrap();
-        assert!(unpack_context(junk).is_err());
+        let err = unpack_context(junk).unwrap_err();
+        assert_eq!(
+            err.message,
+            "build context: not a tar or tar.gz archive, or a damaged one"
+        );
     }
 }
