@@ -63,6 +63,11 @@ pub fn explain(e: &anyhow::Error) -> String {
             "check the key (--api-key, WRENN_API_KEY or `wrenn login`)"
         }
         wrenn_sdk::Error::Api {
+            status: 409,
+            message,
+            ..
+        } if message.contains("overwrite") => "`--overwrite` replaces it",
+        wrenn_sdk::Error::Api {
             status: 404 | 409,
             message,
             ..
@@ -70,11 +75,6 @@ pub fn explain(e: &anyhow::Error) -> String {
             "`wrenn template ls` lists the templates"
         }
         wrenn_sdk::Error::Api { status: 404, .. } => "`wrenn ls` lists your capsules",
-        wrenn_sdk::Error::Api {
-            status: 409,
-            message,
-            ..
-        } if message.contains("overwrite") => "`--overwrite` replaces it",
         wrenn_sdk::Error::Api { status: 409, .. } => "`wrenn ls` shows the capsule's status",
         wrenn_sdk::Error::Api { status: 503, .. } => {
             "the server or its host is busy or starting; try again"

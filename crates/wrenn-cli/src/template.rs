@@ -178,9 +178,13 @@ fn context_archive(dir: &std::path::Path, sources: &[&str]) -> Result<Vec<u8>> {
         .collect();
     names.sort_unstable();
     names.dedup();
+    if names.contains(&".") {
+        names = vec!["."]; // (everything else is in it)
+    }
     let mut ar = tar::Builder::new(Vec::new());
     ar.follow_symlinks(true);
     let mut sent: Vec<&str> = Vec::new();
+    let mut walked = 0usize;
     for name in names {
         let inside = |parent: &&str| {
             *parent == "."
@@ -194,7 +198,8 @@ fn context_archive(dir: &std::path::Path, sources: &[&str]) -> Result<Vec<u8>> {
         let path = dir.join(name);
         let meta = std::fs::metadata(&path)
             .with_context(|| format!("COPY {name}: {} is not readable", path.display()))?;
-        stays_inside(&root, &path, &mut Vec::new()).with_context(|| format!("COPY {name}"))?;
+        stays_inside(&root, &path, &mut Vec::new(), &mut walked)
+            .with_context(|| format!("COPY {name}"))?;
         if meta.is_dir() {
             ar.append_dir_all(name, &path)
         } else {
@@ -206,31 +211,54 @@ fn context_archive(dir: &std::path::Path, sources: &[&str]) -> Result<Vec<u8>> {
     Ok(ar.into_inner()?)
 }
 
+/// The most entries a context may hold (the control plane's own limit).
+const CONTEXT_ENTRIES: usize = 100_000;
+
 /// Fails if `path`, or a link anywhere under it, leads out of `root`
 /// (canonical), or a link leads back into a directory it is in (the
-/// archive would never end). `above`: the directories `path` is in.
+/// archive would never end), or the walk passes [`CONTEXT_ENTRIES`]
+/// (`walked` counts them: links that fan out would make it explode).
+/// `above`: the directories `path` is in, as canonical paths.
 fn stays_inside(
     root: &std::path::Path,
     path: &std::path::Path,
     above: &mut Vec<PathBuf>,
+    walked: &mut usize,
 ) -> Result<()> {
-    let real = std::fs::canonicalize(path)
-        .with_context(|| format!("{} is not readable", path.display()))?;
-    if !real.starts_with(root) {
-        anyhow::bail!(
-            "{} leads out of the build context {} (to {})",
-            path.display(),
-            root.display(),
-            real.display()
-        );
+    *walked += 1;
+    if *walked > CONTEXT_ENTRIES {
+        anyhow::bail!("more than {CONTEXT_ENTRIES} files and directories (links followed)");
     }
-    if real.is_dir() {
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("{} is not readable", path.display()))?;
+    // (only links, and the top of each source, can lead elsewhere)
+    let (real, is_dir) = if meta.file_type().is_symlink() || above.is_empty() {
+        let real = std::fs::canonicalize(path)
+            .with_context(|| format!("{} is not readable", path.display()))?;
+        if !real.starts_with(root) {
+            anyhow::bail!(
+                "{} leads out of the build context {} (to {})",
+                path.display(),
+                root.display(),
+                real.display()
+            );
+        }
+        let is_dir = real.is_dir();
+        (real, is_dir)
+    } else {
+        let parent = above.last().cloned().unwrap_or_default();
+        (
+            parent.join(path.file_name().unwrap_or_default()),
+            meta.is_dir(),
+        )
+    };
+    if is_dir {
         if above.contains(&real) {
             anyhow::bail!("{} is a link loop", path.display());
         }
         above.push(real);
         for entry in std::fs::read_dir(path)? {
-            stays_inside(root, &entry?.path(), above)?;
+            stays_inside(root, &entry?.path(), above, walked)?;
         }
         above.pop();
     }
@@ -293,6 +321,15 @@ mod tests {
         let e = refused(context_archive(&d.join("app"), &["../motd"]));
         assert!(e.contains("leads out of the build context"), "{e}");
         std::fs::remove_file(d.join("app/sub/key")).unwrap();
+
+        // "." holds every other source
+        let ar = context_archive(d, &["-x", ".", "motd"]);
+        let names = entries(&ar.unwrap());
+        assert_eq!(
+            names.iter().filter(|n| *n == "motd").count(),
+            1,
+            "{names:?}"
+        );
 
         // a link back to a directory it is in
         std::os::unix::fs::symlink("..", d.join("app/sub/up")).unwrap();

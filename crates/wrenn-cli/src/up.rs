@@ -379,6 +379,7 @@ async fn build_recipe_once(cp: &Cp, agent: &Agent, t: &BuiltIn) {
             context: context.as_ref().map(|d| d.path().to_owned()),
             vcpus: t.vcpus,
             memory_mb: t.memory_mb,
+            protected: true,
         },
         (Err(e), _) | (_, Err(e)) => return tracing::error!(error = %e, "bad built-in recipe"),
     };
@@ -457,6 +458,11 @@ async fn up(args: UpArgs) -> Result<()> {
     cp.set_ready(false);
     let facts = wrenn_agent::register::host_facts(&data_dir, agent_addr, agent.token());
     let host = register_agent(&cp, &data_dir, &facts, &agent_tls).await?;
+    // (the same across restarts: the build capsules of this process's
+    // builds carry it, so its reconciler knows those cut off by a restart)
+    cp.identity
+        .set(host.to_string())
+        .map_err(|_| anyhow::anyhow!("the control plane was named before registering"))?;
     recertify(cp.clone(), host.clone(), agent_tls.clone());
     cp.tasks.spawn(wrenn_cp::reconcile::heartbeat_for(
         cp.clone(),

@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wrenn_proto::wrenn::agent::v1 as pb;
@@ -33,6 +33,7 @@ use wrenn_types::ids::{CapsuleId, TemplateName};
 
 use crate::api::capsules::{cref, launch, Launch, DEFAULT_TEMPLATE_ALIAS};
 use crate::db::{now_ms, platform_team, CapsuleRow, TemplateRow};
+use crate::error::ApiError;
 use crate::events::Actor;
 use crate::hosts::HostConn;
 use crate::model::Status;
@@ -41,6 +42,9 @@ use wrenn_types::recipe::{Healthcheck, Step};
 
 /// The metadata key that marks a build capsule (its value: the template).
 pub const BUILD_KEY: &str = "wrenn_build";
+/// And the one naming the control plane that runs its build
+/// ([`Cp::identity`]): only that one's reconciler may destroy it.
+pub const BUILD_OWNER_KEY: &str = "wrenn_build_by";
 
 /// Where the build context is unpacked in the build capsule.
 pub const CONTEXT_DIR: &str = "/tmp/build-files";
@@ -55,6 +59,8 @@ pub struct BuildSpec {
     pub context: Option<PathBuf>,
     pub vcpus: i64,
     pub memory_mb: i64,
+    /// Never deleted (`wrenn up`'s built-ins); an admin's build is not.
+    pub protected: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -402,7 +408,8 @@ async fn run_steps(
                     "id -u {q} >/dev/null 2>&1 || {{ useradd -m -s /bin/bash {q} && \
                      mkdir -p /etc/sudoers.d && echo {q}' ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{name} && \
                      chmod 0440 /etc/sudoers.d/{name}; }} || exit 1\n\
-                     while IFS=: read -r n _ _ _ _ h _; do [ \"$n\" = {q} ] && break; h=; done </etc/passwd\n\
+                     while IFS=: read -r n _ _ _ _ h _; do [ \"$n\" = {q} ] && break; done </etc/passwd\n\
+                     [ \"$n\" = {q} ] || h=\n\
                      echo \"$h\"; [ -n \"$h\" ] && [ -d \"$h\" ] && echo dir; exit 0"
                 );
                 match cx.sh(&line, Duration::from_secs(60)).await {
@@ -502,14 +509,23 @@ async fn wait_healthy(
 
 /// A build running in this process: its name and build capsule are in
 /// [`Cp::builds`] while it lives. Dropped before [`Running::finish`] (its
-/// client hung up), it destroys the capsule in the background; if the
-/// process dies instead, the reconciler does at the next start.
+/// client hung up), it has the capsule destroyed in the background, also
+/// when that comes while the capsule is being launched (the launch runs to
+/// its end on its own and then sees that); if the process dies instead,
+/// the reconciler destroys it at the next start.
 struct Running {
     cp: Arc<Cp>,
     name: String,
     capsule: CapsuleId,
-    /// Set once the capsule is up: what the drop must destroy.
-    host: Option<Arc<HostConn>>,
+    state: Arc<Mutex<Capsule>>,
+}
+
+/// Where a build's capsule is, as its guard and its launch see it.
+enum Capsule {
+    Launching,
+    Up(Arc<HostConn>),
+    /// The build is gone (or done): whoever sees this destroys it.
+    Dropped,
 }
 
 impl Running {
@@ -525,13 +541,37 @@ impl Running {
             cp: cp.arc(),
             name: name.to_owned(),
             capsule,
-            host: None,
+            state: Arc::new(Mutex::new(Capsule::Launching)),
         })
     }
 
+    /// Launch the build capsule (to its end, even if the build is
+    /// dropped meanwhile) and the host it runs on.
+    async fn launch(&self, spec: Launch) -> Result<(CapsuleRow, Arc<HostConn>), BuildError> {
+        let state = self.state.clone();
+        let up = self
+            .cp
+            .to_completion(move |cp| async move {
+                let capsule = launch(&cp, &platform_team(), Actor::system(), spec).await?;
+                let host = crate::api::host_of(&cp, &capsule)?;
+                let mut now = state.lock().unwrap();
+                if matches!(*now, Capsule::Dropped) {
+                    let (owned, id, h) = (cp.clone(), capsule.id.clone(), host.clone());
+                    cp.tasks
+                        .spawn(async move { discard(&owned, &h, &id).await });
+                    return Err(ApiError::not_found("the build was cut off"));
+                }
+                *now = Capsule::Up(host.clone());
+                Ok::<_, ApiError>((capsule, host))
+            })
+            .await?;
+        Ok(up)
+    }
+
     /// Destroy the build capsule and let the name go.
-    async fn finish(mut self) {
-        if let Some(host) = self.host.take() {
+    async fn finish(self) {
+        let up = std::mem::replace(&mut *self.state.lock().unwrap(), Capsule::Dropped);
+        if let Capsule::Up(host) = up {
             discard(&self.cp, &host, &self.capsule).await;
         }
     }
@@ -539,7 +579,8 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(host) = self.host.take() {
+        let was = std::mem::replace(&mut *self.state.lock().unwrap(), Capsule::Dropped);
+        if let Capsule::Up(host) = was {
             let (cp, id) = (self.cp.clone(), self.capsule.clone());
             tracing::info!(capsule = %id, template = %self.name, "build cut off: destroying its capsule");
             self.cp
@@ -572,7 +613,7 @@ pub async fn build(
     if spec.name.as_str() == DEFAULT_TEMPLATE_ALIAS {
         return Err(BuildError::Reserved(spec.name.to_string()));
     }
-    let mut running = Running::start(cp, spec.name.as_str())?;
+    let running = Running::start(cp, spec.name.as_str())?;
     if cp
         .db
         .own_template(&team, spec.name.as_str())
@@ -590,12 +631,13 @@ pub async fn build(
         id: running.capsule.clone(),
         vcpus: spec.vcpus,
         memory_mb: spec.memory_mb,
-        metadata: BTreeMap::from([(BUILD_KEY.to_owned(), spec.name.to_string())]),
+        metadata: BTreeMap::from([
+            (BUILD_KEY.to_owned(), spec.name.to_string()),
+            (BUILD_OWNER_KEY.to_owned(), cp.identity().to_owned()),
+        ]),
         ..Launch::new(&base)
     };
-    let capsule = launch(cp, &team, Actor::system(), launch_spec).await?;
-    let host = crate::api::host_of(cp, &capsule)?;
-    running.host = Some(host.clone());
+    let (capsule, host) = running.launch(launch_spec).await?;
     let cx = Ctx {
         host: &host,
         capsule: &capsule,
@@ -624,6 +666,17 @@ pub async fn build(
         let _ = cx
             .sh(&format!("rm -rf {SH_DIR}"), Duration::from_secs(30))
             .await;
+        // (a build of this name cut off after its snapshot left the files
+        // and no row, which would refuse this snapshot: they go)
+        let leftover = pb::TemplateRef {
+            name: spec.name.to_string(),
+            ..Default::default()
+        };
+        match host.rpc.delete_template(leftover).await {
+            Ok(_) => {}
+            Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
+            Err(e) => return Err(BuildError::Api(ApiError::agent(&e))),
+        }
         log(format!("snapshot → {}", spec.name));
         let req = pb::SnapshotRequest {
             id: capsule.id.to_string(),
@@ -656,7 +709,7 @@ pub async fn build(
             memory_mb: None,
             size_bytes: made.size_bytes as i64,
             default_user: made.default_user,
-            protected: true,
+            protected: spec.protected,
             metadata: BTreeMap::from([("base".to_owned(), spec.base.clone())]),
             created_at: now_ms(),
         };

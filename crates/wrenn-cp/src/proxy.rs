@@ -186,10 +186,41 @@ impl Refusal {
 
 /// The route to a running capsule.
 pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Arc<Route>, Refusal> {
-    if let Some(r) = cp.proxy_routes.fresh(id.as_str()) {
-        return Ok(r);
+    // (a second turn only when the capsule's agent moved under the first)
+    for _ in 0..2 {
+        if let Some(r) = cp.proxy_routes.fresh(id.as_str()) {
+            return Ok(r);
+        }
+        let evictions = cp.proxy_routes.evictions.load(Ordering::SeqCst);
+        let (route, host) = fresh_route(cp, id).await?;
+        // A pause or destroy that evicted between the read and the insert
+        // would leave this route (and the tunnels opened through it)
+        // behind, as would an agent that moved (`Routes::evict_host`):
+        // check both again, and drop the route if either happened.
+        if cp.proxy_routes.evictions.load(Ordering::SeqCst) == evictions {
+            return Ok(route);
+        }
+        if let Err(refusal) = running(cp, id).await {
+            cp.proxy_routes.evict(id);
+            return Err(refusal);
+        }
+        if cp
+            .hosts
+            .get(&host.id)
+            .is_some_and(|now| Arc::ptr_eq(&now, &host))
+        {
+            return Ok(route);
+        }
+        cp.proxy_routes.evict(id);
     }
-    let evictions = cp.proxy_routes.evictions.load(Ordering::SeqCst);
+    Err(Refusal::HostDown)
+}
+
+/// Read `id`'s capsule and host, and cache a route to it.
+async fn fresh_route(
+    cp: &Cp,
+    id: &CapsuleId,
+) -> Result<(Arc<Route>, Arc<crate::hosts::HostConn>), Refusal> {
     let c = running(cp, id).await?;
     let host = c.host_id.as_ref().and_then(|h| cp.hosts.get(h));
     let agent = host.as_ref().and_then(|h| h.address.parse().ok());
@@ -224,16 +255,7 @@ pub async fn lookup(cp: &Cp, id: &CapsuleId) -> Result<Arc<Route>, Refusal> {
             stop,
         },
     );
-    // A pause or destroy that evicted between the read and the insert
-    // would leave this route (and the tunnels opened through it) behind:
-    // read again, and drop it if the capsule no longer runs.
-    if cp.proxy_routes.evictions.load(Ordering::SeqCst) != evictions {
-        if let Err(refusal) = running(cp, id).await {
-            cp.proxy_routes.evict(id);
-            return Err(refusal);
-        }
-    }
-    Ok(route)
+    Ok((route, host))
 }
 
 /// `id` as the database has it, if it is running.

@@ -112,9 +112,14 @@ async fn list(host: &HostConn) -> Result<pb::ListCapsulesResponse, String> {
     }
 }
 
-/// Whether `c` is a build capsule whose build does not run in this process.
+/// Whether `c` is a build capsule of this control plane (by its
+/// [`Cp::identity`], so also one from before a restart) whose build does
+/// not run now.
 fn is_abandoned_build(cp: &Cp, c: &CapsuleRow) -> bool {
     c.metadata.contains_key(crate::build::BUILD_KEY)
+        && c.metadata
+            .get(crate::build::BUILD_OWNER_KEY)
+            .is_none_or(|owner| owner == cp.identity())
         && !cp.creating.lock().unwrap().contains(&c.id)
         && !cp.builds.lock().unwrap().values().any(|b| *b == c.id)
 }

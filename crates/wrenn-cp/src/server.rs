@@ -73,6 +73,9 @@ pub struct Cp {
     /// once, and the reconciler destroys every build capsule not here (its
     /// build was cut off by a restart).
     pub builds: Mutex<std::collections::HashMap<String, wrenn_types::ids::CapsuleId>>,
+    /// Who this control plane is, across its restarts (`wrenn up`: its
+    /// own host's ID; else one per process): see [`Cp::identity`].
+    pub identity: OnceLock<String>,
     /// Host-side names of the team snapshots being taken (not recorded
     /// yet: the reconciler leaves their layers alone).
     pub snapshotting: Mutex<std::collections::HashSet<String>>,
@@ -89,6 +92,14 @@ impl Cp {
         self.me
             .upgrade()
             .expect("the control plane outlives its requests")
+    }
+
+    /// Who this control plane is: what marks the build capsules it runs
+    /// (control planes sharing a database leave each other's alone). Set
+    /// once by `wrenn up`, before any build; a random name otherwise.
+    pub fn identity(&self) -> &str {
+        self.identity
+            .get_or_init(|| format!("cp-{}", crate::auth::random_hex(8)))
     }
 
     /// Run `work` to its end on [`Cp::tasks`] even if the caller is
@@ -198,6 +209,7 @@ impl ControlPlane {
             building: Mutex::new(Default::default()),
             builds: Mutex::new(Default::default()),
             snapshotting: Mutex::new(Default::default()),
+            identity: OnceLock::new(),
             lifecycle: Default::default(),
             template_names: Default::default(),
             me: me.clone(),

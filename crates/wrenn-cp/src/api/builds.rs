@@ -99,6 +99,7 @@ pub async fn create(
             .memory_mb
             .filter(|m| (128..=65536).contains(m))
             .unwrap_or(2048),
+        protected: false,
     };
     let mut logs = Vec::new();
     let mut log = |l: String| logs.push(l);

@@ -162,11 +162,8 @@ pub async fn create(
             if c.status == Status::Running {
                 crate::api::stats::flush_metrics(&cp, &host, &c).await;
             }
-            cp.snapshotting.lock().unwrap().insert(agent_name.clone());
-            let taken = agent_name.clone();
-            let row = record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await;
-            cp.snapshotting.lock().unwrap().remove(&taken);
-            let row = row?;
+            let _taking = Taking::new(&cp, &agent_name);
+            let row = record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await?;
             if let Some(old) = replacing {
                 collect_layers(&cp, &old).await; // (no row names them now)
             }
@@ -175,6 +172,35 @@ pub async fn create(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
+}
+
+/// A snapshot being taken, in [`Cp::snapshotting`] while this lives.
+struct Taking<'a> {
+    cp: &'a Cp,
+    agent_name: String,
+}
+
+impl<'a> Taking<'a> {
+    fn new(cp: &'a Cp, agent_name: &str) -> Self {
+        cp.snapshotting
+            .lock()
+            .unwrap()
+            .insert(agent_name.to_owned());
+        Taking {
+            cp,
+            agent_name: agent_name.to_owned(),
+        }
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        self.cp
+            .snapshotting
+            .lock()
+            .unwrap()
+            .remove(&self.agent_name);
+    }
 }
 
 /// Only a running or paused capsule can be snapshotted.
@@ -270,7 +296,8 @@ pub async fn admin_list(
 /// template built from a recipe, with its layers on its host, at once. Not
 /// while a capsule (or a build) uses it or a template stands on it (409:
 /// its layers are shared, and a rebuild of the name needs them gone), nor
-/// a built-in root template (`minimal`, `busybox`: 403).
+/// a built-in one (`wrenn up`'s: `minimal`, `busybox`, `base`, the code
+/// runner's: 403).
 pub async fn admin_delete(
     State(cp): State<Arc<Cp>>,
     caller: Caller,
@@ -290,9 +317,10 @@ pub async fn admin_delete(
         .own_template(&team, name.as_str())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("platform template {name} not found")))?;
-    if !t.metadata.contains_key("base") {
+    if t.protected {
         return Err(ApiError::forbidden(format!(
-            "platform template {name} is built in: every other template stands on it"
+            "platform template {name} is built in (wrenn up makes it; other templates and \
+             SDKs rely on it)"
         )));
     }
     let users = cp.db.template_users(&t.agent_name).await?;
