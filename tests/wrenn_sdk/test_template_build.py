@@ -260,7 +260,13 @@ def test_platform_templates_are_deleted_by_the_admin(server, team_b, tmp_path: P
         assert r.status_code == 403 and path in r.json()["error"]["message"], r.text
         assert other.delete(path).status_code == 403
         assert other.get("/v1/admin/templates").status_code == 403
-        assert h.delete("/v1/admin/templates/minimal").status_code == 403
+        # wrenn up's own, built from recipes too (`base`) or not: protected
+        platform = {t["name"]: t for t in h.get("/v1/admin/templates").json()}
+        for builtin in ("minimal", "base"):
+            assert platform[builtin]["protected"] is True
+            r = h.delete(f"/v1/admin/templates/{builtin}")
+            assert r.status_code == 403 and "built in" in r.text, r.text
+        assert platform[name]["protected"] is False
 
         with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
             assert c.commands.run("cat /version").stdout == "one\n"
