@@ -31,7 +31,7 @@ use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_proto::wrenn::agent::v1::__buffa::oneof::write_file_stream_request::Msg;
 use wrenn_types::ids::{CapsuleId, TemplateName};
 
-use crate::api::capsules::{cref, launch, Launch, DEFAULT_TEMPLATE_ALIAS};
+use crate::api::capsules::{launch, Launch, DEFAULT_TEMPLATE_ALIAS};
 use crate::db::{now_ms, platform_team, CapsuleRow, TemplateRow};
 use crate::error::ApiError;
 use crate::events::Actor;
@@ -593,12 +593,8 @@ impl Drop for Running {
 
 /// Destroy a build capsule (it is the platform's: no events).
 async fn discard(cp: &Cp, host: &HostConn, id: &CapsuleId) {
-    match host.rpc.destroy_capsule(cref(id)).await {
-        Ok(_) => {}
-        Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
-        Err(e) => {
-            return tracing::warn!(capsule = %id, error = %e, "cannot destroy the build capsule")
-        }
+    if let Err(e) = host.destroy(id).await {
+        return tracing::warn!(capsule = %id, error = %e, "cannot destroy the build capsule");
     }
     let _ = cp.db.transition(id, &[], Status::Stopped).await;
 }
@@ -668,15 +664,9 @@ pub async fn build(
             .await;
         // (a build of this name cut off after its snapshot left the files
         // and no row, which would refuse this snapshot: they go)
-        let leftover = pb::TemplateRef {
-            name: spec.name.to_string(),
-            ..Default::default()
-        };
-        match host.rpc.delete_template(leftover).await {
-            Ok(_) => {}
-            Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
-            Err(e) => return Err(BuildError::Api(ApiError::agent(&e))),
-        }
+        host.drop_template(spec.name.as_str())
+            .await
+            .map_err(|e| BuildError::Api(ApiError::agent(&e)))?;
         log(format!("snapshot → {}", spec.name));
         let req = pb::SnapshotRequest {
             id: capsule.id.to_string(),

@@ -92,6 +92,34 @@ impl std::fmt::Debug for HostConn {
 }
 
 impl HostConn {
+    /// Destroy capsule `id` here; one the agent does not have counts as
+    /// destroyed.
+    pub async fn destroy(&self, id: &wrenn_types::ids::CapsuleId) -> Result<(), ConnectError> {
+        match self
+            .rpc
+            .destroy_capsule(crate::api::capsules::cref(id))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == connectrpc::ErrorCode::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete the host-side template `name` here; one the agent does not
+    /// have counts as deleted.
+    pub async fn drop_template(&self, name: &str) -> Result<(), ConnectError> {
+        let req = wrenn_proto::wrenn::agent::v1::TemplateRef {
+            name: name.to_owned(),
+            ..Default::default()
+        };
+        match self.rpc.delete_template(req).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == connectrpc::ErrorCode::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn new(host: &Host, tls: &wrenn_http::tls::AgentTls) -> Result<HostConn, String> {
         let address = host.address.clone();
         let addr: std::net::SocketAddr = address

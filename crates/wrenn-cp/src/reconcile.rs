@@ -144,17 +144,12 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
         match on_agent.get(c.id.as_str()) {
             // A destroy that did not finish (the control plane stopped
             // in the middle): finish it.
-            Some(_) if c.status == Status::Stopping => {
-                match host.rpc.destroy_capsule(cref(&c.id)).await {
-                    Ok(_) => set(cp, c, Status::Stopped, "destroy_finished").await,
-                    Err(e) if e.code == connectrpc::ErrorCode::NotFound => {
-                        set(cp, c, Status::Stopped, "destroy_finished").await
-                    }
-                    Err(e) => {
-                        tracing::warn!(capsule = %c.id, error = %e, "cannot finish a destroy")
-                    }
+            Some(_) if c.status == Status::Stopping => match host.destroy(&c.id).await {
+                Ok(()) => set(cp, c, Status::Stopped, "destroy_finished").await,
+                Err(e) => {
+                    tracing::warn!(capsule = %c.id, error = %e, "cannot finish a destroy")
                 }
-            }
+            },
             // A create that never finished: its caller was told it failed
             // (the agent crashed or the answer was lost), or the control
             // plane restarted before the answer came, and the host may have
@@ -172,38 +167,26 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                         continue;
                     }
                 };
-                match host.rpc.destroy_capsule(cref(&c.id)).await {
-                    Ok(_) => {}
-                    Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(capsule = %c.id, error = %e, "cannot clean up a cut-off create");
-                        continue;
-                    }
+                if let Err(e) = host.destroy(&c.id).await {
+                    tracing::warn!(capsule = %c.id, error = %e, "cannot clean up a cut-off create");
+                    continue;
                 }
                 set(cp, &fresh, Status::Stopped, "cleanup_after_create_error").await;
             }
             // A build capsule whose build no longer runs (cut off by a
             // restart): nobody will finish or destroy it.
             Some(_) if is_abandoned_build(cp, c) => {
-                match host.rpc.destroy_capsule(cref(&c.id)).await {
-                    Ok(_) => {}
-                    Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(capsule = %c.id, error = %e, "cannot destroy an abandoned build capsule");
-                        continue;
-                    }
+                if let Err(e) = host.destroy(&c.id).await {
+                    tracing::warn!(capsule = %c.id, error = %e, "cannot destroy an abandoned build capsule");
+                    continue;
                 }
                 set(cp, c, Status::Stopped, "build_abandoned").await;
             }
             // Gone while the host was down (its agent found no process):
             // stopped, and what it still holds on the host is freed.
             Some(a) if status_of(&a.state) == Status::Stopped => {
-                match host.rpc.destroy_capsule(cref(&c.id)).await {
-                    Ok(_) => {}
-                    Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(capsule = %c.id, error = %e, "cannot free a stopped capsule")
-                    }
+                if let Err(e) = host.destroy(&c.id).await {
+                    tracing::warn!(capsule = %c.id, error = %e, "cannot free a stopped capsule")
                 }
                 set(cp, c, Status::Stopped, "capsule_gone").await;
             }
@@ -235,7 +218,7 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                 Err(_) => continue,
             }
             tracing::info!(capsule = %id, "destroying a capsule the database does not keep");
-            if let Err(e) = host.rpc.destroy_capsule(cref(&id)).await {
+            if let Err(e) = host.destroy(&id).await {
                 tracing::warn!(capsule = %id, error = %e, "cannot destroy orphan");
             }
         }

@@ -517,15 +517,11 @@ pub(crate) async fn destroy_locked(cp: &Cp, c: &CapsuleRow, actor: Actor) -> Api
             .transition(&c.id, &[c.status], Status::Stopping)
             .await?;
         cp.proxy_routes.evict(&c.id);
-        match host.rpc.destroy_capsule(cref(&c.id)).await {
-            Ok(_) => {}
-            Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
-            Err(e) => {
-                cp.db
-                    .transition(&c.id, &[Status::Stopping], c.status)
-                    .await?;
-                return Err(ApiError::agent(&e));
-            }
+        if let Err(e) = host.destroy(&c.id).await {
+            cp.db
+                .transition(&c.id, &[Status::Stopping], c.status)
+                .await?;
+            return Err(ApiError::agent(&e));
         }
     } else if c.host_id.is_some() && c.status != Status::Error {
         return Err(ApiError::host_unavailable(

@@ -74,14 +74,8 @@ pub async fn collect_layers(cp: &Cp, agent_name: &str) {
         _ => return,
     }
     for host in cp.hosts.all() {
-        let req = pb::TemplateRef {
-            name: agent_name.to_owned(),
-            ..Default::default()
-        };
-        if let Err(e) = host.rpc.delete_template(req).await {
-            if e.code != connectrpc::ErrorCode::NotFound {
-                tracing::debug!(template = agent_name, error = %e, "layers not collected yet");
-            }
+        if let Err(e) = host.drop_template(agent_name).await {
+            tracing::debug!(template = agent_name, error = %e, "layers not collected yet");
         }
     }
 }
@@ -338,13 +332,8 @@ pub async fn admin_delete(
         None => cp.hosts.all(),
     };
     for host in hosts {
-        let req = pb::TemplateRef {
-            name: t.agent_name.clone(),
-            ..Default::default()
-        };
-        match host.rpc.delete_template(req).await {
-            Ok(_) => {}
-            Err(e) if e.code == connectrpc::ErrorCode::NotFound => {}
+        match host.drop_template(&t.agent_name).await {
+            Ok(()) => {}
             // (in use there: by a capsule, or a template stacked on it)
             Err(e) if e.code == connectrpc::ErrorCode::InvalidArgument => {
                 return Err(ApiError::conflict(e.message.unwrap_or_default()))
