@@ -33,6 +33,17 @@ def wrenn(server, *args: str, key: str | None = None) -> subprocess.CompletedPro
     )
 
 
+def build_ok(server, tmp_path: Path, prefix: str, text: str, name: str | None = None) -> str:
+    """Build ``text`` (a recipe written to ``tmp_path``, whose files are its
+    context) as a new template named ``prefix-…`` (or ``name``); its name."""
+    recipe = tmp_path / f"{prefix}.recipefile"
+    recipe.write_text(text)
+    name = name or f"{prefix}-{uuid.uuid4().hex[:8]}"
+    r = wrenn(server, "build", str(recipe), "--name", name)
+    assert r.returncode == 0, r.stderr
+    return name
+
+
 def test_build_a_template_and_boot_it(server, tmp_path: Path) -> None:
     name = f"tpl-{uuid.uuid4().hex[:8]}"
     recipe = tmp_path / "app.recipefile"
@@ -95,11 +106,8 @@ def test_copy_sends_the_build_context(server, tmp_path: Path) -> None:
     (tmp_path / "app" / "sub" / "blob.bin").write_bytes(blob)
     (tmp_path / "motd").write_text("copied alone\n")
     (tmp_path / "not-copied").write_text("stays here\n")
-    recipe = tmp_path / "copy.recipefile"
-    recipe.write_text("USER dev\nWORKDIR /home/dev\nCOPY app /opt/app\nCOPY motd motd.txt\n")
-    name = f"copy-{uuid.uuid4().hex[:8]}"
-    r = wrenn(server, "build", str(recipe), "--name", name)
-    assert r.returncode == 0, r.stderr
+    name = build_ok(server, tmp_path, "copy",
+                    "USER dev\nWORKDIR /home/dev\nCOPY app /opt/app\nCOPY motd motd.txt\n")
     try:
         with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
             assert c.commands.run("cat /opt/app/hello.txt").stdout == "hello from the context\n"
@@ -182,11 +190,7 @@ def test_steps_follow_passwd_and_the_workdir(server, tmp_path: Path) -> None:
     taken from the one before; a ``WORKDIR`` made after ``USER`` is made by
     root and given to the user, and an existing one is left as it was. A
     capsule whose default user has no home starts its commands in /."""
-    recipe = tmp_path / "steps.recipefile"
-    recipe.write_text(STEPS_RECIPE)
-    name = f"steps-{uuid.uuid4().hex[:8]}"
-    r = wrenn(server, "build", str(recipe), "--name", name)
-    assert r.returncode == 0, r.stderr
+    name = build_ok(server, tmp_path, "steps", STEPS_RECIPE)
     try:
         with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
             assert c.commands.run("whoami; pwd").stdout == "nobody\n/\n"
@@ -248,11 +252,7 @@ def test_platform_templates_are_deleted_by_the_admin(server, team_b, tmp_path: P
     template built from a recipe, with its files on the host, so the name
     builds again from scratch; not while a capsule uses it (409), not the
     built-in ones (403), not with another team's key (403)."""
-    name = f"plat-{uuid.uuid4().hex[:8]}"
-    recipe = tmp_path / "plat.recipefile"
-    recipe.write_text("RUN echo one > /version\n")
-    r = wrenn(server, "build", str(recipe), "--name", name)
-    assert r.returncode == 0, r.stderr
+    name = build_ok(server, tmp_path, "plat", "RUN echo one > /version\n")
     path = f"/v1/admin/templates/{name}"
     with server.http() as h, server.http(api_key=team_b.api_key) as other:
         assert name in {t["name"] for t in h.get("/v1/admin/templates").json()}
@@ -277,9 +277,7 @@ def test_platform_templates_are_deleted_by_the_admin(server, team_b, tmp_path: P
         assert name not in {t["name"] for t in h.get("/v1/admin/templates").json()}
         assert h.delete(path).status_code == 404
 
-        recipe.write_text("RUN test ! -e /version && echo two > /version\n")
-        r = wrenn(server, "build", str(recipe), "--name", name)
-        assert r.returncode == 0, r.stderr
+        build_ok(server, tmp_path, "plat", "RUN test ! -e /version && echo two > /version\n", name)
         try:
             with Capsule(template=name, api_key=server.api_key, base_url=server.base_url) as c:
                 assert c.commands.run("cat /version").stdout == "two\n"
