@@ -129,6 +129,17 @@ def watching_events(h: httpx.Client) -> Iterator[list[dict]]:
         yield seen
 
 
+def wait_event(seen: list[dict], event: str, capsule_id: str, limit: float) -> dict:
+    """The first ``event`` about ``capsule_id`` in ``seen`` (as
+    ``watching_events`` fills it), waited for up to ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not (found := [e for e in seen if e["event"] == event
+                         and e["resource"]["id"] == capsule_id]):
+        assert time.monotonic() < deadline, f"no {event} for {capsule_id} in {seen}"
+        time.sleep(0.1)
+    return found[0]
+
+
 def wait_status(h: httpx.Client, path: str, want: str, limit: float) -> dict:
     deadline = time.monotonic() + limit
     while True:
@@ -300,12 +311,8 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
         with watching_events(h) as seen:
             addr = second.start(None, ("--heartbeat-interval", "1s"))
             wait_host(h, host_id, addr, limit=15)
-            deadline = time.monotonic() + 30
-            while not (undone := [e for e in seen if e["event"] == "capsule.destroy"
-                                  and e["resource"]["id"] == cid]):
-                assert time.monotonic() < deadline, f"no capsule.destroy for {cid} in {seen}"
-                time.sleep(0.1)
-        assert undone[0]["metadata"]["reason"] == "cleanup_after_create_error", undone
+            undone = wait_event(seen, "capsule.destroy", cid, 30)
+        assert undone["metadata"]["reason"] == "cleanup_after_create_error", undone
         assert h.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
         deadline = time.monotonic() + 30
         while cid in on_second() or any(cid in o for objs in second.up.capsule_objects().values()
@@ -361,13 +368,10 @@ def test_an_idle_capsule_shows_paused_at_once_on_either_host(request) -> None:
         assert {c in set(second.up.runc_containers()) for c in idle} == {True, False}, made
 
         with watching_events(h) as seen:
-            deadline = time.monotonic() + 90
-            while not all(any(e["event"] == "capsule.pause" and e["resource"]["id"] == c for e in seen)
-                          for c in idle):
-                assert time.monotonic() < deadline, f"not paused within 90 s: {seen}"
-                time.sleep(0.2)
-        for c in idle:
-            paused = next(e for e in seen if e["event"] == "capsule.pause" and e["resource"]["id"] == c)
+            deadline = time.monotonic() + 90  # (for both)
+            pauses = {c: wait_event(seen, "capsule.pause", c, deadline - time.monotonic())
+                      for c in idle}
+        for c, paused in pauses.items():
             assert paused["metadata"]["reason"] == "ttl_expired", paused
             # within seconds of the timeout (reconciliation would be minutes)
             idle_for = (datetime.fromisoformat(paused["timestamp"])
@@ -494,12 +498,8 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         # (its capsules' destroys are published, as every other)
         with watching_events(h) as seen:
             assert h.delete(f"/v1/hosts/{host_id}", params={"force": "1"}).status_code == 204
-            deadline = time.monotonic() + 10
-            while not (gone := [e for e in seen if e["event"] == "capsule.destroy"
-                                and e["resource"]["id"] == on_new]):
-                assert time.monotonic() < deadline, f"no capsule.destroy for {on_new} in {seen}"
-                time.sleep(0.1)
-        assert gone[0]["metadata"]["reason"] == "host_deleted", gone
+            gone = wait_event(seen, "capsule.destroy", on_new, 10)
+        assert gone["metadata"]["reason"] == "host_deleted", gone
         assert h.get(f"/v1/capsules/{on_new}").json()["status"] == "stopped"
         assert h.get(f"/v1/hosts/{host_id}").status_code == 404
         r = h.post("/v1/capsules", json={"template": snap})
