@@ -97,11 +97,12 @@ impl AgentError {
             }
             AgentError::InvalidId(_)
             | AgentError::Invalid(_)
+            | AgentError::Template(TemplateError::BadImport { .. })
             | AgentError::VmImage(crate::runtime::vm::image::ImageError::CmdlineTooLong(_)) => {
                 ErrorKind::InvalidArgument
             }
             AgentError::IllegalState { .. }
-            | AgentError::Template(TemplateError::InUse { .. })
+            | AgentError::Template(TemplateError::InUse { .. } | TemplateError::NoParent { .. })
             | AgentError::Runtime(RuntimeError::Missing { .. } | RuntimeError::NoCheckpoint) => {
                 ErrorKind::FailedPrecondition
             }

@@ -854,3 +854,194 @@ async fn the_agent_wants_its_token() {
     );
     t.agent.destroy(&id).await.unwrap();
 }
+
+/// `sh -c script` in capsule `id`: its exit code, and its stdout followed
+/// by its stderr.
+async fn sh(c: &common::RpcClient, id: &str, script: &str) -> (i32, String) {
+    let r = c
+        .exec(pb::ExecRequest {
+            id: id.into(),
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    let out = [r.stdout, r.stderr].concat();
+    (r.exit_code, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Template `name` of the agent behind `c`, as ExportTemplate streams it.
+async fn export(c: &common::RpcClient, name: &str) -> Vec<Vec<u8>> {
+    let mut s = c
+        .export_template(pb::TemplateRef {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut chunks = Vec::new();
+    while let Some(m) = s.message::<pb::FileChunk>().await.unwrap() {
+        chunks.push(m.to_owned_message().data);
+    }
+    chunks
+}
+
+/// Feed `chunks` to ImportTemplate as `name`, the last message saying
+/// `end` only if `end`.
+async fn import(
+    c: &common::RpcClient,
+    name: &str,
+    chunks: &[Vec<u8>],
+    end: bool,
+) -> Result<pb::Template, connectrpc::ConnectError> {
+    let mut msgs: Vec<pb::ImportTemplateRequest> = chunks
+        .iter()
+        .map(|d| pb::ImportTemplateRequest {
+            data: d.clone(),
+            ..Default::default()
+        })
+        .collect();
+    if msgs.is_empty() {
+        msgs.push(pb::ImportTemplateRequest::default());
+    }
+    msgs[0].name = name.into();
+    msgs.last_mut().unwrap().end = end;
+    c.import_template(futures::stream::iter(msgs))
+        .await
+        .map(|t| t.into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_moves_to_another_agent_whole() {
+    let (a, b) = (TestAgent::start().await, TestAgent::start().await);
+    let ((addr_a, _stop_a), (addr_b, _stop_b)) = (serve(&a).await, serve(&b).await);
+    let ca = common::rpc_client(addr_a, a.agent.token());
+    let cb = common::rpc_client(addr_b, b.agent.token());
+    // a capsule's changes of every kind an overlay layer records: a file
+    // owned by a user with its mode, a hard link, a removed file of the
+    // lower layer (a whiteout) and a directory replaced (opaque)
+    let id = busybox(&ca, 0).await;
+    let (code, out) = sh(
+        &ca,
+        &id,
+        "mkdir -p /data && echo kept > /data/f && chown 1000:1001 /data/f && chmod 640 /data/f \
+         && ln /data/f /data/g && rm /bin/sleep && rm -r /usr/sbin && mkdir /usr/sbin \
+         && echo only > /usr/sbin/only && echo done",
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "done\n"));
+    let snap = |id: &str, name: &str| {
+        ca.create_snapshot(pb::SnapshotRequest {
+            id: id.into(),
+            name: name.into(),
+            ..Default::default()
+        })
+    };
+    snap(&id, "trip").await.unwrap();
+    // and one stacked on it
+    let child = CapsuleId::random().to_string();
+    ca.create_capsule(pb::CreateCapsuleRequest {
+        id: child.clone(),
+        template: "trip".into(),
+        memory_mb: 64,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sh(&ca, &child, "echo 2 > /data/h").await.0, 0);
+    snap(&child, "trip2").await.unwrap();
+    for c in [&id, &child] {
+        ca.destroy_capsule(cref(c)).await.unwrap();
+    }
+    let (trip, trip2) = (export(&ca, "trip").await, export(&ca, "trip2").await);
+
+    // the stacked one first: its parent is not on b yet
+    let err = import(&cb, "trip2", &trip2, true).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message.as_deref().unwrap_or("").contains("trip"),
+        "{err:?}"
+    );
+    // cut off (no end), garbage, or under another name: nothing is kept
+    let err = import(&cb, "trip", &trip[..trip.len() / 2], false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Canceled, "{err:?}");
+    let err = import(&cb, "trip", &[b"not a tar stream".repeat(100)], true)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+    let err = import(&cb, "other", &trip, true).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+    assert!(
+        err.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("holds template trip"),
+        "{err:?}"
+    );
+    let leftovers = || {
+        std::fs::read_dir(b.agent.templates().dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "busybox")
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        common::eventually(10, || leftovers().is_empty()).await,
+        "{:?}",
+        leftovers()
+    );
+
+    let got = import(&cb, "trip", &trip, true).await.unwrap();
+    assert_eq!(got.layers, ["trip", "busybox"]);
+    let err = import(&cb, "trip", &trip, true).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists, "{err:?}");
+    let got = import(&cb, "trip2", &trip2, true).await.unwrap();
+    assert_eq!(got.layers, ["trip2", "trip", "busybox"]);
+
+    // a capsule on b sees what the one on a left
+    let there = CapsuleId::random().to_string();
+    cb.create_capsule(pb::CreateCapsuleRequest {
+        id: there.clone(),
+        template: "trip2".into(),
+        memory_mb: 64,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (code, out) = sh(
+        &cb,
+        &there,
+        "cat /data/f /data/h; stat -c '%u:%g %a %h' /data/f; ls /usr/sbin; \
+         test -e /bin/sleep && echo sleep is back; test -e /bin/cat && echo cat stays",
+    )
+    .await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "kept\n2\n1000:1001 640 2\nonly\ncat stays\n")
+    );
+    cb.destroy_capsule(cref(&there)).await.unwrap();
+    for (c, name) in [(&cb, "trip2"), (&cb, "trip"), (&ca, "trip2"), (&ca, "trip")] {
+        c.delete_template(pb::TemplateRef {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // a template that is not there
+    let mut s = ca
+        .export_template(pb::TemplateRef {
+            name: "trip".into(),
+            ..Default::default()
+        })
+        .await;
+    let err = match &mut s {
+        Ok(s) => s.message::<pb::FileChunk>().await.map(|_| ()).unwrap_err(),
+        Err(e) => e.clone(),
+    };
+    assert_eq!(err.code, ErrorCode::NotFound, "{err:?}");
+}

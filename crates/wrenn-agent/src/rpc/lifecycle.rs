@@ -1,6 +1,7 @@
 //! Lifecycle, metrics and template verbs.
 
 use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult};
+use futures::StreamExt;
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_types::ids::TemplateName;
 
@@ -404,5 +405,63 @@ impl pb::Agent for AgentRpc {
             .await
             .map_err(agent_error)?;
         Response::ok(pb::Empty::default())
+    }
+
+    async fn export_template(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::TemplateRef>,
+    ) -> ServiceResult<connectrpc::ServiceStream<pb::FileChunk>> {
+        let name = template_name(&request.to_owned_message().name)?;
+        let stream = crate::template::export(self.agent.templates(), &name)
+            .map_err(|e| agent_error(e.into()))?;
+        let chunks = stream.map(|piece| {
+            piece
+                .map(|data| pb::FileChunk {
+                    data: data.to_vec(),
+                    ..Default::default()
+                })
+                .map_err(|e| agent_error(e.into()))
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn import_template(
+        &self,
+        _ctx: RequestContext,
+        mut requests: connectrpc::InboundStream<pb::ImportTemplateRequest>,
+    ) -> ServiceResult<pb::Template> {
+        let failed = |e: crate::template::TemplateError| agent_error(e.into());
+        let mut msg = match requests.next().await {
+            Some(m) => m?.to_owned_message(),
+            None => {
+                return Err(ConnectError::invalid_argument(
+                    "the stream carried no message",
+                ))
+            }
+        };
+        let name = template_name(&msg.name)?;
+        let store = self.agent.templates();
+        let mut import = crate::template::Import::start(store, &name).map_err(failed)?;
+        // (any way out before `end` drops the import, which leaves nothing)
+        loop {
+            if !msg.data.is_empty() {
+                import.write(&msg.data).await.map_err(failed)?;
+            }
+            if msg.end {
+                break;
+            }
+            msg = match requests.next().await {
+                Some(m) => m?.to_owned_message(),
+                None => {
+                    return Err(ConnectError::canceled(
+                        "the import ended before its end message: nothing was kept",
+                    ))
+                }
+            };
+        }
+        let meta = import.finish(store).await.map_err(failed)?;
+        tracing::info!(template = %name, bytes = meta.size_bytes, "imported a template");
+        Response::ok(template_to_pb(meta))
     }
 }

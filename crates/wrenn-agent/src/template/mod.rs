@@ -8,6 +8,7 @@
 
 mod busybox;
 mod debootstrap;
+mod transfer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use wrenn_types::ids::TemplateName;
 
 pub use busybox::build_busybox;
 pub use debootstrap::{build_minimal, host_mirror, Progress};
+pub use transfer::{export, Import};
 
 /// Which OCI runtime a template asks for (else the agent's default).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -125,6 +127,13 @@ pub enum TemplateError {
         name: TemplateName,
         child: TemplateName,
     },
+    #[error("template {name} stacks on {parent}, which this host does not have")]
+    NoParent {
+        name: TemplateName,
+        parent: TemplateName,
+    },
+    #[error("import of template {name}: {what}")]
+    BadImport { name: TemplateName, what: String },
     #[error("template {name}: {what}")]
     Corrupt { name: TemplateName, what: String },
     #[error("build template {name}: {what}")]
