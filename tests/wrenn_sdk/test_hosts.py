@@ -511,3 +511,64 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         assert on_new not in up.runc_containers()
         assert up.capsule_objects() == {}, up.capsule_objects()
         assert not (data / "host.json").exists()
+
+
+def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None:
+    """A snapshot's files are on the host that took it; a capsule placed
+    on another host (least-loaded placement) gets them copied there first,
+    whole: owners and modes, files removed from the layer below. Deleting
+    the snapshot removes the copy too."""
+    with SecondAgent(server) as second:
+        h, made, up = second.h, second.made, second.up
+        # a snapshot on wrenn up's own host, before the second host joins
+        r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        src = r.json()["id"]
+        made.append(src)
+        r = h.post(f"/v1/capsules/{src}/exec", json={"cmd": "/bin/sh", "args": ["-c",
+            "echo copied > /root/f && chown 1000:1001 /root/f && chmod 640 /root/f "
+            "&& rm /etc/debian_version && echo ok"]})
+        assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
+        snap = f"copied-{uuid.uuid4().hex[:6]}"
+        r = h.post("/v1/snapshots", json={"sandbox_id": src, "name": snap})
+        assert r.status_code == 201, r.text
+        assert snapshot_layers(second) == set()
+
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        wait_host(h, host_id, second.start(token))
+        # the empty host is the least loaded: a capsule from the snapshot
+        # goes there, with a copy of its files
+        on_new = None
+        for _ in range(4):
+            r = h.post("/v1/capsules", json={"template": snap, "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+            if made[-1] in up.runc_containers():
+                on_new = made[-1]
+                break
+        assert on_new, f"no capsule landed on the second host: {made}"
+        copied = snapshot_layers(second)
+        assert len(copied) == 1, copied
+        r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c",
+            "cat /root/f; stat -c '%u:%g %a' /root/f; test -e /etc/debian_version || echo gone"]})
+        assert r.status_code == 200 and r.json()["stdout"] == "copied\n1000:1001 640\ngone\n", r.text
+        # a second capsule there uses the copy made
+        r = h.post("/v1/capsules", json={"template": snap, "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+        assert snapshot_layers(second) == copied
+
+        # once its capsules are gone, deleting the snapshot removes the copy
+        for cid in made:
+            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made.clear()
+        assert h.delete(f"/v1/snapshots/{snap}").status_code == 204
+        deadline = time.monotonic() + 10
+        while snapshot_layers(second):
+            assert time.monotonic() < deadline, snapshot_layers(second)
+            time.sleep(0.2)
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None

@@ -192,15 +192,31 @@ async fn admin_keys(cp: &Cp, data_dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Record a built template as a platform template.
-async fn publish_template(cp: &Cp, store: &TemplateStore, name: &str) -> Result<()> {
+/// Record a built template as a platform template: made on every host
+/// (`minimal`, `busybox`: each agent makes its own), or else on this one
+/// (a recipe's: other hosts get copies).
+async fn publish_template(
+    cp: &Cp,
+    store: &TemplateStore,
+    name: &str,
+    on_every_host: bool,
+) -> Result<()> {
     let meta = store.get(&name.parse()?)?;
+    let host_id = match on_every_host {
+        true => None,
+        false => Some(
+            cp.local_agent
+                .get()
+                .map(|(host, _)| host.clone())
+                .context("this host is not registered yet")?,
+        ),
+    };
     let row = TemplateRow {
         team_id: platform_team(),
         name: name.to_owned(),
         agent_name: name.to_owned(),
         kind: "base".into(),
-        host_id: None,
+        host_id,
         vcpus: None,
         memory_mb: None,
         size_bytes: template::dir_size(&store.layer_dir(&meta.name)) as i64,
@@ -258,7 +274,7 @@ async fn build_minimal(cp: Arc<Cp>, agent: Arc<Agent>, extra: Vec<&'static Built
             if !exists {
                 eprintln!("wrenn up: `minimal` built in {:.0?}", started.elapsed());
             }
-            let published = publish_template(&cp, agent.templates(), "minimal").await;
+            let published = publish_template(&cp, agent.templates(), "minimal", true).await;
             cp.set_building("minimal", false);
             if let Err(e) = published {
                 for t in later() {
@@ -356,7 +372,7 @@ async fn build_recipe(cp: &Cp, agent: &Agent, t: &BuiltIn) {
 async fn build_recipe_once(cp: &Cp, agent: &Agent, t: &BuiltIn) {
     let store = agent.templates();
     if store.exists(&t.name.parse().expect("valid")) {
-        if let Err(e) = publish_template(cp, store, t.name).await {
+        if let Err(e) = publish_template(cp, store, t.name, false).await {
             tracing::error!(error = %e, template = t.name, "cannot record a built-in template");
         }
         return;
@@ -475,7 +491,7 @@ async fn up(args: UpArgs) -> Result<()> {
         agent.subscribe_auto_pauses(),
     ));
     let _ = cp.local_agent.set((host.clone(), local_proxy));
-    publish_template(&cp, agent.templates(), "busybox").await?;
+    publish_template(&cp, agent.templates(), "busybox", true).await?;
     let first = admin_keys(&cp, &data_dir).await?;
     wrenn_cp::reconcile::reconcile_all(&cp).await;
 

@@ -704,6 +704,8 @@ pub async fn build(
             created_at: now_ms(),
         };
         cp.db.put_template(&row).await?;
+        // (made again: copies of what the name held before are stale)
+        cp.db.drop_template_copy(&row.agent_name, None).await?;
         Ok(row)
     }
     .await;

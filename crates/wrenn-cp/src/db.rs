@@ -130,6 +130,11 @@ fn migrator() -> Migrator {
             "internet",
             include_str!("../migrations/0008_internet.sql"),
         ),
+        (
+            9,
+            "template_copies",
+            include_str!("../migrations/0009_template_copies.sql"),
+        ),
     ]
     .into_iter()
     .map(|(version, name, sql)| {
@@ -548,10 +553,15 @@ impl Db {
             .bind(now_ms())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM hosts WHERE id = $1")
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        for forget in [
+            "DELETE FROM template_copies WHERE host_id = $1",
+            "DELETE FROM hosts WHERE id = $1",
+        ] {
+            sqlx::query(forget)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -1155,6 +1165,66 @@ impl Db {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// The hosts with a current copy of host-side template `agent_name`
+    /// (not counting the one that made it).
+    pub async fn template_copies(&self, agent_name: &str) -> Result<Vec<HostId>, DbError> {
+        let rows = sqlx::query(
+            "SELECT host_id FROM template_copies WHERE agent_name = $1 ORDER BY created_at",
+        )
+        .bind(agent_name)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| parse(r.try_get::<String, _>("host_id")?))
+            .collect()
+    }
+
+    /// Host `host` has a current copy of host-side template `agent_name`.
+    pub async fn add_template_copy(&self, agent_name: &str, host: &HostId) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO template_copies (agent_name, host_id, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (agent_name, host_id) DO NOTHING",
+        )
+        .bind(agent_name)
+        .bind(host.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Host `host`'s copy of `agent_name` is gone (or no longer current);
+    /// every host's when `host` is None.
+    pub async fn drop_template_copy(
+        &self,
+        agent_name: &str,
+        host: Option<&HostId>,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "DELETE FROM template_copies WHERE agent_name = $1 AND ($2 IS NULL OR host_id = $2)",
+        )
+        .bind(agent_name)
+        .bind(host.map(|h| h.as_str()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The hosts named by the template rows of host-side template
+    /// `agent_name` (None: a row whose template every host makes).
+    pub async fn template_homes(&self, agent_name: &str) -> Result<Vec<Option<HostId>>, DbError> {
+        let rows = sqlx::query("SELECT host_id FROM templates WHERE agent_name = $1")
+            .bind(agent_name)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: Option<String> = r.try_get("host_id")?;
+                id.map(parse).transpose()
+            })
+            .collect()
     }
 
     /// Whether a template row names this host-side template.

@@ -229,41 +229,45 @@ impl Hosts {
         Ok(())
     }
 
-    /// Pick a host for a capsule of `vcpus` and `memory_mb`; `only` pins
-    /// the choice (templates that live on one host).
+    /// Pick a host for a capsule of `vcpus` and `memory_mb`: the least
+    /// loaded. `holders` are the hosts with its template's files when not
+    /// every host makes them ([`crate::copies`]): another host gets a copy
+    /// first, so one of them must be online; of hosts equally loaded, a
+    /// holder wins.
     pub async fn place(
         &self,
         db: &Db,
         vcpus: i64,
         memory_mb: i64,
-        only: Option<&HostId>,
+        holders: Option<&[HostId]>,
     ) -> ApiResult<Arc<HostConn>> {
-        let mut best: Option<(f64, Arc<HostConn>)> = None;
         let hosts = db.hosts().await?;
-        // (a template's files live on one host: when that host is gone or
-        // down, say so, not that no host has room)
-        if let Some(only) = only {
-            match hosts.iter().find(|h| h.id == *only) {
-                None => {
-                    return Err(ApiError::host_unavailable(format!(
-                        "the template's files were on host {only}, which was deleted"
-                    )))
-                }
-                Some(h) if h.status != "online" || self.get(&h.id).is_none() => {
-                    return Err(ApiError::host_unavailable(format!(
-                        "the template's files are on host {only}, which is {}",
-                        if h.status == "online" {
-                            "not connected"
-                        } else {
-                            h.status.as_str()
+        let up = |h: &Host| h.status == "online" && self.get(&h.id).is_some();
+        // (when no host with the files is up, say so, not that no host
+        // has room)
+        if let Some(holders) = holders {
+            if !hosts.iter().any(|h| up(h) && holders.contains(&h.id)) {
+                let home = &holders[0];
+                return Err(ApiError::host_unavailable(
+                    match hosts.iter().find(|h| h.id == *home) {
+                        None => {
+                            format!("the template's files were on host {home}, which was deleted")
                         }
-                    )))
-                }
-                Some(_) => {}
+                        Some(h) => format!(
+                            "the template's files are on host {home}, which is {}",
+                            if h.status == "online" {
+                                "not connected"
+                            } else {
+                                h.status.as_str()
+                            }
+                        ),
+                    },
+                ));
             }
         }
+        let mut best: Option<((f64, bool), Arc<HostConn>)> = None;
         for h in hosts {
-            if h.status != "online" || only.is_some_and(|o| *o != h.id) {
+            if h.status != "online" {
                 continue;
             }
             let Some(conn) = self.get(&h.id) else {
@@ -271,8 +275,9 @@ impl Hosts {
             };
             let load = db.host_load(&h.id).await?;
             if let Some(score) = score(&h, load, vcpus, memory_mb) {
-                if best.as_ref().is_none_or(|(b, _)| score < *b) {
-                    best = Some((score, conn));
+                let key = (score, holders.is_some_and(|hs| !hs.contains(&h.id)));
+                if best.as_ref().is_none_or(|(b, _)| key < *b) {
+                    best = Some((key, conn));
                 }
             }
         }

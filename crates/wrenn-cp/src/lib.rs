@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod build;
 pub mod config;
+pub mod copies;
 pub mod db;
 pub mod e2b;
 pub mod error;

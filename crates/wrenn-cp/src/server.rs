@@ -83,6 +83,9 @@ pub struct Cp {
     pub lifecycle: crate::locks::CapsuleLocks,
     /// Taken by snapshots and template deletes, by team and name.
     pub template_names: crate::locks::Locks<(wrenn_types::ids::TeamId, String)>,
+    /// Taken while a host-side template is copied to a host
+    /// ([`crate::copies`]), by its name and that host.
+    pub copying: crate::locks::Locks<(String, wrenn_types::ids::HostId)>,
     me: Weak<Cp>,
 }
 
@@ -212,6 +215,7 @@ impl ControlPlane {
             identity: OnceLock::new(),
             lifecycle: Default::default(),
             template_names: Default::default(),
+            copying: Default::default(),
             me: me.clone(),
         });
         cp.hosts.load(&cp.db).await?;

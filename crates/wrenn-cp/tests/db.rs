@@ -242,7 +242,15 @@ async fn exercise(db: &Db) {
         .unwrap());
     let listed = serials(db.revoked_certs(now_ms()).await.unwrap());
     assert!(listed.contains(&first) && !listed.contains(&second));
+    // (a deleted host's template copies go with it)
+    let copied = format!("s-gone{}", now_ms());
+    db.add_template_copy(&copied, &certified.id).await.unwrap();
+    assert_eq!(
+        db.template_copies(&copied).await.unwrap(),
+        std::slice::from_ref(&certified.id)
+    );
     db.delete_host(&certified.id).await.unwrap();
+    assert!(db.template_copies(&copied).await.unwrap().is_empty());
     let revoked = db.revoked_certs(now_ms()).await.unwrap();
     let at = revoked
         .iter()
@@ -469,6 +477,35 @@ async fn exercise(db: &Db) {
     assert!(db.template_named_on_host("s-own").await.unwrap());
     assert!(db.delete_template(&team.id, &name).await.unwrap());
     assert!(!db.template_named_on_host("s-own").await.unwrap());
+
+    // where a host-side template's files are: the host its row names (none:
+    // every host), and the copies on others, each recorded once
+    let (home, h2, h3) = (HostId::random(), HostId::random(), HostId::random());
+    t.agent_name = format!("s-copied{}", now_ms());
+    t.host_id = Some(home.clone());
+    db.put_template(&t).await.unwrap();
+    let copied = t.agent_name.as_str();
+    assert_eq!(db.template_homes(copied).await.unwrap(), [Some(home)]);
+    assert_eq!(db.template_homes("p").await.unwrap(), [None]);
+    assert!(db.template_homes("s-none").await.unwrap().is_empty());
+    assert!(db.template_copies(copied).await.unwrap().is_empty());
+    for h in [&h2, &h3, &h2] {
+        db.add_template_copy(copied, h).await.unwrap();
+    }
+    let mut all = db.template_copies(copied).await.unwrap();
+    all.sort();
+    let mut want = [h2.clone(), h3.clone()];
+    want.sort();
+    assert_eq!(all, want);
+    db.drop_template_copy(copied, Some(&h2)).await.unwrap();
+    assert_eq!(
+        db.template_copies(copied).await.unwrap(),
+        std::slice::from_ref(&h3)
+    );
+    db.add_template_copy(copied, &h2).await.unwrap();
+    db.drop_template_copy(copied, None).await.unwrap();
+    assert!(db.template_copies(copied).await.unwrap().is_empty());
+    assert!(db.delete_template(&team.id, &name).await.unwrap());
 
     // usage: a finished day rolls up once, per team, and stays as rolled
     const DAY: i64 = 86_400_000;

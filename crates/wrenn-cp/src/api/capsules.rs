@@ -284,13 +284,14 @@ async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiRe
         on_timeout,
         metadata_to_envd,
     } = spec;
+    let holders = crate::copies::holders(cp, &template).await?;
     // Placement and the insert happen under one lock so that two creates
     // cannot both take a host's last room.
     let (row, host) = {
         let _placing = cp.placing.lock().await;
         let host = cp
             .hosts
-            .place(&cp.db, vcpus, memory_mb, template.host_id.as_ref())
+            .place(&cp.db, vcpus, memory_mb, holders.as_deref())
             .await?;
         let now = now_ms();
         let row = CapsuleRow {
@@ -327,9 +328,33 @@ async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiRe
         engine,
         metadata_to_envd,
     };
-    let result = start(cp, actor, row.clone(), host, &template, extra).await;
+    // (a host without the template's files gets them first)
+    let result = match crate::copies::ensure(cp, &template, holders.as_deref(), &host).await {
+        Ok(()) => start(cp, actor, row.clone(), host, &template, extra).await,
+        Err(e) => Err(create_failed(cp, actor, row.clone(), e).await),
+    };
     cp.creating.lock().unwrap().remove(&row.id);
     result
+}
+
+/// A create that failed after its row was recorded: the row is `error`
+/// (logged, published); the error to answer.
+async fn create_failed(cp: &Cp, actor: Actor, row: CapsuleRow, err: ApiError) -> ApiError {
+    log(
+        cp,
+        &row.id,
+        "error",
+        format!("create failed: {}", err.message),
+    )
+    .await;
+    let failed = match cp.db.transition(&row.id, &[], Status::Error).await {
+        Ok(failed) => failed.unwrap_or(row),
+        Err(e) => return e.into(),
+    };
+    cp.events.publish(
+        capsule_event(Kind::CapsuleCreate, &failed, actor).outcome(Err(err.message.clone())),
+    );
+    err
 }
 
 /// What the agent gets beyond the row.
@@ -373,26 +398,7 @@ async fn start(
     };
     let started = match host.rpc.create_capsule(req).await {
         Ok(r) => r.into_owned(),
-        Err(e) => {
-            let err = ApiError::agent_placing(&e);
-            log(
-                cp,
-                &row.id,
-                "error",
-                format!("create failed: {}", err.message),
-            )
-            .await;
-            let failed = cp
-                .db
-                .transition(&row.id, &[], Status::Error)
-                .await?
-                .unwrap_or(row);
-            cp.events.publish(
-                capsule_event(Kind::CapsuleCreate, &failed, actor)
-                    .outcome(Err(err.message.clone())),
-            );
-            return Err(err);
-        }
+        Err(e) => return Err(create_failed(cp, actor, row, ApiError::agent_placing(&e)).await),
     };
     let mut meta = metadata;
     meta.insert("agent_version".into(), env!("CARGO_PKG_VERSION").into());

@@ -74,8 +74,15 @@ pub async fn collect_layers(cp: &Cp, agent_name: &str) {
         _ => return,
     }
     for host in cp.hosts.all() {
-        if let Err(e) = host.drop_template(agent_name).await {
-            tracing::debug!(template = agent_name, error = %e, "layers not collected yet");
+        match host.drop_template(agent_name).await {
+            Ok(()) => {
+                if let Err(e) = cp.db.drop_template_copy(agent_name, Some(&host.id)).await {
+                    tracing::warn!(template = agent_name, error = %e, "copy row stays");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(template = agent_name, error = %e, "layers not collected yet")
+            }
         }
     }
 }
@@ -323,25 +330,42 @@ pub async fn admin_delete(
             "template {name} is used by {users} capsule(s): destroy them first"
         )));
     }
-    let hosts = match &t.host_id {
-        Some(h) => vec![cp.hosts.get(h).ok_or_else(|| {
-            ApiError::host_unavailable(format!(
-                "the host of template {name} is not reachable; the template stays"
-            ))
-        })?],
-        None => cp.hosts.all(),
+    // Its copies first, from the hosts that answer (one away keeps a stale
+    // copy, which a copy made there later replaces: `crate::copies`), then
+    // its own files, which must go.
+    let (copies, made) = match &t.host_id {
+        Some(h) => {
+            let home = cp.hosts.get(h).ok_or_else(|| {
+                ApiError::host_unavailable(format!(
+                    "the host of template {name} is not reachable; the template stays"
+                ))
+            })?;
+            let copies = cp.db.template_copies(&t.agent_name).await?;
+            let copies = copies.iter().filter_map(|c| cp.hosts.get(c)).collect();
+            (copies, vec![home])
+        }
+        None => (Vec::new(), cp.hosts.all()),
     };
-    for host in hosts {
-        match host.drop_template(&t.agent_name).await {
-            Ok(()) => {}
-            // (in use there: by a capsule, or a template stacked on it)
-            Err(e) if e.code == connectrpc::ErrorCode::InvalidArgument => {
-                return Err(ApiError::conflict(e.message.unwrap_or_default()))
+    let in_use = |e: &connectrpc::ConnectError| {
+        // (there: by a capsule, or a template stacked on it)
+        (e.code == connectrpc::ErrorCode::InvalidArgument)
+            .then(|| ApiError::conflict(e.message.clone().unwrap_or_default()))
+    };
+    for host in copies {
+        if let Err(e) = host.drop_template(&t.agent_name).await {
+            if let Some(conflict) = in_use(&e) {
+                return Err(conflict);
             }
-            Err(e) => return Err(ApiError::agent(&e)),
+            tracing::warn!(template = %name, host = %host.id, error = %e, "a stale copy stays");
+        }
+    }
+    for host in made {
+        if let Err(e) = host.drop_template(&t.agent_name).await {
+            return Err(in_use(&e).unwrap_or_else(|| ApiError::agent(&e)));
         }
     }
     cp.db.delete_template(&team, name.as_str()).await?;
+    cp.db.drop_template_copy(&t.agent_name, None).await?;
     // (to the admin team: nobody listens as the platform team)
     let seen = TemplateRow {
         team_id: caller.team_id().clone(),
