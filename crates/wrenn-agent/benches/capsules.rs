@@ -35,6 +35,13 @@
 //!   to OCI ones, interleaved: create → first exec, pause, resume, and
 //!   memory per idle capsule. Runs when QEMU is installed; the guest
 //!   kernel comes from `WRENN_VM_KERNEL` (else it is downloaded).
+//! - `copy`: a template copied to another host's store as the control
+//!   plane copies it (`template::export` → a channel of 8 pieces →
+//!   `template::Import`, staged, checked, committed), against GNU tar
+//!   piped into tar with the same options (the floor), interleaved; the
+//!   template is made for it: many small files and a few large ones
+//!   (`--copy-mb`, 256 MiB; 4 in smoke mode; `--only-copy` runs this
+//!   section alone). Goal: ≤ 1.25× the floor.
 //!
 //! Root only. `cargo bench -p wrenn-agent --bench capsules [-- --smoke]`;
 //! the static envd comes from `ENVD_STATIC_BIN` (scripts/lib.sh builds it).
@@ -57,6 +64,10 @@ struct Opts {
     idle: usize,
     pauses: usize,
     vm_iterations: usize,
+    copy_mb: usize,
+    copies: usize,
+    /// `--only-copy`: the `copy` section alone.
+    only_copy: bool,
 }
 
 fn opts() -> Opts {
@@ -75,6 +86,9 @@ fn opts() -> Opts {
         idle: num("--idle", 20, 2),
         pauses: num("--pauses", 30, 2),
         vm_iterations: num("--vm-iterations", 5, 1),
+        copy_mb: num("--copy-mb", 256, 4),
+        copies: num("--copies", 5, 1),
+        only_copy: args.iter().any(|a| a == "--only-copy"),
     }
 }
 
@@ -268,6 +282,10 @@ fn main() -> Result<()> {
     // Ctrl-C or SIGTERM ends the run, not the process: `_cleanup` must
     // still take the capsules, their network and their mounts down.
     let work = async {
+        if o.only_copy {
+            json.push(copy(&agent, data.path(), &o).await?);
+            return anyhow::Ok(());
+        }
         // cold vs raw runc, interleaved (one of each untimed first)
         let (mut raw, mut cold, mut create_only) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=o.iterations {
@@ -433,6 +451,8 @@ fn main() -> Result<()> {
         } else {
             println!("vm: skipped ({} is not installed)", cfg.vm.qemu);
         }
+
+        json.push(copy(&agent, data.path(), &o).await?);
 
         json.push(serde_json::json!({
             "bench": "capsules",
@@ -840,5 +860,121 @@ async fn vm_vs_oci(agent: &Arc<Agent>, o: &Opts) -> Result<serde_json::Value> {
         "vm_idle_cgroup_kib": idle_cgroup_kib[1],
         "oci_idle_host_kib": idle_host_kib[0],
         "vm_idle_host_kib": idle_host_kib[1],
+    }))
+}
+
+/// Make template `name` of about `mb` MiB in `store`: a quarter in 4 KiB
+/// files (a package tree's shape), the rest in 16 MiB ones.
+fn synthetic_template(
+    store: &wrenn_agent::template::TemplateStore,
+    name: &wrenn_types::ids::TemplateName,
+    mb: usize,
+) -> Result<()> {
+    let staged = store.stage(name)?;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut bytes = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    };
+    let small = (mb << 20) / 4 / 4096;
+    for i in 0..small {
+        let dir = staged.layer.join(format!("usr/lib/d{}", i / 64));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("f{i}")), bytes(4096))?;
+    }
+    for i in 0..(mb * 3 / 4) / 16 {
+        std::fs::write(staged.layer.join(format!("big{i}")), bytes(16 << 20))?;
+    }
+    let mut meta = wrenn_agent::template::TemplateMeta::base(name.clone(), false);
+    meta.layers = vec![name.clone(), "busybox".parse().expect("valid")];
+    store.commit(staged, meta)?;
+    Ok(())
+}
+
+/// `copy`: see the module's comment.
+async fn copy(agent: &Arc<Agent>, data: &Path, o: &Opts) -> Result<serde_json::Value> {
+    use futures::StreamExt;
+    use wrenn_agent::template::{export, Import, TemplateStore};
+    let name: wrenn_types::ids::TemplateName = "bench-copy".parse().expect("valid");
+    let from = agent.templates().clone();
+    {
+        let (from, name, mb) = (from.clone(), name.clone(), o.copy_mb);
+        tokio::task::spawn_blocking(move || synthetic_template(&from, &name, mb)).await??;
+    }
+    let size = wrenn_agent::template::dir_size(&from.layer_dir(&name));
+    // the other host's store: busybox (the layer below) linked in
+    let to = TemplateStore::open(data.join("copy-target"))?;
+    std::os::unix::fs::symlink(from.dir_of(&"busybox".parse()?), to.dir().join("busybox"))?;
+    let floor_dir = data.join("copy-floor");
+    let (mut ours, mut floor) = (Vec::new(), Vec::new());
+    for i in 0..o.copies * 2 {
+        if i % 2 == 0 {
+            std::fs::create_dir_all(&floor_dir)?;
+            let script = format!(
+                "tar --create --file=- --sparse --numeric-owner --xattrs --xattrs-include='*' \
+                 -C {} template.json layer | tar --extract --file=- --same-owner \
+                 --preserve-permissions --numeric-owner --xattrs --xattrs-include='*' -C {}",
+                from.dir_of(&name).display(),
+                floor_dir.display()
+            );
+            let t0 = Instant::now();
+            let ok = tokio::process::Command::new("sh")
+                .args(["-c", &script])
+                .status()
+                .await?
+                .success();
+            floor.push(t0.elapsed());
+            anyhow::ensure!(ok, "tar | tar failed");
+            std::fs::remove_dir_all(&floor_dir)?;
+        } else {
+            let t0 = Instant::now();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+            let mut stream = Box::pin(export(&from, &name)?);
+            let pump = async move {
+                while let Some(piece) = stream.next().await {
+                    if tx.send(piece?).await.is_err() {
+                        break;
+                    }
+                }
+                anyhow::Ok(())
+            };
+            let mut import = Import::start(&to, &name)?;
+            let take = async {
+                while let Some(piece) = rx.recv().await {
+                    import.write(&piece).await?;
+                }
+                anyhow::Ok(())
+            };
+            let (pumped, taken) = tokio::join!(pump, take);
+            pumped?;
+            taken?;
+            import.finish(&to).await?;
+            ours.push(t0.elapsed());
+            let (to, name) = (to.clone(), name.clone());
+            tokio::task::spawn_blocking(move || to.remove(&name)).await??;
+        }
+    }
+    from.remove(&name)?;
+    line("copy, tar | tar (floor)", &floor);
+    line("copy, export → import", &ours);
+    let ratio = ms(pct(&ours, 0.5)) / ms(pct(&floor, 0.5));
+    let mib_s = size as f64 / (1 << 20) as f64 / pct(&ours, 0.5).as_secs_f64();
+    println!(
+        "  export → import / tar | tar p50: {ratio:.2}× (goal ≤ 1.25×); {:.0} MiB at {mib_s:.0} MiB/s",
+        size as f64 / (1 << 20) as f64
+    );
+    Ok(serde_json::json!({
+        "bench": "template_copy",
+        "bytes": size,
+        "floor_p50_ms": ms(pct(&floor, 0.5)),
+        "copy_p50_ms": ms(pct(&ours, 0.5)),
+        "copy_over_floor": ratio,
+        "copy_mib_per_s": mib_s,
     }))
 }
