@@ -78,12 +78,13 @@ class SecondAgent:
     capsules in ``made`` are destroyed through ``h``, the agent stopped,
     its host objects purged and its data dir removed."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server, with_minimal: bool = True) -> None:
         wrenn_bin, envd = wrenn_up.resolve_binaries()
         self.binary = (os.environ.get("WRENN_AGENT_BIN")
                        or str(Path(wrenn_bin).with_name("wrenn-agent")))
         self.data = Path(tempfile.mkdtemp(prefix="wrenn-sdk-agent-", dir="/var/tmp"))
-        wrenn_up._link_fixture_templates(self.data, ())
+        if with_minimal:  # (a host of its own makes busybox only)
+            wrenn_up._link_fixture_templates(self.data, ())
         self.up = wrenn_up.WrennUp(self.data, binary=wrenn_bin, envd=envd)
         self.server = server
         self.h = server.http()
@@ -516,9 +517,10 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
 def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None:
     """A snapshot's files are on the host that took it; a capsule placed
     on another host (least-loaded placement) gets them copied there first,
-    whole: owners and modes, files removed from the layer below. Deleting
-    the snapshot removes the copy too."""
-    with SecondAgent(server) as second:
+    whole: owners and modes, files removed from the layer below, and the
+    layer below itself (``minimal``, which ``wrenn up`` makes and a host of
+    its own lacks). Deleting the snapshot removes its copy."""
+    with SecondAgent(server, with_minimal=False) as second:
         h, made, up = second.h, second.made, second.up
         # a snapshot on wrenn up's own host, before the second host joins
         r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
@@ -551,10 +553,12 @@ def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None
         assert on_new, f"no capsule landed on the second host: {made}"
         copied = snapshot_layers(second)
         assert len(copied) == 1, copied
+        below = second.data / "templates" / "minimal"
+        assert below.is_dir() and not below.is_symlink()
         r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c",
             "cat /root/f; stat -c '%u:%g %a' /root/f; test -e /etc/debian_version || echo gone"]})
         assert r.status_code == 200 and r.json()["stdout"] == "copied\n1000:1001 640\ngone\n", r.text
-        # a second capsule there uses the copy made
+        # another capsule from it, wherever it goes, uses the files there
         r = h.post("/v1/capsules", json={"template": snap, "memory_mb": 256})
         assert r.status_code == 201, r.text
         made.append(r.json()["id"])
@@ -572,3 +576,64 @@ def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None
         assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
         assert second.proc.wait(60) == 0, second.log_tail()
         second.proc = None
+
+
+def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_path) -> None:
+    """An admin's template built before a second host joined is copied to
+    it for a capsule placed there. A snapshot taken there stacks on that
+    copy, so the template is not deleted while the snapshot exists (409:
+    its files would be gone from under it); once it is gone, the template
+    goes from both hosts."""
+    name = f"spread-{uuid.uuid4().hex[:6]}"
+    recipe = tmp_path / "spread.recipefile"
+    recipe.write_text("RUN echo one > /version\n")
+    wrenn_bin, _ = wrenn_up.resolve_binaries()
+    r = subprocess.run([wrenn_bin, "template", "build", str(recipe), "--name", name,
+                        "--base-url", server.base_url, "--api-key", server.api_key],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    path = f"/v1/admin/templates/{name}"
+    with SecondAgent(server) as second:
+        h, made, up = second.h, second.made, second.up
+        try:
+            # (wrenn up's host busier than the one joining)
+            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+            reg = h.post("/v1/hosts")
+            assert reg.status_code == 201, reg.text
+            host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+            wait_host(h, host_id, second.start(token))
+            on_new = None
+            for _ in range(4):
+                r = h.post("/v1/capsules", json={"template": name, "memory_mb": 256})
+                assert r.status_code == 201, r.text
+                made.append(r.json()["id"])
+                if made[-1] in up.runc_containers():
+                    on_new = made[-1]
+                    break
+            assert on_new, f"no capsule landed on the second host: {made}"
+            copy = second.data / "templates" / name
+            assert copy.is_dir()
+            r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "cat", "args": ["/version"]})
+            assert r.status_code == 200 and r.json()["stdout"] == "one\n", r.text
+            snap = f"on-copy-{uuid.uuid4().hex[:6]}"
+            r = h.post("/v1/snapshots", json={"sandbox_id": on_new, "name": snap})
+            assert r.status_code == 201, r.text
+            for cid in made:
+                assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+            made.clear()
+
+            r = h.delete(path)
+            assert r.status_code == 409, r.text
+            assert name in {t["name"] for t in h.get("/v1/admin/templates").json()}
+            assert copy.is_dir() and (server.data_dir / "templates" / name).is_dir()
+            assert h.delete(f"/v1/snapshots/{snap}").status_code == 204
+            r = h.delete(path)
+            assert r.status_code == 204, r.text
+            assert not copy.exists() and not (server.data_dir / "templates" / name).exists()
+            assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+            assert second.proc.wait(60) == 0, second.log_tail()
+            second.proc = None
+        finally:
+            h.delete(path)

@@ -192,9 +192,10 @@ async fn admin_keys(cp: &Cp, data_dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Record a built template as a platform template: made on every host
-/// (`minimal`, `busybox`: each agent makes its own), or else on this one
-/// (a recipe's: other hosts get copies).
+/// Record a built template as a platform template: one of every host
+/// (`minimal`, `busybox`), or else one whose files were made on one host
+/// (a recipe's, with copies on others): the host its row names already
+/// (it may have been built elsewhere and copied here), else this one.
 async fn publish_template(
     cp: &Cp,
     store: &TemplateStore,
@@ -202,14 +203,18 @@ async fn publish_template(
     on_every_host: bool,
 ) -> Result<()> {
     let meta = store.get(&name.parse()?)?;
+    let old = cp.db.own_template(&platform_team(), name).await?;
     let host_id = match on_every_host {
         true => None,
-        false => Some(
-            cp.local_agent
-                .get()
-                .map(|(host, _)| host.clone())
-                .context("this host is not registered yet")?,
-        ),
+        false => match old.as_ref().and_then(|t| t.host_id.clone()) {
+            Some(home) => Some(home),
+            None => Some(
+                cp.local_agent
+                    .get()
+                    .map(|(host, _)| host.clone())
+                    .context("this host is not registered yet")?,
+            ),
+        },
     };
     let row = TemplateRow {
         team_id: platform_team(),
@@ -222,7 +227,7 @@ async fn publish_template(
         size_bytes: template::dir_size(&store.layer_dir(&meta.name)) as i64,
         default_user: meta.default_user.clone().unwrap_or_default(),
         protected: true,
-        metadata: Default::default(),
+        metadata: old.map(|t| t.metadata).unwrap_or_default(),
         created_at: (meta.created_at as i64) * 1000,
     };
     cp.db.put_template(&row).await?;

@@ -1,22 +1,23 @@
 //! Templates on more than one host. A template's files are made on one
-//! host, the one its row names (`minimal` and `busybox`, whose rows name
-//! none, are made on every host). A capsule may be placed on any host
-//! ([`crate::hosts::Hosts::place`]): one that lacks the template first
-//! gets a copy ([`ensure`]), streamed from a host that has it to that one
-//! through the control plane (the agents' `ExportTemplate` and
-//! `ImportTemplate`), layer by layer from the bottom of its stack, each
-//! recorded in `template_copies`.
+//! host, the one its row names; `minimal` and `busybox`, whose rows name
+//! none, are on every host or meant to be (each agent makes `busybox`;
+//! `minimal` is made by `wrenn up`, so another host may lack it). A
+//! capsule may be placed on any host ([`crate::hosts::Hosts::place`]): one
+//! that lacks the template first gets a copy ([`ensure`]), streamed from a
+//! host that has it through the control plane (the agents'
+//! `ExportTemplate` and `ImportTemplate`), layer by layer from the bottom
+//! of its stack, each recorded in `template_copies`.
 //!
 //! A host's files of a layer are current when a row names that layer on
 //! every host or on that one, when a copy row says so, or, for a
 //! snapshot's layer (`s-…`, a name never reused) that no row names any
 //! more, when they are there at all. Other files of that name are stale
-//! (the template was deleted, or made again, while the host was away):
-//! they are replaced. A template made again drops its copy rows
-//! ([`crate::build`]); deleting one removes its copies wherever the hosts
-//! answer.
+//! (left by a host that was deleted and registered again): they are
+//! replaced. Deleting a template removes its copies, and is refused while
+//! any host that has it is away or stacks another template on it, so a
+//! name built again never meets old files that a current one stands on.
 
-use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use connectrpc::client::CallOptions;
@@ -36,7 +37,7 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(600);
 const COPY_BUFFER: usize = 8;
 
 /// The hosts that have template `t`'s files, the one that made them
-/// first; None when every host makes its own.
+/// first; None when every host has them (or should).
 pub async fn holders(cp: &Cp, t: &TemplateRow) -> ApiResult<Option<Vec<HostId>>> {
     let Some(home) = &t.host_id else {
         return Ok(None);
@@ -50,84 +51,84 @@ pub async fn holders(cp: &Cp, t: &TemplateRow) -> ApiResult<Option<Vec<HostId>>>
     Ok(Some(hosts))
 }
 
-/// Give `target` template `t`'s files unless it has them (`holders`, as
-/// [`holders`] found them), copied from the first holder that is
-/// connected. Copies of one template to one host are made one at a time;
-/// a create that waited for another's finds it made.
+/// Give `target` template `t`'s files unless it has them (`holders` as
+/// [`holders`] found them), copied from a host that has them: one of
+/// `holders`, or for a template of every host, any (this process's own
+/// first). Each layer is copied to a host once at a time; a copy that
+/// waited for another's finds it made.
 pub async fn ensure(
     cp: &Cp,
     t: &TemplateRow,
     holders: Option<&[HostId]>,
     target: &HostConn,
 ) -> ApiResult<()> {
-    let Some(holders) = holders else {
-        return Ok(());
-    };
-    if holders.contains(&target.id) {
-        return Ok(());
-    }
-    let _one = cp
-        .copying
-        .lock(&(t.agent_name.clone(), target.id.clone()))
-        .await;
-    if cp
-        .db
-        .template_copies(&t.agent_name)
-        .await?
-        .contains(&target.id)
+    if holders.is_some_and(|h| h.contains(&target.id))
+        || cp
+            .db
+            .template_copies(&t.agent_name)
+            .await?
+            .contains(&target.id)
     {
         return Ok(());
     }
-    let source = holders
-        .iter()
-        .find_map(|h| cp.hosts.get(h))
-        .ok_or_else(|| {
-            ApiError::host_unavailable(format!(
-                "no host with the files of template {} is connected",
-                t.name
-            ))
-        })?;
+    let sources: Vec<Arc<HostConn>> = match holders {
+        Some(hs) => hs.iter().filter_map(|h| cp.hosts.get(h)).collect(),
+        None => {
+            let own = cp.local_agent.get().map(|(h, _)| h.clone());
+            let mut all = cp.hosts.all();
+            all.retain(|h| h.id != target.id);
+            all.sort_by_key(|h| Some(&h.id) != own.as_ref());
+            all
+        }
+    };
     let t0 = std::time::Instant::now();
-    match copy_stack(cp, &t.agent_name, &source, target).await {
+    match copy_stack(cp, &t.agent_name, &sources, target).await {
+        Ok(0) => Ok(()),
         Ok(bytes) => {
-            tracing::info!(template = %t.name, from = %source.id, to = %target.id, bytes,
+            tracing::info!(template = %t.name, to = %target.id, bytes,
                 ms = t0.elapsed().as_millis() as u64, "copied a template");
             Ok(())
         }
         Err(e) => Err(ApiError::host_unavailable(format!(
-            "cannot copy template {} from host {} to host {}: {e}",
-            t.name, source.id, target.id
+            "cannot copy template {} to host {}: {e}",
+            t.name, target.id
         ))),
     }
 }
 
-/// Copy `top` and the layers under it that `target` lacks from `source`;
-/// the bytes copied.
+/// Copy `top` and the layers under it that `target` lacks from the first
+/// of `sources` that has it; the bytes copied.
 async fn copy_stack(
     cp: &Cp,
     top: &str,
-    source: &HostConn,
+    sources: &[Arc<HostConn>],
     target: &HostConn,
 ) -> Result<u64, String> {
-    let layers = templates(source)
-        .await?
-        .into_iter()
-        .find(|t| t.name == top)
-        .ok_or_else(|| "that host does not have it".to_owned())?
-        .layers;
-    let present: HashSet<String> = templates(target)
-        .await?
-        .into_iter()
-        .map(|t| t.name)
-        .collect();
+    // (a template of every host that is there already needs no source)
+    if has(target, top).await? && current(cp, top, &target.id).await? {
+        record(cp, top, &target.id).await?;
+        return Ok(0);
+    }
+    let mut found = None;
+    for s in sources {
+        match templates(s).await {
+            Ok(list) => {
+                if let Some(t) = list.into_iter().find(|t| t.name == top) {
+                    found = Some((s, t.layers));
+                    break;
+                }
+            }
+            Err(e) => tracing::debug!(host = %s.id, error = %e, "not a copy source now"),
+        }
+    }
+    let (source, layers) = found.ok_or_else(|| "no connected host has it".to_owned())?;
     let mut bytes = 0;
     for layer in layers.iter().rev() {
-        let here = present.contains(layer);
-        if here
-            && current(cp, layer, &target.id)
-                .await
-                .map_err(|e| e.message)?
-        {
+        let _one = cp.copying.lock(&(layer.clone(), target.id.clone())).await;
+        // (asked under the lock: a copy that held it may have made it)
+        let here = has(target, layer).await?;
+        if here && current(cp, layer, &target.id).await? {
+            record(cp, layer, &target.id).await?;
             continue;
         }
         if here {
@@ -138,12 +139,17 @@ async fn copy_stack(
                 .map_err(|e| format!("removing its stale layer {layer}: {}", said(&e)))?;
         }
         bytes += copy_layer(layer, source, target).await?;
-        cp.db
-            .add_template_copy(layer, &target.id)
-            .await
-            .map_err(|e| e.to_string())?;
+        tracing::debug!(layer, from = %source.id, to = %target.id, "copied a layer");
+        record(cp, layer, &target.id).await?;
     }
     Ok(bytes)
+}
+
+async fn record(cp: &Cp, layer: &str, host: &HostId) -> Result<(), String> {
+    cp.db
+        .add_template_copy(layer, host)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn templates(host: &HostConn) -> Result<Vec<pb::Template>, String> {
@@ -154,21 +160,31 @@ async fn templates(host: &HostConn) -> Result<Vec<pb::Template>, String> {
         .map_err(|e| format!("listing host {}'s templates: {}", host.id, said(&e)))
 }
 
+async fn has(host: &HostConn, name: &str) -> Result<bool, String> {
+    Ok(templates(host).await?.iter().any(|t| t.name == name))
+}
+
 /// Whether the files of `layer` that host `target` has are current.
-async fn current(cp: &Cp, layer: &str, target: &HostId) -> ApiResult<bool> {
-    let homes = cp.db.template_homes(layer).await?;
+async fn current(cp: &Cp, layer: &str, target: &HostId) -> Result<bool, String> {
+    let db = |e: crate::db::DbError| e.to_string();
+    let homes = cp.db.template_homes(layer).await.map_err(db)?;
     if homes.is_empty() {
         return Ok(layer.starts_with("s-"));
     }
     if homes.iter().any(|h| h.as_ref().is_none_or(|h| h == target)) {
         return Ok(true);
     }
-    Ok(cp.db.template_copies(layer).await?.contains(target))
+    Ok(cp
+        .db
+        .template_copies(layer)
+        .await
+        .map_err(db)?
+        .contains(target))
 }
 
 /// Stream one layer from `source`'s export into `target`'s import; its
 /// size there. An export that fails part way cuts the import short,
-/// which keeps nothing.
+/// which keeps nothing; an import that fails stops the export.
 async fn copy_layer(name: &str, source: &HostConn, target: &HostConn) -> Result<u64, String> {
     let opts = || CallOptions::default().with_timeout(COPY_TIMEOUT);
     let what = pb::TemplateRef {
@@ -181,50 +197,34 @@ async fn copy_layer(name: &str, source: &HostConn, target: &HostConn) -> Result<
         .await
         .map_err(|e| format!("export of {name}: {}", said(&e)))?;
     let (tx, rx) = mpsc::channel::<pb::ImportTemplateRequest>(COPY_BUFFER);
-    let first = pb::ImportTemplateRequest {
-        name: name.to_owned(),
-        ..Default::default()
-    };
-    let _ = tx.send(first).await;
     let requests =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let import = target.rpc.import_template_with_options(requests, opts());
-    tokio::pin!(import);
-    let mut tx = Some(tx);
-    let mut ended = false;
-    loop {
-        tokio::select! {
-            done = &mut import => {
-                return match done {
-                    Ok(t) if ended => Ok(t.into_owned().size_bytes),
-                    Ok(_) => Err(format!("import of {name} ended early")),
-                    Err(e) => Err(format!("import of {name}: {}", said(&e))),
-                };
+    // Both halves polled together: the import takes what the pump sends.
+    // The pump's end drops `tx`: after `end`, the stream is complete; after
+    // an error, without `end`, the import discards what it has.
+    let pump = async move {
+        let mut msg = pb::ImportTemplateRequest {
+            name: name.to_owned(),
+            ..Default::default()
+        };
+        loop {
+            match export.message::<pb::FileChunk>().await {
+                Ok(Some(m)) => msg.data = m.to_owned_message().data,
+                Ok(None) => msg.end = true,
+                Err(e) => return Err(format!("export of {name}: {}", said(&e))),
             }
-            piece = export.message::<pb::FileChunk>(), if tx.is_some() => {
-                let msg = match piece {
-                    Ok(Some(m)) => pb::ImportTemplateRequest {
-                        data: m.to_owned_message().data,
-                        ..Default::default()
-                    },
-                    Ok(None) => {
-                        ended = true;
-                        pb::ImportTemplateRequest {
-                            end: true,
-                            ..Default::default()
-                        }
-                    }
-                    // (dropping the import's stream without `end` discards it)
-                    Err(e) => return Err(format!("export of {name}: {}", said(&e))),
-                };
-                let sender = tx.take().expect("only polled while sending");
-                if sender.send(msg).await.is_ok() && !ended {
-                    tx = Some(sender);
-                }
-                // (else the import ended; its answer comes next round)
+            let end = msg.end;
+            if tx.send(std::mem::take(&mut msg)).await.is_err() || end {
+                return Ok(()); // (or the import ended: its answer says why)
             }
         }
-    }
+    };
+    let import = target.rpc.import_template_with_options(requests, opts());
+    let (pumped, imported) = tokio::join!(pump, import);
+    pumped?;
+    imported
+        .map(|t| t.into_owned().size_bytes)
+        .map_err(|e| format!("import of {name}: {}", said(&e)))
 }
 
 fn said(e: &ConnectError) -> String {

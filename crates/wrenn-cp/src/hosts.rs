@@ -231,15 +231,17 @@ impl Hosts {
 
     /// Pick a host for a capsule of `vcpus` and `memory_mb`: the least
     /// loaded. `holders` are the hosts with its template's files when not
-    /// every host makes them ([`crate::copies`]): another host gets a copy
-    /// first, so one of them must be online; of hosts equally loaded, a
-    /// holder wins.
+    /// every host has them ([`crate::copies`]): with `Holders::Prefer`,
+    /// another host may be picked (it gets a copy first), one of them
+    /// winning among hosts equally loaded; with `Holders::Only`, only they
+    /// are. Either way one of them must be online.
     pub async fn place(
         &self,
         db: &Db,
         vcpus: i64,
         memory_mb: i64,
         holders: Option<&[HostId]>,
+        how: Holders,
     ) -> ApiResult<Arc<HostConn>> {
         let hosts = db.hosts().await?;
         let up = |h: &Host| h.status == "online" && self.get(&h.id).is_some();
@@ -265,9 +267,10 @@ impl Hosts {
                 ));
             }
         }
+        let holds = |id: &HostId| holders.is_none_or(|hs| hs.contains(id));
         let mut best: Option<((f64, bool), Arc<HostConn>)> = None;
         for h in hosts {
-            if h.status != "online" {
+            if h.status != "online" || (how == Holders::Only && !holds(&h.id)) {
                 continue;
             }
             let Some(conn) = self.get(&h.id) else {
@@ -275,7 +278,7 @@ impl Hosts {
             };
             let load = db.host_load(&h.id).await?;
             if let Some(score) = score(&h, load, vcpus, memory_mb) {
-                let key = (score, holders.is_some_and(|hs| !hs.contains(&h.id)));
+                let key = (score, !holds(&h.id));
                 if best.as_ref().is_none_or(|(b, _)| key < *b) {
                     best = Some((key, conn));
                 }
@@ -287,6 +290,13 @@ impl Hosts {
             ))
         })
     }
+}
+
+/// How [`Hosts::place`] treats the hosts that have a template's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holders {
+    Prefer,
+    Only,
 }
 
 /// The load of `host` after adding a capsule, or None if it would not fit.

@@ -135,15 +135,44 @@ pub fn export(
 }
 
 /// A template arriving from another host: [`Import::write`] its stream's
-/// bytes in order, then [`Import::finish`]. Dropped before that, the
-/// import is abandoned: tar is killed and the staged directory removed
-/// (what a killed tar was still writing goes with the agent's next sweep).
+/// bytes in order, then [`Import::finish`]. Dropped before that, or
+/// refused by `finish`, the import is abandoned: tar is killed, waited
+/// for, and then the staged directory is removed, off the async threads
+/// (it may hold gigabytes).
 pub struct Import {
     name: TemplateName,
-    // (dropped before `staged`, which removes the directory tar writes in)
+    /// Taken by `finish`; what `Drop` discards otherwise.
+    work: Option<Work>,
+}
+
+struct Work {
     tar: Tar,
     stdin: ChildStdin,
     staged: Staged,
+}
+
+impl Work {
+    /// Kill tar, then remove what it wrote; in the background.
+    fn discard(self) {
+        let Work {
+            mut tar, staged, ..
+        } = self;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // (no runtime: the agent's next sweep removes it)
+        };
+        rt.spawn(async move {
+            let _ = tar.child.kill().await;
+            let _ = tokio::task::spawn_blocking(move || drop(staged)).await;
+        });
+    }
+}
+
+impl Drop for Import {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            work.discard();
+        }
+    }
 }
 
 impl Import {
@@ -165,56 +194,63 @@ impl Import {
         let stdin = tar.child.stdin.take().expect("stdin is piped");
         Ok(Import {
             name: name.clone(),
-            tar,
-            stdin,
-            staged,
+            work: Some(Work { tar, stdin, staged }),
         })
+    }
+
+    fn refused(&self, what: String) -> TemplateError {
+        TemplateError::BadImport {
+            name: self.name.clone(),
+            what,
+        }
     }
 
     /// The next bytes of the stream.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), TemplateError> {
-        if let Err(e) = self.stdin.write_all(data).await {
+        let work = self.work.as_mut().expect("not finished");
+        if let Err(e) = work.stdin.write_all(data).await {
             // (tar stopped reading: its own words say why)
-            let Import { name, tar, .. } = self;
-            let what = match tar.child.wait().await {
+            let what = match work.tar.child.wait().await {
                 Ok(status) if !status.success() => format!("tar {status}"),
                 _ => e.to_string(),
             };
-            return Err(TemplateError::BadImport {
-                name: name.clone(),
-                what,
-            });
+            return Err(self.refused(what));
         }
         Ok(())
     }
 
-    /// The stream is complete: check it and make it the template.
-    pub async fn finish(self, store: &TemplateStore) -> Result<TemplateMeta, TemplateError> {
-        let Import {
-            name,
-            tar,
-            stdin,
-            staged,
-        } = self;
+    /// The stream is complete: check it and make it the template. Its
+    /// `created_at` becomes now (the reconciler's grace for layers no
+    /// template names counts from a layer's arrival on this host).
+    pub async fn finish(mut self, store: &TemplateStore) -> Result<TemplateMeta, TemplateError> {
+        let Work { tar, stdin, staged } = self.work.take().expect("not finished");
         drop(stdin);
-        let bad = |what: String| TemplateError::BadImport {
-            name: name.clone(),
-            what,
+        let (tar_said, dir) = (tar.done().await, staged.dir().to_owned());
+        let mut meta = match tar_said.and_then(|()| checked(&dir, &self.name)) {
+            Ok(meta) => meta,
+            Err(what) => {
+                discard_staged(staged);
+                return Err(self.refused(what));
+            }
         };
-        tar.done().await.map_err(bad)?;
-        let dir = staged.dir().to_owned();
-        let meta = checked(&dir, &name).map_err(bad)?;
         if let Some(parent) = meta.layers[1..].iter().find(|p| !store.exists(p)) {
+            discard_staged(staged);
             return Err(TemplateError::NoParent {
-                name,
+                name: self.name.clone(),
                 parent: parent.clone(),
             });
         }
+        meta.created_at = super::now_secs();
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.commit(staged, meta))
             .await
             .expect("commit does not panic")
     }
+}
+
+/// Remove a staged directory off the async threads.
+fn discard_staged(staged: Staged) {
+    tokio::task::spawn_blocking(move || drop(staged));
 }
 
 /// The imported metadata, once the staged directory holds exactly a

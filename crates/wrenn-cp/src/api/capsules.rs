@@ -21,6 +21,7 @@ use crate::auth::Caller;
 use crate::db::{now_ms, CapsuleRow, OnTimeout, TemplateRow};
 use crate::error::{ApiError, ApiResult};
 use crate::events::{Actor, Event, Kind, Resource};
+use crate::hosts::Holders;
 use crate::model::{CapsuleJson, Status};
 use crate::server::Cp;
 
@@ -284,14 +285,36 @@ async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiRe
         on_timeout,
         metadata_to_envd,
     } = spec;
-    let holders = crate::copies::holders(cp, &template).await?;
+    // The least loaded host may lack the template's files: it gets a copy
+    // first, before anything is recorded (a copy takes a while, and must
+    // not hold the placing lock). If the copy fails, the capsule goes to
+    // a host that has them.
+    let mut holders = crate::copies::holders(cp, &template).await?;
+    let pick = cp
+        .hosts
+        .place(
+            &cp.db,
+            vcpus,
+            memory_mb,
+            holders.as_deref(),
+            Holders::Prefer,
+        )
+        .await?;
+    match crate::copies::ensure(cp, &template, holders.as_deref(), &pick).await {
+        Ok(()) => {
+            if let Some(hs) = &mut holders {
+                hs.push(pick.id.clone());
+            }
+        }
+        Err(e) => tracing::warn!(capsule = %id, error = %e.message, "placed where the files are"),
+    }
     // Placement and the insert happen under one lock so that two creates
     // cannot both take a host's last room.
     let (row, host) = {
         let _placing = cp.placing.lock().await;
         let host = cp
             .hosts
-            .place(&cp.db, vcpus, memory_mb, holders.as_deref())
+            .place(&cp.db, vcpus, memory_mb, holders.as_deref(), Holders::Only)
             .await?;
         let now = now_ms();
         let row = CapsuleRow {
@@ -328,7 +351,8 @@ async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiRe
         engine,
         metadata_to_envd,
     };
-    // (a host without the template's files gets them first)
+    // (a template of every host, placed elsewhere than `pick`, may still
+    // need its copy)
     let result = match crate::copies::ensure(cp, &template, holders.as_deref(), &host).await {
         Ok(()) => start(cp, actor, row.clone(), host, &template, extra).await,
         Err(e) => Err(create_failed(cp, actor, row.clone(), e).await),

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use wrenn_proto::wrenn::agent::v1 as pb;
-use wrenn_types::ids::TemplateName;
+use wrenn_types::ids::{HostId, TemplateName};
 
 use super::{capsule_id, host_of, ApiJson, Path, Query};
 use crate::auth::{random_hex, Caller};
@@ -330,39 +330,38 @@ pub async fn admin_delete(
             "template {name} is used by {users} capsule(s): destroy them first"
         )));
     }
-    // Its copies first, from the hosts that answer (one away keeps a stale
-    // copy, which a copy made there later replaces: `crate::copies`), then
-    // its own files, which must go.
-    let (copies, made) = match &t.host_id {
-        Some(h) => {
-            let home = cp.hosts.get(h).ok_or_else(|| {
-                ApiError::host_unavailable(format!(
-                    "the host of template {name} is not reachable; the template stays"
-                ))
-            })?;
-            let copies = cp.db.template_copies(&t.agent_name).await?;
-            let copies = copies.iter().filter_map(|c| cp.hosts.get(c)).collect();
-            (copies, vec![home])
-        }
-        None => (Vec::new(), cp.hosts.all()),
+    // Its copies first, then its own files. Every host that has it must
+    // answer (one away would keep files that a template stacked there
+    // needs, and a rebuilt name would meet them), and none may use it:
+    // one that does refuses (409), and what the hosts before it removed is
+    // forgotten as it goes, so no copy row outlives its files.
+    let unreachable = |h: &HostId| {
+        ApiError::host_unavailable(format!(
+            "host {h}, which has template {name}'s files, is not reachable; the template stays"
+        ))
     };
-    let in_use = |e: &connectrpc::ConnectError| {
-        // (there: by a capsule, or a template stacked on it)
-        (e.code == connectrpc::ErrorCode::InvalidArgument)
-            .then(|| ApiError::conflict(e.message.clone().unwrap_or_default()))
-    };
-    for host in copies {
-        if let Err(e) = host.drop_template(&t.agent_name).await {
-            if let Some(conflict) = in_use(&e) {
-                return Err(conflict);
-            }
-            tracing::warn!(template = %name, host = %host.id, error = %e, "a stale copy stays");
-        }
+    let mut copies = Vec::new();
+    for h in cp.db.template_copies(&t.agent_name).await? {
+        copies.push(cp.hosts.get(&h).ok_or_else(|| unreachable(&h))?);
     }
-    for host in made {
+    let made = match &t.host_id {
+        Some(h) => vec![cp.hosts.get(h).ok_or_else(|| unreachable(h))?],
+        None => cp.hosts.all(),
+    };
+    for host in copies.iter().chain(&made) {
         if let Err(e) = host.drop_template(&t.agent_name).await {
-            return Err(in_use(&e).unwrap_or_else(|| ApiError::agent(&e)));
+            return Err(match e.code {
+                // (used there by a capsule, or stacked on by a template)
+                connectrpc::ErrorCode::InvalidArgument
+                | connectrpc::ErrorCode::FailedPrecondition => {
+                    ApiError::conflict(e.message.unwrap_or_default())
+                }
+                _ => ApiError::agent(&e),
+            });
         }
+        cp.db
+            .drop_template_copy(&t.agent_name, Some(&host.id))
+            .await?;
     }
     cp.db.delete_template(&team, name.as_str()).await?;
     cp.db.drop_template_copy(&t.agent_name, None).await?;
