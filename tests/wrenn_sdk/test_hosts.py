@@ -637,3 +637,45 @@ def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_
             second.proc = None
         finally:
             h.delete(path)
+
+
+def test_a_capsule_whose_copy_fails_goes_where_the_files_are(server) -> None:
+    """A copy to the least-loaded host that fails (here: a file in the way
+    of the template's directory there) does not fail the create: the
+    capsule is placed again on the host that has the files."""
+    with SecondAgent(server) as second:
+        h, made, up = second.h, second.made, second.up
+        r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+        layers = server.data_dir / "templates"
+        before = {p.name for p in layers.iterdir()}
+        snap = f"blocked-{uuid.uuid4().hex[:6]}"
+        r = h.post("/v1/snapshots", json={"sandbox_id": made[0], "name": snap})
+        assert r.status_code == 201, r.text
+        (layer,) = {p.name for p in layers.iterdir()} - before
+        (second.data / "templates").mkdir(parents=True, exist_ok=True)
+        (second.data / "templates" / layer).write_text("in the way\n")
+
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        wait_host(h, host_id, second.start(token))
+        # the empty host is picked first, its copy fails, and the capsule
+        # runs on wrenn up's host; the next ones are not sent there again
+        for _ in range(2):
+            r = h.post("/v1/capsules", json={"template": snap, "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+            assert r.json()["status"] == "running", r.text
+            assert made[-1] not in up.runc_containers()
+        r = h.post(f"/v1/capsules/{made[-1]}/exec", json={"cmd": "true"})
+        assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
+        assert (second.data / "templates" / layer).read_text() == "in the way\n"
+        for cid in made:
+            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made.clear()
+        assert h.delete(f"/v1/snapshots/{snap}").status_code == 204
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None

@@ -204,9 +204,13 @@ async fn publish_template(
 ) -> Result<()> {
     let meta = store.get(&name.parse()?)?;
     let old = cp.db.own_template(&platform_team(), name).await?;
+    let recorded = match old.as_ref().and_then(|t| t.host_id.clone()) {
+        Some(home) if cp.db.host(&home).await?.is_some() => Some(home),
+        _ => None, // (or a host since deleted)
+    };
     let host_id = match on_every_host {
         true => None,
-        false => match old.as_ref().and_then(|t| t.host_id.clone()) {
+        false => match recorded {
             Some(home) => Some(home),
             None => Some(
                 cp.local_agent

@@ -35,6 +35,22 @@ use crate::server::Cp;
 const COPY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Export pieces in flight to the importing host.
 const COPY_BUFFER: usize = 8;
+/// How long a host whose copy of a template failed is passed over for
+/// that template's capsules.
+const RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The hosts that a copy of host-side template `agent_name` failed to
+/// reach within [`RETRY_AFTER`] (placement passes them over: a create
+/// should not wait for a copy that will likely fail again).
+pub fn avoided(cp: &Cp, agent_name: &str) -> Vec<HostId> {
+    let mut failures = cp.copy_failures.lock().unwrap();
+    failures.retain(|_, at| at.elapsed() < RETRY_AFTER);
+    failures
+        .keys()
+        .filter(|(name, _)| name == agent_name)
+        .map(|(_, host)| host.clone())
+        .collect()
+}
 
 /// The hosts that have template `t`'s files, the one that made them
 /// first; None when every host has them (or should).
@@ -89,10 +105,16 @@ pub async fn ensure(
                 ms = t0.elapsed().as_millis() as u64, "copied a template");
             Ok(())
         }
-        Err(e) => Err(ApiError::host_unavailable(format!(
-            "cannot copy template {} to host {}: {e}",
-            t.name, target.id
-        ))),
+        Err(e) => {
+            cp.copy_failures.lock().unwrap().insert(
+                (t.agent_name.clone(), target.id.clone()),
+                std::time::Instant::now(),
+            );
+            Err(ApiError::host_unavailable(format!(
+                "cannot copy template {} to host {}: {e}",
+                t.name, target.id
+            )))
+        }
     }
 }
 

@@ -836,6 +836,17 @@ impl Db {
         Ok(Some(c))
     }
 
+    /// Capsule `id` (not started yet) is placed on `host` instead.
+    pub async fn set_capsule_host(&self, id: &CapsuleId, host: &HostId) -> Result<(), DbError> {
+        sqlx::query("UPDATE capsules SET host_id = $1, last_updated = $2 WHERE id = $3")
+            .bind(host.as_str())
+            .bind(now_ms())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn set_capsule_metadata(
         &self,
         id: &CapsuleId,

@@ -234,7 +234,8 @@ impl Hosts {
     /// every host has them ([`crate::copies`]): with `Holders::Prefer`,
     /// another host may be picked (it gets a copy first), one of them
     /// winning among hosts equally loaded; with `Holders::Only`, only they
-    /// are. Either way one of them must be online.
+    /// are. Either way one of them must be online. Hosts in `avoid` are
+    /// not picked (a copy to them failed a moment ago).
     pub async fn place(
         &self,
         db: &Db,
@@ -242,6 +243,7 @@ impl Hosts {
         memory_mb: i64,
         holders: Option<&[HostId]>,
         how: Holders,
+        avoid: &[HostId],
     ) -> ApiResult<Arc<HostConn>> {
         let hosts = db.hosts().await?;
         let up = |h: &Host| h.status == "online" && self.get(&h.id).is_some();
@@ -270,7 +272,10 @@ impl Hosts {
         let holds = |id: &HostId| holders.is_none_or(|hs| hs.contains(id));
         let mut best: Option<((f64, bool), Arc<HostConn>)> = None;
         for h in hosts {
-            if h.status != "online" || (how == Holders::Only && !holds(&h.id)) {
+            if h.status != "online"
+                || (how == Holders::Only && !holds(&h.id))
+                || avoid.contains(&h.id)
+            {
                 continue;
             }
             let Some(conn) = self.get(&h.id) else {

@@ -246,9 +246,14 @@ async fn collect_orphan_layers(cp: &Cp, host: &HostConn) {
         {
             continue;
         }
+        // (on this host only: the same layer elsewhere may be younger, a
+        // copy arriving under a template not copied yet)
+        let Some(here) = cp.hosts.get(&host.id) else {
+            continue;
+        };
         if let Ok(false) = cp.db.template_named_on_host(&t.name).await {
             tracing::info!(host = %host.id, template = %t.name, "collecting the layers of a deleted snapshot");
-            crate::api::snapshots::collect_layers(cp, &t.name).await;
+            crate::api::snapshots::collect_layers_on(cp, &t.name, &[here]).await;
         }
     }
 }

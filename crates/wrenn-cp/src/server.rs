@@ -86,6 +86,10 @@ pub struct Cp {
     /// Taken while a host-side template is copied to a host
     /// ([`crate::copies`]), by its name and that host.
     pub copying: crate::locks::Locks<(String, wrenn_types::ids::HostId)>,
+    /// When a copy of a host-side template to a host last failed, by
+    /// name and host ([`crate::copies::avoided`]).
+    pub copy_failures:
+        Mutex<std::collections::HashMap<(String, wrenn_types::ids::HostId), std::time::Instant>>,
     me: Weak<Cp>,
 }
 
@@ -216,6 +220,7 @@ impl ControlPlane {
             lifecycle: Default::default(),
             template_names: Default::default(),
             copying: Default::default(),
+            copy_failures: Default::default(),
             me: me.clone(),
         });
         cp.hosts.load(&cp.db).await?;

@@ -158,7 +158,9 @@ impl Work {
             mut tar, staged, ..
         } = self;
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return; // (no runtime: the agent's next sweep removes it)
+            // (no runtime to wait in: the agent's next sweep removes it)
+            let _ = tar.child.start_kill();
+            return std::mem::forget(staged);
         };
         rt.spawn(async move {
             let _ = tar.child.kill().await;

@@ -14,7 +14,7 @@ use axum::Json;
 use serde::Deserialize;
 use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_types::hosts::{MAX_TIMEOUT_SEC, MIN_MEMORY_MB};
-use wrenn_types::ids::{CapsuleId, TeamId, TemplateName};
+use wrenn_types::ids::{CapsuleId, HostId, TeamId, TemplateName};
 
 use super::{host_of, owned, ApiJson, Path};
 use crate::auth::Caller;
@@ -285,36 +285,22 @@ async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiRe
         on_timeout,
         metadata_to_envd,
     } = spec;
-    // The least loaded host may lack the template's files: it gets a copy
-    // first, before anything is recorded (a copy takes a while, and must
-    // not hold the placing lock). If the copy fails, the capsule goes to
-    // a host that has them.
-    let mut holders = crate::copies::holders(cp, &template).await?;
-    let pick = cp
-        .hosts
-        .place(
-            &cp.db,
-            vcpus,
-            memory_mb,
-            holders.as_deref(),
-            Holders::Prefer,
-        )
-        .await?;
-    match crate::copies::ensure(cp, &template, holders.as_deref(), &pick).await {
-        Ok(()) => {
-            if let Some(hs) = &mut holders {
-                hs.push(pick.id.clone());
-            }
-        }
-        Err(e) => tracing::warn!(capsule = %id, error = %e.message, "placed where the files are"),
-    }
+    let holders = crate::copies::holders(cp, &template).await?;
+    let avoid = crate::copies::avoided(cp, &template.agent_name);
     // Placement and the insert happen under one lock so that two creates
     // cannot both take a host's last room.
-    let (row, host) = {
+    let (mut row, host) = {
         let _placing = cp.placing.lock().await;
         let host = cp
             .hosts
-            .place(&cp.db, vcpus, memory_mb, holders.as_deref(), Holders::Only)
+            .place(
+                &cp.db,
+                vcpus,
+                memory_mb,
+                holders.as_deref(),
+                Holders::Prefer,
+                &avoid,
+            )
             .await?;
         let now = now_ms();
         let row = CapsuleRow {
@@ -351,14 +337,56 @@ async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiRe
         engine,
         metadata_to_envd,
     };
-    // (a template of every host, placed elsewhere than `pick`, may still
-    // need its copy)
-    let result = match crate::copies::ensure(cp, &template, holders.as_deref(), &host).await {
-        Ok(()) => start(cp, actor, row.clone(), host, &template, extra).await,
+    // A host without the template's files gets a copy now (the row, still
+    // `starting`, keeps the template from being deleted meanwhile); if
+    // that fails, the capsule moves to a host that has them.
+    let placed = match crate::copies::ensure(cp, &template, holders.as_deref(), &host).await {
+        Ok(()) => Ok(host),
+        Err(e) => move_to_files(cp, &mut row, &template, holders.as_deref(), e).await,
+    };
+    let result = match placed {
+        Ok(host) => start(cp, actor, row.clone(), host, &template, extra).await,
         Err(e) => Err(create_failed(cp, actor, row.clone(), e).await),
     };
     cp.creating.lock().unwrap().remove(&row.id);
     result
+}
+
+/// A copy of `template` to `row`'s host failed (`failed`): place it again,
+/// on a host that has the files (for a template of every host, any other
+/// host, which may need a copy too). `failed` is the answer if none can
+/// take it.
+async fn move_to_files(
+    cp: &Cp,
+    row: &mut CapsuleRow,
+    template: &TemplateRow,
+    holders: Option<&[HostId]>,
+    failed: ApiError,
+) -> ApiResult<Arc<crate::hosts::HostConn>> {
+    tracing::warn!(capsule = %row.id, error = %failed.message, "placing again, where the template is");
+    let host = {
+        let _placing = cp.placing.lock().await;
+        let avoid = crate::copies::avoided(cp, &template.agent_name);
+        let Ok(host) = cp
+            .hosts
+            .place(
+                &cp.db,
+                row.vcpus,
+                row.memory_mb,
+                holders,
+                Holders::Only,
+                &avoid,
+            )
+            .await
+        else {
+            return Err(failed);
+        };
+        cp.db.set_capsule_host(&row.id, &host.id).await?;
+        host
+    };
+    row.host_id = Some(host.id.clone());
+    crate::copies::ensure(cp, template, holders, &host).await?;
+    Ok(host)
 }
 
 /// A create that failed after its row was recorded: the row is `error`

@@ -63,6 +63,11 @@ async fn retire(cp: &Cp, t: &TemplateRow) -> ApiResult<()> {
 /// template row and no capsule that is not stopped. Best effort (a later
 /// destroy or delete tries again).
 pub async fn collect_layers(cp: &Cp, agent_name: &str) {
+    collect_layers_on(cp, agent_name, &cp.hosts.all()).await
+}
+
+/// [`collect_layers`] on `hosts` only.
+pub async fn collect_layers_on(cp: &Cp, agent_name: &str, hosts: &[Arc<HostConn>]) {
     if !agent_name.starts_with("s-") {
         return; // platform templates are never collected
     }
@@ -73,7 +78,7 @@ pub async fn collect_layers(cp: &Cp, agent_name: &str) {
         (Ok(0), Ok(false)) => {}
         _ => return,
     }
-    for host in cp.hosts.all() {
+    for host in hosts {
         match host.drop_template(agent_name).await {
             Ok(()) => {
                 if let Err(e) = cp.db.drop_template_copy(agent_name, Some(&host.id)).await {
