@@ -995,8 +995,26 @@ async fn a_template_moves_to_another_agent_whole() {
         leftovers()
     );
 
+    // an import is dated by its arrival, not by when the layer was made
+    // (the control plane's grace for layers no template names yet)
+    let made = ca
+        .list_templates(pb::Empty::default())
+        .await
+        .unwrap()
+        .into_owned()
+        .templates
+        .into_iter()
+        .find(|t| t.name == "trip")
+        .expect("trip on a")
+        .created_at;
+    let secs = || wrenn_agent::template::now_secs() as i64;
+    while secs() <= made {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let arrival = secs();
     let got = import(&cb, "trip", &trip, true).await.unwrap();
     assert_eq!(got.layers, ["trip", "busybox"]);
+    assert!(got.created_at >= arrival, "{} < {arrival}", got.created_at);
     let err = import(&cb, "trip", &trip, true).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::AlreadyExists, "{err:?}");
     let got = import(&cb, "trip2", &trip2, true).await.unwrap();
