@@ -679,3 +679,72 @@ def test_a_capsule_whose_copy_fails_goes_where_the_files_are(server) -> None:
         assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
         assert second.proc.wait(60) == 0, second.log_tail()
         second.proc = None
+
+
+def running_command(argv: list[str]) -> bool:
+    """Whether a process of this machine runs exactly ``argv``."""
+    want = "\0".join(argv).encode() + b"\0"
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes() == want:
+                    return True
+            except OSError:
+                pass  # (gone meanwhile)
+    return False
+
+
+def test_a_build_whose_host_dies_is_a_503_and_its_capsule_goes(server) -> None:
+    """A build on a host that dies in the middle of a step answers 503
+    ``host_unavailable`` (it may be tried again), not the 400 of a step that
+    failed; no template is made, and the build's capsule, which outlived
+    its agent, is destroyed by the reconciler once the host is back."""
+    name = f"orphaned-{uuid.uuid4().hex[:6]}"
+    step = ["sleep", f"{300 + uuid.uuid4().int % 500}"]  # (this build's own)
+    with SecondAgent(server) as second:
+        h, made, up = second.h, second.made, second.up
+        # (wrenn up's host busier than the one joining)
+        r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        wait_host(h, host_id, second.start(token))
+
+        answer: dict[str, httpx.Response] = {}
+
+        def build() -> None:
+            with server.http() as b:
+                answer["r"] = b.post("/v1/admin/builds", timeout=600, json={
+                    "name": name, "base_template": "busybox", "recipe": ["RUN " + " ".join(step)]})
+
+        builder = threading.Thread(target=build, daemon=True)
+        builder.start()
+        deadline = time.monotonic() + 120
+        while not (up.runc_containers() and running_command(step)):
+            assert builder.is_alive(), f"the build ended before its step ran: {answer}"
+            assert time.monotonic() < deadline, "the build's step never ran on the second host"
+            time.sleep(0.1)
+        (capsule,) = up.runc_containers()
+        second.proc.kill()
+        second.proc.wait()
+        second.proc = None
+        builder.join(120)
+        r = answer["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "host_unavailable", r.text
+        assert name not in {t["name"] for t in h.get("/v1/admin/templates").json()}
+
+        # back: the abandoned build's capsule is destroyed (the
+        # reconciler's round, every 30 s)
+        wait_host(h, host_id, second.start(None))
+        deadline = time.monotonic() + 75
+        while capsule in up.runc_containers():
+            assert time.monotonic() < deadline, f"build capsule {capsule} left on the host"
+            time.sleep(0.5)
+        for cid in made:
+            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made.clear()
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None

@@ -100,6 +100,35 @@ impl From<crate::db::DbError> for BuildError {
     }
 }
 
+/// A call into the build capsule that failed.
+#[derive(Debug)]
+enum CallError {
+    /// Its host is gone or shutting down (`unavailable`): the build may be
+    /// tried again, so it is the API's 503, not a failed step's 400.
+    Host(ApiError),
+    /// Anything else, told as the step's failure.
+    Other(String),
+}
+
+impl From<connectrpc::ConnectError> for CallError {
+    fn from(e: connectrpc::ConnectError) -> Self {
+        match e.code {
+            connectrpc::ErrorCode::Unavailable => CallError::Host(ApiError::agent(&e)),
+            _ => CallError::Other(e.message.unwrap_or_else(|| e.code.as_str().to_owned())),
+        }
+    }
+}
+
+impl CallError {
+    /// The build's error: the host's as it is, anything else by `other`.
+    fn or(self, other: impl FnOnce(String) -> BuildError) -> BuildError {
+        match self {
+            CallError::Host(e) => BuildError::Api(e),
+            CallError::Other(msg) => other(msg),
+        }
+    }
+}
+
 /// `s` as one single-quoted `sh` word.
 pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -144,7 +173,7 @@ impl Ctx<'_> {
     /// output its last [`SH_TAIL`] bytes only: a step may print any amount
     /// (a foreground exec answers at most 12 MiB), and only a failed
     /// step's tail is shown.
-    async fn sh(&self, line: &str, timeout: Duration) -> Result<(i32, String, String), String> {
+    async fn sh(&self, line: &str, timeout: Duration) -> Result<(i32, String, String), CallError> {
         // (files under SH_DIR: a step that times out leaves its pair there,
         // and the build removes the directory before the snapshot)
         let kept = format!(
@@ -168,8 +197,7 @@ impl Ctx<'_> {
             .host
             .rpc
             .exec_with_options(req, opts)
-            .await
-            .map_err(|e| e.message.unwrap_or_else(|| e.code.as_str().to_owned()))?
+            .await?
             .into_owned();
         Ok((
             out.exit_code,
@@ -180,7 +208,7 @@ impl Ctx<'_> {
 
     /// Write a file as root: the agent writes as the capsule's default
     /// user, so the file is staged in /tmp and moved into place.
-    async fn upload(&self, path: &str, data: Vec<u8>) -> Result<(), String> {
+    async fn upload(&self, path: &str, data: Vec<u8>) -> Result<(), CallError> {
         let chunks: Vec<Vec<u8>> = data.chunks(64 << 10).map(<[u8]>::to_vec).collect();
         self.upload_stream(path, futures::stream::iter(chunks))
             .await
@@ -191,7 +219,7 @@ impl Ctx<'_> {
         &self,
         path: &str,
         chunks: impl futures::Stream<Item = Vec<u8>> + Send + 'static,
-    ) -> Result<(), String> {
+    ) -> Result<(), CallError> {
         let staged = format!("/tmp/.wrenn-upload-{}", crate::auth::random_hex(8));
         self.write(&staged, chunks).await?;
         let line = format!(
@@ -201,7 +229,9 @@ impl Ctx<'_> {
         );
         match self.sh(&line, Duration::from_secs(60)).await? {
             (0, _, _) => Ok(()),
-            (c, o, e) => Err(format!("moving {path} into place: exit {c}: {o}{e}")),
+            (c, o, e) => Err(CallError::Other(format!(
+                "moving {path} into place: exit {c}: {o}{e}"
+            ))),
         }
     }
 
@@ -209,7 +239,7 @@ impl Ctx<'_> {
         &self,
         path: &str,
         chunks: impl futures::Stream<Item = Vec<u8>> + Send + 'static,
-    ) -> Result<(), String> {
+    ) -> Result<(), CallError> {
         use futures::StreamExt;
         let meta = pb::WriteFileStreamRequest {
             msg: Some(Msg::Meta(Box::new(pb::FileMeta {
@@ -234,7 +264,7 @@ impl Ctx<'_> {
             .write_file_stream(msgs)
             .await
             .map(|_| ())
-            .map_err(|e| e.message.unwrap_or_default())
+            .map_err(CallError::from)
     }
 }
 
@@ -314,14 +344,14 @@ async fn send_context(
     if let Some(e) = failed.lock().unwrap().take() {
         return Err(BuildError::Context(format!("read the archive: {e}")));
     }
-    sent.map_err(BuildError::Context)?;
+    sent.map_err(|e| e.or(BuildError::Context))?;
     let line = format!(
         "rm -rf {CONTEXT_DIR} && mkdir -p {CONTEXT_DIR} && tar -xf {tarball} -C {CONTEXT_DIR} && rm -f {tarball}"
     );
     match cx.sh(&line, Duration::from_secs(600)).await {
         Ok((0, _, _)) => Ok(()),
         Ok((c, o, e)) => Err(BuildError::Context(format!("unpack: exit {c}: {o}{e}"))),
-        Err(e) => Err(BuildError::Context(e)),
+        Err(e) => Err(e.or(BuildError::Context)),
     }
 }
 
@@ -368,7 +398,7 @@ async fn run_steps(
                 let (code, out, err) = cx
                     .sh(&wrap(cmd, &user, &cwd, &all_env), *timeout)
                     .await
-                    .map_err(|e| fail("RUN", e))?;
+                    .map_err(|e| e.or(|m| fail("RUN", m)))?;
                 if code != 0 {
                     return Err(fail(
                         "RUN",
@@ -395,7 +425,7 @@ async fn run_steps(
                 match cx.sh(&line, Duration::from_secs(30)).await {
                     Ok((0, _, _)) => cwd = dir,
                     Ok((c, o, e)) => return Err(fail("WORKDIR", format!("exit {c}: {o}{e}"))),
-                    Err(e) => return Err(fail("WORKDIR", e)),
+                    Err(e) => return Err(e.or(|m| fail("WORKDIR", m))),
                 }
             }
             Step::User { name } => {
@@ -426,7 +456,7 @@ async fn run_steps(
                         env.insert("HOME".into(), home);
                     }
                     Ok((c, o, e)) => return Err(fail("USER", format!("exit {c}: {o}{e}"))),
-                    Err(e) => return Err(fail("USER", e)),
+                    Err(e) => return Err(e.or(|m| fail("USER", m))),
                 }
             }
             Step::Copy { sources, dest } => {
@@ -443,7 +473,7 @@ async fn run_steps(
                 match cx.sh(&line, Duration::from_secs(600)).await {
                     Ok((0, _, _)) => {}
                     Ok((c, o, e)) => return Err(fail("COPY", format!("exit {c}: {o}{e}"))),
-                    Err(e) => return Err(fail("COPY", e)),
+                    Err(e) => return Err(e.or(|m| fail("COPY", m))),
                 }
             }
             Step::Start { cmd } => {
@@ -461,7 +491,7 @@ async fn run_steps(
                     .rpc
                     .start_background(req)
                     .await
-                    .map_err(|e| fail("START", e.message.unwrap_or_default()))?;
+                    .map_err(|e| CallError::from(e).or(|m| fail("START", m)))?;
                 start = Some((cmd.clone(), user.clone(), cwd.clone(), all_env.clone()));
             }
         }
@@ -495,7 +525,8 @@ async fn wait_healthy(
         let last = match cx.sh(&line, h.interval.max(Duration::from_secs(5))).await {
             Ok((0, _, _)) => return Ok(()),
             Ok((c, o, e)) => format!("exit {c}: {}{}", tail(&o), tail(&e)),
-            Err(e) => e,
+            Err(CallError::Other(msg)) => msg,
+            Err(CallError::Host(e)) => return Err(BuildError::Api(e)),
         };
         if t0.elapsed() >= h.start_period {
             failures += 1;
@@ -651,7 +682,7 @@ pub async fn build(
             {
                 Ok((0, _, _)) => {}
                 Ok((c, o, e)) => return Err(BuildError::Context(format!("rm: exit {c}: {o}{e}"))),
-                Err(e) => return Err(BuildError::Context(e)),
+                Err(e) => return Err(e.or(BuildError::Context)),
             }
         }
         if let Some(h) = &spec.healthcheck {
