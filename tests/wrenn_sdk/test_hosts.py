@@ -578,6 +578,90 @@ def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None
         second.proc = None
 
 
+def test_a_host_without_minimal_gets_it_before_any_capsule_asks(server) -> None:
+    """``minimal``, a template of every host that ``wrenn up`` made on its
+    own host, is copied by the reconciler (every 30 s) to a host that
+    joins without it, though no capsule has asked for it there; a capsule
+    placed there then runs on that copy."""
+    with SecondAgent(server, with_minimal=False) as second:
+        h, made, up = second.h, second.made, second.up
+        below = second.data / "templates" / "minimal"
+        assert not below.exists()
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        wait_host(h, host_id, second.start(token))
+        deadline = time.monotonic() + 150
+        while not below.is_dir():
+            assert time.monotonic() < deadline, second.log_tail()
+            time.sleep(0.5)
+        assert made == [] and not below.is_symlink()
+        on_new = None
+        for _ in range(4):
+            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+            if made[-1] in up.runc_containers():
+                on_new = made[-1]
+                break
+        assert on_new, f"no capsule landed on the second host: {made}"
+        r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c",
+                   "cat /etc/debian_version && stat -c %U /root"]})
+        assert r.status_code == 200 and r.json()["stdout"].endswith("\nroot\n"), r.text
+        assert r.json()["stdout"].split(".")[0] == "12", r.text  # (bookworm)
+        for cid in made:
+            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made.clear()
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None
+
+
+def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) -> None:
+    """A capsule destroyed while its host is still getting a copy of its
+    template (its create takes as long as the copy) is not made there
+    after all: the create answers 404, and nothing of it is left on the
+    host for the reconciler to find."""
+    with SecondAgent(server, with_minimal=False) as second:
+        h, made, up = second.h, second.made, second.up
+        # (wrenn up's host busier than the one joining)
+        r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        wait_host(h, host_id, second.start(token))
+
+        answer: dict[str, httpx.Response] = {}
+
+        def create() -> None:
+            with server.http() as c:
+                answer["r"] = c.post("/v1/capsules", timeout=600,
+                                     json={"template": "minimal", "memory_mb": 256})
+
+        creator = threading.Thread(target=create, daemon=True)
+        creator.start()
+        deadline = time.monotonic() + 60
+        while not (starting := [c["id"] for c in h.get("/v1/capsules").json()
+                                if c["status"] == "starting"]):
+            assert creator.is_alive(), f"the create ended at once: {answer}"
+            assert time.monotonic() < deadline, "the create never started"
+            time.sleep(0.1)
+        (cid,) = starting
+        assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        creator.join(600)
+        r = answer["r"]
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        assert (second.data / "templates" / "minimal").is_dir()  # (the copy was whole)
+        assert up.runc_containers() == {}, up.runc_containers()
+        assert h.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None
+        assert up.capsule_objects() == {}, up.capsule_objects()
+
+
 def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_path) -> None:
     """An admin's template built before a second host joined is copied to
     it for a capsule placed there. A snapshot taken there stacks on that

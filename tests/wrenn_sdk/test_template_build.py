@@ -5,10 +5,14 @@ keys fail with a clear message and a non-zero exit."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import wrenn_up
 from wrennsdk_support import poll, sleep_marker, sleepers, start_build_raw
@@ -208,6 +212,48 @@ def test_a_step_whose_workdir_is_gone_fails(server, tmp_path: Path) -> None:
     recipe.write_text("WORKDIR /work-gone\nRUN rmdir /work-gone\nRUN touch /tmp/ran\n")
     r = wrenn(server, "build", str(recipe), "--name", f"gone-{uuid.uuid4().hex[:6]}")
     assert r.returncode == 1 and "step 3" in r.stderr and "/work-gone" in r.stderr, r.stderr
+
+
+def envd_above(pid: int) -> int:
+    """The PID of the envd that ``pid`` runs under (its nearest ancestor
+    named ``envd``)."""
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if comm == "envd":
+            return pid
+        pid = int(rest.split()[1])
+    raise AssertionError("no envd above the process")
+
+
+def test_a_build_whose_envd_dies_fails_as_the_build_not_its_host(server) -> None:
+    """A build whose capsule loses envd (as a step that runs it out of
+    memory could make it) fails as the build, 400, not as its host's 503
+    ``host_unavailable``: the agent still answers, though it says
+    ``unavailable`` for the envd it cannot reach. Here envd dies while the
+    healthcheck is tried: each try fails until the healthcheck's time is
+    up."""
+    name = f"downed-{uuid.uuid4().hex[:6]}"
+    marker = sleep_marker()
+    answer: dict[str, Any] = {}
+
+    def build() -> None:
+        with server.http() as b:
+            answer["r"] = b.post("/v1/admin/builds", timeout=300, json={
+                "name": name, "base_template": "busybox", "recipe": [f"START sleep {marker}"],
+                "healthcheck": "--interval=1s --timeout=15s false"})
+
+    builder = threading.Thread(target=build, daemon=True)
+    builder.start()
+    (sleeper,) = poll(lambda: sleepers(marker), 120, what="the build's START")
+    os.kill(envd_above(sleeper), signal.SIGKILL)
+    builder.join(120)
+    r = answer["r"]
+    assert r.status_code == 400, r.text
+    assert "healthcheck did not pass" in r.json()["error"]["message"], r.text
+    with server.http() as h:
+        assert name not in {t["name"] for t in h.get("/v1/admin/templates").json()}
+    poll(lambda: not sleepers(marker), 30, what="the START's process to go")
 
 
 def test_a_build_cut_off_by_its_client_leaves_nothing(server) -> None:

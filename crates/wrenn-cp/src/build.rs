@@ -100,23 +100,14 @@ impl From<crate::db::DbError> for BuildError {
     }
 }
 
-/// A call into the build capsule that failed.
+/// A call into the build capsule that failed ([`Ctx::failed`]).
 #[derive(Debug)]
 enum CallError {
-    /// Its host is gone or shutting down (`unavailable`): the build may be
-    /// tried again, so it is the API's 503, not a failed step's 400.
+    /// Its host is gone or shutting down: the build may be tried again,
+    /// so it is the API's 503, not a failed step's 400.
     Host(ApiError),
     /// Anything else, told as the step's failure.
     Other(String),
-}
-
-impl From<connectrpc::ConnectError> for CallError {
-    fn from(e: connectrpc::ConnectError) -> Self {
-        match e.code {
-            connectrpc::ErrorCode::Unavailable => CallError::Host(ApiError::agent(&e)),
-            _ => CallError::Other(e.message.unwrap_or_else(|| e.code.as_str().to_owned())),
-        }
-    }
 }
 
 impl CallError {
@@ -168,7 +159,37 @@ struct Ctx<'a> {
     capsule: &'a CapsuleRow,
 }
 
+/// How long a host whose call failed has to answer before it is taken
+/// for gone ([`Ctx::failed`]).
+const HOST_PROBE: Duration = Duration::from_secs(5);
+
 impl Ctx<'_> {
+    /// The failure of a call into the build capsule as the build tells
+    /// it. `unavailable` or `deadline_exceeded` is the host's (503) only
+    /// when its agent does not answer now either: the agent also says
+    /// `unavailable` when envd in the capsule cannot be reached (a step
+    /// that ran it out of memory), and that is the step's failure.
+    async fn failed(&self, e: connectrpc::ConnectError) -> CallError {
+        let msg = e.message.unwrap_or_else(|| e.code.as_str().to_owned());
+        if !matches!(
+            e.code,
+            connectrpc::ErrorCode::Unavailable | connectrpc::ErrorCode::DeadlineExceeded
+        ) {
+            return CallError::Other(msg);
+        }
+        let probe = self
+            .host
+            .rpc
+            .list_capsules(pb::ListCapsulesRequest::default());
+        match tokio::time::timeout(HOST_PROBE, probe).await {
+            Ok(Ok(_)) => CallError::Other(msg),
+            _ => CallError::Host(ApiError::host_unavailable(format!(
+                "host {} does not answer: {msg}",
+                self.host.id
+            ))),
+        }
+    }
+
     /// Run a shell line as root; (exit code, stdout, stderr), of each
     /// output its last [`SH_TAIL`] bytes only: a step may print any amount
     /// (a foreground exec answers at most 12 MiB), and only a failed
@@ -193,12 +214,10 @@ impl Ctx<'_> {
         };
         let opts = connectrpc::client::CallOptions::default()
             .with_timeout(timeout + Duration::from_secs(5));
-        let out = self
-            .host
-            .rpc
-            .exec_with_options(req, opts)
-            .await?
-            .into_owned();
+        let out = match self.host.rpc.exec_with_options(req, opts).await {
+            Ok(o) => o.into_owned(),
+            Err(e) => return Err(self.failed(e).await),
+        };
         Ok((
             out.exit_code,
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -259,12 +278,10 @@ impl Ctx<'_> {
                 ..Default::default()
             }))
             .chain(futures::stream::once(async { end }));
-        self.host
-            .rpc
-            .write_file_stream(msgs)
-            .await
-            .map(|_| ())
-            .map_err(CallError::from)
+        match self.host.rpc.write_file_stream(msgs).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed(e).await),
+        }
     }
 }
 
@@ -487,11 +504,9 @@ async fn run_steps(
                     tag: format!("start-{n}"),
                     ..Default::default()
                 };
-                cx.host
-                    .rpc
-                    .start_background(req)
-                    .await
-                    .map_err(|e| CallError::from(e).or(|m| fail("START", m)))?;
+                if let Err(e) = cx.host.rpc.start_background(req).await {
+                    return Err(cx.failed(e).await.or(|m| fail("START", m)));
+                }
                 start = Some((cmd.clone(), user.clone(), cwd.clone(), all_env.clone()));
             }
         }

@@ -6,7 +6,9 @@
 //! that lacks the template first gets a copy ([`ensure`]), streamed from a
 //! host that has it through the control plane (the agents'
 //! `ExportTemplate` and `ImportTemplate`), layer by layer from the bottom
-//! of its stack, each recorded in `template_copies`.
+//! of its stack, each recorded in `template_copies`. A template of every
+//! host that a host lacks is copied to it ahead of any capsule, in the
+//! background, when the reconciler finds it missing there ([`prewarm`]).
 //!
 //! A host's files of a layer are current when a row names that layer on
 //! every host or on that one, when a copy row says so, or, for a
@@ -98,7 +100,13 @@ pub async fn ensure(
         }
     };
     let t0 = std::time::Instant::now();
-    match copy_stack(cp, &t.agent_name, &sources, target).await {
+    let copied = copy_stack(cp, &t.agent_name, &sources, target).await;
+    if copied.is_ok() {
+        // (another copy's failure no longer holds)
+        let key = (t.agent_name.clone(), target.id.clone());
+        cp.copy_failures.lock().unwrap().remove(&key);
+    }
+    match copied {
         Ok(0) => Ok(()),
         Ok(bytes) => {
             tracing::info!(template = %t.name, to = %target.id, bytes,
@@ -115,6 +123,42 @@ pub async fn ensure(
                 t.name, target.id
             )))
         }
+    }
+}
+
+/// Copy the templates of every host that `host` lacks (`listed` is its
+/// list of templates) to it in the background, so that a capsule placed
+/// there does not wait for them: `minimal` on a host that `wrenn up` did
+/// not make it on. One copy per template and host at a time; a host whose
+/// copy failed lately is left alone until placement would try it again
+/// ([`avoided`]). Cut off when the control plane stops.
+pub async fn prewarm(cp: &Cp, host: &Arc<HostConn>, listed: &[pb::Template]) {
+    let rows = match cp.db.everywhere_templates().await {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!(error = %e, "prewarm: database"),
+    };
+    for t in rows {
+        if listed.iter().any(|l| l.name == t.agent_name)
+            || avoided(cp, &t.agent_name).contains(&host.id)
+        {
+            continue;
+        }
+        let key = (t.agent_name.clone(), host.id.clone());
+        if !cp.prewarming.lock().unwrap().insert(key.clone()) {
+            continue; // (under way)
+        }
+        let (cp, host) = (cp.arc(), host.clone());
+        cp.clone().tasks.spawn(async move {
+            tracing::info!(template = %t.name, to = %host.id, "copying a template of every host");
+            tokio::select! {
+                r = ensure(&cp, &t, None, &host) => if let Err(e) = r {
+                    tracing::warn!(template = %t.name, to = %host.id, error = %e.message,
+                        "cannot copy a template of every host");
+                },
+                () = cp.stop.cancelled() => {}
+            }
+            cp.prewarming.lock().unwrap().remove(&key);
+        });
     }
 }
 

@@ -837,14 +837,19 @@ impl Db {
     }
 
     /// Capsule `id` (not started yet) is placed on `host` instead.
-    pub async fn set_capsule_host(&self, id: &CapsuleId, host: &HostId) -> Result<(), DbError> {
-        sqlx::query("UPDATE capsules SET host_id = $1, last_updated = $2 WHERE id = $3")
-            .bind(host.as_str())
-            .bind(now_ms())
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Move a capsule still `starting` (its create placing it again) to
+    /// `host`; false when it is not `starting` (destroyed meanwhile).
+    pub async fn set_capsule_host(&self, id: &CapsuleId, host: &HostId) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE capsules SET host_id = $1, last_updated = $2 \
+             WHERE id = $3 AND status = 'starting'",
+        )
+        .bind(host.as_str())
+        .bind(now_ms())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     pub async fn set_capsule_metadata(
@@ -1164,6 +1169,17 @@ impl Db {
         ))
         .bind(team.as_str())
         .bind(platform_team().as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(template_row).collect()
+    }
+
+    /// The templates every host makes or should have (rows naming no
+    /// host: `minimal`, `busybox`), oldest first.
+    pub async fn everywhere_templates(&self) -> Result<Vec<TemplateRow>, DbError> {
+        let rows = sqlx::query(&format!(
+            "{TEMPLATE_COLS} WHERE host_id IS NULL ORDER BY created_at, name"
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(template_row).collect()

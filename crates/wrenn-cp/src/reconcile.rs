@@ -223,7 +223,18 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
             }
         }
     }
-    collect_orphan_layers(cp, host).await;
+    let templates = match host.rpc.list_templates(pb::Empty::default()).await {
+        Ok(l) => l.into_owned().templates,
+        Err(e) => {
+            return tracing::debug!(host = %host.id, error = %e, "reconcile: no template list")
+        }
+    };
+    // (still connected: not deleted meanwhile)
+    let Some(here) = cp.hosts.get(&host.id) else {
+        return;
+    };
+    collect_orphan_layers(cp, &here, &templates).await;
+    crate::copies::prewarm(cp, &here, &templates).await;
 }
 
 /// Team snapshots' layers on `host` that no template names (deleted while
@@ -231,15 +242,9 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
 /// [`CpConfig::orphan_layer_grace`](crate::config::CpConfig): deleted, once
 /// no capsule uses them (the agent also refuses while another template
 /// stands on them).
-async fn collect_orphan_layers(cp: &Cp, host: &HostConn) {
-    let listed = match host.rpc.list_templates(pb::Empty::default()).await {
-        Ok(l) => l.into_owned(),
-        Err(e) => {
-            return tracing::debug!(host = %host.id, error = %e, "reconcile: no template list")
-        }
-    };
+async fn collect_orphan_layers(cp: &Cp, host: &Arc<HostConn>, listed: &[pb::Template]) {
     let before = now_ms() / 1000 - cp.config.orphan_layer_grace.as_secs() as i64;
-    for t in &listed.templates {
+    for t in listed {
         if !t.name.starts_with("s-")
             || t.created_at > before
             || cp.snapshotting.lock().unwrap().contains(&t.name)
@@ -248,12 +253,9 @@ async fn collect_orphan_layers(cp: &Cp, host: &HostConn) {
         }
         // (on this host only: the same layer elsewhere may be younger, a
         // copy arriving under a template not copied yet)
-        let Some(here) = cp.hosts.get(&host.id) else {
-            continue;
-        };
         if let Ok(false) = cp.db.template_named_on_host(&t.name).await {
             tracing::info!(host = %host.id, template = %t.name, "collecting the layers of a deleted snapshot");
-            crate::api::snapshots::collect_layers_on(cp, &t.name, &[here]).await;
+            crate::api::snapshots::collect_layers_on(cp, &t.name, std::slice::from_ref(host)).await;
         }
     }
 }

@@ -90,6 +90,9 @@ pub struct Cp {
     /// name and host ([`crate::copies::avoided`]).
     pub copy_failures:
         Mutex<std::collections::HashMap<(String, wrenn_types::ids::HostId), std::time::Instant>>,
+    /// Copies of templates of every host under way in the background, by
+    /// name and host ([`crate::copies::prewarm`]).
+    pub prewarming: Mutex<std::collections::HashSet<(String, wrenn_types::ids::HostId)>>,
     me: Weak<Cp>,
 }
 
@@ -221,6 +224,7 @@ impl ControlPlane {
             template_names: Default::default(),
             copying: Default::default(),
             copy_failures: Default::default(),
+            prewarming: Default::default(),
             me: me.clone(),
         });
         cp.hosts.load(&cp.db).await?;

@@ -105,7 +105,9 @@ pub fn build_minimal(
     }
     tidy(&staged.layer)?;
     let meta = TemplateMeta::base(name.clone(), true);
-    store.commit(staged, meta)
+    // (a control plane may have copied `minimal` here from another host
+    // while debootstrap ran)
+    store.commit_or_existing(staged, meta)
 }
 
 /// Drop the package cache and the files the agent bind-mounts per capsule.

@@ -284,6 +284,21 @@ impl TemplateStore {
         Ok(meta)
     }
 
+    /// [`TemplateStore::commit`], or, when a template of that name came
+    /// meanwhile (a copy of a template every host has, from another
+    /// host), that one, and the staged files go.
+    pub fn commit_or_existing(
+        &self,
+        staged: Staged,
+        meta: TemplateMeta,
+    ) -> Result<TemplateMeta, TemplateError> {
+        let name = meta.name.clone();
+        match self.commit(staged, meta) {
+            Err(TemplateError::Exists(_)) => self.get(&name),
+            r => r,
+        }
+    }
+
     /// Delete a template no other template stacks on.
     pub fn remove(&self, name: &TemplateName) -> Result<(), TemplateError> {
         self.get(name)?;
@@ -420,6 +435,22 @@ mod tests {
         store.remove(&child).unwrap();
         store.remove(&base).unwrap();
         assert!(store.list().is_empty());
+
+        // A build that another's copy overtook keeps the copy.
+        let (s1, s2) = (store.stage(&base).unwrap(), store.stage(&base).unwrap());
+        std::fs::write(s1.layer.join("f"), "copied").unwrap();
+        std::fs::write(s2.layer.join("f"), "built").unwrap();
+        store.commit(s1, meta("base", &["base"])).unwrap();
+        let m = store
+            .commit_or_existing(s2, meta("base", &["base"]))
+            .unwrap();
+        assert_eq!(m.size_bytes, 6);
+        assert_eq!(
+            std::fs::read_to_string(store.layer_dir(&base).join("f")).unwrap(),
+            "copied"
+        );
+        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 1);
+        store.remove(&base).unwrap();
 
         // An abandoned build leaves nothing behind.
         drop(store.stage(&base).unwrap());

@@ -381,7 +381,9 @@ async fn move_to_files(
         else {
             return Err(failed);
         };
-        cp.db.set_capsule_host(&row.id, &host.id).await?;
+        if !cp.db.set_capsule_host(&row.id, &host.id).await? {
+            return Err(ApiError::capsule_not_found()); // (destroyed meanwhile)
+        }
         host
     };
     row.host_id = Some(host.id.clone());
@@ -462,11 +464,18 @@ async fn start(
         meta.insert("engine".into(), started.engine.clone());
     }
     cp.db.set_capsule_metadata(&row.id, &meta).await?;
-    let running = cp
+    let Some(running) = cp
         .db
         .transition(&row.id, &[Status::Starting], Status::Running)
         .await?
-        .ok_or_else(ApiError::capsule_not_found)?;
+    else {
+        // Destroyed while it was made (its host's copy of the template
+        // can take minutes): what the agent made goes too.
+        if let Err(e) = host.destroy(&row.id).await {
+            tracing::warn!(capsule = %row.id, error = %e, "cannot destroy a capsule destroyed while made");
+        }
+        return Err(ApiError::capsule_not_found());
+    };
     let msg = format!(
         "started from template {} ({} vCPU, {} MiB) on {}",
         running.template, running.vcpus, running.memory_mb, host.id
