@@ -662,6 +662,71 @@ def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) ->
         assert up.capsule_objects() == {}, up.capsule_objects()
 
 
+def test_a_layer_copied_under_another_is_not_collected_before_it_arrives(server) -> None:
+    """A stack is copied to a host from the bottom up: a layer that has
+    arrived while the one above it is still coming has nothing standing on
+    it there yet, and is not collected meanwhile, even when the last
+    capsule of its deleted snapshot goes (else the layer above would find
+    nothing to stand on, and the capsule would be placed elsewhere)."""
+    lower, upper = (f"{w}-{uuid.uuid4().hex[:6]}" for w in ("lower", "upper"))
+    with SecondAgent(server) as second:
+        h, made, up = second.h, second.made, second.up
+        r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+        assert h.post("/v1/snapshots", json={"sandbox_id": made[0], "name": lower}).status_code == 201
+        r = h.post("/v1/capsules", json={"template": lower, "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        user = r.json()["id"]
+        made.append(user)
+        # (a large upper layer: its copy takes seconds)
+        r = h.post(f"/v1/capsules/{user}/exec", timeout=120, json={"cmd": "/bin/sh", "args": [
+            "-c", "head -c 300M /dev/urandom > /root/big && echo ok"]})
+        assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
+        assert h.post("/v1/snapshots", json={"sandbox_id": user, "name": upper}).status_code == 201
+        # the lower snapshot's name goes; its layer stays while `user` runs from it
+        assert h.delete(f"/v1/snapshots/{lower}").status_code == 204
+
+        reg = h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        wait_host(h, host_id, second.start(token))
+        answer: dict[str, httpx.Response] = {}
+
+        def create() -> None:
+            with server.http() as c:
+                answer["r"] = c.post("/v1/capsules", timeout=600,
+                                     json={"template": upper, "memory_mb": 256})
+
+        creator = threading.Thread(target=create, daemon=True)
+        creator.start()
+        deadline = time.monotonic() + 120
+        while not (arrived := snapshot_layers(second)):
+            assert creator.is_alive(), f"the create ended before a layer arrived: {answer}"
+            assert time.monotonic() < deadline, "no layer was copied to the second host"
+            time.sleep(0.05)
+        assert creator.is_alive() and len(arrived) == 1, arrived
+        assert h.delete(f"/v1/capsules/{user}").status_code == 204
+        made.remove(user)
+        creator.join(600)
+        r = answer["r"]
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+        assert made[-1] in up.runc_containers(), "the capsule was not placed on the second host"
+        assert arrived < snapshot_layers(second), snapshot_layers(second)
+        r = h.post(f"/v1/capsules/{made[-1]}/exec", json={"cmd": "/bin/sh", "args": [
+            "-c", "stat -c %s /root/big"]})
+        assert r.status_code == 200 and r.json()["stdout"] == f"{300 << 20}\n", r.text
+
+        for cid in made:
+            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made.clear()
+        assert h.delete(f"/v1/snapshots/{upper}").status_code == 204
+        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert second.proc.wait(60) == 0, second.log_tail()
+        second.proc = None
+
+
 def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_path) -> None:
     """An admin's template built before a second host joined is copied to
     it for a capsule placed there. A snapshot taken there stacks on that

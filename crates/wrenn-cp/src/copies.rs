@@ -188,6 +188,7 @@ async fn copy_stack(
         }
     }
     let (source, layers) = found.ok_or_else(|| "no connected host has it".to_owned())?;
+    let _held = Held::new(cp, &layers, &target.id);
     let mut bytes = 0;
     for layer in layers.iter().rev() {
         let _one = cp.copying.lock(&(layer.clone(), target.id.clone())).await;
@@ -209,6 +210,47 @@ async fn copy_stack(
         record(cp, layer, &target.id).await?;
     }
     Ok(bytes)
+}
+
+/// Whether `layer` is part of a stack being copied to `host`: a layer
+/// copied there first has nothing standing on it yet, and must stay until
+/// the layers above it arrive.
+pub fn being_copied(cp: &Cp, layer: &str, host: &HostId) -> bool {
+    cp.in_copy
+        .lock()
+        .unwrap()
+        .contains_key(&(layer.to_owned(), host.clone()))
+}
+
+/// A stack's layers marked as being copied to a host, until dropped.
+struct Held<'a> {
+    cp: &'a Cp,
+    keys: Vec<(String, HostId)>,
+}
+
+impl<'a> Held<'a> {
+    fn new(cp: &'a Cp, layers: &[String], host: &HostId) -> Self {
+        let keys: Vec<_> = layers.iter().map(|l| (l.clone(), host.clone())).collect();
+        let mut held = cp.in_copy.lock().unwrap();
+        for k in &keys {
+            *held.entry(k.clone()).or_default() += 1;
+        }
+        Held { cp, keys }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut held = self.cp.in_copy.lock().unwrap();
+        for k in &self.keys {
+            if let Some(n) = held.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(k);
+                }
+            }
+        }
+    }
 }
 
 async fn record(cp: &Cp, layer: &str, host: &HostId) -> Result<(), String> {

@@ -93,6 +93,10 @@ pub struct Cp {
     /// Copies of templates of every host under way in the background, by
     /// name and host ([`crate::copies::prewarm`]).
     pub prewarming: Mutex<std::collections::HashSet<(String, wrenn_types::ids::HostId)>>,
+    /// The layers of the stacks being copied to hosts, by name and host,
+    /// each with how many copies hold it: not collected meanwhile, though
+    /// nothing stands on them there yet ([`crate::copies::being_copied`]).
+    pub in_copy: Mutex<std::collections::HashMap<(String, wrenn_types::ids::HostId), usize>>,
     me: Weak<Cp>,
 }
 
@@ -225,6 +229,7 @@ impl ControlPlane {
             copying: Default::default(),
             copy_failures: Default::default(),
             prewarming: Default::default(),
+            in_copy: Default::default(),
             me: me.clone(),
         });
         cp.hosts.load(&cp.db).await?;

@@ -79,6 +79,9 @@ pub async fn collect_layers_on(cp: &Cp, agent_name: &str, hosts: &[Arc<HostConn>
         _ => return,
     }
     for host in hosts {
+        if crate::copies::being_copied(cp, agent_name, &host.id) {
+            continue; // (the next destroy, delete or reconciler round)
+        }
         match host.drop_template(agent_name).await {
             Ok(()) => {
                 if let Err(e) = cp.db.drop_template_copy(agent_name, Some(&host.id)).await {
