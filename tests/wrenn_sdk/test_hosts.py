@@ -727,6 +727,63 @@ def test_a_layer_copied_under_another_is_not_collected_before_it_arrives(server)
         second.proc = None
 
 
+def shared_db(server, query: str) -> list[list[str]]:
+    """``query`` on the server's database, as another control plane sharing
+    it would run it: SQLite under its data dir, or the PostgreSQL of
+    ``WRENN_TEST_DATABASE_URL`` (by ``psql``); the rows, as text."""
+    url = os.environ.get("WRENN_TEST_DATABASE_URL")
+    if url:
+        r = subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-At", "-F", "\t", "-c", query],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return [line.split("\t") for line in r.stdout.splitlines() if line]
+    import sqlite3
+    with contextlib.closing(sqlite3.connect(server.data_dir / "wrenn.db", timeout=30)) as db:
+        with db:
+            return [[str(v) for v in row] for row in db.execute(query).fetchall()]
+
+
+def test_a_create_of_another_control_plane_is_left_to_it(server) -> None:
+    """Control planes sharing a database: a capsule row that another one's
+    create made and has not started yet (its host may be getting a copy of
+    the template, for minutes) is left ``starting`` by this one's
+    reconciler, not stopped as orphaned; once older than the grace (30
+    minutes: that control plane has stopped), it is stopped."""
+    h = server.http()
+    r = h.post("/v1/capsules", json={"template": "busybox"})
+    assert r.status_code == 201, r.text
+    real = r.json()["id"]
+    assert h.delete(f"/v1/capsules/{real}").status_code == 204
+    now = int(time.time() * 1000)
+    ids = {}
+    for which, at in (("recent", now), ("old", now - 31 * 60_000)):
+        ids[which] = "cl-" + "".join(
+            "0123456789abcdefghijklmnopqrstuvwxyz"[b % 36] for b in os.urandom(25))
+        shared_db(server, (
+            "INSERT INTO capsules (id, team_id, host_id, template, agent_template, status, "
+            "vcpus, memory_mb, timeout_sec, disk_size_mb, metadata, created_at, started_at, "
+            "last_active_at, last_updated, access_token, end_at, on_timeout, allow_internet, "
+            f"created_by) SELECT '{ids[which]}', team_id, host_id, template, agent_template, "
+            f"'starting', vcpus, memory_mb, timeout_sec, disk_size_mb, metadata, {at}, NULL, "
+            f"NULL, {at}, access_token, NULL, on_timeout, allow_internet, 'cp-elsewhere' "
+            f"FROM capsules WHERE id = '{real}'"))
+    try:
+        # (the reconciler's round, every 30 s)
+        deadline = time.monotonic() + 75
+        while (old := h.get(f"/v1/capsules/{ids['old']}").json())["status"] != "stopped":
+            assert old["status"] == "starting", old
+            assert time.monotonic() < deadline, "no reconciler round stopped the old row"
+            time.sleep(0.5)
+        assert h.get(f"/v1/capsules/{ids['recent']}").json()["status"] == "starting"
+        # (this one's destroy takes it: its agent never had it)
+        assert h.delete(f"/v1/capsules/{ids['recent']}").status_code == 204
+        assert h.get(f"/v1/capsules/{ids['recent']}").json()["status"] == "stopped"
+    finally:
+        for cid in ids.values():
+            h.delete(f"/v1/capsules/{cid}")
+        h.close()
+
+
 def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_path) -> None:
     """An admin's template built before a second host joined is copied to
     it for a capsule placed there. A snapshot taken there stacks on that

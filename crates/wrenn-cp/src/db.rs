@@ -135,6 +135,11 @@ fn migrator() -> Migrator {
             "template_copies",
             include_str!("../migrations/0009_template_copies.sql"),
         ),
+        (
+            10,
+            "created_by",
+            include_str!("../migrations/0010_created_by.sql"),
+        ),
     ]
     .into_iter()
     .map(|(version, name, sql)| {
@@ -621,9 +626,9 @@ impl Db {
             "INSERT INTO capsules (id, team_id, host_id, template, agent_template, status, vcpus, \
                  memory_mb, timeout_sec, disk_size_mb, metadata, created_at, started_at, \
                  last_active_at, last_updated, access_token, end_at, on_timeout, \
-                 allow_internet) \
+                 allow_internet, created_by) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-                     $17, $18, $19)",
+                     $17, $18, $19, $20)",
         )
         .bind(c.id.as_str())
         .bind(c.team_id.as_str())
@@ -644,6 +649,7 @@ impl Db {
         .bind(c.end_at)
         .bind(c.on_timeout.as_str())
         .bind(c.allow_internet.map(i64::from))
+        .bind(c.created_by.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1339,6 +1345,11 @@ pub struct CapsuleRow {
     pub on_timeout: OnTimeout,
     /// Internet access as its creator set it; `None`: not set (on).
     pub allow_internet: Option<bool>,
+    /// The control plane whose create made the row ([`Cp::identity`]);
+    /// `None` for rows from before migration 10.
+    ///
+    /// [`Cp::identity`]: crate::server::Cp::identity
+    pub created_by: Option<String>,
 }
 
 /// One line of a capsule's log.
@@ -1431,7 +1442,7 @@ const HOST_COLS: &str = "SELECT id, status, address, arch, cpu_cores, memory_mb,
 const CAPSULE_COLS: &str = "SELECT id, team_id, host_id, template, agent_template, status, vcpus, \
                             memory_mb, timeout_sec, disk_size_mb, metadata, created_at, \
                             started_at, last_active_at, last_updated, access_token, end_at, \
-                            on_timeout, allow_internet FROM capsules";
+                            on_timeout, allow_internet, created_by FROM capsules";
 const TEMPLATE_COLS: &str = "SELECT team_id, name, agent_name, type, host_id, vcpus, memory_mb, \
                              size_bytes, default_user, protected, metadata, created_at \
                              FROM templates";
@@ -1508,6 +1519,7 @@ fn capsule_row(r: &AnyRow) -> Result<CapsuleRow, DbError> {
         allow_internet: r
             .try_get::<Option<i64>, _>("allow_internet")?
             .map(|v| v != 0),
+        created_by: r.try_get("created_by")?,
     })
 }
 

@@ -124,6 +124,25 @@ fn is_abandoned_build(cp: &Cp, c: &CapsuleRow) -> bool {
         && !cp.builds.lock().unwrap().values().any(|b| *b == c.id)
 }
 
+/// How long a create of another control plane sharing the database may
+/// last before its row, `starting` and not on its host yet, is taken for
+/// cut off (that control plane stopped): a create waits for its host's
+/// copy of the template, up to 10 minutes a layer.
+const FOREIGN_CREATE_GRACE: Duration = Duration::from_secs(30 * 60);
+
+/// Whether `c` is a create still in flight: in this process, or not
+/// started yet by another control plane, within [`FOREIGN_CREATE_GRACE`]
+/// (a row from before migration 10 names none and is this one's).
+fn create_in_flight(cp: &Cp, c: &CapsuleRow) -> bool {
+    cp.creating.lock().unwrap().contains(&c.id)
+        || (c.status == Status::Starting
+            && c.started_at.is_none()
+            && c.created_by
+                .as_deref()
+                .is_some_and(|by| by != cp.identity())
+            && now_ms() - c.created_at < FOREIGN_CREATE_GRACE.as_millis() as i64)
+}
+
 /// Reconcile one host.
 pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
     let rows = match cp.db.capsules_on(&host.id).await {
@@ -156,7 +175,7 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
             // been `missing` since. Nobody holds the ID, so whatever the
             // agent made of it (`error` after its own restart, `running` if
             // only the answer was lost) is undone.
-            Some(_) if c.started_at.is_none() && !cp.creating.lock().unwrap().contains(&c.id) => {
+            Some(_) if c.started_at.is_none() && !create_in_flight(cp, c) => {
                 // (read again: a create that ended since the rows were read
                 // has started it, and is out of `creating` only after that)
                 let fresh = match cp.db.capsule_any(&c.id).await {
@@ -200,7 +219,7 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                 set(cp, c, to, reason).await;
             }
             // A create in flight has a row before the agent has the capsule.
-            None if cp.creating.lock().unwrap().contains(&c.id) => {}
+            None if create_in_flight(cp, c) => {}
             None => set(cp, c, Status::Stopped, "orphaned").await,
         }
     }
@@ -396,7 +415,7 @@ pub async fn mark_silent_hosts(cp: &Cp, watching_since: i64) {
         };
         let live = [Status::Running, Status::Starting, Status::Pending];
         for c in rows.iter().filter(|c| live.contains(&c.status)) {
-            if !cp.creating.lock().unwrap().contains(&c.id) {
+            if !create_in_flight(cp, c) {
                 set(cp, c, Status::Missing, "host_failure").await;
             }
         }

@@ -305,6 +305,7 @@ async fn exercise(db: &Db) {
             created_at: now + i,
             access_token: format!("token-{i}"),
             allow_internet: [None, Some(false), Some(true)][i as usize],
+            created_by: (i > 0).then(|| format!("cp-{i}")),
             ..common::capsule_row(&team.id, Some(&h.id), Status::Starting, now)
         };
         db.insert_capsule(&c).await.unwrap();
@@ -324,6 +325,8 @@ async fn exercise(db: &Db) {
         [Some(true), Some(false), None],
         "as set, or not set"
     );
+    let by: Vec<_> = listed.iter().map(|c| c.created_by.as_deref()).collect();
+    assert_eq!(by, [Some("cp-2"), Some("cp-1"), None]);
     let c = db
         .transition(&rows[0].id, &[Status::Starting], Status::Running)
         .await

@@ -323,6 +323,7 @@ async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiRe
             end_at,
             on_timeout,
             allow_internet: internet,
+            created_by: Some(cp.identity().to_owned()),
         };
         cp.creating.lock().unwrap().insert(row.id.clone());
         if let Err(e) = cp.db.insert_capsule(&row).await {

@@ -29,5 +29,6 @@ pub fn capsule_row(team: &TeamId, host: Option<&HostId>, status: Status, now: i6
         end_at: None,
         on_timeout: OnTimeout::Kill,
         allow_internet: None,
+        created_by: None,
     }
 }
