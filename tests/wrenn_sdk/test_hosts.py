@@ -96,6 +96,38 @@ class SecondAgent:
         self.proc, addr = start_agent(self.binary, self.up, self.server.base_url, token, extra)
         return addr
 
+    def join(self, busier_first: bool = False) -> str:
+        """Register a new host for this agent and start it; its host ID,
+        once the host is online. ``busier_first``: first make the hosts
+        there are busier than the new one (a ``minimal`` capsule, in
+        ``made``), so that placement prefers the new one."""
+        if busier_first:
+            r = self.h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            self.made.append(r.json()["id"])
+        reg = self.h.post("/v1/hosts")
+        assert reg.status_code == 201, reg.text
+        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
+        wait_host(self.h, host_id, self.start(token))
+        return host_id
+
+    def place(self, template: str) -> str:
+        """Create capsules from ``template`` (256 MiB; each kept in
+        ``made``) until one lands on this agent's host, at most 4; its ID."""
+        for _ in range(4):
+            r = self.h.post("/v1/capsules", json={"template": template, "memory_mb": 256})
+            assert r.status_code == 201, r.text
+            self.made.append(r.json()["id"])
+            if self.made[-1] in self.up.runc_containers():
+                return self.made[-1]
+        raise AssertionError(f"no capsule landed on the second host: {self.made}")
+
+    def leave(self, host_id: str) -> None:
+        """Delete host ``host_id`` (this agent's): the agent exits, 0."""
+        assert self.h.delete(f"/v1/hosts/{host_id}").status_code == 204
+        assert self.proc is not None and self.proc.wait(60) == 0, self.log_tail()
+        self.proc = None
+
     def log_tail(self) -> str:
         return (self.data / "agent.log").read_text()[-2000:]
 
@@ -245,9 +277,7 @@ def test_a_silent_host_is_unreachable_and_its_capsules_missing_until_it_returns(
         for cid in made:
             assert h.delete(f"/v1/capsules/{cid}").status_code == 204
         made.clear()
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-        assert second.proc.wait(60) == 0, second.log_tail()
-        second.proc = None
+        second.leave(host_id)
 
 
 def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -> None:
@@ -334,9 +364,7 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
         for c in made:
             assert h.delete(f"/v1/capsules/{c}").status_code in (204, 404)
         made.clear()
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-        assert second.proc.wait(60) == 0, second.log_tail()
-        second.proc = None
+        second.leave(host_id)
         assert not second.up.capsule_objects(), second.up.capsule_objects()
 
 
@@ -407,15 +435,7 @@ def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
         assert again.status_code == 401, again.text
 
         # least-loaded placement puts one of the next creates on the empty host
-        on_new = None
-        for _ in range(4):
-            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
-            assert r.status_code == 201, r.text
-            made.append(r.json()["id"])
-            if made[-1] in up.runc_containers():
-                on_new = made[-1]
-                break
-        assert on_new, f"no capsule landed on the second host: {made}"
+        on_new = second.place("minimal")
         r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c", "echo hi"]})
         assert r.status_code == 200 and r.json()["stdout"] == "hi\n", r.text
         # the agent answers only mutual TLS, with the certificate the control
@@ -536,21 +556,10 @@ def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None
         assert r.status_code == 201, r.text
         assert snapshot_layers(second) == set()
 
-        reg = h.post("/v1/hosts")
-        assert reg.status_code == 201, reg.text
-        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-        wait_host(h, host_id, second.start(token))
+        host_id = second.join()
         # the empty host is the least loaded: a capsule from the snapshot
         # goes there, with a copy of its files
-        on_new = None
-        for _ in range(4):
-            r = h.post("/v1/capsules", json={"template": snap, "memory_mb": 256})
-            assert r.status_code == 201, r.text
-            made.append(r.json()["id"])
-            if made[-1] in up.runc_containers():
-                on_new = made[-1]
-                break
-        assert on_new, f"no capsule landed on the second host: {made}"
+        on_new = second.place(snap)
         copied = snapshot_layers(second)
         assert len(copied) == 1, copied
         below = second.data / "templates" / "minimal"
@@ -573,9 +582,7 @@ def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None
         while snapshot_layers(second):
             assert time.monotonic() < deadline, snapshot_layers(second)
             time.sleep(0.2)
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-        assert second.proc.wait(60) == 0, second.log_tail()
-        second.proc = None
+        second.leave(host_id)
 
 
 def test_a_host_without_minimal_gets_it_before_any_capsule_asks(server) -> None:
@@ -587,24 +594,13 @@ def test_a_host_without_minimal_gets_it_before_any_capsule_asks(server) -> None:
         h, made, up = second.h, second.made, second.up
         below = second.data / "templates" / "minimal"
         assert not below.exists()
-        reg = h.post("/v1/hosts")
-        assert reg.status_code == 201, reg.text
-        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-        wait_host(h, host_id, second.start(token))
+        host_id = second.join()
         deadline = time.monotonic() + 150
         while not below.is_dir():
             assert time.monotonic() < deadline, second.log_tail()
             time.sleep(0.5)
         assert made == [] and not below.is_symlink()
-        on_new = None
-        for _ in range(4):
-            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
-            assert r.status_code == 201, r.text
-            made.append(r.json()["id"])
-            if made[-1] in up.runc_containers():
-                on_new = made[-1]
-                break
-        assert on_new, f"no capsule landed on the second host: {made}"
+        on_new = second.place("minimal")
         r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "/bin/sh", "args": ["-c",
                    "cat /etc/debian_version && stat -c %U /root"]})
         assert r.status_code == 200 and r.json()["stdout"].endswith("\nroot\n"), r.text
@@ -612,9 +608,7 @@ def test_a_host_without_minimal_gets_it_before_any_capsule_asks(server) -> None:
         for cid in made:
             assert h.delete(f"/v1/capsules/{cid}").status_code == 204
         made.clear()
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-        assert second.proc.wait(60) == 0, second.log_tail()
-        second.proc = None
+        second.leave(host_id)
 
 
 def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) -> None:
@@ -624,14 +618,7 @@ def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) ->
     host for the reconciler to find."""
     with SecondAgent(server, with_minimal=False) as second:
         h, made, up = second.h, second.made, second.up
-        # (wrenn up's host busier than the one joining)
-        r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
-        assert r.status_code == 201, r.text
-        made.append(r.json()["id"])
-        reg = h.post("/v1/hosts")
-        assert reg.status_code == 201, reg.text
-        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-        wait_host(h, host_id, second.start(token))
+        host_id = second.join(busier_first=True)
 
         answer: dict[str, httpx.Response] = {}
 
@@ -656,9 +643,7 @@ def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) ->
         assert (second.data / "templates" / "minimal").is_dir()  # (the copy was whole)
         assert up.runc_containers() == {}, up.runc_containers()
         assert h.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-        assert second.proc.wait(60) == 0, second.log_tail()
-        second.proc = None
+        second.leave(host_id)
         assert up.capsule_objects() == {}, up.capsule_objects()
 
 
@@ -687,10 +672,7 @@ def test_a_layer_copied_under_another_is_not_collected_before_it_arrives(server)
         # the lower snapshot's name goes; its layer stays while `user` runs from it
         assert h.delete(f"/v1/snapshots/{lower}").status_code == 204
 
-        reg = h.post("/v1/hosts")
-        assert reg.status_code == 201, reg.text
-        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-        wait_host(h, host_id, second.start(token))
+        host_id = second.join()
         answer: dict[str, httpx.Response] = {}
 
         def create() -> None:
@@ -722,9 +704,7 @@ def test_a_layer_copied_under_another_is_not_collected_before_it_arrives(server)
             assert h.delete(f"/v1/capsules/{cid}").status_code == 204
         made.clear()
         assert h.delete(f"/v1/snapshots/{upper}").status_code == 204
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-        assert second.proc.wait(60) == 0, second.log_tail()
-        second.proc = None
+        second.leave(host_id)
 
 
 def shared_db(server, query: str) -> list[list[str]]:
@@ -802,23 +782,8 @@ def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_
     with SecondAgent(server) as second:
         h, made, up = second.h, second.made, second.up
         try:
-            # (wrenn up's host busier than the one joining)
-            r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
-            assert r.status_code == 201, r.text
-            made.append(r.json()["id"])
-            reg = h.post("/v1/hosts")
-            assert reg.status_code == 201, reg.text
-            host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-            wait_host(h, host_id, second.start(token))
-            on_new = None
-            for _ in range(4):
-                r = h.post("/v1/capsules", json={"template": name, "memory_mb": 256})
-                assert r.status_code == 201, r.text
-                made.append(r.json()["id"])
-                if made[-1] in up.runc_containers():
-                    on_new = made[-1]
-                    break
-            assert on_new, f"no capsule landed on the second host: {made}"
+            host_id = second.join(busier_first=True)
+            on_new = second.place(name)
             copy = second.data / "templates" / name
             assert copy.is_dir()
             r = h.post(f"/v1/capsules/{on_new}/exec", json={"cmd": "cat", "args": ["/version"]})
@@ -838,9 +803,7 @@ def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_
             r = h.delete(path)
             assert r.status_code == 204, r.text
             assert not copy.exists() and not (server.data_dir / "templates" / name).exists()
-            assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-            assert second.proc.wait(60) == 0, second.log_tail()
-            second.proc = None
+            second.leave(host_id)
         finally:
             h.delete(path)
 
@@ -863,10 +826,7 @@ def test_a_capsule_whose_copy_fails_goes_where_the_files_are(server) -> None:
         (second.data / "templates").mkdir(parents=True, exist_ok=True)
         (second.data / "templates" / layer).write_text("in the way\n")
 
-        reg = h.post("/v1/hosts")
-        assert reg.status_code == 201, reg.text
-        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-        wait_host(h, host_id, second.start(token))
+        host_id = second.join()
         # the empty host is picked first, its copy fails, and the capsule
         # runs on wrenn up's host; the next ones are not sent there again
         for _ in range(2):
@@ -882,9 +842,7 @@ def test_a_capsule_whose_copy_fails_goes_where_the_files_are(server) -> None:
             assert h.delete(f"/v1/capsules/{cid}").status_code == 204
         made.clear()
         assert h.delete(f"/v1/snapshots/{snap}").status_code == 204
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-        assert second.proc.wait(60) == 0, second.log_tail()
-        second.proc = None
+        second.leave(host_id)
 
 
 def running_command(argv: list[str]) -> bool:
@@ -909,14 +867,7 @@ def test_a_build_whose_host_dies_is_a_503_and_its_capsule_goes(server) -> None:
     step = ["sleep", f"{300 + uuid.uuid4().int % 500}"]  # (this build's own)
     with SecondAgent(server) as second:
         h, made, up = second.h, second.made, second.up
-        # (wrenn up's host busier than the one joining)
-        r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
-        assert r.status_code == 201, r.text
-        made.append(r.json()["id"])
-        reg = h.post("/v1/hosts")
-        assert reg.status_code == 201, reg.text
-        host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-        wait_host(h, host_id, second.start(token))
+        host_id = second.join(busier_first=True)
 
         answer: dict[str, httpx.Response] = {}
 
@@ -951,6 +902,4 @@ def test_a_build_whose_host_dies_is_a_503_and_its_capsule_goes(server) -> None:
         for cid in made:
             assert h.delete(f"/v1/capsules/{cid}").status_code == 204
         made.clear()
-        assert h.delete(f"/v1/hosts/{host_id}").status_code == 204
-        assert second.proc.wait(60) == 0, second.log_tail()
-        second.proc = None
+        second.leave(host_id)

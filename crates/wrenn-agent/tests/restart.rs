@@ -12,17 +12,8 @@ use wrenn_proto::wrenn::agent::v1 as pb;
 use wrenn_types::ids::CapsuleId;
 
 async fn exec(c: &RpcClient, id: &str, script: &str) -> (i32, String) {
-    let r = c
-        .exec(pb::ExecRequest {
-            id: id.into(),
-            cmd: "/bin/sh".into(),
-            args: vec!["-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_owned();
-    (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
+    let (code, out, _) = common::rpc_sh(c, id, script).await;
+    (code, out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

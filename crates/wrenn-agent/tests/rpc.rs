@@ -858,18 +858,8 @@ async fn the_agent_wants_its_token() {
 /// `sh -c script` in capsule `id`: its exit code, and its stdout followed
 /// by its stderr.
 async fn sh(c: &common::RpcClient, id: &str, script: &str) -> (i32, String) {
-    let r = c
-        .exec(pb::ExecRequest {
-            id: id.into(),
-            cmd: "/bin/sh".into(),
-            args: vec!["-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_owned();
-    let out = [r.stdout, r.stderr].concat();
-    (r.exit_code, String::from_utf8_lossy(&out).into_owned())
+    let (code, out, err) = common::rpc_sh(c, id, script).await;
+    (code, out + &err)
 }
 
 /// Template `name` of the agent behind `c`, as ExportTemplate streams it.

@@ -340,6 +340,24 @@ impl Drop for AgentProcess {
 
 pub type RpcClient = wrenn_proto::wrenn::agent::v1::AgentClient<connectrpc::client::HttpClient>;
 
+/// `sh -c script` in capsule `id` through the agent's RPC: its exit code,
+/// stdout and stderr.
+pub async fn rpc_sh(c: &RpcClient, id: &str, script: &str) -> (i32, String, String) {
+    use wrenn_proto::wrenn::agent::v1 as pb;
+    let r = c
+        .exec(pb::ExecRequest {
+            id: id.into(),
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (r.exit_code, text(&r.stdout), text(&r.stderr))
+}
+
 /// An RPC client of the agent at `addr` that presents `token`.
 pub fn rpc_client(addr: std::net::SocketAddr, token: &str) -> RpcClient {
     let uri: http::Uri = format!("http://{addr}").parse().unwrap();
