@@ -842,7 +842,6 @@ impl Db {
         Ok(Some(c))
     }
 
-    /// Capsule `id` (not started yet) is placed on `host` instead.
     /// Move a capsule still `starting` (its create placing it again) to
     /// `host`; false when it is not `starting` (destroyed meanwhile).
     pub async fn set_capsule_host(&self, id: &CapsuleId, host: &HostId) -> Result<bool, DbError> {
