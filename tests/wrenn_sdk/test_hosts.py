@@ -100,7 +100,8 @@ class SecondAgent:
         """Register a new host for this agent and start it; its host ID,
         once the host is online. ``busier_first``: first make the hosts
         there are busier than the new one (a ``minimal`` capsule, in
-        ``made``), so that placement prefers the new one."""
+        ``made``), so that placement prefers the new one. It heartbeats
+        every second, so that ``leave`` does not wait for the default 30 s."""
         if busier_first:
             r = self.h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
             assert r.status_code == 201, r.text
@@ -108,7 +109,7 @@ class SecondAgent:
         reg = self.h.post("/v1/hosts")
         assert reg.status_code == 201, reg.text
         host_id, token = reg.json()["host"]["id"], reg.json()["registration_token"]
-        wait_host(self.h, host_id, self.start(token))
+        wait_host(self.h, host_id, self.start(token, ("--heartbeat-interval", "1s")))
         return host_id
 
     def place(self, template: str) -> str:
@@ -894,7 +895,7 @@ def test_a_build_whose_host_dies_is_a_503_and_its_capsule_goes(server) -> None:
 
         # back: the abandoned build's capsule is destroyed (the
         # reconciler's round, every 30 s)
-        wait_host(h, host_id, second.start(None))
+        wait_host(h, host_id, second.start(None, ("--heartbeat-interval", "1s")))
         deadline = time.monotonic() + 75
         while capsule in up.runc_containers():
             assert time.monotonic() < deadline, f"build capsule {capsule} left on the host"
