@@ -586,13 +586,17 @@ def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None
         second.leave(host_id)
 
 
-def test_a_host_without_minimal_gets_it_before_any_capsule_asks(server) -> None:
+def test_a_host_without_minimal_gets_it_before_any_capsule_asks(request) -> None:
     """``minimal``, a template of every host that ``wrenn up`` made on its
-    own host, is copied by the reconciler (every 30 s) to a host that
-    joins without it, though no capsule has asked for it there; a capsule
-    placed there then runs on that copy."""
-    with SecondAgent(server, with_minimal=False) as second:
-        h, made, up = second.h, second.made, second.up
+    own host, is copied to a host that joins without it, though no capsule
+    has asked for it there: at once, by the reconciliation its first
+    heartbeat starts (the rounds are slowed to ten minutes here); a
+    capsule placed there then runs on that copy."""
+    with wrenn_up.WrennUp.serving(request, failed_attr="wrenn_failed",
+                                  extra_args=["--reconcile-interval", "10m"],
+                                  prefix="wrenn-sdk-join-", code_runner=False) as up, \
+            SecondAgent(up.server, with_minimal=False) as second:
+        h, made = second.h, second.made
         below = second.data / "templates" / "minimal"
         assert not below.exists()
         host_id = second.join()

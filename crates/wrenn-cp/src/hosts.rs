@@ -80,6 +80,11 @@ pub struct HostConn {
     pub rpc: Rpc,
     /// The HTTP/2 client under `rpc`.
     pub h2: wrenn_http::ProxyClient,
+    /// Whether the host was reconciled over this connection (or a
+    /// heartbeat started that): until then, its next heartbeat reconciles
+    /// it at once (a host that registered, or whose agent restarted on
+    /// another address).
+    pub reconciled: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for HostConn {
@@ -148,6 +153,7 @@ impl HostConn {
             agent_token,
             rpc,
             h2,
+            reconciled: Default::default(),
         })
     }
 }

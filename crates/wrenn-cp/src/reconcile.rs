@@ -19,9 +19,13 @@
 //! failed call is not one (a capsule the SDK sees `missing` fails its
 //! waits, so a timeout under load must not make it so). The first heartbeat
 //! after that reconciles the host at once: what it still runs is `running`
-//! again, what it no longer has `stopped`.
+//! again, what it no longer has `stopped`. So does the first heartbeat over
+//! a new connection ([`host_joined`]: a host that registered, or whose
+//! agent restarted on another address), which also starts the copies of
+//! the templates of every host to a host that lacks them.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,6 +157,7 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
         Ok(l) => l,
         Err(e) => return tracing::warn!(host = %host.id, error = %e, "reconcile: no answer"),
     };
+    host.reconciled.store(true, Ordering::Relaxed);
     if let Ok(true) = cp.db.heartbeat(&host.id).await {
         host_event(cp, Kind::HostUp, &host.id).await;
     }
@@ -296,6 +301,17 @@ async fn host_event(cp: &Cp, kind: Kind, host: &HostId) {
         let ev =
             Event::new(kind, &admin.id, Actor::system(), resource).meta("host_id", host.as_str());
         cp.events.publish(ev);
+    }
+}
+
+/// A host heard from for the first time over its connection (it has just
+/// registered, or its agent restarted on another address): reconciled at
+/// once, not at the next round, so that what changed while the agent was
+/// down is shown and the templates of every host are copied to a new one.
+pub async fn host_joined(cp: Arc<Cp>, id: HostId) {
+    if let Some(host) = cp.hosts.get(&id) {
+        tracing::info!(host = %id, address = %host.address, "reconciling a host that joined or moved");
+        reconcile_host(&cp, &host).await;
     }
 }
 

@@ -11,6 +11,7 @@
 //! as wrenn's API names them; see [`crate::pki`]). The certificate names
 //! the host, not its address: a host that moves keeps it.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -454,10 +455,18 @@ pub async fn heartbeat(
             reconnect(&cp, &host)?;
         }
     }
+    // (at its current address; the agent does not wait for it. Once per
+    // connection: should that fail, the rounds are left to it.)
+    let unreconciled = cp
+        .hosts
+        .get(&id)
+        .is_some_and(|h| !h.reconciled.swap(true, Ordering::Relaxed));
     if revived {
-        // (at its current address; the agent does not wait for it)
         cp.tasks
             .spawn(crate::reconcile::host_revived(cp.clone(), id));
+    } else if unreconciled {
+        cp.tasks
+            .spawn(crate::reconcile::host_joined(cp.clone(), id));
     }
     Ok(StatusCode::NO_CONTENT)
 }
