@@ -652,6 +652,62 @@ def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) ->
         assert up.capsule_objects() == {}, up.capsule_objects()
 
 
+def test_a_capsule_destroyed_before_its_copy_fails_stays_destroyed(server) -> None:
+    """A capsule destroyed while its template is copied to its host, where
+    the copy then fails, stays ``stopped``: its create answers 404, and is
+    not recorded as a failed create (``error``) after the destroy."""
+    big, top = (f"{w}-{uuid.uuid4().hex[:6]}" for w in ("big", "top"))
+    with SecondAgent(server) as second:
+        h, made, up = second.h, second.made, second.up
+        r = h.post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+        # (a large layer under the one that fails: its copy takes seconds)
+        r = h.post(f"/v1/capsules/{made[0]}/exec", timeout=120, json={"cmd": "/bin/sh", "args": [
+            "-c", "head -c 300M /dev/urandom > /root/big && echo ok"]})
+        assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
+        assert h.post("/v1/snapshots", json={"sandbox_id": made[0], "name": big}).status_code == 201
+        r = h.post("/v1/capsules", json={"template": big, "memory_mb": 256})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+        layers = server.data_dir / "templates"
+        before = {p.name for p in layers.iterdir()}
+        assert h.post("/v1/snapshots", json={"sandbox_id": made[1], "name": top}).status_code == 201
+        (layer,) = {p.name for p in layers.iterdir()} - before
+        (second.data / "templates").mkdir(parents=True, exist_ok=True)
+        (second.data / "templates" / layer).write_text("in the way\n")
+
+        host_id = second.join()
+        answer: dict[str, httpx.Response] = {}
+
+        def create() -> None:
+            with server.http() as c:
+                answer["r"] = c.post("/v1/capsules", timeout=600,
+                                     json={"template": top, "memory_mb": 256})
+
+        creator = threading.Thread(target=create, daemon=True)
+        creator.start()
+        deadline = time.monotonic() + 60
+        while not (starting := [c["id"] for c in h.get("/v1/capsules").json()
+                                if c["status"] == "starting"]):
+            assert creator.is_alive(), f"the create ended at once: {answer}"
+            assert time.monotonic() < deadline, "the create never started"
+            time.sleep(0.1)
+        (cid,) = starting
+        assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        creator.join(600)
+        r = answer["r"]
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        assert (second.data / "templates" / layer).read_text() == "in the way\n"
+        assert h.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
+        for c in made:
+            assert h.delete(f"/v1/capsules/{c}").status_code == 204
+        made.clear()
+        for name in (top, big):
+            assert h.delete(f"/v1/snapshots/{name}").status_code == 204
+        second.leave(host_id)
+
+
 def test_a_layer_copied_under_another_is_not_collected_before_it_arrives(server) -> None:
     """A stack is copied to a host from the bottom up: a layer that has
     arrived while the one above it is still coming has nothing standing on
@@ -732,14 +788,23 @@ def test_a_create_of_another_control_plane_is_left_to_it(server) -> None:
     """Control planes sharing a database: a capsule row that another one's
     create made and has not started yet (its host may be getting a copy of
     the template, for minutes) is left ``starting`` by this one's
-    reconciler, not stopped as orphaned; once older than the grace (30
-    minutes: that control plane has stopped), it is stopped."""
+    reconciler, not stopped as orphaned, nor taken to ``running`` when its
+    agent has made the capsule already (the create moves it on); once older
+    than the grace (30 minutes: that control plane has stopped), it is
+    stopped."""
     h = server.http()
     r = h.post("/v1/capsules", json={"template": "busybox"})
     assert r.status_code == 201, r.text
     real = r.json()["id"]
     assert h.delete(f"/v1/capsules/{real}").status_code == 204
     now = int(time.time() * 1000)
+    # one the agent has made, its row as the other control plane's create
+    # leaves it before its last step
+    r = h.post("/v1/capsules", json={"template": "busybox"})
+    assert r.status_code == 201, r.text
+    made = r.json()["id"]
+    shared_db(server, f"UPDATE capsules SET status = 'starting', started_at = NULL, "
+                      f"created_at = {now}, created_by = 'cp-elsewhere' WHERE id = '{made}'")
     ids = {}
     for which, at in (("recent", now), ("old", now - 31 * 60_000)):
         ids[which] = "cl-" + "".join(
@@ -759,12 +824,15 @@ def test_a_create_of_another_control_plane_is_left_to_it(server) -> None:
             assert old["status"] == "starting", old
             assert time.monotonic() < deadline, "no reconciler round stopped the old row"
             time.sleep(0.5)
+        time.sleep(2)  # (the rest of that round)
         assert h.get(f"/v1/capsules/{ids['recent']}").json()["status"] == "starting"
+        assert h.get(f"/v1/capsules/{made}").json()["status"] == "starting"
+        assert h.delete(f"/v1/capsules/{made}").status_code == 204
         # (this one's destroy takes it: its agent never had it)
         assert h.delete(f"/v1/capsules/{ids['recent']}").status_code == 204
         assert h.get(f"/v1/capsules/{ids['recent']}").json()["status"] == "stopped"
     finally:
-        for cid in ids.values():
+        for cid in [*ids.values(), made]:
             h.delete(f"/v1/capsules/{cid}")
         h.close()
 

@@ -113,11 +113,18 @@ pub async fn ensure(
                 ms = t0.elapsed().as_millis() as u64, "copied a template");
             Ok(())
         }
-        Err(e) => {
-            cp.copy_failures.lock().unwrap().insert(
-                (t.agent_name.clone(), target.id.clone()),
-                std::time::Instant::now(),
-            );
+        Err(failed) => {
+            let e = match failed {
+                // (nothing is wrong with the target: it is not passed over)
+                Failed::NoSource => "no connected host has it".to_owned(),
+                Failed::Copy(e) => {
+                    cp.copy_failures.lock().unwrap().insert(
+                        (t.agent_name.clone(), target.id.clone()),
+                        std::time::Instant::now(),
+                    );
+                    e
+                }
+            };
             Err(ApiError::host_unavailable(format!(
                 "cannot copy template {} to host {}: {e}",
                 t.name, target.id
@@ -162,6 +169,20 @@ pub async fn prewarm(cp: &Cp, host: &Arc<HostConn>, listed: &[pb::Template]) {
     }
 }
 
+/// Why [`copy_stack`] failed.
+enum Failed {
+    /// No connected host has the template.
+    NoSource,
+    /// Copying it to the target failed.
+    Copy(String),
+}
+
+impl From<String> for Failed {
+    fn from(e: String) -> Self {
+        Failed::Copy(e)
+    }
+}
+
 /// Copy `top` and the layers under it that `target` lacks from the first
 /// of `sources` that has it; the bytes copied.
 async fn copy_stack(
@@ -169,7 +190,7 @@ async fn copy_stack(
     top: &str,
     sources: &[Arc<HostConn>],
     target: &HostConn,
-) -> Result<u64, String> {
+) -> Result<u64, Failed> {
     // (a template of every host that is there already needs no source)
     if has(target, top).await? && current(cp, top, &target.id).await? {
         record(cp, top, &target.id).await?;
@@ -187,7 +208,7 @@ async fn copy_stack(
             Err(e) => tracing::debug!(host = %s.id, error = %e, "not a copy source now"),
         }
     }
-    let (source, layers) = found.ok_or_else(|| "no connected host has it".to_owned())?;
+    let (source, layers) = found.ok_or(Failed::NoSource)?;
     let _held = Held::new(cp, &layers, &target.id);
     let mut bytes = 0;
     for layer in layers.iter().rev() {

@@ -197,6 +197,10 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
                 }
                 set(cp, &fresh, Status::Stopped, "cleanup_after_create_error").await;
             }
+            // A create in flight whose agent has made the capsule: the
+            // create moves the row on (taking it to `running` here would
+            // make the create's own step find it gone).
+            Some(_) if create_in_flight(cp, c) => {}
             // A build capsule whose build no longer runs (cut off by a
             // restart): nobody will finish or destroy it.
             Some(_) if is_abandoned_build(cp, c) => {

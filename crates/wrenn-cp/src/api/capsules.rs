@@ -393,7 +393,8 @@ async fn move_to_files(
 }
 
 /// A create that failed after its row was recorded: the row is `error`
-/// (logged, published); the error to answer.
+/// (logged, published); the error to answer. A row destroyed meanwhile
+/// stays `stopped`.
 async fn create_failed(cp: &Cp, actor: Actor, row: CapsuleRow, err: ApiError) -> ApiError {
     log(
         cp,
@@ -402,8 +403,13 @@ async fn create_failed(cp: &Cp, actor: Actor, row: CapsuleRow, err: ApiError) ->
         format!("create failed: {}", err.message),
     )
     .await;
-    let failed = match cp.db.transition(&row.id, &[], Status::Error).await {
-        Ok(failed) => failed.unwrap_or(row),
+    let failed = match cp
+        .db
+        .transition(&row.id, &[Status::Starting], Status::Error)
+        .await
+    {
+        Ok(Some(failed)) => failed,
+        Ok(None) => return err,
         Err(e) => return e.into(),
     };
     cp.events.publish(

@@ -79,8 +79,21 @@ pub async fn collect_layers_on(cp: &Cp, agent_name: &str, hosts: &[Arc<HostConn>
         _ => return,
     }
     for host in hosts {
+        // (the next destroy, delete or reconciler round). Asked again under
+        // the copies' lock of the layer, which a copy holds while it looks
+        // for the layer there: one that starts after the first answer
+        // must not find the layer, count it as copied and go on to the
+        // layer above, then lose it to this drop. A copy holding the lock
+        // is in `being_copied`: the first answer skips it, never waits.
         if crate::copies::being_copied(cp, agent_name, &host.id) {
-            continue; // (the next destroy, delete or reconciler round)
+            continue;
+        }
+        let _one = cp
+            .copying
+            .lock(&(agent_name.to_owned(), host.id.clone()))
+            .await;
+        if crate::copies::being_copied(cp, agent_name, &host.id) {
+            continue;
         }
         match host.drop_template(agent_name).await {
             Ok(()) => {
