@@ -106,8 +106,9 @@ async fn remote_agent(
     (registered, rx)
 }
 
-/// Serve mutual TLS with `cert` on `l`: every request head received goes
-/// to the channel; each is answered 200 `remote`.
+/// Serve mutual TLS with `cert` on `l`: every HTTP/1.1 request head
+/// received goes to the channel; each is answered 200 `remote`. HTTP/2
+/// connections (the control plane's RPC) are closed unanswered.
 fn stand_in(l: TcpListener, cert: HostCert) -> mpsc::UnboundedReceiver<Seen> {
     let tls = wrenn_http::tls::server_config(&cert.identity, &cert.ca_cert_pem).unwrap();
     let acceptor = wrenn_http::tls::TlsAcceptor::from(tls);
@@ -120,6 +121,11 @@ fn stand_in(l: TcpListener, cert: HostCert) -> mpsc::UnboundedReceiver<Seen> {
                     return;
                 };
                 let alpn = s.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
+                if alpn == b"h2" {
+                    // (e.g. the reconciliation that the heartbeat of a
+                    // host that moved starts)
+                    return;
+                }
                 let client = s.get_ref().1.peer_certificates().unwrap_or_default();
                 let client = client.first().map(|c| c.to_vec()).unwrap_or_default();
                 let head = read_head(&mut s).await;
