@@ -616,6 +616,32 @@ def test_a_host_without_minimal_gets_it_before_any_capsule_asks(request) -> None
         second.leave(host_id)
 
 
+def destroyed_while_made(server, h: httpx.Client, template: str) -> str:
+    """Create a capsule from ``template`` (256 MiB) and destroy it while
+    its create is under way (``starting``); the create answers 404. Its ID."""
+    answer: dict[str, httpx.Response] = {}
+
+    def create() -> None:
+        with server.http() as c:
+            answer["r"] = c.post("/v1/capsules", timeout=600,
+                                 json={"template": template, "memory_mb": 256})
+
+    creator = threading.Thread(target=create, daemon=True)
+    creator.start()
+    deadline = time.monotonic() + 60
+    while not (starting := [c["id"] for c in h.get("/v1/capsules").json()
+                            if c["status"] == "starting"]):
+        assert creator.is_alive(), f"the create ended at once: {answer}"
+        assert time.monotonic() < deadline, "the create never started"
+        time.sleep(0.1)
+    (cid,) = starting
+    assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+    creator.join(600)
+    r = answer["r"]
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+    return cid
+
+
 def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) -> None:
     """A capsule destroyed while its host is still getting a copy of its
     template (its create takes as long as the copy) is not made there
@@ -625,26 +651,7 @@ def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) ->
         h, made, up = second.h, second.made, second.up
         host_id = second.join(busier_first=True)
 
-        answer: dict[str, httpx.Response] = {}
-
-        def create() -> None:
-            with server.http() as c:
-                answer["r"] = c.post("/v1/capsules", timeout=600,
-                                     json={"template": "minimal", "memory_mb": 256})
-
-        creator = threading.Thread(target=create, daemon=True)
-        creator.start()
-        deadline = time.monotonic() + 60
-        while not (starting := [c["id"] for c in h.get("/v1/capsules").json()
-                                if c["status"] == "starting"]):
-            assert creator.is_alive(), f"the create ended at once: {answer}"
-            assert time.monotonic() < deadline, "the create never started"
-            time.sleep(0.1)
-        (cid,) = starting
-        assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        creator.join(600)
-        r = answer["r"]
-        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        cid = destroyed_while_made(server, h, "minimal")
         assert (second.data / "templates" / "minimal").is_dir()  # (the copy was whole)
         assert up.runc_containers() == {}, up.runc_containers()
         assert h.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
@@ -678,26 +685,7 @@ def test_a_capsule_destroyed_before_its_copy_fails_stays_destroyed(server) -> No
         (second.data / "templates" / layer).write_text("in the way\n")
 
         host_id = second.join()
-        answer: dict[str, httpx.Response] = {}
-
-        def create() -> None:
-            with server.http() as c:
-                answer["r"] = c.post("/v1/capsules", timeout=600,
-                                     json={"template": top, "memory_mb": 256})
-
-        creator = threading.Thread(target=create, daemon=True)
-        creator.start()
-        deadline = time.monotonic() + 60
-        while not (starting := [c["id"] for c in h.get("/v1/capsules").json()
-                                if c["status"] == "starting"]):
-            assert creator.is_alive(), f"the create ended at once: {answer}"
-            assert time.monotonic() < deadline, "the create never started"
-            time.sleep(0.1)
-        (cid,) = starting
-        assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        creator.join(600)
-        r = answer["r"]
-        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        cid = destroyed_while_made(server, h, top)
         assert (second.data / "templates" / layer).read_text() == "in the way\n"
         assert h.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
         for c in made:
