@@ -144,6 +144,21 @@ class SecondAgent:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
+def posting(server, path: str, body: dict) -> tuple[threading.Thread, dict[str, httpx.Response]]:
+    """``POST path`` with ``body`` to ``server`` on a thread of its own (a
+    client of its own, 600 s): the thread, started, and the dict its
+    answer goes to (``"r"``)."""
+    answer: dict[str, httpx.Response] = {}
+
+    def post() -> None:
+        with server.http() as c:
+            answer["r"] = c.post(path, timeout=600, json=body)
+
+    thread = threading.Thread(target=post, daemon=True)
+    thread.start()
+    return thread, answer
+
+
 @contextlib.contextmanager
 def watching_events(h: httpx.Client) -> Iterator[list[dict]]:
     """The team's events (``/v1/events/stream``), appended as they come to
@@ -317,10 +332,7 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
         before = on_second()
         assert len(made) > 2 * len(before), f"placement: {made}, on the second host {before}"
 
-        answer: dict[str, httpx.Response] = {}
-        create = threading.Thread(target=lambda: answer.setdefault(
-            "r", up.server.http().post("/v1/capsules", json={"template": "minimal", "memory_mb": 256})))
-        create.start()
+        create, answer = posting(up.server, "/v1/capsules", {"template": "minimal", "memory_mb": 256})
         deadline = time.monotonic() + 30
         # (its record, written first: without one the agent sweeps the
         # directory when it starts, and the capsule is merely `orphaned`)
@@ -619,15 +631,7 @@ def test_a_host_without_minimal_gets_it_before_any_capsule_asks(request) -> None
 def destroyed_while_made(server, h: httpx.Client, template: str) -> str:
     """Create a capsule from ``template`` (256 MiB) and destroy it while
     its create is under way (``starting``); the create answers 404. Its ID."""
-    answer: dict[str, httpx.Response] = {}
-
-    def create() -> None:
-        with server.http() as c:
-            answer["r"] = c.post("/v1/capsules", timeout=600,
-                                 json={"template": template, "memory_mb": 256})
-
-    creator = threading.Thread(target=create, daemon=True)
-    creator.start()
+    creator, answer = posting(server, "/v1/capsules", {"template": template, "memory_mb": 256})
     deadline = time.monotonic() + 60
     while not (starting := [c["id"] for c in h.get("/v1/capsules").json()
                             if c["status"] == "starting"]):
@@ -722,15 +726,7 @@ def test_a_layer_copied_under_another_is_not_collected_before_it_arrives(server)
         assert h.delete(f"/v1/snapshots/{lower}").status_code == 204
 
         host_id = second.join()
-        answer: dict[str, httpx.Response] = {}
-
-        def create() -> None:
-            with server.http() as c:
-                answer["r"] = c.post("/v1/capsules", timeout=600,
-                                     json={"template": upper, "memory_mb": 256})
-
-        creator = threading.Thread(target=create, daemon=True)
-        creator.start()
+        creator, answer = posting(server, "/v1/capsules", {"template": upper, "memory_mb": 256})
         deadline = time.monotonic() + 120
         while not (arrived := snapshot_layers(second)):
             assert creator.is_alive(), f"the create ended before a layer arrived: {answer}"
@@ -930,15 +926,8 @@ def test_a_build_whose_host_dies_is_a_503_and_its_capsule_goes(server) -> None:
         h, made, up = second.h, second.made, second.up
         host_id = second.join(busier_first=True)
 
-        answer: dict[str, httpx.Response] = {}
-
-        def build() -> None:
-            with server.http() as b:
-                answer["r"] = b.post("/v1/admin/builds", timeout=600, json={
-                    "name": name, "base_template": "busybox", "recipe": ["RUN " + " ".join(step)]})
-
-        builder = threading.Thread(target=build, daemon=True)
-        builder.start()
+        builder, answer = posting(server, "/v1/admin/builds", {
+            "name": name, "base_template": "busybox", "recipe": ["RUN " + " ".join(step)]})
         deadline = time.monotonic() + 120
         while not (up.runc_containers() and running_command(step)):
             assert builder.is_alive(), f"the build ended before its step ran: {answer}"
