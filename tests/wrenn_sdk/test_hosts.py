@@ -35,9 +35,9 @@ NET_POOL = 1  # capsule networks a second agent keeps ready
 
 
 def start_agent(binary: str, up: wrenn_up.WrennUp, control_plane: str, token: str | None,
-                extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+                extra: tuple[str, ...] = (), listen: str = "127.0.0.1:0") -> tuple[subprocess.Popen, str]:
     cmd = [
-        binary, "--listen", "127.0.0.1:0", "--data-dir", str(up.data_dir), "--envd", up.envd,
+        binary, "--listen", listen, "--data-dir", str(up.data_dir), "--envd", up.envd,
         "--instance", up.instance, "--pool", up.pool, "--net-pool", str(NET_POOL),
         "--control-plane", control_plane, *extra,
     ]
@@ -91,9 +91,12 @@ class SecondAgent:
         self.proc: subprocess.Popen | None = None
         self.made: list[str] = []
 
-    def start(self, token: str | None, extra: tuple[str, ...] = ()) -> str:
-        """Start the agent (registering with ``token``); its address."""
-        self.proc, addr = start_agent(self.binary, self.up, self.server.base_url, token, extra)
+    def start(self, token: str | None, extra: tuple[str, ...] = (),
+              listen: str = "127.0.0.1:0") -> str:
+        """Start the agent (registering with ``token``) on ``listen``; its
+        address."""
+        self.proc, addr = start_agent(self.binary, self.up, self.server.base_url, token, extra,
+                                      listen)
         return addr
 
     def join(self, busier_first: bool = False) -> str:
@@ -624,6 +627,46 @@ def test_a_host_without_minimal_gets_it_before_any_capsule_asks(request) -> None
         assert r.json()["stdout"].split(".")[0] == "12", r.text  # (bookworm)
         for cid in made:
             assert h.delete(f"/v1/capsules/{cid}").status_code == 204
+        made.clear()
+        second.leave(host_id)
+
+
+def test_an_agent_restarted_on_its_address_is_reconciled_at_once(request) -> None:
+    """An agent that restarts on the same address, with the same token, says
+    so in its heartbeat (when it started): the host is reconciled then, not
+    at the next round (ten minutes apart here). A capsule whose container
+    died while the agent was down is ``stopped`` at once (event reason
+    ``capsule_gone``) and its container removed; the host's other capsule
+    runs on."""
+    with wrenn_up.WrennUp.serving(request, failed_attr="wrenn_failed",
+                                  extra_args=["--reconcile-interval", "10m"],
+                                  prefix="wrenn-sdk-restarted-", code_runner=False) as up, \
+            SecondAgent(up.server) as second:
+        h, made = second.h, second.made
+        host_id = second.join(busier_first=True)
+        gone, kept = second.place("minimal"), second.place("minimal")
+        addr = h.get(f"/v1/hosts/{host_id}").json()["address"]
+        second.proc.kill()
+        second.proc.wait()
+        second.proc = None
+        root = str(second.up.runc_root)
+        subprocess.run(["runc", "--root", root, "kill", gone, "KILL"], check=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while second.up.runc_containers().get(gone) != "stopped":
+            assert time.monotonic() < deadline, second.up.runc_containers()
+            time.sleep(0.1)
+        assert h.get(f"/v1/capsules/{gone}").json()["status"] == "running"
+
+        with watching_events(h) as seen:
+            assert second.start(None, ("--heartbeat-interval", "1s"), listen=addr) == addr
+            stopped = wait_event(seen, "capsule.destroy", gone, 15)
+        assert stopped["metadata"]["reason"] == "capsule_gone", stopped
+        assert h.get(f"/v1/capsules/{gone}").json()["status"] == "stopped"
+        assert gone not in second.up.runc_containers()
+        r = h.post(f"/v1/capsules/{kept}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
+        assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
+        for cid in made:
+            assert h.delete(f"/v1/capsules/{cid}").status_code in (204, 404)
         made.clear()
         second.leave(host_id)
 

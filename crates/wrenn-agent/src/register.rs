@@ -3,8 +3,8 @@
 //! the host ID, host token and refresh token are kept in
 //! `<data-dir>/host.json`, 0600), then it heartbeats every
 //! [`HEARTBEAT_EVERY`] with its current facts (`POST
-//! /v1/hosts/{id}/heartbeat`, `X-Host-Token`), so a restart on a new
-//! address is picked up. Failures are retried; the agent keeps serving.
+//! /v1/hosts/{id}/heartbeat`, `X-Host-Token`) and when it started, so a
+//! restart on a new address, or on the same one, is picked up. Failures are retried; the agent keeps serving.
 //!
 //! Host tokens expire (a week): a heartbeat refused with 401 or 403 makes
 //! the agent trade its refresh token for a new pair and a new certificate
@@ -357,7 +357,12 @@ pub async fn run(m: Membership, shutdown: impl std::future::Future<Output = ()>)
             }
         },
     };
-    let body = serde_json::to_value(&facts).unwrap_or_default();
+    let mut body = serde_json::to_value(&facts).unwrap_or_default();
+    // (so that a restart on the same address is seen at once: the control
+    // plane reconciles the host then)
+    body["started_at"] = humantime::format_rfc3339_millis(std::time::SystemTime::now())
+        .to_string()
+        .into();
     let mut renewed = false;
     loop {
         let url = format!("{cp}/v1/hosts/{}/heartbeat", id.id);

@@ -150,12 +150,18 @@ pub async fn prewarm(cp: &Cp, host: &Arc<HostConn>, listed: &[pb::Template]) {
         {
             continue;
         }
-        let key = (t.agent_name.clone(), host.id.clone());
-        if !cp.prewarming.lock().unwrap().insert(key.clone()) {
+        if cp
+            .prewarming
+            .is_claimed(&(t.agent_name.clone(), host.id.clone()))
+        {
             continue; // (under way)
         }
         let (cp, host) = (cp.arc(), host.clone());
         cp.clone().tasks.spawn(async move {
+            let Some(_under_way) = cp.prewarming.claim((t.agent_name.clone(), host.id.clone()))
+            else {
+                return; // (another round's, since)
+            };
             tracing::info!(template = %t.name, to = %host.id, "copying a template of every host");
             tokio::select! {
                 r = ensure(&cp, &t, None, &host) => if let Err(e) = r {
@@ -164,7 +170,6 @@ pub async fn prewarm(cp: &Cp, host: &Arc<HostConn>, listed: &[pb::Template]) {
                 },
                 () = cp.stop.cancelled() => {}
             }
-            cp.prewarming.lock().unwrap().remove(&key);
         });
     }
 }

@@ -85,6 +85,9 @@ pub struct HostConn {
     /// it at once (a host that registered, or whose agent restarted on
     /// another address).
     pub reconciled: std::sync::atomic::AtomicBool,
+    /// When its agent started, as its last heartbeat said (empty before
+    /// one said): see [`HostConn::restarted`].
+    agent_started: std::sync::Mutex<String>,
 }
 
 impl std::fmt::Debug for HostConn {
@@ -125,6 +128,19 @@ impl HostConn {
         }
     }
 
+    /// Take a heartbeat's `started_at`: whether it says that the agent
+    /// restarted since the last heartbeat over this connection (on the
+    /// same address, with the same token: nothing else tells). An agent
+    /// that sends none, or the first heartbeat here, says nothing.
+    pub fn restarted(&self, started_at: &str) -> bool {
+        if started_at.is_empty() {
+            return false;
+        }
+        let mut known = self.agent_started.lock().unwrap();
+        let before = std::mem::replace(&mut *known, started_at.to_owned());
+        !before.is_empty() && before != started_at
+    }
+
     fn new(host: &Host, tls: &wrenn_http::tls::AgentTls) -> Result<HostConn, String> {
         let address = host.address.clone();
         let addr: std::net::SocketAddr = address
@@ -154,6 +170,7 @@ impl HostConn {
             rpc,
             h2,
             reconciled: Default::default(),
+            agent_started: Default::default(),
         })
     }
 }

@@ -8,8 +8,11 @@
 //! team and template name for snapshots (concurrent overwrites of one
 //! name each replaced the row, and the layers of all but the last were
 //! never collected).
+//!
+//! And [`Claims`]: keys that one piece of work at a time holds, without
+//! waiting (a template copied ahead to a host, a snapshot being taken).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
@@ -88,6 +91,45 @@ impl<K: Hash + Eq + Clone> Locks<K> {
     }
 }
 
+/// Keys that one piece of work at a time claims; others see them taken
+/// and go on without waiting.
+#[derive(Debug)]
+pub struct Claims<K>(Mutex<HashSet<K>>);
+
+impl<K> Default for Claims<K> {
+    fn default() -> Self {
+        Claims(Mutex::default())
+    }
+}
+
+/// A claimed key: let go when dropped, however the work ends (a panic
+/// too, so a key is never left taken).
+#[derive(Debug)]
+pub struct Claim<'a, K: Hash + Eq> {
+    claims: &'a Claims<K>,
+    key: K,
+}
+
+impl<K: Hash + Eq> Drop for Claim<'_, K> {
+    fn drop(&mut self) {
+        self.claims.0.lock().unwrap().remove(&self.key);
+    }
+}
+
+impl<K: Hash + Eq + Clone> Claims<K> {
+    /// Claim `key`; `None` while someone else holds it.
+    pub fn claim(&self, key: K) -> Option<Claim<'_, K>> {
+        // The lock is let go before a refused claim could be built and
+        // dropped: its drop would lock again and free the holder's key.
+        let claimed = self.0.lock().unwrap().insert(key.clone());
+        claimed.then(|| Claim { claims: self, key })
+    }
+
+    pub fn is_claimed(&self, key: &K) -> bool {
+        self.0.lock().unwrap().contains(key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -129,5 +171,28 @@ mod tests {
         assert!(gave_up.is_err());
         drop(held);
         assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_one_holders_and_let_go_by_a_panic_too() {
+        let claims = Arc::new(Claims::default());
+        let held = claims.claim("a").expect("a free key");
+        assert!(claims.claim("a").is_none(), "a key claimed twice");
+        assert!(claims.claim("b").is_some(), "another key is free");
+        drop(held);
+        assert!(claims.claim("a").is_some(), "a key let go is free again");
+        let panicked = tokio::spawn({
+            let claims = claims.clone();
+            async move {
+                let _held = claims.claim("a").unwrap();
+                panic!("the work failed");
+            }
+        })
+        .await;
+        assert!(panicked.is_err());
+        assert!(
+            !claims.is_claimed(&"a"),
+            "a claim outlived its panicked work"
+        );
     }
 }

@@ -273,9 +273,7 @@ pub async fn reconcile_host(cp: &Cp, host: &HostConn) {
 async fn collect_orphan_layers(cp: &Cp, host: &Arc<HostConn>, listed: &[pb::Template]) {
     let before = now_ms() / 1000 - cp.config.orphan_layer_grace.as_secs() as i64;
     for t in listed {
-        if !t.name.starts_with("s-")
-            || t.created_at > before
-            || cp.snapshotting.lock().unwrap().contains(&t.name)
+        if !t.name.starts_with("s-") || t.created_at > before || cp.snapshotting.is_claimed(&t.name)
         {
             continue;
         }
@@ -309,12 +307,13 @@ async fn host_event(cp: &Cp, kind: Kind, host: &HostId) {
 }
 
 /// A host heard from for the first time over its connection (it has just
-/// registered, or its agent restarted on another address): reconciled at
+/// registered, or its agent restarted on another address), or whose agent
+/// says it restarted (on the same address): reconciled at
 /// once, not at the next round, so that what changed while the agent was
 /// down is shown and the templates of every host are copied to a new one.
 pub async fn host_joined(cp: Arc<Cp>, id: HostId) {
     if let Some(host) = cp.hosts.get(&id) {
-        tracing::info!(host = %id, address = %host.address, "reconciling a host that joined or moved");
+        tracing::info!(host = %id, address = %host.address, "reconciling a host that joined, moved or restarted");
         reconcile_host(&cp, &host).await;
     }
 }

@@ -78,7 +78,7 @@ pub struct Cp {
     pub identity: OnceLock<String>,
     /// Host-side names of the team snapshots being taken (not recorded
     /// yet: the reconciler leaves their layers alone).
-    pub snapshotting: Mutex<std::collections::HashSet<String>>,
+    pub snapshotting: crate::locks::Claims<String>,
     /// Taken by each lifecycle operation on a capsule ([`crate::locks`]).
     pub lifecycle: crate::locks::CapsuleLocks,
     /// Taken by snapshots and template deletes, by team and name.
@@ -92,7 +92,7 @@ pub struct Cp {
         Mutex<std::collections::HashMap<(String, wrenn_types::ids::HostId), std::time::Instant>>,
     /// Copies of templates of every host under way in the background, by
     /// name and host ([`crate::copies::prewarm`]).
-    pub prewarming: Mutex<std::collections::HashSet<(String, wrenn_types::ids::HostId)>>,
+    pub prewarming: crate::locks::Claims<(String, wrenn_types::ids::HostId)>,
     /// The layers of the stacks being copied to hosts, by name and host,
     /// each with how many copies hold it: not collected meanwhile, though
     /// nothing stands on them there yet ([`crate::copies::being_copied`]).
@@ -222,7 +222,7 @@ impl ControlPlane {
             progress: Mutex::new(json!({})),
             building: Mutex::new(Default::default()),
             builds: Mutex::new(Default::default()),
-            snapshotting: Mutex::new(Default::default()),
+            snapshotting: Default::default(),
             identity: OnceLock::new(),
             lifecycle: Default::default(),
             template_names: Default::default(),

@@ -349,6 +349,10 @@ pub struct HeartbeatBody {
     disk_gb: i64,
     #[serde(default)]
     agent_token: String,
+    /// When the agent started (RFC 3339): another value than the last
+    /// heartbeat's means it restarted.
+    #[serde(default)]
+    started_at: String,
 }
 
 /// Check that `X-Host-Token` is host `id`'s: 401 when missing, foreign or
@@ -413,10 +417,6 @@ pub async fn sandbox_event(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
-/// JSON body with the agent's facts updates its address and size. A
-/// missing, foreign or expired token is 401 (the agent refreshes), another
-/// host's 403, a deleted host 404.
 /// Connect to `host` as it is recorded now. When that is a new connection
 /// (the agent restarted on another address, or with another token), the
 /// proxy routes cached for the old one go: they would be refused.
@@ -429,6 +429,12 @@ fn reconnect(cp: &Cp, host: &Host) -> ApiResult<()> {
     Ok(())
 }
 
+/// `POST /v1/hosts/{id}/heartbeat` with `X-Host-Token` — 204; an optional
+/// JSON body with the agent's facts updates its address and size. A
+/// missing, foreign or expired token is 401 (the agent refreshes), another
+/// host's 403, a deleted host 404.
+/// A host that came back from `unreachable`, or whose agent joined,
+/// moved or restarted, is reconciled at once.
 pub async fn heartbeat(
     State(cp): State<Arc<Cp>>,
     Path(id): Path<String>,
@@ -440,6 +446,7 @@ pub async fn heartbeat(
         .map_err(|_| ApiError::invalid("invalid host ID"))?;
     token_of_host(&cp, &headers, &id).await?;
     let revived = cp.db.heartbeat(&id).await?;
+    let started_at = body.started_at;
     // An agent that restarted on another address says so here.
     if let Some(address) = body.address.filter(|a| !a.is_empty()) {
         let facts = HostRegistration {
@@ -456,11 +463,11 @@ pub async fn heartbeat(
         }
     }
     // (at its current address; the agent does not wait for it. Once per
-    // connection: should that fail, the rounds are left to it.)
-    let unreconciled = cp
-        .hosts
-        .get(&id)
-        .is_some_and(|h| !h.reconciled.swap(true, Ordering::Relaxed));
+    // connection and agent run: should that fail, the rounds are left to it.)
+    let unreconciled = cp.hosts.get(&id).is_some_and(|h| {
+        let restarted = h.restarted(&started_at);
+        !h.reconciled.swap(true, Ordering::Relaxed) || restarted
+    });
     if revived {
         cp.tasks
             .spawn(crate::reconcile::host_revived(cp.clone(), id));

@@ -184,7 +184,8 @@ pub async fn create(
             if c.status == Status::Running {
                 crate::api::stats::flush_metrics(&cp, &host, &c).await;
             }
-            let _taking = Taking::new(&cp, &agent_name);
+            // (its own name: nobody else claims it)
+            let _taking = cp.snapshotting.claim(agent_name.clone());
             let row = record_snapshot(&cp, &caller, c, host, req, opts, name, agent_name).await?;
             if let Some(old) = replacing {
                 collect_layers(&cp, &old).await; // (no row names them now)
@@ -194,35 +195,6 @@ pub async fn create(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(TemplateJson::from(&row))))
-}
-
-/// A snapshot being taken, in [`Cp::snapshotting`] while this lives.
-struct Taking<'a> {
-    cp: &'a Cp,
-    agent_name: String,
-}
-
-impl<'a> Taking<'a> {
-    fn new(cp: &'a Cp, agent_name: &str) -> Self {
-        cp.snapshotting
-            .lock()
-            .unwrap()
-            .insert(agent_name.to_owned());
-        Taking {
-            cp,
-            agent_name: agent_name.to_owned(),
-        }
-    }
-}
-
-impl Drop for Taking<'_> {
-    fn drop(&mut self) {
-        self.cp
-            .snapshotting
-            .lock()
-            .unwrap()
-            .remove(&self.agent_name);
-    }
 }
 
 /// Only a running or paused capsule can be snapshotted.
