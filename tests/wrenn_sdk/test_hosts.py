@@ -126,6 +126,14 @@ class SecondAgent:
                 return self.made[-1]
         raise AssertionError(f"no capsule landed on the second host: {self.made}")
 
+    def destroy_made(self, gone_ok: bool = False) -> None:
+        """Destroy the capsules in ``made`` through the API, each a 204
+        (or a 404 too, ``gone_ok``: one the test saw go), and forget them."""
+        for cid in self.made:
+            r = self.h.delete(f"/v1/capsules/{cid}")
+            assert r.status_code == 204 or (gone_ok and r.status_code == 404), (cid, r.text)
+        self.made.clear()
+
     def leave(self, host_id: str) -> None:
         """Delete host ``host_id`` (this agent's): the agent exits, 0."""
         assert self.h.delete(f"/v1/hosts/{host_id}").status_code == 204
@@ -293,9 +301,7 @@ def test_a_silent_host_is_unreachable_and_its_capsules_missing_until_it_returns(
         while snapshot_layers(second):
             assert time.monotonic() < deadline, f"layers left: {snapshot_layers(second)}"
             time.sleep(0.2)
-        for cid in made:
-            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        made.clear()
+        second.destroy_made()
         second.leave(host_id)
 
 
@@ -377,9 +383,7 @@ def test_a_create_cut_off_by_an_agent_crash_is_undone_when_it_returns(request) -
         for c in made[:-1]:
             r = h.post(f"/v1/capsules/{c}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
             assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
-        for c in made:
-            assert h.delete(f"/v1/capsules/{c}").status_code in (204, 404)
-        made.clear()
+        second.destroy_made(gone_ok=True)
         second.leave(host_id)
         assert not second.up.capsule_objects(), second.up.capsule_objects()
 
@@ -425,9 +429,7 @@ def test_an_idle_capsule_shows_paused_at_once_on_either_host(request) -> None:
             assert h.get(f"/v1/capsules/{c}").json()["status"] == "paused"
             with Capsule.connect(c, api_key=up.server.api_key, base_url=up.server.base_url) as conn:
                 assert conn.commands.run("echo back").stdout == "back\n"
-        for c in made:  # (the idle two were destroyed leaving their `with`)
-            assert h.delete(f"/v1/capsules/{c}").status_code in (204, 404)
-        made.clear()
+        second.destroy_made(gone_ok=True)  # (the idle two were destroyed leaving their `with`)
 
 
 def test_a_second_agent_joins_takes_capsules_and_leaves(server) -> None:
@@ -590,9 +592,7 @@ def test_a_template_is_copied_to_the_host_a_capsule_is_placed_on(server) -> None
         assert snapshot_layers(second) == copied
 
         # once its capsules are gone, deleting the snapshot removes the copy
-        for cid in made:
-            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        made.clear()
+        second.destroy_made()
         assert h.delete(f"/v1/snapshots/{snap}").status_code == 204
         deadline = time.monotonic() + 10
         while snapshot_layers(second):
@@ -625,9 +625,7 @@ def test_a_host_without_minimal_gets_it_before_any_capsule_asks(request) -> None
                    "cat /etc/debian_version && stat -c %U /root"]})
         assert r.status_code == 200 and r.json()["stdout"].endswith("\nroot\n"), r.text
         assert r.json()["stdout"].split(".")[0] == "12", r.text  # (bookworm)
-        for cid in made:
-            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        made.clear()
+        second.destroy_made()
         second.leave(host_id)
 
 
@@ -642,7 +640,7 @@ def test_an_agent_restarted_on_its_address_is_reconciled_at_once(request) -> Non
                                   extra_args=["--reconcile-interval", "10m"],
                                   prefix="wrenn-sdk-restarted-", code_runner=False) as up, \
             SecondAgent(up.server) as second:
-        h, made = second.h, second.made
+        h = second.h
         host_id = second.join(busier_first=True)
         gone, kept = second.place("minimal"), second.place("minimal")
         addr = h.get(f"/v1/hosts/{host_id}").json()["address"]
@@ -665,9 +663,7 @@ def test_an_agent_restarted_on_its_address_is_reconciled_at_once(request) -> Non
         assert gone not in second.up.runc_containers()
         r = h.post(f"/v1/capsules/{kept}/exec", json={"cmd": "/bin/echo", "args": ["ok"]})
         assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
-        for cid in made:
-            assert h.delete(f"/v1/capsules/{cid}").status_code in (204, 404)
-        made.clear()
+        second.destroy_made(gone_ok=True)
         second.leave(host_id)
 
 
@@ -695,7 +691,7 @@ def test_a_capsule_destroyed_while_its_template_is_copied_is_not_made(server) ->
     after all: the create answers 404, and nothing of it is left on the
     host for the reconciler to find."""
     with SecondAgent(server, with_minimal=False) as second:
-        h, made, up = second.h, second.made, second.up
+        h, up = second.h, second.up
         host_id = second.join(busier_first=True)
 
         cid = destroyed_while_made(server, h, "minimal")
@@ -735,9 +731,7 @@ def test_a_capsule_destroyed_before_its_copy_fails_stays_destroyed(server) -> No
         cid = destroyed_while_made(server, h, top)
         assert (second.data / "templates" / layer).read_text() == "in the way\n"
         assert h.get(f"/v1/capsules/{cid}").json()["status"] == "stopped"
-        for c in made:
-            assert h.delete(f"/v1/capsules/{c}").status_code == 204
-        made.clear()
+        second.destroy_made()
         for name in (top, big):
             assert h.delete(f"/v1/snapshots/{name}").status_code == 204
         second.leave(host_id)
@@ -788,9 +782,7 @@ def test_a_layer_copied_under_another_is_not_collected_before_it_arrives(server)
             "-c", "stat -c %s /root/big"]})
         assert r.status_code == 200 and r.json()["stdout"] == f"{300 << 20}\n", r.text
 
-        for cid in made:
-            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        made.clear()
+        second.destroy_made()
         assert h.delete(f"/v1/snapshots/{upper}").status_code == 204
         second.leave(host_id)
 
@@ -880,7 +872,7 @@ def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_
     assert r.returncode == 0, r.stderr
     path = f"/v1/admin/templates/{name}"
     with SecondAgent(server) as second:
-        h, made, up = second.h, second.made, second.up
+        h, up = second.h, second.up
         try:
             host_id = second.join(busier_first=True)
             on_new = second.place(name)
@@ -891,9 +883,7 @@ def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_
             snap = f"on-copy-{uuid.uuid4().hex[:6]}"
             r = h.post("/v1/snapshots", json={"sandbox_id": on_new, "name": snap})
             assert r.status_code == 201, r.text
-            for cid in made:
-                assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-            made.clear()
+            second.destroy_made()
 
             r = h.delete(path)
             assert r.status_code == 409, r.text
@@ -938,9 +928,7 @@ def test_a_capsule_whose_copy_fails_goes_where_the_files_are(server) -> None:
         r = h.post(f"/v1/capsules/{made[-1]}/exec", json={"cmd": "true"})
         assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
         assert (second.data / "templates" / layer).read_text() == "in the way\n"
-        for cid in made:
-            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        made.clear()
+        second.destroy_made()
         assert h.delete(f"/v1/snapshots/{snap}").status_code == 204
         second.leave(host_id)
 
@@ -966,7 +954,7 @@ def test_a_build_whose_host_dies_is_a_503_and_its_capsule_goes(server) -> None:
     name = f"orphaned-{uuid.uuid4().hex[:6]}"
     step = ["sleep", f"{300 + uuid.uuid4().int % 500}"]  # (this build's own)
     with SecondAgent(server) as second:
-        h, made, up = second.h, second.made, second.up
+        h, up = second.h, second.up
         host_id = second.join(busier_first=True)
 
         builder, answer = posting(server, "/v1/admin/builds", {
@@ -992,7 +980,5 @@ def test_a_build_whose_host_dies_is_a_503_and_its_capsule_goes(server) -> None:
         while capsule in up.runc_containers():
             assert time.monotonic() < deadline, f"build capsule {capsule} left on the host"
             time.sleep(0.5)
-        for cid in made:
-            assert h.delete(f"/v1/capsules/{cid}").status_code == 204
-        made.clear()
+        second.destroy_made()
         second.leave(host_id)

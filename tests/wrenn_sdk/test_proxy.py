@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import itertools
 import json
 import os
 import subprocess
@@ -143,9 +142,10 @@ def test_the_sdk_set_up_as_wrenn_up_says_reaches_a_capsule_port(server, capsule:
     if server.log_path is None:
         pytest.skip("needs the log of a local wrenn up")
     log = server.log_path.read_text(errors="replace")
-    said = log[log.rindex("Point the SDK at it:"):].splitlines()[1:]
-    exports = [line.strip() for line in itertools.takewhile(
-        lambda line: line.strip().startswith("export WRENN_"), said)]
+    # (the log is wrenn up's stdout and stderr, copied line by line by one
+    # thread each: its stdout's "wrenn listening on" can land among these)
+    said = log[log.rindex("Point the SDK at it:"):].splitlines()[1:5]
+    exports = [line.strip() for line in said if line.startswith("  export WRENN_")]
     names = {e.split("=", 1)[0].removeprefix("export ") for e in exports}
     assert names == {"WRENN_BASE_URL", "WRENN_PROXY_DOMAIN", "WRENN_API_KEY"}, exports
     root = _serve_dir(capsule)
