@@ -1601,9 +1601,53 @@ impl Agent {
         Ok([h.fine(), h.coarse(0), h.coarse(1)])
     }
 
-    /// Run [`Agent::sample_all`] every `sample_interval` until shutdown.
+    /// Run [`Agent::sample_all`] every `sample_interval` until shutdown,
+    /// and [`Agent::save_samples`] every `metrics_save_interval` and once
+    /// more at shutdown.
     pub async fn run_sampler(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        every(self.cfg.sample_interval, shutdown, || self.sample_all()).await
+        let saved = Mutex::new(tokio::time::Instant::now());
+        let (this, saved) = (&*self, &saved);
+        every(self.cfg.sample_interval, shutdown, move || async move {
+            this.sample_all().await;
+            let due = saved.lock().unwrap().elapsed() >= this.cfg.metrics_save_interval;
+            if due {
+                this.save_samples().await;
+                *saved.lock().unwrap() = tokio::time::Instant::now();
+            }
+        })
+        .await;
+        self.save_samples().await;
+    }
+
+    /// Write the history of each capsule that has new samples to its
+    /// directory ([`CapsuleDir::metrics`]), for the agent's next run. A
+    /// capsule busy with a lifecycle operation (one that may remove the
+    /// directory) is left for the next time.
+    pub async fn save_samples(&self) {
+        let all: Vec<Arc<Capsule>> = self.capsules.read().unwrap().values().cloned().collect();
+        for c in all {
+            if !c.samples.lock().unwrap().unsaved() {
+                continue;
+            }
+            let Ok(guard) = c.op.clone().try_lock_owned() else {
+                continue;
+            };
+            if self.still_current(&c).is_err() {
+                continue;
+            }
+            let bytes = c.samples.lock().unwrap().to_bytes();
+            let dir = c.dir.clone();
+            let written = blocking(move || {
+                let _guard = guard;
+                let tmp = dir.0.join(".metrics.json.tmp");
+                std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, dir.metrics()))
+            })
+            .await;
+            if let Err(e) = written {
+                tracing::warn!(capsule_id = %c.id, error = %e, "cannot save the metrics history");
+                c.samples.lock().unwrap().save_failed();
+            }
+        }
     }
 
     // ---- snapshot -----------------------------------------------------
@@ -1846,15 +1890,16 @@ impl Agent {
             if error.is_some() {
                 rec.error = error;
             }
+            let dir = CapsuleDir(self.capsule_dir(&rec.container));
             let c = Arc::new(Capsule {
                 id: rec.id.clone(),
                 container: rec.container.clone(),
-                dir: CapsuleDir(self.capsule_dir(&rec.container)),
+                samples: Mutex::new(saved_history(&dir)),
+                dir,
                 rec: Mutex::new(rec.clone()),
                 op: Arc::new(tokio::sync::Mutex::new(())),
                 envd: RwLock::new(None),
                 runtime,
-                samples: Mutex::default(),
                 pauses: Default::default(),
             });
             if let Some(slot) = &rec.slot {
@@ -1945,6 +1990,21 @@ async fn every<F, Fut>(
             _ = tick.tick() => f().await,
         }
     }
+}
+
+/// The metrics history a previous run saved in `dir`; an empty one when
+/// there is none or it cannot be read (said in the log).
+fn saved_history(dir: &CapsuleDir) -> crate::history::History {
+    let path = dir.metrics();
+    let read = match std::fs::read(&path) {
+        Ok(bytes) => crate::history::History::from_bytes(&bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Default::default(),
+        Err(e) => Err(e.to_string()),
+    };
+    read.unwrap_or_else(|why| {
+        tracing::warn!(path = %path.display(), %why, "starting the capsule's metrics history afresh");
+        Default::default()
+    })
 }
 
 async fn c_op_lock(c: &Capsule) -> tokio::sync::OwnedMutexGuard<()> {

@@ -67,6 +67,10 @@ pub struct AgentArgs {
     /// How often expired capsules are looked for.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub reaper_interval: Duration,
+    /// How often the capsules' metrics histories are written to disk (and
+    /// when the agent stops): what a killed agent loses at most.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub metrics_save_interval: Duration,
 }
 
 impl AgentArgs {
@@ -81,6 +85,7 @@ impl AgentArgs {
         cfg.network.pool = self.pool;
         cfg.busybox_bin = self.busybox.clone();
         cfg.reaper_interval = self.reaper_interval;
+        cfg.metrics_save_interval = self.metrics_save_interval;
         cfg.warm_pools = self.warm.clone();
         cfg.net_pool = self.net_pool;
         if let Some(k) = &self.vm_kernel {

@@ -26,6 +26,10 @@ pub struct AgentConfig {
     pub reaper_interval: Duration,
     /// How often each running capsule's usage is sampled.
     pub sample_interval: Duration,
+    /// How often the capsules' metrics histories are written to their
+    /// directories (and when the agent stops), so that a restarted agent
+    /// still has them: a killed one loses at most this much.
+    pub metrics_save_interval: Duration,
     /// How long a new capsule's envd has to answer.
     pub envd_ready_timeout: Duration,
     /// How long a template's ready command may keep failing after boot.
@@ -129,6 +133,7 @@ impl AgentConfig {
             instance,
             reaper_interval: Duration::from_secs(1),
             sample_interval: Duration::from_millis(500),
+            metrics_save_interval: Duration::from_secs(30),
             envd_ready_timeout: Duration::from_secs(10),
             ready_timeout: Duration::from_secs(120),
             default_pids: 4096,

@@ -4,10 +4,18 @@
 //! the end of its span: the CPU counter as it stood then (so consecutive
 //! points give the mean CPU over the span), memory and disk averaged over
 //! the span's samples, the last pid count.
+//!
+//! A history outlives its agent: [`History::to_bytes`] is what the agent
+//! writes to the capsule's directory (every
+//! [`crate::config::AgentConfig::metrics_save_interval`] and when it stops),
+//! [`History::from_bytes`] what it reads back when it adopts the capsule.
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use crate::agent::CapsuleMetrics;
+use crate::cgroup::Usage;
 
 /// The finest tier: every sample of the last [`FINE_SPAN_MS`], at most
 /// [`SAMPLES_KEPT`] of them (10 minutes at the default 500 ms interval).
@@ -25,6 +33,8 @@ pub struct History {
     coarse: [Tier; 2],
     /// (when, bytes) of the last walk of the upper dir.
     disk: Option<(u64, u64)>,
+    /// A sample came since the history was last written ([`History::to_bytes`]).
+    unsaved: bool,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +42,61 @@ struct Tier {
     points: VecDeque<CapsuleMetrics>,
     /// The span being filled: its index, sample count, sums, last sample.
     open: Option<(u64, u64, u128, u128, CapsuleMetrics)>,
+}
+
+/// The saved form of a [`History`]: a point is
+/// `[at_ms, cpu_usec, memory_bytes, pids, oom_kills, disk_bytes]`, less
+/// than half its size as a JSON object (a full day's history is ~90 KB).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    /// [`SAVED_VERSION`]: another is not read.
+    v: u32,
+    fine: VecDeque<Point>,
+    coarse: [SavedTier; 2],
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedTier {
+    points: VecDeque<Point>,
+    open: Option<(u64, u64, u128, u128, Point)>,
+}
+
+const SAVED_VERSION: u32 = 1;
+/// More samples than a span of the coarsest tier holds at 1 ms apart.
+const MAX_SPAN_SAMPLES: u64 = 300_000;
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct Point(u64, u64, u64, u64, u64, u64);
+
+impl From<CapsuleMetrics> for Point {
+    fn from(m: CapsuleMetrics) -> Point {
+        let u = m.usage;
+        Point(
+            m.at_ms,
+            u.cpu_usec,
+            u.memory_bytes,
+            u.pids,
+            u.oom_kills,
+            m.disk_bytes,
+        )
+    }
+}
+
+impl From<Point> for CapsuleMetrics {
+    fn from(Point(at_ms, cpu_usec, memory_bytes, pids, oom_kills, disk_bytes): Point) -> Self {
+        CapsuleMetrics {
+            at_ms,
+            usage: Usage {
+                cpu_usec,
+                memory_bytes,
+                pids,
+                oom_kills,
+            },
+            disk_bytes,
+        }
+    }
 }
 
 impl Tier {
@@ -49,7 +114,7 @@ impl Tier {
             let mut p = last;
             p.usage.memory_bytes = (mem / n as u128) as u64;
             p.disk_bytes = (disk / n as u128) as u64;
-            if self.points.len() == keep {
+            while self.points.len() >= keep {
                 self.points.pop_front();
             }
             self.points.push_back(p);
@@ -66,12 +131,13 @@ impl Tier {
 
 impl History {
     pub fn push(&mut self, s: CapsuleMetrics) {
+        self.unsaved = true;
         self.fine.push_back(s);
         while self.fine.len() > SAMPLES_KEPT
             || self
                 .fine
                 .front()
-                .is_some_and(|f| f.at_ms + FINE_SPAN_MS <= s.at_ms)
+                .is_some_and(|f| f.at_ms.saturating_add(FINE_SPAN_MS) <= s.at_ms)
         {
             self.fine.pop_front();
         }
@@ -100,6 +166,73 @@ impl History {
     /// The closed points of coarse tier `i` (0: 30 s, 1: 5 min), oldest first.
     pub fn coarse(&self, i: usize) -> Vec<CapsuleMetrics> {
         self.coarse[i].points.iter().copied().collect()
+    }
+
+    /// Whether a sample came since the last [`History::to_bytes`].
+    pub fn unsaved(&self) -> bool {
+        self.unsaved
+    }
+
+    /// What [`History::to_bytes`] gave could not be written: save it again.
+    pub fn save_failed(&mut self) {
+        self.unsaved = true;
+    }
+
+    /// The history as the agent writes it to disk (the last disk walk
+    /// aside); it counts as saved from now on.
+    pub fn to_bytes(&mut self) -> Vec<u8> {
+        self.unsaved = false;
+        let points = |v: &VecDeque<CapsuleMetrics>| v.iter().map(|&m| Point::from(m)).collect();
+        let tier = |t: &Tier| SavedTier {
+            points: points(&t.points),
+            open: t
+                .open
+                .map(|(i, n, mem, disk, last)| (i, n, mem, disk, last.into())),
+        };
+        serde_json::to_vec(&Saved {
+            v: SAVED_VERSION,
+            fine: points(&self.fine),
+            coarse: [tier(&self.coarse[0]), tier(&self.coarse[1])],
+        })
+        .expect("a history serialises")
+    }
+
+    /// A history [`History::to_bytes`] wrote; malformed bytes or another
+    /// version are an error, never a panic.
+    pub fn from_bytes(bytes: &[u8]) -> Result<History, String> {
+        let saved: Saved = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if saved.v != SAVED_VERSION {
+            return Err(format!(
+                "metrics history version {} (expected {SAVED_VERSION})",
+                saved.v
+            ));
+        }
+        // (an open span's count divides its sums, which later samples add to)
+        let sane = |&(_, n, mem, disk, _): &(u64, u64, u128, u128, Point)| {
+            let most = u128::from(n) * u128::from(u64::MAX);
+            (1..=MAX_SPAN_SAMPLES).contains(&n) && mem <= most && disk <= most
+        };
+        if saved
+            .coarse
+            .iter()
+            .any(|t| t.open.as_ref().is_some_and(|o| !sane(o)))
+        {
+            return Err("metrics history: an open span's sums do not fit its count".into());
+        }
+        let points = |v: VecDeque<Point>| v.into_iter().map(CapsuleMetrics::from).collect();
+        let tier = |t: SavedTier| Tier {
+            points: points(t.points),
+            open: t
+                .open
+                .map(|(i, n, mem, disk, last)| (i, n, mem, disk, last.into())),
+        };
+        let [mid, coarse] = saved.coarse;
+        Ok(History {
+            fine: points(saved.fine),
+            coarse: [tier(mid), tier(coarse)],
+            disk: None,
+            unsaved: false,
+        })
     }
 }
 
@@ -180,6 +313,79 @@ mod tests {
         assert_eq!(h.fine().len(), 120);
         h.push(sample(299 * 5_000 + 1_200_000, 0, 0));
         assert_eq!(h.fine().len(), 1, "samples older than 10 minutes go");
+    }
+
+    #[test]
+    fn a_saved_history_goes_on_as_if_it_had_not_been() {
+        let mut kept = History::default();
+        // 2 hours and a bit: every tier full or filling, spans left open
+        let n = 2 * 3600 * 2 + 77;
+        for i in 0..n {
+            kept.push(sample(i * 500, i * 500_000, i));
+        }
+        assert!(kept.unsaved());
+        let bytes = kept.to_bytes();
+        assert!(!kept.unsaved());
+        assert!(bytes.len() < 100_000, "{} bytes", bytes.len());
+        let mut read = History::from_bytes(&bytes).unwrap();
+        assert!(!read.unsaved());
+        for h in [&mut kept, &mut read] {
+            for i in n..n + 1_000 {
+                h.push(sample(i * 500, i * 500_000, 3 * i));
+            }
+        }
+        assert!(read.unsaved());
+        assert_eq!(read.fine(), kept.fine());
+        for t in 0..2 {
+            assert!(!kept.coarse(t).is_empty());
+            assert_eq!(read.coarse(t), kept.coarse(t), "tier {t}");
+        }
+    }
+
+    #[test]
+    fn a_bad_saved_history_is_an_error() {
+        let mut h = History::default();
+        for i in 0..200 {
+            h.push(sample(i * 500, i, i));
+        }
+        let good = h.to_bytes();
+        for cut in [0, 1, good.len() / 2, good.len() - 1] {
+            assert!(History::from_bytes(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let saved = |v: u32, open: &str| {
+            format!(
+                r#"{{"v":{v},"fine":[[1,2,3,4,5,6]],"coarse":[{{"points":[],"open":{open}}},{{"points":[],"open":null}}]}}"#
+            )
+        };
+        assert!(History::from_bytes(saved(1, "null").as_bytes()).is_ok());
+        for bad in [
+            "null".to_owned(),
+            "[]".to_owned(),
+            saved(2, "null"),
+            saved(1, "[0,0,0,0,[1,2,3,4,5,6]]"),
+            saved(1, &format!("[0,1,{},0,[1,2,3,4,5,6]]", u128::MAX)),
+            saved(1, "[0,1,0,0,[1,2,3,4,5]]"),
+            saved(1, "[0,18446744073709551615,0,0,[1,2,3,4,5,6]]"),
+            saved(1, "null").replace(r#""v":1"#, r#""v":1,"extra":0"#),
+        ] {
+            assert!(History::from_bytes(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_read_history_longer_than_its_tiers_is_cut_to_them() {
+        let point = |i: u64| format!("[{},0,0,1,0,0]", i * 30_000 + 29_999);
+        let points: Vec<String> = (0..300).map(point).collect();
+        let bytes = format!(
+            r#"{{"v":1,"fine":[],"coarse":[{{"points":[{}],"open":[300,1,0,0,{}]}},{{"points":[],"open":null}}]}}"#,
+            points.join(","),
+            point(300)
+        );
+        let mut h = History::from_bytes(bytes.as_bytes()).unwrap();
+        assert_eq!(h.coarse(0).len(), 300);
+        h.push(sample(301 * 30_000, 0, 0));
+        assert_eq!(h.coarse(0).len(), 240, "the 30 s tier keeps 2 hours");
+        assert_eq!(h.coarse(0).last().unwrap().at_ms, 300 * 30_000 + 29_999);
     }
 
     #[test]

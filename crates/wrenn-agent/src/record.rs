@@ -88,6 +88,8 @@ pub struct CapsuleRecord {
 }
 
 pub const RECORD_FILE: &str = "capsule.json";
+/// A capsule's saved metrics history ([`crate::history::History::to_bytes`]).
+pub const METRICS_FILE: &str = "metrics.json";
 
 /// The files of one capsule under `capsules/<id>/`.
 #[derive(Debug, Clone)]
@@ -96,6 +98,9 @@ pub struct CapsuleDir(pub PathBuf);
 impl CapsuleDir {
     pub fn record(&self) -> PathBuf {
         self.0.join(RECORD_FILE)
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.0.join(METRICS_FILE)
     }
     pub fn bundle(&self) -> PathBuf {
         self.0.join("bundle")

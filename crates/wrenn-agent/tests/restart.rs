@@ -3,6 +3,7 @@
 //! whose container died meanwhile is reported, not forgotten. Network slots
 //! the killed agent had prepared are swept; a SIGTERM'd agent drains its own.
 //! A VM capsule's VMM outlives the agent too, and is adopted the same way.
+//! A capsule's metrics history outlives either kind of stop.
 
 mod common;
 
@@ -16,13 +17,48 @@ async fn exec(c: &RpcClient, id: &str, script: &str) -> (i32, String) {
     (code, out)
 }
 
+/// When each sample of capsule `id`'s finest metrics tier was taken.
+async fn history(c: &RpcClient, id: &str) -> Vec<i64> {
+    let m = c
+        .get_metrics(pb::CapsuleRef {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    m.history.iter().map(|p| p.at_ms).collect()
+}
+
+/// Capsule `id`'s history once it holds `n` samples (at most 30 s).
+async fn history_of(c: &RpcClient, id: &str, n: usize) -> Vec<i64> {
+    for _ in 0..300 {
+        let h = history(c, id).await;
+        if h.len() >= n {
+            return h;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("capsule {id}: fewer than {n} samples in 30 s");
+}
+
+/// Every sample of `before` is still in `after`, and newer ones follow.
+fn kept(before: &[i64], after: &[i64]) {
+    assert!(
+        after.starts_with(before) && after.len() > before.len(),
+        "before the restart: {before:?}\nafter: {after:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_readopts_its_capsules() {
     let data = tempfile::Builder::new()
         .prefix("wrenn-restart")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let cfg = common::test_config(data.path());
+    let mut cfg = common::test_config(data.path());
+    // (what a killed agent loses of its capsules' metrics histories)
+    cfg.metrics_save_interval = std::time::Duration::from_secs(1);
     let guard = Scrub(cfg.clone());
     let mut first = AgentProcess::spawn(&cfg);
     let c = first.client(&cfg.data_dir);
@@ -59,6 +95,9 @@ async fn a_killed_agent_readopts_its_capsules() {
         .unwrap();
         ids.push(id);
     }
+    let sampled = history_of(&c, &ids[1], 4).await;
+    // (a save comes within the interval and a sample of it)
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
 
     first.kill9();
     // While the agent is down, one container dies.
@@ -112,6 +151,8 @@ async fn a_killed_agent_readopts_its_capsules() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::FailedPrecondition);
 
+    let after = history_of(&c, &ids[1], sampled.len() + 1).await;
+    kept(&sampled, &after);
     for (i, id) in ids.iter().enumerate().skip(1) {
         let (code, out) = exec(&c, id, "cat /root/marker").await;
         assert_eq!((code, out), (0, format!("capsule {i}")));
@@ -150,6 +191,45 @@ async fn a_killed_agent_readopts_its_capsules() {
         .unwrap();
     }
     let mut second = second;
+    second.stop();
+    let left = common::leftovers(&cfg, data.path());
+    assert!(left.is_empty(), "{left:#?}");
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_saves_its_capsules_metrics_as_it_goes() {
+    let data = tempfile::Builder::new()
+        .prefix("wrenn-restart-metrics")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut cfg = common::test_config(data.path());
+    // (no save falls due while the test runs: only the one at SIGTERM)
+    cfg.metrics_save_interval = std::time::Duration::from_secs(3600);
+    let guard = Scrub(cfg.clone());
+    let mut first = AgentProcess::spawn(&cfg);
+    let c = first.client(&cfg.data_dir);
+    let id = CapsuleId::random().to_string();
+    c.create_capsule(pb::CreateCapsuleRequest {
+        id: id.clone(),
+        template: "busybox".into(),
+        memory_mb: 64,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sampled = history_of(&c, &id, 4).await;
+    first.stop();
+
+    let mut second = AgentProcess::spawn(&cfg);
+    let c = second.client(&cfg.data_dir);
+    kept(&sampled, &history_of(&c, &id, sampled.len() + 1).await);
+    c.destroy_capsule(pb::CapsuleRef {
+        id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     second.stop();
     let left = common::leftovers(&cfg, data.path());
     assert!(left.is_empty(), "{left:#?}");

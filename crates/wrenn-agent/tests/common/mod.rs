@@ -287,6 +287,8 @@ impl AgentProcess {
                 &cfg.instance,
                 "--reaper-interval",
                 "200ms",
+                "--metrics-save-interval",
+                &format!("{}ms", cfg.metrics_save_interval.as_millis()),
             ])
             .arg("--data-dir")
             .arg(&cfg.data_dir)
