@@ -470,12 +470,17 @@ def test_capsules_gone_while_down_come_back_stopped_and_freed(restartable: Wrenn
     """A host that reboots loses its containers. On the restart, a capsule
     whose container is gone, or whose init died, is ``stopped`` (the spec's
     "VM gone"), not ``error``, and what it held on the host (directory,
-    network, addresses) is freed; the capsule that survived runs on."""
+    network, addresses) is freed; the capsule that survived runs on, and
+    its metrics history with it (saved every second here, not 30 s)."""
     up = restartable
+    up.extra_args.append("--metrics-save-interval=1s")
     srv = up.start()
     with WrennClient(api_key=srv.api_key, base_url=srv.base_url) as client:
         ids = [client.capsules.create(template=TEMPLATE).id for _ in range(3)]
-    died, gone, kept = ids
+        died, gone, kept = ids
+        before = poll(lambda: len(s := stamps(client, kept)) >= 4 and s, 20, 0.5,
+                      "four metrics points")
+    time.sleep(2.5)  # (a save comes within the interval and a sample of it)
     up.kill()
     # While the server is down: one capsule's init is killed (its container
     # stays, stopped), another's container is removed outright.
@@ -503,6 +508,14 @@ def test_capsules_gone_while_down_come_back_stopped_and_freed(restartable: Wrenn
                 f"agent {_agent_capsules(up)}\n{up.server.log_tail(60)}")
             time.sleep(0.5)
         assert _usable(up, kept) is None
+        after = poll(lambda: len(s := stamps(client, kept)) > len(before) and s, 20, 0.5,
+                     "a metrics point after the restart")
+        assert after[:len(before)] == before, (before, after)
+
+
+def stamps(client: WrennClient, capsule_id: str) -> list[float]:
+    """When the points of the capsule's last 5 minutes of metrics were taken."""
+    return [p.timestamp_unix for p in client.capsules.metrics(capsule_id, range="5m").points]
 
 
 def test_a_build_cut_off_by_a_restart_is_cleaned_up(restartable: WrennUp) -> None:
