@@ -480,7 +480,7 @@ def test_capsules_gone_while_down_come_back_stopped_and_freed(restartable: Wrenn
         died, gone, kept = ids
         before = poll(lambda: len(s := stamps(client, kept)) >= 4 and s, 20, 0.5,
                       "four metrics points")
-    time.sleep(2.5)  # (a save comes within the interval and a sample of it)
+    time.sleep(3.5)  # (a save comes within the interval and a sample of it)
     up.kill()
     # While the server is down: one capsule's init is killed (its container
     # stays, stopped), another's container is removed outright.

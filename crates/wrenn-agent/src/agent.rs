@@ -1611,25 +1611,34 @@ impl Agent {
             this.sample_all().await;
             let due = saved.lock().unwrap().elapsed() >= this.cfg.metrics_save_interval;
             if due {
-                this.save_samples().await;
+                this.save_samples(Duration::ZERO).await;
                 *saved.lock().unwrap() = tokio::time::Instant::now();
             }
         })
         .await;
-        self.save_samples().await;
+        self.save_samples(SAVE_AT_STOP_WAIT).await;
     }
 
     /// Write the history of each capsule that has new samples to its
     /// directory ([`CapsuleDir::metrics`]), for the agent's next run. A
     /// capsule busy with a lifecycle operation (one that may remove the
-    /// directory) is left for the next time.
-    pub async fn save_samples(&self) {
+    /// directory) for longer than `wait` is left for the next time.
+    pub async fn save_samples(&self, wait: Duration) {
         let all: Vec<Arc<Capsule>> = self.capsules.read().unwrap().values().cloned().collect();
         for c in all {
             if !c.samples.lock().unwrap().unsaved() {
                 continue;
             }
-            let Ok(guard) = c.op.clone().try_lock_owned() else {
+            let op = c.op.clone();
+            let guard = if wait.is_zero() {
+                op.try_lock_owned().ok()
+            } else {
+                tokio::time::timeout(wait, op.lock_owned()).await.ok()
+            };
+            let Some(guard) = guard else {
+                if !wait.is_zero() {
+                    tracing::warn!(capsule_id = %c.id, "busy: its metrics history since the last save is not kept");
+                }
                 continue;
             };
             if self.still_current(&c).is_err() {
@@ -1992,12 +2001,15 @@ async fn every<F, Fut>(
     }
 }
 
+/// How long the save at stop waits for a capsule busy with an operation.
+const SAVE_AT_STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// The metrics history a previous run saved in `dir`; an empty one when
 /// there is none or it cannot be read (said in the log).
 fn saved_history(dir: &CapsuleDir) -> crate::history::History {
     let path = dir.metrics();
     let read = match std::fs::read(&path) {
-        Ok(bytes) => crate::history::History::from_bytes(&bytes),
+        Ok(bytes) => crate::history::History::from_bytes(&bytes, now_ms()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Default::default(),
         Err(e) => Err(e.to_string()),
     };

@@ -197,9 +197,12 @@ impl History {
         .expect("a history serialises")
     }
 
-    /// A history [`History::to_bytes`] wrote; malformed bytes or another
-    /// version are an error, never a panic.
-    pub fn from_bytes(bytes: &[u8]) -> Result<History, String> {
+    /// A history [`History::to_bytes`] wrote, read at `now_ms`: malformed
+    /// bytes, another version or points out of order are an error, never a
+    /// panic. Points later than `now_ms` (the clock went back while the
+    /// agent was down) are dropped: newer ones would sort before them. Each
+    /// tier is cut to what it keeps.
+    pub fn from_bytes(bytes: &[u8], now_ms: u64) -> Result<History, String> {
         let saved: Saved = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if saved.v != SAVED_VERSION {
             return Err(format!(
@@ -219,17 +222,30 @@ impl History {
         {
             return Err("metrics history: an open span's sums do not fit its count".into());
         }
-        let points = |v: VecDeque<Point>| v.into_iter().map(CapsuleMetrics::from).collect();
-        let tier = |t: SavedTier| Tier {
-            points: points(t.points),
+        let ordered = |v: &VecDeque<Point>| v.iter().zip(v.iter().skip(1)).all(|(a, b)| a.0 <= b.0);
+        if !ordered(&saved.fine) || !saved.coarse.iter().all(|t| ordered(&t.points)) {
+            return Err("metrics history: points out of order".into());
+        }
+        let points = |v: VecDeque<Point>, keep: usize| {
+            let mut v: VecDeque<CapsuleMetrics> = v
+                .into_iter()
+                .filter(|p| p.0 <= now_ms)
+                .map(CapsuleMetrics::from)
+                .collect();
+            v.drain(..v.len().saturating_sub(keep));
+            v
+        };
+        let tier = |t: SavedTier, keep: usize| Tier {
+            points: points(t.points, keep),
             open: t
                 .open
+                .filter(|o| o.4 .0 <= now_ms)
                 .map(|(i, n, mem, disk, last)| (i, n, mem, disk, last.into())),
         };
         let [mid, coarse] = saved.coarse;
         Ok(History {
-            fine: points(saved.fine),
-            coarse: [tier(mid), tier(coarse)],
+            fine: points(saved.fine, SAMPLES_KEPT),
+            coarse: [tier(mid, TIERS[0].1), tier(coarse, TIERS[1].1)],
             disk: None,
             unsaved: false,
         })
@@ -327,7 +343,7 @@ mod tests {
         let bytes = kept.to_bytes();
         assert!(!kept.unsaved());
         assert!(bytes.len() < 100_000, "{} bytes", bytes.len());
-        let mut read = History::from_bytes(&bytes).unwrap();
+        let mut read = History::from_bytes(&bytes, u64::MAX).unwrap();
         assert!(!read.unsaved());
         for h in [&mut kept, &mut read] {
             for i in n..n + 1_000 {
@@ -350,14 +366,17 @@ mod tests {
         }
         let good = h.to_bytes();
         for cut in [0, 1, good.len() / 2, good.len() - 1] {
-            assert!(History::from_bytes(&good[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                History::from_bytes(&good[..cut], u64::MAX).is_err(),
+                "cut at {cut}"
+            );
         }
         let saved = |v: u32, open: &str| {
             format!(
                 r#"{{"v":{v},"fine":[[1,2,3,4,5,6]],"coarse":[{{"points":[],"open":{open}}},{{"points":[],"open":null}}]}}"#
             )
         };
-        assert!(History::from_bytes(saved(1, "null").as_bytes()).is_ok());
+        assert!(History::from_bytes(saved(1, "null").as_bytes(), u64::MAX).is_ok());
         for bad in [
             "null".to_owned(),
             "[]".to_owned(),
@@ -368,24 +387,55 @@ mod tests {
             saved(1, "[0,18446744073709551615,0,0,[1,2,3,4,5,6]]"),
             saved(1, "null").replace(r#""v":1"#, r#""v":1,"extra":0"#),
         ] {
-            assert!(History::from_bytes(bad.as_bytes()).is_err(), "{bad}");
+            assert!(
+                History::from_bytes(bad.as_bytes(), u64::MAX).is_err(),
+                "{bad}"
+            );
         }
     }
 
     #[test]
-    fn a_read_history_longer_than_its_tiers_is_cut_to_them() {
+    fn a_read_history_is_cut_to_its_tiers_and_to_now() {
         let point = |i: u64| format!("[{},0,0,1,0,0]", i * 30_000 + 29_999);
         let points: Vec<String> = (0..300).map(point).collect();
+        let fine: Vec<String> = (0..1500).map(|i| format!("[{i},0,0,1,0,0]")).collect();
         let bytes = format!(
-            r#"{{"v":1,"fine":[],"coarse":[{{"points":[{}],"open":[300,1,0,0,{}]}},{{"points":[],"open":null}}]}}"#,
+            r#"{{"v":1,"fine":[{}],"coarse":[{{"points":[{}],"open":[300,1,0,0,{}]}},{{"points":[],"open":null}}]}}"#,
+            fine.join(","),
             points.join(","),
             point(300)
         );
-        let mut h = History::from_bytes(bytes.as_bytes()).unwrap();
-        assert_eq!(h.coarse(0).len(), 300);
-        h.push(sample(301 * 30_000, 0, 0));
+        let mut h = History::from_bytes(bytes.as_bytes(), u64::MAX).unwrap();
+        assert_eq!(h.fine().len(), SAMPLES_KEPT);
+        assert_eq!(h.fine()[0].at_ms, 300, "the newest samples are kept");
         assert_eq!(h.coarse(0).len(), 240, "the 30 s tier keeps 2 hours");
+        assert_eq!(h.coarse(0)[0].at_ms, 60 * 30_000 + 29_999);
+        h.push(sample(301 * 30_000, 0, 0));
+        assert_eq!(h.coarse(0).len(), 240);
         assert_eq!(h.coarse(0).last().unwrap().at_ms, 300 * 30_000 + 29_999);
+
+        // read with the clock at the 100th point: the later ones, and the
+        // open span, are from a clock that went back since
+        let now = 100 * 30_000 + 29_999;
+        let mut h = History::from_bytes(bytes.as_bytes(), now).unwrap();
+        assert_eq!(h.coarse(0).last().unwrap().at_ms, now);
+        assert_eq!(h.coarse(0).len(), 101);
+        h.push(sample(now + 1, 0, 0));
+        h.push(sample(now + 30_001, 0, 0));
+        assert_eq!(
+            h.coarse(0).last().unwrap().at_ms,
+            now + 1,
+            "no later point left open"
+        );
+
+        // points out of order are an error
+        let swapped = bytes.replacen(
+            "[0,0,0,1,0,0],[1,0,0,1,0,0]",
+            "[1,0,0,1,0,0],[0,0,0,1,0,0]",
+            1,
+        );
+        assert_ne!(swapped, bytes);
+        assert!(History::from_bytes(swapped.as_bytes(), u64::MAX).is_err());
     }
 
     #[test]

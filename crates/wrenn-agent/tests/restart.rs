@@ -97,7 +97,7 @@ async fn a_killed_agent_readopts_its_capsules() {
     }
     let sampled = history_of(&c, &ids[1], 4).await;
     // (a save comes within the interval and a sample of it)
-    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
 
     first.kill9();
     // While the agent is down, one container dies.

@@ -104,7 +104,7 @@ pub(crate) fn points(
     history
         .windows(2)
         .map(|w| {
-            let dt_us = ((w[1].at_ms - w[0].at_ms).max(1) as f64) * 1000.0;
+            let dt_us = (w[1].at_ms.saturating_sub(w[0].at_ms).max(1) as f64) * 1000.0;
             let used = w[1].cpu_usec.saturating_sub(w[0].cpu_usec) as f64;
             let pct = (used / (dt_us * vcpus.max(1) as f64) * 100.0).min(100.0);
             MetricRow {
