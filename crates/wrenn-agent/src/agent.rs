@@ -29,7 +29,7 @@ use crate::cgroup::{Cgroups, Usage};
 use crate::config::{AgentConfig, ConfigError};
 use crate::error::AgentError;
 use crate::network::{self, Firewall, Pool, Slot};
-use crate::record::{CapsuleDir, CapsuleRecord, OnTimeout, Undo, RECORD_FILE};
+use crate::record::{CapsuleDir, CapsuleRecord, OnTimeout, Undo, METRICS_FILE, RECORD_FILE};
 use crate::rootfs::{self, Overlay};
 use crate::runtime::spec::{self, BundleParams};
 use crate::runtime::vm::firecracker::{FirecrackerRuntime, TxLimit};
@@ -1648,8 +1648,7 @@ impl Agent {
             let dir = c.dir.clone();
             let written = blocking(move || {
                 let _guard = guard;
-                let tmp = dir.0.join(".metrics.json.tmp");
-                std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, dir.metrics()))
+                dir.replace(METRICS_FILE, &bytes)
             })
             .await;
             if let Err(e) = written {

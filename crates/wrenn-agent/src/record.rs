@@ -123,16 +123,21 @@ impl CapsuleDir {
     pub fn checkpoint(&self) -> PathBuf {
         self.0.join("checkpoint")
     }
+
+    /// Replace file `name` here with `bytes` atomically (a temporary file
+    /// `.<name>.tmp`, then a rename).
+    pub fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), AgentError> {
+        let (tmp, path) = (self.0.join(format!(".{name}.tmp")), self.0.join(name));
+        std::fs::write(&tmp, bytes).map_err(AgentError::io("write", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(AgentError::io("rename", &path))
+    }
 }
 
 impl CapsuleRecord {
-    /// Write atomically (temporary file + rename).
+    /// Write atomically ([`CapsuleDir::replace`]).
     pub fn save(&self, dir: &CapsuleDir) -> Result<(), AgentError> {
-        let path = dir.record();
-        let tmp = dir.0.join(".capsule.json.tmp");
         let json = serde_json::to_vec_pretty(self).expect("records serialise");
-        std::fs::write(&tmp, json).map_err(AgentError::io("write", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(AgentError::io("rename", &path))
+        dir.replace(RECORD_FILE, &json)
     }
 
     pub fn load(path: &Path) -> Result<CapsuleRecord, String> {
