@@ -49,16 +49,33 @@ venv=target/sdk-venv
 "$venv/bin/pip" install -q --upgrade -r tests/e2b_sdk/requirements.txt
 ENVD_BIN="$ENVD_STATIC_BIN" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2b_sdk
 
-echo "==> [${SECONDS}s] wrenn SDK against wrenn up (SQLite, then PostgreSQL)"
+echo "==> [${SECONDS}s] wrenn SDK against wrenn up (SQLite and PostgreSQL side by side)"
 venv=target/wrenn-sdk-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --ignore-requires-python -r tests/wrenn_sdk/requirements.txt
+# Most of a run is waiting on the API (TTLs, the SDK's pings, heartbeats), so
+# the two runs share the machine well. Each has its own servers, instances
+# and address pools (WRENN_TEST_POOLS: second octets of its own); their
+# output is interleaved line by line, each line marked with its run.
 # (WRENN_TEST_DATABASE_URL, the cargo tests' database, selects PostgreSQL
 # for the suite: unset for the SQLite run.)
-env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
-ENVD_BIN="$ENVD_STATIC_BIN" WRENN_TEST_DATABASE_URL="$WRENN_SDK_DATABASE_URL" \
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk
+# A TERM to a run ends it as ^C would, tearing its servers down (conftest).
+suite=("$venv/bin/python" -m pytest -q -p no:cacheprovider tests/wrenn_sdk)
+env -u WRENN_TEST_DATABASE_URL WRENN_TEST_POOLS=120-159 ENVD_BIN="$ENVD_STATIC_BIN" \
+  "${suite[@]}" > >(sed -u 's/^/[sqlite] /') 2>&1 &
+runs=($!)
+env WRENN_TEST_DATABASE_URL="$WRENN_SDK_DATABASE_URL" WRENN_TEST_POOLS=160-199 \
+  ENVD_BIN="$ENVD_STATIC_BIN" "${suite[@]}" > >(sed -u 's/^/[postgres] /') 2>&1 &
+runs+=($!)
+trap 'kill -TERM "${runs[@]}" 2>/dev/null; wait; exit 130' INT TERM
+failed=()
+wait "${runs[0]}" || failed+=(SQLite)
+wait "${runs[1]}" || failed+=(PostgreSQL)
+trap 'exit 130' INT TERM
+wait  # (the output's last lines)
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "wrenn SDK suite failed on: ${failed[*]}"; exit 1
+fi
 
 echo "==> [${SECONDS}s] the wrenn command against wrenn up (wrenn shell in tmux)"
 env -u WRENN_TEST_DATABASE_URL ENVD_BIN="$ENVD_STATIC_BIN" \

@@ -113,6 +113,18 @@ def say(request: pytest.FixtureRequest, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _interrupted(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def end_on_sigterm() -> None:
+    """Make a SIGTERM end the run as ^C does: pytest stops and tears its
+    fixtures down (servers stopped, capsules and host objects purged).
+    scripts/test.sh runs the wrenn SDK suite in the background, where SIGINT
+    is ignored, and passes an interrupt on as SIGTERM."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
 def sayer(request: pytest.FixtureRequest) -> Callable[[str], None]:
     """``say`` bound to a request (for ``WrennUp(say=…)``)."""
     return lambda message: say(request, message)
@@ -199,9 +211,12 @@ def _keep_built_templates(data_dir: Path, cached: tuple[str, ...]) -> None:
         tmp = cache.parent / f".tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         if subprocess.run(["cp", "-a", str(built), str(tmp)]).returncode == 0:
-            os.rename(tmp, cache)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                os.rename(tmp, cache)
+            except OSError as exc:  # a suite beside this one kept it first
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fail_with_log(server: Server, message: str) -> None:
@@ -290,14 +305,27 @@ def _host_networks() -> list[ipaddress.IPv4Network]:
     return nets
 
 
+def _pool_octets() -> tuple[int, int]:
+    """The second octets ``unique_pool`` draws from: 120–199, or the
+    ``LOW-HIGH`` inside it that ``WRENN_TEST_POOLS`` names (suites run side
+    by side get ranges of their own: a pool the other run has just drawn
+    shows in no route until its first capsule starts)."""
+    spec = os.environ.get("WRENN_TEST_POOLS", "120-199")
+    m = re.fullmatch(r"(\d+)-(\d+)", spec)
+    assert m and 120 <= int(m[1]) <= int(m[2]) <= 199, f"WRENN_TEST_POOLS={spec!r}: want LOW-HIGH in 120-199"
+    return int(m[1]), int(m[2])
+
+
 def unique_pool() -> str:
     """A fresh ``--pool``: a random ``10.{120..199}.{0..255}.0/24`` (64
-    capsules) that overlaps neither this host's addresses and routes (a
-    running wrenn's capsules show there) nor the default ``10.88.0.0/16``
-    nor any pool handed out before in this process."""
+    capsules; ``_pool_octets`` narrows the second octet) that overlaps
+    neither this host's addresses and routes (a running wrenn's capsules
+    show there) nor the default ``10.88.0.0/16`` nor any pool handed out
+    before in this process."""
     taken = _host_networks() + _TAKEN_POOLS + [ipaddress.IPv4Network("10.88.0.0/16")]
+    low, high = _pool_octets()
     for _ in range(1000):
-        net = ipaddress.IPv4Network(f"10.{_RNG.randint(120, 199)}.{_RNG.randint(0, 255)}.0/24")
+        net = ipaddress.IPv4Network(f"10.{_RNG.randint(low, high)}.{_RNG.randint(0, 255)}.0/24")
         if any(net.overlaps(t) for t in taken if t.prefixlen > 0):
             continue
         _TAKEN_POOLS.append(net)

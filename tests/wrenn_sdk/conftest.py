@@ -37,6 +37,10 @@ import wrenn  # noqa: E402
 from wrenn import AsyncWrennClient, Capsule, WrennClient  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    wrenn_up.end_on_sigterm()
+
+
 class WrennUp(wrenn_up.WrennUp):
     """``wrenn up`` for this suite (see tests/support/wrenn_up.py)."""
 
