@@ -49,6 +49,22 @@ install_packages() {
   fi
 }
 
+# Cargo, through rustup, when this machine has none (a fresh Debian: its
+# own rustc is too old for this workspace). The toolchain installed is the
+# one rust-toolchain.toml pins, with its components. Needs curl (from
+# install_packages) and the network; a no-op where cargo is on PATH.
+ensure_cargo() {
+  command -v cargo >/dev/null && return 0
+  if [ ! -x "$HOME/.cargo/bin/cargo" ]; then
+    local channel
+    channel=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+    echo "==> installing Rust $channel (rustup, into $HOME/.cargo)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+      sh -s -- -y -q --no-modify-path --profile minimal --default-toolchain "$channel" -c rustfmt -c clippy
+  fi
+  export PATH="$HOME/.cargo/bin:$PATH"
+}
+
 # The packages of "$@" that are not installed, one per line (a package
 # removed with its configuration files kept counts as not installed).
 not_installed() {

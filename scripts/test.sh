@@ -13,6 +13,7 @@ export CARGO_TERM_COLOR=never
 [ "${CI:-}" = true ] && export CARGO_INCREMENTAL=0
 
 install_packages
+ensure_cargo
 start_postgres
 trap stop_postgres EXIT
 trap 'exit 130' INT TERM   # runs the EXIT trap: PostgreSQL is stopped on Ctrl-C / kill too

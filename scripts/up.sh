@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 install_packages
+ensure_cargo
 envd=$(build_static_envd | tail -n 1)
 $SUDO install -D -m 0755 "$envd" /usr/local/lib/wrenn/envd
 cargo build --release -p wrenn-cli
