@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the fuzz targets (envd's and wrenn-types') with cargo-fuzz and run each one.
+# Build the fuzz targets (envd's and wrenn-types') with cargo-fuzz and run each one
+# (as many at once as there are CPUs).
 #   scripts/fuzz.sh smoke        build, then 20 s per target (what CI does)
 #   scripts/fuzz.sh run SECONDS  build, then SECONDS per target
 # The toolchain here is stable only; RUSTC_BOOTSTRAP lets cargo-fuzz pass its
@@ -16,24 +17,52 @@ secs=${2:-20}
 build=(-s none --target-dir "$PWD/target/fuzz")
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
 export RUSTC_BOOTSTRAP=1
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-fuzz_crate() {
-  local dir=$1; shift
-  (
-    cd "$dir"
-    cargo fuzz build "${build[@]}"
-    for target in "$@"; do
-      echo "==> fuzz $target (${secs}s)"
-      mkdir -p "fuzz/corpus/$target"
-      if ! cargo fuzz run "${build[@]}" "$target" -- -max_total_time="$secs" -rss_limit_mb=2048 \
-          -max_len=65536 >"$log" 2>&1; then
-        cat "$log"
-        exit 1
-      fi
-      grep -E '^Done|^#[0-9]+ +DONE' "$log" | tail -n 1
-    done
-  )
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+# name → the crate whose fuzz/ holds it
+declare -A crate_of=(
+  [connect_envelope]=crates/envd [multipart]=crates/envd
+  [ids]=crates/wrenn-types [proxy_path]=crates/wrenn-types [recipe]=crates/wrenn-types
+)
+targets=(connect_envelope multipart ids proxy_path recipe)
+for dir in crates/envd crates/wrenn-types; do
+  (cd "$dir" && cargo fuzz build "${build[@]}")
+done
+# One target per CPU at a time (libFuzzer runs on one thread): the smoke
+# takes 3 rounds of 20 s here instead of 5.
+fuzz_one() {
+  local target=$1 dir=${crate_of[$1]}
+  cd "$dir"
+  mkdir -p "fuzz/corpus/$target"
+  cargo fuzz run "${build[@]}" "$target" -- -max_total_time="$secs" -rss_limit_mb=2048 \
+    -max_len=65536 >"$logs/$target.log" 2>&1
 }
-fuzz_crate crates/envd connect_envelope multipart
-fuzz_crate crates/wrenn-types ids proxy_path recipe
+jobs_max=$(nproc)
+declare -A pid_of=()
+# A TERM or ^C to this script alone ends the runs too (each is a subshell,
+# cargo, cargo-fuzz and the fuzzer: the tree, leaves first).
+kill_tree() {
+  local child
+  for child in $(pgrep -P "$1"); do kill_tree "$child"; done
+  kill -TERM "$1" 2>/dev/null || true
+}
+trap 'for p in "${pid_of[@]}"; do kill_tree "$p"; done; exit 130' INT TERM
+echo "==> fuzz ${targets[*]} (${secs}s each, $jobs_max at a time)"
+for target in "${targets[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
+  fuzz_one "$target" &
+  pid_of[$target]=$!
+done
+failed=()
+for target in "${targets[@]}"; do
+  if wait "${pid_of[$target]}"; then
+    echo "$target: $(grep -E '^Done|^#[0-9]+ +DONE' "$logs/$target.log" | tail -n 1)"
+  else
+    cat "$logs/$target.log"
+    failed+=("$target")
+  fi
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "fuzz targets failed: ${failed[*]}" >&2
+  exit 1
+fi
