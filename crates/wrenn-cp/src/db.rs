@@ -55,6 +55,15 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// [`Db::placing`]'s advisory lock key on PostgreSQL ("wrnnplac").
+const PLACING_KEY: i64 = 0x7772_6e6e_706c_6163;
+
+/// Held while a control plane places a capsule ([`Db::placing`]).
+#[derive(Debug)]
+pub struct PlacingLock {
+    _held: Option<sqlx::Transaction<'static, sqlx::Any>>,
+}
+
 /// Lock host `$1`'s row until the transaction ends (a write that changes
 /// nothing; SQLite locks the whole database for it).
 const LOCK_HOST: &str = "UPDATE hosts SET cert_serial = cert_serial WHERE id = $1";
@@ -194,6 +203,30 @@ impl Db {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Placement's lock among the control planes sharing this database:
+    /// while one holds it, no other places or resumes a capsule, so two
+    /// of them cannot both take a host's last room. On PostgreSQL a
+    /// transaction-scoped advisory lock on a connection of its own, let
+    /// go when the guard drops (its transaction is rolled back, also when
+    /// the holding task is cancelled) or the connection ends (its process
+    /// died). On SQLite nothing: the file is one machine's, served by one
+    /// `wrenn up`, and the caller's own lock is enough.
+    pub async fn placing(&self) -> Result<PlacingLock, DbError> {
+        match self.kind {
+            DbKind::Sqlite => Ok(PlacingLock { _held: None }),
+            DbKind::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                // (from FROM: the function's `void` result is no column
+                // the Any driver can carry)
+                sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+                    .bind(PLACING_KEY)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(PlacingLock { _held: Some(tx) })
+            }
+        }
     }
 
     // ---- teams and keys -------------------------------------------------

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::CpConfig;
 use crate::db::Db;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 use crate::events::Broker;
 use crate::hosts::Hosts;
 use crate::proxy::Routes;
@@ -53,8 +53,8 @@ pub struct Cp {
         wrenn_types::ids::HostId,
         Arc<dyn wrenn_http::relay::LocalProxy>,
     )>,
-    /// Held while a create picks a host and records its capsule.
-    pub placing: tokio::sync::Mutex<()>,
+    /// This process's half of [`Cp::placing`].
+    placing_here: tokio::sync::Mutex<()>,
     /// Capsules whose create is in flight in this process (the reconciler
     /// leaves them alone; after a restart, none are).
     pub creating: Mutex<std::collections::HashSet<wrenn_types::ids::CapsuleId>>,
@@ -100,6 +100,14 @@ pub struct Cp {
     me: Weak<Cp>,
 }
 
+/// [`Cp::placing`]'s guard. (Fields drop in order: the database's lock
+/// goes first, then this process's.)
+#[derive(Debug)]
+pub struct Placing<'a> {
+    _shared: crate::db::PlacingLock,
+    _here: tokio::sync::MutexGuard<'a, ()>,
+}
+
 impl Cp {
     /// The control plane, owned (for work spawned to outlive a request).
     pub fn arc(&self) -> Arc<Cp> {
@@ -114,6 +122,21 @@ impl Cp {
     pub fn identity(&self) -> &str {
         self.identity
             .get_or_init(|| format!("cp-{}", crate::auth::random_hex(8)))
+    }
+
+    /// Placement's lock, held while a create picks a host and records its
+    /// capsule (or moves it to another) and while a resume checks its
+    /// host's room and resumes it: two of them cannot both take a host's
+    /// last room. This process's lock first (waiters hold no database
+    /// connection), then the database's, for control planes sharing it
+    /// ([`crate::db::Db::placing`]).
+    pub async fn placing(&self) -> ApiResult<Placing<'_>> {
+        let here = self.placing_here.lock().await;
+        let shared = self.db.placing().await?;
+        Ok(Placing {
+            _shared: shared,
+            _here: here,
+        })
     }
 
     /// Run `work` to its end on [`Cp::tasks`] even if the caller is
@@ -212,7 +235,7 @@ impl ControlPlane {
             host_tokens,
             proxy_routes: Routes::default(),
             local_agent: OnceLock::new(),
-            placing: tokio::sync::Mutex::new(()),
+            placing_here: tokio::sync::Mutex::new(()),
             creating: Mutex::new(Default::default()),
             e2b: Default::default(),
             listen_addr: OnceLock::new(),

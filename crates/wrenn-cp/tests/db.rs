@@ -639,21 +639,76 @@ async fn queries_work_on_sqlite() {
     assert!(!db.teams().await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn queries_work_on_postgres() {
-    let Ok(url) = std::env::var("WRENN_TEST_DATABASE_URL") else {
+/// The test PostgreSQL's URL; None (and a message) where there is none,
+/// which CI never allows.
+fn postgres_url() -> Option<String> {
+    let url = std::env::var("WRENN_TEST_DATABASE_URL").ok();
+    if url.is_none() {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI must provide WRENN_TEST_DATABASE_URL (scripts/test.sh starts PostgreSQL)"
         );
         eprintln!("skipped: WRENN_TEST_DATABASE_URL is not set (scripts/test.sh sets it)");
-        return;
-    };
+    }
+    url
+}
+
+#[tokio::test]
+async fn queries_work_on_postgres() {
+    let Some(url) = postgres_url() else { return };
     let db = Db::open(&url).await.unwrap();
     exercise(&db).await;
     concurrent_transitions(&db).await;
     // migrating again is a no-op
     Db::open(&url).await.unwrap();
+}
+
+/// Placement's lock on PostgreSQL holds across pools, as across control
+/// planes sharing the database, and goes with its guard; a wait for it
+/// that is given up (its request cancelled) leaves it held by nobody.
+#[tokio::test]
+async fn placing_excludes_other_control_planes_sharing_postgres() {
+    use std::time::Duration;
+    use tokio::time::timeout;
+    // (SQLite: the file is one wrenn up's; nothing is taken)
+    let dir = tempfile::tempdir().unwrap();
+    let lite = Db::open(&format!("sqlite:{}", dir.path().join("w.db").display()))
+        .await
+        .unwrap();
+    let one = lite.placing().await.unwrap();
+    timeout(Duration::from_secs(1), lite.placing())
+        .await
+        .expect("SQLite's placing waited")
+        .unwrap();
+    drop(one);
+    let Some(url) = postgres_url() else { return };
+    let (a, b) = (Db::open(&url).await.unwrap(), Db::open(&url).await.unwrap());
+    let held = a.placing().await.unwrap();
+    let mut waiting = Box::pin(b.placing());
+    assert!(
+        timeout(Duration::from_millis(500), &mut waiting)
+            .await
+            .is_err(),
+        "a second control plane took placement's lock while the first held it"
+    );
+    drop(held);
+    let held = timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("placement's lock stayed held after its guard dropped")
+        .unwrap();
+    let mut given_up = Box::pin(a.placing());
+    assert!(timeout(Duration::from_millis(300), &mut given_up)
+        .await
+        .is_err());
+    drop(given_up);
+    drop(held);
+    for db in [&a, &b] {
+        let again = timeout(Duration::from_secs(10), db.placing())
+            .await
+            .expect("placement's lock stayed held after a given-up wait")
+            .unwrap();
+        drop(again);
+    }
 }
 
 #[tokio::test]

@@ -288,9 +288,10 @@ async fn launch_now(cp: &Cp, team: &TeamId, actor: Actor, spec: Launch) -> ApiRe
     let holders = crate::copies::holders(cp, &template).await?;
     let avoid = crate::copies::avoided(cp, &template.agent_name);
     // Placement and the insert happen under one lock so that two creates
-    // cannot both take a host's last room.
+    // (of this control plane or of any sharing its database) cannot both
+    // take a host's last room.
     let (mut row, host) = {
-        let _placing = cp.placing.lock().await;
+        let _placing = cp.placing().await?;
         let host = cp
             .hosts
             .place(
@@ -366,7 +367,7 @@ async fn move_to_files(
 ) -> ApiResult<Arc<crate::hosts::HostConn>> {
     tracing::warn!(capsule = %row.id, error = %failed.message, "placing again, where the template is");
     let host = {
-        let _placing = cp.placing.lock().await;
+        let _placing = cp.placing().await?;
         let avoid = crate::copies::avoided(cp, &template.agent_name);
         let Ok(host) = cp
             .hosts
@@ -738,7 +739,7 @@ pub(crate) async fn resume_locked(cp: &Cp, c: &CapsuleRow, actor: Actor) -> ApiR
     let host = host_of(cp, c)?;
     // Placement's lock: a create meanwhile sees the capsule at its running
     // weight, not its paused one (held through the agent's resume).
-    let placing = cp.placing.lock().await;
+    let placing = cp.placing().await?;
     room_to_resume(cp, c).await?;
     if let Err(e) = host.rpc.resume_capsule(cref(&c.id)).await {
         drop(placing);
