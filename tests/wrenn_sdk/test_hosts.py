@@ -856,6 +856,54 @@ def test_a_create_of_another_control_plane_is_left_to_it(server) -> None:
         h.close()
 
 
+# Placement's advisory lock on PostgreSQL (``Db::placing``'s key, "wrnnplac").
+PLACING_KEY = 0x7772_6E6E_706C_6163
+
+
+def test_a_create_waits_while_another_control_plane_places(server) -> None:
+    """PostgreSQL: control planes sharing the database place capsules one at
+    a time. While another holds placement's lock (taken here by ``psql`` as
+    that control plane's would be), a create waits; once that session ends,
+    the create goes through. (SQLite: a database file is one ``wrenn up``'s,
+    and its own lock is all there is.)"""
+    url = os.environ.get("WRENN_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("placement's lock across control planes is PostgreSQL's")
+    holder = subprocess.Popen(["psql", url, "-v", "ON_ERROR_STOP=1", "-Atq"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    h = server.http()
+    created: list[httpx.Response] = []
+    creating = threading.Thread(
+        target=lambda: created.append(h.post("/v1/capsules", json={"template": "busybox"})))
+    try:
+        holder.stdin.write(f"SELECT pg_advisory_lock({PLACING_KEY});\n")
+        holder.stdin.flush()
+        held = (f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                f"AND classid = {PLACING_KEY >> 32} AND objid = {PLACING_KEY & 0xFFFFFFFF} AND objsubid = 1")
+        deadline = time.monotonic() + 30
+        while shared_db(server, held) != [["1"]]:
+            assert holder.poll() is None, holder.stderr.read()
+            assert time.monotonic() < deadline, "psql never took placement's lock"
+            time.sleep(0.1)
+        creating.start()
+        creating.join(3)
+        assert not created, f"a create went through while another control plane placed: {created[0].text}"
+        holder.stdin.close()  # (the session ends, and its lock with it)
+        holder.wait(10)
+        creating.join(60)
+        assert created and created[0].status_code == 201, created and created[0].text
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if creating.is_alive():
+            creating.join(60)
+        for r in created:
+            if r.status_code == 201:
+                h.delete(f"/v1/capsules/{r.json()['id']}")
+        h.close()
+
+
 def test_a_platform_template_is_deleted_from_every_host_that_has_it(server, tmp_path) -> None:
     """An admin's template built before a second host joined is copied to
     it for a capsule placed there. A snapshot taken there stacks on that
