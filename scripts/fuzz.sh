@@ -19,14 +19,16 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
 export RUSTC_BOOTSTRAP=1
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
-# name → the crate whose fuzz/ holds it
-declare -A crate_of=(
-  [connect_envelope]=crates/envd [multipart]=crates/envd
-  [ids]=crates/wrenn-types [proxy_path]=crates/wrenn-types [recipe]=crates/wrenn-types
-)
-targets=(connect_envelope multipart ids proxy_path recipe)
-for dir in crates/envd crates/wrenn-types; do
-  (cd "$dir" && cargo fuzz build "${build[@]}")
+# Every target of every crate's fuzz/ (name → that crate).
+declare -A crate_of=()
+targets=()
+for f in crates/*/fuzz/fuzz_targets/*.rs; do
+  target=$(basename "$f" .rs)
+  crate_of[$target]=${f%/fuzz/fuzz_targets/*}
+  targets+=("$target")
+done
+for dir in crates/*/fuzz; do
+  (cd "${dir%/fuzz}" && cargo fuzz build "${build[@]}")
 done
 # One target per CPU at a time (libFuzzer runs on one thread): the smoke
 # takes 3 rounds of 20 s here instead of 5.

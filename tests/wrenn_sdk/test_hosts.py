@@ -878,15 +878,22 @@ def test_a_create_waits_while_another_control_plane_places(server) -> None:
     try:
         holder.stdin.write(f"SELECT pg_advisory_lock({PLACING_KEY});\n")
         holder.stdin.flush()
-        held = (f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                f"AND classid = {PLACING_KEY >> 32} AND objid = {PLACING_KEY & 0xFFFFFFFF} AND objsubid = 1")
-        deadline = time.monotonic() + 30
-        while shared_db(server, held) != [["1"]]:
-            assert holder.poll() is None, holder.stderr.read()
-            assert time.monotonic() < deadline, "psql never took placement's lock"
-            time.sleep(0.1)
+        def wait_for_lock(granted: bool, what: str) -> None:
+            deadline = time.monotonic() + 30
+            query = (f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted = {granted} "
+                     f"AND classid = {PLACING_KEY >> 32} AND objid = {PLACING_KEY & 0xFFFFFFFF} "
+                     f"AND objsubid = 1")
+            while shared_db(server, query) != [["1"]]:
+                assert holder.poll() is None, holder.stderr.read()
+                assert not created, f"a create went through while another control plane placed: {created[0].text}"
+                assert time.monotonic() < deadline, what
+                time.sleep(0.1)
+
+        wait_for_lock(True, "psql never took placement's lock")
         creating.start()
-        creating.join(3)
+        # (the create's own request for the lock, queued behind psql's)
+        wait_for_lock(False, "the create never asked for placement's lock")
+        creating.join(1)
         assert not created, f"a create went through while another control plane placed: {created[0].text}"
         holder.stdin.close()  # (the session ends, and its lock with it)
         holder.wait(10)
